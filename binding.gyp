@@ -1,0 +1,17 @@
+{
+  "targets": [
+    {
+      "target_name": "wpsnap_native",
+      "sources": [
+        "core/native/addon.c",
+        "core/native/napi_util.c",
+        "core/native/uffd.c",
+        "core/native/ptrace_x86_64.c",
+        "core/native/engine.c"
+      ],
+      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"],
+      "defines": ["NAPI_VERSION=8"],
+      "libraries": ["-lpthread"]
+    }
+  ]
+}

@@ -1,0 +1,191 @@
+// Non-cooperative attach: freeze every thread with ptrace, create a
+// userfaultfd inside the target (it binds to the caller's mm), take it with
+// pidfd_getfd, close the target's copy. Registers are restored bit for bit.
+import { randomBytes } from 'node:crypto';
+import { readFileSync, rmSync, statSync, chownSync } from 'node:fs';
+import type { FrozenThread, NativeBinding, NativeHandle } from './native/binding.js';
+import { WpsnapError, fromNative } from './errors.js';
+import { readIds, readMaps } from './procfs.js';
+
+const SYS_ioctl = 16;
+const SYS_close = 3;
+const SYS_userfaultfd = 323;
+const SYS_openat = 257;
+const AT_FDCWD = -100;
+const O_RDWR = 0o2;
+const O_NONBLOCK = 0o4000;
+const O_CLOEXEC = 0o2000000;
+/** _IO(0xAA, 0x00) from linux/userfaultfd.h (6.1+). */
+const USERFAULTFD_IOC_NEW = 0xaa00;
+const RED_ZONE = 128n;
+
+/** How the userfaultfd was created inside the target. */
+export type UffdMethod = 'syscall' | 'dev-userfaultfd';
+
+export interface Frozen {
+  readonly handle: NativeHandle;
+  readonly threads: FrozenThread[];
+  readonly frozenAt: bigint;
+}
+
+/** A `syscall` instruction (0f 05) in the target's vDSO: injections jump there, no text is modified. */
+export function findSyscallInstruction(binding: NativeBinding, pid: number): bigint {
+  const vdso = readMaps(pid).find((m) => m.path === '[vdso]');
+  if (!vdso) {
+    throw new WpsnapError('NO_VDSO', `pid ${pid} has no [vdso] mapping to run an injected syscall from`, { kind: 'unsupported' });
+  }
+  const code = binding.processVmRead(pid, vdso.start, Number(vdso.end - vdso.start));
+  for (let i = 0; i + 1 < code.length; i++) {
+    if (code[i] === 0x0f && code[i + 1] === 0x05) return vdso.start + BigInt(i);
+  }
+  throw new WpsnapError('NO_SYSCALL_INSN', `no syscall instruction in the [vdso] of pid ${pid}`, { kind: 'unsupported' });
+}
+
+export function freeze(binding: NativeBinding, pid: number): Frozen {
+  const frozenAt = process.hrtime.bigint();
+  let handle: NativeHandle;
+  try {
+    handle = binding.freeze(pid);
+  } catch (error) {
+    const wrapped = fromNative(error, `freeze pid ${pid}`);
+    if (wrapped.code === 'EPERM') {
+      throw new WpsnapError('EPERM', `${wrapped.message} — wpsnap must run as root (or with CAP_SYS_PTRACE) to trace pid ${pid}`, {
+        kind: 'failure',
+        errno: 1,
+        syscall: 'ptrace',
+      });
+    }
+    throw wrapped;
+  }
+  return { handle, threads: binding.frozenThreads(handle), frozenAt };
+}
+
+function syscallResult(raw: bigint): number {
+  return Number(BigInt.asIntN(64, raw));
+}
+
+function errnoName(errno: number): string {
+  const names: Record<number, string> = { 1: 'EPERM', 2: 'ENOENT', 9: 'EBADF', 13: 'EACCES', 22: 'EINVAL', 24: 'EMFILE', 38: 'ENOSYS' };
+  return names[errno] ?? `UNKNOWN_ERRNO_${errno}`;
+}
+
+function injectedFailure(what: string, result: number): WpsnapError {
+  const code = errnoName(-result);
+  return new WpsnapError(code, `${what} inside the target failed: ${code}`, { errno: -result, syscall: what.split('(')[0]! });
+}
+
+function inject(binding: NativeBinding, frozen: Frozen, insn: bigint, nr: number, args: Array<number | bigint>, what: string): number {
+  try {
+    return syscallResult(binding.injectSyscall(frozen.handle, insn, nr, args));
+  } catch (error) {
+    throw fromNative(error, `inject ${what}`);
+  }
+}
+
+/**
+ * A device node for /dev/userfaultfd owned by the target's filesystem uid,
+ * inside the target's root. With vm.unprivileged_userfaultfd=0 a non-root
+ * target may not call userfaultfd(2), but may open a node it owns and ask it
+ * for a context (USERFAULTFD_IOC_NEW): access is scoped to that one uid for
+ * the few milliseconds of the attach, nothing global changes.
+ */
+export interface DeviceNode {
+  /** Path as the target sees it. */
+  targetPath: string;
+  remove(): void;
+}
+
+export function prepareDeviceNode(binding: NativeBinding, pid: number): DeviceNode {
+  let rdev: number;
+  try {
+    rdev = statSync('/dev/userfaultfd').rdev;
+  } catch {
+    throw new WpsnapError('NO_DEV_USERFAULTFD', `pid ${pid} may not call userfaultfd(2) and /dev/userfaultfd (Linux 6.1+) is missing`, {
+      kind: 'unsupported',
+    });
+  }
+  const name = `.wpsnap-uffd-${pid}-${randomBytes(6).toString('hex')}`;
+  const hostPath = `/proc/${pid}/root/dev/${name}`;
+  const fsuid = readIds(pid).uid[3]!;
+  const fsgid = readIds(pid).gid[3]!;
+  try {
+    binding.mknodDevice(hostPath, 0o600, rdev);
+    chownSync(hostPath, fsuid, fsgid);
+  } catch (error) {
+    rmSync(hostPath, { force: true });
+    throw fromNative(error, `create a userfaultfd device node for pid ${pid}`);
+  }
+  return { targetPath: `/dev/${name}`, remove: () => rmSync(hostPath, { force: true }) };
+}
+
+/** Whether the target may call userfaultfd(2) itself (root in the initial user namespace, or the sysctl allows it). */
+export function targetMayCallUserfaultfd(pid: number): boolean {
+  let unprivileged = '0';
+  try {
+    unprivileged = readFileSync('/proc/sys/vm/unprivileged_userfaultfd', 'utf8').trim();
+  } catch {
+    unprivileged = '0';
+  }
+  if (unprivileged === '1') return true;
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const capEff = /^CapEff:\s+([0-9a-f]+)/m.exec(status)?.[1] ?? '0';
+  const CAP_SYS_PTRACE = 19n;
+  return ((BigInt('0x' + capEff) >> CAP_SYS_PTRACE) & 1n) === 1n;
+}
+
+/**
+ * Create a userfaultfd inside the frozen target and move it here. Returns the
+ * fd in this process; the target's copy is closed, so this process holds the
+ * only reference (if wpsnap dies the context is released and the target runs on).
+ */
+export function injectUserfaultfd(
+  binding: NativeBinding,
+  pid: number,
+  frozen: Frozen,
+  insn: bigint,
+  pidfd: number,
+  deviceNode: DeviceNode | null,
+): { fd: number; method: UffdMethod } {
+  const flags = O_CLOEXEC | O_NONBLOCK;
+  let targetFd: number;
+  let method: UffdMethod;
+  if (deviceNode === null) {
+    targetFd = inject(binding, frozen, insn, SYS_userfaultfd, [flags], 'userfaultfd(O_CLOEXEC|O_NONBLOCK)');
+    if (targetFd < 0) throw injectedFailure('userfaultfd(2)', targetFd);
+    method = 'syscall';
+  } else {
+    targetFd = openViaDevice(binding, pid, frozen, insn, deviceNode, flags);
+    method = 'dev-userfaultfd';
+  }
+  let fd: number;
+  try {
+    fd = binding.pidfdGetfd(pidfd, targetFd);
+  } catch (error) {
+    inject(binding, frozen, insn, SYS_close, [targetFd], `close(${targetFd})`);
+    throw fromNative(error, `take the userfaultfd from pid ${pid}`);
+  }
+  const closed = inject(binding, frozen, insn, SYS_close, [targetFd], `close(${targetFd})`);
+  if (closed < 0) {
+    binding.closeFd(fd);
+    throw injectedFailure(`close(${targetFd})`, closed);
+  }
+  return { fd, method };
+}
+
+function openViaDevice(binding: NativeBinding, pid: number, frozen: Frozen, insn: bigint, node: DeviceNode, flags: number): number {
+  // The path goes below the injection thread's red zone, and the bytes there are put back.
+  const path = Buffer.from(node.targetPath + '\0');
+  const scratch = (binding.injectionThreadRsp(frozen.handle) - RED_ZONE - 512n) & ~15n;
+  const saved = binding.processVmRead(pid, scratch, path.length);
+  binding.processVmWrite(pid, scratch, path);
+  try {
+    const devFd = inject(binding, frozen, insn, SYS_openat, [AT_FDCWD, scratch, O_RDWR | O_CLOEXEC], `openat(${node.targetPath})`);
+    if (devFd < 0) throw injectedFailure(`openat(${node.targetPath})`, devFd);
+    const uffd = inject(binding, frozen, insn, SYS_ioctl, [devFd, USERFAULTFD_IOC_NEW, flags], 'ioctl(USERFAULTFD_IOC_NEW)');
+    inject(binding, frozen, insn, SYS_close, [devFd], `close(${devFd})`);
+    if (uffd < 0) throw injectedFailure('ioctl(USERFAULTFD_IOC_NEW)', uffd);
+    return uffd;
+  } finally {
+    binding.processVmWrite(pid, scratch, saved);
+  }
+}

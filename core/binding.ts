@@ -1,0 +1,38 @@
+// Loads the native addon. Only the controller layer imports this; everything
+// above it receives the binding as a parameter so it can be tested with a fake.
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { WpsnapError } from './errors.js';
+import type { NativeBinding } from './native/binding.js';
+
+export type { NativeBinding } from './native/binding.js';
+
+/** The package root: the nearest directory above this file holding package.json. */
+export function packageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) {
+    const parent = dirname(dir);
+    if (parent === dir) throw new Error('wpsnap: package.json not found above ' + fileURLToPath(import.meta.url));
+    dir = parent;
+  }
+  return dir;
+}
+
+let cached: NativeBinding | undefined;
+
+export function loadBinding(): NativeBinding {
+  if (cached) return cached;
+  if (process.platform !== 'linux' || process.arch !== 'x64') {
+    throw new WpsnapError('UNSUPPORTED_PLATFORM', `wpsnap needs Linux on x86_64 (this is ${process.platform}/${process.arch})`, {
+      kind: 'unsupported',
+    });
+  }
+  const path = join(packageRoot(), 'build', 'Release', 'wpsnap_native.node');
+  if (!existsSync(path)) {
+    throw new WpsnapError('NATIVE_MISSING', `native addon not built: ${path} is missing (run npm install)`, { kind: 'unsupported' });
+  }
+  cached = createRequire(import.meta.url)(path) as NativeBinding;
+  return cached;
+}

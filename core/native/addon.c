@@ -1,0 +1,11 @@
+/* wpsnap native addon: userfaultfd, ptrace and the fault/sweep engine. */
+#include "addon.h"
+
+static napi_value init(napi_env env, napi_value exports) {
+  register_uffd_exports(env, exports);
+  register_ptrace_exports(env, exports);
+  register_engine_exports(env, exports);
+  return exports;
+}
+
+NAPI_MODULE_INIT() { return init(env, exports); }

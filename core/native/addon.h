@@ -1,0 +1,21 @@
+#ifndef WPSNAP_ADDON_H
+#define WPSNAP_ADDON_H
+
+#include <node_api.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* uffd.c */
+int uffd_writeprotect(int uffd, uint64_t start, uint64_t len, bool protect);
+int uffd_wake(int uffd, uint64_t start, uint64_t len);
+int remote_read(pid_t pid, int memfd, uint64_t addr, void *dst, size_t len);
+int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out);
+int pidfd_getfd_call(int pidfd, int targetfd);
+
+void register_uffd_exports(napi_env env, napi_value exports);
+void register_ptrace_exports(napi_env env, napi_value exports);
+void register_engine_exports(napi_env env, napi_value exports);
+
+#endif

@@ -1,0 +1,128 @@
+// Types of every export of the native addon (build/Release/wpsnap_native.node).
+// Each throws an Error with `code` (errno name), `errno` and `syscall` on failure.
+
+/** An opaque handle owned by the addon. */
+export interface NativeHandle {
+  readonly __brand: 'native-handle';
+}
+
+export interface UffdApiResult {
+  features: bigint;
+  ioctls: bigint;
+}
+
+export interface FrozenThread {
+  tid: number;
+  /** struct user_regs_struct, 216 bytes. */
+  regs: Buffer;
+  /** struct user_fpregs_struct, 512 bytes. */
+  fpregs: Buffer;
+  /** NT_X86_XSTATE regset. */
+  xstate: Buffer;
+  /** The ptrace stop the thread was found in. */
+  stop: 'interrupt' | 'signal' | 'syscall';
+}
+
+export interface EngineRegion {
+  start: bigint;
+  end: bigint;
+  /** 4096 or the hugetlb page size. */
+  pageSize: number;
+  /** 0: anonymous (process_vm_readv, pagemap finds never-touched pages);
+   *  1: shared file (pread from fd, holes skipped); 2: other private (process_vm_readv). */
+  kind: 0 | 1 | 2;
+  fd?: number;
+  fileOffset?: bigint;
+  hugetlb?: boolean;
+}
+
+export interface EngineOptions {
+  pid: number;
+  uffd: number;
+  /** pidfd of the target: its exit ends the engine with ESRCH. */
+  pidfd: number;
+  regions: EngineRegion[];
+  /** Pages per batch (>= 512). */
+  batchPages?: number;
+  /** Batches in the bounded pool the sweep fills. */
+  poolBatches?: number;
+  /** Sweep rate limit, bytes/s; 0 = unlimited. */
+  rateBytesPerSec?: number;
+}
+
+export interface EngineLiveStats {
+  faults: number;
+  pagesFromFaults: number;
+  pagesFromSweep: number;
+  pagesZero: number;
+  pagesLost: number;
+  bytesCopied: number;
+  events: number;
+  eagainRetries: number;
+  overflowBatches: number;
+  totalPages: number;
+}
+
+export interface EngineFinalStats extends EngineLiveStats {
+  faultServiceP50Micros: number;
+  faultServiceP99Micros: number;
+  faultServiceMaxMicros: number;
+  latencySamples: number;
+  lost: Array<{ address: bigint; pages: number; reason: string }>;
+  error?: Error & { code: string; errno: number; syscall: string };
+  stopped: number;
+}
+
+export type EngineMessage =
+  | { type: 'batch'; slot: number; addresses: BigUint64Array; data: Uint8Array }
+  | { type: 'done'; stats: EngineFinalStats };
+
+export interface NativeBinding {
+  /** ioctl(UFFDIO_API): enable features on a new context. */
+  uffdApi(fd: number, features: bigint): UffdApiResult;
+  /** ioctl(UFFDIO_REGISTER); returns the ioctls allowed on the range. */
+  uffdRegister(fd: number, start: bigint, len: bigint, mode: bigint): bigint;
+  /** ioctl(UFFDIO_UNREGISTER). */
+  uffdUnregister(fd: number, start: bigint, len: bigint): void;
+  /** ioctl(UFFDIO_WRITEPROTECT) with mode WP (protect) or 0 (unprotect + wake). */
+  uffdWriteProtect(fd: number, start: bigint, len: bigint, protect: boolean): void;
+  /** userfaultfd() + UFFDIO_API(0) in this process: what the kernel offers. */
+  probeUffd(): UffdApiResult;
+  /** pidfd_open(2). */
+  pidfdOpen(pid: number): number;
+  /** pidfd_getfd(2): a copy of the target's fd in this process. */
+  pidfdGetfd(pidfd: number, targetFd: number): number;
+  /** close(2). */
+  closeFd(fd: number): void;
+  /** process_vm_readv(2). */
+  processVmRead(pid: number, address: bigint, length: number): Buffer;
+  /** process_vm_writev(2). */
+  processVmWrite(pid: number, address: bigint, data: Buffer): void;
+  /** mknod(2) of a character device (S_IFCHR | mode). */
+  mknodDevice(path: string, mode: number, rdev: number): void;
+  /** Raw /proc/PID/pagemap entries. */
+  readPagemap(pid: number, address: bigint, npages: number): BigUint64Array;
+  /** Pages of a private file mapping that differ from the file (copy-on-write or
+   *  swapped); all present pages when allPresent. */
+  copyPrivatePages(pid: number, start: bigint, end: bigint, allPresent?: boolean): { addresses: BigUint64Array; data: Buffer };
+  /** ptrace(PTRACE_SEIZE + PTRACE_INTERRUPT) every thread and wait for the stops. */
+  freeze(pid: number): NativeHandle;
+  /** Registers of every frozen thread, as captured at the freeze. */
+  frozenThreads(handle: NativeHandle): FrozenThread[];
+  /** Run one syscall in a frozen thread (at insnAddress, a `syscall` instruction)
+   *  and restore its registers; returns rax (negative errno as two's complement). */
+  injectSyscall(handle: NativeHandle, insnAddress: bigint, nr: number, args: Array<number | bigint>): bigint;
+  /** Stack pointer of the thread injectSyscall uses. */
+  injectionThreadRsp(handle: NativeHandle): bigint;
+  /** ptrace(PTRACE_DETACH) every thread; idempotent. */
+  thaw(handle: NativeHandle): void;
+  /** Start the engine thread; onMessage gets batches, then one 'done'. */
+  engineStart(options: EngineOptions, onMessage: (message: EngineMessage) => void): NativeHandle;
+  /** The batch in slot is stored: its memory may be reused. */
+  engineRelease(handle: NativeHandle, slot: number): void;
+  /** Stop early: unsaved pages are reported lost as "interrupted". */
+  engineStop(handle: NativeHandle): void;
+  engineStats(handle: NativeHandle): EngineLiveStats;
+  /** Join the engine thread (after 'done'). */
+  engineJoin(handle: NativeHandle): void;
+}

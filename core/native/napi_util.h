@@ -1,0 +1,41 @@
+/* Small helpers for the Node-API glue: argument parsing and the one error shape
+ * that crosses into JS (message, code = errno name, errno, syscall). */
+#ifndef WPSNAP_NAPI_UTIL_H
+#define WPSNAP_NAPI_UTIL_H
+
+#include <node_api.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#define NAPI_CALL(env, call)                                                   \
+  do {                                                                         \
+    if ((call) != napi_ok) {                                                   \
+      napi_throw_error((env), "EINTERNAL", "Node-API call failed: " #call);    \
+      return NULL;                                                             \
+    }                                                                          \
+  } while (0)
+
+/* Throw Error("<what>: <strerror> (<ENAME>)") with code/errno/syscall set. Returns NULL. */
+napi_value throw_errno(napi_env env, int err, const char *syscall, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Throw a TypeError for a bad argument. Returns NULL. */
+napi_value throw_type(napi_env env, const char *message);
+
+/* Name of an errno ("EPERM"); "UNKNOWN_ERRNO_<n>" for unknown ones (static buffer per thread). */
+const char *errno_name(int err);
+
+bool arg_int32(napi_env env, napi_value v, int32_t *out);
+bool arg_uint64(napi_env env, napi_value v, uint64_t *out); /* Number or BigInt */
+bool arg_bool(napi_env env, napi_value v, bool *out);
+bool arg_buffer(napi_env env, napi_value v, void **data, size_t *len);
+bool prop_uint64(napi_env env, napi_value obj, const char *name, uint64_t *out);
+bool prop_int32(napi_env env, napi_value obj, const char *name, int32_t *out);
+
+napi_value make_bigint(napi_env env, uint64_t v);
+napi_value make_int(napi_env env, int64_t v);
+napi_value make_double(napi_env env, double v);
+napi_value make_string(napi_env env, const char *s);
+napi_value make_buffer_copy(napi_env env, const void *data, size_t len);
+void set_prop(napi_env env, napi_value obj, const char *name, napi_value value);
+
+#endif

@@ -1,0 +1,339 @@
+/* userfaultfd, pidfd and remote-memory calls exposed to JS. Every ioctl here
+ * acts on the mm the userfaultfd was created in (the target's), whichever
+ * process holds the fd. */
+#include "addon.h"
+#include "kernel_compat.h"
+#include "napi_util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/sysmacros.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+int uffd_writeprotect(int uffd, uint64_t start, uint64_t len, bool protect) {
+  struct uffdio_writeprotect wp = {
+      .range = {.start = start, .len = len},
+      .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+  };
+  /* SAFETY: the kernel validates the range against the context's registered
+   * vmas; mode 0 also wakes threads blocked on a wp fault in the range. */
+  return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) == 0 ? 0 : errno;
+}
+
+int uffd_wake(int uffd, uint64_t start, uint64_t len) {
+  struct uffdio_range range = {.start = start, .len = len};
+  return ioctl(uffd, UFFDIO_WAKE, &range) == 0 ? 0 : errno;
+}
+
+/* process_vm_readv of [addr, addr+len); falls back to /proc/PID/mem (FOLL_FORCE
+ * reads PROT_NONE pages). Returns 0 or an errno. */
+int remote_read(pid_t pid, int memfd, uint64_t addr, void *dst, size_t len) {
+  struct iovec local = {.iov_base = dst, .iov_len = len};
+  struct iovec remote = {.iov_base = (void *)(uintptr_t)addr, .iov_len = len};
+  ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+  if (n == (ssize_t)len) return 0;
+  int err = n < 0 ? errno : EFAULT;
+  if (err == ESRCH || memfd < 0) return err;
+  size_t done = n > 0 ? (size_t)n : 0;
+  while (done < len) {
+    ssize_t m = pread(memfd, (char *)dst + done, len - done, (off_t)(addr + done));
+    if (m < 0) {
+      if (errno == EINTR) continue;
+      return errno == EIO ? EFAULT : errno;
+    }
+    if (m == 0) return EFAULT;
+    done += (size_t)m;
+  }
+  return 0;
+}
+
+int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out) {
+  size_t want = npages * sizeof(uint64_t), done = 0;
+  while (done < want) {
+    ssize_t n = pread(pagemap_fd, (char *)out + done, want - done, (off_t)((addr / 4096) * 8 + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (n == 0) return EIO;
+    done += (size_t)n;
+  }
+  return 0;
+}
+
+/* uffdApi(fd, features: bigint) -> { features: bigint, ioctls: bigint } */
+static napi_value js_uffd_api(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  uint64_t features;
+  if (argc < 2 || !arg_int32(env, argv[0], &fd) || !arg_uint64(env, argv[1], &features))
+    return throw_type(env, "uffdApi(fd, features)");
+  struct uffdio_api api = {.api = UFFD_API, .features = features};
+  /* SAFETY: first ioctl on a new context; the kernel fails with EINVAL if a
+   * requested feature is unknown and EPERM for privileged ones. */
+  if (ioctl(fd, UFFDIO_API, &api) != 0)
+    return throw_errno(env, errno, "ioctl", "ioctl(UFFDIO_API, features=0x%llx)", (unsigned long long)features);
+  napi_value out;
+  NAPI_CALL(env, napi_create_object(env, &out));
+  set_prop(env, out, "features", make_bigint(env, api.features));
+  set_prop(env, out, "ioctls", make_bigint(env, api.ioctls));
+  return out;
+}
+
+/* uffdRegister(fd, start, len, mode) -> ioctls: bigint */
+static napi_value js_uffd_register(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  uint64_t start, len, mode;
+  if (argc < 4 || !arg_int32(env, argv[0], &fd) || !arg_uint64(env, argv[1], &start) ||
+      !arg_uint64(env, argv[2], &len) || !arg_uint64(env, argv[3], &mode))
+    return throw_type(env, "uffdRegister(fd, start, len, mode)");
+  struct uffdio_register reg = {.range = {.start = start, .len = len}, .mode = mode};
+  /* SAFETY: registers whole vmas of the context's mm; EINVAL if a vma in the
+   * range cannot be registered (not anon/shmem/hugetlb, or misaligned). */
+  if (ioctl(fd, UFFDIO_REGISTER, &reg) != 0)
+    return throw_errno(env, errno, "ioctl", "ioctl(UFFDIO_REGISTER, 0x%llx-0x%llx)",
+                       (unsigned long long)start, (unsigned long long)(start + len));
+  return make_bigint(env, reg.ioctls);
+}
+
+static napi_value js_uffd_unregister(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  uint64_t start, len;
+  if (argc < 3 || !arg_int32(env, argv[0], &fd) || !arg_uint64(env, argv[1], &start) || !arg_uint64(env, argv[2], &len))
+    return throw_type(env, "uffdUnregister(fd, start, len)");
+  struct uffdio_range range = {.start = start, .len = len};
+  if (ioctl(fd, UFFDIO_UNREGISTER, &range) != 0)
+    return throw_errno(env, errno, "ioctl", "ioctl(UFFDIO_UNREGISTER, 0x%llx-0x%llx)",
+                       (unsigned long long)start, (unsigned long long)(start + len));
+  return NULL;
+}
+
+static napi_value js_uffd_writeprotect(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  uint64_t start, len;
+  bool protect;
+  if (argc < 4 || !arg_int32(env, argv[0], &fd) || !arg_uint64(env, argv[1], &start) ||
+      !arg_uint64(env, argv[2], &len) || !arg_bool(env, argv[3], &protect))
+    return throw_type(env, "uffdWriteProtect(fd, start, len, protect)");
+  int err = uffd_writeprotect(fd, start, len, protect);
+  if (err != 0)
+    return throw_errno(env, err, "ioctl", "ioctl(UFFDIO_WRITEPROTECT, 0x%llx-0x%llx, %s)",
+                       (unsigned long long)start, (unsigned long long)(start + len), protect ? "WP" : "0");
+  return NULL;
+}
+
+/* probeUffd() -> { features, ioctls } of a context in this process: what the kernel offers. */
+static napi_value js_probe_uffd(napi_env env, napi_callback_info info) {
+  int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return throw_errno(env, errno, "userfaultfd", "userfaultfd(O_CLOEXEC|O_NONBLOCK)");
+  struct uffdio_api api = {.api = UFFD_API, .features = 0};
+  int rc = ioctl(fd, UFFDIO_API, &api);
+  int err = errno;
+  close(fd);
+  if (rc != 0) return throw_errno(env, err, "ioctl", "ioctl(UFFDIO_API)");
+  napi_value out;
+  NAPI_CALL(env, napi_create_object(env, &out));
+  set_prop(env, out, "features", make_bigint(env, api.features));
+  set_prop(env, out, "ioctls", make_bigint(env, api.ioctls));
+  return out;
+}
+
+static napi_value js_pidfd_open(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pid;
+  if (argc < 1 || !arg_int32(env, argv[0], &pid)) return throw_type(env, "pidfdOpen(pid)");
+  int fd = (int)syscall(__NR_pidfd_open, pid, 0);
+  if (fd < 0) return throw_errno(env, errno, "pidfd_open", "pidfd_open(%d)", pid);
+  return make_int(env, fd);
+}
+
+int pidfd_getfd_call(int pidfd, int targetfd) {
+  return (int)syscall(__NR_pidfd_getfd, pidfd, targetfd, 0);
+}
+
+static napi_value js_pidfd_getfd(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pidfd, targetfd;
+  if (argc < 2 || !arg_int32(env, argv[0], &pidfd) || !arg_int32(env, argv[1], &targetfd))
+    return throw_type(env, "pidfdGetfd(pidfd, targetfd)");
+  int fd = pidfd_getfd_call(pidfd, targetfd);
+  if (fd < 0) return throw_errno(env, errno, "pidfd_getfd", "pidfd_getfd(fd %d)", targetfd);
+  return make_int(env, fd);
+}
+
+static napi_value js_close_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  if (argc < 1 || !arg_int32(env, argv[0], &fd)) return throw_type(env, "closeFd(fd)");
+  if (close(fd) != 0) return throw_errno(env, errno, "close", "close(%d)", fd);
+  return NULL;
+}
+
+/* processVmRead(pid, address, length) -> Buffer */
+static napi_value js_process_vm_read(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pid;
+  uint64_t addr, len;
+  if (argc < 3 || !arg_int32(env, argv[0], &pid) || !arg_uint64(env, argv[1], &addr) || !arg_uint64(env, argv[2], &len) ||
+      len > (1ULL << 30))
+    return throw_type(env, "processVmRead(pid, address, length <= 1 GiB)");
+  void *data;
+  napi_value buf;
+  NAPI_CALL(env, napi_create_buffer(env, len, &data, &buf));
+  int err = remote_read(pid, -1, addr, data, len);
+  if (err != 0) return throw_errno(env, err, "process_vm_readv", "process_vm_readv(pid %d, 0x%llx, %llu bytes)", pid,
+                                   (unsigned long long)addr, (unsigned long long)len);
+  return buf;
+}
+
+/* readPagemap(pid, address, npages) -> BigUint64Array of raw entries */
+static napi_value js_read_pagemap(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pid;
+  uint64_t addr, npages;
+  if (argc < 3 || !arg_int32(env, argv[0], &pid) || !arg_uint64(env, argv[1], &addr) || !arg_uint64(env, argv[2], &npages) ||
+      npages > (1ULL << 24))
+    return throw_type(env, "readPagemap(pid, address, npages)");
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return throw_errno(env, errno, "open", "open(%s)", path);
+  void *data;
+  napi_value ab, arr;
+  if (napi_create_arraybuffer(env, npages * 8, &data, &ab) != napi_ok) {
+    close(fd);
+    return NULL;
+  }
+  int err = read_pagemap(fd, addr, npages, data);
+  close(fd);
+  if (err != 0) return throw_errno(env, err, "pread", "pread(%s)", path);
+  NAPI_CALL(env, napi_create_typedarray(env, napi_biguint64_array, npages, ab, 0, &arr));
+  return arr;
+}
+
+/* copyPrivatePages(pid, start, end) -> { addresses: BigUint64Array, data: Buffer }
+ * Copies the pages of a private file mapping that differ from the file: those
+ * present but not file pages (copy-on-write anon pages) and swapped ones. Runs
+ * while the target is stopped: these mappings cannot be write-protected. */
+static napi_value js_copy_private_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pid;
+  uint64_t start, end;
+  bool all_present = false;
+  if (argc < 3 || !arg_int32(env, argv[0], &pid) || !arg_uint64(env, argv[1], &start) || !arg_uint64(env, argv[2], &end) ||
+      end <= start || (start & 4095) || (end & 4095))
+    return throw_type(env, "copyPrivatePages(pid, start, end, allPresent?)");
+  if (argc >= 4) arg_bool(env, argv[3], &all_present);
+  size_t npages = (end - start) / 4096;
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
+  int pm = open(path, O_RDONLY | O_CLOEXEC);
+  if (pm < 0) return throw_errno(env, errno, "open", "open(%s)", path);
+  uint64_t *entries = malloc(npages * 8);
+  if (entries == NULL) {
+    close(pm);
+    return throw_errno(env, ENOMEM, "malloc", "copyPrivatePages");
+  }
+  int err = read_pagemap(pm, start, npages, entries);
+  close(pm);
+  if (err != 0) {
+    free(entries);
+    return throw_errno(env, err, "pread", "pread(%s)", path);
+  }
+  size_t count = 0;
+  for (size_t i = 0; i < npages; i++) {
+    uint64_t e = entries[i];
+    bool cow = ((e & PM_PRESENT) && !(e & PM_FILE)) || (e & PM_SWAP);
+    if (cow || (all_present && (e & PM_PRESENT))) entries[count++] = start + i * 4096;
+  }
+  void *addr_data, *page_data;
+  napi_value ab, addrs, pages, out;
+  if (napi_create_arraybuffer(env, count * 8, &addr_data, &ab) != napi_ok ||
+      napi_create_buffer(env, count * 4096, &page_data, &pages) != napi_ok) {
+    free(entries);
+    return NULL;
+  }
+  memcpy(addr_data, entries, count * 8);
+  free(entries);
+  snprintf(path, sizeof path, "/proc/%d/mem", pid);
+  int memfd = open(path, O_RDONLY | O_CLOEXEC);
+  for (size_t i = 0; i < count; i++) {
+    uint64_t a = ((uint64_t *)addr_data)[i];
+    err = remote_read(pid, memfd, a, (char *)page_data + i * 4096, 4096);
+    if (err != 0) {
+      if (memfd >= 0) close(memfd);
+      return throw_errno(env, err, "process_vm_readv", "copy private page 0x%llx of pid %d", (unsigned long long)a, pid);
+    }
+  }
+  if (memfd >= 0) close(memfd);
+  NAPI_CALL(env, napi_create_typedarray(env, napi_biguint64_array, count, ab, 0, &addrs));
+  NAPI_CALL(env, napi_create_object(env, &out));
+  set_prop(env, out, "addresses", addrs);
+  set_prop(env, out, "data", pages);
+  return out;
+}
+
+/* mknodDevice(path, mode, rdev): create a character device node (root only). */
+static napi_value js_mknod_device(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  char path[512];
+  size_t len;
+  int32_t mode;
+  uint64_t rdev;
+  if (argc < 3 || napi_get_value_string_utf8(env, argv[0], path, sizeof path, &len) != napi_ok || len >= sizeof path - 1 ||
+      !arg_int32(env, argv[1], &mode) || !arg_uint64(env, argv[2], &rdev))
+    return throw_type(env, "mknodDevice(path, mode, rdev)");
+  if (mknod(path, S_IFCHR | (mode & 07777), (dev_t)rdev) != 0) return throw_errno(env, errno, "mknod", "mknod(%s)", path);
+  return NULL;
+}
+
+void register_uffd_exports(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"uffdApi", NULL, js_uffd_api, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"uffdRegister", NULL, js_uffd_register, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"uffdUnregister", NULL, js_uffd_unregister, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"uffdWriteProtect", NULL, js_uffd_writeprotect, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"probeUffd", NULL, js_probe_uffd, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"pidfdOpen", NULL, js_pidfd_open, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"pidfdGetfd", NULL, js_pidfd_getfd, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"closeFd", NULL, js_close_fd, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"processVmRead", NULL, js_process_vm_read, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"readPagemap", NULL, js_read_pagemap, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"mknodDevice", NULL, js_mknod_device, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"copyPrivatePages", NULL, js_copy_private_pages, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}

@@ -1,0 +1,125 @@
+// Reading what /proc says about a process: maps, identity, threads.
+import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import type { ProcessRecord } from '../snapshot-format/model.js';
+import { WpsnapError } from './errors.js';
+
+export interface MapsEntry {
+  start: bigint;
+  end: bigint;
+  perms: string;
+  offset: bigint;
+  dev: string;
+  inode: number;
+  path: string;
+}
+
+const MAPS_LINE = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)\s*(.*)$/;
+
+export function parseMaps(text: string): MapsEntry[] {
+  const entries: MapsEntry[] = [];
+  for (const line of text.split('\n')) {
+    if (line === '') continue;
+    const m = MAPS_LINE.exec(line);
+    if (!m) throw new Error(`unparsable /proc/PID/maps line: ${JSON.stringify(line)}`);
+    entries.push({
+      start: BigInt('0x' + m[1]),
+      end: BigInt('0x' + m[2]),
+      perms: m[3]!,
+      offset: BigInt('0x' + m[4]),
+      dev: m[5]!,
+      inode: Number(m[6]),
+      path: m[7] ?? '',
+    });
+  }
+  return entries;
+}
+
+/** Throws TARGET_NOT_FOUND (exit 4) when the process does not exist. */
+export function readProc(pid: number, file: string): Buffer {
+  try {
+    return readFileSync(`/proc/${pid}/${file}`);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ESRCH') {
+      throw new WpsnapError('TARGET_NOT_FOUND', `no process with pid ${pid}`, { kind: 'targetGone' });
+    }
+    throw new WpsnapError(code ?? 'EIO', `read /proc/${pid}/${file}: ${(error as Error).message}`);
+  }
+}
+
+export function readMaps(pid: number): MapsEntry[] {
+  return parseMaps(readProc(pid, 'maps').toString('utf8'));
+}
+
+export function assertProcessExists(pid: number): void {
+  if (!Number.isInteger(pid) || pid <= 0) {
+    throw new WpsnapError('USAGE', `not a pid: ${pid}`, { kind: 'usage' });
+  }
+  readProc(pid, 'stat');
+}
+
+export function listThreads(pid: number): number[] {
+  try {
+    return readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => a - b);
+  } catch {
+    throw new WpsnapError('TARGET_NOT_FOUND', `no process with pid ${pid}`, { kind: 'targetGone' });
+  }
+}
+
+export function threadName(pid: number, tid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trimEnd();
+  } catch {
+    return '';
+  }
+}
+
+/** Uid/Gid lines of /proc/PID/status: [real, effective, saved, filesystem]. */
+export function readIds(pid: number): { uid: number[]; gid: number[] } {
+  const status = readProc(pid, 'status').toString('utf8');
+  const ids = (key: string): number[] => {
+    const m = new RegExp(`^${key}:\\s+(\\d+)\\s+(\\d+)\\s+(\\d+)\\s+(\\d+)`, 'm').exec(status);
+    return m ? m.slice(1, 5).map(Number) : [0, 0, 0, 0];
+  };
+  return { uid: ids('Uid'), gid: ids('Gid') };
+}
+
+function bootTimeSeconds(): number {
+  const m = /^btime (\d+)/m.exec(readFileSync('/proc/stat', 'utf8'));
+  return m ? Number(m[1]) : 0;
+}
+
+/** Clock ticks per second for /proc/PID/stat times (USER_HZ, 100 on Linux x86_64). */
+const USER_HZ = 100;
+
+export function readProcessRecord(pid: number): ProcessRecord {
+  const stat = readProc(pid, 'stat').toString('utf8');
+  // comm may contain spaces and parentheses: fields start after the last ')'.
+  const close = stat.lastIndexOf(')');
+  const comm = stat.slice(stat.indexOf('(') + 1, close);
+  const fields = stat.slice(close + 2).split(' ');
+  const ppid = Number(fields[1]);
+  const startTimeTicks = Number(fields[19]);
+  const { uid, gid } = readIds(pid);
+  let exe = '';
+  try {
+    exe = readlinkSync(`/proc/${pid}/exe`);
+  } catch {
+    exe = '';
+  }
+  const cmdline = readProc(pid, 'cmdline').toString('utf8').split('\0');
+  if (cmdline.at(-1) === '') cmdline.pop();
+  const startedAt = new Date((bootTimeSeconds() + startTimeTicks / USER_HZ) * 1000).toISOString();
+  return {
+    pid,
+    ppid,
+    uid: uid[0]!,
+    gid: gid[0]!,
+    exe,
+    cmdline,
+    comm,
+    startTimeTicks,
+    startedAt,
+    auxv: readProc(pid, 'auxv'),
+  };
+}

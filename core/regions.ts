@@ -1,0 +1,131 @@
+// Deciding, for each mapping of the target, how its content at T is captured.
+// uffd-wp (synchronous) can protect anonymous, shmem and hugetlbfs mappings
+// only; private file mappings get their copy-on-write pages copied while the
+// target is stopped and the rest referenced to the file.
+import { openSync, statSync, statfsSync } from 'node:fs';
+import type { FileReference, LostRange, RegionRecord } from '../snapshot-format/model.js';
+import type { EngineRegion } from './native/binding.js';
+import type { MapsEntry } from './procfs.js';
+
+const TMPFS_MAGIC = 0x01021994;
+const HUGETLBFS_MAGIC = 0x958458f6;
+
+/** Kernel-provided mappings that are not the process's memory. */
+const SKIPPED_SPECIAL = new Map<string, string>([
+  ['[vvar]', 'kernel data page (vvar), not process memory'],
+  ['[vvar_vclock]', 'kernel clock page (vvar_vclock), not process memory'],
+  ['[vsyscall]', 'legacy vsyscall page, identical in every process'],
+  ['[uprobes]', 'uprobes trampoline page'],
+]);
+
+export type PausedCopy = 'none' | 'cow' | 'all-present';
+
+export interface RegionPlan {
+  record: RegionRecord;
+  /** Present when the region is registered with uffd-wp and swept by the engine. */
+  engine?: EngineRegion;
+  /** What to copy while the target is stopped. */
+  pausedCopy: PausedCopy;
+  /** Pages known lost from the start (e.g. writable shared file mappings). */
+  lost?: LostRange;
+  /** fd opened here that must be closed when the snapshot ends. */
+  openedFd?: number;
+}
+
+function mapFilesPath(pid: number, m: MapsEntry): string {
+  return `/proc/${pid}/map_files/${m.start.toString(16)}-${m.end.toString(16)}`;
+}
+
+function fileReference(path: string, statPath: string): FileReference | undefined {
+  try {
+    const st = statSync(statPath, { bigint: true });
+    return { path, dev: Number(st.dev), ino: Number(st.ino), size: Number(st.size), mtimeNs: st.mtimeNs.toString() };
+  } catch {
+    return undefined;
+  }
+}
+
+function base(m: MapsEntry): Omit<RegionRecord, 'capture' | 'pageSize'> {
+  return { start: m.start, end: m.end, perms: m.perms, offset: m.offset, dev: m.dev, inode: m.inode, path: m.path };
+}
+
+/** Classify one mapping. `fsCache` memoises statfs per (dev, inode). */
+export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { type: number; bsize: number }>): RegionPlan {
+  const shared = m.perms[3] === 's';
+  const skip = SKIPPED_SPECIAL.get(m.path);
+  if (skip !== undefined) {
+    return { record: { ...base(m), pageSize: 4096, capture: 'skipped', skipReason: skip }, pausedCopy: 'none' };
+  }
+  if (m.path === '[vdso]') {
+    // Read-only code provided by the kernel, needed by a debugger: copy it whole.
+    return { record: { ...base(m), pageSize: 4096, capture: 'file-private' }, pausedCopy: 'all-present' };
+  }
+  if (m.inode === 0) {
+    return {
+      record: { ...base(m), pageSize: 4096, capture: 'protected' },
+      engine: { start: m.start, end: m.end, pageSize: 4096, kind: 0 },
+      pausedCopy: 'none',
+    };
+  }
+  const major = Number.parseInt(m.dev.split(':')[0]!, 16);
+  const key = `${m.dev}:${m.inode}`;
+  let fs = fsCache.get(key);
+  if (fs === undefined && major === 0) {
+    try {
+      const st = statfsSync(mapFilesPath(pid, m));
+      fs = { type: Number(st.type), bsize: Number(st.bsize) };
+    } catch {
+      fs = { type: 0, bsize: 4096 };
+    }
+    fsCache.set(key, fs);
+  }
+  if (fs !== undefined && (fs.type === TMPFS_MAGIC || fs.type === HUGETLBFS_MAGIC)) {
+    const hugetlb = fs.type === HUGETLBFS_MAGIC;
+    const pageSize = hugetlb ? fs.bsize : 4096;
+    const record: RegionRecord = { ...base(m), pageSize, capture: 'protected' };
+    if (shared) {
+      // Read the shared file itself: no faults in the target, holes skipped for free.
+      const fd = openSync(mapFilesPath(pid, m), 'r');
+      return {
+        record,
+        engine: { start: m.start, end: m.end, pageSize, kind: 1, fd, fileOffset: m.offset, hugetlb },
+        pausedCopy: 'none',
+        openedFd: fd,
+      };
+    }
+    const anonymousHuge = hugetlb && m.path.startsWith('/anon_hugepage');
+    return {
+      record,
+      engine: { start: m.start, end: m.end, pageSize, kind: anonymousHuge ? 0 : 2, hugetlb },
+      pausedCopy: 'none',
+    };
+  }
+  if (major === 0 || m.path.startsWith('/dev/')) {
+    return {
+      record: { ...base(m), pageSize: 4096, capture: 'skipped', skipReason: 'device or special-filesystem mapping' },
+      pausedCopy: 'none',
+    };
+  }
+  const file = fileReference(m.path.replace(/ \(deleted\)$/, ''), mapFilesPath(pid, m));
+  if (!shared) {
+    const record: RegionRecord = { ...base(m), pageSize: 4096, capture: 'file-private' };
+    if (file) record.file = file;
+    return { record, pausedCopy: file ? 'cow' : 'all-present' };
+  }
+  const record: RegionRecord = { ...base(m), pageSize: 4096, capture: 'file-reference' };
+  if (file) record.file = file;
+  if (m.perms[1] === 'w') {
+    // Writes after T reach the file without a fault: its content at T is unknown.
+    return {
+      record,
+      pausedCopy: 'none',
+      lost: { address: m.start, pages: Number((m.end - m.start) / 4096n), reason: 'shared-file-not-protectable' },
+    };
+  }
+  return { record, pausedCopy: 'none' };
+}
+
+export function planRegions(pid: number, maps: MapsEntry[]): RegionPlan[] {
+  const fsCache = new Map<string, { type: number; bsize: number }>();
+  return maps.map((m) => planRegion(pid, m, fsCache));
+}

@@ -1,0 +1,325 @@
+// Snapshot one running process: the pause (freeze, protect, resume) and the
+// background part (engine batches → store), ending in the store's final commit.
+import { closeSync } from 'node:fs';
+import type { LostRange, PageBatch, RegionRecord, ThreadRecord } from '../snapshot-format/model.js';
+import type { SnapshotWriter, Store } from '../store/store.js';
+import {
+  findSyscallInstruction,
+  freeze,
+  injectUserfaultfd,
+  prepareDeviceNode,
+  targetMayCallUserfaultfd,
+  type DeviceNode,
+  type Frozen,
+  type UffdMethod,
+} from './attach.js';
+import { WpsnapError, fromNative } from './errors.js';
+import { faultPoint } from './fault.js';
+import { requireFeatures, UFFD_FEATURES_FOR_SNAPSHOT, UFFDIO_REGISTER_MODE_WP } from './features.js';
+import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
+import { assertProcessExists, readMaps, readProcessRecord, threadName } from './procfs.js';
+import { planRegions, type RegionPlan } from './regions.js';
+
+export interface SnapshotProgress {
+  pagesDone: number;
+  totalPages: number;
+  bytesCopied: number;
+  faults: number;
+  elapsedMillis: number;
+}
+
+export interface SnapshotOptions {
+  name?: string;
+  /** Background sweep limit in bytes per second; 0 or undefined = unlimited. */
+  rateBytesPerSec?: number;
+  onProgress?: (progress: SnapshotProgress) => void;
+  /** Aborting stops the snapshot: it is recorded as incomplete. */
+  signal?: AbortSignal;
+}
+
+export interface LostPagesEntry {
+  address: string;
+  pages: number;
+  reason: string;
+}
+
+export interface SnapshotResult {
+  id: number;
+  name: string | null;
+  pid: number;
+  pauseMicros: number;
+  durationMillis: number;
+  pagesSaved: number;
+  zeroPages: number;
+  pagesNew: number;
+  bytesRaw: number;
+  bytesStored: number;
+  faults: number;
+  faultP50Micros: number;
+  faultP99Micros: number;
+  lostPages: LostPagesEntry[];
+  threads: number;
+  regions: { protected: number; filePrivate: number; fileReference: number; skipped: number };
+  uffdMethod: UffdMethod;
+  engine: Omit<EngineFinalStats, 'lost' | 'error'>;
+}
+
+interface PausePhase {
+  uffd: number;
+  method: UffdMethod;
+  plans: RegionPlan[];
+  threads: ThreadRecord[];
+  pausedPages: PageBatch[];
+  pauseMicros: number;
+}
+
+function closeQuietly(binding: NativeBinding, fd: number): void {
+  try {
+    binding.closeFd(fd);
+  } catch {
+    // already closed
+  }
+}
+
+/** Register and write-protect one region; false if the kernel refuses the mapping type. */
+function protect(binding: NativeBinding, uffd: number, plan: RegionPlan): boolean {
+  const { start, end } = plan.record;
+  try {
+    binding.uffdRegister(uffd, start, end - start, UFFDIO_REGISTER_MODE_WP);
+  } catch (error) {
+    if ((error as { code?: string }).code === 'EINVAL' || (error as { code?: string }).code === 'EPERM') return false;
+    throw fromNative(error, `register 0x${start.toString(16)}-0x${end.toString(16)}`);
+  }
+  try {
+    binding.uffdWriteProtect(uffd, start, end - start, true);
+  } catch (error) {
+    throw fromNative(error, `write-protect 0x${start.toString(16)}-0x${end.toString(16)}`);
+  }
+  return true;
+}
+
+/** Everything that happens while the target is stopped. */
+function pausePhase(binding: NativeBinding, pid: number, pidfd: number, insn: bigint, deviceNode: DeviceNode | null): PausePhase {
+  const started = process.hrtime.bigint();
+  const frozen: Frozen = freeze(binding, pid);
+  let uffd = -1;
+  try {
+    faultPoint('after-freeze');
+    const injected = injectUserfaultfd(binding, pid, frozen, insn, pidfd, deviceNode);
+    uffd = injected.fd;
+    faultPoint('after-inject');
+    try {
+      binding.uffdApi(uffd, UFFD_FEATURES_FOR_SNAPSHOT);
+    } catch (error) {
+      throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
+    }
+    const plans = planRegions(pid, readMaps(pid));
+    for (const plan of plans) {
+      if (plan.engine === undefined) continue;
+      if (!protect(binding, uffd, plan)) {
+        // Not protectable after all (e.g. VM_DROPPABLE): copy it now, while stopped.
+        delete plan.engine;
+        if (plan.openedFd !== undefined) closeSync(plan.openedFd);
+        delete plan.openedFd;
+        plan.record.capture = 'file-private';
+        plan.pausedCopy = 'all-present';
+      }
+    }
+    faultPoint('after-protect');
+    const pausedPages: PageBatch[] = [];
+    for (const plan of plans) {
+      if (plan.pausedCopy === 'none') continue;
+      const copy = binding.copyPrivatePages(pid, plan.record.start, plan.record.end, plan.pausedCopy === 'all-present');
+      if (copy.addresses.length > 0) pausedPages.push({ addresses: copy.addresses, data: copy.data });
+    }
+    const threads: ThreadRecord[] = frozen.threads.map((t) => ({
+      tid: t.tid,
+      name: threadName(pid, t.tid),
+      regs: t.regs,
+      fpregs: t.fpregs,
+      xstate: t.xstate,
+    }));
+    binding.thaw(frozen.handle);
+    const pauseMicros = Number(process.hrtime.bigint() - started) / 1000;
+    return { uffd, method: injected.method, plans, threads, pausedPages, pauseMicros };
+  } catch (error) {
+    // Closing the only reference releases every registration and protection.
+    if (uffd >= 0) closeQuietly(binding, uffd);
+    binding.thaw(frozen.handle);
+    throw error;
+  }
+}
+
+function runEngine(
+  binding: NativeBinding,
+  writer: SnapshotWriter,
+  processId: number,
+  options: { pid: number; uffd: number; pidfd: number; plans: RegionPlan[]; rate: number },
+  snapshotOptions: SnapshotOptions,
+  startedAt: number,
+): Promise<EngineFinalStats> {
+  return new Promise((resolve, reject) => {
+    const regions = options.plans.flatMap((p) => (p.engine ? [p.engine] : []));
+    const pending = new Set<Promise<void>>();
+    let storeError: unknown;
+    let batches = 0;
+    let handle: NativeHandle | undefined;
+    const onMessage = (message: EngineMessage): void => {
+      if (message.type === 'batch') {
+        batches++;
+        if (batches === 3) faultPoint('mid-sweep');
+        const slot = message.slot;
+        const stored = writer
+          .addPages(processId, { addresses: message.addresses, data: message.data })
+          .catch((error: unknown) => {
+            storeError ??= error;
+            if (handle) binding.engineStop(handle);
+          })
+          .finally(() => {
+            pending.delete(stored);
+            if (handle) binding.engineRelease(handle, slot);
+          });
+        pending.add(stored);
+        return;
+      }
+      clearInterval(timer);
+      snapshotOptions.signal?.removeEventListener('abort', onAbort);
+      const finish = async (): Promise<void> => {
+        while (pending.size > 0) await Promise.all([...pending]);
+        if (handle) binding.engineJoin(handle);
+        if (storeError !== undefined) throw storeError;
+        resolve(message.stats);
+      };
+      finish().catch(reject);
+    };
+    const onAbort = (): void => {
+      if (handle) binding.engineStop(handle);
+    };
+    try {
+      handle = binding.engineStart(
+        { pid: options.pid, uffd: options.uffd, pidfd: options.pidfd, regions, rateBytesPerSec: options.rate },
+        onMessage,
+      );
+    } catch (error) {
+      reject(fromNative(error, 'start the snapshot engine'));
+      return;
+    }
+    snapshotOptions.signal?.addEventListener('abort', onAbort);
+    if (snapshotOptions.signal?.aborted) onAbort();
+    const timer = setInterval(() => {
+      if (!handle || !snapshotOptions.onProgress) return;
+      const s = binding.engineStats(handle);
+      snapshotOptions.onProgress({
+        pagesDone: s.pagesFromFaults + s.pagesFromSweep + s.pagesZero + s.pagesLost,
+        totalPages: s.totalPages,
+        bytesCopied: s.bytesCopied,
+        faults: s.faults,
+        elapsedMillis: Date.now() - startedAt,
+      });
+    }, 100);
+  });
+}
+
+export async function snapshotProcess(
+  binding: NativeBinding,
+  store: Store,
+  pid: number,
+  options: SnapshotOptions = {},
+): Promise<SnapshotResult> {
+  assertProcessExists(pid);
+  requireFeatures(binding);
+  const startedAt = Date.now();
+  const processRecord = readProcessRecord(pid);
+  const insn = findSyscallInstruction(binding, pid);
+  let pidfd: number;
+  try {
+    pidfd = binding.pidfdOpen(pid);
+  } catch (error) {
+    throw fromNative(error, `pidfd_open(${pid})`);
+  }
+  let deviceNode: DeviceNode | null = null;
+  let writer: SnapshotWriter | undefined;
+  let pause: PausePhase | undefined;
+  try {
+    deviceNode = targetMayCallUserfaultfd(pid) ? null : prepareDeviceNode(binding, pid);
+    writer = store.beginSnapshot(options.name === undefined ? {} : { name: options.name });
+    const processId = writer.addProcess(processRecord);
+    faultPoint('before-freeze');
+    pause = pausePhase(binding, pid, pidfd, insn, deviceNode);
+    deviceNode?.remove();
+    deviceNode = null;
+    faultPoint('after-resume');
+
+    writer.addThreads(processId, pause.threads);
+    writer.addRegions(processId, pause.plans.map((p): RegionRecord => p.record));
+    const initialLost = pause.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : []));
+    if (initialLost.length > 0) writer.addLost(processId, initialLost);
+    await Promise.all(pause.pausedPages.map((batch) => writer!.addPages(processId, batch)));
+
+    const stats = await runEngine(
+      binding,
+      writer,
+      processId,
+      { pid, uffd: pause.uffd, pidfd, plans: pause.plans, rate: options.rateBytesPerSec ?? 0 },
+      options,
+      startedAt,
+    );
+    // Every page is saved: closing the only reference drops the registrations.
+    closeQuietly(binding, pause.uffd);
+    const engineLost: LostRange[] = stats.lost.map((l) => ({ address: l.address, pages: l.pages, reason: l.reason as LostRange['reason'] }));
+    if (engineLost.length > 0) writer.addLost(processId, engineLost);
+    if (stats.error) {
+      const error = fromNative(stats.error, `snapshot of pid ${pid}`);
+      await writer.abort(error.message);
+      throw error;
+    }
+    if (stats.stopped) {
+      await writer.abort('interrupted');
+      throw new WpsnapError('INTERRUPTED', `snapshot of pid ${pid} interrupted; recorded as incomplete`, { kind: 'interrupted' });
+    }
+    faultPoint('before-commit');
+    const durationMillis = Date.now() - startedAt;
+    const final = await writer.complete({
+      pauseMicros: Math.round(pause.pauseMicros),
+      durationMillis,
+      faults: stats.faults,
+      faultP50Micros: stats.faultServiceP50Micros,
+      faultP99Micros: stats.faultServiceP99Micros,
+    });
+    const allLost = [...initialLost, ...engineLost];
+    const { lost: _lost, error: _error, ...engine } = stats;
+    return {
+      id: writer.id,
+      name: options.name ?? null,
+      pid,
+      pauseMicros: Math.round(pause.pauseMicros),
+      durationMillis,
+      pagesSaved: final.pagesSaved,
+      zeroPages: final.zeroPages + stats.pagesZero,
+      pagesNew: final.pagesNew,
+      bytesRaw: final.bytesRaw,
+      bytesStored: final.bytesStored,
+      faults: stats.faults,
+      faultP50Micros: stats.faultServiceP50Micros,
+      faultP99Micros: stats.faultServiceP99Micros,
+      lostPages: allLost.map((l) => ({ address: `0x${l.address.toString(16)}`, pages: l.pages, reason: l.reason })),
+      threads: pause.threads.length,
+      regions: {
+        protected: pause.plans.filter((p) => p.record.capture === 'protected').length,
+        filePrivate: pause.plans.filter((p) => p.record.capture === 'file-private').length,
+        fileReference: pause.plans.filter((p) => p.record.capture === 'file-reference').length,
+        skipped: pause.plans.filter((p) => p.record.capture === 'skipped').length,
+      },
+      uffdMethod: pause.method,
+      engine,
+    };
+  } catch (error) {
+    if (pause) closeQuietly(binding, pause.uffd);
+    if (writer) await writer.abort(error instanceof Error ? error.message : String(error)).catch(() => undefined);
+    throw error;
+  } finally {
+    deviceNode?.remove();
+    closeQuietly(binding, pidfd);
+    for (const plan of pause?.plans ?? []) if (plan.openedFd !== undefined) closeSync(plan.openedFd);
+  }
+}

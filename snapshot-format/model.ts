@@ -1,0 +1,160 @@
+// The data model shared by the controller, the store, the CLI and the exporters.
+// Addresses are bigint: x86_64 user addresses exceed 2^53.
+
+export const PAGE_SIZE = 4096;
+
+/** How the content of a region at the snapshot instant T is captured. */
+export type RegionCapture =
+  /** Registered with uffd-wp: every page saved before its first write after T. */
+  | 'protected'
+  /** Not protectable by uffd-wp (private file mapping): its privately modified
+   * (copy-on-write) pages were copied while the target was stopped; every other
+   * page is the file's content, kept as a FileReference. */
+  | 'file-private'
+  /** Read-only shared file mapping: the content is the file's; kept as a FileReference. */
+  | 'file-reference'
+  /** Not captured; skipReason says why (e.g. [vvar], [vsyscall], device or PFN maps). */
+  | 'skipped';
+
+/** Identity of a file whose content stands in for unmodified pages of a mapping. */
+export interface FileReference {
+  path: string;
+  dev: number;
+  ino: number;
+  size: number;
+  /** st_mtime in nanoseconds since the epoch, as a decimal string (exceeds 2^53). */
+  mtimeNs: string;
+}
+
+export interface RegionRecord {
+  start: bigint;
+  end: bigint;
+  /** As in /proc/PID/maps, e.g. "rw-p". */
+  perms: string;
+  /** File offset of `start`, bytes. */
+  offset: bigint;
+  /** "major:minor" as in /proc/PID/maps. */
+  dev: string;
+  inode: number;
+  /** Path or pseudo-path ("[heap]", "[stack]", "/memfd:x (deleted)"), "" for anonymous. */
+  path: string;
+  /** Kernel page size of the mapping (4096, or the hugetlb page size). */
+  pageSize: number;
+  capture: RegionCapture;
+  skipReason?: string;
+  file?: FileReference;
+}
+
+export interface ThreadRecord {
+  tid: number;
+  /** /proc/PID/task/TID/comm */
+  name: string;
+  /** struct user_regs_struct (x86_64: 27 × u64, 216 bytes) as captured at T. */
+  regs: Buffer;
+  /** struct user_fpregs_struct (x86_64: 512 bytes, the FXSAVE area). */
+  fpregs: Buffer;
+  /** NT_X86_XSTATE register set (variable size), empty if unavailable. */
+  xstate: Buffer;
+}
+
+export interface ProcessRecord {
+  pid: number;
+  ppid: number;
+  uid: number;
+  gid: number;
+  /** readlink /proc/PID/exe */
+  exe: string;
+  cmdline: string[];
+  comm: string;
+  /** Field 22 of /proc/PID/stat: start time in clock ticks after boot. */
+  startTimeTicks: number;
+  /** Start time as an ISO 8601 date, derived from boot time. */
+  startedAt: string;
+  /** /proc/PID/auxv, raw. */
+  auxv: Buffer;
+}
+
+export type LostReason =
+  /** munmap'ed (or replaced by a new mapping) after T before the page was saved. */
+  | 'unmapped-before-saved'
+  /** Discarded by MADV_DONTNEED/MADV_REMOVE (or reclaimed after MADV_FREE) after T before the page was saved. */
+  | 'discarded-before-saved'
+  /** A writable MAP_SHARED file mapping: uffd-wp cannot protect it, so its content at T is unknown. */
+  | 'shared-file-not-protectable'
+  /** The kernel refused to read the page (process_vm_readv/pread error). */
+  | 'read-failed'
+  /** The snapshot was interrupted before the page was saved. */
+  | 'interrupted'
+  /** Export only: the file a 'file-private'/'file-reference' region refers to
+   * changed since T (dev, inode, size or mtime differ) or is gone, so its
+   * unmodified pages cannot be recovered. */
+  | 'file-changed';
+
+/** A run of pages whose content at T is not in the snapshot, and why. */
+export interface LostRange {
+  address: bigint;
+  pages: number;
+  reason: LostReason;
+}
+
+export type SnapshotState =
+  /** Being written; visible to `ls` as running while its writer lives. */
+  | 'running'
+  /** Final transaction committed: every page is exact or listed as lost. */
+  | 'complete'
+  /** Interrupted (writer died or failed) before the final commit. */
+  | 'incomplete';
+
+export interface SnapshotStats {
+  pauseMicros: number;
+  durationMillis: number;
+  /** Pages whose content was stored (non-zero), including deduplicated ones. */
+  pagesSaved: number;
+  /** Pages found all-zero (not stored). */
+  zeroPages: number;
+  /** Pages stored as new content in the store (after dedup). */
+  pagesNew: number;
+  bytesRaw: number;
+  bytesStored: number;
+  faults: number;
+  faultP50Micros: number;
+  faultP99Micros: number;
+}
+
+export interface SnapshotSummary {
+  id: number;
+  name: string | null;
+  state: SnapshotState;
+  createdAt: string;
+  completedAt: string | null;
+  pids: number[];
+  stats: SnapshotStats | null;
+}
+
+/** Result of re-reading every stored page of a snapshot (Store.verify). */
+export interface VerifyReport {
+  ok: boolean;
+  snapshot: number;
+  state: SnapshotState;
+  /** Page index entries whose content was decompressed and re-hashed. */
+  pagesChecked: number;
+  /** One line per problem, naming the process, page and blob; empty when ok. */
+  problems: string[];
+}
+
+/** A batch of 4 KiB pages handed from the engine to the store. */
+export interface PageBatch {
+  /** Address at T of each page (4 KiB aligned). */
+  addresses: BigUint64Array;
+  /** addresses.length × PAGE_SIZE bytes, page i at i × PAGE_SIZE. */
+  data: Uint8Array;
+}
+
+export function formatAddress(address: bigint): string {
+  return `0x${address.toString(16)}`;
+}
+
+export function parseAddress(text: string): bigint {
+  if (!/^0x[0-9a-f]+$/i.test(text)) throw new Error(`not a hex address: ${JSON.stringify(text)}`);
+  return BigInt(text);
+}
