@@ -76,7 +76,9 @@ function injectedFailure(what: string, result: number): WpsnapError {
 
 function inject(binding: NativeBinding, frozen: Frozen, insn: bigint, nr: number, args: Array<number | bigint>, what: string): number {
   try {
-    return syscallResult(binding.injectSyscall(frozen.handle, insn, nr, args));
+    // Registers are unsigned 64-bit: negative arguments (AT_FDCWD) go as two's complement.
+    const registers = args.map((a) => (typeof a === 'number' && a < 0 ? BigInt.asUintN(64, BigInt(a)) : a));
+    return syscallResult(binding.injectSyscall(frozen.handle, insn, nr, registers));
   } catch (error) {
     throw fromNative(error, `inject ${what}`);
   }
