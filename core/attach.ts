@@ -18,6 +18,7 @@ const O_CLOEXEC = 0o2000000;
 /** _IO(0xAA, 0x00) from linux/userfaultfd.h (6.1+). */
 const USERFAULTFD_IOC_NEW = 0xaa00;
 const RED_ZONE = 128n;
+const EPERM = 1;
 
 /** How the userfaultfd was created inside the target. */
 export type UffdMethod = 'syscall' | 'dev-userfaultfd';
@@ -49,7 +50,9 @@ export function freeze(binding: NativeBinding, pid: number): Frozen {
   } catch (error) {
     const wrapped = fromNative(error, `freeze pid ${pid}`);
     if (wrapped.code === 'EPERM') {
-      throw new WpsnapError('EPERM', `${wrapped.message} — wpsnap must run as root (or with CAP_SYS_PTRACE) to trace pid ${pid}`, {
+      const tracer = tracerOf(pid);
+      const why = tracer !== 0 ? `pid ${pid} is already traced by pid ${tracer} (a debugger?)` : `wpsnap must run as root (or with CAP_SYS_PTRACE) to trace pid ${pid}`;
+      throw new WpsnapError('EPERM', `${wrapped.message} — ${why}`, {
         kind: 'failure',
         errno: 1,
         syscall: 'ptrace',
@@ -58,6 +61,15 @@ export function freeze(binding: NativeBinding, pid: number): Frozen {
     throw wrapped;
   }
   return { handle, threads: binding.frozenThreads(handle), frozenAt };
+}
+
+/** TracerPid from /proc/PID/status (0: not traced). */
+function tracerOf(pid: number): number {
+  try {
+    return Number(/^TracerPid:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
 }
 
 function syscallResult(raw: bigint): number {
@@ -153,8 +165,19 @@ export function injectUserfaultfd(
   let method: UffdMethod;
   if (deviceNode === null) {
     targetFd = inject(binding, frozen, insn, SYS_userfaultfd, [flags], 'userfaultfd(O_CLOEXEC|O_NONBLOCK)');
-    if (targetFd < 0) throw injectedFailure('userfaultfd(2)', targetFd);
     method = 'syscall';
+    if (targetFd === -EPERM) {
+      // Capabilities said yes but the kernel says no (e.g. root in a user
+      // namespace): lend the target a device node after all.
+      const node = prepareDeviceNode(binding, pid);
+      try {
+        targetFd = openViaDevice(binding, pid, frozen, insn, node, flags);
+        method = 'dev-userfaultfd';
+      } finally {
+        node.remove();
+      }
+    }
+    if (targetFd < 0) throw injectedFailure('userfaultfd(2)', targetFd);
   } else {
     targetFd = openViaDevice(binding, pid, frozen, insn, deviceNode, flags);
     method = 'dev-userfaultfd';

@@ -88,6 +88,8 @@ export interface NativeBinding {
   uffdWriteProtect(fd: number, start: bigint, len: bigint, protect: boolean): void;
   /** userfaultfd() + UFFDIO_API(0) in this process: what the kernel offers. */
   probeUffd(): UffdApiResult;
+  /** ioctl(PAGEMAP_SCAN) on /proc/self/pagemap: 0 if it works, else the errno. */
+  probePagemapScan(): number;
   /** pidfd_open(2). */
   pidfdOpen(pid: number): number;
   /** pidfd_getfd(2): a copy of the target's fd in this process. */

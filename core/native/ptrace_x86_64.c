@@ -1,10 +1,11 @@
 /* Freezing a process with ptrace and injecting syscalls into it (x86_64 only:
- * register layout, the syscall ABI and the restart codes live in this file).
+ * register layout and the syscall ABI live in this file).
  *
  * freeze(pid)            PTRACE_SEIZE + PTRACE_INTERRUPT every thread, wait for
  *                        every stop, capture each thread's registers.
  * injectSyscall(h, ...)  run one syscall in a stopped thread, then put every
- *                        register back, syscall-restart state included.
+ *                        register back as captured: on detach the kernel
+ *                        restarts an interrupted syscall itself.
  * thaw(h)                PTRACE_DETACH every thread, re-delivering signals that
  *                        arrived while they were stopped.
  * No PTRACE_O_EXITKILL: if wpsnap dies the kernel detaches and the target runs on. */
@@ -29,10 +30,6 @@
 #include <unistd.h>
 
 #define XSTATE_MAX 8192
-#define ERESTARTSYS 512
-#define ERESTARTNOINTR 513
-#define ERESTARTNOHAND 514
-#define ERESTART_RESTARTBLOCK 516
 
 typedef enum { STOP_INTERRUPT, STOP_SIGNAL, STOP_SYSCALL } stop_kind_t;
 
@@ -138,10 +135,13 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
   snprintf(path, sizeof path, "/proc/%d/task", f->pid);
   DIR *dir = opendir(path);
   if (dir == NULL) {
-    snprintf(what, what_len, "opendir(%s)", path);
-    return -errno;
+    int err = errno == ENOENT ? ESRCH : errno; /* no such process */
+    snprintf(what, what_len, "pid %d: opendir(%s)", f->pid, path);
+    return -err;
   }
   size_t first_new = f->count;
+  int seize_err = 0;
+  pid_t seize_tid = 0;
   struct dirent *de;
   while ((de = readdir(dir)) != NULL) {
     if (de->d_name[0] < '0' || de->d_name[0] > '9') continue;
@@ -151,10 +151,12 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
      * with 0x80 so they cannot be mistaken for a SIGTRAP. */
     if (ptrace(PTRACE_SEIZE, tid, NULL, (void *)(long)PTRACE_O_TRACESYSGOOD) != 0) {
       if (errno == ESRCH) continue; /* exited meanwhile */
-      int err = errno;
-      closedir(dir);
-      snprintf(what, what_len, "ptrace(PTRACE_SEIZE) on tid %d", tid);
-      return -err;
+      /* Threads seized so far are being interrupted: they must reach their
+       * stop before PTRACE_DETACH can release them (it fails with ESRCH on a
+       * running tracee, which would then stop later with nobody to resume it). */
+      seize_err = errno;
+      seize_tid = tid;
+      break;
     }
     if (f->count == f->cap) {
       f->cap = f->cap ? f->cap * 2 : 16;
@@ -169,26 +171,33 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
   }
   closedir(dir);
   size_t w = first_new;
+  int first_err = 0;
   for (size_t i = first_new; i < f->count; i++) {
     thread_t *t = &f->threads[i];
     int status = 0;
     int err = wait_stop(t->tid, &status);
     if (err == ESRCH) continue; /* exited: drop it */
     if (err != 0) {
-      snprintf(what, what_len, "waitpid(tid %d) for the interrupt stop", t->tid);
-      f->count = i + 1;
-      return -err;
+      if (!first_err) snprintf(what, what_len, "waitpid(tid %d) for the interrupt stop", t->tid);
+      if (!first_err) first_err = err;
+      f->threads[w++] = *t; /* keep it: detach_all tries again */
+      continue;
     }
     classify_stop(t, status);
     err = capture_regs(t);
-    if (err != 0) {
+    if (err != 0 && !first_err) {
       snprintf(what, what_len, "ptrace(PTRACE_GETREGS) on tid %d", t->tid);
-      return -err;
+      first_err = err;
     }
     f->threads[w++] = *t;
   }
   size_t added = w - first_new;
   f->count = w;
+  if (seize_err) {
+    snprintf(what, what_len, "ptrace(PTRACE_SEIZE) on tid %d", seize_tid);
+    return -seize_err;
+  }
+  if (first_err) return -first_err;
   return (int)added;
 }
 
@@ -266,30 +275,6 @@ static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
   return arr;
 }
 
-/* The registers a thread must resume with so that the syscall it was stopped in
- * restarts exactly as the kernel would have restarted it (arch_do_signal_or_restart). */
-static struct user_regs_struct restart_regs(const struct user_regs_struct *saved) {
-  struct user_regs_struct r = *saved;
-  if ((long)saved->orig_rax < 0) return r;
-  switch ((long)saved->rax) {
-  case -ERESTARTSYS:
-  case -ERESTARTNOINTR:
-  case -ERESTARTNOHAND:
-    r.rax = saved->orig_rax;
-    r.rip -= 2;
-    r.orig_rax = (unsigned long long)-1;
-    break;
-  case -ERESTART_RESTARTBLOCK:
-    r.rax = SYS_restart_syscall;
-    r.rip -= 2;
-    r.orig_rax = (unsigned long long)-1;
-    break;
-  default:
-    break;
-  }
-  return r;
-}
-
 /* Resume with PTRACE_SYSCALL until the next syscall stop. A signal that
  * arrives meanwhile is held back and re-sent after detach. */
 static int run_to_syscall_stop(thread_t *t) {
@@ -331,7 +316,14 @@ static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
     if (t == NULL || (t->tid == f->pid && c->tid != f->pid)) t = c;
   }
   if (t == NULL) t = &f->threads[0];
-  if (!t->injected) t->resume_regs = restart_regs(&t->regs);
+  /* Resume with the registers exactly as captured, orig_rax and a restart code
+   * in rax included: PTRACE_DETACH (or the tracer's death) sets TIF_SIGPENDING
+   * (__ptrace_unlink -> ptrace_signal_wake_up), so on its way out the kernel
+   * applies the same restart logic as if the thread had never been stopped,
+   * including -EINTR when a signal handler runs first. Pre-applying the
+   * restart here (orig_rax = -1) would restart pause()/ERESTARTNOHAND calls
+   * after a handler instead of returning EINTR. */
+  if (!t->injected) t->resume_regs = t->regs;
 
   struct user_regs_struct inj = t->resume_regs;
   inj.rip = insn;

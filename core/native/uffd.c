@@ -320,6 +320,29 @@ static napi_value js_mknod_device(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* probePagemapScan() -> 0 if the PAGEMAP_SCAN ioctl works on /proc/self/pagemap, else the errno. */
+static napi_value js_probe_pagemap_scan(napi_env env, napi_callback_info info) {
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return make_int(env, errno);
+  static char page[4096] __attribute__((aligned(4096)));
+  page[0] = 1;
+  struct wpsnap_page_region regions[4];
+  struct wpsnap_pm_scan_arg arg = {
+      .size = sizeof arg,
+      .start = (uint64_t)(uintptr_t)page,
+      .end = (uint64_t)(uintptr_t)page + 4096,
+      .vec = (uint64_t)(uintptr_t)regions,
+      .vec_len = 4,
+      .category_anyof_mask = PAGE_IS_PRESENT,
+      .return_mask = PAGE_IS_PRESENT,
+  };
+  /* SAFETY: read-only scan of one page of our own memory. */
+  int rc = ioctl(fd, PAGEMAP_SCAN, &arg);
+  int err = rc < 0 ? errno : 0;
+  close(fd);
+  return make_int(env, err);
+}
+
 void register_uffd_exports(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"uffdApi", NULL, js_uffd_api, NULL, NULL, NULL, napi_default_jsproperty, NULL},
@@ -333,6 +356,7 @@ void register_uffd_exports(napi_env env, napi_value exports) {
       {"processVmRead", NULL, js_process_vm_read, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"readPagemap", NULL, js_read_pagemap, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"mknodDevice", NULL, js_mknod_device, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"probePagemapScan", NULL, js_probe_pagemap_scan, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"copyPrivatePages", NULL, js_copy_private_pages, NULL, NULL, NULL, napi_default_jsproperty, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -1,0 +1,39 @@
+import { printJson, println, type CommandContext } from '../context.js';
+import { bytes, table } from '../format.js';
+import type { CommandSpec } from './types.js';
+
+export const lsCommand: CommandSpec<object> = {
+  command: 'ls',
+  describe: 'List the snapshots in the store',
+  builder: (y) => y,
+  async handler(args, ctx: CommandContext) {
+    const store = ctx.openStore(args.store, { readonly: true });
+    try {
+      const snapshots = store.list();
+      if (args.json) {
+        printJson(ctx, { store: store.path, snapshots });
+        return;
+      }
+      if (snapshots.length === 0) {
+        println(ctx.stdout, `no snapshots in ${store.path}`);
+        return;
+      }
+      const rows = [['ID', 'NAME', 'STATE', 'CREATED', 'PIDS', 'PAUSE', 'PAGES', 'STORED']];
+      for (const s of snapshots) {
+        rows.push([
+          String(s.id),
+          s.name ?? '-',
+          s.state,
+          s.createdAt.replace('T', ' ').replace(/\.\d+Z$/, 'Z'),
+          s.pids.join(','),
+          s.stats ? `${(s.stats.pauseMicros / 1000).toFixed(1)}ms` : '-',
+          s.stats ? String(s.stats.pagesSaved) : '-',
+          s.stats ? bytes(s.stats.bytesStored) : '-',
+        ]);
+      }
+      println(ctx.stdout, table(rows));
+    } finally {
+      await store.close();
+    }
+  },
+};

@@ -1,0 +1,73 @@
+import type { ThreadRecord } from '../../snapshot-format/model.js';
+import { printJson, println, type CommandContext } from '../context.js';
+import { bytes, micros, millis, table } from '../format.js';
+import type { CommandSpec } from './types.js';
+
+/** rip and rsp from a struct user_regs_struct (x86_64: 27 × u64, rip is #16, rsp #19). */
+function pcAndSp(t: ThreadRecord): { rip: bigint; rsp: bigint } {
+  if (t.regs.length < 27 * 8) return { rip: 0n, rsp: 0n };
+  return { rip: t.regs.readBigUInt64LE(16 * 8), rsp: t.regs.readBigUInt64LE(19 * 8) };
+}
+
+export const showCommand: CommandSpec<{ snapshot: string }> = {
+  command: 'show <snapshot>',
+  describe: 'Show what a snapshot holds: process identity, threads, memory map, lost pages, statistics',
+  builder: (y) => y.positional('snapshot', { type: 'string', describe: 'snapshot id or name', demandOption: true }),
+  async handler(args, ctx: CommandContext) {
+    const store = ctx.openStore(args.store, { readonly: true });
+    try {
+      const snap = store.find(args.snapshot);
+      const processes = store.processes(snap.id).map((p) => {
+        const threads = store.threads(p.processId).map((t) => ({ tid: t.tid, name: t.name, ...pcAndSp(t) }));
+        return {
+          pid: p.pid,
+          ppid: p.ppid,
+          uid: p.uid,
+          gid: p.gid,
+          exe: p.exe,
+          cmdline: p.cmdline,
+          comm: p.comm,
+          startedAt: p.startedAt,
+          threads,
+          regions: store.regions(p.processId),
+          lost: store.lost(p.processId),
+        };
+      });
+      if (args.json) {
+        printJson(ctx, { ...snap, processes });
+        return;
+      }
+      println(ctx.stdout, `snapshot ${snap.id}${snap.name ? ` (${snap.name})` : ''}: ${snap.state}, taken ${snap.createdAt}`);
+      if (snap.stats) {
+        const s = snap.stats;
+        println(ctx.stdout, `  paused ${micros(s.pauseMicros)}, took ${millis(s.durationMillis)}, ${s.faults} faults (p50 ${micros(s.faultP50Micros)}, p99 ${micros(s.faultP99Micros)})`);
+        println(ctx.stdout, `  ${s.pagesSaved} pages saved (${s.pagesNew} new in the store), ${s.zeroPages} zero, ${bytes(s.bytesRaw)} raw -> ${bytes(s.bytesStored)} stored`);
+      }
+      for (const p of processes) {
+        println(ctx.stdout, '');
+        println(ctx.stdout, `process ${p.pid} (${p.comm}), uid ${p.uid}, started ${p.startedAt}`);
+        println(ctx.stdout, `  exe:     ${p.exe}`);
+        println(ctx.stdout, `  cmdline: ${p.cmdline.map((a) => (/[\s"']/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
+        println(ctx.stdout, `  threads (${p.threads.length}):`);
+        for (const t of p.threads) println(ctx.stdout, `    ${t.tid} ${t.name}  rip 0x${t.rip.toString(16)} rsp 0x${t.rsp.toString(16)}`);
+        println(ctx.stdout, `  regions (${p.regions.length}):`);
+        const rows = p.regions.map((r) => [
+          `    ${r.start.toString(16)}-${r.end.toString(16)}`,
+          r.perms,
+          bytes(Number(r.end - r.start)),
+          r.capture + (r.skipReason ? ` (${r.skipReason})` : ''),
+          r.path,
+        ]);
+        if (rows.length > 0) println(ctx.stdout, table(rows));
+        if (p.lost.length === 0) {
+          println(ctx.stdout, '  lost pages: none');
+        } else {
+          println(ctx.stdout, `  lost pages (${p.lost.reduce((n, l) => n + l.pages, 0)}):`);
+          for (const l of p.lost) println(ctx.stdout, `    0x${l.address.toString(16)} +${l.pages} pages: ${l.reason}`);
+        }
+      }
+    } finally {
+      await store.close();
+    }
+  },
+};

@@ -1,0 +1,82 @@
+import ora from 'ora';
+import { snapshotProcess, type SnapshotProgress, type SnapshotResult } from '../../core/snapshot.js';
+import { usageError } from '../../core/errors.js';
+import { printJson, println, type CommandContext } from '../context.js';
+import { bytes, micros, millis } from '../format.js';
+import type { CommandSpec } from './types.js';
+
+interface SnapshotArgs {
+  pid: number;
+  name?: string;
+  store?: string;
+  json: boolean;
+  rate?: number;
+}
+
+function progressLine(p: SnapshotProgress): string {
+  const pct = p.totalPages > 0 ? Math.floor((100 * p.pagesDone) / p.totalPages) : 100;
+  const rate = p.elapsedMillis > 0 ? (p.bytesCopied / 1e6 / (p.elapsedMillis / 1000)).toFixed(0) : '0';
+  return `${pct}% ${p.pagesDone}/${p.totalPages} pages, ${rate} MB/s, ${p.faults} faults`;
+}
+
+export function summary(r: SnapshotResult): string[] {
+  const lines = [
+    `snapshot ${r.id}${r.name ? ` (${r.name})` : ''} of pid ${r.pid} complete`,
+    `  paused ${micros(r.pauseMicros)}, took ${millis(r.durationMillis)}`,
+    `  ${r.pagesSaved} pages saved, ${r.zeroPages} zero pages, ${bytes(r.bytesRaw)} raw -> ${bytes(r.bytesStored)} stored`,
+    `  ${r.faults} write faults served (p50 ${micros(r.faultP50Micros)}, p99 ${micros(r.faultP99Micros)})`,
+  ];
+  if (r.lostPages.length === 0) {
+    lines.push('  exact: no page lost');
+  } else {
+    const total = r.lostPages.reduce((n, l) => n + l.pages, 0);
+    lines.push(`  ${total} pages NOT captured (see wpsnap show ${r.id}):`);
+    for (const l of r.lostPages.slice(0, 5)) lines.push(`    ${l.address} +${l.pages} pages: ${l.reason}`);
+    if (r.lostPages.length > 5) lines.push(`    … ${r.lostPages.length - 5} more ranges`);
+  }
+  return lines;
+}
+
+export const snapshotCommand: CommandSpec<SnapshotArgs> = {
+  command: 'snapshot <pid>',
+  describe: 'Snapshot the memory of a running process; it is stopped only while its memory is write-protected',
+  builder: (y) =>
+    y
+      .positional('pid', { type: 'number', describe: 'process to snapshot', demandOption: true })
+      .option('name', { type: 'string', describe: 'a unique name to refer to the snapshot by' })
+      .option('rate', { type: 'number', describe: 'limit the background sweep to this many MB/s (default: unlimited)' }),
+  async handler(args, ctx: CommandContext) {
+    if (!Number.isInteger(args.pid) || args.pid <= 0) throw usageError(`not a pid: ${String(args.pid)}`);
+    if (args.rate !== undefined && !(args.rate > 0)) throw usageError(`--rate must be a positive number of MB/s`);
+    if (args.name !== undefined && /^\d+$/.test(args.name)) throw usageError(`--name must not be a number (numbers are snapshot ids)`);
+    const binding = ctx.binding();
+    const store = ctx.openStore(args.store);
+    const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: `snapshotting pid ${args.pid}` }).start() : null;
+    let lastLine = 0;
+    try {
+      const result = await snapshotProcess(binding, store, args.pid, {
+        ...(args.name === undefined ? {} : { name: args.name }),
+        ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6 }),
+        signal: ctx.signal,
+        onProgress: (p) => {
+          if (spinner) {
+            spinner.text = `pid ${args.pid}: ${progressLine(p)}`;
+          } else if (!args.json && p.elapsedMillis - lastLine >= 1000) {
+            lastLine = p.elapsedMillis;
+            println(ctx.stderr, `pid ${args.pid}: ${progressLine(p)}`);
+          }
+        },
+      });
+      spinner?.stop();
+      if (args.json) {
+        const { engine: _engine, ...rest } = result;
+        printJson(ctx, { ...rest, engine: result.engine });
+      } else {
+        for (const line of summary(result)) println(ctx.stdout, line);
+      }
+    } finally {
+      spinner?.stop();
+      await store.close();
+    }
+  },
+};

@@ -1,0 +1,108 @@
+#!/usr/bin/env node
+// wpsnap command line. main(argv, ctx) runs one command and returns the exit
+// code; only the bottom of this file (the executable entry) calls process.exit.
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import yargs from 'yargs';
+import { ExitCode, WpsnapError, usageError } from '../core/errors.js';
+import { checkCommand } from './commands/check.js';
+import { demoCommand } from './commands/demo.js';
+import { exportCommand } from './commands/export.js';
+import { lsCommand } from './commands/ls.js';
+import { showCommand } from './commands/show.js';
+import { snapshotCommand } from './commands/snapshot.js';
+import { verifyCommand } from './commands/verify.js';
+import type { CommandSpec, GlobalArgs } from './commands/types.js';
+import { defaultContext, toJson, type CommandContext } from './context.js';
+
+const COMMANDS: Array<CommandSpec<never>> = [
+  snapshotCommand,
+  lsCommand,
+  showCommand,
+  verifyCommand,
+  exportCommand,
+  checkCommand,
+  demoCommand,
+] as Array<CommandSpec<never>>;
+
+function reportError(ctx: CommandContext, error: WpsnapError, json: boolean): void {
+  if (json) {
+    ctx.stderr.write(toJson({ error: { code: error.code, message: error.message, exitCode: error.exitCode } }) + '\n');
+  } else {
+    ctx.stderr.write(`wpsnap: ${error.message.split('\n')[0]}\n`);
+  }
+}
+
+function asWpsnapError(error: unknown): WpsnapError {
+  if (error instanceof WpsnapError) return error;
+  const message = error instanceof Error ? error.message : String(error);
+  return new WpsnapError('INTERNAL', message, { cause: error });
+}
+
+export async function main(argv: string[], ctx: CommandContext = defaultContext(new AbortController().signal)): Promise<ExitCode> {
+  const json = argv.includes('--json');
+  let failure: WpsnapError | undefined;
+  let ran = false;
+  const parser = yargs(argv)
+    .scriptName('wpsnap')
+    .usage('$0 <command> [options]\n\nBackground memory snapshots of running Linux processes (userfaultfd write-protect).')
+    .option('store', { type: 'string', global: true, describe: 'store file (default: $WPSNAP_STORE, else $XDG_DATA_HOME/wpsnap/store.db)' })
+    .option('json', { type: 'boolean', global: true, default: false, describe: 'print one JSON document on stdout' })
+    .strict()
+    .demandCommand(1, 'name a command (wpsnap --help lists them)')
+    .exitProcess(false)
+    .help()
+    .version()
+    .wrap(Math.min(100, process.stdout.columns ?? 100))
+    .fail((message, error) => {
+      failure = error ? asWpsnapError(error) : usageError(message ?? 'bad usage');
+    });
+  for (const spec of COMMANDS) {
+    parser.command(
+      spec.command,
+      spec.describe,
+      (y) => spec.builder(y as never),
+      async (args) => {
+        ran = true;
+        try {
+          await spec.handler(args as never as GlobalArgs & never, ctx);
+        } catch (error) {
+          failure = asWpsnapError(error);
+        }
+      },
+    );
+  }
+  try {
+    await parser.parseAsync();
+  } catch (error) {
+    failure ??= asWpsnapError(error);
+  }
+  if (failure) {
+    reportError(ctx, failure, json);
+    return failure.exitCode;
+  }
+  void ran;
+  return ExitCode.ok;
+}
+
+function isEntryPoint(): boolean {
+  try {
+    return process.argv[1] !== undefined && realpathSync(process.argv[1]) === realpathSync(fileURLToPath(import.meta.url));
+  } catch {
+    return false;
+  }
+}
+
+if (isEntryPoint()) {
+  const controller = new AbortController();
+  let interrupts = 0;
+  const onSignal = (): void => {
+    interrupts++;
+    if (interrupts > 1) process.exit(ExitCode.interrupted);
+    controller.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const code = await main(process.argv.slice(2), defaultContext(controller.signal));
+  process.exit(code);
+}

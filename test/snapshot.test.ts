@@ -1,0 +1,139 @@
+// End to end against the real kernel: snapshots of fixtures that write at full
+// speed while being snapshotted, checked page by page against their oracle.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadBinding } from '../core/binding.js';
+import { snapshotProcess } from '../core/snapshot.js';
+import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
+import { checkSnapshot, parseLayout, type PagewriterLayout } from '../fixtures/oracle.js';
+import { Store } from '../store/store.js';
+import { isAlive, procStatus, rssKiB, sleep } from './support/proc.js';
+
+const binding = loadBinding();
+let dir: string;
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'wpsnap-snapshot-'));
+});
+afterAll(() => {
+  rmSync(dir, { recursive: true, force: true });
+});
+
+function counters(layout: PagewriterLayout, pid: number): bigint[] {
+  return layout.writers.map((w) => binding.processVmRead(pid, w.counter, 8).readBigUInt64LE(0));
+}
+
+async function pagewriter(args: string[]): Promise<{ fixture: LaunchedFixture; layout: PagewriterLayout }> {
+  const fixture = await launchFixture('pagewriter', args);
+  return { fixture, layout: parseLayout(fixture.readyLine) };
+}
+
+describe('snapshot of a process writing at full speed', () => {
+  it('holds every page exactly as it was at T: anonymous, memfd and kernel-written memory', async () => {
+    const store = Store.open(join(dir, 'exact.db'));
+    const { fixture, layout } = await pagewriter([
+      '--threads', '2', '--pages', '16384', '--memfd-pages', '4096', '--kernel-pages', '1024', '--untouched-mib', '512',
+    ]);
+    try {
+      await sleep(300);
+      const before = counters(layout, fixture.pid);
+      const result = await snapshotProcess(binding, store, fixture.pid);
+      expect(result.lostPages).toEqual([]);
+      // The writers kept writing during the snapshot: faults were served.
+      expect(result.faults).toBeGreaterThan(0);
+      expect(result.threads).toBeGreaterThanOrEqual(layout.writers.length + 3);
+      const processId = store.processes(result.id)[0]!.processId;
+      const report = checkSnapshot(layout, (address) => store.readPage(processId, address));
+      expect(report.mismatches).toEqual([]);
+      const writerPages = layout.writers.reduce((n, w) => n + w.pages, 0);
+      expect(report.pagesChecked).toBe(writerPages + layout.untouched.bytes / 4096);
+      // The counters at T lie between those seen before and after.
+      const atT = layout.writers.map((w) => store.readPage(processId, w.counter & ~4095n).readBigUInt64LE(Number(w.counter & 4095n)));
+      const after = counters(layout, fixture.pid);
+      for (let i = 0; i < atT.length; i++) {
+        expect(atT[i]!).toBeGreaterThanOrEqual(before[i]!);
+        expect(after[i]!).toBeGreaterThan(atT[i]!);
+      }
+      expect(store.find(String(result.id)).state).toBe('complete');
+      const verify = await store.verify(result.id);
+      expect(verify.problems).toEqual([]);
+      fixture.kill('SIGTERM');
+      const done = JSON.parse((await fixture.nextLine()) ?? '{}') as { errors: number };
+      expect(done.errors).toBe(0);
+    } finally {
+      fixture.kill();
+      await store.close();
+    }
+  });
+
+  it('leaves never-touched memory unpopulated and the target unprotected afterwards', async () => {
+    const store = Store.open(join(dir, 'rss.db'));
+    const { fixture, layout } = await pagewriter(['--threads', '1', '--pages', '2048', '--memfd-pages', '0', '--kernel-pages', '0', '--untouched-mib', '1024']);
+    try {
+      await sleep(200);
+      const rssBefore = rssKiB(fixture.pid);
+      const result = await snapshotProcess(binding, store, fixture.pid);
+      expect(result.lostPages).toEqual([]);
+      const rssAfter = rssKiB(fixture.pid);
+      // 1 GiB untouched: reading it would have mapped pages; allow 8 MiB of noise.
+      expect(rssAfter - rssBefore).toBeLessThan(8 * 1024);
+      const entries = binding.readPagemap(fixture.pid, layout.untouched.start, layout.untouched.bytes / 4096);
+      const present = entries.filter((e) => (e >> 63n) & 1n).length;
+      expect(present).toBe(0);
+      // After the snapshot nothing is write-protected or registered any more:
+      // no pagemap entry of the writer region carries the uffd-wp bit.
+      const w = layout.writers[0]!;
+      const wEntries = binding.readPagemap(fixture.pid, w.start, w.pages);
+      expect(wEntries.filter((e) => (e >> 57n) & 1n).length).toBe(0);
+      expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
+      expect(result.zeroPages).toBeGreaterThanOrEqual(layout.untouched.bytes / 4096);
+    } finally {
+      fixture.kill();
+      await store.close();
+    }
+  });
+
+  it('does not change what the target computes', async () => {
+    const args = ['--threads', '2', '--pages', '4096', '--memfd-pages', '1024', '--kernel-pages', '256', '--untouched-mib', '64', '--steps', '300000', '--seed', '7', '--self-check-on-exit'];
+    const plain = await launchFixture('pagewriter', args);
+    const plainDone = JSON.parse((await plain.nextLine()) ?? '{}') as { checksum: string; errors: number; selfCheck: string };
+    const store = Store.open(join(dir, 'result.db'));
+    const snapped = await launchFixture('pagewriter', args);
+    try {
+      await sleep(50);
+      const result = await snapshotProcess(binding, store, snapped.pid);
+      expect(result.lostPages).toEqual([]);
+      const snappedDone = JSON.parse((await snapped.nextLine()) ?? '{}') as { checksum: string; errors: number; selfCheck: string };
+      expect(plainDone.errors).toBe(0);
+      expect(snappedDone).toMatchObject({ checksum: plainDone.checksum, errors: 0, selfCheck: 'ok' });
+    } finally {
+      snapped.kill();
+      plain.kill();
+      await store.close();
+    }
+  });
+
+  it('keeps threads sleeping in nanosleep, read, futex and poll working', async () => {
+    const store = Store.open(join(dir, 'sleeper.db'));
+    const fixture = await launchFixture('sleeper', []);
+    try {
+      for (let i = 0; i < 5; i++) {
+        const result = await snapshotProcess(binding, store, fixture.pid);
+        expect(result.lostPages).toEqual([]);
+        await sleep(120);
+      }
+      fixture.kill('SIGTERM');
+      const done = JSON.parse((await fixture.nextLine()) ?? '{}') as { errors: number; eintr: number; sleeps: number; reads: number };
+      expect(done.errors).toBe(0);
+      expect(done.eintr).toBe(0);
+      expect(done.sleeps).toBeGreaterThan(0);
+      expect(done.reads).toBeGreaterThan(0);
+      expect(isAlive(fixture.pid)).toBe(false);
+    } finally {
+      fixture.kill();
+      await store.close();
+    }
+  });
+});
