@@ -61,10 +61,22 @@ export interface SnapshotResult {
   threads: number;
   regions: { protected: number; filePrivate: number; fileReference: number; skipped: number };
   uffdMethod: UffdMethod;
+  pauseBreakdownMicros: PauseBreakdown;
   engine: Omit<EngineFinalStats, 'lost' | 'error'>;
 }
 
+/** Where the pause went, in microseconds. */
+export interface PauseBreakdown {
+  freeze: number;
+  inject: number;
+  plan: number;
+  protect: number;
+  copy: number;
+  thaw: number;
+}
+
 interface PausePhase {
+  breakdown: PauseBreakdown;
   uffd: number;
   method: UffdMethod;
   plans: RegionPlan[];
@@ -101,7 +113,15 @@ function protect(binding: NativeBinding, uffd: number, plan: RegionPlan): boolea
 /** Everything that happens while the target is stopped. */
 function pausePhase(binding: NativeBinding, pid: number, pidfd: number, insn: bigint, deviceNode: DeviceNode | null): PausePhase {
   const started = process.hrtime.bigint();
+  let mark = started;
+  const lap = (): number => {
+    const now = process.hrtime.bigint();
+    const us = Number(now - mark) / 1000;
+    mark = now;
+    return us;
+  };
   const frozen: Frozen = freeze(binding, pid);
+  const breakdown: PauseBreakdown = { freeze: lap(), inject: 0, plan: 0, protect: 0, copy: 0, thaw: 0 };
   let uffd = -1;
   try {
     faultPoint('after-freeze');
@@ -113,7 +133,9 @@ function pausePhase(binding: NativeBinding, pid: number, pidfd: number, insn: bi
     } catch (error) {
       throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
     }
+    breakdown.inject = lap();
     const plans = planRegions(pid, readMaps(pid));
+    breakdown.plan = lap();
     for (const plan of plans) {
       if (plan.engine === undefined) continue;
       if (!protect(binding, uffd, plan)) {
@@ -125,6 +147,7 @@ function pausePhase(binding: NativeBinding, pid: number, pidfd: number, insn: bi
         plan.pausedCopy = 'all-present';
       }
     }
+    breakdown.protect = lap();
     faultPoint('after-protect');
     const pausedPages: PageBatch[] = [];
     for (const plan of plans) {
@@ -139,9 +162,11 @@ function pausePhase(binding: NativeBinding, pid: number, pidfd: number, insn: bi
       fpregs: t.fpregs,
       xstate: t.xstate,
     }));
+    breakdown.copy = lap();
     binding.thaw(frozen.handle);
+    breakdown.thaw = lap();
     const pauseMicros = Number(process.hrtime.bigint() - started) / 1000;
-    return { uffd, method: injected.method, plans, threads, pausedPages, pauseMicros };
+    return { breakdown, uffd, method: injected.method, plans, threads, pausedPages, pauseMicros };
   } catch (error) {
     // Closing the only reference releases every registration and protection.
     if (uffd >= 0) closeQuietly(binding, uffd);
@@ -311,6 +336,7 @@ export async function snapshotProcess(
         skipped: pause.plans.filter((p) => p.record.capture === 'skipped').length,
       },
       uffdMethod: pause.method,
+      pauseBreakdownMicros: pause.breakdown,
       engine,
     };
   } catch (error) {

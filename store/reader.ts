@@ -1,0 +1,158 @@
+// Reading stored pages: the packed index rows of a process merged into address
+// order, and the blobs that hold the content, decompressed on demand (LRU).
+import type Database from 'better-sqlite3';
+import { WpsnapError } from '../core/errors.js';
+import { PAGE_SIZE } from '../snapshot-format/model.js';
+import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
+
+/** Decompressed blobs kept. */
+const BLOB_CACHE = 16;
+const PAGE_MASK = BigInt(PAGE_SIZE - 1);
+
+export class PageReader {
+  private readonly blobCache = new Map<number, Buffer>();
+  private indexCache: { key: string; index: DecodedIndex } | undefined;
+  private readonly rowsOfProcess: Database.Statement;
+  private readonly rowsAround: Database.Statement;
+  private readonly indexVersion: Database.Statement;
+  private readonly blob: Database.Statement;
+
+  constructor(
+    db: Database.Database,
+    private readonly path: string,
+  ) {
+    this.rowsOfProcess = db
+      .prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id = ? ORDER BY first_address')
+      .safeIntegers(true);
+    this.rowsAround = db
+      .prepare(
+        `SELECT first_address, last_address, count, entries FROM page_index
+         WHERE process_id = ? AND first_address <= ? AND last_address >= ?`,
+      )
+      .safeIntegers(true);
+    this.indexVersion = db.prepare('SELECT count(*) AS n, max(id) AS last FROM page_index WHERE process_id = ?');
+    this.blob = db.prepare('SELECT id, pages, codec, hashes, data FROM blobs WHERE id = ?');
+  }
+
+  /** Stored pages of a process in [start, end), in address order; each `data` is a fresh Buffer. */
+  *pagesInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }> {
+    const index = this.processIndex(processId);
+    for (let i = lowerBound(index.addresses, start); i < index.addresses.length; i++) {
+      const address = index.addresses[i] as bigint;
+      if (address >= end) break;
+      yield { address, data: Buffer.from(this.contentPage(index.cids[i] as number)) };
+    }
+  }
+
+  /** The page at `address`: its stored content, or zeros if none is stored. */
+  readPage(processId: number, address: bigint): Buffer {
+    if ((address & PAGE_MASK) !== 0n) {
+      throw new WpsnapError('INVALID_ADDRESS', `0x${address.toString(16)} is not page-aligned`, { kind: 'usage' });
+    }
+    for (const row of this.rowsAround.all(processId, address, address) as IndexRow[]) {
+      const index = this.decode(row, processId);
+      const i = lowerBound(index.addresses, address);
+      if (index.addresses[i] === address) return Buffer.from(this.contentPage(index.cids[i] as number));
+    }
+    return Buffer.alloc(PAGE_SIZE);
+  }
+
+  /** Forget a deleted blob. */
+  forgetBlob(blobId: number): void {
+    this.blobCache.delete(blobId);
+  }
+
+  /** All index entries of a process in address order (cached until the process gets new rows). */
+  private processIndex(processId: number): DecodedIndex {
+    const version = this.indexVersion.get(processId) as { n: number; last: number | null };
+    const key = `${processId}:${version.n}:${version.last}`;
+    if (this.indexCache?.key === key) return this.indexCache.index;
+    const index = this.merge(processId);
+    this.indexCache = { key, index };
+    return index;
+  }
+
+  private merge(processId: number): DecodedIndex {
+    const parts = (this.rowsOfProcess.all(processId) as IndexRow[]).map((row) => this.decode(row, processId));
+    let total = 0;
+    let disjoint = true;
+    let last = -1n;
+    for (const part of parts) {
+      total += part.addresses.length;
+      if ((part.addresses[0] as bigint) <= last) disjoint = false;
+      last = part.addresses[part.addresses.length - 1] as bigint;
+    }
+    const addresses = new BigUint64Array(total);
+    const cids = new Float64Array(total);
+    let at = 0;
+    for (const part of parts) {
+      addresses.set(part.addresses, at);
+      cids.set(part.cids, at);
+      at += part.addresses.length;
+    }
+    if (disjoint) return { addresses, cids };
+    // Rows overlap (fault-time batches): sort all entries by address.
+    const order = Array.from({ length: total }, (_, i) => i);
+    order.sort((a, b) => {
+      const x = addresses[a] as bigint;
+      const y = addresses[b] as bigint;
+      return x < y ? -1 : x > y ? 1 : 0;
+    });
+    const sorted: DecodedIndex = { addresses: new BigUint64Array(total), cids: new Float64Array(total) };
+    for (let j = 0; j < total; j++) {
+      sorted.addresses[j] = addresses[order[j] as number] as bigint;
+      sorted.cids[j] = cids[order[j] as number] as number;
+      if (j > 0 && sorted.addresses[j] === sorted.addresses[j - 1]) {
+        throw new WpsnapError(
+          'STORE_CORRUPT',
+          `${this.path}: process ${processId} has page 0x${(sorted.addresses[j] as bigint).toString(16)} stored twice`,
+        );
+      }
+    }
+    return sorted;
+  }
+
+  private decode(row: IndexRow, processId: number): DecodedIndex {
+    try {
+      return decodeIndex(row);
+    } catch (error) {
+      throw new WpsnapError('STORE_CORRUPT', `${this.path}: process ${processId}: ${(error as Error).message}`);
+    }
+  }
+
+  /** One page of content: a view into a cached decompressed blob, not to be modified. */
+  private contentPage(cid: number): Buffer {
+    const blobId = blobOfContent(cid);
+    let pages = this.blobCache.get(blobId);
+    if (pages === undefined) {
+      const row = this.blob.get(blobId) as BlobRow | undefined;
+      if (row === undefined) throw new WpsnapError('STORE_CORRUPT', `${this.path}: blob ${blobId} is missing`);
+      try {
+        pages = decodeBlob(row);
+      } catch (error) {
+        if (error instanceof CorruptError) throw new WpsnapError('STORE_CORRUPT', `${this.path}: ${error.message}`);
+        throw error;
+      }
+      if (this.blobCache.size >= BLOB_CACHE) this.blobCache.delete(this.blobCache.keys().next().value as number);
+    } else {
+      this.blobCache.delete(blobId); // re-inserted below: most recently used last
+    }
+    this.blobCache.set(blobId, pages);
+    const index = indexInBlob(cid);
+    if ((index + 1) * PAGE_SIZE > pages.length) {
+      throw new WpsnapError('STORE_CORRUPT', `${this.path}: content ${cid} is beyond the end of blob ${blobId}`);
+    }
+    return pages.subarray(index * PAGE_SIZE, (index + 1) * PAGE_SIZE);
+  }
+}
+
+function lowerBound(addresses: BigUint64Array, address: bigint): number {
+  let lo = 0;
+  let hi = addresses.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if ((addresses[mid] as bigint) < address) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}

@@ -1,0 +1,188 @@
+// The store's SQLite schema, its version, and the migrations between versions.
+// FORMAT.md (snapshot-format/) draws every table; keep the two in step.
+import type Database from 'better-sqlite3';
+import { WpsnapError } from '../core/errors.js';
+
+/** `PRAGMA application_id` of every wpsnap store: "wpsn" as a big-endian u32. */
+export const APPLICATION_ID = 0x7770736e;
+/** `meta.format` of every wpsnap store. */
+export const STORE_FORMAT = 'wpsnap-store';
+/** Bytes 0..15 of every SQLite 3 database file. */
+const SQLITE_MAGIC = Buffer.from('SQLite format 3\0', 'latin1');
+/** Offset of the big-endian application_id in the SQLite file header. */
+const APPLICATION_ID_OFFSET = 68;
+
+/** One migration: turns a store of version i into version i + 1. Runs inside a transaction. */
+export type Migration = (db: Database.Database) => void;
+
+const V1_SCHEMA = `
+CREATE TABLE meta (
+  key   TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE snapshots (
+  id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+  name               TEXT UNIQUE,
+  state              TEXT NOT NULL CHECK (state IN ('running', 'complete', 'incomplete')),
+  created_at         TEXT NOT NULL,
+  completed_at       TEXT,
+  writer_pid         INTEGER NOT NULL,
+  writer_start_ticks INTEGER,
+  reason             TEXT,
+  stats              TEXT
+);
+
+CREATE TABLE processes (
+  id               INTEGER PRIMARY KEY AUTOINCREMENT,
+  snapshot_id      INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+  pid              INTEGER NOT NULL,
+  ppid             INTEGER NOT NULL,
+  uid              INTEGER NOT NULL,
+  gid              INTEGER NOT NULL,
+  exe              TEXT NOT NULL,
+  cmdline          TEXT NOT NULL,
+  comm             TEXT NOT NULL,
+  start_time_ticks INTEGER NOT NULL,
+  started_at       TEXT NOT NULL,
+  auxv             BLOB NOT NULL,
+  UNIQUE (snapshot_id, pid)
+);
+
+CREATE TABLE threads (
+  process_id INTEGER NOT NULL REFERENCES processes(id) ON DELETE CASCADE,
+  tid        INTEGER NOT NULL,
+  name       TEXT NOT NULL,
+  regs       BLOB NOT NULL,
+  fpregs     BLOB NOT NULL,
+  xstate     BLOB NOT NULL,
+  PRIMARY KEY (process_id, tid)
+);
+
+CREATE TABLE regions (
+  process_id    INTEGER NOT NULL REFERENCES processes(id) ON DELETE CASCADE,
+  start_address INTEGER NOT NULL,
+  end_address   INTEGER NOT NULL,
+  perms         TEXT NOT NULL,
+  file_offset   INTEGER NOT NULL,
+  dev           TEXT NOT NULL,
+  inode         INTEGER NOT NULL,
+  path          TEXT NOT NULL,
+  page_size     INTEGER NOT NULL,
+  capture       TEXT NOT NULL CHECK (capture IN ('protected', 'file-private', 'file-reference', 'skipped')),
+  skip_reason   TEXT,
+  file_path     TEXT,
+  file_dev      INTEGER,
+  file_ino      INTEGER,
+  file_size     INTEGER,
+  file_mtime_ns TEXT,
+  PRIMARY KEY (process_id, start_address)
+);
+
+CREATE TABLE lost (
+  process_id INTEGER NOT NULL REFERENCES processes(id) ON DELETE CASCADE,
+  address    INTEGER NOT NULL,
+  pages      INTEGER NOT NULL,
+  reason     TEXT NOT NULL
+);
+CREATE INDEX lost_by_process ON lost (process_id, address);
+
+CREATE TABLE page_index (
+  id            INTEGER PRIMARY KEY,
+  process_id    INTEGER NOT NULL REFERENCES processes(id) ON DELETE CASCADE,
+  first_address INTEGER NOT NULL,
+  last_address  INTEGER NOT NULL,
+  count         INTEGER NOT NULL,
+  entries       BLOB NOT NULL
+);
+CREATE INDEX page_index_by_address ON page_index (process_id, first_address);
+
+CREATE TABLE blobs (
+  id     INTEGER PRIMARY KEY,
+  pages  INTEGER NOT NULL,
+  codec  INTEGER NOT NULL,
+  hashes BLOB NOT NULL,
+  data   BLOB NOT NULL
+);
+`;
+
+function migrateTo1(db: Database.Database): void {
+  db.exec(V1_SCHEMA);
+  const put = db.prepare('INSERT INTO meta (key, value) VALUES (?, ?)');
+  put.run('format', STORE_FORMAT);
+  put.run('created_at', new Date().toISOString());
+  put.run('gc_generation', '0');
+}
+
+/**
+ * MIGRATIONS[i] turns a version-i store into version i + 1; version 0 is an
+ * empty database. To change the schema, append a function here: never edit
+ * one that has shipped.
+ */
+export const MIGRATIONS: readonly Migration[] = [migrateTo1];
+
+/** Check the first 100 bytes of an existing file without opening it as a database. */
+export function checkHeader(path: string, header: Buffer): void {
+  if (header.length < 100 || !header.subarray(0, 16).equals(SQLITE_MAGIC)) {
+    throw new WpsnapError('NOT_A_STORE', `${path} is not a wpsnap store (not an SQLite database)`);
+  }
+  const applicationId = header.readUInt32BE(APPLICATION_ID_OFFSET);
+  if (applicationId !== APPLICATION_ID) {
+    throw new WpsnapError(
+      'NOT_A_STORE',
+      `${path} is not a wpsnap store (an SQLite database with application_id 0x${applicationId.toString(16)})`,
+    );
+  }
+}
+
+/** The schema version recorded in `meta`, after checking the wpsnap marker. */
+export function readSchemaVersion(db: Database.Database, path: string): number {
+  const hasMeta = db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'meta'").get();
+  if (hasMeta === undefined) {
+    throw new WpsnapError('NOT_A_STORE', `${path} is not a wpsnap store (no meta table)`);
+  }
+  const rows = db.prepare("SELECT key, value FROM meta WHERE key IN ('format', 'schema_version')").all() as Array<{
+    key: string;
+    value: string;
+  }>;
+  const meta = new Map(rows.map((row) => [row.key, row.value]));
+  if (meta.get('format') !== STORE_FORMAT) {
+    throw new WpsnapError('NOT_A_STORE', `${path} is not a wpsnap store (meta.format is not ${STORE_FORMAT})`);
+  }
+  const version = Number(meta.get('schema_version'));
+  if (!Number.isSafeInteger(version) || version < 1) {
+    throw new WpsnapError('NOT_A_STORE', `${path} is not a wpsnap store (bad meta.schema_version)`);
+  }
+  return version;
+}
+
+/**
+ * Bring the database from version `from` to `migrations.length`, one
+ * transaction per step, recording each new version in `meta`. A store newer
+ * than this build is refused before anything is written.
+ */
+export function migrate(
+  db: Database.Database,
+  path: string,
+  from: number,
+  migrations: readonly Migration[] = MIGRATIONS,
+): number {
+  const latest = migrations.length;
+  if (from > latest) {
+    throw new WpsnapError(
+      'STORE_TOO_NEW',
+      `${path} has store schema version ${from}; this wpsnap reads versions up to ${latest} (upgrade wpsnap)`,
+    );
+  }
+  for (let version = from; version < latest; version++) {
+    const step = migrations[version];
+    if (step === undefined) throw new Error(`missing migration ${version} -> ${version + 1}`);
+    db.transaction(() => {
+      step(db);
+      db.prepare(
+        "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+      ).run(String(version + 1));
+    }).immediate();
+  }
+  return latest;
+}

@@ -1,0 +1,333 @@
+// The page store: one SQLite file (WAL) per store. Store.open checks the file
+// is a wpsnap store before anything is written to it (open.ts); writing goes
+// through SnapshotWriter and the PageSink; reading through the PageReader.
+import type Database from 'better-sqlite3';
+import { WpsnapError } from '../core/errors.js';
+import type {
+  LostRange,
+  LostReason,
+  ProcessRecord,
+  RegionCapture,
+  RegionRecord,
+  SnapshotState,
+  SnapshotStats,
+  SnapshotSummary,
+  ThreadRecord,
+  VerifyReport,
+} from '../snapshot-format/model.js';
+import { blobOfContent, decodeIndex, type IndexRow } from './codec.js';
+import { processStartTicks, writerAlive } from './liveness.js';
+import { openDatabase, sqliteError } from './open.js';
+import { PageReader } from './reader.js';
+import { PageSink } from './page-sink.js';
+import { MIGRATIONS, type Migration } from './schema.js';
+import { verifyPages } from './verify.js';
+import { WorkerPool } from './worker-pool.js';
+import { SnapshotWriter, type WriterHost } from './writer.js';
+
+export { SnapshotWriter } from './writer.js';
+export type { WriterCounters, WriterStats } from './writer.js';
+
+export interface StoreOpenOptions {
+  readonly?: boolean;
+  /** Testing only: the migration list to run instead of MIGRATIONS. */
+  migrations?: readonly Migration[];
+}
+
+interface SnapshotRow {
+  id: number;
+  name: string | null;
+  state: SnapshotState;
+  created_at: string;
+  completed_at: string | null;
+  writer_pid: number;
+  writer_start_ticks: number | null;
+  reason: string | null;
+  stats: string | null;
+  pids: string | null;
+}
+
+export class Store {
+  private readonly running = new Set<SnapshotWriter>();
+  private readonly reader: PageReader;
+  private pool: WorkerPool | undefined;
+  private sink: PageSink | undefined;
+  private closed = false;
+  /** meta.gc_generation when the dedup index was last known valid. */
+  private sinkGeneration: string | undefined;
+
+  private constructor(
+    readonly path: string,
+    private readonly db: Database.Database,
+    readonly readonly: boolean,
+  ) {
+    this.reader = new PageReader(db, path);
+  }
+
+  /**
+   * Open the store at `path`, creating it (and its directory) unless readonly.
+   * Errors: STORE_NOT_FOUND, STORE_IS_DIRECTORY, NOT_A_STORE, STORE_TOO_NEW,
+   * STORE_NEEDS_UPGRADE (readonly and older than this build), or the errno code.
+   */
+  static open(path: string, options: StoreOpenOptions = {}): Store {
+    const readonly = options.readonly ?? false;
+    const { file, db } = openDatabase(path, readonly, options.migrations ?? MIGRATIONS);
+    return new Store(file, db, readonly);
+  }
+
+  /** Mark this process's unfinished snapshots incomplete, stop the workers, close the file. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    for (const writer of [...this.running]) await writer.abort('the store was closed before the snapshot completed');
+    this.closed = true;
+    await this.pool?.close();
+    this.db.close();
+  }
+
+  /**
+   * Start a snapshot: a 'running' row with writer_pid = this process, committed
+   * at once. Also loads the store's dedup index (about 50 MB and well under a
+   * second per million distinct pages in the store), so call it before
+   * stopping the target.
+   */
+  beginSnapshot(options: { name?: string } = {}): SnapshotWriter {
+    this.checkWritable('begin a snapshot');
+    const name = options.name ?? null;
+    if (name !== null && (name === '' || /^\d+$/.test(name) || /[\n\r]/.test(name))) {
+      throw new WpsnapError('INVALID_NAME', `snapshot name ${JSON.stringify(name)} must be non-empty, not all digits, one line`, {
+        kind: 'usage',
+      });
+    }
+    let id: number;
+    try {
+      id = Number(
+        this.db
+          .prepare(
+            `INSERT INTO snapshots (name, state, created_at, writer_pid, writer_start_ticks) VALUES (?, 'running', ?, ?, ?)`,
+          )
+          .run(name, new Date().toISOString(), process.pid, processStartTicks(process.pid)).lastInsertRowid,
+      );
+    } catch (error) {
+      if ((error as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {
+        throw new WpsnapError('NAME_TAKEN', `a snapshot named ${JSON.stringify(name)} already exists in ${this.path}`);
+      }
+      throw sqliteError(error, this.path, 'begin snapshot');
+    }
+    this.pool ??= new WorkerPool(2);
+    this.sink ??= new PageSink(this.db, this.pool);
+    const generation = this.gcGeneration();
+    if (generation !== this.sinkGeneration) {
+      if (this.running.size === 0) this.sink.invalidate();
+      this.sinkGeneration = generation;
+    }
+    // Load the dedup index here, before the caller stops a target, not at its first batch.
+    try {
+      this.sink.prepare();
+    } catch (error) {
+      this.db.prepare(`UPDATE snapshots SET state = 'incomplete', reason = ? WHERE id = ?`).run('dedup index failed to load', id);
+      throw sqliteError(error, this.path, 'load the dedup index of');
+    }
+    const store = this;
+    const host: WriterHost = {
+      db: this.db,
+      sink: this.sink,
+      path: this.path,
+      finished(writer) {
+        store.running.delete(writer);
+      },
+    };
+    const writer = new SnapshotWriter(host, id);
+    this.running.add(writer);
+    return writer;
+  }
+
+  /** Every snapshot, oldest first. Running snapshots whose writer died are reported (and marked) incomplete. */
+  list(): SnapshotSummary[] {
+    return this.summaries('', []);
+  }
+
+  /** A snapshot by numeric id or by name. */
+  find(ref: string): SnapshotSummary {
+    const byId = /^\d+$/.test(ref);
+    const found = this.summaries(byId ? 'WHERE s.id = ?' : 'WHERE s.name = ?', [byId ? Number(ref) : ref]);
+    const summary = found[0];
+    if (summary === undefined) {
+      throw new WpsnapError('SNAPSHOT_NOT_FOUND', `no snapshot ${byId ? ref : JSON.stringify(ref)} in ${this.path}`);
+    }
+    return summary;
+  }
+
+  processes(snapshotId: number): Array<ProcessRecord & { processId: number }> {
+    const rows = this.db.prepare('SELECT * FROM processes WHERE snapshot_id = ? ORDER BY pid').all(snapshotId) as Array<
+      Record<string, unknown>
+    >;
+    return rows.map((row) => ({
+      processId: row['id'] as number,
+      pid: row['pid'] as number,
+      ppid: row['ppid'] as number,
+      uid: row['uid'] as number,
+      gid: row['gid'] as number,
+      exe: row['exe'] as string,
+      cmdline: JSON.parse(row['cmdline'] as string) as string[],
+      comm: row['comm'] as string,
+      startTimeTicks: row['start_time_ticks'] as number,
+      startedAt: row['started_at'] as string,
+      auxv: row['auxv'] as Buffer,
+    }));
+  }
+
+  threads(processId: number): ThreadRecord[] {
+    return this.db
+      .prepare('SELECT tid, name, regs, fpregs, xstate FROM threads WHERE process_id = ? ORDER BY tid')
+      .all(processId) as ThreadRecord[];
+  }
+
+  regions(processId: number): RegionRecord[] {
+    const rows = this.db
+      .prepare('SELECT * FROM regions WHERE process_id = ? ORDER BY start_address')
+      .safeIntegers(true)
+      .all(processId) as Array<Record<string, bigint | string | null>>;
+    return rows.map((row) => {
+      const region: RegionRecord = {
+        start: BigInt.asUintN(64, row['start_address'] as bigint),
+        end: BigInt.asUintN(64, row['end_address'] as bigint),
+        perms: row['perms'] as string,
+        offset: row['file_offset'] as bigint,
+        dev: row['dev'] as string,
+        inode: Number(row['inode']),
+        path: row['path'] as string,
+        pageSize: Number(row['page_size']),
+        capture: row['capture'] as RegionCapture,
+      };
+      if (row['skip_reason'] !== null) region.skipReason = row['skip_reason'] as string;
+      if (row['file_path'] !== null) {
+        region.file = {
+          path: row['file_path'] as string,
+          dev: Number(row['file_dev']),
+          ino: Number(row['file_ino']),
+          size: Number(row['file_size']),
+          mtimeNs: row['file_mtime_ns'] as string,
+        };
+      }
+      return region;
+    }).sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
+  }
+
+  lost(processId: number): LostRange[] {
+    const rows = this.db
+      .prepare('SELECT address, pages, reason FROM lost WHERE process_id = ? ORDER BY address')
+      .safeIntegers(true)
+      .all(processId) as Array<{ address: bigint; pages: bigint; reason: LostReason }>;
+    return rows.map((row) => ({ address: row.address, pages: Number(row.pages), reason: row.reason }));
+  }
+
+  /** The stored (non-zero) pages of a process in address order; each `data` is a fresh 4096-byte Buffer. */
+  pages(processId: number): Iterable<{ address: bigint; data: Buffer }> {
+    return this.reader.pagesInRange(processId, 0n, 1n << 64n);
+  }
+
+  /** Stored pages of a process in [start, end): pages() without decoding what lies outside. */
+  pagesInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }> {
+    return this.reader.pagesInRange(processId, start, end);
+  }
+
+  /**
+   * The page at `address` (4096 bytes): its stored content, or zeros if none is
+   * stored (a zero page, or a page of a lost range: check lost()).
+   */
+  readPage(processId: number, address: bigint): Buffer {
+    return this.reader.readPage(processId, address);
+  }
+
+  /**
+   * Re-read every stored page of the snapshot: decompress each blob (in the
+   * worker pool), re-hash each page, compare with its content hash; check every
+   * index entry points at existing content. Problems name the page and blob.
+   */
+  async verify(snapshotId: number): Promise<VerifyReport> {
+    const summary = this.find(String(snapshotId));
+    this.pool ??= new WorkerPool(2);
+    const { pagesChecked, problems } = await verifyPages(this.db, this.pool, this.processes(snapshotId));
+    return { ok: problems.length === 0, snapshot: snapshotId, state: summary.state, pagesChecked, problems };
+  }
+
+  /**
+   * Delete a snapshot (not one still being written), then drop the blobs no
+   * other snapshot references. Blob collection is skipped while any snapshot
+   * is running (its writer may be about to reference them); it happens on a
+   * later delete. Returns the number of blobs dropped.
+   */
+  delete(snapshotId: number): { blobsDeleted: number } {
+    this.checkWritable('delete a snapshot');
+    const summary = this.find(String(snapshotId));
+    if (summary.state === 'running') {
+      throw new WpsnapError('SNAPSHOT_RUNNING', `snapshot ${snapshotId} is still being written`);
+    }
+    let blobsDeleted = 0;
+    this.db
+      .transaction(() => {
+        this.db.prepare('DELETE FROM snapshots WHERE id = ?').run(snapshotId);
+        this.list(); // marks dead writers' snapshots incomplete
+        const stillRunning = this.db.prepare("SELECT 1 FROM snapshots WHERE state = 'running' LIMIT 1").get();
+        if (stillRunning !== undefined) return;
+        const used = new Set<number>();
+        const rows = this.db.prepare('SELECT first_address, last_address, count, entries FROM page_index').safeIntegers(true);
+        for (const row of rows.iterate() as Iterable<IndexRow>) {
+          for (const cid of decodeIndex(row).cids) used.add(blobOfContent(cid));
+        }
+        const unused: number[] = [];
+        for (const { id } of this.db.prepare('SELECT id FROM blobs').all() as Array<{ id: number }>) {
+          if (!used.has(id)) unused.push(id);
+        }
+        if (unused.length === 0) return;
+        const dropBlob = this.db.prepare('DELETE FROM blobs WHERE id = ?');
+        for (const id of unused) {
+          dropBlob.run(id);
+          this.reader.forgetBlob(id);
+        }
+        // Writers (here and in other processes) rebuild their dedup index when this changes.
+        this.db.prepare("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'gc_generation'").run();
+        blobsDeleted = unused.length;
+      })
+      .immediate();
+    return { blobsDeleted };
+  }
+
+  private gcGeneration(): string {
+    const row = this.db.prepare("SELECT value FROM meta WHERE key = 'gc_generation'").get() as { value: string } | undefined;
+    return row?.value ?? '0';
+  }
+
+  private summaries(where: string, params: unknown[]): SnapshotSummary[] {
+    const rows = this.db
+      .prepare(
+        `SELECT s.*, (SELECT group_concat(pid) FROM (SELECT pid FROM processes WHERE snapshot_id = s.id ORDER BY pid)) AS pids
+         FROM snapshots s ${where} ORDER BY s.id`,
+      )
+      .all(...params) as SnapshotRow[];
+    const markDead = this.readonly
+      ? undefined
+      : this.db.prepare(`UPDATE snapshots SET state = 'incomplete', reason = ? WHERE id = ? AND state = 'running'`);
+    return rows.map((row) => {
+      let state = row.state;
+      if (state === 'running' && !writerAlive(row.writer_pid, row.writer_start_ticks)) {
+        state = 'incomplete';
+        markDead?.run(`writer process ${row.writer_pid} died before the snapshot completed`, row.id);
+      }
+      return {
+        id: row.id,
+        name: row.name,
+        state,
+        createdAt: row.created_at,
+        completedAt: row.completed_at,
+        pids: row.pids === null ? [] : row.pids.split(',').map(Number),
+        stats: row.stats === null ? null : (JSON.parse(row.stats) as SnapshotStats),
+      };
+    });
+  }
+
+  private checkWritable(step: string): void {
+    if (this.closed) throw new WpsnapError('STORE_CLOSED', `cannot ${step}: ${this.path} is closed`);
+    if (this.readonly) throw new WpsnapError('STORE_READONLY', `cannot ${step}: ${this.path} is open read-only`);
+  }
+}
