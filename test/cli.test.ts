@@ -1,0 +1,261 @@
+// The real CLI, run in-process through main(argv) (or as a child process when
+// a test kills it), against real processes and real store files.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadBinding } from '../core/binding.js';
+import { FAULT_POINTS } from '../core/fault.js';
+import { UFFD_FEATURE } from '../core/features.js';
+import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
+import { checkSnapshot, parseLayout, type PagewriterLayout } from '../fixtures/oracle.js';
+import { Store } from '../store/store.js';
+import { bindingWithFeatures, ROOT, runCli, runCliProcess } from './support/cli.js';
+import { isAlive, procStatus, sleep } from './support/proc.js';
+
+const binding = loadBinding();
+let dir: string;
+let fixture: LaunchedFixture;
+let layout: PagewriterLayout;
+
+beforeAll(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'wpsnap-cli-'));
+  fixture = await launchFixture('pagewriter', ['--threads', '2', '--pages', '4096', '--memfd-pages', '1024', '--kernel-pages', '256', '--untouched-mib', '128']);
+  layout = parseLayout(fixture.readyLine);
+});
+afterAll(() => {
+  fixture.kill();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+function counters(pid: number): bigint[] {
+  return layout.writers.map((w) => binding.processVmRead(pid, w.counter, 8).readBigUInt64LE(0));
+}
+
+/** The target is running and writing: every writer's counter advances. */
+async function expectWriting(pid: number): Promise<void> {
+  const before = counters(pid);
+  await sleep(150);
+  const after = counters(pid);
+  for (let i = 0; i < before.length; i++) expect(after[i]!, `writer ${i} advances`).toBeGreaterThan(before[i]!);
+}
+
+function oneLine(text: string): string {
+  const lines = text.trimEnd().split('\n');
+  expect(lines, `exactly one line: ${JSON.stringify(text)}`).toHaveLength(1);
+  return lines[0]!;
+}
+
+describe('wpsnap snapshot / ls / show / verify / export', () => {
+  it('prints one JSON document with the documented fields and an exact snapshot', async () => {
+    const store = join(dir, 'json.db');
+    const run = await runCli(['snapshot', String(fixture.pid), '--json', '--store', store, '--name', 'first']);
+    expect(run.stderr).toBe('');
+    expect(run.code).toBe(0);
+    const doc = JSON.parse(run.stdout) as Record<string, unknown>;
+    for (const key of ['id', 'pid', 'pauseMicros', 'durationMillis', 'pagesSaved', 'zeroPages', 'bytesRaw', 'bytesStored', 'faults', 'faultP50Micros', 'faultP99Micros', 'lostPages']) {
+      expect(doc, key).toHaveProperty(key);
+    }
+    expect(doc['pid']).toBe(fixture.pid);
+    expect(doc['lostPages']).toEqual([]);
+    expect(doc['name']).toBe('first');
+    expect(doc['bytesRaw']).toBe((doc['pagesSaved'] as number) * 4096);
+
+    const ls = await runCli(['ls', '--json', '--store', store]);
+    const listed = JSON.parse(ls.stdout) as { snapshots: Array<{ id: number; name: string; state: string; pids: number[] }> };
+    expect(listed.snapshots.map((s) => ({ id: s.id, name: s.name, state: s.state, pids: s.pids }))).toEqual([
+      { id: doc['id'], name: 'first', state: 'complete', pids: [fixture.pid] },
+    ]);
+
+    const show = await runCli(['show', 'first', '--json', '--store', store]);
+    const shown = JSON.parse(show.stdout) as {
+      processes: Array<{ pid: number; cmdline: string[]; exe: string; threads: Array<{ tid: number; name: string }>; regions: Array<{ start: string; end: string; capture: string; path: string }> }>;
+    };
+    const p = shown.processes[0]!;
+    expect(p.pid).toBe(fixture.pid);
+    expect(p.exe).toBe(join(ROOT, 'fixtures', 'build', 'pagewriter'));
+    expect(p.cmdline[0]).toBe(p.exe);
+    const tids = readdirSync(`/proc/${fixture.pid}/task`).map(Number);
+    expect(p.threads.map((t) => t.tid).sort()).toEqual(tids.sort());
+    for (const t of p.threads) expect(t.name).toBe(readFileSync(`/proc/${fixture.pid}/task/${t.tid}/comm`, 'utf8').trimEnd());
+    // Adjacent anonymous mmaps merge into one vma: find the region holding each address.
+    const regionOf = (address: bigint) => p.regions.find((r) => BigInt(r.start) <= address && address < BigInt(r.end))!;
+    const writerRegion = regionOf(layout.writers[0]!.start);
+    expect(writerRegion.capture).toBe('protected');
+    const memfdRegion = regionOf(layout.writers.find((w) => w.kind === 'memfd')!.start);
+    expect(memfdRegion.capture).toBe('protected');
+    expect(memfdRegion.path).toMatch(/^\/memfd:/);
+    expect(p.regions.find((r) => r.path === '[vvar]')?.capture).toBe('skipped');
+
+    const verify = await runCli(['verify', 'first', '--json', '--store', store]);
+    expect(verify.code).toBe(0);
+    expect(JSON.parse(verify.stdout)).toMatchObject({ ok: true, problems: [] });
+
+    // The raw export holds, at each address, what the oracle says was there at T.
+    const out = join(dir, 'export');
+    const exp = await runCli(['export', 'first', '--format', 'raw', '--out', out, '--store', store]);
+    expect(exp.code).toBe(0);
+    const manifest = JSON.parse(readFileSync(join(out, 'manifest.json'), 'utf8')) as {
+      snapshot: number;
+      processes: Array<{ pid: number; regions: Array<{ start: string; end: string; perms: string; offset: number; path: string; file: string | null }> }>;
+    };
+    expect(manifest.snapshot).toBe(doc['id']);
+    const regions = manifest.processes[0]!.regions;
+    for (const r of regions) {
+      if (r.file === null) continue;
+      expect(statSync(join(out, r.file)).size, r.start).toBe(Number(BigInt(r.end) - BigInt(r.start)));
+    }
+    const images = regions.filter((r) => r.file !== null).map((r) => ({ start: BigInt(r.start), end: BigInt(r.end), bytes: readFileSync(join(out, r.file!)) }));
+    const readPage = (address: bigint): Buffer => {
+      const image = images.find((i) => address >= i.start && address < i.end);
+      if (!image) throw new Error(`0x${address.toString(16)} not in the export`);
+      const offset = Number(address - image.start);
+      return image.bytes.subarray(offset, offset + 4096);
+    };
+    const report = checkSnapshot(layout, readPage);
+    expect(report.mismatches).toEqual([]);
+    expect(report.pagesChecked).toBe(layout.writers.reduce((n, w) => n + w.pages, 0) + layout.untouched.bytes / 4096);
+    // Text of the executable comes from the file: its first page is the ELF header.
+    const text = regions.find((r) => r.path === p.exe && r.offset === 0)!;
+    expect(readPage(BigInt(text.start)).subarray(0, 4)).toEqual(Buffer.from([0x7f, 0x45, 0x4c, 0x46]));
+  });
+
+  it('prints human-readable output without --json', async () => {
+    const store = join(dir, 'human.db');
+    const run = await runCli(['snapshot', String(fixture.pid), '--store', store]);
+    expect(run.code).toBe(0);
+    expect(run.stdout).toMatch(/^snapshot 1 of pid \d+ complete\n {2}paused [\d.]+ (ms|µs), took/);
+    expect(run.stdout).toContain('exact: no page lost');
+    const ls = await runCli(['ls', '--store', store]);
+    expect(ls.stdout.split('\n')[0]).toMatch(/^ID\s+NAME\s+STATE\s+CREATED\s+PIDS/);
+    const show = await runCli(['show', '1', '--store', store]);
+    expect(show.stdout).toContain(`process ${fixture.pid} (pagewriter)`);
+    expect(show.stdout).toContain('lost pages: none');
+  });
+});
+
+describe('bad input: one line, a non-zero exit, nothing half-written', () => {
+  it('a pid that does not exist', async () => {
+    const gone = spawnSync('sh', ['-c', 'echo $$']);
+    const pid = Number(gone.stdout.toString().trim());
+    expect(isAlive(pid)).toBe(false);
+    const store = join(dir, 'missing.db');
+    const run = await runCli(['snapshot', String(pid), '--store', store]);
+    expect(run.code).toBe(4);
+    expect(oneLine(run.stderr)).toBe(`wpsnap: no process with pid ${pid}`);
+    expect(run.stdout).toBe('');
+  });
+
+  it('a pid that may not be traced (another tracer holds it)', async () => {
+    const store = join(dir, 'eperm.db');
+    const target = await launchFixture('pagewriter', ['--threads', '1', '--pages', '256', '--memfd-pages', '0', '--kernel-pages', '0', '--untouched-mib', '1']);
+    const holder = spawn(join(ROOT, 'fixtures', 'build', 'holdtrace'), [String(target.pid)], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((resolve) => holder.stdout.once('data', () => resolve()));
+      const run = await runCli(['snapshot', String(target.pid), '--store', store]);
+      expect(run.code).toBe(1);
+      expect(oneLine(run.stderr)).toMatch(
+        new RegExp(`^wpsnap: freeze pid ${target.pid}: ptrace\\(PTRACE_SEIZE\\) on tid \\d+: EPERM .* already traced by pid ${holder.pid}`),
+      );
+      const ls = await runCli(['ls', '--json', '--store', store]);
+      const states = (JSON.parse(ls.stdout) as { snapshots: Array<{ state: string }> }).snapshots.map((s) => s.state);
+      expect(states).not.toContain('complete');
+      expect(isAlive(target.pid)).toBe(true);
+    } finally {
+      holder.stdin.end();
+      target.kill();
+    }
+  });
+
+  it('a kernel without a needed feature', async () => {
+    const real = loadBinding();
+    const features = real.probeUffd().features & ~UFFD_FEATURE.WP_UNPOPULATED;
+    const run = await runCli(['snapshot', String(fixture.pid), '--store', join(dir, 'nofeature.db')], { binding: () => bindingWithFeatures(real, features) });
+    expect(run.code).toBe(3);
+    expect(oneLine(run.stderr)).toMatch(/^wpsnap: kernel \S+ lacks userfaultfd feature WP_UNPOPULATED \(protect never-touched memory without populating it\)$/);
+    const check = await runCli(['check', '--json'], { binding: () => bindingWithFeatures(real, features) });
+    expect(check.code).toBe(3);
+    const report = JSON.parse(check.stdout) as { canSnapshot: boolean; items: Array<{ name: string; ok: boolean }> };
+    expect(report.canSnapshot).toBe(false);
+    expect(report.items.find((i) => i.name === 'UFFD_FEATURE_WP_UNPOPULATED')?.ok).toBe(false);
+  });
+
+  it('check on this machine says a snapshot is possible', async () => {
+    const run = await runCli(['check']);
+    expect(run.code).toBe(0);
+    expect(run.stdout).toContain('ok   UFFD_FEATURE_WP_UNPOPULATED');
+    expect(run.stdout.trimEnd().split('\n').at(-1)).toBe('wpsnap can snapshot processes here');
+  });
+
+  it('a store path that is a directory, or not a wpsnap store', async () => {
+    const asDir = join(dir, 'a-directory');
+    mkdirSync(asDir);
+    const r1 = await runCli(['snapshot', String(fixture.pid), '--store', asDir]);
+    expect(r1.code).toBe(1);
+    expect(oneLine(r1.stderr)).toContain(asDir);
+    expect(r1.stderr).toMatch(/directory/);
+
+    const text = join(dir, 'notes.txt');
+    writeFileSync(text, 'my notes, not a store\n');
+    const r2 = await runCli(['ls', '--store', text]);
+    expect(r2.code).toBe(1);
+    expect(oneLine(r2.stderr)).toMatch(/not a wpsnap store/);
+    expect(readFileSync(text, 'utf8')).toBe('my notes, not a store\n');
+    expect(existsSync(text + '-wal')).toBe(false);
+
+    const r3 = await runCli(['snapshot', String(fixture.pid), '--store', text, '--json']);
+    expect(r3.code).toBe(1);
+    expect(r3.stdout).toBe('');
+    expect(JSON.parse(r3.stderr)).toMatchObject({ error: { code: 'NOT_A_STORE', exitCode: 1 } });
+  });
+
+  it('usage errors exit 2', async () => {
+    const r1 = await runCli(['snapshot', 'abc']);
+    expect(r1.code).toBe(2);
+    expect(oneLine(r1.stderr)).toMatch(/^wpsnap: /);
+    const r2 = await runCli(['frobnicate']);
+    expect(r2.code).toBe(2);
+    const r3 = await runCli(['export', '1', '--store', join(dir, 'json.db')]);
+    expect(r3.code).toBe(2);
+    expect(oneLine(r3.stderr)).toBe('wpsnap: export needs --out DIR');
+    const r4 = await runCli(['show', 'no-such-name', '--store', join(dir, 'json.db')]);
+    expect(r4.code).toBe(1);
+    expect(oneLine(r4.stderr)).toMatch(/no-such-name/);
+  });
+});
+
+describe('killing wpsnap at any point', () => {
+  it.each(FAULT_POINTS)('SIGKILL at %s leaves the target running unprotected and the store intact', async (point) => {
+    const store = join(dir, `kill-${point}.db`);
+    const first = await runCli(['snapshot', String(fixture.pid), '--store', store, '--name', 'before', '--json']);
+    expect(first.code).toBe(0);
+    const killed = await runCliProcess(['snapshot', String(fixture.pid), '--store', store], { WPSNAP_FAULT: point });
+    expect(killed.signal).toBe('SIGKILL');
+    // The kernel released the tracer and the userfaultfd with the process.
+    await sleep(50);
+    expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
+    await expectWriting(fixture.pid);
+    for (const w of layout.writers) {
+      const entries = binding.readPagemap(fixture.pid, w.start, w.pages);
+      expect(entries.filter((e) => (e >> 57n) & 1n).length, `no uffd-wp bit left in writer ${w.index}`).toBe(0);
+    }
+    // The store opens; the earlier snapshot is intact; the killed one is not complete.
+    const s = Store.open(store);
+    try {
+      const list = s.list();
+      expect(list[0]).toMatchObject({ name: 'before', state: 'complete' });
+      expect((await s.verify(list[0]!.id)).problems).toEqual([]);
+      expect(list.slice(1).map((x) => x.state)).toEqual(['incomplete']);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('the target is healthy after all of it', async () => {
+    await expectWriting(fixture.pid);
+    fixture.kill('SIGTERM');
+    const done = JSON.parse((await fixture.nextLine()) ?? '{}') as { errors: number };
+    expect(done.errors).toBe(0);
+  });
+});
