@@ -2,7 +2,7 @@
 // uffd-wp (synchronous) can protect anonymous, shmem and hugetlbfs mappings
 // only; private file mappings get their copy-on-write pages copied while the
 // target is stopped and the rest referenced to the file.
-import { openSync, statSync, statfsSync } from 'node:fs';
+import { closeSync, openSync, statSync, statfsSync } from 'node:fs';
 import type { FileReference, LostRange, RegionRecord } from '../snapshot-format/model.js';
 import type { EngineRegion } from './native/binding.js';
 import type { MapsEntry } from './procfs.js';
@@ -125,7 +125,46 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
   return { record, pausedCopy: 'none' };
 }
 
+function mapsKey(m: MapsEntry): string {
+  return `${m.start}-${m.end} ${m.perms} ${m.offset} ${m.dev} ${m.inode} ${m.path}`;
+}
+
+/**
+ * Plans made while the target still runs (statfs, stat and opening shared
+ * files take milliseconds): inside the pause only mappings that changed since
+ * are planned again.
+ */
+export class RegionPlanner {
+  private readonly fsCache = new Map<string, { type: number; bsize: number }>();
+  private readonly early = new Map<string, RegionPlan>();
+
+  constructor(private readonly pid: number) {}
+
+  /** Plan ahead from a maps listing read before the freeze. */
+  prepare(maps: MapsEntry[]): void {
+    for (const m of maps) this.early.set(mapsKey(m), planRegion(this.pid, m, this.fsCache));
+  }
+
+  /** Plans for the maps read during the pause; plans made ahead for mappings gone since are released. */
+  plan(maps: MapsEntry[]): RegionPlan[] {
+    const plans = maps.map((m) => {
+      const key = mapsKey(m);
+      const ready = this.early.get(key);
+      this.early.delete(key);
+      return ready ?? planRegion(this.pid, m, this.fsCache);
+    });
+    this.release();
+    return plans;
+  }
+
+  /** Close files opened for plans that were not used. */
+  release(): void {
+    for (const plan of this.early.values()) if (plan.openedFd !== undefined) closeSync(plan.openedFd);
+    this.early.clear();
+  }
+}
+
+/** Plan every mapping now (no planning ahead). */
 export function planRegions(pid: number, maps: MapsEntry[]): RegionPlan[] {
-  const fsCache = new Map<string, { type: number; bsize: number }>();
-  return maps.map((m) => planRegion(pid, m, fsCache));
+  return new RegionPlanner(pid).plan(maps);
 }

@@ -18,7 +18,7 @@ import { faultPoint } from './fault.js';
 import { requireFeatures, UFFD_FEATURES_FOR_SNAPSHOT, UFFDIO_REGISTER_MODE_WP } from './features.js';
 import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
 import { assertProcessExists, readMaps, readProcessRecord, threadName } from './procfs.js';
-import { planRegions, type RegionPlan } from './regions.js';
+import { RegionPlanner, type RegionPlan } from './regions.js';
 
 export interface SnapshotProgress {
   pagesDone: number;
@@ -111,7 +111,14 @@ function protect(binding: NativeBinding, uffd: number, plan: RegionPlan): boolea
 }
 
 /** Everything that happens while the target is stopped. */
-function pausePhase(binding: NativeBinding, pid: number, pidfd: number, insn: bigint, deviceNode: DeviceNode | null): PausePhase {
+function pausePhase(
+  binding: NativeBinding,
+  pid: number,
+  pidfd: number,
+  insn: bigint,
+  deviceNode: DeviceNode | null,
+  planner: RegionPlanner,
+): PausePhase {
   const started = process.hrtime.bigint();
   let mark = started;
   const lap = (): number => {
@@ -134,7 +141,7 @@ function pausePhase(binding: NativeBinding, pid: number, pidfd: number, insn: bi
       throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
     }
     breakdown.inject = lap();
-    const plans = planRegions(pid, readMaps(pid));
+    const plans = planner.plan(readMaps(pid));
     breakdown.plan = lap();
     for (const plan of plans) {
       if (plan.engine === undefined) continue;
@@ -265,12 +272,14 @@ export async function snapshotProcess(
   let deviceNode: DeviceNode | null = null;
   let writer: SnapshotWriter | undefined;
   let pause: PausePhase | undefined;
+  const planner = new RegionPlanner(pid);
   try {
     deviceNode = targetMayCallUserfaultfd(pid) ? null : prepareDeviceNode(binding, pid);
     writer = store.beginSnapshot(options.name === undefined ? {} : { name: options.name });
     const processId = writer.addProcess(processRecord);
+    planner.prepare(readMaps(pid));
     faultPoint('before-freeze');
-    pause = pausePhase(binding, pid, pidfd, insn, deviceNode);
+    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner);
     deviceNode?.remove();
     deviceNode = null;
     faultPoint('after-resume');
@@ -344,6 +353,7 @@ export async function snapshotProcess(
     if (writer) await writer.abort(error instanceof Error ? error.message : String(error)).catch(() => undefined);
     throw error;
   } finally {
+    planner.release();
     deviceNode?.remove();
     closeQuietly(binding, pidfd);
     for (const plan of pause?.plans ?? []) if (plan.openedFd !== undefined) closeSync(plan.openedFd);

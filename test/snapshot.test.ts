@@ -130,6 +130,8 @@ describe('snapshot of a process writing at full speed', () => {
       expect(done.eintr).toBe(0);
       expect(done.sleeps).toBeGreaterThan(0);
       expect(done.reads).toBeGreaterThan(0);
+      // It exits on its own right after its done line.
+      for (let waited = 0; waited < 2000 && isAlive(fixture.pid); waited += 20) await sleep(20);
       expect(isAlive(fixture.pid)).toBe(false);
     } finally {
       fixture.kill();
