@@ -59,12 +59,14 @@ static double now_us(void) {
   return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
 }
 
-/* Wait for a ptrace stop of one tid. A busy-yield keeps the pause short; libuv
- * only reaps its own children by pid, so __WALL waits on a tid are ours.
+/* Wait for a ptrace stop of one tid: yield for a short while (a stop usually
+ * takes microseconds), then poll with short sleeps so that on a loaded
+ * machine the stopping threads get the CPU. libuv only reaps its own
+ * children by pid, so __WALL waits on a tid are ours.
  * Returns 0 and the status, ESRCH if the thread exited, ETIMEDOUT. */
 static int wait_stop(pid_t tid, int *status) {
   double start = now_us();
-  for (unsigned spins = 0;; spins++) {
+  for (unsigned polls = 0;; polls++) {
     pid_t r = waitpid(tid, status, __WALL | WNOHANG);
     if (r == tid) {
       if (WIFEXITED(*status) || WIFSIGNALED(*status)) return ESRCH;
@@ -75,7 +77,7 @@ static int wait_stop(pid_t tid, int *status) {
       return errno == ECHILD ? ESRCH : errno;
     }
     if (now_us() - start > 5e6) return ETIMEDOUT;
-    if (spins < 2000) {
+    if (polls < 500) {
       sched_yield();
     } else {
       struct timespec ts = {0, 20000};
