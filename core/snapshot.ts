@@ -312,6 +312,7 @@ export async function snapshotProcess(
       throw new WpsnapError('INTERRUPTED', `snapshot of pid ${pid} interrupted; recorded as incomplete`, { kind: 'interrupted' });
     }
     faultPoint('before-commit');
+    writer.countZeroPages(stats.pagesZero);
     const durationMillis = Date.now() - startedAt;
     const final = await writer.complete({
       pauseMicros: Math.round(pause.pauseMicros),
@@ -329,7 +330,7 @@ export async function snapshotProcess(
       pauseMicros: Math.round(pause.pauseMicros),
       durationMillis,
       pagesSaved: final.pagesSaved,
-      zeroPages: final.zeroPages + stats.pagesZero,
+      zeroPages: final.zeroPages,
       pagesNew: final.pagesNew,
       bytesRaw: final.bytesRaw,
       bytesStored: final.bytesStored,

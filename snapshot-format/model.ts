@@ -74,21 +74,24 @@ export interface ProcessRecord {
   auxv: Buffer;
 }
 
-export type LostReason =
+/** Why a page's content at T is not in the snapshot. */
+export const LOST_REASONS = [
   /** munmap'ed (or replaced by a new mapping) after T before the page was saved. */
-  | 'unmapped-before-saved'
+  'unmapped-before-saved',
   /** Discarded by MADV_DONTNEED/MADV_REMOVE (or reclaimed after MADV_FREE) after T before the page was saved. */
-  | 'discarded-before-saved'
+  'discarded-before-saved',
   /** A writable MAP_SHARED file mapping: uffd-wp cannot protect it, so its content at T is unknown. */
-  | 'shared-file-not-protectable'
+  'shared-file-not-protectable',
   /** The kernel refused to read the page (process_vm_readv/pread error). */
-  | 'read-failed'
+  'read-failed',
   /** The snapshot was interrupted before the page was saved. */
-  | 'interrupted'
-  /** Export only: the file a 'file-private'/'file-reference' region refers to
-   * changed since T (dev, inode, size or mtime differ) or is gone, so its
-   * unmodified pages cannot be recovered. */
-  | 'file-changed';
+  'interrupted',
+  /** The referenced file changed after T (export only): its pages at T are unknown. */
+  'file-changed',
+  /** A hugetlb mapping with pages larger than 2 MiB: the engine copies at most 2 MiB per fault. */
+  'unsupported-page-size',
+] as const;
+export type LostReason = (typeof LOST_REASONS)[number];
 
 /** A run of pages whose content at T is not in the snapshot, and why. */
 export interface LostRange {

@@ -4,6 +4,7 @@
 import type Database from 'better-sqlite3';
 import { WpsnapError } from '../core/errors.js';
 import {
+  LOST_REASONS,
   PAGE_SIZE,
   type LostRange,
   type PageBatch,
@@ -41,14 +42,7 @@ export interface WriterHost {
 }
 
 const PAGE_MASK = BigInt(PAGE_SIZE - 1);
-const LOST_REASONS = new Set([
-  'unmapped-before-saved',
-  'discarded-before-saved',
-  'shared-file-not-protectable',
-  'read-failed',
-  'interrupted',
-  'file-changed',
-]);
+const LOST_REASON_SET: ReadonlySet<string> = new Set(LOST_REASONS);
 
 export class SnapshotWriter {
   readonly counters: WriterCounters = { pagesSaved: 0, zeroPages: 0, pagesNew: 0, bytesRaw: 0, bytesStored: 0 };
@@ -187,7 +181,7 @@ export class SnapshotWriter {
       if ((l.address & PAGE_MASK) !== 0n || l.address > MAX_ADDRESS || !Number.isSafeInteger(l.pages) || l.pages < 1) {
         throw new WpsnapError('INVALID_LOST', `lost range at 0x${l.address.toString(16)} of ${l.pages} pages is invalid`);
       }
-      if (!LOST_REASONS.has(l.reason)) throw new WpsnapError('INVALID_LOST', `unknown lost reason ${JSON.stringify(l.reason)}`);
+      if (!LOST_REASON_SET.has(l.reason)) throw new WpsnapError('INVALID_LOST', `unknown lost reason ${JSON.stringify(l.reason)}`);
     }
     const insert = this.host.db.prepare('INSERT INTO lost (process_id, address, pages, reason) VALUES (?, ?, ?, ?)');
     this.transaction(`add lost pages of process ${processId}`, () => {
