@@ -239,6 +239,12 @@ export class SnapshotWriter {
     }
   }
 
+  /** Count zero pages that were never handed over (the engine found them never written). */
+  countZeroPages(pages: number): void {
+    if (!Number.isSafeInteger(pages) || pages < 0) throw new WpsnapError('INVALID_COUNT', `zero page count ${pages} is not a count`);
+    this.counters.zeroPages += pages;
+  }
+
   /**
    * Wait for the batches in flight, then mark the snapshot incomplete with the
    * reason. After complete() or abort(), waits for that to finish instead.
