@@ -1,6 +1,7 @@
 // The real CLI, run in-process through main(argv) (or as a child process when
 // a test kills it), against real processes and real store files.
 import { spawn, spawnSync } from 'node:child_process';
+import { once } from 'node:events';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,7 +12,7 @@ import { UFFD_FEATURE } from '../core/features.js';
 import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { checkSnapshot, parseLayout, type PagewriterLayout } from '../fixtures/oracle.js';
 import { Store } from '../store/store.js';
-import { bindingWithFeatures, ROOT, runCli, runCliProcess } from './support/cli.js';
+import { bindingWithFeatures, CLI_JS, ROOT, runCli, runCliProcess } from './support/cli.js';
 import { isAlive, procStatus, sleep } from './support/proc.js';
 
 const binding = loadBinding();
@@ -251,6 +252,37 @@ describe('killing wpsnap at any point', () => {
       expect(list[0]).toMatchObject({ name: 'before', state: 'complete' });
       expect((await s.verify(list[0]!.id)).problems).toEqual([]);
       expect(list.slice(1).map((x) => x.state)).toEqual(['incomplete']);
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('SIGINT stops a snapshot: exit 130, recorded incomplete, target released', async () => {
+    const store = join(dir, 'sigint.db');
+    // --rate 1 (MB/s) keeps the sweep busy for minutes: the interrupt lands mid-sweep.
+    const child = spawn(process.execPath, [CLI_JS, 'snapshot', String(fixture.pid), '--store', store, '--rate', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    const sweeping = new Promise<void>((resolve) =>
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+        // The plain progress line (stderr is not a TTY): the sweep is under way.
+        if (/pages, \d+ MB\/s/.test(stderr)) resolve();
+      }),
+    );
+    await sweeping;
+    child.kill('SIGINT');
+    const [code] = (await once(child, 'close')) as [number | null];
+    expect(code).toBe(130);
+    expect(stderr.trimEnd().split('\n').at(-1)).toMatch(/^wpsnap: snapshot of pid \d+ interrupted; recorded as incomplete$/);
+    await expectWriting(fixture.pid);
+    expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
+    const s = Store.open(store, { readonly: true });
+    try {
+      const [snap] = s.list();
+      expect(snap!.state).toBe('incomplete');
+      const lost = s.lost(s.processes(snap!.id)[0]!.processId);
+      expect(lost.length).toBeGreaterThan(0);
+      expect(new Set(lost.map((l) => l.reason))).toEqual(new Set(['interrupted']));
     } finally {
       await s.close();
     }
