@@ -1,0 +1,459 @@
+// Helpers shared by the benchmark scenarios: locating the repository, timing
+// child commands, driving a faultlat target, statistics and machine facts.
+import { spawn } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { cpus, freemem, loadavg, totalmem } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
+
+export function repoRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'package.json'))) dir = dirname(dir);
+  return dir;
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
+export function log(message: string): void {
+  process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${message}\n`);
+}
+
+// ---- statistics -----------------------------------------------------------
+
+export function median(values: Array<number | null | undefined>): number | null {
+  const v = values.filter((x): x is number => typeof x === 'number' && Number.isFinite(x)).sort((a, b) => a - b);
+  if (v.length === 0) return null;
+  const mid = Math.floor(v.length / 2);
+  return v.length % 2 === 1 ? (v[mid] as number) : ((v[mid - 1] as number) + (v[mid] as number)) / 2;
+}
+
+export function minMax(values: Array<number | null | undefined>): [number, number] | null {
+  const v = values.filter((x): x is number => typeof x === 'number' && Number.isFinite(x));
+  if (v.length === 0) return null;
+  return [Math.min(...v), Math.max(...v)];
+}
+
+export function ratio(a: number | null, b: number | null): number | null {
+  if (a === null || b === null || b === 0) return null;
+  return a / b;
+}
+
+export function round(x: number | null, digits = 2): number | null {
+  if (x === null) return null;
+  const f = 10 ** digits;
+  return Math.round(x * f) / f;
+}
+
+// ---- child commands -------------------------------------------------------
+
+export interface CommandResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  wallMillis: number;
+  /** CPU time of the command and its threads (user, system), from this process's cutime/cstime; 10 ms ticks. */
+  cpuUserMillis: number;
+  cpuSysMillis: number;
+  /** Minor page faults of the command (cminflt): touches of fresh memory, slow on this VM. */
+  minorFaults: number;
+  /** With options.sampleThreads: CPU and run-queue wait per thread name. */
+  threads?: Record<string, ThreadTimes>;
+  stdout: string;
+  stderr: string;
+  timedOut: boolean;
+}
+
+/**
+ * Run a command to completion and time it from spawn to exit. On timeout it
+ * gets SIGINT, then SIGKILL 10 s later, by its own pid (it is our child).
+ */
+export function runCommand(
+  cmd: string,
+  args: string[],
+  options: { timeoutMs?: number; cwd?: string; sampleThreads?: boolean } = {},
+): Promise<CommandResult> {
+  return new Promise((resolve, reject) => {
+    const cpu0 = childrenCpuMillis();
+    const started = process.hrtime.bigint();
+    const child = spawn(cmd, args, { cwd: options.cwd ?? repoRoot(), stdio: ['ignore', 'pipe', 'pipe'] });
+    const sampler = options.sampleThreads && child.pid !== undefined ? new ThreadSampler(child.pid) : undefined;
+    let stdout = '';
+    let stderr = '';
+    let timedOut = false;
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    let killTimer: NodeJS.Timeout | undefined;
+    const timer =
+      options.timeoutMs === undefined
+        ? undefined
+        : setTimeout(() => {
+            timedOut = true;
+            if (child.pid !== undefined) {
+              try {
+                process.kill(child.pid, 'SIGINT');
+              } catch {
+                // gone
+              }
+              killTimer = setTimeout(() => {
+                try {
+                  if (child.pid !== undefined) process.kill(child.pid, 'SIGKILL');
+                } catch {
+                  // gone
+                }
+              }, 10_000);
+            }
+          }, options.timeoutMs);
+    child.on('error', (error) => {
+      if (timer) clearTimeout(timer);
+      sampler?.stop();
+      reject(error);
+    });
+    child.on('close', (code, signal) => {
+      const wallMillis = Number(process.hrtime.bigint() - started) / 1e6;
+      if (timer) clearTimeout(timer);
+      if (killTimer) clearTimeout(killTimer);
+      // libuv has reaped the child by now: its times are in our cutime/cstime.
+      const cpu1 = childrenCpuMillis();
+      const threads = sampler?.stop();
+      resolve({
+        code,
+        signal,
+        wallMillis,
+        cpuUserMillis: cpu1.user - cpu0.user,
+        cpuSysMillis: cpu1.sys - cpu0.sys,
+        minorFaults: cpu1.minflt - cpu0.minflt,
+        ...(threads === undefined ? {} : { threads }),
+        stdout,
+        stderr,
+        timedOut,
+      });
+    });
+  });
+}
+
+const TICK_MILLIS = 10; // USER_HZ = 100 on Linux/x86_64
+
+/** Fields of /proc/PID/stat after the command name (field 3 is index 0). */
+function statFields(pid: number | 'self'): string[] {
+  const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return text.slice(text.lastIndexOf(')') + 2).split(' ');
+}
+
+/** CPU time of this process's waited-for children (cutime, cstime). */
+export function childrenCpuMillis(): { user: number; sys: number; minflt: number } {
+  const f = statFields('self');
+  return { user: Number(f[13]) * TICK_MILLIS, sys: Number(f[14]) * TICK_MILLIS, minflt: Number(f[8]) };
+}
+
+/** CPU time a process has used (utime + stime), or null if it is gone. */
+export function processCpuMillis(pid: number): number | null {
+  try {
+    const f = statFields(pid);
+    return (Number(f[11]) + Number(f[12])) * TICK_MILLIS;
+  } catch {
+    return null;
+  }
+}
+
+export interface Schedstat {
+  runNs: number;
+  waitNs: number;
+}
+
+/** /proc/PID[/task/TID]/schedstat: time on a CPU, time runnable but waiting for one. */
+export function schedstat(pid: number, tid?: number): Schedstat | null {
+  try {
+    const f = readFileSync(tid === undefined ? `/proc/${pid}/schedstat` : `/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ');
+    return { runNs: Number(f[0]), waitNs: Number(f[1]) };
+  } catch {
+    return null;
+  }
+}
+
+export interface ThreadTimes {
+  threads: number;
+  runMillis: number;
+  waitMillis: number;
+}
+
+/**
+ * Samples every thread of a process (comm and schedstat) until stopped and
+ * returns the last values summed per thread name: where a command's CPU went,
+ * and how long each kind of thread waited for a CPU. Threads that end between
+ * two samples lose up to one interval.
+ */
+export class ThreadSampler {
+  private readonly last = new Map<number, { comm: string; s: Schedstat }>();
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly pid: number,
+    intervalMs = 50,
+  ) {
+    this.sample();
+    this.timer = setInterval(() => this.sample(), intervalMs);
+  }
+
+  private sample(): void {
+    let tids: string[];
+    try {
+      tids = readdirSync(`/proc/${this.pid}/task`);
+    } catch {
+      return;
+    }
+    for (const t of tids) {
+      const tid = Number(t);
+      const s = schedstat(this.pid, tid);
+      if (s === null) continue;
+      let comm = this.last.get(tid)?.comm;
+      if (comm === undefined) {
+        try {
+          comm = readFileSync(`/proc/${this.pid}/task/${tid}/comm`, 'utf8').trim();
+        } catch {
+          continue;
+        }
+        // Node names none of its threads: tell the main (JS) thread from the others.
+        if (tid === this.pid) comm = `${comm} (main)`;
+      }
+      this.last.set(tid, { comm, s });
+    }
+  }
+
+  stop(): Record<string, ThreadTimes> {
+    clearInterval(this.timer);
+    const out: Record<string, ThreadTimes> = {};
+    for (const { comm, s } of this.last.values()) {
+      const o = (out[comm] ??= { threads: 0, runMillis: 0, waitMillis: 0 });
+      o.threads++;
+      o.runMillis += s.runNs / 1e6;
+      o.waitMillis += s.waitNs / 1e6;
+    }
+    for (const o of Object.values(out)) {
+      o.runMillis = Math.round(o.runMillis);
+      o.waitMillis = Math.round(o.waitMillis);
+    }
+    return out;
+  }
+}
+
+/** Bytes `zstd -1 -T1 -c FILE` writes (single-threaded, counted here, not stored). */
+export function zstdSize(file: string, level = 1): Promise<{ bytes: number; wallMillis: number }> {
+  return new Promise((resolve, reject) => {
+    const started = process.hrtime.bigint();
+    const child = spawn('zstd', [`-${level}`, '-T1', '-q', '-c', file], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let bytes = 0;
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (bytes += d.length));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      if (code !== 0) reject(new Error(`zstd -${level} ${file} exited ${code}: ${stderr.trim()}`));
+      else resolve({ bytes, wallMillis: Number(process.hrtime.bigint() - started) / 1e6 });
+    });
+  });
+}
+
+// ---- faultlat target ------------------------------------------------------
+
+export interface LatencyHist {
+  count: number;
+  p50Nanos: number;
+  p90Nanos: number;
+  p99Nanos: number;
+  maxNanos: number;
+}
+
+export interface FaultlatReport {
+  report: true;
+  writes: number;
+  windowMillis: number;
+  writesPerSec: number;
+  faulted: LatencyHist;
+  firstWrite: LatencyHist;
+  all: { p50Nanos: number; p99Nanos: number; maxNanos: number };
+  maxGapNanos: number;
+  maxGapAtMillis: number;
+  /** The 8 longest gaps of 1 ms or more, unordered. */
+  gaps: Array<{ nanos: number; atMillis: number }>;
+  perWindow: { millis: number; min: number; max: number; counts: number[] };
+  /** Added here, from /proc/PID/schedstat: CPU time the target got in the window… */
+  cpuMillis: number | null;
+  /** …and the time it was runnable but waiting for a CPU. The rest it was blocked (faults) or stopped. */
+  runqueueWaitMillis: number | null;
+}
+
+export interface ForkLine {
+  fork: boolean;
+  forkMicros: number;
+  childPid: number;
+  atMillis: number;
+  error?: string;
+}
+
+export interface ForkExitLine {
+  forkChildExit: true;
+  childPid: number;
+  status: number;
+  livedMillis: number;
+}
+
+type Line = Record<string, unknown>;
+
+/**
+ * A faultlat process re-parented to init (so that neither gcore nor wpsnap
+ * freezes a child of a process that reaps children), with its JSON lines
+ * routed to whoever waits for them.
+ */
+export class Faultlat {
+  private readonly lines: Line[] = [];
+  private readonly waiters: Array<{ match: (l: Line) => boolean; resolve: (l: Line) => void }> = [];
+  private ended = false;
+  private windowSched: Schedstat | null = null;
+
+  private constructor(
+    private readonly fixture: LaunchedFixture,
+    readonly ready: Line,
+  ) {
+    void this.pump();
+  }
+
+  static async launch(args: string[]): Promise<Faultlat> {
+    // Filling 1 GiB of fresh memory on this VM takes seconds.
+    const fixture = await launchFixture('faultlat', args, 120_000);
+    return new Faultlat(fixture, JSON.parse(fixture.readyLine) as Line);
+  }
+
+  get pid(): number {
+    return this.fixture.pid;
+  }
+
+  private async pump(): Promise<void> {
+    for (;;) {
+      const text = await this.fixture.nextLine();
+      if (text === null) break;
+      let line: Line;
+      try {
+        line = JSON.parse(text) as Line;
+      } catch {
+        continue;
+      }
+      const i = this.waiters.findIndex((w) => w.match(line));
+      if (i >= 0) this.waiters.splice(i, 1)[0]!.resolve(line);
+      else this.lines.push(line);
+    }
+    this.ended = true;
+  }
+
+  /** The next line (already received or to come) that `match` accepts. */
+  waitFor(match: (l: Line) => boolean, timeoutMs: number, what: string): Promise<Line> {
+    const i = this.lines.findIndex(match);
+    if (i >= 0) return Promise.resolve(this.lines.splice(i, 1)[0]!);
+    if (this.ended) return Promise.reject(new Error(`faultlat ${this.pid} ended before ${what}`));
+    return new Promise((resolve, reject) => {
+      const waiter = {
+        match,
+        resolve: (l: Line) => {
+          clearTimeout(timer);
+          resolve(l);
+        },
+      };
+      const timer = setTimeout(() => {
+        const k = this.waiters.indexOf(waiter);
+        if (k >= 0) this.waiters.splice(k, 1);
+        reject(new Error(`faultlat ${this.pid}: no ${what} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.waiters.push(waiter);
+    });
+  }
+
+  private signal(sig: NodeJS.Signals): void {
+    process.kill(this.pid, sig);
+  }
+
+  /** Start a measurement window (SIGUSR1). */
+  async startWindow(): Promise<void> {
+    this.windowSched = schedstat(this.pid);
+    this.signal('SIGUSR1');
+    // Wait until the target has opened the window: a signal still pending when
+    // wpsnap or gcore stops the target would only be handled after the stop.
+    await this.waitFor((l) => l['window'] === true, 10_000, 'window line');
+  }
+
+  /** The window so far (SIGUSR2). */
+  async report(): Promise<FaultlatReport> {
+    const sched = schedstat(this.pid);
+    this.signal('SIGUSR2');
+    const r = (await this.waitFor((l) => l['report'] === true, 30_000, 'report line')) as unknown as FaultlatReport;
+    const s0 = this.windowSched;
+    r.cpuMillis = sched !== null && s0 !== null ? (sched.runNs - s0.runNs) / 1e6 : null;
+    r.runqueueWaitMillis = sched !== null && s0 !== null ? (sched.waitNs - s0.waitNs) / 1e6 : null;
+    return r;
+  }
+
+  /** Make the target fork (SIGURG); resolves with its fork line. */
+  async fork(): Promise<ForkLine> {
+    this.signal('SIGURG');
+    return (await this.waitFor((l) => 'fork' in l, 30_000, 'fork line')) as unknown as ForkLine;
+  }
+
+  async forkChildExit(childPid: number, timeoutMs: number): Promise<ForkExitLine> {
+    return (await this.waitFor(
+      (l) => l['forkChildExit'] === true && l['childPid'] === childPid,
+      timeoutMs,
+      `exit of fork child ${childPid}`,
+    )) as unknown as ForkExitLine;
+  }
+
+  /** SIGTERM, then SIGKILL if it is still there after 2 s. */
+  async stop(): Promise<void> {
+    this.fixture.kill('SIGTERM');
+    for (let i = 0; i < 20; i++) {
+      if (!isAlive(this.pid)) return;
+      await sleep(100);
+    }
+    this.fixture.kill('SIGKILL');
+  }
+}
+
+export function isAlive(pid: number): boolean {
+  try {
+    // A zombie still "exists": look at its state.
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/\) Z /.test(stat);
+  } catch {
+    return false;
+  }
+}
+
+// ---- machine --------------------------------------------------------------
+
+export interface MachineInfo {
+  cpuModel: string;
+  nproc: number;
+  memTotalGiB: number;
+  memFreeGiB: number;
+  kernel: string;
+  node: string;
+  loadavg: number[];
+  clocksource: string | null;
+}
+
+export function machineInfo(): MachineInfo {
+  const read = (p: string): string | null => {
+    try {
+      return readFileSync(p, 'utf8').trim();
+    } catch {
+      return null;
+    }
+  };
+  return {
+    cpuModel: cpus()[0]?.model ?? 'unknown',
+    nproc: cpus().length,
+    memTotalGiB: round(totalmem() / 2 ** 30, 1) as number,
+    memFreeGiB: round(freemem() / 2 ** 30, 1) as number,
+    kernel: read('/proc/sys/kernel/osrelease') ?? 'unknown',
+    node: process.version,
+    loadavg: loadavg().map((x) => round(x, 2) as number),
+    clocksource: read('/sys/devices/system/clocksource/clocksource0/current_clocksource'),
+  };
+}

@@ -1,0 +1,402 @@
+// Invariant 5 under attack: every page of a snapshot is exactly its content at
+// T, or is listed lost with the reason — never silently wrong. One hostile
+// fixture mode per attack surface (fixtures/hostile.c); each test snapshots it
+// while it runs, reads the fixture's own state at T from the snapshot, derives
+// the content of every page at T from it (test/support/hostile.ts) and demands
+// exact content, or a lost listing with the reason that surface allows. Each
+// test also checks the target ran on (its counters advanced after the
+// snapshot) and ended clean (its done line and its own self-check).
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadBinding } from '../core/binding.js';
+import { snapshotProcess, type SnapshotOptions, type SnapshotResult } from '../core/snapshot.js';
+import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
+import { Store } from '../store/store.js';
+import {
+  checkDontneed,
+  checkPage,
+  content,
+  exactly,
+  checkForkShared,
+  checkMremap,
+  checkMunmap,
+  checkStriders,
+  Content,
+  newVerdict,
+  parseReady,
+  SnapshotView,
+  striders,
+  type DoneLine,
+  type HostileReady,
+  type Verdict,
+} from './support/hostile.js';
+import { sleep } from './support/proc.js';
+
+const binding = loadBinding();
+let dir: string;
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'wpsnap-races-'));
+});
+afterAll(() => {
+  rmSync(dir, { recursive: true, force: true });
+});
+
+interface Hostile {
+  fixture: LaunchedFixture;
+  ready: HostileReady;
+  oracle: Content;
+}
+
+async function hostile(args: string[]): Promise<Hostile> {
+  const fixture = await launchFixture('hostile', args);
+  const ready = parseReady(fixture.readyLine);
+  return { fixture, ready, oracle: new Content(ready.seed) };
+}
+
+/** Progress counters of every thread of the fixture, read live. */
+function opsNow(h: Hostile): number[] {
+  const buf = binding.processVmRead(h.fixture.pid, h.ready.control, h.ready.opsSlots * 64);
+  return Array.from({ length: h.ready.opsSlots }, (_, i) => Number(buf.readBigUInt64LE(i * 64)));
+}
+
+function opsAtT(h: Hostile, view: SnapshotView): number[] {
+  return Array.from({ length: h.ready.opsSlots }, (_, i) => view.num(h.ready.control + BigInt(i * 64)));
+}
+
+async function snap(store: Store, h: Hostile, options: SnapshotOptions = {}): Promise<{ result: SnapshotResult; view: SnapshotView }> {
+  const result = await snapshotProcess(binding, store, h.fixture.pid, options);
+  expect(store.find(String(result.id)).state).toBe('complete');
+  const processId = store.processes(result.id)[0]!.processId;
+  return { result, view: new SnapshotView(store, processId) };
+}
+
+/** The target kept running: every thread's counter moved on from its value at T. */
+async function expectRanOn(h: Hostile, view: SnapshotView): Promise<void> {
+  const atT = opsAtT(h, view);
+  await sleep(30);
+  const after = opsNow(h);
+  for (let i = 0; i < atT.length; i++) expect(after[i], `thread ${i} made no progress after the snapshot`).toBeGreaterThan(atT[i]!);
+}
+
+async function finish(h: Hostile): Promise<DoneLine> {
+  h.fixture.kill('SIGTERM');
+  const line = await Promise.race([h.fixture.nextLine(), sleep(30_000).then(() => null)]);
+  expect(line, 'the fixture printed no done line within 30 s').not.toBeNull();
+  const done = JSON.parse(line!) as DoneLine;
+  expect(done).toMatchObject({ done: true, errors: 0, selfCheck: 'ok', childFailures: 0 });
+  return done;
+}
+
+function expectClean(v: Verdict): void {
+  expect(v.mismatches, `${v.mismatchCount} page(s) silently wrong or lost with a wrong reason`).toEqual([]);
+}
+
+function summary(mode: string, v: Verdict, extra = ''): void {
+  console.log(`[races] ${mode}: ${v.checked} pages checked, ${v.exact} exact, lost ${JSON.stringify(v.lost)}, ${v.mismatchCount} mismatches${extra}`);
+}
+
+describe('invariant 5 under hostile targets', () => {
+  // Catches: handle_remove() a no-op (zapped pages would be saved as zeros, or
+  // as post-T content once rewritten); a REMOVE event read but handled after a
+  // fault copy of a page it covers (the copy then reads the zapped page, and
+  // the unprotect succeeds because the event was read already); a pagemap
+  // check in handle_remove that accepts a page zapped and refaulted between
+  // the two pagemap reads. The cross discarder DONTNEEDs the page a writer is
+  // writing, so a writer blocked on a write-protect fault on p and the REMOVE
+  // of p reach the engine in the same read().
+  it('dontneed: pages discarded while being snapshotted are exact or listed discarded-before-saved', async () => {
+    const store = Store.open(join(dir, 'dontneed.db'));
+    const h = await hostile(['--mode', 'dontneed', '--threads', '2', '--pages', '4096', '--cross', '1', '--seed', '11']);
+    try {
+      await sleep(200);
+      const total = newVerdict();
+      for (let i = 0; i < 4; i++) {
+        const { result, view } = await snap(store, h);
+        const v = newVerdict();
+        checkDontneed(v, view, h.oracle, h.ready);
+        summary(`dontneed #${i}`, v, `, ${result.faults} faults, ${result.engine.events} events`);
+        expectClean(v);
+        expect(v.checked).toBe(2 * 4096);
+        await expectRanOn(h, view);
+        total.exact += v.exact;
+        total.checked += v.checked;
+      }
+      // Most pages survive: a snapshot that listed everything lost would pass the loop above.
+      expect(total.exact).toBeGreaterThan(total.checked * 0.8);
+      await finish(h);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+
+  // Catches: handle_unmap() a no-op or the sweep keeping a copy whose unprotect
+  // failed with ENOENT (a chunk replaced by MAP_FIXED or re-mmapped at the same
+  // address would be saved with the new chunk's content); unmapped pages listed
+  // with another reason.
+  it('munmap: chunks unmapped or replaced after T are exact or listed unmapped-before-saved, never the new content', async () => {
+    const store = Store.open(join(dir, 'munmap.db'));
+    const h = await hostile(['--mode', 'munmap', '--threads', '2', '--slots', '32', '--chunk-pages', '8', '--seed', '12']);
+    try {
+      await sleep(200);
+      let exact = 0;
+      for (let i = 0; i < 4; i++) {
+        const { view } = await snap(store, h);
+        const v = newVerdict();
+        const chunks = checkMunmap(v, view, h.oracle, h.ready);
+        summary(`munmap #${i}`, v, `, ${chunks} chunks live at T`);
+        expectClean(v);
+        expect(chunks).toBeGreaterThan(0);
+        await expectRanOn(h, view);
+        exact += v.exact;
+      }
+      expect(exact).toBeGreaterThan(0);
+      await finish(h);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+
+  // Catches: handle_remap() not re-addressing segments (faults at the new
+  // address would find no segment and be woken unsaved; the sweep would read
+  // the old address); segments not split at partial moves; a fault at an address
+  // that an unmapped T-era segment still claims being resolved against that
+  // stale segment (the region moved onto the placeholder's address by
+  // MREMAP_FIXED is then unprotected without being saved). The sweep is slowed
+  // down so that moves and writes overtake it. Nothing is destroyed here, so no
+  // region page may be lost at all.
+  it('mremap: content at T is found at its address at T, nothing of the moved regions lost', async () => {
+    const store = Store.open(join(dir, 'mremap.db'));
+    const h = await hostile(['--mode', 'mremap', '--threads', '2', '--pages', '2048', '--seed', '13']);
+    try {
+      await sleep(200);
+      for (let i = 0; i < 3; i++) {
+        const { view, result } = await snap(store, h, { rateBytesPerSec: 96 << 20 });
+        const v = newVerdict();
+        const skipped = checkMremap(v, view, h.oracle, h.ready);
+        summary(`mremap #${i}`, v, `, ${skipped} region(s) mid-move at T, ${result.engine.events} events, ${result.durationMillis} ms`);
+        expectClean(v);
+        expect(skipped).toBeLessThan(2);
+        await expectRanOn(h, view);
+      }
+      await finish(h);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+
+  // Catches: a fork child's memory still write-protected (EVENT_FORK not
+  // requested: the child's ranges must be unregistered, or the child would
+  // block or be resolved against the parent's state), the parent's COW-shared
+  // pages copied after a write landed. The children check their own copy and
+  // writes; their failures reach the done line.
+  it('fork: the parent snapshot is exact and the children are unaffected', async () => {
+    const store = Store.open(join(dir, 'fork.db'));
+    const h = await hostile(['--mode', 'fork', '--threads', '2', '--pages', '4096', '--fork-interval-us', '500', '--seed', '14']);
+    try {
+      await sleep(200);
+      for (let i = 0; i < 3; i++) {
+        const { view, result } = await snap(store, h);
+        const v = newVerdict();
+        checkStriders(v, view, h.oracle, striders(h.ready));
+        const st = h.ready.raw['static'] as { start: string; pages: number; stream: number; step: number };
+        for (let p = 0; p < st.pages; p++) {
+          checkPage(v, view, h.oracle, BigInt(st.start) + BigInt(p * 4096), exactly(content(st.stream, st.step, p)), [], () => `static page ${p}`);
+        }
+        summary(`fork #${i}`, v, `, ${result.faults} faults`);
+        expect(result.lostPages).toEqual([]);
+        expectClean(v);
+        await expectRanOn(h, view);
+      }
+      const done = await finish(h);
+      expect(done.childrenStarted).toBeGreaterThan(10);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+
+  // Catches: MAP_SHARED memory that another process (here a fork child) writes
+  // after T. The target's uffd-wp protection lives in its own page tables; the
+  // child's writes do not fault, so the engine must list such pages lost (or
+  // snapshot every process mapping them), not store what it reads later.
+  it('fork: memory shared with children is not silently replaced by what they write after T', async () => {
+    const store = Store.open(join(dir, 'fork-shared.db'));
+    const h = await hostile(['--mode', 'fork', '--threads', '1', '--pages', '1024', '--shared-pages', '512', '--fork-interval-us', '200', '--seed', '15']);
+    try {
+      await sleep(200);
+      for (let i = 0; i < 2; i++) {
+        const { view } = await snap(store, h);
+        const v = newVerdict();
+        checkStriders(v, view, h.oracle, striders(h.ready));
+        const { startedAtT, newest } = checkForkShared(v, view, h.oracle, h.ready);
+        summary(`fork-shared #${i}`, v, `, ${startedAtT} children started at T, newest child in the snapshot ${newest}`);
+        expectClean(v);
+        await expectRanOn(h, view);
+      }
+      await finish(h);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+
+  // Catches: registering only mappings writable at T (a PROT_READ or PROT_NONE
+  // region opened with mprotect after T would be written before being saved);
+  // the sweep failing on PROT_NONE pages (process_vm_readv refuses them, only
+  // /proc/PID/mem with FOLL_FORCE reads them) and listing them read-failed.
+  it('mprotect: regions read-only or PROT_NONE at T and written after mprotect(RW) are exact', async () => {
+    const store = Store.open(join(dir, 'mprotect.db'));
+    const h = await hostile(['--mode', 'mprotect', '--pages', '2048', '--sealed-us', '1500', '--open-pages', '32', '--seed', '16']);
+    try {
+      await sleep(100);
+      for (let i = 0; i < 4; i++) {
+        const { view, result } = await snap(store, h);
+        const v = newVerdict();
+        checkStriders(v, view, h.oracle, striders(h.ready));
+        summary(`mprotect #${i}`, v, `, ${result.faults} faults`);
+        expect(result.lostPages).toEqual([]);
+        expectClean(v);
+        await expectRanOn(h, view);
+        await sleep(37);
+      }
+      await finish(h);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+
+  // Catches: huge PMDs protected or unprotected wrongly (a 4 KiB unprotect must
+  // split the PMD and keep the other 511 pages protected; unprotecting the
+  // whole PMD would let writes to its unsaved neighbours through), and a
+  // MADV_COLLAPSE that rebuilds a huge page from uffd-wp PTEs and drops their
+  // protection (the kernel must refuse; writes after it would go unseen).
+  it('thp: huge pages written 4 KiB at a time and collapsed while snapshotted are exact', async () => {
+    const store = Store.open(join(dir, 'thp.db'));
+    const h = await hostile(['--mode', 'thp', '--threads', '2', '--huge', '8', '--seed', '17']);
+    try {
+      await sleep(100);
+      const thpKiB = anonHugeKiB(h.fixture.pid);
+      expect(thpKiB, 'no transparent huge pages backed the fixture: the test would not test THP').toBeGreaterThan(0);
+      for (let i = 0; i < 3; i++) {
+        const { view, result } = await snap(store, h);
+        const v = newVerdict();
+        checkStriders(v, view, h.oracle, striders(h.ready));
+        summary(`thp #${i}`, v, `, ${result.faults} faults, AnonHugePages ${anonHugeKiB(h.fixture.pid)} KiB (${thpKiB} before)`);
+        expect(result.lostPages).toEqual([]);
+        expectClean(v);
+        await expectRanOn(h, view);
+      }
+      const done = await finish(h);
+      console.log(`[races] thp: MADV_COLLAPSE ok ${done.aux[0]}, refused ${done.aux[1]}`);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+});
+
+function anonHugeKiB(pid: number): number {
+  const m = /AnonHugePages:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
+  return m ? Number(m[1]) : 0;
+}
+
+describe('hugetlb', () => {
+  const NR = '/proc/sys/vm/nr_hugepages';
+  let previous: string | undefined;
+  beforeAll(() => {
+    previous = readFileSync(NR, 'utf8').trim();
+    writeFileSync(NR, String(Number(previous) + 12));
+  });
+  afterAll(() => {
+    if (previous !== undefined) writeFileSync(NR, previous);
+  });
+
+  // Catches: hugetlb pages copied or unprotected in 4 KiB pieces (a fault must
+  // save and unprotect the whole 2 MiB page), shared hugetlbfs read from the
+  // wrong file offset, hugetlb PTE markers taken for data or data for markers.
+  it('hugetlb: private MAP_HUGETLB and shared hugetlbfs memory written while snapshotted are exact', async () => {
+    const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+    expect(free, 'the kernel could not reserve 8 huge pages').toBeGreaterThanOrEqual(8);
+    const store = Store.open(join(dir, 'hugetlb.db'));
+    const h = await hostile(['--mode', 'hugetlb', '--huge', '4', '--huge-shared', '4', '--seed', '18']);
+    try {
+      await sleep(100);
+      for (let i = 0; i < 3; i++) {
+        const { view, result } = await snap(store, h);
+        const v = newVerdict();
+        checkStriders(v, view, h.oracle, striders(h.ready));
+        summary(`hugetlb #${i}`, v, `, ${result.faults} faults`);
+        expect(result.lostPages).toEqual([]);
+        expectClean(v);
+        await expectRanOn(h, view);
+      }
+      await finish(h);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+});
+
+describe('swap', () => {
+  let swapDir: string | undefined;
+  let swapFile: string | undefined;
+  let swapOn = false;
+  beforeAll(() => {
+    // A swap file on the root filesystem (ext4 on /dev/vda supports them).
+    swapDir = mkdtempSync(join(tmpdir(), 'wpsnap-swap-'));
+    swapFile = join(swapDir, 'swapfile');
+    execFileSync('dd', ['if=/dev/zero', `of=${swapFile}`, 'bs=1M', 'count=256', 'status=none']);
+    execFileSync('chmod', ['600', swapFile]);
+    execFileSync('mkswap', [swapFile], { stdio: 'ignore' });
+    execFileSync('swapon', [swapFile]);
+    swapOn = true;
+  }, 60_000);
+  afterAll(() => {
+    try {
+      if (swapOn && swapFile) execFileSync('swapoff', [swapFile]);
+    } finally {
+      if (swapDir) rmSync(swapDir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
+  // Catches: swap entries taken for never-touched pages (PTE markers) and
+  // saved as zero, uffd-wp lost across swap-out/swap-in (anonymous: the swap
+  // PTE's uffd-wp bit; shmem: the PTE marker left when the page is reclaimed),
+  // which would let a write to a swapped-in page through unsaved.
+  it('swap: anonymous and memfd pages pushed to swap before and during the snapshot are exact', async () => {
+    const store = Store.open(join(dir, 'swap.db'));
+    const h = await hostile(['--mode', 'swap', '--pages', '8192', '--memfd-pages', '2048', '--rate', '4000', '--seed', '19']);
+    try {
+      await sleep(150);
+      for (let i = 0; i < 2; i++) {
+        const swapped = striders(h.ready).map((w) => {
+          const entries = binding.readPagemap(h.fixture.pid, w.start, w.pages);
+          return entries.filter((e) => ((e >> 62n) & 1n) === 1n).length;
+        });
+        const shmemSwapKiB = Number(/SwapPss:\s+(\d+) kB/.exec(readFileSync(`/proc/${h.fixture.pid}/smaps_rollup`, 'utf8'))?.[1] ?? 0);
+        expect(swapped[0], 'no anonymous page was on swap before the snapshot').toBeGreaterThan(1000);
+        const { view, result } = await snap(store, h);
+        const v = newVerdict();
+        checkStriders(v, view, h.oracle, striders(h.ready));
+        summary(`swap #${i}`, v, `, ${result.faults} faults; before: ${swapped.join('/')} pages swapped (anon/memfd ptes), SwapPss ${shmemSwapKiB} KiB`);
+        expect(result.lostPages).toEqual([]);
+        expectClean(v);
+        await expectRanOn(h, view);
+        await sleep(100);
+      }
+      await finish(h);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+});
