@@ -6,14 +6,14 @@ import { PAGE_SIZE } from '../snapshot-format/model.js';
 import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
 
 /** Decompressed blobs kept. */
-const BLOB_CACHE = 16;
+/** Decompressed blobs kept (256 KiB each): pages of one address range are spread over blobs in arrival order. */
+const BLOB_CACHE = 128;
 const PAGE_MASK = BigInt(PAGE_SIZE - 1);
 
 export class PageReader {
   private readonly blobCache = new Map<number, Buffer>();
   private indexCache: { key: string; index: DecodedIndex } | undefined;
   private readonly rowsOfProcess: Database.Statement;
-  private readonly rowsAround: Database.Statement;
   private readonly indexVersion: Database.Statement;
   private readonly blob: Database.Statement;
 
@@ -23,12 +23,6 @@ export class PageReader {
   ) {
     this.rowsOfProcess = db
       .prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id = ? ORDER BY first_address')
-      .safeIntegers(true);
-    this.rowsAround = db
-      .prepare(
-        `SELECT first_address, last_address, count, entries FROM page_index
-         WHERE process_id = ? AND first_address <= ? AND last_address >= ?`,
-      )
       .safeIntegers(true);
     this.indexVersion = db.prepare('SELECT count(*) AS n, max(id) AS last FROM page_index WHERE process_id = ?');
     this.blob = db.prepare('SELECT id, pages, codec, hashes, data FROM blobs WHERE id = ?');
@@ -49,11 +43,11 @@ export class PageReader {
     if ((address & PAGE_MASK) !== 0n) {
       throw new WpsnapError('INVALID_ADDRESS', `0x${address.toString(16)} is not page-aligned`, { kind: 'usage' });
     }
-    for (const row of this.rowsAround.all(processId, address, address) as IndexRow[]) {
-      const index = this.decode(row, processId);
-      const i = lowerBound(index.addresses, address);
-      if (index.addresses[i] === address) return Buffer.from(this.contentPage(index.cids[i] as number));
-    }
+    // The merged index (cached): fault batches span wide address ranges, so
+    // looking rows up by range would decode many of them for every page.
+    const index = this.processIndex(processId);
+    const i = lowerBound(index.addresses, address);
+    if (index.addresses[i] === address) return Buffer.from(this.contentPage(index.cids[i] as number));
     return Buffer.alloc(PAGE_SIZE);
   }
 

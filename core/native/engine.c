@@ -38,6 +38,7 @@
 #define SWEEP_CHUNK_BYTES (128 * 1024)
 #define MSG_BATCH 64
 #define MAX_LATENCY_SAMPLES (1u << 22)
+#define MAX_SPARE_OVERFLOW 8
 
 enum { PAGE_UNSAVED = 0, PAGE_SAVED = 1, PAGE_LOST = 2 };
 enum { KIND_ANON = 0, KIND_FILE = 1, KIND_PRIVATE = 2 };
@@ -109,7 +110,9 @@ typedef struct {
   slot_t **slots; /* by id; overflow ids follow the fixed ones */
   size_t nslots, slots_cap;
   uint32_t pool_size, batch_pages;
-  slot_t *cur;
+  uint32_t spare_overflow; /* released overflow batches kept for reuse */
+  slot_t *cur_sweep; /* batch the sweep fills (pool only) */
+  slot_t *cur_fault; /* batch faults and events fill (pool, else overflow) */
 
   /* rate limit (bytes/s, 0 = unlimited) */
   double rate;
@@ -194,15 +197,21 @@ static slot_t *slot_new(engine_t *e, bool overflow) {
   return s;
 }
 
+/* A free batch: pool batches first; for a fault, then a spare overflow batch,
+ * then a new one. The sweep only ever gets pool batches. */
 static slot_t *slot_take(engine_t *e, bool allow_overflow) {
   pthread_mutex_lock(&e->pool_lock);
   slot_t *found = NULL;
-  for (size_t i = 0; i < e->nslots; i++) {
-    if (e->slots[i] != NULL && e->slots[i]->free) {
-      found = e->slots[i];
-      break;
+  for (int pass = 0; pass < (allow_overflow ? 2 : 1) && found == NULL; pass++) {
+    for (size_t i = 0; i < e->nslots; i++) {
+      slot_t *s = e->slots[i];
+      if (s != NULL && s->free && s->overflow == (pass == 1)) {
+        found = s;
+        break;
+      }
     }
   }
+  if (found != NULL && found->overflow) e->spare_overflow--;
   if (found == NULL && allow_overflow) {
     found = slot_new(e, true);
     atomic_fetch_add(&e->overflow_batches, 1);
@@ -222,30 +231,40 @@ static void post_slot(engine_t *e, slot_t *s) {
   napi_call_threadsafe_function(e->tsfn, m, napi_tsfn_blocking);
 }
 
-static void flush_current(engine_t *e) {
-  if (e->cur != NULL && e->cur->count > 0) {
-    post_slot(e, e->cur);
-    e->cur = NULL;
+static void flush_batch(engine_t *e, slot_t **batch) {
+  if (*batch != NULL && (*batch)->count > 0) {
+    post_slot(e, *batch);
+    *batch = NULL;
   }
 }
 
-/* Room for n pages at the tail of the current batch, or NULL when the pool is
- * exhausted and overflow is not allowed (the sweep then waits). */
+/* Post both partly filled batches (before waiting, and at the end). */
+static void flush_current(engine_t *e) {
+  flush_batch(e, &e->cur_sweep);
+  flush_batch(e, &e->cur_fault);
+}
+
+/* Room for n pages at the tail of the fault or the sweep batch. Faults and the
+ * sweep fill separate batches: the sweep only ever gets pool batches (it waits
+ * when the pool is exhausted), faults get an overflow batch rather than wait.
+ * Returns NULL only for the sweep. */
 static uint8_t *reserve(engine_t *e, uint32_t n, bool from_fault) {
-  if (e->cur != NULL && e->cur->count + n > e->cur->cap) flush_current(e);
-  if (e->cur == NULL) {
-    e->cur = slot_take(e, from_fault);
-    if (e->cur == NULL) return NULL;
+  slot_t **batch = from_fault ? &e->cur_fault : &e->cur_sweep;
+  if (*batch != NULL && (*batch)->count + n > (*batch)->cap) flush_batch(e, batch);
+  if (*batch == NULL) {
+    *batch = slot_take(e, from_fault);
+    if (*batch == NULL) return NULL;
   }
-  return e->cur->data + (size_t)e->cur->count * PG;
+  return (*batch)->data + (size_t)(*batch)->count * PG;
 }
 
 /* Pages reserved and filled: record their addresses at T. */
-static void commit(engine_t *e, uint64_t t_addr, uint32_t n) {
-  for (uint32_t i = 0; i < n; i++) e->cur->addrs[e->cur->count + i] = t_addr + i * PG;
-  e->cur->count += n;
+static void commit(engine_t *e, uint64_t t_addr, uint32_t n, bool from_fault) {
+  slot_t **batch = from_fault ? &e->cur_fault : &e->cur_sweep;
+  for (uint32_t i = 0; i < n; i++) (*batch)->addrs[(*batch)->count + i] = t_addr + i * PG;
+  (*batch)->count += n;
   atomic_fetch_add(&e->bytes_copied, (uint64_t)n * PG);
-  if (e->cur->count == e->cur->cap) flush_current(e);
+  if ((*batch)->count == (*batch)->cap) flush_batch(e, batch);
 }
 
 /* ---------- segments ---------- */
@@ -412,7 +431,7 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
       return;
     }
     for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_SAVED;
-    commit(e, s->t_start + off, npg);
+    commit(e, s->t_start + off, npg, true);
     atomic_fetch_add(&e->pages_fault, npg);
     if (read_ns != 0 && e->nlatency < MAX_LATENCY_SAMPLES) {
       uint64_t dt = mono_ns() - read_ns;
@@ -458,7 +477,7 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
       }
       if (ok) {
         s->state[idx] = PAGE_SAVED;
-        commit(e, s->t_start + off, 1);
+        commit(e, s->t_start + off, 1, true);
         atomic_fetch_add(&e->pages_fault, 1);
       } else {
         s->state[idx] = PAGE_LOST;
@@ -724,17 +743,17 @@ static int sweep_step(engine_t *e, int *wait_ms) {
     uint32_t j = i;
     while (j < npg && need[j]) j++;
     for (uint32_t x = i; x < j; x++) {
-      e->cur->addrs[e->cur->count + k + (x - i)] = s->t_start + off + (uint64_t)x * PG;
+      e->cur_sweep->addrs[e->cur_sweep->count + k + (x - i)] = s->t_start + off + (uint64_t)x * PG;
       s->state[off / PG + x] = PAGE_SAVED;
     }
     k += j - i;
     i = j;
   }
   if (k > 0) {
-    e->cur->count += k;
+    e->cur_sweep->count += k;
     atomic_fetch_add(&e->bytes_copied, (uint64_t)k * PG);
     atomic_fetch_add(&e->pages_sweep, k);
-    if (e->cur->count == e->cur->cap) flush_current(e);
+    if (e->cur_sweep->count == e->cur_sweep->cap) flush_batch(e, &e->cur_sweep);
   }
   if (e->rate > 0) e->tokens -= (double)len;
   e->sweep_off = end;
@@ -765,12 +784,11 @@ static void *engine_main(void *arg) {
       drain(e);
       break;
     }
-    if (r == SWEEP_WAIT_RATE) flush_current(e);
-    if (r == SWEEP_WAIT_POOL) {
-      /* Our partly filled batch cannot be released until posted. */
-      flush_current(e);
-      wait_ms = 50;
-    }
+    /* Partly filled batches are posted only before a long rate-limit wait:
+     * posting them at every wait would hand the store many tiny batches. A
+     * pool wait ends when the store releases a batch it already has. */
+    if (r == SWEEP_WAIT_RATE && wait_ms >= 50) flush_current(e);
+    if (r == SWEEP_WAIT_POOL) wait_ms = 50;
     int pr = poll(fds, e->pidfd >= 0 ? 3 : 2, wait_ms);
     if (pr > 0 && (fds[1].revents & POLLIN)) {
       uint64_t v;
@@ -1065,12 +1083,13 @@ static napi_value js_engine_release(napi_env env, napi_callback_info info) {
   pthread_mutex_lock(&e->pool_lock);
   if (id >= 0 && (size_t)id < e->nslots && e->slots[id] != NULL) {
     slot_t *s = e->slots[id];
-    if (s->overflow) {
+    if (s->overflow && e->spare_overflow >= MAX_SPARE_OVERFLOW) {
       munmap(s->data, (size_t)s->cap * PG);
       free(s->addrs);
       free(s);
       e->slots[id] = NULL;
     } else {
+      if (s->overflow) e->spare_overflow++;
       s->count = 0;
       s->free = true;
     }
