@@ -104,5 +104,8 @@ if (isEntryPoint()) {
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   const code = await main(process.argv.slice(2), defaultContext(controller.signal));
+  // process.exit() does not wait for a pipe to drain: a large --json document
+  // to a slow reader would be cut off. Flush stdout and stderr first.
+  await Promise.all([process.stdout, process.stderr].map((stream) => new Promise<void>((resolve) => stream.write('', () => resolve()))));
   process.exit(code);
 }
