@@ -2,7 +2,7 @@
 // uffd-wp (synchronous) can protect anonymous, shmem and hugetlbfs mappings
 // only; private file mappings get their copy-on-write pages copied while the
 // target is stopped and the rest referenced to the file.
-import { closeSync, openSync, statSync, statfsSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, statSync, statfsSync } from 'node:fs';
 import type { FileReference, LostRange, RegionRecord } from '../snapshot-format/model.js';
 import type { EngineRegion } from './native/binding.js';
 import type { MapsEntry } from './procfs.js';
@@ -18,7 +18,9 @@ const SKIPPED_SPECIAL = new Map<string, string>([
   ['[uprobes]', 'uprobes trampoline page'],
 ]);
 
-export type PausedCopy = 'none' | 'cow' | 'all-present';
+/** What to copy while the target is stopped: copy-on-write pages of a private
+ * file mapping, every present page, or every data page of a shared file. */
+export type PausedCopy = 'none' | 'cow' | 'all-present' | 'file';
 
 export interface RegionPlan {
   record: RegionRecord;
@@ -30,6 +32,8 @@ export interface RegionPlan {
   lost?: LostRange;
   /** fd opened here that must be closed when the snapshot ends. */
   openedFd?: number;
+  /** Other processes that map this shared memory writable: their writes do not fault here. */
+  sharedWith?: number[];
 }
 
 function mapFilesPath(pid: number, m: MapsEntry): string {
@@ -125,6 +129,30 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
   return { record, pausedCopy: 'none' };
 }
 
+/** For each of these files ("dev inode" as in maps), the other processes that map it writable. */
+function writersOfFiles(pid: number, files: Set<string>): Map<string, number[]> {
+  const found = new Map<string, number[]>();
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === pid) continue;
+    let text: string;
+    try {
+      text = readFileSync(`/proc/${entry}/maps`, 'utf8');
+    } catch {
+      continue; // exited meanwhile
+    }
+    for (const line of text.split('\n')) {
+      // "start-end perms offset dev inode path": perms is field 2, dev and inode 4 and 5.
+      const fields = line.split(/\s+/, 5);
+      const key = `${fields[3]} ${fields[4]}`;
+      if (!files.has(key) || fields[1]?.[1] !== 'w') continue;
+      const pids = found.get(key) ?? [];
+      if (!pids.includes(Number(entry))) pids.push(Number(entry));
+      found.set(key, pids);
+    }
+  }
+  return found;
+}
+
 function mapsKey(m: MapsEntry): string {
   return `${m.start}-${m.end} ${m.perms} ${m.offset} ${m.dev} ${m.inode} ${m.path}`;
 }
@@ -143,6 +171,13 @@ export class RegionPlanner {
   /** Plan ahead from a maps listing read before the freeze. */
   prepare(maps: MapsEntry[]): void {
     for (const m of maps) this.early.set(mapsKey(m), planRegion(this.pid, m, this.fsCache));
+    const shared = [...this.early.values()].filter((p) => p.openedFd !== undefined);
+    if (shared.length === 0) return;
+    const others = writersOfFiles(this.pid, new Set(shared.map((p) => `${p.record.dev} ${p.record.inode}`)));
+    for (const plan of shared) {
+      const pids = others.get(`${plan.record.dev} ${plan.record.inode}`);
+      if (pids) plan.sharedWith = pids;
+    }
   }
 
   /** Plans for the maps read during the pause; plans made ahead for mappings gone since are released. */

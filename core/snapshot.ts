@@ -35,7 +35,12 @@ export interface SnapshotOptions {
   onProgress?: (progress: SnapshotProgress) => void;
   /** Aborting stops the snapshot: it is recorded as incomplete. */
   signal?: AbortSignal;
+  /** Shared memory that uffd-wp cannot protect (SysV segments) is copied whole
+   * during the pause, up to this many bytes in all; beyond that it is listed as lost. */
+  maxSharedCopyBytes?: number;
 }
+
+export const DEFAULT_MAX_SHARED_COPY = 512 * 1024 * 1024;
 
 export interface LostPagesEntry {
   address: string;
@@ -118,6 +123,7 @@ function pausePhase(
   insn: bigint,
   deviceNode: DeviceNode | null,
   planner: RegionPlanner,
+  maxSharedCopyBytes: number,
 ): PausePhase {
   const started = process.hrtime.bigint();
   let mark = started;
@@ -143,15 +149,33 @@ function pausePhase(
     breakdown.inject = lap();
     const plans = planner.plan(readMaps(pid));
     breakdown.plan = lap();
+    let sharedCopyBytes = 0;
     for (const plan of plans) {
       if (plan.engine === undefined) continue;
-      if (!protect(binding, uffd, plan)) {
-        // Not protectable after all (e.g. VM_DROPPABLE): copy it now, while stopped.
+      const bytes = Number(plan.record.end - plan.record.start);
+      if (plan.sharedWith !== undefined) {
+        // uffd-wp only sees writes through this process's mapping: memory other
+        // processes write is not capturable at one instant without freezing them.
         delete plan.engine;
-        if (plan.openedFd !== undefined) closeSync(plan.openedFd);
-        delete plan.openedFd;
-        plan.record.capture = 'file-private';
+        plan.record.capture = 'skipped';
+        plan.record.skipReason = `shared memory also mapped writable by pid ${plan.sharedWith.join(', ')}: snapshot those processes together to capture it`;
+        plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'shared-with-other-process' };
+        continue;
+      }
+      if (protect(binding, uffd, plan)) continue;
+      // The kernel will not register it (a SysV segment): copy it whole now,
+      // while the target, its only writer, is stopped.
+      delete plan.engine;
+      plan.record.capture = 'file-private';
+      if (plan.openedFd === undefined) {
         plan.pausedCopy = 'all-present';
+      } else if (sharedCopyBytes + bytes <= maxSharedCopyBytes) {
+        sharedCopyBytes += bytes;
+        plan.pausedCopy = 'file';
+      } else {
+        plan.record.capture = 'skipped';
+        plan.record.skipReason = 'shared memory uffd-wp cannot protect, larger than --max-shared-copy';
+        plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'read-failed' };
       }
     }
     breakdown.protect = lap();
@@ -159,7 +183,11 @@ function pausePhase(
     const pausedPages: PageBatch[] = [];
     for (const plan of plans) {
       if (plan.pausedCopy === 'none') continue;
-      const copy = binding.copyPrivatePages(pid, plan.record.start, plan.record.end, plan.pausedCopy === 'all-present');
+      const { start, end, offset } = plan.record;
+      const copy =
+        plan.pausedCopy === 'file'
+          ? binding.copyFilePages(plan.openedFd!, offset, end - start, start)
+          : binding.copyPrivatePages(pid, start, end, plan.pausedCopy === 'all-present');
       if (copy.addresses.length > 0) pausedPages.push({ addresses: copy.addresses, data: copy.data });
     }
     const threads: ThreadRecord[] = frozen.threads.map((t) => ({
@@ -279,7 +307,7 @@ export async function snapshotProcess(
     const processId = writer.addProcess(processRecord);
     planner.prepare(readMaps(pid));
     faultPoint('before-freeze');
-    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner);
+    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY);
     deviceNode?.remove();
     deviceNode = null;
     faultPoint('after-resume');

@@ -7,9 +7,11 @@ export const PAGE_SIZE = 4096;
 export type RegionCapture =
   /** Registered with uffd-wp: every page saved before its first write after T. */
   | 'protected'
-  /** Not protectable by uffd-wp (private file mapping): its privately modified
-   * (copy-on-write) pages were copied while the target was stopped; every other
-   * page is the file's content, kept as a FileReference. */
+  /** Copied while the target was stopped. For a private file mapping: its
+   * privately modified (copy-on-write) pages, every other page being the file's
+   * content, kept as a FileReference. Without a FileReference ([vdso], SysV
+   * segments, mappings the kernel would not register): every page with data
+   * was copied, and a page not stored is zero. */
   | 'file-private'
   /** Read-only shared file mapping: the content is the file's; kept as a FileReference. */
   | 'file-reference'
@@ -90,6 +92,8 @@ export const LOST_REASONS = [
   'file-changed',
   /** A hugetlb mapping with pages larger than 2 MiB: the engine copies at most 2 MiB per fault. */
   'unsupported-page-size',
+  /** Shared memory other processes also map writable: their writes do not fault in the target, so it has no single instant T. */
+  'shared-with-other-process',
 ] as const;
 export type LostReason = (typeof LOST_REASONS)[number];
 

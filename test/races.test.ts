@@ -6,6 +6,13 @@
 // exact content, or a lost listing with the reason that surface allows. Each
 // test also checks the target ran on (its counters advanced after the
 // snapshot) and ended clean (its done line and its own self-check).
+//
+// Four of these fail against core/native/engine.c as of this writing, on real
+// bugs (each test's comment names the code path): dontneed (pages silently
+// zero or post-T), dontneed in a loop (snapshot aborts: "fault handling did not
+// settle"), mremap (moved pages listed lost; silently post-T once the first bug
+// is fixed) and fork with shared memory (post-T content of another process).
+// With the fixes described there, applied to a private build, all ten pass.
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -17,14 +24,14 @@ import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { Store } from '../store/store.js';
 import {
   checkDontneed,
-  checkPage,
-  content,
-  exactly,
   checkForkShared,
   checkMremap,
   checkMunmap,
+  checkPage,
   checkStriders,
+  content,
   Content,
+  exactly,
   newVerdict,
   parseReady,
   SnapshotView,
@@ -92,7 +99,8 @@ async function finish(h: Hostile): Promise<DoneLine> {
 }
 
 function expectClean(v: Verdict): void {
-  expect(v.mismatches, `${v.mismatchCount} page(s) silently wrong or lost with a wrong reason`).toEqual([]);
+  const first = v.mismatches.slice(0, 3).join('\n  ');
+  expect(v.mismatchCount, `${v.silentlyWrong} page(s) silently wrong, ${v.wrongReason} lost with a reason that cannot happen here; first:\n  ${first}\n`).toBe(0);
 }
 
 function summary(mode: string, v: Verdict, extra = ''): void {
@@ -100,17 +108,24 @@ function summary(mode: string, v: Verdict, extra = ''): void {
 }
 
 describe('invariant 5 under hostile targets', () => {
-  // Catches: handle_remove() a no-op (zapped pages would be saved as zeros, or
-  // as post-T content once rewritten); a REMOVE event read but handled after a
-  // fault copy of a page it covers (the copy then reads the zapped page, and
-  // the unprotect succeeds because the event was read already); a pagemap
-  // check in handle_remove that accepts a page zapped and refaulted between
-  // the two pagemap reads. The cross discarder DONTNEEDs the page a writer is
-  // writing, so a writer blocked on a write-protect fault on p and the REMOVE
-  // of p reach the engine in the same read().
+  // Catches (content; fails on the engine as of this writing):
+  //  - drain() handling a read batch in order: the kernel returns pending faults
+  //    before events, so [fault on p, REMOVE of p] is handled fault first; the
+  //    REMOVE has been read, so its DONTNEED zaps p while the fault path copies
+  //    it, and the UFFDIO_WRITEPROTECT that validates the copy succeeds (the
+  //    event is read): p is stored as zeros, silently. The cross discarder
+  //    DONTNEEDs the page a writer is blocked on, which produces that batch.
+  //  - handle_remove() validating by pfn only: a page zapped and faulted in
+  //    again (anonymous memory keeps no marker) before its pagemap is read, or
+  //    given back the same pfn, is taken for the page of T: post-T content,
+  //    silently. Writers rewrite the first page of each range they discard.
+  //  - handle_remove() a no-op (zapped pages saved as zeros or as later content).
   it('dontneed: pages discarded while being snapshotted are exact or listed discarded-before-saved', async () => {
     const store = Store.open(join(dir, 'dontneed.db'));
-    const h = await hostile(['--mode', 'dontneed', '--threads', '2', '--pages', '4096', '--cross', '1', '--seed', '11']);
+    const h = await hostile([
+      '--mode', 'dontneed', '--threads', '2', '--pages', '2048', '--rate', '100000', '--discard-every', '256', '--max-range', '4',
+      '--cross', '1', '--seed', '11',
+    ]);
     try {
       await sleep(200);
       const total = newVerdict();
@@ -120,7 +135,7 @@ describe('invariant 5 under hostile targets', () => {
         checkDontneed(v, view, h.oracle, h.ready);
         summary(`dontneed #${i}`, v, `, ${result.faults} faults, ${result.engine.events} events`);
         expectClean(v);
-        expect(v.checked).toBe(2 * 4096);
+        expect(v.checked).toBe(2 * 2048);
         await expectRanOn(h, view);
         total.exact += v.exact;
         total.checked += v.checked;
@@ -134,10 +149,36 @@ describe('invariant 5 under hostile targets', () => {
     }
   });
 
-  // Catches: handle_unmap() a no-op or the sweep keeping a copy whose unprotect
-  // failed with ENOENT (a chunk replaced by MAP_FIXED or re-mmapped at the same
-  // address would be saved with the new chunk's content); unmapped pages listed
-  // with another reason.
+  // Catches (liveness; fails on the engine as of this writing): handle_fault()
+  // retrying UFFDIO_WRITEPROTECT right after reading the events that made it
+  // fail with EAGAIN, and giving up after 1000 attempts. The thread whose event
+  // was just read has not lowered mmap_changing yet, so every retry fails again
+  // while another thread keeps calling madvise(DONTNEED); the snapshot then
+  // aborts with "fault handling did not settle".
+  it('dontneed: a thread discarding memory in a loop does not make the snapshot fail', async () => {
+    const store = Store.open(join(dir, 'dontneed-loop.db'));
+    const h = await hostile(['--mode', 'dontneed', '--threads', '2', '--pages', '2048', '--discard-every', '16', '--cross', '0', '--seed', '21']);
+    try {
+      await sleep(200);
+      const { result, view } = await snap(store, h);
+      const v = newVerdict();
+      checkDontneed(v, view, h.oracle, h.ready);
+      summary('dontneed-loop', v, `, ${result.faults} faults, ${result.engine.events} events, fault max ${Math.round(result.engine.faultServiceMaxMicros)} us`);
+      expectClean(v);
+      await expectRanOn(h, view);
+      await finish(h);
+    } finally {
+      h.fixture.kill();
+      await store.close();
+    }
+  });
+
+  // Catches: the sweep keeping a copy whose unprotect failed with ENOENT while
+  // handle_unmap() misses the unmap (a chunk replaced by MAP_FIXED or re-mmapped
+  // at the same address is then saved with the new chunk's content: checked by
+  // mutating a private build of engine.c, 89-148 silent pages per snapshot);
+  // unmapped pages listed with a reason other than unmapped-before-saved.
+  // handle_unmap() alone being a no-op is masked by the sweep's ENOENT check.
   it('munmap: chunks unmapped or replaced after T are exact or listed unmapped-before-saved, never the new content', async () => {
     const store = Store.open(join(dir, 'munmap.db'));
     const h = await hostile(['--mode', 'munmap', '--threads', '2', '--slots', '32', '--chunk-pages', '8', '--seed', '12']);
@@ -162,14 +203,22 @@ describe('invariant 5 under hostile targets', () => {
     }
   });
 
-  // Catches: handle_remap() not re-addressing segments (faults at the new
-  // address would find no segment and be woken unsaved; the sweep would read
-  // the old address); segments not split at partial moves; a fault at an address
-  // that an unmapped T-era segment still claims being resolved against that
-  // stale segment (the region moved onto the placeholder's address by
-  // MREMAP_FIXED is then unprotected without being saved). The sweep is slowed
-  // down so that moves and writes overtake it. Nothing is destroyed here, so no
-  // region page may be lost at all.
+  // Catches (fails on the engine as of this writing):
+  //  - drain() applying a batch's events after newer ones a fault handler read
+  //    (read_more): [fault, UNMAP(dest)] then REMAP(src -> dest) read inside the
+  //    fault handler is applied first, and the stale UNMAP(dest) then marks the
+  //    moved region's unsaved pages lost ("unmapped-before-saved", though nothing
+  //    was destroyed) and lets writes to them through.
+  //  - handle_unmap() leaving the unmapped segment at its address: a later REMAP
+  //    from that address moves it along with the live segment, and seg_by_cur()
+  //    may resolve a fault against the stale one (state lost/saved), unprotecting
+  //    the live page unsaved: post-T content, silently (seen once the ordering
+  //    above is fixed in a private build).
+  //  - handle_remap() not re-addressing segments, or not splitting them.
+  // Regions move with MREMAP_FIXED onto PROT_NONE placeholders (a reservation
+  // pattern), so a T-era placeholder is unmapped and the region takes its
+  // address. The sweep is slowed down so that moves overtake it. Nothing is
+  // destroyed here: no page of a region may be lost at all.
   it('mremap: content at T is found at its address at T, nothing of the moved regions lost', async () => {
     const store = Store.open(join(dir, 'mremap.db'));
     const h = await hostile(['--mode', 'mremap', '--threads', '2', '--pages', '2048', '--seed', '13']);
@@ -198,7 +247,7 @@ describe('invariant 5 under hostile targets', () => {
   // writes; their failures reach the done line.
   it('fork: the parent snapshot is exact and the children are unaffected', async () => {
     const store = Store.open(join(dir, 'fork.db'));
-    const h = await hostile(['--mode', 'fork', '--threads', '2', '--pages', '4096', '--fork-interval-us', '500', '--seed', '14']);
+    const h = await hostile(['--mode', 'fork', '--threads', '2', '--pages', '4096', '--rate', '20000', '--fork-interval-us', '500', '--seed', '14']);
     try {
       await sleep(200);
       for (let i = 0; i < 3; i++) {
@@ -222,17 +271,21 @@ describe('invariant 5 under hostile targets', () => {
     }
   });
 
-  // Catches: MAP_SHARED memory that another process (here a fork child) writes
-  // after T. The target's uffd-wp protection lives in its own page tables; the
-  // child's writes do not fault, so the engine must list such pages lost (or
-  // snapshot every process mapping them), not store what it reads later.
+  // Catches (fails as of this writing): MAP_SHARED memory that another process
+  // (here a fork child) writes after T. The target's uffd-wp protection lives
+  // in its own page tables; the child's writes do not fault, and the sweep
+  // reads the shmem file later, so it stores what the children wrote after T.
+  // Such pages must be listed lost (or every process mapping them snapshotted
+  // together, seed 004), never stored as the content at T.
   it('fork: memory shared with children is not silently replaced by what they write after T', async () => {
     const store = Store.open(join(dir, 'fork-shared.db'));
-    const h = await hostile(['--mode', 'fork', '--threads', '1', '--pages', '1024', '--shared-pages', '512', '--fork-interval-us', '200', '--seed', '15']);
+    const h = await hostile(['--mode', 'fork', '--threads', '1', '--pages', '1024', '--rate', '20000', '--shared-pages', '2048', '--fork-interval-us', '200', '--seed', '15']);
     try {
       await sleep(200);
       for (let i = 0; i < 2; i++) {
-        const { view } = await snap(store, h);
+        // A slow sweep reaches the shared pages long after T: children forked
+        // after T have rewritten them by then.
+        const { view } = await snap(store, h, { rateBytesPerSec: 8 << 20 });
         const v = newVerdict();
         checkStriders(v, view, h.oracle, striders(h.ready));
         const { startedAtT, newest } = checkForkShared(v, view, h.oracle, h.ready);
@@ -280,7 +333,7 @@ describe('invariant 5 under hostile targets', () => {
   // protection (the kernel must refuse; writes after it would go unseen).
   it('thp: huge pages written 4 KiB at a time and collapsed while snapshotted are exact', async () => {
     const store = Store.open(join(dir, 'thp.db'));
-    const h = await hostile(['--mode', 'thp', '--threads', '2', '--huge', '8', '--seed', '17']);
+    const h = await hostile(['--mode', 'thp', '--threads', '2', '--huge', '8', '--rate', '50000', '--seed', '17']);
     try {
       await sleep(100);
       const thpKiB = anonHugeKiB(h.fixture.pid);
@@ -302,6 +355,20 @@ describe('invariant 5 under hostile targets', () => {
     }
   });
 });
+
+/** A field (in KiB) of the /proc/PID/smaps entry of the mapping that starts at `start`. */
+function smapsField(pid: number, start: bigint, field: string): number {
+  const text = readFileSync(`/proc/${pid}/smaps`, 'utf8');
+  const head = `${start.toString(16)}-`;
+  const at = text.split('\n').findIndex((line) => line.startsWith(head));
+  if (at < 0) return 0;
+  for (const line of text.split('\n').slice(at + 1)) {
+    if (/^[0-9a-f]+-[0-9a-f]+ /.test(line)) break;
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`).exec(line);
+    if (m) return Number(m[1]);
+  }
+  return 0;
+}
 
 function anonHugeKiB(pid: number): number {
   const m = /AnonHugePages:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
@@ -378,16 +445,15 @@ describe('swap', () => {
     try {
       await sleep(150);
       for (let i = 0; i < 2; i++) {
-        const swapped = striders(h.ready).map((w) => {
-          const entries = binding.readPagemap(h.fixture.pid, w.start, w.pages);
-          return entries.filter((e) => ((e >> 62n) & 1n) === 1n).length;
-        });
-        const shmemSwapKiB = Number(/SwapPss:\s+(\d+) kB/.exec(readFileSync(`/proc/${h.fixture.pid}/smaps_rollup`, 'utf8'))?.[1] ?? 0);
-        expect(swapped[0], 'no anonymous page was on swap before the snapshot').toBeGreaterThan(1000);
+        // What is on swap right before the snapshot, per region (smaps "Swap:"
+        // counts anonymous swap entries and swapped-out shmem of the mapping).
+        const swappedKiB = striders(h.ready).map((w) => smapsField(h.fixture.pid, w.start, 'Swap'));
+        expect(swappedKiB[0], 'no anonymous page was on swap before the snapshot').toBeGreaterThan(4096);
+        expect(swappedKiB[1], 'no memfd page was on swap before the snapshot').toBeGreaterThan(1024);
         const { view, result } = await snap(store, h);
         const v = newVerdict();
         checkStriders(v, view, h.oracle, striders(h.ready));
-        summary(`swap #${i}`, v, `, ${result.faults} faults; before: ${swapped.join('/')} pages swapped (anon/memfd ptes), SwapPss ${shmemSwapKiB} KiB`);
+        summary(`swap #${i}`, v, `, ${result.faults} faults; on swap before it: ${swappedKiB.join(' / ')} KiB (anon / memfd)`);
         expect(result.lostPages).toEqual([]);
         expectClean(v);
         await expectRanOn(h, view);

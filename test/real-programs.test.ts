@@ -70,6 +70,7 @@ interface ShowRegion {
 interface ShowJson {
   id: number;
   state: string;
+  stats: { pauseMicros: number; durationMillis: number; faults: number; pagesSaved: number; zeroPages: number; bytesRaw: number } | null;
   processes: Array<{
     pid: number;
     uid: number;
@@ -86,15 +87,8 @@ const PYTHON_ARGS = [join(REALPROG, 'pyheap.py'), '--mib', '180', '--steps', '90
 const NODE_ARGS = ['--max-old-space-size=2048', join(REALPROG, 'nodeheap.mjs'), '--steps', '150000', '--log-every', '25000', '--seed', '5'];
 
 let root: string;
-/** The unsnapshotted reference runs, started together (they only print what they compute). */
-let plainPython: Promise<ProgramExit>;
-let plainNode: Promise<ProgramExit>;
 beforeAll(() => {
   root = mkdtempSync(join(tmpdir(), 'wpsnap-realprog-'));
-  plainPython = runProgram([pythonExecutable(), ...PYTHON_ARGS]);
-  plainNode = runProgram([process.execPath, ...NODE_ARGS]);
-  plainPython.catch(() => {});
-  plainNode.catch(() => {});
 });
 afterEach(() => {
   killPrograms();
@@ -208,164 +202,190 @@ function taskNames(pid: number): Map<number, string> {
   return out;
 }
 
-describe('python3 with a large heap, mutating it', () => {
-  it('is snapshotted exactly, keeps running, and computes what an unsnapshotted run computes', async () => {
-    const args = PYTHON_ARGS;
-    const plain = await plainPython;
-    expect(plain.code, plain.stderr).toBe(0);
-
-    const store = join(root, 'python.db');
-    const prog = await startProgram([pythonExecutable(), ...args, '--linger']);
-    const ready = prog.ready;
-    const marker = BigInt(ready['marker'] as string);
-    const markerLen = ready['markerLen'] as number;
-    const header = Buffer.from((ready['nonce'] as string).padEnd(16, '.').slice(0, 16), 'latin1');
-    // Snapshot while its temporary structure (~17 MiB of arenas, freed 4000
-    // steps later) is alive: the sweep may not reach it before it is unmapped.
-    await prog.waitFor((l) => l['temp'] === 'built');
-    const stepBefore = Math.max(...stepLines(prog.lines()).map((l) => l['step'] as number));
-
-    const snap = await snapshot(prog.pid, store);
-    figures('python', snap);
-    prog.signal('SIGUSR1');
-    const usr1 = await prog.waitFor((l) => l['signal'] === 'USR1', 20_000);
-
-    // Python's allocator munmaps whole arenas while it runs: pages of an arena
-    // freed before the sweep reached them are lost, for that reason only.
-    for (const l of snap.lostPages) expect(l.reason).toBe('unmapped-before-saved');
-    expect(snap.uffdMethod).toBe('syscall');
-    expect(snap.threads).toBe(1);
-
-    const shown = await show(snap.id, store);
-    expect(shown.state).toBe('complete');
-    const p = shown.processes[0]!;
-    expect(p.pid).toBe(prog.pid);
-    expect(p.comm).toMatch(/^python3/);
-    expect(p.cmdline.slice(-args.length - 1)).toEqual([...args, '--linger']);
-    expect(p.threads.map((t) => [t.tid, t.name])).toEqual([[prog.pid, p.comm]]);
-    expectLostInAnonymous(snap.lostPages, p.regions);
-    console.log(`[python] lost pages by the permissions of their region at T: ${lostByPerms(snap.lostPages, p.regions)}`);
-    expect(p.lost.reduce((n, l) => n + l.pages, 0)).toBe(snap.lostPages.reduce((n, l) => n + l.pages, 0));
-    const pagesChecked = await expectVerified(snap.id, store);
-    expect(pagesChecked).toBe(snap.pagesSaved);
-
-    // The exported image holds the marker at its address, as it was at T.
-    const out = join(root, 'python-export');
-    await exportRaw(snap.id, store, out);
-    const regions = manifestRegions(readManifest(out), prog.pid);
-    const region = regionAt(regions, marker)!;
-    expect(region.capture).toBe('protected');
-    expect(region.lost).toEqual([]);
-    const m = checkMarker(readExported(out, regions, marker, markerLen), header);
-    console.log(`[python] marker at T: step ${m.step}${m.torn ? ' (torn: mid-write)' : ''}; steps logged before: ${stepBefore}, at SIGUSR1 after: ${usr1['step']}`);
-    expect(m.problems).toEqual([]);
-    expect(m.step).toBeGreaterThanOrEqual(BigInt(stepBefore));
-    expect(m.step).toBeLessThan(BigInt(usr1['step'] as number));
-
-    // It runs to its end and prints exactly what the unsnapshotted run printed.
-    const done = await prog.waitFor((l) => l['done'] === true);
-    const exit = await prog.stop();
-    expect(exit.code, exit.stderr).toBe(0);
-    expect(done).toEqual(plain.lines.find((l) => l['done'] === true));
-    expect(stepLines(exit.lines)).toEqual(stepLines(plain.lines));
-  }, 180_000);
-});
-
-describe('node with a large heap (1e6-entry Map, Buffers, a worker, the libuv pool busy)', () => {
-  it('is snapshotted with every thread, a small pause, and no change to what it computes', async () => {
-    const args = NODE_ARGS;
-    const plain = await plainNode;
-    expect(plain.code, plain.stderr).toBe(0);
-
-    const store = join(root, 'node.db');
-    const prog = await startProgram([process.execPath, ...args, '--linger']);
-    const header = Buffer.from(prog.ready['header'] as string, 'hex');
-    const markerLen = prog.ready['markerLen'] as number;
-    await prog.waitFor((l) => l['step'] === 25000);
-    const tasksBefore = taskNames(prog.pid);
-    const pteBefore = Number.parseInt(procStatus(prog.pid)['VmPTE'] ?? '0', 10);
-
-    const snap = await snapshot(prog.pid, store);
-    figures('node', snap);
-    const tasksAfter = taskNames(prog.pid);
-    const pteAfter = Number.parseInt(procStatus(prog.pid)['VmPTE'] ?? '0', 10);
-    console.log(`[node] VmPTE ${pteBefore} kB before, ${pteAfter} kB after the snapshot; threads ${tasksBefore.size} before, ${tasksAfter.size} after`);
-    // Where the marker's header is in the live process (read now, while it runs).
-    const liveHeaders = findInProcess(binding, prog.pid, header);
-    prog.signal('SIGUSR1');
-    const usr1 = await prog.waitFor((l) => l['signal'] === 'USR1', 20_000);
-
-    // V8 unmaps heap pages it no longer needs, and discards (MADV_DONTNEED)
-    // pages it freed: those may be lost, for these reasons only.
-    for (const l of snap.lostPages) expect(['unmapped-before-saved', 'discarded-before-saved']).toContain(l.reason);
-    expect(snap.uffdMethod).toBe('syscall');
-    // Stopped for milliseconds, not for the time it takes to copy ~400 MiB
-    // (a generous bound: this machine may be running a benchmark too).
-    expect(snap.pauseMicros).toBeLessThan(300_000);
-
-    const shown = await show(snap.id, store);
-    const p = shown.processes[0]!;
-    // Every thread, each with its name: main, V8 platform workers, libuv pool, the worker thread.
-    expect(snap.threads).toBe(p.threads.length);
-    expect(p.threads.length).toBeGreaterThanOrEqual(8);
-    const stable = [...tasksBefore.keys()].filter((t) => tasksAfter.has(t));
-    const listed = new Set(p.threads.map((t) => t.tid));
-    for (const tid of stable) expect(listed.has(tid), `thread ${tid} (${tasksBefore.get(tid)}) is not in the snapshot`).toBe(true);
-    for (const t of p.threads) {
-      expect(t.name.length).toBeGreaterThan(0);
-      const name = tasksBefore.get(t.tid) ?? tasksAfter.get(t.tid);
-      if (name !== undefined) expect(t.name).toBe(name);
-      expect(BigInt(t.rip)).toBeGreaterThan(0n);
-    }
-    // The PROT_NONE reservations (V8 cages, guard pages) are listed.
-    const reserved = p.regions.filter((r) => r.perms === '---p');
-    expect(reserved.length).toBeGreaterThan(0);
-    expectLostInAnonymous(snap.lostPages, p.regions);
-    console.log(`[node] lost pages by the permissions of their region at T: ${lostByPerms(snap.lostPages, p.regions)}; PROT_NONE regions ${reserved.length}`);
-    await expectVerified(snap.id, store);
-
-    // The marker Buffer: its header is in the live process at exactly one
-    // address (a Buffer's memory does not move), and the export holds a
-    // marker there, as it was at T.
-    expect(liveHeaders).toHaveLength(1);
-    const address = liveHeaders[0]!;
-    const out = join(root, 'node-export');
-    await exportRaw(snap.id, store, out);
-    const regions = manifestRegions(readManifest(out), prog.pid);
-    expect(regionAt(regions, address)!.capture).toBe('protected');
-    const m = checkMarker(readExported(out, regions, address, markerLen), header);
-    console.log(`[node] marker at 0x${address.toString(16)}: step ${m.step}${m.torn ? ' (torn: mid-write)' : ''}; at SIGUSR1 after: ${usr1['step']}`);
-    expect(m.problems).toEqual([]);
-    expect(m.step).toBeGreaterThanOrEqual(25000n);
-    expect(m.step).toBeLessThan(BigInt(usr1['step'] as number));
-
-    const done = await prog.waitFor((l) => l['done'] === true);
-    const exit = await prog.stop();
-    expect(exit.code, exit.stderr).toBe(0);
-    const plainDone = plain.lines.find((l) => l['done'] === true)!;
-    expect(done['poolErrors']).toBe(0);
-    const { poolOps: _a, ...same } = done;
-    const { poolOps: _b, ...plainSame } = plainDone;
-    expect(same).toEqual(plainSame);
-    expect(stepLines(exit.lines)).toEqual(stepLines(plain.lines));
-
-    // KNOWN BUG (the next test): the same `show --json` through the real
-    // executable into a pipe read a little late is cut at 64 KiB.
-    nodeShowStore = { store, id: snap.id };
-  }, 180_000);
-
-  let nodeShowStore: { store: string; id: number } | undefined;
-  it.fails('KNOWN BUG: `wpsnap show --json | slow-reader` gets the whole document (cut at 64 KiB: process.exit before stdout drains)', () => {
-    expect(nodeShowStore).toBeDefined();
-    // The real executable, its stdout a pipe whose reader starts a second late (as jq, less or ssh may).
-    const run = spawnSync('sh', ['-c', '"$0" "$1" show "$2" --json --store "$3" | (sleep 1; cat)', process.execPath, CLI_JS, String(nodeShowStore!.id), nodeShowStore!.store], {
-      encoding: 'utf8',
-      maxBuffer: 256 << 20,
-    });
-    console.log(`[node] show --json | (sleep 1; cat): ${run.stdout.length} bytes`);
-    const parsed = JSON.parse(run.stdout) as ShowJson;
-    expect(parsed.processes[0]!.regions.length).toBeGreaterThan(100);
+describe('large heaps', () => {
+  /** The unsnapshotted reference runs, started together (they only print what they compute). */
+  let plainPython: Promise<ProgramExit>;
+  let plainNode: Promise<ProgramExit>;
+  beforeAll(() => {
+    plainPython = runProgram([pythonExecutable(), ...PYTHON_ARGS]);
+    plainNode = runProgram([process.execPath, ...NODE_ARGS]);
+    plainPython.catch(() => {});
+    plainNode.catch(() => {});
   });
+
+  describe('python3 with a large heap, mutating it', () => {
+    it('is snapshotted exactly, keeps running, and computes what an unsnapshotted run computes', async () => {
+      const args = PYTHON_ARGS;
+      // Both reference runs over before the snapshot, so that they do not add to its figures.
+      await Promise.allSettled([plainPython, plainNode]);
+      const plain = await plainPython;
+      expect(plain.code, plain.stderr).toBe(0);
+
+      const store = join(root, 'python.db');
+      const prog = await startProgram([pythonExecutable(), ...args, '--linger']);
+      const ready = prog.ready;
+      const marker = BigInt(ready['marker'] as string);
+      const markerLen = ready['markerLen'] as number;
+      const header = Buffer.from((ready['nonce'] as string).padEnd(16, '.').slice(0, 16), 'latin1');
+      // Snapshot while its temporary structure (~17 MiB of arenas, freed 4000
+      // steps later) is alive: the sweep may not reach it before it is unmapped.
+      await prog.waitFor((l) => l['temp'] === 'built');
+      const stepBefore = Math.max(...stepLines(prog.lines()).map((l) => l['step'] as number));
+
+      const snap = await snapshot(prog.pid, store);
+      figures('python', snap);
+      prog.signal('SIGUSR1');
+      const usr1 = await prog.waitFor((l) => l['signal'] === 'USR1', 20_000);
+
+      // Python's allocator munmaps whole arenas while it runs (the snapshot sees
+      // the UNMAP events). Freeing writes into every block first, so the fault
+      // path usually saves those pages before the munmap; any page lost must be
+      // lost for that reason only.
+      for (const l of snap.lostPages) expect(l.reason).toBe('unmapped-before-saved');
+      expect(snap.uffdMethod).toBe('syscall');
+      expect(snap.threads).toBe(1);
+
+      const shown = await show(snap.id, store);
+      pythonStats = { snapshot: snap, shown: shown.stats };
+      expect(shown.state).toBe('complete');
+      const p = shown.processes[0]!;
+      expect(p.pid).toBe(prog.pid);
+      expect(p.comm).toMatch(/^python3/);
+      expect(p.cmdline.slice(-args.length - 1)).toEqual([...args, '--linger']);
+      expect(p.threads.map((t) => [t.tid, t.name])).toEqual([[prog.pid, p.comm]]);
+      expectLostInAnonymous(snap.lostPages, p.regions);
+      console.log(`[python] lost pages by the permissions of their region at T: ${lostByPerms(snap.lostPages, p.regions)}`);
+      expect(p.lost.reduce((n, l) => n + l.pages, 0)).toBe(snap.lostPages.reduce((n, l) => n + l.pages, 0));
+      const pagesChecked = await expectVerified(snap.id, store);
+      expect(pagesChecked).toBe(snap.pagesSaved);
+
+      // The exported image holds the marker at its address, as it was at T.
+      const out = join(root, 'python-export');
+      await exportRaw(snap.id, store, out);
+      const regions = manifestRegions(readManifest(out), prog.pid);
+      const region = regionAt(regions, marker)!;
+      expect(region.capture).toBe('protected');
+      expect(region.lost).toEqual([]);
+      const m = checkMarker(readExported(out, regions, marker, markerLen), header);
+      console.log(`[python] marker at T: step ${m.step}${m.torn ? ' (torn: mid-write)' : ''}; steps logged before: ${stepBefore}, at SIGUSR1 after: ${usr1['step']}`);
+      expect(m.problems).toEqual([]);
+      expect(m.step).toBeGreaterThanOrEqual(BigInt(stepBefore));
+      expect(m.step).toBeLessThan(BigInt(usr1['step'] as number));
+
+      // It runs to its end and prints exactly what the unsnapshotted run printed.
+      const done = await prog.waitFor((l) => l['done'] === true);
+      const exit = await prog.stop();
+      expect(exit.code, exit.stderr).toBe(0);
+      expect(done).toEqual(plain.lines.find((l) => l['done'] === true));
+      expect(stepLines(exit.lines)).toEqual(stepLines(plain.lines));
+    }, 180_000);
+
+    let pythonStats: { snapshot: SnapshotJson; shown: ShowJson['stats'] } | undefined;
+    it('`show` reports the statistics `snapshot` printed (zeroPages once differed: 1993 printed, 1247 shown)', () => {
+      expect(pythonStats).toBeDefined();
+      const { snapshot: s, shown } = pythonStats!;
+      console.log(`[python] zeroPages: snapshot printed ${s.zeroPages}, show says ${shown?.zeroPages} (engine's never-populated pages: ${s.engine['pagesZero']})`);
+      expect(shown).toMatchObject({ pauseMicros: s.pauseMicros, faults: s.faults, pagesSaved: s.pagesSaved, bytesRaw: s.bytesRaw, zeroPages: s.zeroPages });
+    });
+  });
+
+  describe('node with a large heap (1e6-entry Map, Buffers, a worker, the libuv pool busy)', () => {
+    it('is snapshotted with every thread, a small pause, and no change to what it computes', async () => {
+      const args = NODE_ARGS;
+      const plain = await plainNode;
+      expect(plain.code, plain.stderr).toBe(0);
+
+      const store = join(root, 'node.db');
+      const prog = await startProgram([process.execPath, ...args, '--linger']);
+      const header = Buffer.from(prog.ready['header'] as string, 'hex');
+      const markerLen = prog.ready['markerLen'] as number;
+      await prog.waitFor((l) => l['step'] === 25000);
+      const tasksBefore = taskNames(prog.pid);
+      const pteBefore = Number.parseInt(procStatus(prog.pid)['VmPTE'] ?? '0', 10);
+
+      const snap = await snapshot(prog.pid, store);
+      figures('node', snap);
+      const tasksAfter = taskNames(prog.pid);
+      const pteAfter = Number.parseInt(procStatus(prog.pid)['VmPTE'] ?? '0', 10);
+      console.log(`[node] VmPTE ${pteBefore} kB before, ${pteAfter} kB after the snapshot; threads ${tasksBefore.size} before, ${tasksAfter.size} after`);
+      // Where the marker's header is in the live process (read now, while it runs).
+      const liveHeaders = findInProcess(binding, prog.pid, header);
+      prog.signal('SIGUSR1');
+      const usr1 = await prog.waitFor((l) => l['signal'] === 'USR1', 20_000);
+
+      // V8 unmaps heap pages it no longer needs, and discards (MADV_DONTNEED)
+      // pages it freed: those may be lost, for these reasons only.
+      for (const l of snap.lostPages) expect(['unmapped-before-saved', 'discarded-before-saved']).toContain(l.reason);
+      expect(snap.uffdMethod).toBe('syscall');
+      // Stopped for milliseconds, not for the time it takes to copy ~400 MiB
+      // (a generous bound: this machine may be running a benchmark too).
+      expect(snap.pauseMicros).toBeLessThan(300_000);
+
+      const shown = await show(snap.id, store);
+      const p = shown.processes[0]!;
+      // Every thread, each with its name: main, V8 platform workers, libuv pool, the worker thread.
+      expect(snap.threads).toBe(p.threads.length);
+      expect(p.threads.length).toBeGreaterThanOrEqual(8);
+      const stable = [...tasksBefore.keys()].filter((t) => tasksAfter.has(t));
+      const listed = new Set(p.threads.map((t) => t.tid));
+      for (const tid of stable) expect(listed.has(tid), `thread ${tid} (${tasksBefore.get(tid)}) is not in the snapshot`).toBe(true);
+      for (const t of p.threads) {
+        expect(t.name.length).toBeGreaterThan(0);
+        const name = tasksBefore.get(t.tid) ?? tasksAfter.get(t.tid);
+        if (name !== undefined) expect(t.name).toBe(name);
+        expect(BigInt(t.rip)).toBeGreaterThan(0n);
+      }
+      // The PROT_NONE reservations (V8 cages, guard pages) are listed.
+      const reserved = p.regions.filter((r) => r.perms === '---p');
+      expect(reserved.length).toBeGreaterThan(0);
+      expectLostInAnonymous(snap.lostPages, p.regions);
+      console.log(`[node] lost pages by the permissions of their region at T: ${lostByPerms(snap.lostPages, p.regions)}; PROT_NONE regions ${reserved.length}`);
+      await expectVerified(snap.id, store);
+
+      // The marker Buffer: its header is in the live process at exactly one
+      // address (a Buffer's memory does not move), and the export holds a
+      // marker there, as it was at T.
+      expect(liveHeaders).toHaveLength(1);
+      const address = liveHeaders[0]!;
+      const out = join(root, 'node-export');
+      await exportRaw(snap.id, store, out);
+      const regions = manifestRegions(readManifest(out), prog.pid);
+      expect(regionAt(regions, address)!.capture).toBe('protected');
+      const m = checkMarker(readExported(out, regions, address, markerLen), header);
+      console.log(`[node] marker at 0x${address.toString(16)}: step ${m.step}${m.torn ? ' (torn: mid-write)' : ''}; at SIGUSR1 after: ${usr1['step']}`);
+      expect(m.problems).toEqual([]);
+      expect(m.step).toBeGreaterThanOrEqual(25000n);
+      expect(m.step).toBeLessThan(BigInt(usr1['step'] as number));
+
+      const done = await prog.waitFor((l) => l['done'] === true);
+      const exit = await prog.stop();
+      expect(exit.code, exit.stderr).toBe(0);
+      const plainDone = plain.lines.find((l) => l['done'] === true)!;
+      expect(done['poolErrors']).toBe(0);
+      const { poolOps: _a, ...same } = done;
+      const { poolOps: _b, ...plainSame } = plainDone;
+      expect(same).toEqual(plainSame);
+      expect(stepLines(exit.lines)).toEqual(stepLines(plain.lines));
+
+      // KNOWN BUG (the next test): the same `show --json` through the real
+      // executable into a pipe read a little late is cut at 64 KiB.
+      nodeShowStore = { store, id: snap.id };
+    }, 180_000);
+
+    let nodeShowStore: { store: string; id: number } | undefined;
+    it('`wpsnap show --json | slow-reader` gets the whole document (it was once cut at 64 KiB: process.exit before stdout drained)', () => {
+      expect(nodeShowStore).toBeDefined();
+      // The real executable, its stdout a pipe whose reader starts a second late (as jq, less or ssh may).
+      const run = spawnSync('sh', ['-c', '"$0" "$1" show "$2" --json --store "$3" | (sleep 1; cat)', process.execPath, CLI_JS, String(nodeShowStore!.id), nodeShowStore!.store], {
+        encoding: 'utf8',
+        maxBuffer: 256 << 20,
+      });
+      console.log(`[node] show --json | (sleep 1; cat): ${run.stdout.length} bytes`);
+      const parsed = JSON.parse(run.stdout) as ShowJson;
+      expect(parsed.processes[0]!.regions.length).toBeGreaterThan(100);
+    });
+  });
+
 });
 
 describe('memory shared with another process', () => {
@@ -375,7 +395,7 @@ describe('memory shared with another process', () => {
   // writes a pass counter into every page of their shared mapping, in order.
   let shape: { values: number; first: number; last: number; runs: Array<[number, number]>; lost: number } | undefined;
 
-  it('is listed as protected and its snapshot completes', async () => {
+  it('is listed as lost (another process writes it) and its snapshot completes', async () => {
     const store = join(root, 'shared.db');
     const prog = await startProgram([pythonExecutable(), join(REALPROG, 'sharedwriter.py'), '--pages', '16384']);
     const address = BigInt(prog.ready['address'] as string);
@@ -390,27 +410,20 @@ describe('memory shared with another process', () => {
     const regions = manifestRegions(readManifest(out), prog.pid);
     const region = regionAt(regions, address)!;
     expect(region.perms).toBe('rw-s');
-    expect(region.capture).toBe('protected');
-    const image = readExported(out, regions, address, pages * 4096);
-    const runs: Array<[number, number]> = [];
-    for (let i = 0; i < pages; i++) {
-      const v = Number(image.readBigUInt64LE(i * 4096));
-      const last = runs[runs.length - 1];
-      if (last && last[0] === v) last[1]++;
-      else runs.push([v, 1]);
-    }
-    shape = {
-      values: new Set(runs.map((r) => r[0])).size,
-      first: runs[0]![0],
-      last: runs[runs.length - 1]![0],
-      runs: runs.slice(0, 6),
-      lost: region.lost.reduce((n, l) => n + l.pages, 0),
-    };
+    // uffd-wp only guards writes through the target's own mapping: memory
+    // another process writes has no instant T here, and says so.
+    expect(region.capture).toBe('skipped');
+    expect(region.lost).toEqual([{ address: region.start, pages, reason: 'shared-with-other-process' }]);
+    // Skipped: no region file, nothing exported as if it were of instant T.
+    expect(region.file).toBeNull();
+    shape = { values: 0, first: 0, last: 0, runs: [], lost: region.lost.reduce((n, l) => n + l.pages, 0) };
     console.log(`[shared-writer] exported pass counters: ${shape.values} distinct values, runs ${JSON.stringify(shape.runs)}…, lost ${shape.lost}, done ${JSON.stringify(exit.lines.at(-1))}`);
   });
 
-  it.fails('KNOWN BUG: holds the mapping as it was at T (one instant: c…c, c-1…c-1), or lists it as lost', () => {
+  it('holds the mapping as it was at T (one instant: c…c, c-1…c-1), or lists it as lost', () => {
     expect(shape).toBeDefined();
+    // Listed as lost, whole: nothing in the export pretends to be of instant T.
+    expect(shape!.lost).toBe(16384);
     if (shape!.lost > 0) return;
     // At one instant the pages hold at most two values, c then c-1.
     expect(shape!.values).toBeLessThanOrEqual(2);
@@ -420,7 +433,7 @@ describe('memory shared with another process', () => {
 
 const pgBin = postgresBinDir();
 
-describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid 65534)', () => {
+describe.runIf('dir' in pgBin)('PostgreSQL 15 under pgbench load (run as uid 65534)', () => {
   let pg: Postgres | undefined;
   const store = (): string => join(root, 'postgres.db');
 
@@ -440,7 +453,8 @@ describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid
     return pg!
       .serverLog()
       .split('\n')
-      .filter((l) => /\b(ERROR|FATAL|PANIC|WARNING):/.test(l));
+      .filter((l) => /\b(ERROR|FATAL|PANIC|WARNING):/.test(l))
+      .filter((l) => !l.includes('canceling statement due to user request'));
   }
 
   function devNodesLeft(): string[] {
@@ -462,7 +476,9 @@ describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid
     expect(bench.failed).toBe(0);
     expect(bench.processed).toBeGreaterThan(0);
 
-    expect(snap.lostPages).toEqual([]);
+    // The main shared memory is written by the backends too: no single instant T
+    // exists for it in a one-process snapshot, and it is listed as such.
+    expect(new Set(snap.lostPages.map((l) => l.reason))).toEqual(new Set(['shared-with-other-process']));
     // Not root: the userfaultfd comes from a private /dev/userfaultfd node, removed at once.
     expect(snap.uffdMethod).toBe('dev-userfaultfd');
     expect(devNodesLeft()).toEqual(nodesBefore);
@@ -471,10 +487,14 @@ describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid
     expect(p.uid).toBe(PG_UID);
     await expectVerified(snap.id, store());
 
-    // The main shared memory segment (shared_memory_type=mmap: MAP_SHARED|MAP_ANONYMOUS) is write-protected.
+    // The main shared memory segment (shared_memory_type=mmap: MAP_SHARED|MAP_ANONYMOUS)
+    // is mapped writable by every backend: skipped, its pages listed as lost, the backends named.
     const shm = p.regions.filter((r) => r.path === '/dev/zero (deleted)' && r.perms === 'rw-s');
     expect(shm).toHaveLength(1);
-    expect(shm[0]!.capture).toBe('protected');
+    expect(shm[0]!.capture).toBe('skipped');
+    expect(shm[0]!.skipReason).toMatch(/^shared memory also mapped writable by pid \d+/);
+    const shmLost = snap.lostPages.filter((l) => BigInt(l.address) === BigInt(shm[0]!.start));
+    expect(shmLost.map((l) => [l.pages, l.reason])).toEqual([[Number((BigInt(shm[0]!.end) - BigInt(shm[0]!.start)) / 4096n), 'shared-with-other-process']]);
     expect(BigInt(shm[0]!.end) - BigInt(shm[0]!.start)).toBeGreaterThanOrEqual(64n << 20n);
     const sysvHeader = p.regions.filter((r) => r.path.startsWith('/SYSV'));
     console.log(`[postmaster] shared regions: ${p.regions.filter((r) => r.perms[3] === 's').map((r) => `${r.path} ${r.perms} ${r.capture}`).join('; ')}`);
@@ -483,12 +503,9 @@ describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid
     const out = join(root, 'postmaster-export');
     await exportRaw(snap.id, store(), out);
     const regions = manifestRegions(readManifest(out), postmaster);
-    for (const r of [...shm, ...sysvHeader]) {
-      const hdr = readExported(out, regions, BigInt(r.start), 24);
-      expect(hdr.readInt32LE(0), `${r.path}: PGShmemMagic`).toBe(679834894);
-      expect(hdr.readInt32LE(4), `${r.path}: creatorPID`).toBe(postmaster);
-    }
-    expect(readExported(out, regions, BigInt(shm[0]!.start), 24).readBigUInt64LE(8)).toBe(BigInt(shm[0]!.end) - BigInt(shm[0]!.start));
+    // The SysV header segment is mapped writable by the backends too: skipped and listed.
+    for (const r of sysvHeader) expect(r.capture, r.path).toBe('skipped');
+    expect(regions.filter((r) => r.capture === 'skipped' && r.path.startsWith('/SYSV')).every((r) => r.file === null && r.lost.length === 1)).toBe(true);
 
     // Still serving.
     expect(pg!.psql('SELECT 1')).toBe('1');
@@ -523,7 +540,7 @@ describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid
     expect(bench.code, bench.stderr).toBe(0);
     expect(bench.failed).toBe(0);
 
-    expect(snap.lostPages).toEqual([]);
+    expect(new Set(snap.lostPages.map((l) => l.reason))).toEqual(new Set(['shared-with-other-process']));
     expect(snap.uffdMethod).toBe('dev-userfaultfd');
     // It kept running transactions while being saved: it wrote protected pages.
     expect(snap.faults).toBeGreaterThan(0);
@@ -531,7 +548,7 @@ describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid
     const p = shown.processes[0]!;
     expect(p.uid).toBe(PG_UID);
     expect(p.cmdline.join(' ')).toMatch(/^postgres: postgres postgres \[local\]/);
-    expect(p.regions.find((r) => r.path === '/dev/zero (deleted)')?.capture).toBe('protected');
+    expect(p.regions.find((r) => r.path === '/dev/zero (deleted)')?.capture).toBe('skipped');
     await expectVerified(snap.id, store());
 
     // pgbench's invariant: every transaction adds the same delta to an account,
@@ -570,7 +587,8 @@ describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid
     await exportRaw(snap.id, store(), out);
     const regions = manifestRegions(readManifest(out), postmaster);
     const region = regionAt(regions, start)!;
-    const image = readExported(out, regions, start, bytes);
+    // Only exported if captured; otherwise every page of it must be listed lost.
+    const image = region.file === null ? null : readExported(out, regions, start, bytes);
     const zero = Buffer.alloc(4096);
     let withData = 0;
     let zeroInExport = 0;
@@ -578,21 +596,51 @@ describe.skipIf(!('dir' in pgBin))('PostgreSQL 15 under pgbench load (run as uid
       // A page holding data both before and after T held data at T.
       if (before.subarray(off, off + 4096).equals(zero) || after.subarray(off, off + 4096).equals(zero)) continue;
       withData++;
-      if (image.subarray(off, off + 4096).equals(zero)) zeroInExport++;
+      if (image === null || image.subarray(off, off + 4096).equals(zero)) zeroInExport++;
     }
     sysv = { withData, zeroInExport, lost: region.lost.reduce((n, l) => n + l.pages, 0) };
     console.log(
       `[postmaster-sysv] SysV segment ${(bytes / 2 ** 20).toFixed(1)} MiB captured as '${region.capture}': ` +
         `${withData} pages hold data before and after T, ${zeroInExport} of them are zero in the export, ${sysv.lost} listed lost`,
     );
+    // The backends write the segment too: it is skipped and listed lost, whole.
+    expect(region.capture).toBe('skipped');
+    expect(sysv.lost).toBe(bytes / 4096);
+    expect(new Set(region.lost.map((l) => l.reason))).toEqual(new Set(['shared-with-other-process']));
+
+    // A backend that read a whole table through the shared buffers has most of
+    // the segment mapped: uffd-wp cannot register SysV shm, so it is copied
+    // while the target is stopped. The figure shows what that does to the pause.
+    pg!.psql('CREATE EXTENSION IF NOT EXISTS pg_prewarm');
+    const session = pg!.session("SELECT pg_prewarm('pgbench_accounts'); SELECT pg_sleep(60)");
+    let reader: number | undefined;
+    for (let i = 0; i < 150 && reader === undefined; i++) {
+      await sleep(100);
+      // In pg_sleep, so done prewarming.
+      const pid = pg!.psql("SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep'");
+      if (pid !== '') reader = Number(pid);
+    }
+    expect(reader, 'the prewarming session did not reach its pg_sleep').toBeDefined();
+    const readerSnap = await snapshot(reader!, store());
+    figures('backend-sysv', readerSnap);
+    // Cancelled (the server logs that one ERROR: "canceling statement due to user request").
+    session.cancel();
+    await session.done;
+    await expectVerified(readerSnap.id, store());
+    const readerRegion = (await show(readerSnap.id, store())).processes[0]!.regions.find((r) => r.path.startsWith('/SYSV'))!;
+    console.log(`[backend-sysv] SysV segment captured as '${readerRegion.capture}'; pause ${(readerSnap.pauseMicros / 1000).toFixed(1)} ms of which copy ${((readerSnap.pauseBreakdownMicros['copy'] ?? 0) / 1000).toFixed(1)} ms`);
     expect(pg!.psql('SELECT 1')).toBe('1');
     expect(serverProblems()).toEqual([]);
   });
 
-  it.fails('KNOWN BUG: a SysV segment\'s pages the target never touched itself are captured, or listed as lost (not exported as zeros)', () => {
+  it('a SysV segment\'s pages the target never touched itself are captured, or listed as lost (not exported as zeros)', () => {
     expect(sysv).toBeDefined();
     expect(sysv!.withData).toBeGreaterThan(0);
-    if (sysv!.lost > 0) return;
+    // Every page with data is either exported with data or covered by the lost list.
+    if (sysv!.lost > 0) {
+      expect(sysv!.lost * 4096).toBeGreaterThanOrEqual(sysv!.withData * 4096);
+      return;
+    }
     expect(sysv!.zeroInExport).toBe(0);
   });
 });

@@ -11,6 +11,7 @@ interface SnapshotArgs {
   store?: string;
   json: boolean;
   rate?: number;
+  maxSharedCopy?: number;
 }
 
 function progressLine(p: SnapshotProgress): string {
@@ -44,10 +45,15 @@ export const snapshotCommand: CommandSpec<SnapshotArgs> = {
     y
       .positional('pid', { type: 'number', describe: 'process to snapshot', demandOption: true })
       .option('name', { type: 'string', describe: 'a unique name to refer to the snapshot by' })
-      .option('rate', { type: 'number', describe: 'limit the background sweep to this many MB/s (default: unlimited)' }),
+      .option('rate', { type: 'number', describe: 'limit the background sweep to this many MB/s (default: unlimited)' })
+      .option('max-shared-copy', {
+        type: 'number',
+        describe: 'MiB of shared memory uffd-wp cannot protect (SysV segments) to copy during the pause (default 512); beyond it is listed as lost',
+      }),
   async handler(args, ctx: CommandContext) {
     if (!Number.isInteger(args.pid) || args.pid <= 0) throw usageError(`not a pid: ${String(args.pid)}`);
     if (args.rate !== undefined && !(args.rate > 0)) throw usageError(`--rate must be a positive number of MB/s`);
+    if (args.maxSharedCopy !== undefined && !(args.maxSharedCopy >= 0)) throw usageError(`--max-shared-copy must be a number of MiB`);
     if (args.name !== undefined && /^\d+$/.test(args.name)) throw usageError(`--name must not be a number (numbers are snapshot ids)`);
     const binding = ctx.binding();
     const store = ctx.openStore(args.store);
@@ -57,6 +63,7 @@ export const snapshotCommand: CommandSpec<SnapshotArgs> = {
       const result = await snapshotProcess(binding, store, args.pid, {
         ...(args.name === undefined ? {} : { name: args.name }),
         ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6 }),
+        ...(args.maxSharedCopy === undefined ? {} : { maxSharedCopyBytes: args.maxSharedCopy * 1024 * 1024 }),
         signal: ctx.signal,
         onProgress: (p) => {
           if (spinner) {

@@ -107,6 +107,8 @@ export interface NativeBinding {
   /** Pages of a private file mapping that differ from the file (copy-on-write or
    *  swapped); all present pages when allPresent. */
   copyPrivatePages(pid: number, start: bigint, end: bigint, allPresent?: boolean): { addresses: BigUint64Array; data: Buffer };
+  /** pread the data (non-hole) pages of a shared file range, labelled with their mapped addresses. */
+  copyFilePages(fd: number, fileOffset: bigint, length: bigint, address: bigint): { addresses: BigUint64Array; data: Buffer };
   /** ptrace(PTRACE_SEIZE + PTRACE_INTERRUPT) every thread and wait for the stops. */
   freeze(pid: number): NativeHandle;
   /** Registers of every frozen thread, as captured at the freeze. */

@@ -15,6 +15,7 @@ const WORDS = PAGE / 8;
 const M64 = (1n << 64n) - 1n;
 const GOLDEN = 0x9e3779b97f4a7c15n;
 const MAGIC_HI = 0x48540000; // high 32 bits of 0x4854 << 48
+const ZERO_PAGE = Buffer.alloc(PAGE);
 
 const KEY_LO = new Uint32Array(WORDS);
 const KEY_HI = new Uint32Array(WORDS);
@@ -164,9 +165,10 @@ export class StriderModel {
 
 // ---------------------------------------------------------------- the snapshot
 
-/** Reading one process of a snapshot: pages (cached), words, lost ranges, regions at T. */
+/** Reading one process of a snapshot: pages, words, lost ranges, regions at T. */
 export class SnapshotView {
   private readonly cache = new Map<bigint, Buffer>();
+  private readonly loaded: Array<{ start: bigint; end: bigint; pages: Map<bigint, Buffer> }> = [];
   readonly lost: Array<{ start: bigint; end: bigint; reason: string }>;
   readonly regions: RegionRecord[];
 
@@ -178,7 +180,15 @@ export class SnapshotView {
     this.regions = store.regions(processId);
   }
 
+  /** Read [start, end) in one pass (stored pages in address order): much faster than page by page. */
+  preload(start: bigint, end: bigint): void {
+    const pages = new Map<bigint, Buffer>();
+    for (const { address, data } of this.store.pagesInRange(this.processId, start, end)) pages.set(address, data);
+    this.loaded.push({ start, end, pages });
+  }
+
   page(address: bigint): Buffer {
+    for (const l of this.loaded) if (address >= l.start && address < l.end) return l.pages.get(address) ?? ZERO_PAGE;
     let p = this.cache.get(address);
     if (!p) {
       p = Buffer.from(this.store.readPage(this.processId, address));
@@ -218,10 +228,14 @@ export interface Verdict {
   /** Silently wrong pages, or lost with a reason not allowed here. First 20 described. */
   mismatches: string[];
   mismatchCount: number;
+  /** Of the mismatches: pages whose content is wrong and not listed lost (silently wrong). */
+  silentlyWrong: number;
+  /** Of the mismatches: pages listed lost with a reason this surface cannot produce. */
+  wrongReason: number;
 }
 
 export function newVerdict(): Verdict {
-  return { checked: 0, exact: 0, lost: {}, mismatches: [], mismatchCount: 0 };
+  return { checked: 0, exact: 0, lost: {}, mismatches: [], mismatchCount: 0, silentlyWrong: 0, wrongReason: 0 };
 }
 
 /** Check one page: exact, or listed lost with an allowed reason; anything else is a mismatch. */
@@ -241,6 +255,7 @@ export function checkPage(
       verdict.lost[reason] = (verdict.lost[reason] ?? 0) + 1;
       return;
     }
+    verdict.wrongReason++;
     fail(verdict, `${what()} at 0x${address.toString(16)}: listed lost as "${reason}", which cannot happen here`);
     return;
   }
@@ -249,6 +264,7 @@ export function checkPage(
     verdict.exact++;
     return;
   }
+  verdict.silentlyWrong++;
   fail(verdict, `${what()} at 0x${address.toString(16)}: expected ${describeExpectation(x)}, snapshot holds ${oracle.describe(actual)} and does not list it lost`);
 }
 
@@ -313,6 +329,7 @@ export function striders(ready: HostileReady): StriderInfo[] {
 /** Every page of every strider, against its counter at T as the snapshot holds it. */
 export function checkStriders(verdict: Verdict, view: SnapshotView, oracle: Content, list: StriderInfo[], allowedLost: readonly string[] = []): void {
   for (const w of list) {
+    view.preload(w.start, w.start + BigInt(w.pages * PAGE));
     const model = new StriderModel(w.stream, w.pages, w.stride);
     const counter = view.num(w.counter);
     for (let p = 0; p < w.pages; p++) {
@@ -371,8 +388,10 @@ export function dontneedExpectation(view: SnapshotView, record: bigint, stream: 
 export function checkDontneed(verdict: Verdict, view: SnapshotView, oracle: Content, ready: HostileReady): void {
   const pages = Number(ready.raw['pages']);
   const writers = ready.raw['writers'] as Array<Record<string, unknown>>;
+  view.preload(ready.meta, ready.meta + BigInt(writers.length * pages * 64));
   writers.forEach((wr, t) => {
     const start = hex(wr['start'], 'writers[].start');
+    view.preload(start, start + BigInt(pages * PAGE));
     for (let p = 0; p < pages; p++) {
       const record = ready.meta + BigInt((t * pages + p) * 64);
       checkPage(verdict, view, oracle, start + BigInt(p * PAGE), dontneedExpectation(view, record, t, p), [LOST_DISCARDED], () => `dontneed writer ${t} page ${p}`);
@@ -440,6 +459,7 @@ export function checkMremap(verdict: Verdict, view: SnapshotView, oracle: Conten
       return;
     }
     const model = new StriderModel(Number(th['stream']), pages, Number(th['stride']));
+    view.preload(base, base + BigInt(pages * PAGE));
     for (let p = 0; p < pages; p++) {
       checkPage(verdict, view, oracle, base + BigInt(p * PAGE), model.expect(p, counter), [], () => `mremap region ${t} page ${p} (counter ${counter} at T, region at 0x${base!.toString(16)})`);
     }
@@ -485,11 +505,13 @@ export function checkForkShared(verdict: Verdict, view: SnapshotView, oracle: Co
       continue;
     }
     if (!oracle.matches(actual, x)) {
+      verdict.silentlyWrong++;
       fail(verdict, `shared page ${p} at 0x${address.toString(16)}: not the content of any child: ${oracle.describe(actual)}`);
       continue;
     }
     newest = Math.max(newest, k);
     if (k >= startedAtT) {
+      verdict.silentlyWrong++;
       fail(verdict, `shared page ${p} at 0x${address.toString(16)}: holds the writes of child ${k}, forked after T ` +
         `(${startedAtT} children had been started at T), and is not listed lost`);
       continue;

@@ -173,6 +173,15 @@ export class Postgres {
     return existsSync(this.logFile) ? readFileSync(this.logFile, 'utf8') : '';
   }
 
+  /** A psql session running `sql` in the background (its backend stays until the SQL ends). */
+  session(sql: string): { done: Promise<{ code: number | null; stderr: string }>; cancel: () => void } {
+    const child = spawn(join(this.bin, 'psql'), ['-h', this.dir, '-U', 'postgres', '-X', '-Atc', sql, 'postgres'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    const done = new Promise<{ code: number | null; stderr: string }>((resolve) => child.once('close', (code) => resolve({ code, stderr })));
+    return { done, cancel: () => child.kill('SIGINT') };
+  }
+
   /** pgbench against this server (as a child of the test process: it is a client, never a snapshot target). */
   pgbench(args: string[], timeoutMs = 120_000): Promise<PgbenchRun> {
     return new Promise((resolve, reject) => {
