@@ -19,15 +19,15 @@ export interface EngineOnlyResult {
   engine: SnapshotResult['engine'];
 }
 
-/** Just enough of Store/SnapshotWriter for snapshotProcess, keeping nothing. */
+/**
+ * Just enough of Store/SnapshotWriter for snapshotProcess, keeping nothing.
+ * Methods it does not know (the writer grows) are no-ops returning undefined.
+ */
 function nullStore(): Store {
   let pages = 0;
-  const writer = {
+  const known: Record<string, unknown> = {
     id: 0,
     addProcess: () => 1,
-    addThreads: () => undefined,
-    addRegions: () => undefined,
-    addLost: () => undefined,
     addPages: (_processId: number, batch: { addresses: BigUint64Array }) => {
       pages += batch.addresses.length;
       return Promise.resolve();
@@ -35,6 +35,9 @@ function nullStore(): Store {
     complete: () => Promise.resolve({ pagesSaved: pages, zeroPages: 0, pagesNew: pages, bytesRaw: pages * 4096, bytesStored: 0 }),
     abort: () => Promise.resolve(),
   };
+  const writer = new Proxy(known, {
+    get: (target, key) => (typeof key === 'string' && key in target ? target[key] : () => undefined),
+  });
   return { beginSnapshot: () => writer } as unknown as Store;
 }
 

@@ -1,5 +1,6 @@
 // Where wpsnap's pause goes: the steps of core/snapshot.ts's pause phase
-// (freeze, inject userfaultfd, UFFDIO_API, read and plan the maps, register +
+// (freeze, inject userfaultfd, UFFDIO_API, re-read the maps and plan what
+// changed since they were planned before the freeze, register +
 // write-protect, copy the private pages of file mappings, thaw), each timed,
 // on a live target. Nothing is stored and no engine runs: the userfaultfd is
 // closed before the thaw (which drops every registration and protection), so
@@ -10,7 +11,7 @@ import { freeze, findSyscallInstruction, injectUserfaultfd, prepareDeviceNode, t
 import { loadBinding } from '../core/binding.js';
 import { UFFD_FEATURES_FOR_SNAPSHOT, UFFDIO_REGISTER_MODE_WP } from '../core/features.js';
 import { readMaps } from '../core/procfs.js';
-import { planRegions } from '../core/regions.js';
+import { RegionPlanner } from '../core/regions.js';
 
 export interface PauseBreakdown {
   /** freeze → thaw, as wpsnap's pauseMicros counts it, minus the uffd close (not part of a real pause). */
@@ -40,8 +41,10 @@ export function pauseBreakdown(pid: number): PauseBreakdown {
   const pidfd = binding.pidfdOpen(pid);
   let deviceNode: DeviceNode | null = null;
   const opened: number[] = [];
+  const planner = new RegionPlanner(pid);
   try {
     deviceNode = targetMayCallUserfaultfd(pid) ? null : prepareDeviceNode(binding, pid);
+    planner.prepare(readMaps(pid)); // planned ahead, as snapshotProcess does
     const t0 = process.hrtime.bigint();
     const frozen = freeze(binding, pid);
     const t1 = process.hrtime.bigint();
@@ -65,7 +68,7 @@ export function pauseBreakdown(pid: number): PauseBreakdown {
       t2 = process.hrtime.bigint();
       binding.uffdApi(uffd, UFFD_FEATURES_FOR_SNAPSHOT);
       t3 = process.hrtime.bigint();
-      const plans = planRegions(pid, readMaps(pid));
+      const plans = planner.plan(readMaps(pid));
       for (const p of plans) if (p.openedFd !== undefined) opened.push(p.openedFd);
       regions = plans.length;
       t4 = process.hrtime.bigint();
@@ -121,6 +124,7 @@ export function pauseBreakdown(pid: number): PauseBreakdown {
     };
   } finally {
     deviceNode?.remove();
+    planner.release();
     for (const fd of opened) closeSync(fd);
     binding.closeFd(pidfd);
   }

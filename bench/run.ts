@@ -53,7 +53,7 @@ async function main(): Promise<void> {
     const saved = JSON.parse(readFileSync(values.summarize, 'utf8')) as Snapshot1GiBResult;
     const result = { ...saved, ...summarize(saved) };
     printTable(result);
-    if (!values['no-write']) writeFileSync(values.summarize, `${JSON.stringify(result, null, 1)}\n`);
+    if (!values['no-write']) writeFileSync(values.summarize, `${JSON.stringify(result)}\n`);
     return;
   }
   const peers = values.peers === undefined ? [...PEERS] : (values.peers.split(',').map((p) => p.trim()) as PeerName[]);
@@ -77,7 +77,7 @@ async function main(): Promise<void> {
     const stamp = result.startedAt.replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
     const out = values.out ?? join(repoRoot(), 'bench', 'results', `snapshot-1gib-${stamp}.json`);
     mkdirSync(join(out, '..'), { recursive: true });
-    writeFileSync(out, `${JSON.stringify(result, null, 1)}\n`);
+    writeFileSync(out, `${JSON.stringify(result)}\n`);
     log(`wrote ${out}`);
   }
 }

@@ -2,10 +2,12 @@
 // pages, every page written once per pass, continuously) snapshotted by each
 // peer in turn, in one run: nothing (baseline), fork() (the target forks a
 // child that holds the copy-on-write image for 3 s, like Redis BGSAVE),
-// gcore, wpsnap, and wpsnap --rate. Every measurement is repeated `runs`
-// times, the order of peers rotating from run to run, after one unmeasured
-// warm-up of each. The kernel's minimal uffd-wp round trip (uffd_roundtrip)
-// is measured before the target starts, on a machine without it.
+// gcore, wpsnap, wpsnap --rate, and two diagnostics: wpsnap's engine with
+// no store (engine-only) and the pause phase step by step (pause-breakdown).
+// Every measurement is repeated `runs` times, the order of peers rotating
+// from run to run, after one unmeasured warm-up of each. Before the target
+// starts: the kernel's minimal uffd-wp round trip (uffd_roundtrip) and the
+// single-core cost of each store stage (pipeline.ts).
 import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -152,6 +154,8 @@ export interface WpsnapResult {
   threads: Record<string, ThreadTimes> | null;
   /** The target's stall at the start of the snapshot (see startStall). */
   startStallMillis: number | null;
+  /** wpsnap's own split of its pause (freeze, inject, plan, protect, copy, thaw), µs, if it reports one. */
+  pauseBreakdownMicros: Record<string, number> | null;
   pauseMicros: number;
   durationMillis: number;
   pagesSaved: number;
@@ -217,6 +221,8 @@ export interface Snapshot1GiBResult {
   startedAt: string;
   finishedAt: string;
   machine: { atStart: MachineInfo; loadavgAtEnd: number[] };
+  /** The code measured: HEAD and the files of core/, store/, cli/ that differ from it. */
+  tree: { head: string | null; modified: string[] };
   options: Snapshot1GiBOptions;
   target: { args: string[]; fillMillis: number | null };
   roundtrip: RoundtripResult[];
@@ -315,6 +321,7 @@ async function measureWpsnap(t: Faultlat, o: Snapshot1GiBOptions, dir: string, r
       engine: doc['engine'] as Record<string, unknown>,
       window,
       // durationMillis starts shortly before the freeze; the command's startup precedes it.
+      pauseBreakdownMicros: (doc['pauseBreakdownMicros'] as Record<string, number> | undefined) ?? null,
       startStallMillis: startStall(window, doc['pauseMicros'] as number, r.wallMillis - (doc['durationMillis'] as number) - 500),
     };
   } finally {
@@ -479,6 +486,12 @@ function metrics(): Array<[string, Getter]> {
       [`${name}.faultServiceP50Micros`, (r) => get(r)?.faultP50Micros],
       [`${name}.faultServiceP99Micros`, (r) => get(r)?.faultP99Micros],
       [`${name}.lostPages`, (r) => get(r)?.lostPages],
+      [`${name}.pause.freezeMicros`, (r) => get(r)?.pauseBreakdownMicros?.['freeze']],
+      [`${name}.pause.injectMicros`, (r) => get(r)?.pauseBreakdownMicros?.['inject']],
+      [`${name}.pause.planMicros`, (r) => get(r)?.pauseBreakdownMicros?.['plan']],
+      [`${name}.pause.protectMicros`, (r) => get(r)?.pauseBreakdownMicros?.['protect']],
+      [`${name}.pause.copyMicros`, (r) => get(r)?.pauseBreakdownMicros?.['copy']],
+      [`${name}.pause.thawMicros`, (r) => get(r)?.pauseBreakdownMicros?.['thaw']],
       [`${name}.target.startStallMillis`, (r) => get(r)?.startStallMillis],
       [`${name}.target.maxGapMillis`, (r) => get(r)?.window.maxGapMillis],
       [`${name}.target.faultedCount`, (r) => get(r)?.window.faultedCount],
@@ -663,6 +676,19 @@ export function printTable(result: Snapshot1GiBResult, out: NodeJS.WritableStrea
 
 // ---- the scenario -----------------------------------------------------------
 
+async function treeState(): Promise<{ head: string | null; modified: string[] }> {
+  try {
+    const head = await runCommand('git', ['rev-parse', 'HEAD']);
+    const status = await runCommand('git', ['status', '--porcelain', '--', 'core', 'store', 'cli', 'snapshot-format', 'binding.gyp']);
+    return {
+      head: head.code === 0 ? head.stdout.trim() : null,
+      modified: status.stdout.split('\n').filter((l) => l.trim() !== '').map((l) => l.trim()),
+    };
+  } catch {
+    return { head: null, modified: [] };
+  }
+}
+
 function preflight(): void {
   const root = repoRoot();
   for (const f of ['fixtures/build/faultlat', 'fixtures/build/uffd_roundtrip', 'dist/fixtures/launch.js']) {
@@ -679,7 +705,9 @@ export async function runSnapshot1GiB(partial: Partial<Snapshot1GiBOptions> = {}
   if (!existsSync(resolve(repoRoot(), o.cli))) throw new Error(`${o.cli} is missing: build first (npx tsc -p tsconfig.json)`);
   const startedAt = new Date().toISOString();
   const atStart = machineInfo();
+  const tree = await treeState();
   const dir = mkdtempSync(join(tmpdir(), 'wpsnap-bench-'));
+  log(`tree ${tree.head ?? '?'}${tree.modified.length > 0 ? ` + modified: ${tree.modified.join(', ')}` : ''}`);
   log(`snapshot-1gib: ${o.runs} runs, ${o.mib} MiB target, peers ${o.peers.join(', ')}; scratch ${dir}`);
 
   // The floor, measured while the machine does not also run the target.
@@ -751,6 +779,7 @@ export async function runSnapshot1GiB(partial: Partial<Snapshot1GiBOptions> = {}
     startedAt,
     finishedAt: new Date().toISOString(),
     machine: { atStart, loadavgAtEnd: machineInfo().loadavg },
+    tree,
     options: o,
     target: { args: targetArgs, fillMillis: typeof target?.ready['fillMillis'] === 'number' ? target.ready['fillMillis'] : null },
     roundtrip,
