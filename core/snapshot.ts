@@ -316,9 +316,10 @@ export async function snapshotProcess(
     writer.addRegions(processId, pause.plans.map((p): RegionRecord => p.record));
     const initialLost = pause.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : []));
     if (initialLost.length > 0) writer.addLost(processId, initialLost);
-    await Promise.all(pause.pausedPages.map((batch) => writer!.addPages(processId, batch)));
-
-    const stats = await runEngine(
+    // The engine starts at once: the target is running and its first writes to
+    // protected pages wait for it. The pages copied in the pause are stored alongside.
+    const pausedStored = Promise.all(pause.pausedPages.map((batch) => writer!.addPages(processId, batch)));
+    const engineDone = runEngine(
       binding,
       writer,
       processId,
@@ -326,6 +327,9 @@ export async function snapshotProcess(
       options,
       startedAt,
     );
+    pausedStored.catch(() => undefined); // surfaced below, once the engine has stopped
+    const stats = await engineDone;
+    await pausedStored;
     // Every page is saved: closing the only reference drops the registrations.
     closeQuietly(binding, pause.uffd);
     const engineLost: LostRange[] = stats.lost.map((l) => ({ address: l.address, pages: l.pages, reason: l.reason as LostRange['reason'] }));
