@@ -32,6 +32,7 @@ export const FEATURE_PURPOSE: Record<keyof typeof UFFD_FEATURE, string> = {
 
 /** Requested on the target's context for a snapshot. */
 export const UFFD_FEATURES_FOR_SNAPSHOT =
+  UFFD_FEATURE.EVENT_FORK |
   UFFD_FEATURE.EVENT_REMAP |
   UFFD_FEATURE.EVENT_REMOVE |
   UFFD_FEATURE.EVENT_UNMAP |

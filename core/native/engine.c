@@ -39,6 +39,7 @@
 #define MSG_BATCH 64
 #define MAX_LATENCY_SAMPLES (1u << 22)
 #define MAX_SPARE_OVERFLOW 8
+#define FAULT_SETTLE_US 10e6
 
 enum { PAGE_UNSAVED = 0, PAGE_SAVED = 1, PAGE_LOST = 2 };
 enum { KIND_ANON = 0, KIND_FILE = 1, KIND_PRIVATE = 2 };
@@ -47,8 +48,10 @@ enum {
   LOST_DISCARDED = 1,
   LOST_READ_FAILED = 2,
   LOST_INTERRUPTED = 3,
+  LOST_SHARED = 4,
 };
-static const char *const lost_reason_names[] = {"unmapped-before-saved", "discarded-before-saved", "read-failed", "interrupted"};
+static const char *const lost_reason_names[] = {"unmapped-before-saved", "discarded-before-saved", "read-failed", "interrupted",
+                                                "shared-with-other-process"};
 
 /* A piece of a region at T, and where that piece lives now (mremap moves it). */
 typedef struct {
@@ -60,6 +63,7 @@ typedef struct {
   int fd;             /* KIND_FILE: the shared file, read with pread */
   uint64_t file_off;  /* KIND_FILE: file offset of t_start */
   bool hugetlb;
+  bool gone;          /* unmapped: its old address range belongs to other mappings now */
   uint8_t *state;     /* one byte per 4 KiB page of this piece */
 } segment_t;
 
@@ -272,7 +276,7 @@ static void commit(engine_t *e, uint64_t t_addr, uint32_t n, bool from_fault) {
 static segment_t *seg_by_cur(engine_t *e, uint64_t addr) {
   for (size_t i = 0; i < e->nsegs; i++) {
     segment_t *s = &e->segs[i];
-    if (addr >= s->cur_start && addr < s->cur_start + s->len) return s;
+    if (!s->gone && addr >= s->cur_start && addr < s->cur_start + s->len) return s;
   }
   return NULL;
 }
@@ -385,8 +389,23 @@ static int unprotect_checked(engine_t *e, uint64_t cur_start, uint64_t len) {
   return err;
 }
 
+/* After an EAGAIN whose events we have read: each thread that raised
+ * mmap_changing lowers it only when it runs again. Retrying at once loses the
+ * race every time against a thread that changes its address space in a loop
+ * (it raises it again before we look). Probe with a no-op (re-protecting the
+ * faulting page, which is protected) until the kernel accepts, for at most
+ * 300 us, without yielding the CPU to the thread that would close the window. */
+static void wait_quiet(engine_t *e, uint64_t start, uint64_t len) {
+  double until = mono_us() + 300;
+  while (uffd_writeprotect(e->uffd, start, len, true) == EAGAIN && mono_us() < until) {
+  }
+}
+
 static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
-  for (int attempt = 0; attempt < 1000; attempt++) {
+  /* Retry while events keep the address space changing: each round applies
+   * them. Give up only if it never settles for FAULT_SETTLE_US. */
+  double settle_start = mono_us();
+  for (unsigned attempt = 0; attempt < 16 || mono_us() - settle_start < FAULT_SETTLE_US; attempt++) {
     segment_t *s = seg_by_cur(e, addr);
     if (s == NULL) {
       uffd_wake(e->uffd, addr & ~(PG - 1), PG);
@@ -396,6 +415,7 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
     uint64_t off = (addr - s->cur_start) & ~(unit - 1);
     uint64_t idx = off / PG;
     uint32_t npg = (uint32_t)(unit / PG);
+    if (attempt > 0) wait_quiet(e, s->cur_start + off, unit);
     if (s->state[idx] != PAGE_UNSAVED) {
       int err = uffd_writeprotect(e->uffd, s->cur_start + off, unit, false);
       if (err == EAGAIN) {
@@ -447,6 +467,7 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
 static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
   for (size_t si = 0; si < e->nsegs; si++) {
     segment_t *s = &e->segs[si];
+    if (s->gone) continue;
     uint64_t lo = start > s->cur_start ? start : s->cur_start;
     uint64_t hi = end < s->cur_start + s->len ? end : s->cur_start + s->len;
     for (uint64_t a = lo & ~(PG - 1); a < hi; a += PG) {
@@ -455,7 +476,10 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
       if (s->state[idx] != PAGE_UNSAVED) continue;
       uint64_t pm1 = 0, pm2 = 0;
       read_pagemap(e->pagemap_fd, a, 1, &pm1);
-      if (s->kind == KIND_ANON && !entry_has_data(e, pm1) && (is_zero_page_entry(e, pm1) || is_marker_entry(pm1))) {
+      /* Only a PTE marker proves "never touched since T": a zap drops it. The
+       * shared zero page proves nothing here: one read() completes every
+       * event it returns, so an earlier zap plus a read fault may have put it there. */
+      if (s->kind == KIND_ANON && is_marker_entry(pm1)) {
         s->state[idx] = PAGE_SAVED; /* never written: zero at T */
         atomic_fetch_add(&e->pages_zero, 1);
         continue;
@@ -471,9 +495,13 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
       } else if (ok) {
         /* The copy pinned the page first: if it is still the same page, or gone
          * (zapped after the pin), the copy is the content at T. */
-        bool same = (pm1 & PM_PRESENT) && (pm2 & PM_PRESENT) && (pm1 & PM_PFN_MASK) == (pm2 & PM_PFN_MASK);
+        bool same = (pm1 & PM_PRESENT) && (pm2 & PM_PRESENT) && (pm1 & PM_PFN_MASK) == (pm2 & PM_PFN_MASK) && (pm2 & PM_UFFD_WP);
         bool zapped_after = (pm1 & PM_PRESENT) && !(pm2 & PM_PRESENT) && !entry_has_data(e, pm2);
-        ok = (same || zapped_after) && !is_zero_page_entry(e, pm2);
+        /* An unsaved page that still holds its content at T is write-protected:
+         * its entry carries uffd-wp. One zapped and faulted in again before pm1
+         * was read (anonymous memory keeps no marker), or given the same pfn
+         * again after pm1, does not. */
+        ok = (pm1 & PM_UFFD_WP) && (same || zapped_after) && !is_zero_page_entry(e, pm2);
       }
       if (ok) {
         s->state[idx] = PAGE_SAVED;
@@ -487,18 +515,25 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
   }
 }
 
+/* munmap (or an implicit unmap: MAP_FIXED, MREMAP_FIXED's destination, the
+ * source after a move) of [start,end): unsaved pages are lost, and the piece
+ * is detached so that no later event or fault at these addresses (a new
+ * mapping, or another segment moved here) is resolved against it. */
 static void handle_unmap(engine_t *e, uint64_t start, uint64_t end) {
   for (size_t si = 0; si < e->nsegs; si++) {
     segment_t *s = &e->segs[si];
-    uint64_t lo = start > s->cur_start ? start : s->cur_start;
-    uint64_t hi = end < s->cur_start + s->len ? end : s->cur_start + s->len;
-    if (lo >= hi) continue;
+    if (s->gone || end <= s->cur_start || start >= s->cur_start + s->len) continue;
+    if (start > s->cur_start) {
+      seg_split(e, si, start - s->cur_start);
+      continue; /* the tail is visited later in this loop */
+    }
+    if (end < s->cur_start + s->len) seg_split(e, si, end - e->segs[si].cur_start);
+    s = &e->segs[si];
     uint64_t run_start = 0, run = 0;
-    for (uint64_t a = lo & ~(PG - 1); a < hi; a += PG) {
-      uint64_t idx = (a - s->cur_start) / PG;
-      if (s->state[idx] == PAGE_UNSAVED) {
-        s->state[idx] = PAGE_LOST;
-        if (run == 0) run_start = s->t_start + (a - s->cur_start);
+    for (uint64_t o = 0; o < s->len; o += PG) {
+      if (s->state[o / PG] == PAGE_UNSAVED) {
+        s->state[o / PG] = PAGE_LOST;
+        if (run == 0) run_start = s->t_start + o;
         run++;
       } else if (run) {
         add_lost(e, run_start, run, LOST_UNMAPPED);
@@ -506,6 +541,7 @@ static void handle_unmap(engine_t *e, uint64_t start, uint64_t end) {
       }
     }
     if (run) add_lost(e, run_start, run, LOST_UNMAPPED);
+    s->gone = true;
   }
 }
 
@@ -514,7 +550,7 @@ static void handle_unmap(engine_t *e, uint64_t start, uint64_t end) {
 static void handle_remap(engine_t *e, uint64_t from, uint64_t to, uint64_t len) {
   for (size_t si = 0; si < e->nsegs; si++) {
     segment_t *s = &e->segs[si];
-    if (from + len <= s->cur_start || from >= s->cur_start + s->len) continue;
+    if (s->gone || from + len <= s->cur_start || from >= s->cur_start + s->len) continue;
     if (from > s->cur_start) {
       seg_split(e, si, from - s->cur_start);
       continue; /* the tail is visited later in this loop */
@@ -544,7 +580,27 @@ static void handle_message(engine_t *e, struct uffd_msg *m, uint64_t read_ns) {
     handle_remap(e, m->arg.remap.from, m->arg.remap.to, m->arg.remap.len);
     break;
   case UFFD_EVENT_FORK:
-    /* Not requested; a child's context would otherwise pin its memory. */
+    /* The fork waits for this read, but the read completes it: from now on
+     * the child can write the shared memory without faulting here. Unsaved
+     * shared pages therefore have no instant T any more: list them lost.
+     * Closing the child's context releases the child. */
+    atomic_fetch_add(&e->events, 1);
+    for (size_t si = 0; si < e->nsegs; si++) {
+      segment_t *s = &e->segs[si];
+      if (s->kind != KIND_FILE) continue;
+      uint64_t run_start = 0, run = 0;
+      for (uint64_t o = 0; o < s->len; o += PG) {
+        if (s->state[o / PG] == PAGE_UNSAVED) {
+          s->state[o / PG] = PAGE_LOST;
+          if (run == 0) run_start = s->t_start + o;
+          run++;
+        } else if (run) {
+          add_lost(e, run_start, run, LOST_SHARED);
+          run = 0;
+        }
+      }
+      if (run) add_lost(e, run_start, run, LOST_SHARED);
+    }
     close((int)m->arg.fork.ufd);
     break;
   default:
@@ -562,16 +618,12 @@ static void drain(engine_t *e) {
       handle_message(e, &m, mono_ns());
     }
     if (e->fatal_err) return;
-    struct uffd_msg msgs[MSG_BATCH];
-    ssize_t r = read(e->uffd, msgs, sizeof msgs);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN) set_fatal(e, errno, "read(userfaultfd)");
-      return; /* EAGAIN: POLLIN may be followed by nothing to read (seed 003) */
-    }
-    uint64_t t = mono_ns();
-    int n = (int)(r / (ssize_t)sizeof(struct uffd_msg));
-    for (int i = 0; i < n && !e->fatal_err; i++) handle_message(e, &msgs[i], t);
+    /* Events are applied as they are read, in the kernel's order, before any
+     * fault of the same read is handled (read() returns pending faults first):
+     * a fault handler must never copy a page whose REMOVE was read already
+     * (the zap follows the read), nor apply newer events it reads itself
+     * (read_more) before older ones still waiting in a local batch. */
+    if (read_more(e, false) <= 0) return; /* EAGAIN: POLLIN may be followed by nothing to read (seed 003) */
   }
 }
 
