@@ -184,6 +184,22 @@ static void add_lost(engine_t *e, uint64_t t_addr, uint64_t pages, int reason) {
   e->lost[e->nlost++] = (lost_t){t_addr, pages, reason};
 }
 
+/* Every page of a segment not saved yet is lost, for this reason. */
+static void lose_unsaved(engine_t *e, segment_t *s, int reason) {
+  uint64_t run_start = 0, run = 0;
+  for (uint64_t o = 0; o < s->len; o += PG) {
+    if (s->state[o / PG] == PAGE_UNSAVED) {
+      s->state[o / PG] = PAGE_LOST;
+      if (run == 0) run_start = s->t_start + o;
+      run++;
+    } else if (run) {
+      add_lost(e, run_start, run, reason);
+      run = 0;
+    }
+  }
+  if (run) add_lost(e, run_start, run, reason);
+}
+
 /* ---------- pool ---------- */
 
 static slot_t *slot_new(engine_t *e, bool overflow) {
@@ -529,18 +545,7 @@ static void handle_unmap(engine_t *e, uint64_t start, uint64_t end) {
     }
     if (end < s->cur_start + s->len) seg_split(e, si, end - e->segs[si].cur_start);
     s = &e->segs[si];
-    uint64_t run_start = 0, run = 0;
-    for (uint64_t o = 0; o < s->len; o += PG) {
-      if (s->state[o / PG] == PAGE_UNSAVED) {
-        s->state[o / PG] = PAGE_LOST;
-        if (run == 0) run_start = s->t_start + o;
-        run++;
-      } else if (run) {
-        add_lost(e, run_start, run, LOST_UNMAPPED);
-        run = 0;
-      }
-    }
-    if (run) add_lost(e, run_start, run, LOST_UNMAPPED);
+    lose_unsaved(e, s, LOST_UNMAPPED);
     s->gone = true;
   }
 }
@@ -588,18 +593,7 @@ static void handle_message(engine_t *e, struct uffd_msg *m, uint64_t read_ns) {
     for (size_t si = 0; si < e->nsegs; si++) {
       segment_t *s = &e->segs[si];
       if (s->kind != KIND_FILE) continue;
-      uint64_t run_start = 0, run = 0;
-      for (uint64_t o = 0; o < s->len; o += PG) {
-        if (s->state[o / PG] == PAGE_UNSAVED) {
-          s->state[o / PG] = PAGE_LOST;
-          if (run == 0) run_start = s->t_start + o;
-          run++;
-        } else if (run) {
-          add_lost(e, run_start, run, LOST_SHARED);
-          run = 0;
-        }
-      }
-      if (run) add_lost(e, run_start, run, LOST_SHARED);
+      lose_unsaved(e, s, LOST_SHARED);
     }
     close((int)m->arg.fork.ufd);
     break;
@@ -853,18 +847,7 @@ static void *engine_main(void *arg) {
     /* Stopped early: whatever is unsaved is not in the snapshot. */
     for (size_t i = 0; i < e->nsegs; i++) {
       segment_t *s = &e->segs[i];
-      uint64_t run_start = 0, run = 0;
-      for (uint64_t o = 0; o < s->len; o += PG) {
-        if (s->state[o / PG] == PAGE_UNSAVED) {
-          s->state[o / PG] = PAGE_LOST;
-          if (run == 0) run_start = s->t_start + o;
-          run++;
-        } else if (run) {
-          add_lost(e, run_start, run, LOST_INTERRUPTED);
-          run = 0;
-        }
-      }
-      if (run) add_lost(e, run_start, run, LOST_INTERRUPTED);
+      lose_unsaved(e, s, LOST_INTERRUPTED);
     }
   }
   flush_current(e);
