@@ -8,23 +8,13 @@
 // shell is not the tracer, so its wait() never sees ptrace stops. stdout and
 // stderr are the fixture's own pipes. The fixture is signalled by its pid,
 // which every fixture prints in its ready line.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
+import { buildFixtures, FIXTURES_BUILD_DIR, FIXTURES_DIR } from './oracle.js';
 
-export const FIXTURES_DIR = fileURLToPath(new URL('../../fixtures/', import.meta.url));
-export const FIXTURES_BUILD_DIR = join(FIXTURES_DIR, 'build');
-
-let built = false;
-/** `make -C fixtures` once per process (incremental; safe to run concurrently). */
-export function buildFixtures(): void {
-  if (built) return;
-  const r = spawnSync('make', ['-s', '-C', FIXTURES_DIR], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`make -C fixtures failed (${r.status ?? r.signal}):\n${r.stdout}${r.stderr}`);
-  built = true;
-}
+export { buildFixtures, FIXTURES_BUILD_DIR, FIXTURES_DIR };
 
 export interface DetachedExit {
   /** The fixture's exit code, or null when a signal ended it. */
