@@ -22,6 +22,11 @@ export function packageRoot(): string {
 
 let cached: NativeBinding | undefined;
 
+/** Where npm install builds the addon. */
+export function nativeAddonPath(): string {
+  return join(packageRoot(), 'build', 'Release', 'wpsnap_native.node');
+}
+
 export function loadBinding(): NativeBinding {
   if (cached) return cached;
   if (process.platform !== 'linux' || process.arch !== 'x64') {
@@ -29,7 +34,7 @@ export function loadBinding(): NativeBinding {
       kind: 'unsupported',
     });
   }
-  const path = join(packageRoot(), 'build', 'Release', 'wpsnap_native.node');
+  const path = nativeAddonPath();
   if (!existsSync(path)) {
     throw new WpsnapError('NATIVE_MISSING', `native addon not built: ${path} is missing (run npm install)`, { kind: 'unsupported' });
   }

@@ -98,8 +98,8 @@ function closeQuietly(binding: NativeBinding, fd: number): void {
   }
 }
 
-/** Register and write-protect one region; false if the kernel refuses the mapping type. */
-function protect(binding: NativeBinding, uffd: number, plan: RegionPlan): boolean {
+/** Register one region for write-protect faults; false if the kernel refuses the mapping type. */
+function register(binding: NativeBinding, uffd: number, plan: RegionPlan): boolean {
   const { start, end } = plan.record;
   try {
     binding.uffdRegister(uffd, start, end - start, UFFDIO_REGISTER_MODE_WP);
@@ -107,12 +107,21 @@ function protect(binding: NativeBinding, uffd: number, plan: RegionPlan): boolea
     if ((error as { code?: string }).code === 'EINVAL' || (error as { code?: string }).code === 'EPERM') return false;
     throw fromNative(error, `register 0x${start.toString(16)}-0x${end.toString(16)}`);
   }
-  try {
-    binding.uffdWriteProtect(uffd, start, end - start, true);
-  } catch (error) {
-    throw fromNative(error, `write-protect 0x${start.toString(16)}-0x${end.toString(16)}`);
-  }
   return true;
+}
+
+/** Write-protect every registered region in one call (spread over the CPUs: the target is stopped meanwhile). */
+function writeProtectAll(binding: NativeBinding, uffd: number, plans: RegionPlan[]): void {
+  const ranges = new BigUint64Array(plans.length * 2);
+  plans.forEach((plan, i) => {
+    ranges[2 * i] = plan.record.start;
+    ranges[2 * i + 1] = plan.record.end - plan.record.start;
+  });
+  try {
+    binding.uffdWriteProtectRanges(uffd, ranges, true);
+  } catch (error) {
+    throw fromNative(error, 'write-protect');
+  }
 }
 
 /** Everything that happens while the target is stopped. */
@@ -150,6 +159,7 @@ function pausePhase(
     const plans = planner.plan(readMaps(pid));
     breakdown.plan = lap();
     let sharedCopyBytes = 0;
+    const registered: RegionPlan[] = [];
     for (const plan of plans) {
       if (plan.engine === undefined) continue;
       const bytes = Number(plan.record.end - plan.record.start);
@@ -162,7 +172,10 @@ function pausePhase(
         plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'shared-with-other-process' };
         continue;
       }
-      if (protect(binding, uffd, plan)) continue;
+      if (register(binding, uffd, plan)) {
+        registered.push(plan);
+        continue;
+      }
       // The kernel will not register it (a SysV segment): copy it whole now,
       // while the target, its only writer, is stopped.
       delete plan.engine;
@@ -178,6 +191,7 @@ function pausePhase(
         plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'read-failed' };
       }
     }
+    writeProtectAll(binding, uffd, registered);
     breakdown.protect = lap();
     faultPoint('after-protect');
     const pausedPages: PageBatch[] = [];

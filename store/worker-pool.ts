@@ -1,8 +1,10 @@
 // Hashing, zero-page detection and zstd run here, in worker threads, never on
-// the thread that calls the store. The worker is plain JavaScript evaluated from
+// the thread that calls the store. The hashing is the addon's scanPages (SHA-256
+// from the OpenSSL inside node, one call per batch). The worker is plain JavaScript evaluated from
 // a string so that it runs the same under tsc output (dist/) and under vitest.
 import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
+import { nativeAddonPath } from '../core/binding.js';
 import { WpsnapError } from '../core/errors.js';
 
 /** Bytes of the SHA-256 digest kept as the content hash. */
@@ -19,29 +21,21 @@ const MAX_SPARE = 16;
 const WORKER_SOURCE = String.raw`
 'use strict';
 const { parentPort, workerData } = require('node:worker_threads');
-const crypto = require('node:crypto');
 const zstd = require(workerData.zstdPath);
+const { scanPages } = require(workerData.addonPath);
 const PAGE = 4096, HASH_BYTES = ${HASH_BYTES}, BLOB_PAGES = ${BLOB_PAGES};
-const ZERO = Buffer.alloc(PAGE);
 const cctx = new zstd.CCtx();
 const dctx = new zstd.DCtx();
 const bound = zstd.compressBound(BLOB_PAGES * PAGE);
 const scratch = Buffer.allocUnsafeSlow(bound);
 const held = new Map();
-const sha256 = typeof crypto.hash === 'function'
-  ? (b) => crypto.hash('sha256', b, 'buffer')
-  : (b) => crypto.createHash('sha256').update(b).digest();
 
 function scan(m) {
   const data = Buffer.from(m.buffer);
   const n = data.length / PAGE;
   const zero = new Uint8Array(n);
   const hashes = new Uint8Array(n * HASH_BYTES);
-  for (let i = 0; i < n; i++) {
-    const page = data.subarray(i * PAGE, (i + 1) * PAGE);
-    if (page.equals(ZERO)) zero[i] = 1;
-    else hashes.set(sha256(page).subarray(0, HASH_BYTES), i * HASH_BYTES);
-  }
+  scanPages(data, zero, hashes);
   held.set(m.job, data);
   parentPort.postMessage({ job: m.job, zero, hashes }, [zero.buffer, hashes.buffer]);
 }
@@ -103,9 +97,7 @@ function check(m) {
         throw new Error('unknown codec ' + blob.codec);
       }
       const hashes = new Uint8Array(blob.pages * HASH_BYTES);
-      for (let i = 0; i < blob.pages; i++) {
-        hashes.set(sha256(raw.subarray(i * PAGE, (i + 1) * PAGE)).subarray(0, HASH_BYTES), i * HASH_BYTES);
-      }
+      scanPages(raw, null, hashes);
       results.push({ hashes });
     } catch (error) {
       results.push({ error: error instanceof Error ? error.message : String(error) });
@@ -262,7 +254,10 @@ export class WorkerPool {
     if (this.closed) throw new WpsnapError('STORE_CLOSED', 'the store is closed');
     const existing = this.slots[index];
     if (existing !== undefined) return existing;
-    const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: { zstdPath: resolveZstdBinding() } });
+    const worker = new Worker(WORKER_SOURCE, {
+      eval: true,
+      workerData: { zstdPath: resolveZstdBinding(), addonPath: nativeAddonPath() },
+    });
     const slot: Slot = { worker, pending: new Map() };
     worker.unref();
     const fail = (error: Error): void => {

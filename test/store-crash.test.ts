@@ -3,7 +3,7 @@
 // the earlier snapshot intact and verifiable, and still take new snapshots.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -32,6 +32,8 @@ beforeAll(() => {
     { stdio: 'inherit' },
   );
   writeFileSync(join(build, 'package.json'), '{"type":"module"}\n');
+  // The store's workers load the native addon from <package root>/build/Release.
+  symlinkSync(join(repo, 'build'), join(build, 'build'));
   root = mkdtempSync(join(tmpdir(), 'wpsnap-crash-'));
 }, 120_000);
 

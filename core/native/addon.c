@@ -1,10 +1,11 @@
-/* wpsnap native addon: userfaultfd, ptrace and the fault/sweep engine. */
+/* wpsnap native addon: userfaultfd, ptrace, the fault/sweep engine and the store's page hashing. */
 #include "addon.h"
 
 static napi_value init(napi_env env, napi_value exports) {
   register_uffd_exports(env, exports);
   register_ptrace_exports(env, exports);
   register_engine_exports(env, exports);
+  register_pagehash_exports(env, exports);
   return exports;
 }
 
