@@ -11,10 +11,8 @@ import type Database from 'better-sqlite3';
 import { WpsnapError } from '../core/errors.js';
 import { PAGE_SIZE, type PageBatch } from '../snapshot-format/model.js';
 import { blobOfContent, contentId, encodeIndex, MAX_ADDRESS, MAX_INDEX_ENTRIES } from './codec.js';
-import { ContentIndex, hashWords } from './content-index.js';
+import { ClaimTable, ContentIndex, hashWords } from './content-index.js';
 import { BLOB_PAGES, HASH_BYTES, type PackedBlob, type ScanResult, type WorkerPool } from './worker-pool.js';
-
-const PAGE_MASK = BigInt(PAGE_SIZE - 1);
 
 /** What one batch added, once durable. */
 export interface BatchResult {
@@ -25,12 +23,9 @@ export interface BatchResult {
   bytesStored: number;
 }
 
-interface Claim {
-  batch: Batch;
-  slot: number;
-}
-
 interface Batch {
+  /** Names the batch in claim numbers (claim = seq × SLOT_LIMIT + slot). */
+  seq: number;
   processId: number;
   addresses: BigUint64Array;
   /** Page indices (into the batch) of the non-zero pages, in address order. */
@@ -38,14 +33,19 @@ interface Batch {
   /** Per page: content id ≥ 0; ZERO; OWN (slotOf); WAIT (claimOf). */
   cidOf: Float64Array;
   slotOf: Int32Array;
-  claimOf: Array<Claim | undefined>;
-  /** Hash keys of the new pages this batch claimed, one per slot. */
-  slotKeys: string[];
+  /** Per WAIT page: the claim number it waits on. */
+  claimOf: Float64Array;
+  /** The batches this one waits on, by seq. */
+  waitsOn: Map<number, Batch>;
+  /** Pages this batch claimed as new content, one slot each. */
+  slotCount: number;
   /** Page index (into the batch) holding each claimed slot's content. */
-  slotPages: number[];
+  slotPages: Uint32Array;
   slotHashes: Buffer;
   slotCids: Float64Array;
   blobs: PackedBlob[];
+  /** The pack() buffer the blobs are views of, recycled after the commit. */
+  output: ArrayBuffer | undefined;
   zeroPages: number;
   written: Promise<void>;
   settle: (error?: Error) => void;
@@ -54,9 +54,18 @@ interface Batch {
 const ZERO = -1;
 const OWN = -2;
 const WAIT = -3;
+/** Slots per batch in a claim number: a batch holds at most MAX_INDEX_ENTRIES pages. */
+const SLOT_LIMIT = MAX_INDEX_ENTRIES;
+const WORDS = HASH_BYTES / 4;
+/** Highest word of a user address below MAX_ADDRESS (2^63 - 1). */
+const MAX_ADDRESS_HIGH_WORD = Number(MAX_ADDRESS >> 32n);
 
 export class PageSink {
-  private readonly claims = new Map<string, Claim>();
+  /** Batches between dedup and commit, by seq. */
+  private readonly inFlight = new Map<number, Batch>();
+  /** New content claimed by batches in flight: hash → claim number. */
+  private readonly claims = new ClaimTable();
+  private nextSeq = 1;
   private readonly ready: Array<{ batch: Batch; done: (error?: Error) => void }> = [];
   private flushScheduled = false;
   private index: ContentIndex | undefined;
@@ -91,7 +100,7 @@ export class PageSink {
 
   /** Forget the dedup index (blobs were deleted): the next batch rebuilds it. */
   invalidate(): void {
-    if (this.claims.size > 0) throw new Error('cannot invalidate the dedup index while batches are in flight');
+    if (this.inFlight.size > 0) throw new Error('cannot invalidate the dedup index while batches are in flight');
     this.index = undefined;
     this.indexedThrough = 0;
     this.dataVersion = -1;
@@ -143,15 +152,14 @@ export class PageSink {
       throw new WpsnapError('STORE_READ', `dedup lookup: ${(error as Error).message}`, { cause: error });
     }
     try {
-      if (batch.slotKeys.length > 0) {
-        const pages = Uint32Array.from(batch.slotPages);
-        batch.blobs = await this.pool.pack(scan, pages);
+      if (batch.slotCount > 0) {
+        const packed = await this.pool.pack(scan, batch.slotPages.slice(0, batch.slotCount));
+        batch.blobs = packed.blobs;
+        batch.output = packed.output;
       } else {
         this.pool.release(scan);
       }
-      const waits = new Set<Promise<void>>();
-      for (const claim of batch.claimOf) if (claim !== undefined) waits.add(claim.batch.written);
-      await Promise.all(waits);
+      await Promise.all([...batch.waitsOn.values()].map((claimer) => claimer.written));
       await new Promise<void>((resolve, reject) => {
         this.ready.push({ batch, done: (error) => (error === undefined ? resolve() : reject(error)) });
         this.scheduleFlush();
@@ -160,21 +168,18 @@ export class PageSink {
       this.abandon(batch, error as Error);
       throw error;
     }
-    let bytesStored = 0;
-    for (const blob of batch.blobs) bytesStored += blob.data.length;
     return {
       pages: n,
       zeroPages: batch.zeroPages,
       pagesSaved: n - batch.zeroPages,
-      pagesNew: batch.slotKeys.length,
-      bytesStored,
+      pagesNew: batch.slotCount,
+      bytesStored: batch.blobs.reduce((sum, blob) => sum + blob.data.length, 0),
     };
   }
 
   private dedup(processId: number, addresses: BigUint64Array, allOrder: Uint32Array, scan: ScanResult): Batch {
     const n = addresses.length;
     const index = this.refresh();
-    const hashes = Buffer.from(scan.hashes.buffer, scan.hashes.byteOffset, scan.hashes.length);
     const words = hashWords(scan.hashes);
     let zeroPages = 0;
     for (let i = 0; i < n; i++) if (scan.zero[i] === 1) zeroPages++;
@@ -190,56 +195,61 @@ export class PageSink {
     });
     written.catch(() => undefined); // waiters see the rejection; nobody else must
     const batch: Batch = {
+      seq: this.nextSeq++,
       processId,
       addresses,
       order,
       cidOf: new Float64Array(n),
       slotOf: new Int32Array(n),
-      claimOf: new Array<Claim | undefined>(n),
-      slotKeys: [],
-      slotPages: [],
+      claimOf: new Float64Array(n),
+      waitsOn: new Map(),
+      slotCount: 0,
+      slotPages: new Uint32Array(n),
       slotHashes: Buffer.alloc(0),
       slotCids: new Float64Array(0),
       blobs: [],
+      output: undefined,
       zeroPages,
       written,
       settle,
     };
-    const slotPages = batch.slotPages;
+    this.inFlight.set(batch.seq, batch);
+    const ownFirst = batch.seq * SLOT_LIMIT;
     for (let i = 0; i < n; i++) {
       if (scan.zero[i] === 1) {
         batch.cidOf[i] = ZERO;
         continue;
       }
-      const cid = index.get(words, i * (HASH_BYTES / 4));
+      const at = i * WORDS;
+      const cid = index.get(words, at);
       if (cid >= 0) {
         batch.cidOf[i] = cid;
         continue;
       }
-      const key = hashes.toString('latin1', i * HASH_BYTES, (i + 1) * HASH_BYTES);
-      const claim = this.claims.get(key);
-      if (claim !== undefined) {
-        if (claim.batch === batch) {
-          batch.cidOf[i] = OWN;
-          batch.slotOf[i] = claim.slot;
-        } else {
-          batch.cidOf[i] = WAIT;
-          batch.claimOf[i] = claim;
-        }
-        continue;
+      const claim = this.claims.get(words, at);
+      if (claim >= ownFirst) {
+        batch.cidOf[i] = OWN;
+        batch.slotOf[i] = claim - ownFirst;
+      } else if (claim >= 0) {
+        const claimer = this.inFlight.get(Math.floor(claim / SLOT_LIMIT)) as Batch;
+        batch.cidOf[i] = WAIT;
+        batch.claimOf[i] = claim;
+        batch.waitsOn.set(claimer.seq, claimer);
+      } else {
+        const slot = batch.slotCount++;
+        batch.slotPages[slot] = i;
+        this.claims.add(words, at, ownFirst + slot);
+        batch.cidOf[i] = OWN;
+        batch.slotOf[i] = slot;
       }
-      const slot = batch.slotKeys.length;
-      batch.slotKeys.push(key);
-      slotPages.push(i);
-      this.claims.set(key, { batch, slot });
-      batch.cidOf[i] = OWN;
-      batch.slotOf[i] = slot;
     }
-    batch.slotHashes = Buffer.allocUnsafe(slotPages.length * HASH_BYTES);
-    for (let s = 0; s < slotPages.length; s++) {
-      hashes.copy(batch.slotHashes, s * HASH_BYTES, (slotPages[s] as number) * HASH_BYTES, (slotPages[s] as number + 1) * HASH_BYTES);
+    const slotWords = new Uint32Array(batch.slotCount * WORDS);
+    for (let slot = 0; slot < batch.slotCount; slot++) {
+      const from = (batch.slotPages[slot] as number) * WORDS;
+      slotWords.set(words.subarray(from, from + WORDS), slot * WORDS);
     }
-    batch.slotCids = new Float64Array(slotPages.length);
+    batch.slotHashes = Buffer.from(slotWords.buffer);
+    batch.slotCids = new Float64Array(batch.slotCount);
     return batch;
   }
 
@@ -272,26 +282,31 @@ export class PageSink {
   private write(batch: Batch): void {
     let slot = 0;
     for (const blob of batch.blobs) {
-      const pages = Math.min(BLOB_PAGES, batch.slotKeys.length - slot);
+      const pages = Math.min(BLOB_PAGES, batch.slotCount - slot);
       const hashes = batch.slotHashes.subarray(slot * HASH_BYTES, (slot + pages) * HASH_BYTES);
       const info = this.insertBlob.run(pages, blob.codec, hashes, blob.data);
       const blobId = Number(info.lastInsertRowid);
       for (let k = 0; k < pages; k++, slot++) batch.slotCids[slot] = contentId(blobId, k);
     }
-    if (slot !== batch.slotKeys.length) throw new Error(`packed ${slot} pages, expected ${batch.slotKeys.length}`);
+    if (slot !== batch.slotCount) throw new Error(`packed ${slot} pages, expected ${batch.slotCount}`);
     const count = batch.order.length;
     if (count === 0) return;
+    // Addresses move as pairs of 32-bit words: no BigInt per page.
+    const from = new Uint32Array(batch.addresses.buffer, batch.addresses.byteOffset, batch.addresses.length * 2);
     const addresses = new BigUint64Array(count);
+    const to = new Uint32Array(addresses.buffer);
     const cids = new Float64Array(count);
     for (let j = 0; j < count; j++) {
       const page = batch.order[j] as number;
-      addresses[j] = batch.addresses[page] as bigint;
+      to[2 * j] = from[2 * page] as number;
+      to[2 * j + 1] = from[2 * page + 1] as number;
       const cid = batch.cidOf[page] as number;
       if (cid >= 0) cids[j] = cid;
       else if (cid === OWN) cids[j] = batch.slotCids[batch.slotOf[page] as number] as number;
       else {
-        const claim = batch.claimOf[page] as Claim;
-        cids[j] = claim.batch.slotCids[claim.slot] as number;
+        const claim = batch.claimOf[page] as number;
+        const claimer = batch.waitsOn.get(Math.floor(claim / SLOT_LIMIT)) as Batch;
+        cids[j] = claimer.slotCids[claim % SLOT_LIMIT] as number;
       }
     }
     this.insertIndex.run(
@@ -306,21 +321,23 @@ export class PageSink {
   /** After commit: the batch's new content goes into the dedup index, its claims go. */
   private committed(batch: Batch): void {
     for (const cid of batch.slotCids) this.ownThrough = Math.max(this.ownThrough, blobOfContent(cid));
-    if (this.index !== undefined && batch.slotKeys.length > 0) {
+    if (this.index !== undefined && batch.slotCount > 0) {
       const words = hashWords(batch.slotHashes);
-      for (let slot = 0; slot < batch.slotKeys.length; slot++) {
-        this.index.set(words, slot * (HASH_BYTES / 4), batch.slotCids[slot] as number);
+      for (let slot = 0; slot < batch.slotCount; slot++) {
+        this.index.set(words, slot * WORDS, batch.slotCids[slot] as number);
       }
     }
+    if (batch.output !== undefined) this.pool.recycleOutput(batch.output);
+    batch.output = undefined;
     this.release(batch);
   }
 
   /** Drop the batch's claims. */
   private release(batch: Batch): void {
-    for (let slot = 0; slot < batch.slotKeys.length; slot++) {
-      const key = batch.slotKeys[slot] as string;
-      if (this.claims.get(key)?.batch === batch) this.claims.delete(key);
-    }
+    const words = hashWords(batch.slotHashes);
+    const ownFirst = batch.seq * SLOT_LIMIT;
+    for (let slot = 0; slot < batch.slotCount; slot++) this.claims.delete(words, slot * WORDS, ownFirst + slot);
+    this.inFlight.delete(batch.seq);
   }
 
   private abandon(batch: Batch, error: Error): void {
@@ -338,15 +355,21 @@ function checkBatch(batch: PageBatch): Uint32Array {
   if (batch.data.length < n * PAGE_SIZE) {
     throw new WpsnapError('INVALID_BATCH', `page batch holds ${batch.data.length} bytes for ${n} pages`);
   }
+  // Checked as pairs of 32-bit words (low, high): no BigInt per page.
+  const words = new Uint32Array(batch.addresses.buffer, batch.addresses.byteOffset, n * 2);
   const order = new Uint32Array(n);
   let sorted = true;
   for (let i = 0; i < n; i++) {
     order[i] = i;
-    const address = batch.addresses[i] as bigint;
-    if ((address & PAGE_MASK) !== 0n || address > MAX_ADDRESS) {
-      throw new WpsnapError('INVALID_BATCH', `page address 0x${address.toString(16)} is not a page-aligned user address`);
+    const low = words[2 * i] as number;
+    const high = words[2 * i + 1] as number;
+    if ((low & (PAGE_SIZE - 1)) !== 0 || high > MAX_ADDRESS_HIGH_WORD) {
+      throw new WpsnapError('INVALID_BATCH', `page address 0x${(batch.addresses[i] as bigint).toString(16)} is not a page-aligned user address`);
     }
-    if (i > 0 && address <= (batch.addresses[i - 1] as bigint)) sorted = false;
+    if (i > 0) {
+      const previousHigh = words[2 * i - 1] as number;
+      if (high < previousHigh || (high === previousHigh && low <= (words[2 * i - 2] as number))) sorted = false;
+    }
   }
   if (!sorted) {
     const addresses = batch.addresses;

@@ -6,6 +6,7 @@ import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
 import { nativeAddonPath } from '../core/binding.js';
 import { WpsnapError } from '../core/errors.js';
+import { PAGE_SIZE } from '../snapshot-format/model.js';
 
 /** Bytes of the SHA-256 digest kept as the content hash. */
 export const HASH_BYTES = 16;
@@ -47,7 +48,11 @@ function pack(m) {
   held.delete(m.job);
   if (data === undefined) throw new Error('pack: batch ' + m.job + ' is not held by this worker');
   const pages = m.pages;
-  const blobs = [], transfer = [data.buffer];
+  // Every blob goes into one output buffer (recycled by the caller), at most the raw size.
+  const need = pages.length * PAGE;
+  const out = m.out !== undefined && m.out.byteLength >= need ? new Uint8Array(m.out) : new Uint8Array(need);
+  const blobs = [];
+  let at = 0;
   for (let first = 0; first < pages.length; first += BLOB_PAGES) {
     const count = Math.min(BLOB_PAGES, pages.length - first);
     let raw;
@@ -61,15 +66,18 @@ function pack(m) {
       }
     }
     const size = cctx.compress(scratch, raw, m.level);
-    const blob = size < raw.length
-      ? { codec: ${CODEC_ZSTD}, data: new Uint8Array(size) }
-      : { codec: ${CODEC_RAW}, data: new Uint8Array(raw.length) };
-    blob.data.set(size < raw.length ? scratch.subarray(0, size) : raw);
-    blobs.push(blob);
-    transfer.push(blob.data.buffer);
+    if (size < raw.length) {
+      out.set(scratch.subarray(0, size), at);
+      blobs.push({ codec: ${CODEC_ZSTD}, offset: at, length: size });
+      at += size;
+    } else {
+      out.set(raw, at);
+      blobs.push({ codec: ${CODEC_RAW}, offset: at, length: raw.length });
+      at += raw.length;
+    }
   }
   // The batch's buffer goes back to the pool for the next batch (fresh memory is slow to touch here).
-  parentPort.postMessage({ job: m.job, blobs, spare: data.buffer }, transfer);
+  parentPort.postMessage({ job: m.job, blobs, out: out.buffer, spare: data.buffer }, [out.buffer, data.buffer]);
 }
 
 function release(m) {
@@ -137,6 +145,13 @@ export interface PackedBlob {
   data: Uint8Array;
 }
 
+export interface Packed {
+  /** In order; each a view into `output`. */
+  blobs: PackedBlob[];
+  /** Hand back with recycleOutput() once the blobs are written. */
+  output: ArrayBuffer;
+}
+
 export interface BlobToCheck {
   pages: number;
   codec: number;
@@ -167,6 +182,8 @@ export class WorkerPool {
   private nextJob = 1;
   /** Batch buffers handed back by the workers, for reuse. */
   private readonly spare: ArrayBuffer[] = [];
+  /** Output buffers of pack(), handed back by the caller, for reuse. */
+  private readonly spareOutput: ArrayBuffer[] = [];
   private closed = false;
 
   constructor(readonly size = 2) {
@@ -205,11 +222,25 @@ export class WorkerPool {
   }
 
   /** Compress the listed pages of a scanned batch into blobs of up to BLOB_PAGES pages, in order. */
-  async pack(scan: ScanResult, pages: Uint32Array, level = ZSTD_LEVEL): Promise<PackedBlob[]> {
-    const reply = (await this.request(scan.worker, scan.job, { op: 'pack', job: scan.job, pages, level }, [
-      pages.buffer as ArrayBuffer,
-    ])) as { blobs: PackedBlob[] };
-    return reply.blobs;
+  async pack(scan: ScanResult, pages: Uint32Array, level = ZSTD_LEVEL): Promise<Packed> {
+    const need = pages.length * PAGE_SIZE;
+    const i = this.spareOutput.findIndex((buffer) => buffer.byteLength >= need);
+    const out = i >= 0 ? (this.spareOutput.splice(i, 1)[0] as ArrayBuffer) : undefined;
+    const transfer = [pages.buffer as ArrayBuffer];
+    if (out !== undefined) transfer.push(out);
+    const reply = (await this.request(scan.worker, scan.job, { op: 'pack', job: scan.job, pages, level, out }, transfer)) as {
+      blobs: Array<{ codec: number; offset: number; length: number }>;
+      out: ArrayBuffer;
+    };
+    return {
+      blobs: reply.blobs.map((b) => ({ codec: b.codec, data: new Uint8Array(reply.out, b.offset, b.length) })),
+      output: reply.out,
+    };
+  }
+
+  /** Take back a pack() output buffer whose blobs are no longer needed. */
+  recycleOutput(buffer: ArrayBuffer): void {
+    if (this.spareOutput.length < MAX_SPARE) this.spareOutput.push(buffer);
   }
 
   /** Drop a scanned batch that needs no pack(). */

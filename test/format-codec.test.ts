@@ -4,7 +4,7 @@ import { describe, it, expect } from 'vitest';
 import fc from 'fast-check';
 import { createRequire } from 'node:module';
 import { CorruptError, decodeBlob, decodeIndex, encodeIndex, contentId, blobOfContent, indexInBlob } from '../store/codec.js';
-import { ContentIndex } from '../store/content-index.js';
+import { ClaimTable, ContentIndex } from '../store/content-index.js';
 
 const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as {
   compress(dst: Uint8Array, src: Uint8Array, level: number): number;
@@ -98,5 +98,40 @@ describe('dedup index', () => {
     expect(index.get(hashes, 0)).toBe(0);
     const other = Uint32Array.of(hashes[0] as number, 1, 2, 3);
     expect(index.get(other, 0)).toBe(-1);
+  });
+});
+
+describe('claim table', () => {
+  it('agrees with a Map through any sequence of claims and removals, colliding keys included', () => {
+    // Few distinct first words: long probe runs, so backward-shift deletion is exercised.
+    const key = fc.tuple(fc.integer({ min: 0, max: 3 }), fc.integer({ min: 0, max: 15 }));
+    const op = fc.tuple(fc.constantFrom('add', 'delete', 'delete-other'), key);
+    fc.assert(
+      fc.property(fc.array(op, { minLength: 100, maxLength: 400 }), (ops) => {
+        const table = new ClaimTable(4);
+        const model = new Map<string, number>();
+        let next = 1;
+        for (const [kind, [first, rest]] of ops) {
+          // Spread the first word's low bits so that keys land at the same home slot.
+          const words = Uint32Array.of(first * 1024, rest, rest * 7, 1);
+          const name = `${first}/${rest}`;
+          if (kind === 'add') {
+            if (model.has(name)) continue;
+            table.add(words, 0, next);
+            model.set(name, next++);
+          } else if (kind === 'delete') {
+            table.delete(words, 0, model.get(name) ?? -5);
+            model.delete(name);
+          } else {
+            table.delete(words, 0, 123456789); // not its claim: nothing happens
+          }
+          expect(table.size).toBe(model.size);
+          for (let other = 0; other <= 15; other++) {
+            expect(table.get(Uint32Array.of(first * 1024, other, other * 7, 1), 0)).toBe(model.get(`${first}/${other}`) ?? -1);
+          }
+        }
+      }),
+      { numRuns: 200 },
+    );
   });
 });
