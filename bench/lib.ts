@@ -300,8 +300,9 @@ export interface ForkExitLine {
 type Line = Record<string, unknown>;
 
 /**
- * A faultlat process re-parented to init (so that neither gcore nor wpsnap
- * freezes a child of a process that reaps children), with its JSON lines
+ * A faultlat process that is not a child of this process (fixtures/launch.ts:
+ * so that neither gcore nor wpsnap freezes a child of a process that reaps
+ * children), with its JSON lines
  * routed to whoever waits for them.
  */
 export class Faultlat {

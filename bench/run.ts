@@ -17,7 +17,7 @@ const USAGE = `usage: node dist/bench/run.js [options]
   --cli PATH        the wpsnap CLI to benchmark (default dist/cli/main.js)
   --out FILE        result JSON (default bench/results/snapshot-1gib-<UTC timestamp>.json)
   --no-write        do not write a result file
-  --summarize FILE  recompute medians and ratios of a saved result file, print them (and rewrite FILE)`;
+  --summarize FILE  recompute medians and ratios of a saved result file, print them (and rewrite FILE, unless --no-write)`;
 
 function positive(name: string, v: string | undefined, fallback: number): number {
   if (v === undefined) return fallback;

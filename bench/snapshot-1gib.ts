@@ -2,8 +2,9 @@
 // pages, every page written once per pass, continuously) snapshotted by each
 // peer in turn, in one run: nothing (baseline), fork() (the target forks a
 // child that holds the copy-on-write image for 3 s, like Redis BGSAVE),
-// gcore, wpsnap, wpsnap --rate, and two diagnostics: wpsnap's engine with
-// no store (engine-only) and the pause phase step by step (pause-breakdown).
+// gcore, wpsnap, wpsnap --rate, and a diagnostic: wpsnap's engine with no
+// store (engine-only). wpsnap's pause, step by step, is its own
+// pauseBreakdownMicros (wpsnap.pause.*).
 // Every measurement is repeated `runs` times, the order of peers rotating
 // from run to run, after one unmeasured warm-up of each. Before the target
 // starts: the kernel's minimal uffd-wp round trip (uffd_roundtrip) and the
@@ -12,7 +13,6 @@ import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { snapshotEngineOnly, type EngineOnlyResult } from './engine-only.js';
-import { pauseBreakdown, type PauseBreakdown } from './pause-breakdown.js';
 import { runPipeline, type PipelineResult } from './pipeline.js';
 import {
   Faultlat,
@@ -53,7 +53,7 @@ export interface Snapshot1GiBOptions {
   pipelineMib: number;
 }
 
-export const PEERS = ['baseline', 'fork', 'gcore', 'wpsnap', 'wpsnap-rate', 'engine-only', 'pause-breakdown'] as const;
+export const PEERS = ['baseline', 'fork', 'gcore', 'wpsnap', 'wpsnap-rate', 'engine-only'] as const;
 export type PeerName = (typeof PEERS)[number];
 
 export const DEFAULTS: Snapshot1GiBOptions = {
@@ -174,6 +174,10 @@ export interface Failed {
 }
 type Outcome<T> = T | Failed;
 
+/**
+ * One run. Result files written by older versions may also hold peers no
+ * longer run (e.g. 'pause-breakdown'); summarize() reads only the keys below.
+ */
 export interface RunResult {
   index: number;
   order: PeerName[];
@@ -183,7 +187,6 @@ export interface RunResult {
   wpsnap?: Outcome<WpsnapResult>;
   'wpsnap-rate'?: Outcome<WpsnapResult>;
   'engine-only'?: Outcome<EngineOnlyPeerResult>;
-  'pause-breakdown'?: Outcome<PauseBreakdown>;
 }
 
 export interface EngineOnlyPeerResult extends EngineOnlyResult {
@@ -374,7 +377,7 @@ async function measure(
   o: Snapshot1GiBOptions,
   dir: string,
   tag: string,
-): Promise<Outcome<BaselineResult | ForkResult | GcoreResult | WpsnapResult | EngineOnlyPeerResult | PauseBreakdown>> {
+): Promise<Outcome<BaselineResult | ForkResult | GcoreResult | WpsnapResult | EngineOnlyPeerResult>> {
   try {
     switch (peer) {
       case 'baseline':
@@ -389,8 +392,6 @@ async function measure(
         return await measureWpsnap(t, o, dir, o.rateMBps, tag);
       case 'engine-only':
         return await measureEngineOnly(t);
-      case 'pause-breakdown':
-        return pauseBreakdown(t.pid);
     }
   } catch (error) {
     if (!isAlive(t.pid)) throw new Error(`the target ${t.pid} died during ${peer}: ${String(error)}`);
@@ -400,10 +401,6 @@ async function measure(
 
 function describe(peer: PeerName, r: Outcome<unknown>): string {
   if ('error' in (r as object)) return `${peer}: FAILED ${(r as Failed).error}`;
-  if (peer === 'pause-breakdown') {
-    const b = r as PauseBreakdown;
-    return `pause-breakdown: ${(b.pauseMicros / 1e3).toFixed(1)} ms = freeze ${b.freezeMicros} + inject ${b.injectMicros} + api ${b.uffdApiMicros} + maps ${b.mapsMicros} + register/wp ${b.protectMicros} (largest ${b.protectLargestMiB} MiB: ${b.protectLargestMicros}) + private copy ${b.copyPrivateMicros} (${b.copyPrivatePages} pages) + thaw ${b.thawMicros} µs`;
-  }
   const w = (r as { window: TargetWindow }).window;
   const target = `target ${(w.writesPerSec / 1e6).toFixed(2)} Mw/s, cpu ${w.cpuShare ?? '?'} runq ${w.runqueueShare ?? '?'}, faulted ${w.faultedCount} p50 ${w.faultedP50Micros} µs p99 ${w.faultedP99Micros} µs, max gap ${w.maxGapMillis} ms`;
   switch (peer) {
@@ -520,21 +517,6 @@ function metrics(): Array<[string, Getter]> {
     ['engine-only.target.maxGapMillis', (r) => eo(r)?.window.maxGapMillis],
     ['engine-only.target.startStallMillis', (r) => eo(r)?.startStallMillis],
   );
-  const pb = (r: RunResult) => ok(r['pause-breakdown']);
-  for (const k of [
-    'pauseMicros',
-    'freezeMicros',
-    'injectMicros',
-    'uffdApiMicros',
-    'mapsMicros',
-    'protectMicros',
-    'registerMicros',
-    'protectLargestMicros',
-    'copyPrivateMicros',
-    'thawMicros',
-  ] as const) {
-    list.push([`pause-breakdown.${k}`, (r) => pb(r)?.[k]]);
-  }
   return list;
 }
 

@@ -195,15 +195,26 @@ function pausePhase(
     breakdown.protect = lap();
     faultPoint('after-protect');
     const pausedPages: PageBatch[] = [];
+    const privateRanges: bigint[] = [];
     for (const plan of plans) {
-      if (plan.pausedCopy === 'none') continue;
       const { start, end, offset } = plan.record;
-      const copy =
-        plan.pausedCopy === 'file'
-          ? binding.copyFilePages(plan.openedFd!, offset, end - start, start)
-          : binding.copyPrivatePages(pid, start, end, plan.pausedCopy === 'all-present');
+      if (plan.pausedCopy === 'file') {
+        const copy = binding.copyFilePages(plan.openedFd!, offset, end - start, start);
+        if (copy.addresses.length > 0) pausedPages.push({ addresses: copy.addresses, data: copy.data });
+      } else if (plan.pausedCopy !== 'none') {
+        privateRanges.push(start, end, plan.pausedCopy === 'all-present' ? 1n : 0n);
+      }
+    }
+    if (privateRanges.length > 0) {
+      const copy = binding.copyPrivatePages(pid, BigUint64Array.from(privateRanges));
       if (copy.addresses.length > 0) pausedPages.push({ addresses: copy.addresses, data: copy.data });
     }
+    breakdown.copy = lap();
+    binding.thaw(frozen.handle);
+    breakdown.thaw = lap();
+    const pauseMicros = Number(process.hrtime.bigint() - started) / 1000;
+    // Thread names are read after the resume: they are for recognising the
+    // snapshot, and reading /proc per thread would lengthen the pause.
     const threads: ThreadRecord[] = frozen.threads.map((t) => ({
       tid: t.tid,
       name: threadName(pid, t.tid),
@@ -211,10 +222,6 @@ function pausePhase(
       fpregs: t.fpregs,
       xstate: t.xstate,
     }));
-    breakdown.copy = lap();
-    binding.thaw(frozen.handle);
-    breakdown.thaw = lap();
-    const pauseMicros = Number(process.hrtime.bigint() - started) / 1000;
     return { breakdown, uffd, method: injected.method, plans, threads, pausedPages, pauseMicros };
   } catch (error) {
     // Closing the only reference releases every registration and protection.

@@ -116,9 +116,10 @@ export interface NativeBinding {
   mknodDevice(path: string, mode: number, rdev: number): void;
   /** Raw /proc/PID/pagemap entries. */
   readPagemap(pid: number, address: bigint, npages: number): BigUint64Array;
-  /** Pages of a private file mapping that differ from the file (copy-on-write or
-   *  swapped); all present pages when allPresent. */
-  copyPrivatePages(pid: number, start: bigint, end: bigint, allPresent?: boolean): { addresses: BigUint64Array; data: Buffer };
+  /** Pages of private file mappings that differ from the file (copy-on-write or
+   *  swapped), over ranges given as [start, end, allPresent (0/1), …]: with
+   *  allPresent every present page. One batch, in the order of the ranges. */
+  copyPrivatePages(pid: number, ranges: BigUint64Array): { addresses: BigUint64Array; data: Buffer };
   /** pread the data (non-hole) pages of a shared file range, labelled with their mapped addresses. */
   copyFilePages(fd: number, fileOffset: bigint, length: bigint, address: bigint): { addresses: BigUint64Array; data: Buffer };
   /** ptrace(PTRACE_SEIZE + PTRACE_INTERRUPT) every thread and wait for the stops. */

@@ -368,43 +368,88 @@ static napi_value js_read_pagemap(napi_env env, napi_callback_info info) {
   return arr;
 }
 
-/* copyPrivatePages(pid, start, end) -> { addresses: BigUint64Array, data: Buffer }
- * Copies the pages of a private file mapping that differ from the file: those
- * present but not file pages (copy-on-write anon pages) and swapped ones. Runs
- * while the target is stopped: these mappings cannot be write-protected. */
+/* copyPrivatePages(pid, ranges: BigUint64Array [start, end, allPresent, …])
+ *   -> { addresses: BigUint64Array, data: Buffer }
+ * Copies the pages of private file mappings that differ from the file: those
+ * present but not file pages (copy-on-write anon pages) and swapped ones; with
+ * allPresent = 1, every present page. Runs while the target is stopped (these
+ * mappings cannot be write-protected), so every range goes in one call: the
+ * pagemap and mem files are opened once, and the pages are read with one
+ * process_vm_readv per IOV_MAX pages. */
+#define COPY_IOV_MAX 1024
+
+static int read_pages_batched(pid_t pid, int memfd, const uint64_t *addrs, size_t count, char *dst) {
+  struct iovec local, remote[COPY_IOV_MAX];
+  for (size_t first = 0; first < count; first += COPY_IOV_MAX) {
+    size_t n = count - first < COPY_IOV_MAX ? count - first : COPY_IOV_MAX;
+    for (size_t k = 0; k < n; k++) remote[k] = (struct iovec){(void *)(uintptr_t)addrs[first + k], 4096};
+    local = (struct iovec){dst + first * 4096, n * 4096};
+    ssize_t got = process_vm_readv(pid, &local, 1, remote, n, 0);
+    if (got == (ssize_t)(n * 4096)) continue;
+    if (got < 0 && errno == ESRCH) return ESRCH;
+    /* A short read stops at the first page it could not read (PROT_NONE):
+     * read the rest one by one, falling back to /proc/PID/mem. */
+    size_t done = got > 0 ? (size_t)got / 4096 : 0;
+    for (size_t k = done; k < n; k++) {
+      int err = remote_read(pid, memfd, addrs[first + k], dst + (first + k) * 4096, 4096);
+      if (err != 0) return err;
+    }
+  }
+  return 0;
+}
+
 static napi_value js_copy_private_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
+  size_t argc = 2;
+  napi_value argv[2];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t pid;
-  uint64_t start, end;
-  bool all_present = false;
-  if (argc < 3 || !arg_int32(env, argv[0], &pid) || !arg_uint64(env, argv[1], &start) || !arg_uint64(env, argv[2], &end) ||
-      end <= start || (start & 4095) || (end & 4095))
-    return throw_type(env, "copyPrivatePages(pid, start, end, allPresent?)");
-  if (argc >= 4) arg_bool(env, argv[3], &all_present);
-  size_t npages = (end - start) / 4096;
+  bool is_typed = false;
+  if (argc >= 2) napi_is_typedarray(env, argv[1], &is_typed);
+  if (argc < 2 || !arg_int32(env, argv[0], &pid) || !is_typed)
+    return throw_type(env, "copyPrivatePages(pid, ranges: BigUint64Array)");
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  NAPI_CALL(env, napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
+  if (type != napi_biguint64_array || length % 3 != 0)
+    return throw_type(env, "copyPrivatePages: ranges must be a BigUint64Array of start, end, allPresent triples");
+  const uint64_t *ranges = data;
+  size_t nranges = length / 3, total_pages = 0;
+  for (size_t r = 0; r < nranges; r++) {
+    uint64_t start = ranges[3 * r], end = ranges[3 * r + 1];
+    if (end <= start || (start & 4095) || (end & 4095))
+      return throw_type(env, "copyPrivatePages: each range must be page-aligned with start < end");
+    total_pages += (end - start) / 4096;
+  }
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
   int pm = open(path, O_RDONLY | O_CLOEXEC);
   if (pm < 0) return throw_errno(env, errno, "open", "open(%s)", path);
-  uint64_t *entries = malloc(npages * 8);
+  /* Chosen addresses are written over the pagemap entries already examined. */
+  uint64_t *entries = malloc((total_pages ? total_pages : 1) * 8);
   if (entries == NULL) {
     close(pm);
     return throw_errno(env, ENOMEM, "malloc", "copyPrivatePages");
   }
-  int err = read_pagemap(pm, start, npages, entries);
+  size_t count = 0, at = 0;
+  for (size_t r = 0; r < nranges; r++) {
+    uint64_t start = ranges[3 * r], end = ranges[3 * r + 1];
+    bool all_present = ranges[3 * r + 2] != 0;
+    size_t npages = (end - start) / 4096;
+    int err = read_pagemap(pm, start, npages, entries + at);
+    if (err != 0) {
+      close(pm);
+      free(entries);
+      return throw_errno(env, err, "pread", "pread(%s) at 0x%llx", path, (unsigned long long)start);
+    }
+    for (size_t i = 0; i < npages; i++) {
+      uint64_t e = entries[at + i];
+      bool cow = ((e & PM_PRESENT) && !(e & PM_FILE)) || (e & PM_SWAP);
+      if (cow || (all_present && (e & PM_PRESENT))) entries[count++] = start + i * 4096;
+    }
+    at += npages;
+  }
   close(pm);
-  if (err != 0) {
-    free(entries);
-    return throw_errno(env, err, "pread", "pread(%s)", path);
-  }
-  size_t count = 0;
-  for (size_t i = 0; i < npages; i++) {
-    uint64_t e = entries[i];
-    bool cow = ((e & PM_PRESENT) && !(e & PM_FILE)) || (e & PM_SWAP);
-    if (cow || (all_present && (e & PM_PRESENT))) entries[count++] = start + i * 4096;
-  }
   void *addr_data, *page_data;
   napi_value ab, addrs, pages, out;
   if (napi_create_arraybuffer(env, count * 8, &addr_data, &ab) != napi_ok ||
@@ -416,15 +461,9 @@ static napi_value js_copy_private_pages(napi_env env, napi_callback_info info) {
   free(entries);
   snprintf(path, sizeof path, "/proc/%d/mem", pid);
   int memfd = open(path, O_RDONLY | O_CLOEXEC);
-  for (size_t i = 0; i < count; i++) {
-    uint64_t a = ((uint64_t *)addr_data)[i];
-    err = remote_read(pid, memfd, a, (char *)page_data + i * 4096, 4096);
-    if (err != 0) {
-      if (memfd >= 0) close(memfd);
-      return throw_errno(env, err, "process_vm_readv", "copy private page 0x%llx of pid %d", (unsigned long long)a, pid);
-    }
-  }
+  int err = read_pages_batched(pid, memfd, addr_data, count, page_data);
   if (memfd >= 0) close(memfd);
+  if (err != 0) return throw_errno(env, err, "process_vm_readv", "copy the private pages of pid %d", pid);
   NAPI_CALL(env, napi_create_typedarray(env, napi_biguint64_array, count, ab, 0, &addrs));
   NAPI_CALL(env, napi_create_object(env, &out));
   set_prop(env, out, "addresses", addrs);

@@ -1,25 +1,18 @@
-// Real programs (python3, node, ...) as snapshot targets: started so that the
-// test process is NOT their parent (`sh -c '"$@" & wait $!'`, as in
-// test/support/spawn.ts: a tracer that is also the parent could have the
-// ptrace stop of the main thread reaped by its own libuv), talking one JSON
-// object per line on stdout, the first of which is {"ready": true, "pid": N}.
-// Plain reference runs, which are never snapshotted, are direct children.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
-import { createInterface } from 'node:readline';
+// Real programs (python3, node, ...) as snapshot targets: started by
+// fixtures/launch.ts so that the test process is NOT their parent (see there
+// why), talking one JSON object per line on stdout, the first of which is
+// {"ready": true, "pid": N}. Plain reference runs, which are never
+// snapshotted, are direct children.
+import { spawn } from 'node:child_process';
+import { killAll, launch, LineLog, type Launched, type LaunchedExit, type Line } from '../../../fixtures/launch.js';
 
-export type Line = Record<string, unknown>;
+export type { Line };
 
-export interface ProgramExit {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  /** Every JSON line after the ready line. */
-  lines: Line[];
-  stderr: string;
-}
+/** code, signal, every JSON line after the ready line, stderr. */
+export type ProgramExit = LaunchedExit;
 
 export interface Program {
-  /** The program's own pid (from its ready line); not a child of this process. */
+  /** The program's own pid; not a child of this process. */
   pid: number;
   ready: Line;
   /** Every JSON line after the ready line so far. */
@@ -27,88 +20,20 @@ export interface Program {
   /** The first line after the ready line (already printed or yet to come) that `match` accepts. */
   waitFor(match: (line: Line) => boolean, timeoutMs?: number): Promise<Line>;
   exited: Promise<ProgramExit>;
-  /** Signal the program by its pid while its output is open (so the pid is still its own). */
+  /** Signal the program by its pid while it runs (so the pid is still its own). */
   signal(signal: NodeJS.Signals): void;
   /** SIGTERM, then its exit (rejects if it has not exited within timeoutMs). */
   stop(timeoutMs?: number): Promise<ProgramExit>;
   stderr(): string;
 }
 
-const live = new Map<number, { ended: boolean }>();
+const live = new Set<Launched>();
 
-/** SIGKILL, by pid, every program started here whose output has not ended. For afterEach/afterAll. */
+/** SIGKILL, by pid, every program started here that is still running. For afterEach/afterAll. */
 export function killPrograms(): number[] {
-  const killed: number[] = [];
-  for (const [pid, state] of live) {
-    live.delete(pid);
-    if (state.ended) continue;
-    try {
-      process.kill(pid, 'SIGKILL');
-      killed.push(pid);
-    } catch {
-      // already gone
-    }
-  }
+  const killed = killAll(live);
+  live.clear();
   return killed;
-}
-process.once('exit', () => {
-  killPrograms();
-});
-
-function parentOf(pid: number): number {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-}
-
-function parse(line: string): Line {
-  try {
-    const v: unknown = JSON.parse(line);
-    return typeof v === 'object' && v !== null ? (v as Line) : { value: v };
-  } catch {
-    return { unparsable: line };
-  }
-}
-
-/** Collects JSON lines from a child's stdout and lets callers wait for one. */
-class LineSink {
-  readonly all: Line[] = [];
-  ended = false;
-  private wakers: Array<() => void> = [];
-
-  constructor(child: ChildProcess) {
-    const rl = createInterface({ input: child.stdout! });
-    rl.on('line', (line) => {
-      this.all.push(parse(line));
-      this.wake();
-    });
-    rl.once('close', () => {
-      this.ended = true;
-      this.wake();
-    });
-  }
-
-  private wake(): void {
-    for (const w of this.wakers.splice(0)) w();
-  }
-
-  /** The first line at index >= from that `match` accepts, and its index. */
-  async find(from: number, match: (line: Line) => boolean, timeoutMs: number, what: string, stderr: () => string): Promise<[Line, number]> {
-    const deadline = Date.now() + timeoutMs;
-    let i = from;
-    for (;;) {
-      for (; i < this.all.length; i++) if (match(this.all[i]!)) return [this.all[i]!, i];
-      if (this.ended) throw new Error(`${what}: output ended before the line awaited; stderr: ${stderr().slice(-2000)}`);
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`${what}: no such line within ${timeoutMs} ms; last lines: ${JSON.stringify(this.all.slice(-3))}`);
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, left);
-        this.wakers.push(() => {
-          clearTimeout(t);
-          resolve();
-        });
-      });
-    }
-  }
 }
 
 export interface StartOptions {
@@ -116,72 +41,28 @@ export interface StartOptions {
   env?: NodeJS.ProcessEnv;
 }
 
-/** Starts `command` re-parented (see the top of this file) and waits for its ready line. */
+/** Starts `command` re-parented and waits for its ready line. */
 export async function startProgram(command: string[], options: StartOptions = {}): Promise<Program> {
-  const what = command.map((c) => c.split('/').pop()).join(' ');
-  const shell = spawn('sh', ['-c', '"$@" & wait $!', 'sh', ...command], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, ...options.env },
-  });
-  let stderr = '';
-  shell.stderr!.setEncoding('utf8');
-  shell.stderr!.on('data', (d: string) => {
-    stderr += d;
-  });
-  const sink = new LineSink(shell);
-  let state: { ended: boolean } | undefined;
-  const exited = new Promise<ProgramExit>((resolve, reject) => {
-    shell.once('error', reject);
-    shell.once('close', (code, signal) => {
-      sink.ended = true;
-      if (state) state.ended = true;
-      // The shell exits with the program's status: 128+N when signal N ended it.
-      const bySignal = signal === null && code !== null && code > 128 ? ((SIGNALS[code - 128] ?? null) as NodeJS.Signals | null) : null;
-      resolve({ code: bySignal ? null : code, signal: bySignal ?? signal, lines: sink.all.slice(1), stderr });
-    });
-  });
-  exited.catch(() => {});
-  let ready: Line;
-  try {
-    [ready] = await sink.find(0, () => true, options.readyTimeoutMs ?? 60_000, what, () => stderr);
-  } catch (error) {
-    shell.kill('SIGKILL');
-    throw error;
-  }
-  const pid = ready['pid'];
-  if (ready['ready'] !== true || typeof pid !== 'number') {
-    shell.kill('SIGKILL');
-    throw new Error(`${what}: first line is not a ready line with a pid: ${JSON.stringify(ready)}`);
-  }
-  state = { ended: sink.ended };
-  live.set(pid, state);
-  if (parentOf(pid) === process.pid) throw new Error(`${what} (pid ${pid}) is a child of the test process`);
+  const p = await launch(command, { readyTimeoutMs: options.readyTimeoutMs ?? 60_000, env: options.env });
+  live.add(p);
   return {
-    pid,
-    ready,
-    lines: () => sink.all.slice(1),
-    waitFor: async (match, timeoutMs = 60_000) => (await sink.find(1, match, timeoutMs, what, () => stderr))[0],
-    exited,
+    pid: p.pid,
+    ready: p.ready.json,
+    lines: () => p.output.json(1),
+    waitFor: async (match, timeoutMs = 60_000) => {
+      const i = await p.output.find(1, (l) => match(l.json), timeoutMs);
+      if (i === 'ended') throw new Error(`${p.name}: output ended before the line awaited; stderr: ${p.stderr().slice(-2000)}`);
+      if (i === 'timeout') throw new Error(`${p.name}: no such line within ${timeoutMs} ms; last lines: ${JSON.stringify(p.output.json(1).slice(-3))}`);
+      return p.output.lines[i]!.json;
+    },
+    exited: p.exited,
     signal: (signal) => {
-      if (!sink.ended) process.kill(pid, signal);
+      p.signal(signal);
     },
-    stop: async (timeoutMs = 30_000) => {
-      if (!sink.ended) process.kill(pid, 'SIGTERM');
-      let timer: NodeJS.Timeout | undefined;
-      const late = new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what} (pid ${pid}) did not exit within ${timeoutMs} ms of SIGTERM`)), timeoutMs);
-      });
-      try {
-        return await Promise.race([exited, late]);
-      } finally {
-        clearTimeout(timer);
-      }
-    },
-    stderr: () => stderr,
+    stop: (timeoutMs = 30_000) => p.stop(timeoutMs),
+    stderr: p.stderr,
   };
 }
-
-const SIGNALS: Record<number, string> = { 1: 'SIGHUP', 2: 'SIGINT', 6: 'SIGABRT', 9: 'SIGKILL', 11: 'SIGSEGV', 15: 'SIGTERM', 4: 'SIGILL', 7: 'SIGBUS', 8: 'SIGFPE' };
 
 /** Runs `command` to its end as a direct child (a reference run, never snapshotted); its JSON lines. */
 export function runProgram(command: string[], timeoutMs = 120_000): Promise<ProgramExit> {
@@ -192,7 +73,7 @@ export function runProgram(command: string[], timeoutMs = 120_000): Promise<Prog
     child.stderr!.on('data', (d: string) => {
       stderr += d;
     });
-    const sink = new LineSink(child);
+    const output = new LineLog(child.stdout!);
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
       reject(new Error(`${command.join(' ')} did not finish within ${timeoutMs} ms`));
@@ -200,7 +81,7 @@ export function runProgram(command: string[], timeoutMs = 120_000): Promise<Prog
     child.once('error', reject);
     child.once('close', (code, signal) => {
       clearTimeout(timer);
-      resolve({ code, signal, lines: sink.all.slice(1), stderr });
+      resolve({ code, signal, lines: output.json(1), stderr });
     });
   });
 }
