@@ -64,7 +64,8 @@ export interface SnapshotResult {
   faultP99Micros: number;
   lostPages: LostPagesEntry[];
   threads: number;
-  regions: { protected: number; filePrivate: number; fileReference: number; skipped: number };
+  /** sparse: of the protected regions, those protected only where populated (their other pages were zero at T). */
+  regions: { protected: number; sparse: number; filePrivate: number; fileReference: number; skipped: number };
   uffdMethod: UffdMethod;
   pauseBreakdownMicros: PauseBreakdown;
   engine: Omit<EngineFinalStats, 'lost' | 'error'>;
@@ -88,6 +89,8 @@ interface PausePhase {
   threads: ThreadRecord[];
   pausedPages: PageBatch[];
   pauseMicros: number;
+  /** Regions protected only where populated (see protectionRanges). */
+  sparseRegions: number;
 }
 
 function closeQuietly(binding: NativeBinding, fd: number): void {
@@ -110,18 +113,105 @@ function register(binding: NativeBinding, uffd: number, plan: RegionPlan): boole
   return true;
 }
 
-/** Write-protect every registered region in one call (spread over the CPUs: the target is stopped meanwhile). */
-function writeProtectAll(binding: NativeBinding, uffd: number, plans: RegionPlan[]): void {
-  const ranges = new BigUint64Array(plans.length * 2);
-  plans.forEach((plan, i) => {
-    ranges[2 * i] = plan.record.start;
-    ranges[2 * i + 1] = plan.record.end - plan.record.start;
-  });
+/** Write-protect every range in one call (spread over the CPUs: the target is stopped meanwhile). */
+function writeProtectAll(binding: NativeBinding, uffd: number, ranges: bigint[]): void {
   try {
-    binding.uffdWriteProtectRanges(uffd, ranges, true);
+    binding.uffdWriteProtectRanges(uffd, BigUint64Array.from(ranges), true);
   } catch (error) {
     throw fromNative(error, 'write-protect');
   }
+}
+
+/**
+ * Private anonymous mappings at least this large, with at most a quarter of
+ * their pages present or swapped, are protected only where populated. Write-
+ * protecting a never-touched page costs a page-table entry holding a marker
+ * (WP_UNPOPULATED): for a runtime's multi-GiB PROT_NONE reservation (V8, the
+ * JVM, Go, malloc arenas) that is megabytes of page tables and tens of
+ * milliseconds of pause, for pages that are zero at T and need no protection:
+ * they are recorded as zero and never read, whatever is written to them later.
+ */
+const SPARSE_MIN_BYTES = 16n << 20n;
+const SPARSE_MAX_POPULATED = 0.25;
+
+function sparseCandidate(start: bigint, end: bigint, inode: number, perms: string): boolean {
+  return inode === 0 && perms[3] === 'p' && end - start >= SPARSE_MIN_BYTES;
+}
+
+/**
+ * The candidate mappings whose populated share is small now, before the
+ * freeze (the scan costs ~5 ms per dense GiB), as address intervals: mappings
+ * may split or merge before the pause (mprotect), so the pause asks which
+ * of its mappings overlap one.
+ */
+function findSparse(binding: NativeBinding, pid: number, maps: ReturnType<typeof readMaps>): SparseIntervals {
+  const candidates = maps.filter((m) => sparseCandidate(m.start, m.end, m.inode, m.perms));
+  const sparse: SparseIntervals = [];
+  if (candidates.length === 0) return sparse;
+  let scan: { counts: Uint32Array; ranges: BigUint64Array };
+  try {
+    scan = binding.populatedRanges(pid, BigUint64Array.from(candidates.flatMap((m) => [m.start, m.end])));
+  } catch {
+    return sparse; // an optimisation only: protect everything instead
+  }
+  let at = 0;
+  candidates.forEach((m, i) => {
+    let populated = 0n;
+    for (let k = 0; k < (scan.counts[i] as number); k++, at++) {
+      populated += (scan.ranges[2 * at + 1] as bigint) - (scan.ranges[2 * at] as bigint);
+    }
+    if (Number(populated) <= Number(m.end - m.start) * SPARSE_MAX_POPULATED) sparse.push([m.start, m.end]);
+  });
+  return sparse;
+}
+
+type SparseIntervals = Array<[start: bigint, end: bigint]>;
+
+function overlapsSparse(sparse: SparseIntervals, start: bigint, end: bigint): boolean {
+  return sparse.some(([s, e]) => s < end && start < e);
+}
+
+/**
+ * The ranges to write-protect: registered regions whole, except the sparse
+ * ones, which get their populated runs only (scanned now, with the target
+ * stopped) and their engine region the rest as zeroRanges. Returns how many
+ * regions were protected that way.
+ */
+function protectionRanges(
+  binding: NativeBinding,
+  pid: number,
+  registered: RegionPlan[],
+  sparse: SparseIntervals,
+): { ranges: bigint[]; sparseRegions: number } {
+  const ranges: bigint[] = [];
+  const scanned = registered.filter((plan) => {
+    const { start, end, inode, perms } = plan.record;
+    return plan.engine?.kind === 0 && !plan.engine.hugetlb && sparseCandidate(start, end, inode, perms) && overlapsSparse(sparse, start, end);
+  });
+  const isScanned = new Set(scanned);
+  for (const plan of registered) if (!isScanned.has(plan)) ranges.push(plan.record.start, plan.record.end - plan.record.start);
+  if (scanned.length === 0) return { ranges, sparseRegions: 0 };
+  let scan: { counts: Uint32Array; ranges: BigUint64Array };
+  try {
+    scan = binding.populatedRanges(pid, BigUint64Array.from(scanned.flatMap((p) => [p.record.start, p.record.end])));
+  } catch (error) {
+    throw fromNative(error, 'find the populated pages of sparse mappings');
+  }
+  let at = 0;
+  scanned.forEach((plan, i) => {
+    const zero: bigint[] = [];
+    let cursor = plan.record.start;
+    for (let k = 0; k < (scan.counts[i] as number); k++, at++) {
+      const start = scan.ranges[2 * at] as bigint;
+      const end = scan.ranges[2 * at + 1] as bigint;
+      if (start > cursor) zero.push(cursor, start);
+      ranges.push(start, end - start);
+      cursor = end;
+    }
+    if (cursor < plan.record.end) zero.push(cursor, plan.record.end);
+    plan.engine!.zeroRanges = BigUint64Array.from(zero);
+  });
+  return { ranges, sparseRegions: scanned.length };
 }
 
 /** Everything that happens while the target is stopped. */
@@ -133,6 +223,7 @@ function pausePhase(
   deviceNode: DeviceNode | null,
   planner: RegionPlanner,
   maxSharedCopyBytes: number,
+  sparse: SparseIntervals,
 ): PausePhase {
   const started = process.hrtime.bigint();
   let mark = started;
@@ -191,7 +282,8 @@ function pausePhase(
         plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'read-failed' };
       }
     }
-    writeProtectAll(binding, uffd, registered);
+    const protection = protectionRanges(binding, pid, registered, sparse);
+    writeProtectAll(binding, uffd, protection.ranges);
     breakdown.protect = lap();
     faultPoint('after-protect');
     const pausedPages: PageBatch[] = [];
@@ -222,7 +314,7 @@ function pausePhase(
       fpregs: t.fpregs,
       xstate: t.xstate,
     }));
-    return { breakdown, uffd, method: injected.method, plans, threads, pausedPages, pauseMicros };
+    return { breakdown, uffd, method: injected.method, plans, threads, pausedPages, pauseMicros, sparseRegions: protection.sparseRegions };
   } catch (error) {
     // Closing the only reference releases every registration and protection.
     if (uffd >= 0) closeQuietly(binding, uffd);
@@ -326,9 +418,11 @@ export async function snapshotProcess(
     deviceNode = targetMayCallUserfaultfd(pid) ? null : prepareDeviceNode(binding, pid);
     writer = store.beginSnapshot(options.name === undefined ? {} : { name: options.name });
     const processId = writer.addProcess(processRecord);
-    planner.prepare(readMaps(pid));
+    const mapsBefore = readMaps(pid);
+    planner.prepare(mapsBefore);
+    const sparse = findSparse(binding, pid, mapsBefore);
     faultPoint('before-freeze');
-    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY);
+    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY, sparse);
     deviceNode?.remove();
     deviceNode = null;
     faultPoint('after-resume');
@@ -394,6 +488,7 @@ export async function snapshotProcess(
       threads: pause.threads.length,
       regions: {
         protected: pause.plans.filter((p) => p.record.capture === 'protected').length,
+        sparse: pause.sparseRegions,
         filePrivate: pause.plans.filter((p) => p.record.capture === 'file-private').length,
         fileReference: pause.plans.filter((p) => p.record.capture === 'file-reference').length,
         skipped: pause.plans.filter((p) => p.record.capture === 'skipped').length,

@@ -51,7 +51,7 @@ interface SnapshotJson {
   faultP99Micros: number;
   lostPages: Array<{ address: string; pages: number; reason: string }>;
   threads: number;
-  regions: { protected: number; filePrivate: number; fileReference: number; skipped: number };
+  regions: { protected: number; sparse: number; filePrivate: number; fileReference: number; skipped: number };
   uffdMethod: string;
   pauseBreakdownMicros: Record<string, number>;
   engine: Record<string, number>;

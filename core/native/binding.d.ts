@@ -34,6 +34,8 @@ export interface EngineRegion {
   fd?: number;
   fileOffset?: bigint;
   hugetlb?: boolean;
+  /** [start, end, …] of pages never touched at T and left unprotected: zero, never read. */
+  zeroRanges?: BigUint64Array;
 }
 
 export interface EngineOptions {
@@ -97,6 +99,11 @@ export interface NativeBinding {
    * every page is hashed.
    */
   scanPages(data: Uint8Array, zero: Uint8Array | null, hashes: Uint8Array): void;
+  /**
+   * PAGEMAP_SCAN over [start, end, …]: the runs of present or swapped pages of
+   * each range (counts[i] runs for range i, in order, in `ranges`).
+   */
+  populatedRanges(pid: number, ranges: BigUint64Array): { counts: Uint32Array; ranges: BigUint64Array };
   uffdWriteProtectRanges(fd: number, ranges: BigUint64Array, protect: boolean): void;
   /** userfaultfd() + UFFDIO_API(0) in this process: what the kernel offers. */
   probeUffd(): UffdApiResult;
