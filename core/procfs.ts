@@ -15,10 +15,15 @@ export interface MapsEntry {
 
 const MAPS_LINE = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)\s*(.*)$/;
 
-export function parseMaps(text: string): MapsEntry[] {
+export function parseMaps(text: string, known?: Map<string, MapsEntry>): MapsEntry[] {
   const entries: MapsEntry[] = [];
   for (const line of text.split('\n')) {
     if (line === '') continue;
+    const same = known?.get(line);
+    if (same !== undefined) {
+      entries.push(same);
+      continue;
+    }
     const m = MAPS_LINE.exec(line);
     if (!m) throw new Error(`unparsable /proc/PID/maps line: ${JSON.stringify(line)}`);
     entries.push({
@@ -34,6 +39,31 @@ export function parseMaps(text: string): MapsEntry[] {
   return entries;
 }
 
+export function readMaps(pid: number): MapsEntry[] {
+  return parseMaps(readProc(pid, 'maps').toString('utf8'));
+}
+
+/**
+ * Reads /proc/PID/maps again and again, returning the same MapsEntry object
+ * for a line that has not changed since the previous read: inside the pause
+ * only the changed lines are parsed (a few hundred mappings otherwise cost
+ * milliseconds of BigInt parsing), and callers can tell unchanged mappings by
+ * identity.
+ */
+export class MapsReader {
+  private known = new Map<string, MapsEntry>();
+
+  constructor(private readonly pid: number) {}
+
+  read(): MapsEntry[] {
+    const text = readProc(this.pid, 'maps').toString('utf8');
+    const entries = parseMaps(text, this.known);
+    const lines = text.split('\n').filter((line) => line !== '');
+    this.known = new Map(lines.map((line, i) => [line, entries[i]!]));
+    return entries;
+  }
+}
+
 /** Throws TARGET_NOT_FOUND (exit 4) when the process does not exist. */
 export function readProc(pid: number, file: string): Buffer {
   try {
@@ -45,10 +75,6 @@ export function readProc(pid: number, file: string): Buffer {
     }
     throw new WpsnapError(code ?? 'EIO', `read /proc/${pid}/${file}: ${(error as Error).message}`);
   }
-}
-
-export function readMaps(pid: number): MapsEntry[] {
-  return parseMaps(readProc(pid, 'maps').toString('utf8'));
 }
 
 export function assertProcessExists(pid: number): void {

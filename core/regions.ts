@@ -5,7 +5,7 @@
 import { closeSync, openSync, readdirSync, readFileSync, statSync, statfsSync } from 'node:fs';
 import type { FileReference, LostRange, RegionRecord } from '../snapshot-format/model.js';
 import type { EngineRegion } from './native/binding.js';
-import type { MapsEntry } from './procfs.js';
+import { MapsReader, type MapsEntry } from './procfs.js';
 
 const TMPFS_MAGIC = 0x01021994;
 const HUGETLBFS_MAGIC = 0x958458f6;
@@ -153,24 +153,30 @@ function writersOfFiles(pid: number, files: Set<string>): Map<string, number[]> 
   return found;
 }
 
-function mapsKey(m: MapsEntry): string {
-  return `${m.start}-${m.end} ${m.perms} ${m.offset} ${m.dev} ${m.inode} ${m.path}`;
-}
-
 /**
  * Plans made while the target still runs (statfs, stat and opening shared
  * files take milliseconds): inside the pause only mappings that changed since
- * are planned again.
+ * are planned again. Both listings come from the planner's MapsReader, which
+ * returns the same object for an unchanged line: that is how a mapping is
+ * known unchanged.
  */
 export class RegionPlanner {
   private readonly fsCache = new Map<string, { type: number; bsize: number }>();
-  private readonly early = new Map<string, RegionPlan>();
+  private readonly early = new Map<MapsEntry, RegionPlan>();
+  private readonly reader: MapsReader;
 
-  constructor(private readonly pid: number) {}
+  constructor(private readonly pid: number) {
+    this.reader = new MapsReader(pid);
+  }
 
-  /** Plan ahead from a maps listing read before the freeze. */
+  /** /proc/PID/maps now, unchanged lines as the same objects as in the previous read. */
+  readMaps(): MapsEntry[] {
+    return this.reader.read();
+  }
+
+  /** Plan ahead from a maps listing read (with readMaps()) before the freeze. */
   prepare(maps: MapsEntry[]): void {
-    for (const m of maps) this.early.set(mapsKey(m), planRegion(this.pid, m, this.fsCache));
+    for (const m of maps) this.early.set(m, planRegion(this.pid, m, this.fsCache));
     const shared = [...this.early.values()].filter((p) => p.openedFd !== undefined);
     if (shared.length === 0) return;
     const others = writersOfFiles(this.pid, new Set(shared.map((p) => `${p.record.dev} ${p.record.inode}`)));
@@ -180,12 +186,11 @@ export class RegionPlanner {
     }
   }
 
-  /** Plans for the maps read during the pause; plans made ahead for mappings gone since are released. */
+  /** Plans for the maps read (with readMaps()) during the pause; plans made ahead for mappings gone since are released. */
   plan(maps: MapsEntry[]): RegionPlan[] {
     const plans = maps.map((m) => {
-      const key = mapsKey(m);
-      const ready = this.early.get(key);
-      this.early.delete(key);
+      const ready = this.early.get(m);
+      this.early.delete(m);
       return ready ?? planRegion(this.pid, m, this.fsCache);
     });
     this.release();

@@ -17,7 +17,7 @@ import { WpsnapError, fromNative } from './errors.js';
 import { faultPoint } from './fault.js';
 import { requireFeatures, UFFD_FEATURES_FOR_SNAPSHOT, UFFDIO_REGISTER_MODE_WP } from './features.js';
 import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
-import { assertProcessExists, readMaps, readProcessRecord, threadName } from './procfs.js';
+import { assertProcessExists, readProcessRecord, threadName, type MapsEntry } from './procfs.js';
 import { RegionPlanner, type RegionPlan } from './regions.js';
 
 export interface SnapshotProgress {
@@ -144,7 +144,7 @@ function sparseCandidate(start: bigint, end: bigint, inode: number, perms: strin
  * may split or merge before the pause (mprotect), so the pause asks which
  * of its mappings overlap one.
  */
-function findSparse(binding: NativeBinding, pid: number, maps: ReturnType<typeof readMaps>): SparseIntervals {
+function findSparse(binding: NativeBinding, pid: number, maps: MapsEntry[]): SparseIntervals {
   const candidates = maps.filter((m) => sparseCandidate(m.start, m.end, m.inode, m.perms));
   const sparse: SparseIntervals = [];
   if (candidates.length === 0) return sparse;
@@ -247,7 +247,7 @@ function pausePhase(
       throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
     }
     breakdown.inject = lap();
-    const plans = planner.plan(readMaps(pid));
+    const plans = planner.plan(planner.readMaps());
     breakdown.plan = lap();
     let sharedCopyBytes = 0;
     const registered: RegionPlan[] = [];
@@ -418,7 +418,7 @@ export async function snapshotProcess(
     deviceNode = targetMayCallUserfaultfd(pid) ? null : prepareDeviceNode(binding, pid);
     writer = store.beginSnapshot(options.name === undefined ? {} : { name: options.name });
     const processId = writer.addProcess(processRecord);
-    const mapsBefore = readMaps(pid);
+    const mapsBefore = planner.readMaps();
     planner.prepare(mapsBefore);
     const sparse = findSparse(binding, pid, mapsBefore);
     faultPoint('before-freeze');

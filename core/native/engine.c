@@ -285,6 +285,19 @@ static uint8_t *reserve(engine_t *e, uint32_t n, bool from_fault) {
   return (*batch)->data + (size_t)(*batch)->count * PG;
 }
 
+/* Can the sweep reserve at least one page now? */
+static bool sweep_has_room(engine_t *e) {
+  if (e->cur_sweep != NULL) return e->cur_sweep->count < e->cur_sweep->cap;
+  bool any = false;
+  pthread_mutex_lock(&e->pool_lock);
+  for (size_t i = 0; i < e->nslots && !any; i++) {
+    slot_t *s = e->slots[i];
+    any = s != NULL && s->free && !s->overflow;
+  }
+  pthread_mutex_unlock(&e->pool_lock);
+  return any;
+}
+
 /* Pages reserved and filled: record their addresses at T. */
 static void commit(engine_t *e, uint64_t t_addr, uint32_t n, bool from_fault) {
   slot_t **batch = from_fault ? &e->cur_fault : &e->cur_sweep;
@@ -677,6 +690,11 @@ static int sweep_step(engine_t *e, int *wait_ms) {
       return SWEEP_WAIT_RATE;
     }
   }
+
+  /* With no batch to copy into (the store holds the whole pool), wait before
+   * reading the pagemap: while the pool is exhausted this loop runs once per
+   * write fault, and the pread would be wasted every time. */
+  if (!sweep_has_room(e)) return SWEEP_WAIT_POOL;
 
   /* Which pages hold data? Anonymous pages never touched (pte marker or the
    * shared zero page) are zero at T; holes of a shared file likewise. */
