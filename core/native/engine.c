@@ -40,7 +40,7 @@
 #define SWEEP_CHUNK_BYTES (128 * 1024)
 #define MSG_BATCH 64
 #define MAX_LATENCY_SAMPLES (1u << 22)
-#define MAX_SPARE_OVERFLOW 8
+#define MAX_SPARE_OVERFLOW 32
 #define FAULT_SETTLE_US 10e6
 /* The engine's nice value when the process may raise it (root, CAP_SYS_NICE).
  * A thread of the target blocked on a write fault waits for this thread to be
