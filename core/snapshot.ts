@@ -330,6 +330,7 @@ function runEngine(
   options: { pid: number; uffd: number; pidfd: number; plans: RegionPlan[]; rate: number },
   snapshotOptions: SnapshotOptions,
   startedAt: number,
+  stopSignal: AbortSignal,
 ): Promise<EngineFinalStats> {
   return new Promise((resolve, reject) => {
     const regions = options.plans.flatMap((p) => (p.engine ? [p.engine] : []));
@@ -357,6 +358,7 @@ function runEngine(
       }
       clearInterval(timer);
       snapshotOptions.signal?.removeEventListener('abort', onAbort);
+      stopSignal.removeEventListener('abort', onAbort);
       const finish = async (): Promise<void> => {
         while (pending.size > 0) await Promise.all([...pending]);
         if (handle) binding.engineJoin(handle);
@@ -378,7 +380,8 @@ function runEngine(
       return;
     }
     snapshotOptions.signal?.addEventListener('abort', onAbort);
-    if (snapshotOptions.signal?.aborted) onAbort();
+    stopSignal.addEventListener('abort', onAbort);
+    if (snapshotOptions.signal?.aborted || stopSignal.aborted) onAbort();
     const timer = setInterval(() => {
       if (!handle || !snapshotOptions.onProgress) return;
       const s = binding.engineStats(handle);
@@ -427,13 +430,10 @@ export async function snapshotProcess(
     deviceNode = null;
     faultPoint('after-resume');
 
-    writer.addThreads(processId, pause.threads);
-    writer.addRegions(processId, pause.plans.map((p): RegionRecord => p.record));
-    const initialLost = pause.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : []));
-    if (initialLost.length > 0) writer.addLost(processId, initialLost);
-    // The engine starts at once: the target is running and its first writes to
-    // protected pages wait for it. The pages copied in the pause are stored alongside.
-    const pausedStored = Promise.all(pause.pausedPages.map((batch) => writer!.addPages(processId, batch)));
+    // The engine starts first: the target is running and its first writes to
+    // protected pages wait for it. The metadata and the pages copied in the
+    // pause are stored meanwhile (the first batch also starts the store's workers).
+    const stopEngine = new AbortController();
     const engineDone = runEngine(
       binding,
       writer,
@@ -441,7 +441,20 @@ export async function snapshotProcess(
       { pid, uffd: pause.uffd, pidfd, plans: pause.plans, rate: options.rateBytesPerSec ?? 0 },
       options,
       startedAt,
+      stopEngine.signal,
     );
+    let pausedStored: Promise<unknown>;
+    const initialLost = pause.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : []));
+    try {
+      writer.addThreads(processId, pause.threads);
+      writer.addRegions(processId, pause.plans.map((p): RegionRecord => p.record));
+      if (initialLost.length > 0) writer.addLost(processId, initialLost);
+      pausedStored = Promise.all(pause.pausedPages.map((batch) => writer!.addPages(processId, batch)));
+    } catch (error) {
+      stopEngine.abort();
+      await engineDone.catch(() => undefined);
+      throw error;
+    }
     pausedStored.catch(() => undefined); // surfaced below, once the engine has stopped
     const stats = await engineDone;
     await pausedStored;
