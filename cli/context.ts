@@ -21,9 +21,32 @@ export function defaultContext(signal: AbortSignal): CommandContext {
     stderr: process.stderr,
     env: process.env,
     binding: loadBinding,
-    openStore: (option, options = {}) => Store.open(resolveStorePath(option, process.env), options),
+    openStore: (option, options = {}) => openStore(resolveStorePath(option, process.env), options, process.stderr),
     signal,
   };
+}
+
+/**
+ * Open the store. A read-only open of a store from an older wpsnap upgrades it
+ * first (a read-write open runs the migrations), saying so on stderr, so that
+ * `ls`/`show`/`verify`/`export` work on it; if it cannot be opened for writing,
+ * the read-only error (STORE_NEEDS_UPGRADE) stands.
+ */
+export function openStore(path: string, options: { readonly?: boolean }, stderr: Writable): Store {
+  try {
+    return Store.open(path, options);
+  } catch (error) {
+    if (!options.readonly || (error as { code?: string }).code !== 'STORE_NEEDS_UPGRADE') throw error;
+    let upgraded: Store;
+    try {
+      upgraded = Store.open(path);
+    } catch {
+      throw error;
+    }
+    void upgraded.close();
+    stderr.write(`wpsnap: upgraded ${path} to the current store schema\n`);
+    return Store.open(path, options);
+  }
 }
 
 /** Writes one line; `--json` commands print exactly one document through printJson. */

@@ -62,7 +62,7 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
   }
   if (m.path === '[vdso]') {
     // Read-only code provided by the kernel, needed by a debugger: copy it whole.
-    return { record: { ...base(m), pageSize: 4096, capture: 'file-private' }, pausedCopy: 'all-present' };
+    return { record: { ...base(m), pageSize: 4096, capture: 'copied' }, pausedCopy: 'all-present' };
   }
   if (m.inode === 0) {
     return {
@@ -112,7 +112,8 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
   }
   const file = fileReference(m.path.replace(/ \(deleted\)$/, ''), mapFilesPath(pid, m));
   if (!shared) {
-    const record: RegionRecord = { ...base(m), pageSize: 4096, capture: 'file-private' };
+    // Without a file to refer to, every page with data is copied.
+    const record: RegionRecord = { ...base(m), pageSize: 4096, capture: file ? 'file-private' : 'copied' };
     if (file) record.file = file;
     return { record, pausedCopy: file ? 'cow' : 'all-present' };
   }

@@ -65,7 +65,7 @@ export interface SnapshotResult {
   lostPages: LostPagesEntry[];
   threads: number;
   /** sparse: of the protected regions, those protected only where populated (their other pages were zero at T). */
-  regions: { protected: number; sparse: number; filePrivate: number; fileReference: number; skipped: number };
+  regions: { protected: number; sparse: number; copied: number; filePrivate: number; fileReference: number; skipped: number };
   uffdMethod: UffdMethod;
   pauseBreakdownMicros: PauseBreakdown;
   engine: Omit<EngineFinalStats, 'lost' | 'error'>;
@@ -270,7 +270,7 @@ function pausePhase(
       // The kernel will not register it (a SysV segment): copy it whole now,
       // while the target, its only writer, is stopped.
       delete plan.engine;
-      plan.record.capture = 'file-private';
+      plan.record.capture = 'copied';
       if (plan.openedFd === undefined) {
         plan.pausedCopy = 'all-present';
       } else if (sharedCopyBytes + bytes <= maxSharedCopyBytes) {
@@ -502,6 +502,7 @@ export async function snapshotProcess(
       regions: {
         protected: pause.plans.filter((p) => p.record.capture === 'protected').length,
         sparse: pause.sparseRegions,
+        copied: pause.plans.filter((p) => p.record.capture === 'copied').length,
         filePrivate: pause.plans.filter((p) => p.record.capture === 'file-private').length,
         fileReference: pause.plans.filter((p) => p.record.capture === 'file-reference').length,
         skipped: pause.plans.filter((p) => p.record.capture === 'skipped').length,

@@ -7,11 +7,13 @@ export const PAGE_SIZE = 4096;
 export type RegionCapture =
   /** Registered with uffd-wp: every page saved before its first write after T. */
   | 'protected'
-  /** Copied while the target was stopped. For a private file mapping: its
-   * privately modified (copy-on-write) pages, every other page being the file's
-   * content, kept as a FileReference. Without a FileReference ([vdso], SysV
-   * segments, mappings the kernel would not register): every page with data
-   * was copied, and a page not stored is zero. */
+  /** Copied whole while the target was stopped ([vdso], SysV segments, a
+   * private file mapping whose file cannot be referenced): every page with data
+   * was stored, and a page not stored is zero. */
+  | 'copied'
+  /** A private file mapping: its privately modified (copy-on-write) pages were
+   * copied while the target was stopped; every other page is the file's
+   * content, kept as a FileReference. */
   | 'file-private'
   /** Read-only shared file mapping: the content is the file's; kept as a FileReference. */
   | 'file-reference'

@@ -115,11 +115,49 @@ function migrateTo1(db: Database.Database): void {
 }
 
 /**
+ * Version 2: a region copied whole during the pause ([vdso], a SysV segment,
+ * a private file mapping whose file cannot be referenced) has its own capture
+ * value, 'copied', instead of 'file-private' without a file reference. SQLite
+ * cannot change a CHECK constraint, so the table is rebuilt; nothing
+ * references regions, and its rows keep their primary key.
+ */
+function migrateTo2(db: Database.Database): void {
+  db.exec(`
+CREATE TABLE regions_v2 (
+  process_id    INTEGER NOT NULL REFERENCES processes(id) ON DELETE CASCADE,
+  start_address INTEGER NOT NULL,
+  end_address   INTEGER NOT NULL,
+  perms         TEXT NOT NULL,
+  file_offset   INTEGER NOT NULL,
+  dev           TEXT NOT NULL,
+  inode         INTEGER NOT NULL,
+  path          TEXT NOT NULL,
+  page_size     INTEGER NOT NULL,
+  capture       TEXT NOT NULL CHECK (capture IN ('protected', 'copied', 'file-private', 'file-reference', 'skipped')),
+  skip_reason   TEXT,
+  file_path     TEXT,
+  file_dev      INTEGER,
+  file_ino      INTEGER,
+  file_size     INTEGER,
+  file_mtime_ns TEXT,
+  PRIMARY KEY (process_id, start_address)
+);
+INSERT INTO regions_v2
+  SELECT process_id, start_address, end_address, perms, file_offset, dev, inode, path, page_size,
+         CASE WHEN capture = 'file-private' AND file_path IS NULL THEN 'copied' ELSE capture END,
+         skip_reason, file_path, file_dev, file_ino, file_size, file_mtime_ns
+  FROM regions;
+DROP TABLE regions;
+ALTER TABLE regions_v2 RENAME TO regions;
+`);
+}
+
+/**
  * MIGRATIONS[i] turns a version-i store into version i + 1; version 0 is an
  * empty database. To change the schema, append a function here: never edit
  * one that has shipped.
  */
-export const MIGRATIONS: readonly Migration[] = [migrateTo1];
+export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2];
 
 /** Check the first 100 bytes of an existing file without opening it as a database. */
 export function checkHeader(path: string, header: Buffer): void {

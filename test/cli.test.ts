@@ -75,7 +75,7 @@ describe('wpsnap snapshot / ls / show / verify / export', () => {
 
     const show = await runCli(['show', 'first', '--json', '--store', store]);
     const shown = JSON.parse(show.stdout) as {
-      processes: Array<{ pid: number; cmdline: string[]; exe: string; threads: Array<{ tid: number; name: string }>; regions: Array<{ start: string; end: string; capture: string; path: string }> }>;
+      processes: Array<{ pid: number; cmdline: string[]; exe: string; threads: Array<{ tid: number; name: string }>; regions: Array<{ start: string; end: string; perms: string; capture: string; path: string }> }>;
     };
     const p = shown.processes[0]!;
     expect(p.pid).toBe(fixture.pid);
@@ -92,6 +92,10 @@ describe('wpsnap snapshot / ls / show / verify / export', () => {
     expect(memfdRegion.capture).toBe('protected');
     expect(memfdRegion.path).toMatch(/^\/memfd:/);
     expect(p.regions.find((r) => r.path === '[vvar]')?.capture).toBe('skipped');
+    // [vdso] is copied whole during the pause; libraries are referenced to their files.
+    expect(p.regions.find((r) => r.path === '[vdso]')?.capture).toBe('copied');
+    const libc = p.regions.find((r) => r.path.includes('libc.so') && r.perms === 'r--p');
+    expect(libc?.capture).toBe('file-private');
 
     const verify = await runCli(['verify', 'first', '--json', '--store', store]);
     expect(verify.code).toBe(0);

@@ -6,7 +6,8 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { WpsnapError } from '../core/errors.js';
-import { Store } from '../store/index.js';
+import { MIGRATIONS, Store } from '../store/index.js';
+import { runCliProcess } from './support/cli.js';
 
 let root: string;
 beforeAll(() => {
@@ -107,5 +108,29 @@ describe('Store.open errors', () => {
     writeFileSync(blocker, 'x');
     const error = openError(join(blocker, 'store.db'));
     expect(error.code).toMatch(/^E/);
+  });
+});
+
+describe('a store from an older wpsnap', () => {
+  it('is upgraded by the first command that reads it, which then works', async () => {
+    const path = join(root, 'old-version.db');
+    const old = Store.open(path, { migrations: MIGRATIONS.slice(0, MIGRATIONS.length - 1) });
+    const w = old.beginSnapshot({ name: 'from-before' });
+    w.addProcess({ pid: 77, ppid: 1, uid: 0, gid: 0, exe: '/bin/true', cmdline: ['true'], comm: 'true', startTimeTicks: 1, startedAt: new Date(0).toISOString(), auxv: Buffer.alloc(0) });
+    await w.complete({ pauseMicros: 1, durationMillis: 1, faults: 0, faultP50Micros: 0, faultP99Micros: 0 });
+    await old.close();
+    // The library refuses a read-only open of it...
+    expect(openError(path, { readonly: true }).code).toBe('STORE_NEEDS_UPGRADE');
+    // ...the CLI upgrades it once, says so on stderr, and lists it.
+    const ls = await runCliProcess(['ls', '--json', '--store', path]);
+    expect(ls.code, ls.stderr).toBe(0);
+    expect(ls.stderr).toContain(`upgraded ${path}`);
+    const listed = JSON.parse(ls.stdout) as { snapshots: Array<{ name: string; state: string }> };
+    expect(listed.snapshots.map((s) => [s.name, s.state])).toEqual([['from-before', 'complete']]);
+    const again = await runCliProcess(['ls', '--json', '--store', path]);
+    expect(again.stderr).not.toContain('upgraded');
+    const db = new Database(path, { readonly: true });
+    expect((db.prepare("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string }).value).toBe(String(MIGRATIONS.length));
+    db.close();
   });
 });

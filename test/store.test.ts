@@ -345,22 +345,24 @@ describe('snapshot lifecycle', () => {
 });
 
 describe('schema migrations', () => {
+  const LATEST = MIGRATIONS.length;
+
   it('runs appended migrations in order and records the version', async () => {
     const path = freshPath();
     await Store.open(path).close();
-    const v2: Migration = (db) => db.exec('ALTER TABLE snapshots ADD COLUMN note TEXT');
-    const store = Store.open(path, { migrations: [...MIGRATIONS, v2] });
+    const next: Migration = (db) => db.exec('ALTER TABLE snapshots ADD COLUMN note TEXT');
+    const store = Store.open(path, { migrations: [...MIGRATIONS, next] });
     await store.close();
     const db = new Database(path, { readonly: true });
-    expect((db.prepare("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string }).value).toBe('2');
+    expect((db.prepare("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string }).value).toBe(String(LATEST + 1));
     expect(db.prepare('SELECT note FROM snapshots').all()).toEqual([]);
     db.close();
-    // This build (version 1) refuses the upgraded store.
+    // This build refuses the upgraded store.
     expect(() => Store.open(path)).toThrow(expect.objectContaining({ code: 'STORE_TOO_NEW' }));
     // A new store gets every migration at once.
     const fresh = freshPath();
-    await Store.open(fresh, { migrations: [...MIGRATIONS, v2] }).close();
-    expect(rawCount(fresh, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(2);
+    await Store.open(fresh, { migrations: [...MIGRATIONS, next] }).close();
+    expect(rawCount(fresh, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(LATEST + 1);
   });
 
   it('rolls back a failing migration and keeps the old version', async () => {
@@ -371,7 +373,7 @@ describe('schema migrations', () => {
       throw new Error('disk on fire');
     };
     expect(() => Store.open(path, { migrations: [...MIGRATIONS, broken] })).toThrow(/disk on fire/);
-    expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(1);
+    expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(LATEST);
     expect(rawCount(path, "SELECT count(*) FROM sqlite_schema WHERE name = 'half_done'")).toBe(0);
     await Store.open(path).close();
   });
@@ -379,9 +381,70 @@ describe('schema migrations', () => {
   it('refuses to upgrade a read-only store', async () => {
     const path = freshPath();
     await Store.open(path).close();
-    const v2: Migration = (db) => db.exec('CREATE TABLE extra (x)');
-    expect(() => Store.open(path, { readonly: true, migrations: [...MIGRATIONS, v2] })).toThrow(
+    const next: Migration = (db) => db.exec('CREATE TABLE extra (x)');
+    expect(() => Store.open(path, { readonly: true, migrations: [...MIGRATIONS, next] })).toThrow(
       expect.objectContaining({ code: 'STORE_NEEDS_UPGRADE' }),
     );
+  });
+
+  it('v1 -> v2: regions copied whole become capture "copied", everything else is kept', async () => {
+    // A version-1 store with a complete snapshot: a protected region, a
+    // private file mapping with its file reference, and [vdso] copied whole,
+    // which version 1 recorded as 'file-private' without a file.
+    const path = freshPath();
+    const v1 = Store.open(path, { migrations: MIGRATIONS.slice(0, 1) });
+    const w = v1.beginSnapshot({ name: 'old' });
+    const pid = w.addProcess(fakeProcess(4242));
+    const raw = v1 as unknown as { db: Database.Database };
+    expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(1);
+    raw.db
+      .prepare(
+        `INSERT INTO regions (process_id, start_address, end_address, perms, file_offset, dev, inode, path, page_size, capture,
+           file_path, file_dev, file_ino, file_size, file_mtime_ns)
+         VALUES (?, ?, ?, ?, 0, '00:00', ?, ?, 4096, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(pid, 0x1000, 0x3000, 'rw-p', 0, '', 'protected', null, null, null, null, null);
+    raw.db
+      .prepare(
+        `INSERT INTO regions (process_id, start_address, end_address, perms, file_offset, dev, inode, path, page_size, capture,
+           file_path, file_dev, file_ino, file_size, file_mtime_ns)
+         VALUES (?, ?, ?, ?, 0, '08:01', ?, ?, 4096, ?, ?, ?, ?, ?, ?)`,
+      )
+      .run(pid, 0x400000, 0x401000, 'r--p', 42, '/bin/x', 'file-private', '/bin/x', 2049, 42, 4096, '1');
+    raw.db
+      .prepare(
+        `INSERT INTO regions (process_id, start_address, end_address, perms, file_offset, dev, inode, path, page_size, capture)
+         VALUES (?, ?, ?, ?, 0, '00:00', 0, ?, 4096, ?)`,
+      )
+      .run(pid, 0x7000, 0x9000, 'r-xp', '[vdso]', 'file-private');
+    const page = Buffer.alloc(PAGE_SIZE, 7);
+    await w.addPages(pid, { addresses: BigUint64Array.of(0x7000n), data: page });
+    await w.complete(STATS);
+    await v1.close();
+
+    const v2 = Store.open(path);
+    expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(2);
+    const snapshot = v2.find('old');
+    const processId = v2.processes(snapshot.id)[0]!.processId;
+    const regions = v2.regions(processId);
+    expect(regions.map((r) => [r.path, r.capture])).toEqual([
+      ['', 'protected'],
+      ['[vdso]', 'copied'],
+      ['/bin/x', 'file-private'],
+    ]);
+    expect(regions[2]!.file).toEqual({ path: '/bin/x', dev: 2049, ino: 42, size: 4096, mtimeNs: '1' });
+    expect(v2.readPage(processId, 0x7000n).equals(page)).toBe(true);
+    // The new CHECK admits 'copied' and still refuses what is not a capture.
+    const db = new Database(path);
+    expect(() =>
+      db
+        .prepare(
+          `INSERT INTO regions (process_id, start_address, end_address, perms, file_offset, dev, inode, path, page_size, capture)
+           VALUES (?, 0x20000, 0x21000, 'rw-p', 0, '00:00', 0, '', 4096, 'scribbled')`,
+        )
+        .run(pid),
+    ).toThrow(/CHECK constraint/);
+    db.close();
+    await v2.close();
   });
 });
