@@ -1,6 +1,6 @@
 // wpsnap on real programs nobody here wrote, through the real CLI, as a new
-// user would use it: a Python interpreter and a Node.js process with large,
-// mutating heaps, and a PostgreSQL 15 server under pgbench load.
+// user would use it: a Python interpreter, a Node.js process and a JVM with
+// large, mutating heaps, and a PostgreSQL 15 server under pgbench load.
 //
 // Each snapshot is taken while the program runs; then `show`, `verify` and
 // `export --format raw` are run on it, and the exported image is checked
@@ -429,6 +429,68 @@ describe('memory shared with another process', () => {
     expect(shape!.values).toBeLessThanOrEqual(2);
     if (shape!.values === 2) expect(shape!.first).toBe(shape!.last + 1);
   });
+});
+
+/** javac and java from the same JDK, if this machine has one. */
+function findJdk(): { javac: string; java: string } | { missing: string } {
+  const javac = spawnSync('sh', ['-c', 'command -v javac'], { encoding: 'utf8' }).stdout.trim();
+  if (javac === '') return { missing: 'javac is not on PATH' };
+  const java = spawnSync('sh', ['-c', 'command -v java'], { encoding: 'utf8' }).stdout.trim();
+  if (java === '') return { missing: 'java is not on PATH' };
+  return { javac, java };
+}
+const jdk = findJdk();
+
+// Runs where a JDK is installed (this machine has OpenJDK 17); elsewhere the
+// reason is in `jdk.missing`.
+describe.runIf('java' in jdk)('a JVM with a large, mutating heap (G1, CDS archive, JIT, GC threads)', () => {
+  const JAVA_ARGS = ['-XX:+UseG1GC', '-Xmx1g'];
+  const PROGRAM_ARGS = ['--steps', '3000000', '--log-every', '250000', '--seed', '3'];
+
+  it('is snapshotted with every thread and a small pause, and computes what an unsnapshotted run computes', async () => {
+    const { javac, java } = jdk as { javac: string; java: string };
+    const classes = join(root, 'java-classes');
+    const compiled = spawnSync(javac, ['-d', classes, join(REALPROG, 'JavaHeap.java')], { encoding: 'utf8' });
+    expect(compiled.status, compiled.stderr).toBe(0);
+    const command = [java, ...JAVA_ARGS, '-cp', classes, 'JavaHeap', ...PROGRAM_ARGS];
+    const plain = await runProgram(command, 120_000);
+    expect(plain.code, plain.stderr).toBe(0);
+
+    const store = join(root, 'java.db');
+    const prog = await startProgram(command);
+    await prog.waitFor((l) => l['step'] === 250000);
+    const tasksBefore = taskNames(prog.pid);
+    const snap = await snapshot(prog.pid, store);
+    figures('java', snap);
+    // The per-process statistics file (hsperfdata) is a writable MAP_SHARED
+    // file: not protectable, and said so. Anything else lost is heap the
+    // collector unmapped or discarded before it was saved.
+    for (const l of snap.lostPages) {
+      expect(['shared-file-not-protectable', 'unmapped-before-saved', 'discarded-before-saved']).toContain(l.reason);
+    }
+    expect(snap.pauseMicros).toBeLessThan(300_000);
+    // The reserved heap and the collector's reservations are protected only where populated.
+    expect(snap.regions.sparse).toBeGreaterThan(0);
+
+    const shown = await show(snap.id, store);
+    const p = shown.processes[0]!;
+    expect(p.threads.length).toBe(snap.threads);
+    // Every JVM thread that lived through the snapshot is in it, by name (main, GC, C1/C2 compilers…).
+    const listed = new Map(p.threads.map((t) => [t.tid, t.name]));
+    for (const [tid, name] of tasksBefore) {
+      if (isAlive(prog.pid) && listed.has(tid)) expect(listed.get(tid)).toBe(name);
+    }
+    expect(p.threads.length).toBeGreaterThanOrEqual(8);
+    // The CDS archive is a private file mapping the JVM writes: its modified pages were copied in the pause.
+    expect(p.regions.some((r) => r.path.endsWith('classes.jsa') && r.capture === 'file-private')).toBe(true);
+    await expectVerified(snap.id, store);
+
+    const done = await prog.waitFor((l) => l['done'] === true, 120_000);
+    const exit = await prog.exited;
+    expect(exit.code, exit.stderr).toBe(0);
+    expect(done).toEqual(plain.lines.find((l) => l['done'] === true));
+    expect(stepLines(exit.lines)).toEqual(stepLines(plain.lines));
+  }, 240_000);
 });
 
 const pgBin = postgresBinDir();
