@@ -421,6 +421,37 @@ describe('attach: freeze and inject', () => {
     expect({ pauses: done['pauses'], handled: done['handled'] }).toEqual({ pauses: 3, handled: 3 });
   }, 15_000);
 
+  it('delivers a signal that arrived while a syscall was being injected with its own siginfo', async () => {
+    // Sent after the freeze and before the injection, SIGUSR1 is pending on the
+    // pauser (the only thread that takes it) when the injected syscall runs, so
+    // the kernel stops the thread to deliver it mid-injection. wpsnap holds it
+    // back; it must reach the handler as it was sent: kill(2) gives SI_USER and
+    // the sender's pid, where a re-sent tgkill would give SI_TKILL.
+    const { f, ready, pid } = await startRegcheck(['--threads', '1', '--pauser']);
+    const SI_USER = 0n;
+    const last = (): { handled: bigint; code: bigint; sender: bigint } => {
+      const b = B.processVmRead(pid, BigInt(ready.pauseCounters), 32);
+      return { handled: b.readBigInt64LE(8), code: b.readBigInt64LE(16), sender: b.readBigInt64LE(24) };
+    };
+    const insn = findSyscallInstruction(B, pid);
+    for (let round = 1n; round <= 3n; round++) {
+      const frozen = freeze(B, pid);
+      try {
+        process.kill(pid, 'SIGUSR1');
+        await sleep(10);
+        expect(B.injectSyscall(frozen.handle, insn, SYS.gettid, [])).toBe(BigInt(ready.roles.pauser));
+      } finally {
+        B.thaw(frozen.handle);
+      }
+      const deadline = Date.now() + 1_000;
+      while (Date.now() < deadline && last().handled < round) await sleep(10);
+      expect(last(), `round ${round}`).toEqual({ handled: round, code: SI_USER, sender: BigInt(process.pid) });
+    }
+    const { done, exit } = await f.stop();
+    expectCleanRegcheck(done, exit);
+    expect({ pauses: done['pauses'], handled: done['handled'] }).toEqual({ pauses: 3, handled: 3 });
+  }, 15_000);
+
   it('gets a userfaultfd from a non-root target through a device node it owns', async () => {
     const { f, ready, pid } = await startRegcheck(['--threads', '1'], { user: { uid: 65534, gid: 65534 } });
     const status = readFileSync(`/proc/${pid}/status`, 'utf8');

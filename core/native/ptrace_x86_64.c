@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #define XSTATE_MAX 8192
+#define MAX_REQUEUE 8
 
 typedef enum { STOP_INTERRUPT, STOP_SIGNAL, STOP_SYSCALL } stop_kind_t;
 
@@ -37,7 +38,13 @@ typedef struct {
   pid_t tid;
   stop_kind_t stop;
   int deliver_sig;  /* signal-delivery-stop signal: passed back by PTRACE_DETACH */
-  int requeue_sig;  /* signal that arrived during an injection: re-sent with tgkill after detach */
+  /* Signals that arrived during an injection, held back: the first is
+   * delivered at the detach with its own siginfo (redeliver), any others
+   * re-sent with tgkill after the detach. */
+  int requeue[MAX_REQUEUE];
+  siginfo_t requeue_info[MAX_REQUEUE];
+  bool requeue_has_info[MAX_REQUEUE];
+  int nrequeue;
   struct user_regs_struct regs;          /* as captured at the freeze */
   struct user_regs_struct resume_regs;   /* what the thread must resume with */
   struct user_fpregs_struct fpregs;
@@ -92,11 +99,43 @@ static thread_t *find_thread(freeze_t *f, pid_t tid) {
   return NULL;
 }
 
+/* Put the first signal held back during an injection where it would have
+ * been: the thread, its registers already restored, is resumed just far
+ * enough to stop for that signal's delivery (re-raised with tgkill), and the
+ * siginfo of that stop is replaced by the original one, so the detach
+ * delivers the signal exactly as it was sent (SI_USER and the sender's pid,
+ * a sigqueue value…). A signal the thread blocks now stays pending instead,
+ * as it would have. Returns true if the held-back signal is dealt with. */
+static bool redeliver(freeze_t *f, thread_t *t) {
+  int sig = t->requeue[0];
+  uint64_t blocked = 0;
+  if (ptrace(PTRACE_GETSIGMASK, t->tid, (void *)sizeof blocked, &blocked) != 0) return false;
+  if (blocked & (1ULL << (sig - 1))) return false;
+  /* SAFETY: the thread is in the syscall-exit-stop of our injected call. */
+  if (ptrace(PTRACE_SETREGS, t->tid, NULL, &t->resume_regs) != 0) return false;
+  if (syscall(SYS_tgkill, f->pid, t->tid, sig) != 0) return false;
+  /* From here the re-raised signal is queued: it must not be sent again. */
+  if (ptrace(PTRACE_CONT, t->tid, NULL, NULL) != 0) return true;
+  int status = 0;
+  if (wait_stop(t->tid, &status) != 0) return true;
+  int got = WSTOPSIG(status);
+  t->stop = STOP_SIGNAL;
+  t->deliver_sig = got;
+  /* Another pending signal may come first: it is delivered at the detach,
+   * and ours stays queued (with tgkill's siginfo). */
+  if (got == sig && t->requeue_has_info[0]) ptrace(PTRACE_SETSIGINFO, t->tid, NULL, &t->requeue_info[0]);
+  return true;
+}
+
 static void detach_all(freeze_t *f) {
   if (f->thawed) return;
   f->thawed = true;
   for (size_t i = 0; i < f->count; i++) {
     thread_t *t = &f->threads[i];
+    if (t->nrequeue > 0 && t->stop != STOP_SIGNAL && redeliver(f, t)) {
+      memmove(t->requeue, t->requeue + 1, (size_t)(t->nrequeue - 1) * sizeof t->requeue[0]);
+      t->nrequeue--;
+    }
     if (t->injected) {
       /* SAFETY: the thread is in a syscall-exit-stop of our injected call;
        * resume_regs were already set, this is a second guard. */
@@ -105,7 +144,7 @@ static void detach_all(freeze_t *f) {
     ptrace(PTRACE_DETACH, t->tid, NULL, (void *)(long)(t->stop == STOP_SIGNAL ? t->deliver_sig : 0));
   }
   for (size_t i = 0; i < f->count; i++)
-    if (f->threads[i].requeue_sig) syscall(SYS_tgkill, f->pid, f->threads[i].tid, f->threads[i].requeue_sig);
+    for (int k = 0; k < f->threads[i].nrequeue; k++) syscall(SYS_tgkill, f->pid, f->threads[i].tid, f->threads[i].requeue[k]);
 }
 
 static void classify_stop(thread_t *t, int status) {
@@ -278,7 +317,8 @@ static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
 }
 
 /* Resume with PTRACE_SYSCALL until the next syscall stop. A signal that
- * arrives meanwhile is held back and re-sent after detach. */
+ * arrives meanwhile is held back (with its siginfo) and given back at the
+ * detach (redeliver). */
 static int run_to_syscall_stop(thread_t *t) {
   for (;;) {
     if (ptrace(PTRACE_SYSCALL, t->tid, NULL, NULL) != 0) return errno;
@@ -287,7 +327,11 @@ static int run_to_syscall_stop(thread_t *t) {
     if (err != 0) return err;
     int sig = WSTOPSIG(status);
     if (sig == (SIGTRAP | 0x80)) return 0;
-    if (((status >> 16) & 0xff) == 0 && sig != SIGTRAP) t->requeue_sig = sig;
+    if (((status >> 16) & 0xff) == 0 && sig != SIGTRAP && t->nrequeue < MAX_REQUEUE) {
+      int k = t->nrequeue++;
+      t->requeue[k] = sig;
+      t->requeue_has_info[k] = ptrace(PTRACE_GETSIGINFO, t->tid, NULL, &t->requeue_info[k]) == 0;
+    }
   }
 }
 
