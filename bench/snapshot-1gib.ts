@@ -645,7 +645,7 @@ export function printTable(result: Snapshot1GiBResult, out: NodeJS.WritableStrea
   const text = rows.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join('  ')).join('\n');
   if (result.pipeline && 'stages' in result.pipeline) {
     out.write(`\npipeline stages on one core (${result.pipeline.mib} MiB of the target's content, zstd -1 ratio ${result.pipeline.zstd1Ratio}):\n`);
-    for (const st of result.pipeline.stages) out.write(`  ${st.stage.padEnd(58)} ${String(st.MBps).padStart(6)} MB/s  ${st.secondsPerGiB} s/GiB\n`);
+    for (const st of result.pipeline.stages) out.write(`  ${st.stage.padEnd(62)} ${String(st.MBps).padStart(6)} MB/s  ${st.secondsPerGiB} s/GiB\n`);
   }
   out.write(`\n${text}\n\nratios (medians of ${result.options.runs} runs):\n`);
   out.write(`  ${''.padEnd(68)} ${'of medians'.padStart(10)}  ${'per run: median [min–max]'.padEnd(30)} target\n`);
