@@ -1098,19 +1098,16 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
     /* zeroRanges: pages known to be never touched at T that were left
      * unprotected (sparse reservations): zero, and never to be read. */
     napi_value zv;
-    bool has_zero = false;
-    if (napi_get_named_property(env, r, "zeroRanges", &zv) == napi_ok) napi_is_typedarray(env, zv, &has_zero);
-    if (has_zero) {
-      napi_typedarray_type ztype;
-      size_t zlen;
-      void *zdata;
-      if (napi_get_typedarray_info(env, zv, &ztype, &zlen, &zdata, NULL, NULL) != napi_ok || ztype != napi_biguint64_array ||
-          zlen % 2 != 0) {
+    napi_valuetype ztype = napi_undefined;
+    if (napi_get_named_property(env, r, "zeroRanges", &zv) == napi_ok) napi_typeof(env, zv, &ztype);
+    if (ztype != napi_undefined) {
+      const uint64_t *z;
+      size_t zpairs;
+      if (!arg_u64_groups(env, zv, 2, &z, &zpairs)) {
         engine_free(e);
         return throw_type(env, "engineStart: zeroRanges must be a BigUint64Array of start, end pairs");
       }
-      const uint64_t *z = zdata;
-      for (size_t k = 0; k < zlen; k += 2) {
+      for (size_t k = 0; k < 2 * zpairs; k += 2) {
         uint64_t zs = z[k] < start ? start : z[k], ze = z[k + 1] > end ? end : z[k + 1];
         if (zs >= ze || (zs & (PG - 1)) || (ze & (PG - 1))) continue;
         memset(state + (zs - start) / PG, PAGE_SAVED, (ze - zs) / PG);

@@ -128,3 +128,16 @@ napi_value make_buffer_copy(napi_env env, const void *data, size_t len) {
 void set_prop(napi_env env, napi_value obj, const char *name, napi_value value) {
   if (value != NULL) napi_set_named_property(env, obj, name, value);
 }
+
+bool arg_u64_groups(napi_env env, napi_value v, size_t group, const uint64_t **data, size_t *groups) {
+  bool is_typed = false;
+  if (napi_is_typedarray(env, v, &is_typed) != napi_ok || !is_typed) return false;
+  napi_typedarray_type type;
+  size_t length;
+  void *base;
+  if (napi_get_typedarray_info(env, v, &type, &length, &base, NULL, NULL) != napi_ok) return false;
+  if (type != napi_biguint64_array || length % group != 0) return false;
+  *data = base;
+  *groups = length / group;
+  return true;
+}

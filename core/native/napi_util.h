@@ -28,6 +28,8 @@ bool arg_int32(napi_env env, napi_value v, int32_t *out);
 bool arg_uint64(napi_env env, napi_value v, uint64_t *out); /* Number or BigInt */
 bool arg_bool(napi_env env, napi_value v, bool *out);
 bool arg_buffer(napi_env env, napi_value v, void **data, size_t *len);
+/* A BigUint64Array whose length is a multiple of `group` (pairs, triples…). */
+bool arg_u64_groups(napi_env env, napi_value v, size_t group, const uint64_t **data, size_t *groups);
 bool prop_uint64(napi_env env, napi_value obj, const char *name, uint64_t *out);
 bool prop_int32(napi_env env, napi_value obj, const char *name, int32_t *out);
 

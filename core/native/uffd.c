@@ -224,18 +224,11 @@ static napi_value js_uffd_writeprotect_ranges(napi_env env, napi_callback_info i
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t fd;
   bool protect;
-  napi_typedarray_type type;
-  size_t length;
-  void *data;
-  bool is_typed = false;
-  if (argc >= 2) napi_is_typedarray(env, argv[1], &is_typed);
-  if (argc < 3 || !arg_int32(env, argv[0], &fd) || !is_typed || !arg_bool(env, argv[2], &protect))
-    return throw_type(env, "uffdWriteProtectRanges(fd, ranges: BigUint64Array, protect)");
-  NAPI_CALL(env, napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
-  if (type != napi_biguint64_array || length % 2 != 0)
-    return throw_type(env, "uffdWriteProtectRanges: ranges must be a BigUint64Array of start, len pairs");
-  const uint64_t *ranges = data;
-  size_t n = length / 2;
+  const uint64_t *ranges;
+  size_t n;
+  if (argc < 3 || !arg_int32(env, argv[0], &fd) || !arg_u64_groups(env, argv[1], 2, &ranges, &n) ||
+      !arg_bool(env, argv[2], &protect))
+    return throw_type(env, "uffdWriteProtectRanges(fd, ranges: BigUint64Array of start, len pairs, protect)");
   uint64_t total = 0;
   for (size_t i = 0; i < n; i++) total += ranges[2 * i + 1];
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -403,18 +396,10 @@ static napi_value js_copy_private_pages(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t pid;
-  bool is_typed = false;
-  if (argc >= 2) napi_is_typedarray(env, argv[1], &is_typed);
-  if (argc < 2 || !arg_int32(env, argv[0], &pid) || !is_typed)
-    return throw_type(env, "copyPrivatePages(pid, ranges: BigUint64Array)");
-  napi_typedarray_type type;
-  size_t length;
-  void *data;
-  NAPI_CALL(env, napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
-  if (type != napi_biguint64_array || length % 3 != 0)
-    return throw_type(env, "copyPrivatePages: ranges must be a BigUint64Array of start, end, allPresent triples");
-  const uint64_t *ranges = data;
-  size_t nranges = length / 3, total_pages = 0;
+  const uint64_t *ranges;
+  size_t nranges, total_pages = 0;
+  if (argc < 2 || !arg_int32(env, argv[0], &pid) || !arg_u64_groups(env, argv[1], 3, &ranges, &nranges))
+    return throw_type(env, "copyPrivatePages(pid, ranges: BigUint64Array of start, end, allPresent triples)");
   for (size_t r = 0; r < nranges; r++) {
     uint64_t start = ranges[3 * r], end = ranges[3 * r + 1];
     if (end <= start || (start & 4095) || (end & 4095))
@@ -523,18 +508,10 @@ static napi_value js_populated_ranges(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t pid;
-  bool is_typed = false;
-  if (argc >= 2) napi_is_typedarray(env, argv[1], &is_typed);
-  if (argc < 2 || !arg_int32(env, argv[0], &pid) || !is_typed)
-    return throw_type(env, "populatedRanges(pid, ranges: BigUint64Array)");
-  napi_typedarray_type type;
-  size_t length;
-  void *data;
-  NAPI_CALL(env, napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
-  if (type != napi_biguint64_array || length % 2 != 0)
-    return throw_type(env, "populatedRanges: ranges must be a BigUint64Array of start, end pairs");
-  const uint64_t *in = data;
-  size_t n = length / 2;
+  const uint64_t *in;
+  size_t n;
+  if (argc < 2 || !arg_int32(env, argv[0], &pid) || !arg_u64_groups(env, argv[1], 2, &in, &n))
+    return throw_type(env, "populatedRanges(pid, ranges: BigUint64Array of start, end pairs)");
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
   int pm = open(path, O_RDONLY | O_CLOEXEC);
