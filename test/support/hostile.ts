@@ -6,29 +6,14 @@
 // Content encoding (the comment at the top of fixtures/hostile.c is the spec):
 //   word 0 = 0x4854 << 48 | q << 40 | p,  word 1 = s,
 //   word w >= 2 = h ^ (w * GOLDEN),  h = mix64(key_q ^ s << 20 ^ p),  key_q = mix64(seed ^ (q + 1) << 56)
-import { mix64 } from '../../fixtures/oracle.js';
+import { KEY_HI, KEY_LO, M64, mix64, words32 } from '../../fixtures/oracle.js';
 import type { RegionRecord } from '../../snapshot-format/model.js';
 import type { Store } from '../../store/store.js';
 
 export const PAGE = 4096;
 const WORDS = PAGE / 8;
-const M64 = (1n << 64n) - 1n;
-const GOLDEN = 0x9e3779b97f4a7c15n;
 const MAGIC_HI = 0x48540000; // high 32 bits of 0x4854 << 48
 const ZERO_PAGE = Buffer.alloc(PAGE);
-
-const KEY_LO = new Uint32Array(WORDS);
-const KEY_HI = new Uint32Array(WORDS);
-for (let w = 0; w < WORDS; w++) {
-  const k = (BigInt(w) * GOLDEN) & M64;
-  KEY_LO[w] = Number(k & 0xffffffffn);
-  KEY_HI[w] = Number(k >> 32n);
-}
-
-function words32(buf: Buffer): Uint32Array {
-  if (buf.byteOffset % 4 === 0) return new Uint32Array(buf.buffer, buf.byteOffset, buf.length / 4);
-  return new Uint32Array(Uint8Array.from(buf).buffer);
-}
 
 // ---------------------------------------------------------------- content
 
