@@ -148,21 +148,28 @@ function findSparse(binding: NativeBinding, pid: number, maps: MapsEntry[]): Spa
   const candidates = maps.filter((m) => sparseCandidate(m.start, m.end, m.inode, m.perms));
   const sparse: SparseIntervals = [];
   if (candidates.length === 0) return sparse;
-  let scan: { counts: Uint32Array; ranges: BigUint64Array };
+  let runs: Array<Array<[bigint, bigint]>>;
   try {
-    scan = binding.populatedRanges(pid, BigUint64Array.from(candidates.flatMap((m) => [m.start, m.end])));
+    runs = populatedRuns(binding, pid, candidates);
   } catch {
     return sparse; // an optimisation only: protect everything instead
   }
-  let at = 0;
   candidates.forEach((m, i) => {
-    let populated = 0n;
-    for (let k = 0; k < (scan.counts[i] as number); k++, at++) {
-      populated += (scan.ranges[2 * at + 1] as bigint) - (scan.ranges[2 * at] as bigint);
-    }
+    const populated = runs[i]!.reduce((sum, [start, end]) => sum + (end - start), 0n);
     if (Number(populated) <= Number(m.end - m.start) * SPARSE_MAX_POPULATED) sparse.push([m.start, m.end]);
   });
   return sparse;
+}
+
+/** The present-or-swapped runs [start, end) of each range, from one populatedRanges call. */
+function populatedRuns(binding: NativeBinding, pid: number, ranges: Array<{ start: bigint; end: bigint }>): Array<Array<[bigint, bigint]>> {
+  const scan = binding.populatedRanges(pid, BigUint64Array.from(ranges.flatMap((r) => [r.start, r.end])));
+  let at = 0;
+  return ranges.map((_, i) => {
+    const runs: Array<[bigint, bigint]> = [];
+    for (let k = 0; k < (scan.counts[i] as number); k++, at++) runs.push([scan.ranges[2 * at] as bigint, scan.ranges[2 * at + 1] as bigint]);
+    return runs;
+  });
 }
 
 type SparseIntervals = Array<[start: bigint, end: bigint]>;
@@ -191,19 +198,16 @@ function protectionRanges(
   const isScanned = new Set(scanned);
   for (const plan of registered) if (!isScanned.has(plan)) ranges.push(plan.record.start, plan.record.end - plan.record.start);
   if (scanned.length === 0) return { ranges, sparseRegions: 0 };
-  let scan: { counts: Uint32Array; ranges: BigUint64Array };
+  let runs: Array<Array<[bigint, bigint]>>;
   try {
-    scan = binding.populatedRanges(pid, BigUint64Array.from(scanned.flatMap((p) => [p.record.start, p.record.end])));
+    runs = populatedRuns(binding, pid, scanned.map((p) => p.record));
   } catch (error) {
     throw fromNative(error, 'find the populated pages of sparse mappings');
   }
-  let at = 0;
   scanned.forEach((plan, i) => {
     const zero: bigint[] = [];
     let cursor = plan.record.start;
-    for (let k = 0; k < (scan.counts[i] as number); k++, at++) {
-      const start = scan.ranges[2 * at] as bigint;
-      const end = scan.ranges[2 * at + 1] as bigint;
+    for (const [start, end] of runs[i]!) {
       if (start > cursor) zero.push(cursor, start);
       ranges.push(start, end - start);
       cursor = end;
