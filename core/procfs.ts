@@ -15,28 +15,26 @@ export interface MapsEntry {
 
 const MAPS_LINE = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)\s*(.*)$/;
 
-export function parseMaps(text: string, known?: Map<string, MapsEntry>): MapsEntry[] {
-  const entries: MapsEntry[] = [];
-  for (const line of text.split('\n')) {
-    if (line === '') continue;
-    const same = known?.get(line);
-    if (same !== undefined) {
-      entries.push(same);
-      continue;
-    }
-    const m = MAPS_LINE.exec(line);
-    if (!m) throw new Error(`unparsable /proc/PID/maps line: ${JSON.stringify(line)}`);
-    entries.push({
-      start: BigInt('0x' + m[1]),
-      end: BigInt('0x' + m[2]),
-      perms: m[3]!,
-      offset: BigInt('0x' + m[4]),
-      dev: m[5]!,
-      inode: Number(m[6]),
-      path: m[7] ?? '',
-    });
-  }
-  return entries;
+function parseMapsLine(line: string): MapsEntry {
+  const m = MAPS_LINE.exec(line);
+  if (!m) throw new Error(`unparsable /proc/PID/maps line: ${JSON.stringify(line)}`);
+  return {
+    start: BigInt('0x' + m[1]),
+    end: BigInt('0x' + m[2]),
+    perms: m[3]!,
+    offset: BigInt('0x' + m[4]),
+    dev: m[5]!,
+    inode: Number(m[6]),
+    path: m[7] ?? '',
+  };
+}
+
+function mapsLines(text: string): string[] {
+  return text.split('\n').filter((line) => line !== '');
+}
+
+export function parseMaps(text: string): MapsEntry[] {
+  return mapsLines(text).map(parseMapsLine);
 }
 
 export function readMaps(pid: number): MapsEntry[] {
@@ -56,11 +54,12 @@ export class MapsReader {
   constructor(private readonly pid: number) {}
 
   read(): MapsEntry[] {
-    const text = readProc(this.pid, 'maps').toString('utf8');
-    const entries = parseMaps(text, this.known);
-    const lines = text.split('\n').filter((line) => line !== '');
-    this.known = new Map(lines.map((line, i) => [line, entries[i]!]));
-    return entries;
+    const known = new Map<string, MapsEntry>();
+    for (const line of mapsLines(readProc(this.pid, 'maps').toString('utf8'))) {
+      known.set(line, this.known.get(line) ?? parseMapsLine(line));
+    }
+    this.known = known;
+    return [...known.values()];
   }
 }
 
