@@ -224,20 +224,21 @@ static slot_t *slot_new(engine_t *e, bool overflow) {
   return s;
 }
 
+/* A free pool batch (overflow = false) or spare overflow batch; pool_lock held. */
+static slot_t *slot_find_free(engine_t *e, bool overflow) {
+  for (size_t i = 0; i < e->nslots; i++) {
+    slot_t *s = e->slots[i];
+    if (s != NULL && s->free && s->overflow == overflow) return s;
+  }
+  return NULL;
+}
+
 /* A free batch: pool batches first; for a fault, then a spare overflow batch,
  * then a new one. The sweep only ever gets pool batches. */
 static slot_t *slot_take(engine_t *e, bool allow_overflow) {
   pthread_mutex_lock(&e->pool_lock);
-  slot_t *found = NULL;
-  for (int pass = 0; pass < (allow_overflow ? 2 : 1) && found == NULL; pass++) {
-    for (size_t i = 0; i < e->nslots; i++) {
-      slot_t *s = e->slots[i];
-      if (s != NULL && s->free && s->overflow == (pass == 1)) {
-        found = s;
-        break;
-      }
-    }
-  }
+  slot_t *found = slot_find_free(e, false);
+  if (found == NULL && allow_overflow) found = slot_find_free(e, true);
   if (found != NULL && found->overflow) e->spare_overflow--;
   if (found == NULL && allow_overflow) {
     found = slot_new(e, true);
@@ -288,12 +289,8 @@ static uint8_t *reserve(engine_t *e, uint32_t n, bool from_fault) {
 /* Can the sweep reserve at least one page now? */
 static bool sweep_has_room(engine_t *e) {
   if (e->cur_sweep != NULL) return e->cur_sweep->count < e->cur_sweep->cap;
-  bool any = false;
   pthread_mutex_lock(&e->pool_lock);
-  for (size_t i = 0; i < e->nslots && !any; i++) {
-    slot_t *s = e->slots[i];
-    any = s != NULL && s->free && !s->overflow;
-  }
+  bool any = slot_find_free(e, false) != NULL;
   pthread_mutex_unlock(&e->pool_lock);
   return any;
 }
