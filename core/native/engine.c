@@ -650,6 +650,56 @@ static void rate_refill(engine_t *e) {
   e->tokens_at = now;
 }
 
+/* Which of the npg pages (at most 512) from `off` hold data at T? Anonymous
+ * pages never touched (pte marker or the shared zero page) are zero at T;
+ * holes of a shared file likewise. Fills need[] and returns how many do. */
+static uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, uint8_t *need) {
+  if (s->kind == KIND_ANON) {
+    uint64_t pm[512];
+    int err = read_pagemap(e->pagemap_fd, s->cur_start + off, npg, pm);
+    if (err != 0) {
+      if (err == ESRCH) set_fatal(e, err, "pread(/proc/PID/pagemap): target gone");
+      for (uint32_t i = 0; i < npg; i++) pm[i] = PM_PRESENT;
+    }
+    for (uint32_t i = 0; i < npg; i++) need[i] = entry_has_data(e, pm[i]);
+  } else if (s->kind == KIND_FILE) {
+    /* Holes of a shared file read as zero and cost nothing to skip. */
+    off_t p = (off_t)(s->file_off + off);
+    uint32_t i = 0;
+    while (i < npg) {
+      off_t data = lseek(s->fd, p, SEEK_DATA);
+      if (data < 0) { /* ENXIO: no data from p on */
+        while (i < npg) need[i++] = 0;
+        break;
+      }
+      while (i < npg && p + (off_t)PG <= data) {
+        need[i++] = 0;
+        p += (off_t)PG;
+      }
+      if (i >= npg) break;
+      off_t hole = lseek(s->fd, p, SEEK_HOLE);
+      if (hole < 0) hole = p + (off_t)PG;
+      do {
+        need[i++] = 1;
+        p += (off_t)PG;
+      } while (i < npg && p < hole);
+    }
+  } else {
+    for (uint32_t i = 0; i < npg; i++) need[i] = 1;
+  }
+  if (s->hugetlb) { /* a huge page is copied whole if any part holds data */
+    uint32_t per = s->page_size / (uint32_t)PG;
+    for (uint32_t u = 0; u < npg; u += per) {
+      uint8_t any = 0;
+      for (uint32_t i = 0; i < per; i++) any |= need[u + i];
+      for (uint32_t i = 0; i < per; i++) need[u + i] = any;
+    }
+  }
+  uint32_t ncopy = 0;
+  for (uint32_t i = 0; i < npg; i++) ncopy += need[i];
+  return ncopy;
+}
+
 static int sweep_step(engine_t *e, int *wait_ms) {
   /* find the next unsaved page */
   segment_t *s = NULL;
@@ -693,60 +743,8 @@ static int sweep_step(engine_t *e, int *wait_ms) {
    * write fault, and the pread would be wasted every time. */
   if (!sweep_has_room(e)) return SWEEP_WAIT_POOL;
 
-  /* Which pages hold data? Anonymous pages never touched (pte marker or the
-   * shared zero page) are zero at T; holes of a shared file likewise. */
-  uint64_t pm[SWEEP_CHUNK_BYTES / PG > 512 ? SWEEP_CHUNK_BYTES / PG : 512];
   uint8_t need[512];
-  uint32_t ncopy = 0;
-  if (s->kind == KIND_ANON) {
-    int err = read_pagemap(e->pagemap_fd, s->cur_start + off, npg, pm);
-    if (err != 0) {
-      if (err == ESRCH) set_fatal(e, err, "pread(/proc/PID/pagemap): target gone");
-      for (uint32_t i = 0; i < npg; i++) pm[i] = PM_PRESENT;
-    }
-    for (uint32_t i = 0; i < npg; i++) need[i] = entry_has_data(e, pm[i]);
-    if (s->hugetlb) { /* a huge page is copied whole if any part holds data */
-      uint32_t per = (uint32_t)(unit / PG);
-      for (uint32_t u = 0; u < npg; u += per) {
-        uint8_t any = 0;
-        for (uint32_t i = 0; i < per; i++) any |= need[u + i];
-        for (uint32_t i = 0; i < per; i++) need[u + i] = any;
-      }
-    }
-  } else if (s->kind == KIND_FILE) {
-    /* Holes of a shared file read as zero and cost nothing to skip. */
-    off_t p = (off_t)(s->file_off + off);
-    uint32_t i = 0;
-    while (i < npg) {
-      off_t data = lseek(s->fd, p, SEEK_DATA);
-      if (data < 0) { /* ENXIO: no data from p on */
-        while (i < npg) need[i++] = 0;
-        break;
-      }
-      while (i < npg && p + (off_t)PG <= data) {
-        need[i++] = 0;
-        p += (off_t)PG;
-      }
-      if (i >= npg) break;
-      off_t hole = lseek(s->fd, p, SEEK_HOLE);
-      if (hole < 0) hole = p + (off_t)PG;
-      do {
-        need[i++] = 1;
-        p += (off_t)PG;
-      } while (i < npg && p < hole);
-    }
-    if (s->hugetlb) {
-      uint32_t per = (uint32_t)(unit / PG);
-      for (uint32_t u = 0; u < npg; u += per) {
-        uint8_t any = 0;
-        for (uint32_t j = 0; j < per; j++) any |= need[u + j];
-        for (uint32_t j = 0; j < per; j++) need[u + j] = any;
-      }
-    }
-  } else {
-    for (uint32_t i = 0; i < npg; i++) need[i] = 1;
-  }
-  for (uint32_t i = 0; i < npg; i++) ncopy += need[i];
+  uint32_t ncopy = pages_with_data(e, s, off, npg, need);
 
   uint8_t *dst = NULL;
   if (ncopy > 0) {
