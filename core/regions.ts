@@ -198,6 +198,11 @@ export class RegionPlanner {
     return plans;
   }
 
+  /** The plans made ahead by prepare(). */
+  prepared(): Iterable<RegionPlan> {
+    return this.early.values();
+  }
+
   /** Close files opened for plans that were not used. */
   release(): void {
     for (const plan of this.early.values()) if (plan.openedFd !== undefined) closeSync(plan.openedFd);

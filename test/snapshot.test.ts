@@ -1,6 +1,8 @@
 // End to end against the real kernel: snapshots of fixtures that write at full
 // speed while being snapshotted, checked page by page against their oracle.
-import { mkdtempSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -8,6 +10,7 @@ import { loadBinding } from '../core/binding.js';
 import { snapshotProcess } from '../core/snapshot.js';
 import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { checkSnapshot, parseLayout, type PagewriterLayout } from '../fixtures/oracle.js';
+import { exportRaw } from '../snapshot-format/export-raw.js';
 import { Store } from '../store/store.js';
 import { isAlive, procStatus, rssKiB, sleep } from './support/proc.js';
 
@@ -142,6 +145,83 @@ describe('snapshot of a process writing at full speed', () => {
       expect(isAlive(fixture.pid)).toBe(false);
     } finally {
       fixture.kill();
+      await store.close();
+    }
+  });
+});
+
+// A writable MAP_PRIVATE file mapping (python's ACCESS_COPY): pages it wrote
+// before T are copy-on-write copies, copied while the target is stopped;
+// the others are the file's and recorded as a reference to it.
+const PRIVATE_FILE_TARGET = `
+import ctypes, mmap, sys
+path, pages, written = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+f = open(path, 'r+b')
+m = mmap.mmap(f.fileno(), pages * 4096, access=mmap.ACCESS_COPY)
+def fill(i, tag):
+    m[i * 4096:(i + 1) * 4096] = (f'{tag} {i}|'.encode() * 4096)[:4096]
+for i in range(written): fill(i, 'before')
+print(hex(ctypes.addressof(ctypes.c_char.from_buffer(m))), flush=True)
+sys.stdin.readline()
+for i in range(pages): fill(i, 'after')
+print('written', flush=True)
+sys.stdin.readline()
+`;
+
+function textPage(tag: string, i: number): Buffer {
+  return Buffer.from(`${tag} ${i}|`.repeat(4096)).subarray(0, 4096);
+}
+
+describe('private file mappings (uffd-wp cannot protect them)', () => {
+  it('hold the pages written before T as they were at T and the rest as the file, whatever is written after T', async () => {
+    const PAGES = 64;
+    const WRITTEN = 24;
+    const file = join(dir, 'private.dat');
+    writeFileSync(file, Buffer.concat(Array.from({ length: PAGES }, (_, i) => textPage('file', i))));
+    const target = spawn('python3', ['-u', '-c', PRIVATE_FILE_TARGET, file, String(PAGES), String(WRITTEN)], {
+      stdio: ['pipe', 'pipe', 'inherit'],
+    });
+    const lines = createInterface({ input: target.stdout })[Symbol.asyncIterator]();
+    const nextLine = async (): Promise<string> => ((await lines.next()).value as string | undefined) ?? '';
+    const store = Store.open(join(dir, 'private-file.db'));
+    try {
+      const start = BigInt(await nextLine());
+      const end = start + BigInt(PAGES * 4096);
+      const pid = target.pid!;
+
+      // The copy goes into memory touched before the pause when the pages fit,
+      // and into a buffer of its own when more were copied on write than counted.
+      const ranges = BigUint64Array.from([start, end, 0n]);
+      expect(binding.countPrivatePages(pid, ranges)).toBe(WRITTEN);
+      const roomy = Buffer.alloc((WRITTEN + 1) * 4096);
+      const intoRoomy = binding.copyPrivatePages(pid, ranges, roomy);
+      expect(intoRoomy.data).toBe(roomy);
+      const tooSmall = Buffer.alloc((WRITTEN - 1) * 4096);
+      const intoOwn = binding.copyPrivatePages(pid, ranges, tooSmall);
+      expect(intoOwn.data).not.toBe(tooSmall);
+      expect(intoOwn.data.length).toBe(WRITTEN * 4096);
+      const expectedCopies = Buffer.concat(Array.from({ length: WRITTEN }, (_, i) => textPage('before', i)));
+      expect(intoOwn.data.equals(expectedCopies)).toBe(true);
+      expect(roomy.subarray(0, WRITTEN * 4096).equals(expectedCopies)).toBe(true);
+      expect([...intoOwn.addresses]).toEqual(Array.from({ length: WRITTEN }, (_, i) => start + BigInt(i * 4096)));
+
+      const result = await snapshotProcess(binding, store, pid);
+      expect(result.lostPages).toEqual([]);
+      target.stdin.write('go\n');
+      expect(await nextLine()).toBe('written');
+
+      const out = join(dir, 'private-file-export');
+      const exported = await exportRaw(store, String(result.id), out);
+      const region = exported.manifest.processes[0]!.regions.find((r) => BigInt(r.start) === start);
+      expect(region).toMatchObject({ end: `0x${end.toString(16)}`, capture: 'file-private', path: file, lost: [] });
+      const image = readFileSync(join(out, region!.file!));
+      expect(image.length).toBe(PAGES * 4096);
+      for (let i = 0; i < PAGES; i++) {
+        const expected = i < WRITTEN ? textPage('before', i) : textPage('file', i);
+        expect(image.subarray(i * 4096, (i + 1) * 4096).equals(expected), `page ${i}`).toBe(true);
+      }
+    } finally {
+      target.kill('SIGKILL');
       await store.close();
     }
   });

@@ -126,7 +126,10 @@ export interface NativeBinding {
   /** Pages of private file mappings that differ from the file (copy-on-write or
    *  swapped), over ranges given as [start, end, allPresent (0/1), …]: with
    *  allPresent every present page. One batch, in the order of the ranges. */
-  copyPrivatePages(pid: number, ranges: BigUint64Array): { addresses: BigUint64Array; data: Buffer };
+  /** The pages go into `into` when they fit (data is then `into`, the pages at its start), else into a new buffer. */
+  copyPrivatePages(pid: number, ranges: BigUint64Array, into?: Buffer): { addresses: BigUint64Array; data: Buffer };
+  /** How many pages copyPrivatePages would copy now. */
+  countPrivatePages(pid: number, ranges: BigUint64Array): number;
   /** pread the data (non-hole) pages of a shared file range, labelled with their mapped addresses. */
   copyFilePages(fd: number, fileOffset: bigint, length: bigint, address: bigint): { addresses: BigUint64Array; data: Buffer };
   /** ptrace(PTRACE_SEIZE + PTRACE_INTERRUPT) every thread and wait for the stops. */

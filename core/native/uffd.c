@@ -361,14 +361,93 @@ static napi_value js_read_pagemap(napi_env env, napi_callback_info info) {
   return arr;
 }
 
-/* copyPrivatePages(pid, ranges: BigUint64Array [start, end, allPresent, …])
+/* The pages of private file mappings that differ from the file: those present
+ * but not file pages (copy-on-write anon pages) and swapped ones; with
+ * allPresent = 1, every present page. ranges are [start, end, allPresent]
+ * triples. Returns a malloc'd array of their addresses (count in *count), or
+ * NULL after throwing. */
+static uint64_t *select_private_pages(napi_env env, napi_value pid_arg, napi_value ranges_arg, const char *name, int32_t *pid,
+                                      size_t *count) {
+  const uint64_t *ranges;
+  size_t nranges, total_pages = 0;
+  if (!arg_int32(env, pid_arg, pid) || !arg_u64_groups(env, ranges_arg, 3, &ranges, &nranges)) {
+    char message[128];
+    snprintf(message, sizeof message, "%s(pid, ranges: BigUint64Array of start, end, allPresent triples)", name);
+    throw_type(env, message);
+    return NULL;
+  }
+  for (size_t r = 0; r < nranges; r++) {
+    uint64_t start = ranges[3 * r], end = ranges[3 * r + 1];
+    if (end <= start || (start & 4095) || (end & 4095)) {
+      char message[128];
+      snprintf(message, sizeof message, "%s: each range must be page-aligned with start < end", name);
+      throw_type(env, message);
+      return NULL;
+    }
+    total_pages += (end - start) / 4096;
+  }
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/pagemap", *pid);
+  int pm = open(path, O_RDONLY | O_CLOEXEC);
+  if (pm < 0) {
+    throw_errno(env, errno, "open", "open(%s)", path);
+    return NULL;
+  }
+  /* Chosen addresses are written over the pagemap entries already examined. */
+  uint64_t *entries = malloc((total_pages ? total_pages : 1) * 8);
+  if (entries == NULL) {
+    close(pm);
+    throw_errno(env, ENOMEM, "malloc", "%s", name);
+    return NULL;
+  }
+  size_t chosen = 0, at = 0;
+  for (size_t r = 0; r < nranges; r++) {
+    uint64_t start = ranges[3 * r], end = ranges[3 * r + 1];
+    bool all_present = ranges[3 * r + 2] != 0;
+    size_t npages = (end - start) / 4096;
+    int err = read_pagemap(pm, start, npages, entries + at);
+    if (err != 0) {
+      close(pm);
+      free(entries);
+      throw_errno(env, err, "pread", "pread(%s) at 0x%llx", path, (unsigned long long)start);
+      return NULL;
+    }
+    for (size_t i = 0; i < npages; i++) {
+      uint64_t e = entries[at + i];
+      bool cow = ((e & PM_PRESENT) && !(e & PM_FILE)) || (e & PM_SWAP);
+      if (cow || (all_present && (e & PM_PRESENT))) entries[chosen++] = start + i * 4096;
+    }
+    at += npages;
+  }
+  close(pm);
+  *count = chosen;
+  return entries;
+}
+
+/* countPrivatePages(pid, ranges) -> number: how many pages copyPrivatePages
+ * would copy now (to size its buffer before the target is stopped). */
+static napi_value js_count_private_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2) return throw_type(env, "countPrivatePages(pid, ranges)");
+  int32_t pid;
+  size_t count;
+  uint64_t *entries = select_private_pages(env, argv[0], argv[1], "countPrivatePages", &pid, &count);
+  if (entries == NULL) return NULL;
+  free(entries);
+  return make_double(env, (double)count);
+}
+
+/* copyPrivatePages(pid, ranges: BigUint64Array [start, end, allPresent, …], into?: Buffer)
  *   -> { addresses: BigUint64Array, data: Buffer }
- * Copies the pages of private file mappings that differ from the file: those
- * present but not file pages (copy-on-write anon pages) and swapped ones; with
- * allPresent = 1, every present page. Runs while the target is stopped (these
- * mappings cannot be write-protected), so every range goes in one call: the
- * pagemap and mem files are opened once, and the pages are read with one
- * process_vm_readv per IOV_MAX pages. */
+ * Copies the pages select_private_pages() chooses. Runs while the target is
+ * stopped (these mappings cannot be write-protected), so every range goes in
+ * one call: the pagemap and mem files are opened once, and the pages are read
+ * with one process_vm_readv per IOV_MAX pages. The pages go into `into` when
+ * they fit (data is then `into`, the pages at its start): memory touched
+ * before the pause, since first touches of fresh memory cost as much as the
+ * copy itself on this kind of VM. Otherwise into a new buffer. */
 #define COPY_IOV_MAX 1024
 
 static int read_pages_batched(pid_t pid, int memfd, const uint64_t *addrs, size_t count, char *dst) {
@@ -392,58 +471,32 @@ static int read_pages_batched(pid_t pid, int memfd, const uint64_t *addrs, size_
 }
 
 static napi_value js_copy_private_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
+  size_t argc = 3;
+  napi_value argv[3];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 2) return throw_type(env, "copyPrivatePages(pid, ranges, into?)");
   int32_t pid;
-  const uint64_t *ranges;
-  size_t nranges, total_pages = 0;
-  if (argc < 2 || !arg_int32(env, argv[0], &pid) || !arg_u64_groups(env, argv[1], 3, &ranges, &nranges))
-    return throw_type(env, "copyPrivatePages(pid, ranges: BigUint64Array of start, end, allPresent triples)");
-  for (size_t r = 0; r < nranges; r++) {
-    uint64_t start = ranges[3 * r], end = ranges[3 * r + 1];
-    if (end <= start || (start & 4095) || (end & 4095))
-      return throw_type(env, "copyPrivatePages: each range must be page-aligned with start < end");
-    total_pages += (end - start) / 4096;
-  }
-  char path[64];
-  snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
-  int pm = open(path, O_RDONLY | O_CLOEXEC);
-  if (pm < 0) return throw_errno(env, errno, "open", "open(%s)", path);
-  /* Chosen addresses are written over the pagemap entries already examined. */
-  uint64_t *entries = malloc((total_pages ? total_pages : 1) * 8);
-  if (entries == NULL) {
-    close(pm);
-    return throw_errno(env, ENOMEM, "malloc", "copyPrivatePages");
-  }
-  size_t count = 0, at = 0;
-  for (size_t r = 0; r < nranges; r++) {
-    uint64_t start = ranges[3 * r], end = ranges[3 * r + 1];
-    bool all_present = ranges[3 * r + 2] != 0;
-    size_t npages = (end - start) / 4096;
-    int err = read_pagemap(pm, start, npages, entries + at);
-    if (err != 0) {
-      close(pm);
-      free(entries);
-      return throw_errno(env, err, "pread", "pread(%s) at 0x%llx", path, (unsigned long long)start);
-    }
-    for (size_t i = 0; i < npages; i++) {
-      uint64_t e = entries[at + i];
-      bool cow = ((e & PM_PRESENT) && !(e & PM_FILE)) || (e & PM_SWAP);
-      if (cow || (all_present && (e & PM_PRESENT))) entries[count++] = start + i * 4096;
-    }
-    at += npages;
-  }
-  close(pm);
-  void *addr_data, *page_data;
+  size_t count;
+  uint64_t *entries = select_private_pages(env, argv[0], argv[1], "copyPrivatePages", &pid, &count);
+  if (entries == NULL) return NULL;
+  void *addr_data, *page_data = NULL;
+  size_t into_len = 0;
   napi_value ab, addrs, pages, out;
-  if (napi_create_arraybuffer(env, count * 8, &addr_data, &ab) != napi_ok ||
-      napi_create_buffer(env, count * 4096, &page_data, &pages) != napi_ok) {
+  bool is_buffer = false;
+  if (argc >= 3 && napi_is_buffer(env, argv[2], &is_buffer) == napi_ok && is_buffer &&
+      napi_get_buffer_info(env, argv[2], &page_data, &into_len) == napi_ok && into_len >= count * 4096) {
+    pages = argv[2];
+  } else if (napi_create_buffer(env, count * 4096, &page_data, &pages) != napi_ok) {
+    free(entries);
+    return NULL;
+  }
+  if (napi_create_arraybuffer(env, count * 8, &addr_data, &ab) != napi_ok) {
     free(entries);
     return NULL;
   }
   memcpy(addr_data, entries, count * 8);
   free(entries);
+  char path[64];
   snprintf(path, sizeof path, "/proc/%d/mem", pid);
   int memfd = open(path, O_RDONLY | O_CLOEXEC);
   int err = read_pages_batched(pid, memfd, addr_data, count, page_data);
@@ -672,6 +725,7 @@ void register_uffd_exports(napi_env env, napi_value exports) {
       {"probePagemapScan", NULL, js_probe_pagemap_scan, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"copyFilePages", NULL, js_copy_file_pages, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"copyPrivatePages", NULL, js_copy_private_pages, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"countPrivatePages", NULL, js_count_private_pages, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"populatedRanges", NULL, js_populated_ranges, NULL, NULL, NULL, napi_default_jsproperty, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
