@@ -107,6 +107,68 @@ function summary(mode: string, v: Verdict, extra = ''): void {
   console.log(`[races] ${mode}: ${v.checked} pages checked, ${v.exact} exact, lost ${JSON.stringify(v.lost)}, ${v.mismatchCount} mismatches${extra}`);
 }
 
+interface Round<B> {
+  index: number;
+  result: SnapshotResult;
+  view: SnapshotView;
+  /** To be filled by the round's check. */
+  verdict: Verdict;
+  /** What beforeSnapshot returned for this round. */
+  before: B;
+}
+
+interface Attack<B> {
+  /** Store file name under the test directory. */
+  store: string;
+  /** hostile's arguments. */
+  args: string[];
+  rounds: number;
+  /** Let the fixture run this long before the first snapshot. */
+  settleMs: number;
+  /** Pause between rounds. */
+  betweenMs?: number;
+  snapshot?: SnapshotOptions;
+  /** Checks of the running fixture before the first snapshot. */
+  start?: (h: Hostile) => void;
+  /** Runs right before each snapshot; its value reaches the check as round.before. */
+  beforeSnapshot?: (h: Hostile) => B;
+}
+
+/**
+ * Snapshot a hostile fixture `rounds` times while it runs. Each round's check
+ * fills the verdict and returns the extra text of its summary line; the
+ * verdict must then be clean and every thread must have run on. Ends with the
+ * fixture's done line (which must say it ended clean).
+ */
+async function underAttack<B = undefined>(
+  name: string,
+  attack: Attack<B>,
+  check: (round: Round<B>, h: Hostile) => string,
+): Promise<{ done: DoneLine; verdicts: Verdict[] }> {
+  const store = Store.open(join(dir, attack.store));
+  const h = await hostile(attack.args);
+  try {
+    await sleep(attack.settleMs);
+    attack.start?.(h);
+    const verdicts: Verdict[] = [];
+    for (let index = 0; index < attack.rounds; index++) {
+      const before = attack.beforeSnapshot?.(h) as B;
+      const { result, view } = await snap(store, h, attack.snapshot);
+      const verdict = newVerdict();
+      const extra = check({ index, result, view, verdict, before }, h);
+      summary(attack.rounds > 1 ? `${name} #${index}` : name, verdict, extra);
+      expectClean(verdict);
+      await expectRanOn(h, view);
+      verdicts.push(verdict);
+      if (attack.betweenMs !== undefined) await sleep(attack.betweenMs);
+    }
+    return { done: await finish(h), verdicts };
+  } finally {
+    h.fixture.kill();
+    await store.close();
+  }
+}
+
 describe('invariant 5 under hostile targets', () => {
   // Catches (content; fails on the engine as of this writing):
   //  - drain() handling a read batch in order: the kernel returns pending faults
@@ -121,32 +183,16 @@ describe('invariant 5 under hostile targets', () => {
   //    silently. Writers rewrite the first page of each range they discard.
   //  - handle_remove() a no-op (zapped pages saved as zeros or as later content).
   it('dontneed: pages discarded while being snapshotted are exact or listed discarded-before-saved', async () => {
-    const store = Store.open(join(dir, 'dontneed.db'));
-    const h = await hostile([
-      '--mode', 'dontneed', '--threads', '2', '--pages', '2048', '--rate', '100000', '--discard-every', '256', '--max-range', '4',
-      '--cross', '1', '--seed', '11',
-    ]);
-    try {
-      await sleep(200);
-      const total = newVerdict();
-      for (let i = 0; i < 4; i++) {
-        const { result, view } = await snap(store, h);
-        const v = newVerdict();
-        checkDontneed(v, view, h.oracle, h.ready);
-        summary(`dontneed #${i}`, v, `, ${result.faults} faults, ${result.engine.events} events`);
-        expectClean(v);
-        expect(v.checked).toBe(2 * 2048);
-        await expectRanOn(h, view);
-        total.exact += v.exact;
-        total.checked += v.checked;
-      }
-      // Most pages survive: a snapshot that listed everything lost would pass the loop above.
-      expect(total.exact).toBeGreaterThan(total.checked * 0.8);
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'dontneed', '--threads', '2', '--pages', '2048', '--rate', '100000', '--discard-every', '256', '--max-range', '4'];
+    const { verdicts } = await underAttack('dontneed', { store: 'dontneed.db', args: [...args, '--cross', '1', '--seed', '11'], rounds: 4, settleMs: 200 }, (r, h) => {
+      checkDontneed(r.verdict, r.view, h.oracle, h.ready);
+      expect(r.verdict.checked).toBe(2 * 2048);
+      return `, ${r.result.faults} faults, ${r.result.engine.events} events`;
+    });
+    // Most pages survive: a snapshot that listed everything lost would pass the rounds.
+    const exact = verdicts.reduce((sum, v) => sum + v.exact, 0);
+    const checked = verdicts.reduce((sum, v) => sum + v.checked, 0);
+    expect(exact).toBeGreaterThan(checked * 0.8);
   });
 
   // Catches (liveness; fails on the engine as of this writing): handle_fault()
@@ -156,23 +202,14 @@ describe('invariant 5 under hostile targets', () => {
   // while another thread keeps calling madvise(DONTNEED); the snapshot then
   // aborts with "fault handling did not settle".
   it('dontneed: a thread discarding memory in a loop does not make the snapshot fail', async () => {
-    const store = Store.open(join(dir, 'dontneed-loop.db'));
-    const h = await hostile(['--mode', 'dontneed', '--threads', '2', '--pages', '2048', '--discard-every', '16', '--cross', '0', '--seed', '21']);
-    try {
-      await sleep(200);
-      // A slowed sweep keeps faults coming for a while (the lockstep needs a
-      // fault to meet the discard loop; a quick snapshot may slip through).
-      const { result, view } = await snap(store, h, { rateBytesPerSec: 16 << 20 });
-      const v = newVerdict();
-      checkDontneed(v, view, h.oracle, h.ready);
-      summary('dontneed-loop', v, `, ${result.faults} faults, ${result.engine.events} events, fault max ${Math.round(result.engine.faultServiceMaxMicros)} us`);
-      expectClean(v);
-      await expectRanOn(h, view);
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'dontneed', '--threads', '2', '--pages', '2048', '--discard-every', '16', '--cross', '0', '--seed', '21'];
+    // A slowed sweep keeps faults coming for a while (the lockstep needs a
+    // fault to meet the discard loop; a quick snapshot may slip through).
+    await underAttack('dontneed-loop', { store: 'dontneed-loop.db', args, rounds: 1, settleMs: 200, snapshot: { rateBytesPerSec: 16 << 20 } }, (r, h) => {
+      checkDontneed(r.verdict, r.view, h.oracle, h.ready);
+      const { faults, engine } = r.result;
+      return `, ${faults} faults, ${engine.events} events, fault max ${Math.round(engine.faultServiceMaxMicros)} us`;
+    });
   });
 
   // Catches: the sweep keeping a copy whose unprotect failed with ENOENT while
@@ -182,27 +219,13 @@ describe('invariant 5 under hostile targets', () => {
   // unmapped pages listed with a reason other than unmapped-before-saved.
   // handle_unmap() alone being a no-op is masked by the sweep's ENOENT check.
   it('munmap: chunks unmapped or replaced after T are exact or listed unmapped-before-saved, never the new content', async () => {
-    const store = Store.open(join(dir, 'munmap.db'));
-    const h = await hostile(['--mode', 'munmap', '--threads', '2', '--slots', '32', '--chunk-pages', '8', '--seed', '12']);
-    try {
-      await sleep(200);
-      let exact = 0;
-      for (let i = 0; i < 4; i++) {
-        const { view } = await snap(store, h);
-        const v = newVerdict();
-        const chunks = checkMunmap(v, view, h.oracle, h.ready);
-        summary(`munmap #${i}`, v, `, ${chunks} chunks live at T`);
-        expectClean(v);
-        expect(chunks).toBeGreaterThan(0);
-        await expectRanOn(h, view);
-        exact += v.exact;
-      }
-      expect(exact).toBeGreaterThan(0);
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'munmap', '--threads', '2', '--slots', '32', '--chunk-pages', '8', '--seed', '12'];
+    const { verdicts } = await underAttack('munmap', { store: 'munmap.db', args, rounds: 4, settleMs: 200 }, (r, h) => {
+      const chunks = checkMunmap(r.verdict, r.view, h.oracle, h.ready);
+      expect(chunks).toBeGreaterThan(0);
+      return `, ${chunks} chunks live at T`;
+    });
+    expect(verdicts.reduce((sum, v) => sum + v.exact, 0)).toBeGreaterThan(0);
   });
 
   // Catches (fails on the engine as of this writing):
@@ -222,24 +245,12 @@ describe('invariant 5 under hostile targets', () => {
   // address. The sweep is slowed down so that moves overtake it. Nothing is
   // destroyed here: no page of a region may be lost at all.
   it('mremap: content at T is found at its address at T, nothing of the moved regions lost', async () => {
-    const store = Store.open(join(dir, 'mremap.db'));
-    const h = await hostile(['--mode', 'mremap', '--threads', '2', '--pages', '2048', '--seed', '13']);
-    try {
-      await sleep(200);
-      for (let i = 0; i < 3; i++) {
-        const { view, result } = await snap(store, h, { rateBytesPerSec: 96 << 20 });
-        const v = newVerdict();
-        const skipped = checkMremap(v, view, h.oracle, h.ready);
-        summary(`mremap #${i}`, v, `, ${skipped} region(s) mid-move at T, ${result.engine.events} events, ${result.durationMillis} ms`);
-        expectClean(v);
-        expect(skipped).toBeLessThan(2);
-        await expectRanOn(h, view);
-      }
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'mremap', '--threads', '2', '--pages', '2048', '--seed', '13'];
+    await underAttack('mremap', { store: 'mremap.db', args, rounds: 3, settleMs: 200, snapshot: { rateBytesPerSec: 96 << 20 } }, (r, h) => {
+      const skipped = checkMremap(r.verdict, r.view, h.oracle, h.ready);
+      expect(skipped).toBeLessThan(2);
+      return `, ${skipped} region(s) mid-move at T, ${r.result.engine.events} events, ${r.result.durationMillis} ms`;
+    });
   });
 
   // Catches: a fork child's memory still write-protected (EVENT_FORK not
@@ -248,29 +259,18 @@ describe('invariant 5 under hostile targets', () => {
   // pages copied after a write landed. The children check their own copy and
   // writes; their failures reach the done line.
   it('fork: the parent snapshot is exact and the children are unaffected', async () => {
-    const store = Store.open(join(dir, 'fork.db'));
-    const h = await hostile(['--mode', 'fork', '--threads', '2', '--pages', '4096', '--rate', '20000', '--fork-interval-us', '500', '--seed', '14']);
-    try {
-      await sleep(200);
-      for (let i = 0; i < 3; i++) {
-        const { view, result } = await snap(store, h);
-        const v = newVerdict();
-        checkStriders(v, view, h.oracle, striders(h.ready));
-        const st = h.ready.raw['static'] as { start: string; pages: number; stream: number; step: number };
-        for (let p = 0; p < st.pages; p++) {
-          checkPage(v, view, h.oracle, BigInt(st.start) + BigInt(p * 4096), exactly(content(st.stream, st.step, p)), [], () => `static page ${p}`);
-        }
-        summary(`fork #${i}`, v, `, ${result.faults} faults`);
-        expect(result.lostPages).toEqual([]);
-        expectClean(v);
-        await expectRanOn(h, view);
+    const args = ['--mode', 'fork', '--threads', '2', '--pages', '4096', '--rate', '20000', '--fork-interval-us', '500', '--seed', '14'];
+    const { done } = await underAttack('fork', { store: 'fork.db', args, rounds: 3, settleMs: 200 }, (r, h) => {
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
+      const st = h.ready.raw['static'] as { start: string; pages: number; stream: number; step: number };
+      for (let p = 0; p < st.pages; p++) {
+        const address = BigInt(st.start) + BigInt(p * 4096);
+        checkPage(r.verdict, r.view, h.oracle, address, exactly(content(st.stream, st.step, p)), [], () => `static page ${p}`);
       }
-      const done = await finish(h);
-      expect(done.childrenStarted).toBeGreaterThan(10);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+      expect(r.result.lostPages).toEqual([]);
+      return `, ${r.result.faults} faults`;
+    });
+    expect(done.childrenStarted).toBeGreaterThan(10);
   });
 
   // Catches (fails as of this writing): MAP_SHARED memory that another process
@@ -280,26 +280,14 @@ describe('invariant 5 under hostile targets', () => {
   // Such pages must be listed lost (or every process mapping them snapshotted
   // together, seed 004), never stored as the content at T.
   it('fork: memory shared with children is not silently replaced by what they write after T', async () => {
-    const store = Store.open(join(dir, 'fork-shared.db'));
-    const h = await hostile(['--mode', 'fork', '--threads', '1', '--pages', '1024', '--rate', '20000', '--shared-pages', '2048', '--fork-interval-us', '200', '--seed', '15']);
-    try {
-      await sleep(200);
-      for (let i = 0; i < 2; i++) {
-        // A slow sweep reaches the shared pages long after T: children forked
-        // after T have rewritten them by then.
-        const { view } = await snap(store, h, { rateBytesPerSec: 8 << 20 });
-        const v = newVerdict();
-        checkStriders(v, view, h.oracle, striders(h.ready));
-        const { startedAtT, newest } = checkForkShared(v, view, h.oracle, h.ready);
-        summary(`fork-shared #${i}`, v, `, ${startedAtT} children started at T, newest child in the snapshot ${newest}`);
-        expectClean(v);
-        await expectRanOn(h, view);
-      }
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'fork', '--threads', '1', '--pages', '1024', '--rate', '20000', '--shared-pages', '2048', '--fork-interval-us', '200', '--seed', '15'];
+    // A slow sweep reaches the shared pages long after T: children forked
+    // after T have rewritten them by then.
+    await underAttack('fork-shared', { store: 'fork-shared.db', args, rounds: 2, settleMs: 200, snapshot: { rateBytesPerSec: 8 << 20 } }, (r, h) => {
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
+      const { startedAtT, newest } = checkForkShared(r.verdict, r.view, h.oracle, h.ready);
+      return `, ${startedAtT} children started at T, newest child in the snapshot ${newest}`;
+    });
   });
 
   // Catches: registering only mappings writable at T (a PROT_READ or PROT_NONE
@@ -307,25 +295,12 @@ describe('invariant 5 under hostile targets', () => {
   // the sweep failing on PROT_NONE pages (process_vm_readv refuses them, only
   // /proc/PID/mem with FOLL_FORCE reads them) and listing them read-failed.
   it('mprotect: regions read-only or PROT_NONE at T and written after mprotect(RW) are exact', async () => {
-    const store = Store.open(join(dir, 'mprotect.db'));
-    const h = await hostile(['--mode', 'mprotect', '--pages', '2048', '--sealed-us', '1500', '--open-pages', '32', '--seed', '16']);
-    try {
-      await sleep(100);
-      for (let i = 0; i < 4; i++) {
-        const { view, result } = await snap(store, h);
-        const v = newVerdict();
-        checkStriders(v, view, h.oracle, striders(h.ready));
-        summary(`mprotect #${i}`, v, `, ${result.faults} faults`);
-        expect(result.lostPages).toEqual([]);
-        expectClean(v);
-        await expectRanOn(h, view);
-        await sleep(37);
-      }
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'mprotect', '--pages', '2048', '--sealed-us', '1500', '--open-pages', '32', '--seed', '16'];
+    await underAttack('mprotect', { store: 'mprotect.db', args, rounds: 4, settleMs: 100, betweenMs: 37 }, (r, h) => {
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
+      expect(r.result.lostPages).toEqual([]);
+      return `, ${r.result.faults} faults`;
+    });
   });
 
   // Catches: the sparse path (regions.sparse) protecting a never-touched page
@@ -333,27 +308,14 @@ describe('invariant 5 under hostile targets', () => {
   // or marking a populated page zero: 64 MiB regions, 1/32 populated at T, in
   // scattered runs, sealed PROT_READ/PROT_NONE and written after mprotect(RW).
   it('mprotect, sparse: regions mostly never touched at T, protected only where populated, are exact', async () => {
-    const store = Store.open(join(dir, 'mprotect-sparse.db'));
-    const h = await hostile(['--mode', 'mprotect', '--pages', '16384', '--prefill', '512', '--sealed-us', '20000', '--open-pages', '8', '--seed', '17']);
-    try {
-      await sleep(100);
-      for (let i = 0; i < 3; i++) {
-        const { view, result } = await snap(store, h);
-        const v = newVerdict();
-        checkStriders(v, view, h.oracle, striders(h.ready));
-        summary(`mprotect sparse #${i}`, v, `, ${result.faults} faults, ${result.regions.sparse} sparse regions`);
-        // The two anonymous strider regions at least (malloc arenas may add more).
-        expect(result.regions.sparse).toBeGreaterThanOrEqual(2);
-        expect(result.lostPages).toEqual([]);
-        expectClean(v);
-        await expectRanOn(h, view);
-        await sleep(37);
-      }
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'mprotect', '--pages', '16384', '--prefill', '512', '--sealed-us', '20000', '--open-pages', '8', '--seed', '17'];
+    await underAttack('mprotect sparse', { store: 'mprotect-sparse.db', args, rounds: 3, settleMs: 100, betweenMs: 37 }, (r, h) => {
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
+      // The two anonymous strider regions at least (malloc arenas may add more).
+      expect(r.result.regions.sparse).toBeGreaterThanOrEqual(2);
+      expect(r.result.lostPages).toEqual([]);
+      return `, ${r.result.faults} faults, ${r.result.regions.sparse} sparse regions`;
+    });
   });
 
   // Catches: huge PMDs protected or unprotected wrongly (a 4 KiB unprotect must
@@ -362,27 +324,18 @@ describe('invariant 5 under hostile targets', () => {
   // MADV_COLLAPSE that rebuilds a huge page from uffd-wp PTEs and drops their
   // protection (the kernel must refuse; writes after it would go unseen).
   it('thp: huge pages written 4 KiB at a time and collapsed while snapshotted are exact', async () => {
-    const store = Store.open(join(dir, 'thp.db'));
-    const h = await hostile(['--mode', 'thp', '--threads', '2', '--huge', '8', '--rate', '50000', '--seed', '17']);
-    try {
-      await sleep(100);
-      const thpKiB = anonHugeKiB(h.fixture.pid);
+    const args = ['--mode', 'thp', '--threads', '2', '--huge', '8', '--rate', '50000', '--seed', '17'];
+    let thpKiB = 0;
+    const start = (h: Hostile): void => {
+      thpKiB = anonHugeKiB(h.fixture.pid);
       expect(thpKiB, 'no transparent huge pages backed the fixture: the test would not test THP').toBeGreaterThan(0);
-      for (let i = 0; i < 3; i++) {
-        const { view, result } = await snap(store, h);
-        const v = newVerdict();
-        checkStriders(v, view, h.oracle, striders(h.ready));
-        summary(`thp #${i}`, v, `, ${result.faults} faults, AnonHugePages ${anonHugeKiB(h.fixture.pid)} KiB (${thpKiB} before)`);
-        expect(result.lostPages).toEqual([]);
-        expectClean(v);
-        await expectRanOn(h, view);
-      }
-      const done = await finish(h);
-      console.log(`[races] thp: MADV_COLLAPSE ok ${done.aux[0]}, refused ${done.aux[1]}`);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    };
+    const { done } = await underAttack('thp', { store: 'thp.db', args, rounds: 3, settleMs: 100, start }, (r, h) => {
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
+      expect(r.result.lostPages).toEqual([]);
+      return `, ${r.result.faults} faults, AnonHugePages ${anonHugeKiB(h.fixture.pid)} KiB (${thpKiB} before)`;
+    });
+    console.log(`[races] thp: MADV_COLLAPSE ok ${done.aux[0]}, refused ${done.aux[1]}`);
   });
 });
 
@@ -422,24 +375,12 @@ describe('hugetlb', () => {
   it('hugetlb: private MAP_HUGETLB and shared hugetlbfs memory written while snapshotted are exact', async () => {
     const free = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
     expect(free, 'the kernel could not reserve 8 huge pages').toBeGreaterThanOrEqual(8);
-    const store = Store.open(join(dir, 'hugetlb.db'));
-    const h = await hostile(['--mode', 'hugetlb', '--huge', '4', '--huge-shared', '4', '--seed', '18']);
-    try {
-      await sleep(100);
-      for (let i = 0; i < 3; i++) {
-        const { view, result } = await snap(store, h);
-        const v = newVerdict();
-        checkStriders(v, view, h.oracle, striders(h.ready));
-        summary(`hugetlb #${i}`, v, `, ${result.faults} faults`);
-        expect(result.lostPages).toEqual([]);
-        expectClean(v);
-        await expectRanOn(h, view);
-      }
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'hugetlb', '--huge', '4', '--huge-shared', '4', '--seed', '18'];
+    await underAttack('hugetlb', { store: 'hugetlb.db', args, rounds: 3, settleMs: 100 }, (r, h) => {
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
+      expect(r.result.lostPages).toEqual([]);
+      return `, ${r.result.faults} faults`;
+    });
   });
 });
 
@@ -470,29 +411,19 @@ describe('swap', () => {
   // PTE's uffd-wp bit; shmem: the PTE marker left when the page is reclaimed),
   // which would let a write to a swapped-in page through unsaved.
   it('swap: anonymous and memfd pages pushed to swap before and during the snapshot are exact', async () => {
-    const store = Store.open(join(dir, 'swap.db'));
-    const h = await hostile(['--mode', 'swap', '--pages', '8192', '--memfd-pages', '2048', '--rate', '4000', '--seed', '19']);
-    try {
-      await sleep(150);
-      for (let i = 0; i < 2; i++) {
-        // What is on swap right before the snapshot, per region (smaps "Swap:"
-        // counts anonymous swap entries and swapped-out shmem of the mapping).
-        const swappedKiB = striders(h.ready).map((w) => smapsField(h.fixture.pid, w.start, 'Swap'));
-        expect(swappedKiB[0], 'no anonymous page was on swap before the snapshot').toBeGreaterThan(4096);
-        expect(swappedKiB[1], 'no memfd page was on swap before the snapshot').toBeGreaterThan(1024);
-        const { view, result } = await snap(store, h);
-        const v = newVerdict();
-        checkStriders(v, view, h.oracle, striders(h.ready));
-        summary(`swap #${i}`, v, `, ${result.faults} faults; on swap before it: ${swappedKiB.join(' / ')} KiB (anon / memfd)`);
-        expect(result.lostPages).toEqual([]);
-        expectClean(v);
-        await expectRanOn(h, view);
-        await sleep(100);
-      }
-      await finish(h);
-    } finally {
-      h.fixture.kill();
-      await store.close();
-    }
+    const args = ['--mode', 'swap', '--pages', '8192', '--memfd-pages', '2048', '--rate', '4000', '--seed', '19'];
+    // What is on swap right before each snapshot, per region (smaps "Swap:"
+    // counts anonymous swap entries and swapped-out shmem of the mapping).
+    const beforeSnapshot = (h: Hostile): number[] => {
+      const swappedKiB = striders(h.ready).map((w) => smapsField(h.fixture.pid, w.start, 'Swap'));
+      expect(swappedKiB[0], 'no anonymous page was on swap before the snapshot').toBeGreaterThan(4096);
+      expect(swappedKiB[1], 'no memfd page was on swap before the snapshot').toBeGreaterThan(1024);
+      return swappedKiB;
+    };
+    await underAttack('swap', { store: 'swap.db', args, rounds: 2, settleMs: 150, betweenMs: 100, beforeSnapshot }, (r, h) => {
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
+      expect(r.result.lostPages).toEqual([]);
+      return `, ${r.result.faults} faults; on swap before it: ${r.before.join(' / ')} KiB (anon / memfd)`;
+    });
   });
 });
