@@ -10,7 +10,7 @@ export interface CommandContext {
   stderr: Writable & { isTTY?: boolean };
   env: NodeJS.ProcessEnv;
   binding: () => NativeBinding;
-  openStore: (option: string | undefined, options?: { readonly?: boolean }) => Store;
+  openStore: (option: string | undefined, options?: { readonly?: boolean }) => Promise<Store>;
   /** Aborted on SIGINT/SIGTERM while a long command runs. */
   signal: AbortSignal;
 }
@@ -32,7 +32,7 @@ export function defaultContext(signal: AbortSignal): CommandContext {
  * `ls`/`show`/`verify`/`export` work on it; if it cannot be opened for writing,
  * the read-only error (STORE_NEEDS_UPGRADE) stands.
  */
-export function openStore(path: string, options: { readonly?: boolean }, stderr: Writable): Store {
+export async function openStore(path: string, options: { readonly?: boolean }, stderr: Writable): Promise<Store> {
   try {
     return Store.open(path, options);
   } catch (error) {
@@ -43,7 +43,7 @@ export function openStore(path: string, options: { readonly?: boolean }, stderr:
     } catch {
       throw error;
     }
-    void upgraded.close();
+    await upgraded.close();
     stderr.write(`wpsnap: upgraded ${path} to the current store schema\n`);
     return Store.open(path, options);
   }

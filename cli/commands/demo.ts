@@ -22,7 +22,7 @@ export const demoCommand: CommandSpec<DemoArgs> = {
   builder: (y) => y.option('mib', { type: 'number', default: 64, describe: 'MiB written by each of the two writer threads' }),
   async handler(args, ctx: CommandContext) {
     const binding = ctx.binding();
-    const store = ctx.openStore(args.store);
+    const store = await ctx.openStore(args.store);
     const pagesPerWriter = Math.max(16, Math.floor(args.mib * 256));
     const fixture = await launchFixture('pagewriter', [
       '--threads', '2',

@@ -22,7 +22,7 @@ export const exportCommand: CommandSpec<ExportArgs> = {
       .option('allow-incomplete', { type: 'boolean', default: false, describe: 'export an incomplete snapshot (unsaved pages read as zero)' }),
   async handler(args, ctx: CommandContext) {
     if (args.out === undefined) throw usageError('export needs --out DIR');
-    const store = ctx.openStore(args.store, { readonly: true });
+    const store = await ctx.openStore(args.store, { readonly: true });
     try {
       const result = await exportRaw(store, args.snapshot, args.out, { allowIncomplete: args.allowIncomplete });
       if (args.json) printJson(ctx, result);

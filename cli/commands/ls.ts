@@ -7,7 +7,7 @@ export const lsCommand: CommandSpec<object> = {
   describe: 'List the snapshots in the store',
   builder: (y) => y,
   async handler(args, ctx: CommandContext) {
-    const store = ctx.openStore(args.store, { readonly: true });
+    const store = await ctx.openStore(args.store, { readonly: true });
     try {
       const snapshots = store.list();
       if (args.json) {

@@ -14,7 +14,7 @@ export const showCommand: CommandSpec<{ snapshot: string }> = {
   describe: 'Show what a snapshot holds: process identity, threads, memory map, lost pages, statistics',
   builder: (y) => y.positional('snapshot', { type: 'string', describe: 'snapshot id or name', demandOption: true }),
   async handler(args, ctx: CommandContext) {
-    const store = ctx.openStore(args.store, { readonly: true });
+    const store = await ctx.openStore(args.store, { readonly: true });
     try {
       const snap = store.find(args.snapshot);
       const processes = store.processes(snap.id).map((p) => {

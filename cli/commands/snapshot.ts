@@ -56,7 +56,7 @@ export const snapshotCommand: CommandSpec<SnapshotArgs> = {
     if (args.maxSharedCopy !== undefined && !(args.maxSharedCopy >= 0)) throw usageError(`--max-shared-copy must be a number of MiB`);
     if (args.name !== undefined && /^\d+$/.test(args.name)) throw usageError(`--name must not be a number (numbers are snapshot ids)`);
     const binding = ctx.binding();
-    const store = ctx.openStore(args.store);
+    const store = await ctx.openStore(args.store);
     const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: `snapshotting pid ${args.pid}` }).start() : null;
     let lastLine = 0;
     try {

@@ -7,7 +7,7 @@ export const verifyCommand: CommandSpec<{ snapshot: string }> = {
   describe: 'Re-read every stored page of a snapshot and check it against its content hash',
   builder: (y) => y.positional('snapshot', { type: 'string', describe: 'snapshot id or name', demandOption: true }),
   async handler(args, ctx: CommandContext) {
-    const store = ctx.openStore(args.store, { readonly: true });
+    const store = await ctx.openStore(args.store, { readonly: true });
     try {
       const snap = store.find(args.snapshot);
       const report = await store.verify(snap.id);
