@@ -6,13 +6,19 @@
         "core/native/addon.c",
         "core/native/napi_util.c",
         "core/native/uffd.c",
-        "core/native/ptrace_x86_64.c",
+        "core/native/ptrace_client.c",
         "core/native/engine.c",
         "core/native/pagehash.c"
       ],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"],
       "defines": ["NAPI_VERSION=8"],
       "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "wpsnap_tracer",
+      "type": "executable",
+      "sources": ["core/native/tracer_main.c", "core/native/ptrace_x86_64.c"],
+      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"]
     }
   ]
 }

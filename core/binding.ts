@@ -27,6 +27,11 @@ export function nativeAddonPath(): string {
   return join(packageRoot(), 'build', 'Release', 'wpsnap_native.node');
 }
 
+/** The tracer helper npm install builds next to the addon (the addon starts it to freeze a target). */
+export function tracerHelperPath(): string {
+  return join(dirname(nativeAddonPath()), 'wpsnap_tracer');
+}
+
 export function loadBinding(): NativeBinding {
   if (cached) return cached;
   if (process.platform !== 'linux' || process.arch !== 'x64') {

@@ -1,5 +1,6 @@
 // What this machine and these privileges allow, and why not where they don't.
-import { existsSync, readFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, readFileSync } from 'node:fs';
+import { tracerHelperPath } from './binding.js';
 import type { NativeBinding } from './native/binding.js';
 import { FEATURE_PURPOSE, UFFD_FEATURE, missingFeatures } from './features.js';
 
@@ -48,6 +49,15 @@ export function checkEnvironment(loadBinding: () => NativeBinding): CheckReport 
   } catch (error) {
     add('native addon', false, (error as Error).message);
   }
+
+  const helper = tracerHelperPath();
+  let helperOk = true;
+  try {
+    accessSync(helper, constants.X_OK);
+  } catch {
+    helperOk = false;
+  }
+  add('tracer helper', helperOk, helperOk ? `${helper} (freezes targets in a process of its own)` : `${helper} is missing or not executable (run npm install)`);
 
   const root = process.getuid?.() === 0;
   const ptraceCap = hasCapability(19n);

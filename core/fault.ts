@@ -4,6 +4,9 @@
 export const FAULT_POINTS = [
   'before-freeze',
   'after-freeze',
+  // Reached in the addon (ptrace_client.c): right after the tracer helper is
+  // asked to inject a syscall, while it holds injected registers in the target.
+  'mid-inject',
   'after-inject',
   'after-protect',
   'after-resume',

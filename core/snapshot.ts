@@ -460,6 +460,11 @@ export async function snapshotProcess(
     planner.prepare(mapsBefore);
     const sparse = findSparse(binding, pid, mapsBefore);
     const copyBuffer = privateCopyBuffer(binding, pid, planner.prepared());
+    try {
+      binding.prepareFreeze();
+    } catch (error) {
+      throw fromNative(error, 'start the tracer helper');
+    }
     faultPoint('before-freeze');
     const maxSharedCopy = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
     pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, maxSharedCopy, sparse, copyBuffer);

@@ -241,8 +241,9 @@ describe('killing wpsnap at any point', () => {
     expect(first.code).toBe(0);
     const killed = await runCliProcess(['snapshot', String(fixture.pid), '--store', store], { WPSNAP_FAULT: point });
     expect(killed.signal).toBe('SIGKILL');
-    // The kernel released the tracer and the userfaultfd with the process.
-    await sleep(50);
+    // The kernel released the userfaultfd with the process; the tracer helper
+    // (wpsnap-tracer) saw it die, finished what it was doing and let the target go.
+    for (let waited = 0; waited < 5000 && procStatus(fixture.pid)['TracerPid'] !== '0'; waited += 10) await sleep(10);
     expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
     await expectWriting(fixture.pid);
     for (const w of layout.writers) {

@@ -134,6 +134,8 @@ export interface NativeBinding {
   copyFilePages(fd: number, fileOffset: bigint, length: bigint, address: bigint): { addresses: BigUint64Array; data: Buffer };
   /** ptrace(PTRACE_SEIZE + PTRACE_INTERRUPT) every thread and wait for the stops. */
   freeze(pid: number): NativeHandle;
+  /** Start the tracer helper (wpsnap_tracer) now, so that the next freeze() does not spend the pause on it. */
+  prepareFreeze(): void;
   /** Registers of every frozen thread, as captured at the freeze. */
   frozenThreads(handle: NativeHandle): FrozenThread[];
   /** Run one syscall in a frozen thread (at insnAddress, a `syscall` instruction)

@@ -1,22 +1,21 @@
-/* Freezing a process with ptrace and injecting syscalls into it (x86_64 only:
- * register layout and the syscall ABI live in this file).
+/* The tracer (tracer.h) for x86_64: register layout and the syscall ABI live
+ * in this file.
  *
- * freeze(pid)            PTRACE_SEIZE + PTRACE_INTERRUPT every thread, wait for
- *                        every stop, capture each thread's registers.
- * injectSyscall(h, ...)  run one syscall in a stopped thread, then put every
- *                        register back as captured: on detach the kernel
- *                        restarts an interrupted syscall itself.
- * thaw(h)                PTRACE_DETACH every thread, re-delivering signals that
- *                        arrived while they were stopped.
- * No PTRACE_O_EXITKILL: if wpsnap dies the kernel detaches and the target runs on. */
-#include "addon.h"
-#include "napi_util.h"
+ * tracer_freeze   PTRACE_SEIZE + PTRACE_INTERRUPT every thread, wait for
+ *                 every stop, capture each thread's registers.
+ * tracer_inject   run one syscall in a stopped thread, then put every
+ *                 register back as captured: on detach the kernel restarts
+ *                 an interrupted syscall itself.
+ * tracer_thaw     PTRACE_DETACH every thread, re-delivering signals that
+ *                 arrived while they were stopped.
+ * No PTRACE_O_EXITKILL: if the tracer dies the kernel detaches and the target runs on. */
+#include "tracer.h"
 
 #include <dirent.h>
 #include <elf.h>
 #include <errno.h>
 #include <sched.h>
-#include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,41 +23,9 @@
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
-#include <sys/user.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-#define XSTATE_MAX 8192
-#define MAX_REQUEUE 8
-
-typedef enum { STOP_INTERRUPT, STOP_SIGNAL, STOP_SYSCALL } stop_kind_t;
-
-typedef struct {
-  pid_t tid;
-  stop_kind_t stop;
-  int deliver_sig;  /* signal-delivery-stop signal: passed back by PTRACE_DETACH */
-  /* Signals that arrived during an injection, held back: the first is
-   * delivered at the detach with its own siginfo (redeliver), any others
-   * re-sent with tgkill after the detach. */
-  int requeue[MAX_REQUEUE];
-  siginfo_t requeue_info[MAX_REQUEUE];
-  bool requeue_has_info[MAX_REQUEUE];
-  int nrequeue;
-  struct user_regs_struct regs;          /* as captured at the freeze */
-  struct user_regs_struct resume_regs;   /* what the thread must resume with */
-  struct user_fpregs_struct fpregs;
-  uint8_t xstate[XSTATE_MAX];
-  size_t xstate_len;
-  bool injected;
-} thread_t;
-
-typedef struct {
-  pid_t pid;
-  thread_t *threads;
-  size_t count, cap;
-  bool thawed;
-} freeze_t;
 
 static double now_us(void) {
   struct timespec ts;
@@ -242,80 +209,6 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
   return (int)added;
 }
 
-static void freeze_finalize(napi_env env, void *data, void *hint) {
-  freeze_t *f = data;
-  detach_all(f);
-  free(f->threads);
-  free(f);
-}
-
-static freeze_t *get_freeze(napi_env env, napi_value v) {
-  void *data = NULL;
-  if (napi_get_value_external(env, v, &data) != napi_ok) return NULL;
-  return data;
-}
-
-/* freeze(pid) -> handle */
-static napi_value js_freeze(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  int32_t pid;
-  if (argc < 1 || !arg_int32(env, argv[0], &pid) || pid <= 0) return throw_type(env, "freeze(pid)");
-  freeze_t *f = calloc(1, sizeof *f);
-  f->pid = pid;
-  char what[128] = "";
-  int prev_slack = prctl(PR_GET_TIMERSLACK);
-  prctl(PR_SET_TIMERSLACK, 1);
-  int total = 0;
-  for (int round = 0; round < 100; round++) {
-    int added = seize_new_threads(f, what, sizeof what);
-    if (added < 0) {
-      prctl(PR_SET_TIMERSLACK, prev_slack);
-      detach_all(f);
-      free(f->threads);
-      free(f);
-      return throw_errno(env, -added, strstr(what, "waitpid") ? "waitpid" : "ptrace", "%s", what);
-    }
-    total += added;
-    /* Stopped threads create no threads: a listing with nothing new is final. */
-    if (added == 0) break;
-  }
-  prctl(PR_SET_TIMERSLACK, prev_slack);
-  if (total == 0) {
-    detach_all(f);
-    free(f->threads);
-    free(f);
-    return throw_errno(env, ESRCH, "ptrace", "freeze pid %d: no thread could be stopped", pid);
-  }
-  napi_value handle;
-  NAPI_CALL(env, napi_create_external(env, f, freeze_finalize, NULL, &handle));
-  return handle;
-}
-
-/* frozenThreads(h) -> [{tid, regs, fpregs, xstate, stop}] */
-static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  freeze_t *f = argc ? get_freeze(env, argv[0]) : NULL;
-  if (f == NULL) return throw_type(env, "frozenThreads(handle)");
-  napi_value arr;
-  NAPI_CALL(env, napi_create_array_with_length(env, f->count, &arr));
-  for (size_t i = 0; i < f->count; i++) {
-    thread_t *t = &f->threads[i];
-    napi_value o;
-    NAPI_CALL(env, napi_create_object(env, &o));
-    set_prop(env, o, "tid", make_int(env, t->tid));
-    set_prop(env, o, "regs", make_buffer_copy(env, &t->regs, sizeof t->regs));
-    set_prop(env, o, "fpregs", make_buffer_copy(env, &t->fpregs, sizeof t->fpregs));
-    set_prop(env, o, "xstate", make_buffer_copy(env, t->xstate, t->xstate_len));
-    set_prop(env, o, "stop", make_string(env, t->stop == STOP_INTERRUPT ? "interrupt" : t->stop == STOP_SIGNAL ? "signal" : "syscall"));
-    napi_set_element(env, arr, (uint32_t)i, o);
-  }
-  return arr;
-}
-
 /* Resume with PTRACE_SYSCALL until the next syscall stop. A signal that
  * arrives meanwhile is held back (with its siginfo) and given back at the
  * detach (redeliver). */
@@ -335,33 +228,80 @@ static int run_to_syscall_stop(thread_t *t) {
   }
 }
 
-/* injectSyscall(h, insnAddress, nr, args[]) -> bigint (raw rax, two's complement) */
-static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  freeze_t *f = argc >= 4 ? get_freeze(env, argv[0]) : NULL;
-  uint64_t insn, nr;
-  if (f == NULL || !arg_uint64(env, argv[1], &insn) || !arg_uint64(env, argv[2], &nr))
-    return throw_type(env, "injectSyscall(handle, insnAddress, nr, args)");
-  uint64_t args[6] = {0};
-  uint32_t nargs = 0;
-  napi_get_array_length(env, argv[3], &nargs);
-  for (uint32_t i = 0; i < nargs && i < 6; i++) {
-    napi_value v;
-    napi_get_element(env, argv[3], i, &v);
-    if (!arg_uint64(env, v, &args[i])) return throw_type(env, "injectSyscall: arguments must be numbers or bigints");
+static void set_error(tracer_error_t *error, const char *syscall_name, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void set_error(tracer_error_t *error, const char *syscall_name, const char *fmt, ...) {
+  snprintf(error->syscall, sizeof error->syscall, "%s", syscall_name);
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(error->what, sizeof error->what, fmt, ap);
+  va_end(ap);
+}
+
+void tracer_free(freeze_t *f) {
+  if (f == NULL) return;
+  free(f->threads);
+  free(f);
+}
+
+int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error) {
+  freeze_t *f = calloc(1, sizeof *f);
+  if (f == NULL) return ENOMEM;
+  f->pid = pid;
+  char what[128] = "";
+  int prev_slack = prctl(PR_GET_TIMERSLACK);
+  prctl(PR_SET_TIMERSLACK, 1);
+  int total = 0;
+  for (int round = 0; round < 100; round++) {
+    int added = seize_new_threads(f, what, sizeof what);
+    if (added < 0) {
+      prctl(PR_SET_TIMERSLACK, prev_slack);
+      tracer_thaw(f);
+      tracer_free(f);
+      set_error(error, strstr(what, "waitpid") ? "waitpid" : "ptrace", "%s", what);
+      return -added;
+    }
+    total += added;
+    /* Stopped threads create no threads: a listing with nothing new is final. */
+    if (added == 0) break;
   }
-  if (f->thawed) return throw_errno(env, EINVAL, "ptrace", "injectSyscall after thaw");
-  /* Prefer a thread in an interrupt stop that is not the leader: the leader's
-   * tid is the process id, which a parent's waitpid(pid) could also collect. */
+  prctl(PR_SET_TIMERSLACK, prev_slack);
+  if (total == 0) {
+    tracer_thaw(f);
+    tracer_free(f);
+    set_error(error, "ptrace", "freeze pid %d: no thread could be stopped", pid);
+    return ESRCH;
+  }
+  *out = f;
+  return 0;
+}
+
+/* The thread injections run in: one in an interrupt stop that is not the
+ * leader, by preference (the leader's tid is the process id, which a
+ * parent's waitpid(pid) could also collect). */
+static thread_t *injection_thread(const freeze_t *f) {
   thread_t *t = NULL;
   for (size_t i = 0; i < f->count; i++) {
     thread_t *c = &f->threads[i];
     if (c->stop == STOP_SIGNAL) continue;
     if (t == NULL || (t->tid == f->pid && c->tid != f->pid)) t = c;
   }
-  if (t == NULL) t = &f->threads[0];
+  return t != NULL ? t : &f->threads[0];
+}
+
+uint64_t tracer_injection_rsp(const freeze_t *f) {
+  return f->count > 0 ? injection_thread(f)->regs.rsp : 0;
+}
+
+void tracer_thaw(freeze_t *f) {
+  detach_all(f);
+}
+
+int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6], uint64_t *rax, tracer_error_t *error) {
+  if (f->thawed || f->count == 0) {
+    set_error(error, "ptrace", "inject a syscall after thaw");
+    return EINVAL;
+  }
+  thread_t *t = injection_thread(f);
   /* Resume with the registers exactly as captured, orig_rax and a restart code
    * in rax included: PTRACE_DETACH (or the tracer's death) sets TIF_SIGPENDING
    * (__ptrace_unlink -> ptrace_signal_wake_up), so on its way out the kernel
@@ -383,75 +323,26 @@ static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
   inj.r9 = args[5];
   /* SAFETY: the thread is in a ptrace stop; SETREGS only changes what it
    * resumes with. t->injected makes detach_all restore resume_regs. */
-  if (ptrace(PTRACE_SETREGS, t->tid, NULL, &inj) != 0)
-    return throw_errno(env, errno, "ptrace", "ptrace(PTRACE_SETREGS) on tid %d", t->tid);
+  if (ptrace(PTRACE_SETREGS, t->tid, NULL, &inj) != 0) {
+    int err = errno;
+    set_error(error, "ptrace", "ptrace(PTRACE_SETREGS) on tid %d", t->tid);
+    return err;
+  }
   t->injected = true;
+  /* Tests: hold the injected registers for a while (a controller killed now
+   * must not leave them in the target). */
+  const char *stall = getenv("WPSNAP_TRACER_STALL_US");
+  if (stall != NULL) usleep((useconds_t)atoi(stall));
   int err = run_to_syscall_stop(t); /* entry */
   if (err == 0) err = run_to_syscall_stop(t); /* exit */
   struct user_regs_struct after;
   if (err == 0 && ptrace(PTRACE_GETREGS, t->tid, NULL, &after) != 0) err = errno;
   if (err == 0 && ptrace(PTRACE_SETREGS, t->tid, NULL, &t->resume_regs) != 0) err = errno;
-  if (err != 0) return throw_errno(env, err, "ptrace", "inject syscall %llu into tid %d", (unsigned long long)nr, t->tid);
-  t->stop = STOP_SYSCALL;
-  return make_bigint(env, after.rax);
-}
-
-/* thaw(h): detach every thread. Idempotent. */
-static napi_value js_thaw(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  freeze_t *f = argc ? get_freeze(env, argv[0]) : NULL;
-  if (f == NULL) return throw_type(env, "thaw(handle)");
-  detach_all(f);
-  return NULL;
-}
-
-/* injectionThreadRsp(h) -> bigint: stack pointer of the thread injections run in. */
-static napi_value js_injection_rsp(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  freeze_t *f = argc ? get_freeze(env, argv[0]) : NULL;
-  if (f == NULL || f->count == 0) return throw_type(env, "injectionThreadRsp(handle)");
-  thread_t *t = NULL;
-  for (size_t i = 0; i < f->count; i++) {
-    thread_t *c = &f->threads[i];
-    if (c->stop == STOP_SIGNAL) continue;
-    if (t == NULL || (t->tid == f->pid && c->tid != f->pid)) t = c;
+  if (err != 0) {
+    set_error(error, "ptrace", "inject syscall %llu into tid %d", (unsigned long long)nr, t->tid);
+    return err;
   }
-  if (t == NULL) t = &f->threads[0];
-  return make_bigint(env, t->regs.rsp);
-}
-
-/* processVmWrite(pid, address, buffer) */
-static napi_value js_process_vm_write(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  int32_t pid;
-  uint64_t addr;
-  void *data;
-  size_t len;
-  if (argc < 3 || !arg_int32(env, argv[0], &pid) || !arg_uint64(env, argv[1], &addr) || !arg_buffer(env, argv[2], &data, &len))
-    return throw_type(env, "processVmWrite(pid, address, buffer)");
-  struct iovec local = {.iov_base = data, .iov_len = len};
-  struct iovec remote = {.iov_base = (void *)(uintptr_t)addr, .iov_len = len};
-  ssize_t n = process_vm_writev(pid, &local, 1, &remote, 1, 0);
-  if (n != (ssize_t)len)
-    return throw_errno(env, n < 0 ? errno : EFAULT, "process_vm_writev", "process_vm_writev(pid %d, 0x%llx, %zu bytes)", pid,
-                       (unsigned long long)addr, len);
-  return NULL;
-}
-
-void register_ptrace_exports(napi_env env, napi_value exports) {
-  napi_property_descriptor props[] = {
-      {"freeze", NULL, js_freeze, NULL, NULL, NULL, napi_default_jsproperty, NULL},
-      {"frozenThreads", NULL, js_frozen_threads, NULL, NULL, NULL, napi_default_jsproperty, NULL},
-      {"injectSyscall", NULL, js_inject_syscall, NULL, NULL, NULL, napi_default_jsproperty, NULL},
-      {"injectionThreadRsp", NULL, js_injection_rsp, NULL, NULL, NULL, napi_default_jsproperty, NULL},
-      {"thaw", NULL, js_thaw, NULL, NULL, NULL, napi_default_jsproperty, NULL},
-      {"processVmWrite", NULL, js_process_vm_write, NULL, NULL, NULL, napi_default_jsproperty, NULL},
-  };
-  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  t->stop = STOP_SYSCALL;
+  *rax = after.rax;
+  return 0;
 }

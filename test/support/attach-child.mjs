@@ -1,7 +1,8 @@
 // A controller that dies mid-attach: `node attach-child.mjs PID POINT`.
 // Freezes PID, injects userfaultfd() and takes the fd (as wpsnap's attach
-// does), and SIGKILLs itself at POINT (WPSNAP_FAULT: 'after-freeze' or
-// 'after-inject'), never reaching thaw. Uses the compiled code in dist/
+// does), and SIGKILLs itself at POINT (WPSNAP_FAULT: 'after-freeze',
+// 'mid-inject': right after asking the tracer helper to inject userfaultfd(),
+// or 'after-inject'), never reaching thaw. Uses the compiled code in dist/
 // (`npx tsc -p tsconfig.json`). Each step prints one JSON line on stdout,
 // written synchronously so that it is out before the SIGKILL.
 import { writeSync } from 'node:fs';
@@ -12,8 +13,8 @@ import { faultPoint } from '../../dist/core/fault.js';
 const say = (obj) => writeSync(1, JSON.stringify(obj) + '\n');
 const [pidArg, point] = process.argv.slice(2);
 const pid = Number(pidArg);
-if (!Number.isInteger(pid) || pid <= 0 || (point !== 'after-freeze' && point !== 'after-inject')) {
-  process.stderr.write('usage: node attach-child.mjs PID after-freeze|after-inject\n');
+if (!Number.isInteger(pid) || pid <= 0 || !['after-freeze', 'mid-inject', 'after-inject'].includes(point)) {
+  process.stderr.write('usage: node attach-child.mjs PID after-freeze|mid-inject|after-inject\n');
   process.exit(2);
 }
 process.env.WPSNAP_FAULT = point;

@@ -1,0 +1,301 @@
+/* freeze / frozenThreads / injectSyscall / injectionThreadRsp / thaw: the
+ * tracer (tracer.h) runs in wpsnap-tracer, a helper process started by
+ * freeze() and ended by thaw(); these functions send it requests
+ * (tracer_protocol.h) and wait for its replies. If wpsnap dies, the helper
+ * sees the socket close and puts the target back as it was. prepareFreeze()
+ * starts the helper ahead of time. */
+#include "addon.h"
+#include "napi_util.h"
+#include "tracer.h"
+#include "tracer_protocol.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+
+typedef struct {
+  thread_record_t rec;
+  uint8_t *xstate;
+} client_thread_t;
+
+typedef struct {
+  int sock;
+  bool thawed;
+  size_t count;
+  client_thread_t *threads;
+} client_t;
+
+/* wpsnap_tracer, next to this addon. */
+static int helper_path(char *path, size_t len) {
+  Dl_info info;
+  if (dladdr((void *)helper_path, &info) == 0 || info.dli_fname == NULL) return ENOENT;
+  const char *slash = strrchr(info.dli_fname, '/');
+  size_t dir = slash != NULL ? (size_t)(slash - info.dli_fname) : 0;
+  if (snprintf(path, len, "%.*s/wpsnap_tracer", (int)dir, info.dli_fname) >= (int)len) return ENAMETOOLONG;
+  return access(path, X_OK) == 0 ? 0 : errno;
+}
+
+static void client_end(client_t *c) {
+  if (c->sock >= 0) close(c->sock);
+  c->sock = -1;
+}
+
+static void client_free(client_t *c) {
+  for (size_t i = 0; i < c->count; i++) free(c->threads[i].xstate);
+  free(c->threads);
+  free(c);
+}
+
+/* Send a request and read the reply header; the body (r->len bytes) is read by the caller. */
+static int request(client_t *c, uint32_t op, const void *payload, uint32_t len, reply_t *r) {
+  request_t q = {.op = op, .len = len};
+  int err = write_all(c->sock, &q, sizeof q);
+  if (err == 0 && len > 0) err = write_all(c->sock, payload, len);
+  if (err == 0 && op == OP_INJECT) {
+    /* Tests: die while the helper holds injected registers in the target. */
+    const char *fault = getenv("WPSNAP_FAULT");
+    if (fault != NULL && strcmp(fault, "mid-inject") == 0) kill(getpid(), SIGKILL);
+  }
+  if (err == 0) err = read_all(c->sock, r, sizeof *r);
+  return err;
+}
+
+static napi_value throw_reply(napi_env env, const reply_t *r) {
+  char syscall_name[sizeof r->syscall + 1], what[sizeof r->what + 1];
+  snprintf(syscall_name, sizeof syscall_name, "%s", r->syscall);
+  snprintf(what, sizeof what, "%s", r->what);
+  return throw_errno(env, r->err, syscall_name[0] ? syscall_name : "ptrace", "%s", what);
+}
+
+static napi_value throw_lost(napi_env env, int err) {
+  return throw_errno(env, err, "read", "the tracer helper (wpsnap_tracer) stopped answering");
+}
+
+static void client_finalize(napi_env env, void *data, void *hint) {
+  client_t *c = data;
+  client_end(c); /* a handle never thawed: the helper thaws the target when the socket closes */
+  client_free(c);
+}
+
+static client_t *get_client(napi_env env, napi_value v) {
+  void *data = NULL;
+  if (napi_get_value_external(env, v, &data) != napi_ok) return NULL;
+  return data;
+}
+
+/* Start a tracer helper; returns its socket or -errno (what it was in *what). */
+static int spawn_helper(const char **what) {
+  char path[4096];
+  int err = helper_path(path, sizeof path);
+  if (err != 0) {
+    *what = "the tracer helper wpsnap_tracer is missing next to the addon (npm install builds it)";
+    return -err;
+  }
+  int pair[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
+    *what = "socketpair for the tracer helper";
+    return -errno;
+  }
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, pair[1], TRACER_FD); /* dup2 clears CLOEXEC */
+  char *const args[] = {"wpsnap-tracer", NULL};
+  pid_t launcher;
+  err = posix_spawn(&launcher, path, &actions, NULL, args, environ);
+  posix_spawn_file_actions_destroy(&actions);
+  close(pair[1]);
+  if (err != 0) {
+    close(pair[0]);
+    *what = "start the tracer helper wpsnap_tracer";
+    return -err;
+  }
+  /* It forks the tracer and exits at once: the tracer is nobody's child here. */
+  int status;
+  while (waitpid(launcher, &status, 0) < 0 && errno == EINTR) {
+  }
+  return pair[0];
+}
+
+/* A helper started ahead by prepareFreeze(), for the next freeze(). */
+static int spare_sock = -1;
+
+/* prepareFreeze(): start the tracer helper now, so that the next freeze()
+ * does not spend the target's pause starting a process. */
+static napi_value js_prepare_freeze(napi_env env, napi_callback_info info) {
+  if (spare_sock >= 0) return NULL;
+  const char *what = "";
+  int sock = spawn_helper(&what);
+  if (sock < 0) return throw_errno(env, -sock, "posix_spawn", "%s", what);
+  spare_sock = sock;
+  return NULL;
+}
+
+/* freeze(pid) -> handle */
+static napi_value js_freeze(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pid;
+  if (argc < 1 || !arg_int32(env, argv[0], &pid) || pid <= 0) return throw_type(env, "freeze(pid)");
+  int sock = spare_sock;
+  spare_sock = -1;
+  if (sock < 0) {
+    const char *what = "";
+    sock = spawn_helper(&what);
+    if (sock < 0) return throw_errno(env, -sock, "posix_spawn", "%s", what);
+  }
+  client_t *c = calloc(1, sizeof *c);
+  c->sock = sock;
+  int err;
+  freeze_request_t q = {.pid = pid};
+  reply_t r;
+  err = request(c, OP_FREEZE, &q, sizeof q, &r);
+  if (err != 0 || r.err != 0) {
+    client_end(c);
+    client_free(c);
+    return err != 0 ? throw_lost(env, err) : throw_reply(env, &r);
+  }
+  uint32_t count = 0;
+  err = read_all(c->sock, &count, sizeof count);
+  c->threads = calloc(count ? count : 1, sizeof *c->threads);
+  for (uint32_t i = 0; err == 0 && i < count; i++) {
+    client_thread_t *t = &c->threads[i];
+    err = read_all(c->sock, &t->rec, sizeof t->rec);
+    if (err == 0 && t->rec.xstate_len > XSTATE_MAX) err = EPROTO;
+    if (err != 0) break;
+    t->xstate = malloc(t->rec.xstate_len ? t->rec.xstate_len : 1);
+    c->count = i + 1;
+    err = read_all(c->sock, t->xstate, t->rec.xstate_len);
+  }
+  if (err != 0) {
+    client_end(c);
+    client_free(c);
+    return throw_lost(env, err);
+  }
+  napi_value handle;
+  NAPI_CALL(env, napi_create_external(env, c, client_finalize, NULL, &handle));
+  return handle;
+}
+
+/* frozenThreads(h) -> [{tid, regs, fpregs, xstate, stop}] */
+static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  client_t *c = argc ? get_client(env, argv[0]) : NULL;
+  if (c == NULL) return throw_type(env, "frozenThreads(handle)");
+  napi_value arr;
+  NAPI_CALL(env, napi_create_array_with_length(env, c->count, &arr));
+  for (size_t i = 0; i < c->count; i++) {
+    const thread_record_t *t = &c->threads[i].rec;
+    napi_value o;
+    NAPI_CALL(env, napi_create_object(env, &o));
+    set_prop(env, o, "tid", make_int(env, t->tid));
+    set_prop(env, o, "regs", make_buffer_copy(env, &t->regs, sizeof t->regs));
+    set_prop(env, o, "fpregs", make_buffer_copy(env, &t->fpregs, sizeof t->fpregs));
+    set_prop(env, o, "xstate", make_buffer_copy(env, c->threads[i].xstate, t->xstate_len));
+    set_prop(env, o, "stop", make_string(env, t->stop == STOP_INTERRUPT ? "interrupt" : t->stop == STOP_SIGNAL ? "signal" : "syscall"));
+    napi_set_element(env, arr, (uint32_t)i, o);
+  }
+  return arr;
+}
+
+/* injectSyscall(h, insnAddress, nr, args[]) -> bigint (raw rax, two's complement) */
+static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  client_t *c = argc >= 4 ? get_client(env, argv[0]) : NULL;
+  inject_request_t q = {0};
+  if (c == NULL || !arg_uint64(env, argv[1], &q.insn) || !arg_uint64(env, argv[2], &q.nr))
+    return throw_type(env, "injectSyscall(handle, insnAddress, nr, args)");
+  uint32_t nargs = 0;
+  napi_get_array_length(env, argv[3], &nargs);
+  for (uint32_t i = 0; i < nargs && i < 6; i++) {
+    napi_value v;
+    napi_get_element(env, argv[3], i, &v);
+    if (!arg_uint64(env, v, &q.args[i])) return throw_type(env, "injectSyscall: arguments must be numbers or bigints");
+  }
+  if (c->thawed) return throw_errno(env, EINVAL, "ptrace", "injectSyscall after thaw");
+  reply_t r;
+  int err = request(c, OP_INJECT, &q, sizeof q, &r);
+  if (err != 0) return throw_lost(env, err);
+  if (r.err != 0) return throw_reply(env, &r);
+  uint64_t rax = 0;
+  err = read_all(c->sock, &rax, sizeof rax);
+  if (err != 0) return throw_lost(env, err);
+  return make_bigint(env, rax);
+}
+
+/* injectionThreadRsp(h) -> bigint: stack pointer of the thread injections run in. */
+static napi_value js_injection_rsp(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  client_t *c = argc ? get_client(env, argv[0]) : NULL;
+  if (c == NULL || c->thawed) return throw_type(env, "injectionThreadRsp(handle)");
+  reply_t r;
+  uint64_t rsp = 0;
+  int err = request(c, OP_INJECTION_RSP, NULL, 0, &r);
+  if (err == 0) err = read_all(c->sock, &rsp, sizeof rsp);
+  if (err != 0) return throw_lost(env, err);
+  return make_bigint(env, rsp);
+}
+
+/* thaw(h): detach every thread. Idempotent. */
+static napi_value js_thaw(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  client_t *c = argc ? get_client(env, argv[0]) : NULL;
+  if (c == NULL) return throw_type(env, "thaw(handle)");
+  if (c->thawed) return NULL;
+  c->thawed = true;
+  reply_t r;
+  request(c, OP_THAW, NULL, 0, &r); /* if the helper is gone, it thawed the target as it went */
+  client_end(c);
+  return NULL;
+}
+
+/* processVmWrite(pid, address, buffer) */
+static napi_value js_process_vm_write(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pid;
+  uint64_t addr;
+  void *data;
+  size_t len;
+  if (argc < 3 || !arg_int32(env, argv[0], &pid) || !arg_uint64(env, argv[1], &addr) || !arg_buffer(env, argv[2], &data, &len))
+    return throw_type(env, "processVmWrite(pid, address, buffer)");
+  struct iovec local = {.iov_base = data, .iov_len = len};
+  struct iovec remote = {.iov_base = (void *)(uintptr_t)addr, .iov_len = len};
+  ssize_t n = process_vm_writev(pid, &local, 1, &remote, 1, 0);
+  if (n != (ssize_t)len)
+    return throw_errno(env, n < 0 ? errno : EFAULT, "process_vm_writev", "process_vm_writev(pid %d, 0x%llx, %zu bytes)", pid,
+                       (unsigned long long)addr, len);
+  return NULL;
+}
+
+void register_ptrace_exports(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"prepareFreeze", NULL, js_prepare_freeze, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"freeze", NULL, js_freeze, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"frozenThreads", NULL, js_frozen_threads, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"injectSyscall", NULL, js_inject_syscall, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"injectionThreadRsp", NULL, js_injection_rsp, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"thaw", NULL, js_thaw, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"processVmWrite", NULL, js_process_vm_write, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}

@@ -1,0 +1,67 @@
+/* The tracer: freezing a process with ptrace and injecting syscalls into it.
+ * ptrace_x86_64.c implements it (the architecture-specific part: registers
+ * and the syscall ABI); it runs in wpsnap-tracer, a helper process of its own
+ * (tracer_main.c), which ptrace_client.c drives over a socket. A tracer in its
+ * own process finishes what it started when wpsnap dies: an injected syscall
+ * is completed and every register put back, a userfaultfd created in the
+ * target is closed there, and every thread is detached. */
+#ifndef WPSNAP_TRACER_H
+#define WPSNAP_TRACER_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/user.h>
+
+#define XSTATE_MAX 8192
+#define MAX_REQUEUE 8
+
+typedef enum { STOP_INTERRUPT, STOP_SIGNAL, STOP_SYSCALL } stop_kind_t;
+
+typedef struct {
+  pid_t tid;
+  stop_kind_t stop;
+  int deliver_sig;  /* signal-delivery-stop signal: passed back by PTRACE_DETACH */
+  /* Signals that arrived during an injection, held back: the first is
+   * delivered at the detach with its own siginfo (redeliver), any others
+   * re-sent with tgkill after the detach. */
+  int requeue[MAX_REQUEUE];
+  siginfo_t requeue_info[MAX_REQUEUE];
+  bool requeue_has_info[MAX_REQUEUE];
+  int nrequeue;
+  struct user_regs_struct regs;          /* as captured at the freeze */
+  struct user_regs_struct resume_regs;   /* what the thread must resume with */
+  struct user_fpregs_struct fpregs;
+  uint8_t xstate[XSTATE_MAX];
+  size_t xstate_len;
+  bool injected;
+} thread_t;
+
+typedef struct {
+  pid_t pid;
+  thread_t *threads;
+  size_t count, cap;
+  bool thawed;
+} freeze_t;
+
+/* The failing call, for the error that reaches JS. */
+typedef struct {
+  char syscall[16];
+  char what[160];
+} tracer_error_t;
+
+/* PTRACE_SEIZE + PTRACE_INTERRUPT every thread, wait for every stop, capture
+ * each thread's registers. Returns 0 and *out, or an errno (nothing left stopped). */
+int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error);
+/* Run one syscall in a stopped thread, then put every register back as
+ * captured. Returns 0 and the raw rax, or an errno. */
+int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6], uint64_t *rax, tracer_error_t *error);
+/* Stack pointer of the thread injections run in. */
+uint64_t tracer_injection_rsp(const freeze_t *f);
+/* PTRACE_DETACH every thread, re-delivering signals that arrived while they were stopped. Idempotent. */
+void tracer_thaw(freeze_t *f);
+void tracer_free(freeze_t *f);
+
+#endif

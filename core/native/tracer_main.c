@@ -1,0 +1,149 @@
+/* wpsnap-tracer: the tracer (tracer.h) in a process of its own, serving
+ * wpsnap's requests on fd 3 (tracer_protocol.h). It exists so that a wpsnap
+ * killed at any moment leaves the target as it was: an injected syscall runs
+ * to its end and the thread gets its registers back (the kernel would detach
+ * it with the injected ones if its tracer died), the fds created in the
+ * target and not closed yet are closed there, and every thread is detached.
+ * Signals that end a process are ignored: only SIGKILL, or wpsnap closing
+ * the socket, ends it. */
+#include "tracer.h"
+#include "tracer_protocol.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+
+#define SYS_CLOSE 3
+#define SYS_IOCTL 16
+#define SYS_OPENAT 257
+#define SYS_USERFAULTFD 323
+#define USERFAULTFD_IOC_NEW 0xaa00
+#define MAX_OWNED 16
+
+static freeze_t *frozen;
+/* fds the injected calls created in the target and wpsnap has not closed there yet. */
+static int64_t owned[MAX_OWNED];
+static int nowned;
+/* The syscall instruction wpsnap's injections use: abandon() closes the fds with it. */
+static uint64_t syscall_insn;
+
+static int reply(int32_t err, const tracer_error_t *error, const void *body, uint32_t len) {
+  reply_t r = {.err = err, .len = len};
+  if (err != 0 && error != NULL) {
+    memcpy(r.syscall, error->syscall, sizeof r.syscall);
+    memcpy(r.what, error->what, sizeof r.what);
+  }
+  int e = write_all(TRACER_FD, &r, sizeof r);
+  if (e == 0 && len > 0) e = write_all(TRACER_FD, body, len);
+  return e;
+}
+
+static void track_fds(const inject_request_t *q, uint64_t rax) {
+  int64_t result = (int64_t)rax;
+  bool creates = q->nr == SYS_USERFAULTFD || q->nr == SYS_OPENAT || (q->nr == SYS_IOCTL && q->args[1] == USERFAULTFD_IOC_NEW);
+  if (creates && result >= 0 && nowned < MAX_OWNED) owned[nowned++] = result;
+  if (q->nr == SYS_CLOSE) {
+    for (int i = 0; i < nowned; i++) {
+      if (owned[i] == (int64_t)q->args[0]) owned[i--] = owned[--nowned];
+    }
+  }
+}
+
+static int serve_freeze(const freeze_request_t *q) {
+  tracer_error_t error = {{0}, {0}};
+  if (frozen != NULL) {
+    snprintf(error.syscall, sizeof error.syscall, "ptrace");
+    snprintf(error.what, sizeof error.what, "this tracer has already frozen pid %d", frozen->pid);
+    return reply(EBUSY, &error, NULL, 0);
+  }
+  int err = tracer_freeze(q->pid, &frozen, &error);
+  if (err != 0) return reply(err, &error, NULL, 0);
+  size_t len = sizeof(uint32_t);
+  for (size_t i = 0; i < frozen->count; i++) len += sizeof(thread_record_t) + frozen->threads[i].xstate_len;
+  char *body = malloc(len), *p = body;
+  if (body == NULL) return reply(ENOMEM, &error, NULL, 0);
+  uint32_t count = (uint32_t)frozen->count;
+  memcpy(p, &count, sizeof count);
+  p += sizeof count;
+  for (size_t i = 0; i < frozen->count; i++) {
+    const thread_t *t = &frozen->threads[i];
+    thread_record_t rec = {.tid = t->tid, .stop = (int32_t)t->stop, .regs = t->regs, .fpregs = t->fpregs, .xstate_len = (uint32_t)t->xstate_len};
+    memcpy(p, &rec, sizeof rec);
+    p += sizeof rec;
+    memcpy(p, t->xstate, t->xstate_len);
+    p += t->xstate_len;
+  }
+  int e = reply(0, NULL, body, (uint32_t)len);
+  free(body);
+  return e;
+}
+
+static int serve_inject(const inject_request_t *q) {
+  tracer_error_t error = {{0}, {0}};
+  if (frozen == NULL) {
+    snprintf(error.syscall, sizeof error.syscall, "ptrace");
+    snprintf(error.what, sizeof error.what, "inject a syscall before freeze");
+    return reply(EINVAL, &error, NULL, 0);
+  }
+  uint64_t rax = 0;
+  syscall_insn = q->insn;
+  int err = tracer_inject(frozen, q->insn, q->nr, q->args, &rax, &error);
+  if (err != 0) return reply(err, &error, NULL, 0);
+  track_fds(q, rax);
+  return reply(0, NULL, &rax, sizeof rax);
+}
+
+/* wpsnap is gone: close what it left open in the target, then let the target go. */
+static void abandon(void) {
+  if (frozen == NULL) return;
+  tracer_error_t ignored;
+  for (int i = 0; i < nowned; i++) {
+    uint64_t args[6] = {(uint64_t)owned[i]}, rax;
+    tracer_inject(frozen, syscall_insn, SYS_CLOSE, args, &rax, &ignored);
+  }
+  tracer_thaw(frozen);
+}
+
+int main(void) {
+  /* wpsnap waits for this process to exit; the tracer is its child, which
+   * the init process (or a subreaper) reaps, whenever it ends. */
+  pid_t child = fork();
+  if (child < 0) return 1;
+  if (child > 0) return 0;
+  prctl(PR_SET_NAME, "wpsnap-tracer");
+  signal(SIGPIPE, SIG_IGN);
+  signal(SIGINT, SIG_IGN);
+  signal(SIGTERM, SIG_IGN);
+  signal(SIGHUP, SIG_IGN);
+  signal(SIGQUIT, SIG_IGN);
+  for (;;) {
+    request_t q;
+    union {
+      freeze_request_t freeze;
+      inject_request_t inject;
+    } payload;
+    if (read_all(TRACER_FD, &q, sizeof q) != 0 || q.len > sizeof payload || read_all(TRACER_FD, &payload, q.len) != 0) break;
+    int e = 0;
+    if (q.op == OP_FREEZE && q.len == sizeof payload.freeze) {
+      e = serve_freeze(&payload.freeze);
+    } else if (q.op == OP_INJECT && q.len == sizeof payload.inject) {
+      e = serve_inject(&payload.inject);
+    } else if (q.op == OP_INJECTION_RSP) {
+      uint64_t rsp = frozen != NULL ? tracer_injection_rsp(frozen) : 0;
+      e = reply(0, NULL, &rsp, sizeof rsp);
+    } else if (q.op == OP_THAW) {
+      if (frozen != NULL) tracer_thaw(frozen);
+      reply(0, NULL, NULL, 0);
+      tracer_free(frozen);
+      return 0;
+    } else {
+      break;
+    }
+    if (e != 0) break; /* wpsnap stopped listening */
+  }
+  abandon();
+  tracer_free(frozen);
+  return 0;
+}

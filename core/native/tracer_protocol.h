@@ -1,0 +1,73 @@
+/* wpsnap <-> wpsnap-tracer: requests and replies over a stream socket (the
+ * tracer's fd 3), in host byte order. A reply answers every request; the
+ * tracer exits after THAW's reply, or, when the socket closes (wpsnap died),
+ * after closing in the target the fds it created there and thawing it. */
+#ifndef WPSNAP_TRACER_PROTOCOL_H
+#define WPSNAP_TRACER_PROTOCOL_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#define TRACER_FD 3
+
+enum { OP_FREEZE = 1, OP_INJECT = 2, OP_INJECTION_RSP = 3, OP_THAW = 4 };
+
+typedef struct {
+  uint32_t op;
+  uint32_t len; /* payload bytes that follow */
+} request_t;
+
+typedef struct {
+  int32_t pid;
+} freeze_request_t;
+
+typedef struct {
+  uint64_t insn, nr, args[6];
+} inject_request_t;
+
+typedef struct {
+  int32_t err; /* 0 or an errno */
+  char syscall[16];
+  char what[160];
+  uint32_t len; /* body bytes that follow */
+} reply_t;
+
+/* FREEZE's body: uint32_t count, then count thread records, each a
+ * thread_record_t followed by xstate_len bytes of XSAVE area. */
+typedef struct {
+  int32_t tid;
+  int32_t stop; /* stop_kind_t */
+  struct user_regs_struct regs;
+  struct user_fpregs_struct fpregs;
+  uint32_t xstate_len;
+} thread_record_t;
+
+/* INJECT's body: uint64_t rax. INJECTION_RSP's: uint64_t rsp. */
+
+static inline int write_all(int fd, const void *data, size_t len) {
+  const char *p = data;
+  while (len > 0) {
+    ssize_t n = write(fd, p, len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return n < 0 ? errno : EPIPE;
+    p += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+/* 0, or EPIPE at end of file, or an errno. */
+static inline int read_all(int fd, void *data, size_t len) {
+  char *p = data;
+  while (len > 0) {
+    ssize_t n = read(fd, p, len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return n < 0 ? errno : EPIPE;
+    p += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+#endif
