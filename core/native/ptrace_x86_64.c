@@ -296,6 +296,36 @@ void tracer_thaw(freeze_t *f) {
   detach_all(f);
 }
 
+/* Seccomp mode of a process (Seccomp: in /proc/PID/status): 0 none, 1 strict, 2 filter. */
+static int seccomp_mode(pid_t pid) {
+  char path[64], line[256];
+  snprintf(path, sizeof path, "/proc/%d/status", pid);
+  FILE *fp = fopen(path, "re");
+  if (fp == NULL) return 0;
+  int mode = 0;
+  while (fgets(line, sizeof line, fp) != NULL) {
+    if (sscanf(line, "Seccomp: %d", &mode) == 1) break;
+  }
+  fclose(fp);
+  return mode;
+}
+
+/* PTRACE_O_SUSPEND_SECCOMP on (or off again) for a stopped thread. Turning
+ * it on fails without CAP_SYS_ADMIN or CONFIG_CHECKPOINT_RESTORE; that
+ * matters only if the process is under seccomp, and then nothing is injected. */
+static int suspend_seccomp(freeze_t *f, thread_t *t, bool on, tracer_error_t *error) {
+  long options = PTRACE_O_TRACESYSGOOD | (on ? PTRACE_O_SUSPEND_SECCOMP : 0);
+  if (ptrace(PTRACE_SETOPTIONS, t->tid, NULL, (void *)options) == 0 || !on) return 0;
+  int err = errno;
+  int mode = seccomp_mode(f->pid);
+  if (mode == 0) return 0;
+  set_error(error, "ptrace",
+            "pid %d runs under seccomp (%s mode) and its filter cannot be suspended for the injected call "
+            "(PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN)",
+            f->pid, mode == 1 ? "strict" : "filter");
+  return err == EINVAL ? EPERM : err;
+}
+
 int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6], uint64_t *rax, tracer_error_t *error) {
   if (f->thawed || f->count == 0) {
     set_error(error, "ptrace", "inject a syscall after thaw");
@@ -310,6 +340,12 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
    * restart here (orig_rax = -1) would restart pause()/ERESTARTNOHAND calls
    * after a handler instead of returning EINTR. */
   if (!t->injected) t->resume_regs = t->regs;
+
+  /* A seccomp filter may refuse the injected call, or kill the process for
+   * it (systemd's SystemCallFilter= does by default): suspend it for the
+   * injection, in this stopped thread only. */
+  int err = suspend_seccomp(f, t, true, error);
+  if (err != 0) return err;
 
   struct user_regs_struct inj = t->resume_regs;
   inj.rip = insn;
@@ -333,11 +369,12 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
    * must not leave them in the target). */
   const char *stall = getenv("WPSNAP_TRACER_STALL_US");
   if (stall != NULL) usleep((useconds_t)atoi(stall));
-  int err = run_to_syscall_stop(t); /* entry */
+  err = run_to_syscall_stop(t); /* entry */
   if (err == 0) err = run_to_syscall_stop(t); /* exit */
   struct user_regs_struct after;
   if (err == 0 && ptrace(PTRACE_GETREGS, t->tid, NULL, &after) != 0) err = errno;
   if (err == 0 && ptrace(PTRACE_SETREGS, t->tid, NULL, &t->resume_regs) != 0) err = errno;
+  if (err == 0) suspend_seccomp(f, t, false, error);
   if (err != 0) {
     set_error(error, "ptrace", "inject syscall %llu into tid %d", (unsigned long long)nr, t->tid);
     return err;
