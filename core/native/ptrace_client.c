@@ -11,6 +11,7 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -109,6 +110,10 @@ static int spawn_helper(const char **what) {
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_adddup2(&actions, pair[1], TRACER_FD); /* dup2 clears CLOEXEC */
+  /* Not wpsnap's stdin/stdout: a reader of wpsnap's output must see its end
+   * when wpsnap exits, not when the helper does. stderr stays, for a crash. */
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
   char *const args[] = {"wpsnap-tracer", NULL};
   pid_t launcher;
   err = posix_spawn(&launcher, path, &actions, NULL, args, environ);
