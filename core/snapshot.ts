@@ -107,8 +107,18 @@ function register(binding: NativeBinding, uffd: number, plan: RegionPlan): boole
   try {
     binding.uffdRegister(uffd, start, end - start, UFFDIO_REGISTER_MODE_WP);
   } catch (error) {
-    if ((error as { code?: string }).code === 'EINVAL' || (error as { code?: string }).code === 'EPERM') return false;
-    throw fromNative(error, `register 0x${start.toString(16)}-0x${end.toString(16)}`);
+    const code = (error as { code?: string }).code;
+    if (code === 'EINVAL' || code === 'EPERM') return false;
+    const range = `0x${start.toString(16)}-0x${end.toString(16)}`;
+    if (code === 'EBUSY') {
+      // A mapping belongs to one userfaultfd context at a time.
+      throw new WpsnapError(
+        'EBUSY',
+        `${range} is already registered with another userfaultfd: another snapshot of this process is still running, or the program uses userfaultfd itself`,
+        { errno: 16, syscall: 'ioctl' },
+      );
+    }
+    throw fromNative(error, `register ${range}`);
   }
   return true;
 }

@@ -262,7 +262,7 @@ describe('killing wpsnap at any point', () => {
     }
   });
 
-  it('SIGINT stops a snapshot: exit 130, recorded incomplete, target released', async () => {
+  it('SIGINT stops a snapshot: exit 130, recorded incomplete, target released; a second snapshot meanwhile is refused', async () => {
     const store = join(dir, 'sigint.db');
     // --rate 1 (MB/s) keeps the sweep busy for minutes: the interrupt lands mid-sweep.
     const child = spawn(process.execPath, [CLI_JS, 'snapshot', String(fixture.pid), '--store', store, '--rate', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -275,6 +275,13 @@ describe('killing wpsnap at any point', () => {
       }),
     );
     await sweeping;
+    // A second snapshot of the same process meanwhile is refused in one line:
+    // its memory belongs to the first one's userfaultfd until that one ends.
+    const second = await runCliProcess(['snapshot', String(fixture.pid), '--store', join(dir, 'second.db')]);
+    expect(second.code).not.toBe(0);
+    expect(second.stdout).toBe('');
+    expect(second.stderr.trim().split('\n')).toHaveLength(1);
+    expect(second.stderr).toMatch(/already registered with another userfaultfd: another snapshot of this process is still running/);
     child.kill('SIGINT');
     const [code] = (await once(child, 'close')) as [number | null];
     expect(code).toBe(130);
