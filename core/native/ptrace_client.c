@@ -1,9 +1,9 @@
 /* freeze / frozenThreads / injectSyscall / injectionThreadRsp / thaw: the
  * tracer (tracer.h) runs in wpsnap-tracer, a helper process started by
- * freeze() and ended by thaw(); these functions send it requests
- * (tracer_protocol.h) and wait for its replies. If wpsnap dies, the helper
- * sees the socket close and puts the target back as it was. prepareFreeze()
- * starts the helper ahead of time. */
+ * prepareFreeze() (or by freeze() itself) and ended by thaw(); these
+ * functions send it requests (tracer_protocol.h) and wait for its replies.
+ * If wpsnap dies, the helper sees the socket close and puts the target back
+ * as it was. */
 #include "addon.h"
 #include "napi_util.h"
 #include "tracer.h"
