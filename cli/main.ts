@@ -9,6 +9,7 @@ import { checkCommand } from './commands/check.js';
 import { demoCommand } from './commands/demo.js';
 import { exportCommand } from './commands/export.js';
 import { lsCommand } from './commands/ls.js';
+import { rmCommand } from './commands/rm.js';
 import { showCommand } from './commands/show.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { verifyCommand } from './commands/verify.js';
@@ -21,6 +22,7 @@ const COMMANDS: Array<CommandSpec<never>> = [
   showCommand,
   verifyCommand,
   exportCommand,
+  rmCommand,
   checkCommand,
   demoCommand,
 ] as Array<CommandSpec<never>>;

@@ -130,6 +130,34 @@ describe('wpsnap snapshot / ls / show / verify / export', () => {
     expect(readPage(BigInt(text.start)).subarray(0, 4)).toEqual(Buffer.from([0x7f, 0x45, 0x4c, 0x46]));
   });
 
+  it('rm deletes a snapshot and the pages only it holds; the other snapshots stay whole', async () => {
+    const store = join(dir, 'rm.db');
+    const older = await runCli(['snapshot', String(fixture.pid), '--json', '--store', store, '--name', 'older']);
+    const newer = await runCli(['snapshot', String(fixture.pid), '--json', '--store', store, '--name', 'newer']);
+    expect([older.code, newer.code]).toEqual([0, 0]);
+    const newerId = (JSON.parse(newer.stdout) as { id: number }).id;
+    const olderId = (JSON.parse(older.stdout) as { id: number }).id;
+
+    const rm = await runCli(['rm', 'older', '--json', '--store', store]);
+    expect(rm.code).toBe(0);
+    const removed = JSON.parse(rm.stdout) as { snapshot: number; name: string; state: string; blobsDeleted: number };
+    // The writers rewrote their pages between the two: the older snapshot had pages of its own.
+    expect(removed).toMatchObject({ snapshot: olderId, name: 'older', state: 'complete' });
+    expect(removed.blobsDeleted).toBeGreaterThan(0);
+    const ls = JSON.parse((await runCli(['ls', '--json', '--store', store])).stdout) as { snapshots: Array<{ id: number }> };
+    expect(ls.snapshots.map((s) => s.id)).toEqual([newerId]);
+    const verify = await runCli(['verify', 'newer', '--json', '--store', store]);
+    expect(verify.code).toBe(0);
+    expect(JSON.parse(verify.stdout)).toMatchObject({ snapshot: newerId, ok: true, problems: [] });
+
+    const plain = await runCli(['rm', String(newerId), '--store', store]);
+    expect(plain.code).toBe(0);
+    expect(oneLine(plain.stdout)).toMatch(new RegExp(`^deleted snapshot ${newerId} \\(newer\\), complete; \\d+ blob\\(s\\) of pages no other snapshot uses dropped$`));
+    const again = await runCli(['rm', 'newer', '--store', store]);
+    expect(again.code).not.toBe(0);
+    expect(oneLine(again.stderr)).toMatch(/newer/);
+  });
+
   it('prints human-readable output without --json', async () => {
     const store = join(dir, 'human.db');
     const run = await runCli(['snapshot', String(fixture.pid), '--store', store]);
