@@ -292,39 +292,56 @@ describe('killing wpsnap at any point', () => {
 
   it('SIGINT stops a snapshot: exit 130, recorded incomplete, target released; a second snapshot meanwhile is refused', async () => {
     const store = join(dir, 'sigint.db');
-    // --rate 1 (MB/s) keeps the sweep busy for minutes: the interrupt lands mid-sweep.
-    const child = spawn(process.execPath, [CLI_JS, 'snapshot', String(fixture.pid), '--store', store, '--rate', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    const sweeping = new Promise<void>((resolve) =>
-      child.stderr.on('data', (d: Buffer) => {
-        stderr += d.toString();
-        // The plain progress line (stderr is not a TTY): the sweep is under way.
-        if (/pages, \d+ MB\/s/.test(stderr)) resolve();
-      }),
-    );
-    await sweeping;
-    // A second snapshot of the same process meanwhile is refused in one line:
-    // its memory belongs to the first one's userfaultfd until that one ends.
-    const second = await runCliProcess(['snapshot', String(fixture.pid), '--store', join(dir, 'second.db')]);
-    expect(second.code).not.toBe(0);
-    expect(second.stdout).toBe('');
-    expect(second.stderr.trim().split('\n')).toHaveLength(1);
-    expect(second.stderr).toMatch(/already registered with another userfaultfd: another snapshot of this process is still running/);
-    child.kill('SIGINT');
-    const [code] = (await once(child, 'close')) as [number | null];
-    expect(code).toBe(130);
-    expect(stderr.trimEnd().split('\n').at(-1)).toMatch(/^wpsnap: snapshot of pid \d+ interrupted; recorded as incomplete$/);
-    await expectWriting(fixture.pid);
-    expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
-    const s = Store.open(store, { readonly: true });
+    // Its own target: 64 MiB written slowly (1000 pages/s per thread), so that
+    // the sweep at --rate 1 (MB/s) has minutes of work and faults save little
+    // of it: the interrupt lands mid-sweep.
+    const slow = await launchFixture('pagewriter', ['--threads', '2', '--pages', '8192', '--memfd-pages', '0', '--kernel-pages', '0', '--rate', '1000']);
     try {
-      const [snap] = s.list();
-      expect(snap!.state).toBe('incomplete');
-      const lost = s.lost(s.processes(snap!.id)[0]!.processId);
-      expect(lost.length).toBeGreaterThan(0);
-      expect(new Set(lost.map((l) => l.reason))).toEqual(new Set(['interrupted']));
+      const slowLayout = parseLayout(slow.readyLine);
+      const slowCounters = (): bigint[] => slowLayout.writers.map((w) => binding.processVmRead(slow.pid, w.counter, 8).readBigUInt64LE(0));
+      const child = spawn(process.execPath, [CLI_JS, 'snapshot', String(slow.pid), '--store', store, '--rate', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const closed = once(child, 'close');
+      let stderr = '';
+      const sweeping = new Promise<void>((resolve) =>
+        child.stderr.on('data', (d: Buffer) => {
+          stderr += d.toString();
+          // The plain progress line (stderr is not a TTY): the sweep is under way.
+          if (/pages, \d+ MB\/s/.test(stderr)) resolve();
+        }),
+      );
+      await Promise.race([sweeping, closed]);
+      expect(child.exitCode, `the snapshot ended before the interrupt: ${stderr}`).toBeNull();
+      // A second snapshot of the same process meanwhile is refused in one line:
+      // its memory belongs to the first one's userfaultfd until that one ends.
+      const second = await runCliProcess(['snapshot', String(slow.pid), '--store', join(dir, 'second.db')]);
+      expect(second.code).not.toBe(0);
+      expect(second.stdout).toBe('');
+      expect(second.stderr.trim().split('\n')).toHaveLength(1);
+      expect(second.stderr).toMatch(/already registered with another userfaultfd: another snapshot of this process is still running/);
+      child.kill('SIGINT');
+      const [code] = (await closed) as [number | null];
+      expect(code).toBe(130);
+      expect(stderr.trimEnd().split('\n').at(-1)).toMatch(/^wpsnap: snapshot of pid \d+ interrupted; recorded as incomplete$/);
+      const before = slowCounters();
+      await sleep(200);
+      expect(slowCounters().every((c, i) => c > before[i]!), 'both writers advance after the interrupt').toBe(true);
+      expect(procStatus(slow.pid)['TracerPid']).toBe('0');
+      for (const w of slowLayout.writers) {
+        const entries = binding.readPagemap(slow.pid, w.start, w.pages);
+        expect(entries.filter((e) => (e >> 57n) & 1n).length, `no uffd-wp bit left in writer ${w.index}`).toBe(0);
+      }
+      const s = Store.open(store, { readonly: true });
+      try {
+        const [snap] = s.list();
+        expect(snap!.state).toBe('incomplete');
+        const lost = s.lost(s.processes(snap!.id)[0]!.processId);
+        expect(lost.length).toBeGreaterThan(0);
+        expect(new Set(lost.map((l) => l.reason))).toEqual(new Set(['interrupted']));
+      } finally {
+        await s.close();
+      }
     } finally {
-      await s.close();
+      slow.kill();
     }
   });
 
