@@ -1,9 +1,7 @@
 // End to end against the real kernel: snapshots of fixtures that write at full
 // speed while being snapshotted, checked page by page against their oracle.
-import { spawn, spawnSync } from 'node:child_process';
-import { once } from 'node:events';
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createInterface } from 'node:readline';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -15,6 +13,7 @@ import { exportRaw } from '../snapshot-format/export-raw.js';
 import { Store } from '../store/store.js';
 import { CLI_JS } from './support/cli.js';
 import { isAlive, procStatus, rssKiB, sleep } from './support/proc.js';
+import { killPrograms, startProgram } from './support/realprog/program.js';
 
 const binding = loadBinding();
 let dir: string;
@@ -110,34 +109,33 @@ describe('snapshot of a process writing at full speed', () => {
   it('builds no page tables for the untouched part of thread stacks (64 threads, 8 MiB stacks)', async () => {
     const store = Store.open(join(dir, 'stacks.db'));
     const script = [
-      'import sys, threading, time',
+      'import json, os, signal, threading',
       'threading.stack_size(8 << 20)',
       'stop = threading.Event()',
       'threads = [threading.Thread(target=stop.wait) for _ in range(64)]',
       'for t in threads: t.start()',
-      'print("ready", flush=True)',
-      'sys.stdin.readline()',
-      'stop.set()',
+      'signal.signal(signal.SIGTERM, lambda *_: stop.set())',
+      'print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)',
+      'stop.wait()',
+      'for t in threads: t.join()',
+      'print(json.dumps({"done": True}), flush=True)',
     ].join('\n');
-    const target = spawn('python3', ['-c', script], { stdio: ['pipe', 'pipe', 'inherit'] });
-    const lines = createInterface({ input: target.stdout })[Symbol.asyncIterator]();
+    const prog = await startProgram(['python3', '-c', script]);
     try {
-      expect((await lines.next()).value).toBe('ready');
-      const pid = target.pid!;
-      const pteBefore = Number.parseInt(procStatus(pid)['VmPTE'] ?? '', 10);
-      const result = await snapshotProcess(binding, store, pid);
+      const pteBefore = Number.parseInt(procStatus(prog.pid)['VmPTE'] ?? '', 10);
+      const result = await snapshotProcess(binding, store, prog.pid);
       expect(result.lostPages).toEqual([]);
       expect(result.threads).toBe(65);
       // Markers on the stacks' never-touched pages would take 64 × 8 MiB / 2 MiB
       // page-table pages of 4 KiB: 1 MiB, left in the target after the snapshot.
       expect(result.regions.sparse).toBeGreaterThanOrEqual(64);
-      const pteAfter = Number.parseInt(procStatus(pid)['VmPTE'] ?? '', 10);
+      const pteAfter = Number.parseInt(procStatus(prog.pid)['VmPTE'] ?? '', 10);
       expect(pteAfter - pteBefore).toBeLessThan(128);
-      target.stdin.write('\n');
-      const [code] = (await once(target, 'close')) as [number | null];
-      expect(code).toBe(0);
+      const exit = await prog.stop();
+      expect(exit.code).toBe(0);
+      expect(exit.lines).toEqual([{ done: true }]);
     } finally {
-      target.kill('SIGKILL');
+      killPrograms();
       await store.close();
     }
   });
@@ -191,18 +189,20 @@ describe('snapshot of a process writing at full speed', () => {
 // before T are copy-on-write copies, copied while the target is stopped;
 // the others are the file's and recorded as a reference to it.
 const PRIVATE_FILE_TARGET = `
-import ctypes, mmap, sys
+import ctypes, json, mmap, os, signal, sys
 path, pages, written = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 f = open(path, 'r+b')
 m = mmap.mmap(f.fileno(), pages * 4096, access=mmap.ACCESS_COPY)
 def fill(i, tag):
     m[i * 4096:(i + 1) * 4096] = (f'{tag} {i}|'.encode() * 4096)[:4096]
 for i in range(written): fill(i, 'before')
-print(hex(ctypes.addressof(ctypes.c_char.from_buffer(m))), flush=True)
-sys.stdin.readline()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+start = ctypes.addressof(ctypes.c_char.from_buffer(m))
+print(json.dumps({'ready': True, 'pid': os.getpid(), 'start': hex(start)}), flush=True)
+signal.sigwait({signal.SIGUSR1})
 for i in range(pages): fill(i, 'after')
-print('written', flush=True)
-sys.stdin.readline()
+print(json.dumps({'written': True}), flush=True)
+signal.sigwait({signal.SIGUSR1})
 `;
 
 function textPage(tag: string, i: number): Buffer {
@@ -215,16 +215,12 @@ describe('private file mappings (uffd-wp cannot protect them)', () => {
     const WRITTEN = 24;
     const file = join(dir, 'private.dat');
     writeFileSync(file, Buffer.concat(Array.from({ length: PAGES }, (_, i) => textPage('file', i))));
-    const target = spawn('python3', ['-u', '-c', PRIVATE_FILE_TARGET, file, String(PAGES), String(WRITTEN)], {
-      stdio: ['pipe', 'pipe', 'inherit'],
-    });
-    const lines = createInterface({ input: target.stdout })[Symbol.asyncIterator]();
-    const nextLine = async (): Promise<string> => ((await lines.next()).value as string | undefined) ?? '';
+    const prog = await startProgram(['python3', '-c', PRIVATE_FILE_TARGET, file, String(PAGES), String(WRITTEN)]);
     const store = Store.open(join(dir, 'private-file.db'));
     try {
-      const start = BigInt(await nextLine());
+      const start = BigInt(prog.ready['start'] as string);
       const end = start + BigInt(PAGES * 4096);
-      const pid = target.pid!;
+      const pid = prog.pid;
 
       // The copy goes into memory touched before the pause when the pages fit,
       // and into a buffer of its own when more were copied on write than counted.
@@ -244,8 +240,8 @@ describe('private file mappings (uffd-wp cannot protect them)', () => {
 
       const result = await snapshotProcess(binding, store, pid);
       expect(result.lostPages).toEqual([]);
-      target.stdin.write('go\n');
-      expect(await nextLine()).toBe('written');
+      prog.signal('SIGUSR1');
+      await prog.waitFor((l) => l['written'] === true);
 
       const out = join(dir, 'private-file-export');
       const exported = await exportRaw(store, String(result.id), out);
@@ -258,7 +254,7 @@ describe('private file mappings (uffd-wp cannot protect them)', () => {
         expect(image.subarray(i * 4096, (i + 1) * 4096).equals(expected), `page ${i}`).toBe(true);
       }
     } finally {
-      target.kill('SIGKILL');
+      killPrograms();
       await store.close();
     }
   });
