@@ -34,6 +34,7 @@ typedef struct {
   bool thawed;
   size_t count;
   client_thread_t *threads;
+  uint32_t injection_thread; /* index in threads, chosen by the tracer */
 } client_t;
 
 /* wpsnap_tracer, next to this addon. */
@@ -170,8 +171,11 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
     client_free(c);
     return err != 0 ? throw_lost(env, err) : throw_reply(env, &r);
   }
-  uint32_t count = 0;
-  err = read_all(c->sock, &count, sizeof count);
+  uint32_t head[2] = {0, 0}; /* count, injection thread */
+  err = read_all(c->sock, head, sizeof head);
+  uint32_t count = head[0];
+  c->injection_thread = head[1];
+  if (err == 0 && count > 0 && head[1] >= count) err = EPROTO;
   c->threads = calloc(count ? count : 1, sizeof *c->threads);
   for (uint32_t i = 0; err == 0 && i < count; i++) {
     client_thread_t *t = &c->threads[i];
@@ -248,13 +252,8 @@ static napi_value js_injection_rsp(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   client_t *c = argc ? get_client(env, argv[0]) : NULL;
-  if (c == NULL || c->thawed) return throw_type(env, "injectionThreadRsp(handle)");
-  reply_t r;
-  uint64_t rsp = 0;
-  int err = request(c, OP_INJECTION_RSP, NULL, 0, &r);
-  if (err == 0) err = read_all(c->sock, &rsp, sizeof rsp);
-  if (err != 0) return throw_lost(env, err);
-  return make_bigint(env, rsp);
+  if (c == NULL || c->thawed || c->count == 0) return throw_type(env, "injectionThreadRsp(handle)");
+  return make_bigint(env, c->threads[c->injection_thread].rec.regs.rsp);
 }
 
 /* thaw(h): detach every thread. Idempotent. */

@@ -278,18 +278,14 @@ int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error) {
 /* The thread injections run in: one in an interrupt stop that is not the
  * leader, by preference (the leader's tid is the process id, which a
  * parent's waitpid(pid) could also collect). */
-static thread_t *injection_thread(const freeze_t *f) {
-  thread_t *t = NULL;
+size_t tracer_injection_thread(const freeze_t *f) {
+  size_t chosen = f->count;
   for (size_t i = 0; i < f->count; i++) {
-    thread_t *c = &f->threads[i];
+    const thread_t *c = &f->threads[i];
     if (c->stop == STOP_SIGNAL) continue;
-    if (t == NULL || (t->tid == f->pid && c->tid != f->pid)) t = c;
+    if (chosen == f->count || (f->threads[chosen].tid == f->pid && c->tid != f->pid)) chosen = i;
   }
-  return t != NULL ? t : &f->threads[0];
-}
-
-uint64_t tracer_injection_rsp(const freeze_t *f) {
-  return f->count > 0 ? injection_thread(f)->regs.rsp : 0;
+  return chosen != f->count ? chosen : 0;
 }
 
 void tracer_thaw(freeze_t *f) {
@@ -331,7 +327,7 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
     set_error(error, "ptrace", "inject a syscall after thaw");
     return EINVAL;
   }
-  thread_t *t = injection_thread(f);
+  thread_t *t = &f->threads[tracer_injection_thread(f)];
   /* Resume with the registers exactly as captured, orig_rax and a restart code
    * in rax included: PTRACE_DETACH (or the tracer's death) sets TIF_SIGPENDING
    * (__ptrace_unlink -> ptrace_signal_wake_up), so on its way out the kernel

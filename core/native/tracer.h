@@ -58,8 +58,8 @@ int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error);
 /* Run one syscall in a stopped thread, then put every register back as
  * captured. Returns 0 and the raw rax, or an errno. */
 int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6], uint64_t *rax, tracer_error_t *error);
-/* Stack pointer of the thread injections run in. */
-uint64_t tracer_injection_rsp(const freeze_t *f);
+/* Index in f->threads of the thread injections run in (the same one every time). */
+size_t tracer_injection_thread(const freeze_t *f);
 /* PTRACE_DETACH every thread, re-delivering signals that arrived while they were stopped. Idempotent. */
 void tracer_thaw(freeze_t *f);
 void tracer_free(freeze_t *f);

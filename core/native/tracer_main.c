@@ -60,13 +60,13 @@ static int serve_freeze(const freeze_request_t *q) {
   }
   int err = tracer_freeze(q->pid, &frozen, &error);
   if (err != 0) return reply(err, &error, NULL, 0);
-  size_t len = sizeof(uint32_t);
+  size_t len = 2 * sizeof(uint32_t);
   for (size_t i = 0; i < frozen->count; i++) len += sizeof(thread_record_t) + frozen->threads[i].xstate_len;
   char *body = malloc(len), *p = body;
   if (body == NULL) return reply(ENOMEM, &error, NULL, 0);
-  uint32_t count = (uint32_t)frozen->count;
-  memcpy(p, &count, sizeof count);
-  p += sizeof count;
+  uint32_t head[2] = {(uint32_t)frozen->count, (uint32_t)tracer_injection_thread(frozen)};
+  memcpy(p, head, sizeof head);
+  p += sizeof head;
   for (size_t i = 0; i < frozen->count; i++) {
     const thread_t *t = &frozen->threads[i];
     thread_record_t rec = {.tid = t->tid, .stop = (int32_t)t->stop, .regs = t->regs, .fpregs = t->fpregs, .xstate_len = (uint32_t)t->xstate_len};
@@ -130,9 +130,6 @@ int main(void) {
       e = serve_freeze(&payload.freeze);
     } else if (q.op == OP_INJECT && q.len == sizeof payload.inject) {
       e = serve_inject(&payload.inject);
-    } else if (q.op == OP_INJECTION_RSP) {
-      uint64_t rsp = frozen != NULL ? tracer_injection_rsp(frozen) : 0;
-      e = reply(0, NULL, &rsp, sizeof rsp);
     } else if (q.op == OP_THAW) {
       if (frozen != NULL) tracer_thaw(frozen);
       reply(0, NULL, NULL, 0);

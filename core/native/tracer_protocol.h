@@ -11,7 +11,7 @@
 
 #define TRACER_FD 3
 
-enum { OP_FREEZE = 1, OP_INJECT = 2, OP_INJECTION_RSP = 3, OP_THAW = 4 };
+enum { OP_FREEZE = 1, OP_INJECT = 2, OP_THAW = 3 };
 
 typedef struct {
   uint32_t op;
@@ -33,8 +33,9 @@ typedef struct {
   uint32_t len; /* body bytes that follow */
 } reply_t;
 
-/* FREEZE's body: uint32_t count, then count thread records, each a
- * thread_record_t followed by xstate_len bytes of XSAVE area. */
+/* FREEZE's body: uint32_t count, uint32_t index of the thread injections
+ * run in, then count thread records, each a thread_record_t followed by
+ * xstate_len bytes of XSAVE area. */
 typedef struct {
   int32_t tid;
   int32_t stop; /* stop_kind_t */
@@ -43,7 +44,7 @@ typedef struct {
   uint32_t xstate_len;
 } thread_record_t;
 
-/* INJECT's body: uint64_t rax. INJECTION_RSP's: uint64_t rsp. */
+/* INJECT's body: uint64_t rax. */
 
 static inline int write_all(int fd, const void *data, size_t len) {
   const char *p = data;
