@@ -356,7 +356,7 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
   /* SAFETY: the thread is in a ptrace stop; SETREGS only changes what it
    * resumes with. t->injected makes detach_all restore resume_regs. */
   if (ptrace(PTRACE_SETREGS, t->tid, NULL, &inj) != 0) {
-    int err = errno;
+    err = errno;
     set_error(error, "ptrace", "ptrace(PTRACE_SETREGS) on tid %d", t->tid);
     return err;
   }
