@@ -20,6 +20,7 @@ import { loadBinding, type NativeBinding } from '../core/binding.js';
 import { WpsnapError } from '../core/errors.js';
 import type { FrozenThread } from '../core/native/binding.js';
 import { readMaps } from '../core/procfs.js';
+import { sleep, taskTids, tracerPids, untraced } from './support/proc.js';
 import { buildFixtures, FIXTURES_BUILD_DIR, killDetached, startDetached, type DetachedFixture } from './support/spawn.js';
 
 const ROOT = fileURLToPath(new URL('../', import.meta.url));
@@ -43,17 +44,11 @@ afterEach(() => {
 
 // ------------------------------------------------------------------ helpers
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
 /** fd number -> link target, as /proc/PID/fd lists them. */
 function fdListing(pid: number): Record<string, string> {
   const out: Record<string, string> = {};
   for (const fd of readdirSync(`/proc/${pid}/fd`)) out[fd] = readlinkSync(`/proc/${pid}/fd/${fd}`);
   return out;
-}
-
-function taskTids(pid: number): number[] {
-  return readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => a - b);
 }
 
 /** One-letter state of each thread (R, S, t for a ptrace stop, ...). */
@@ -62,15 +57,6 @@ function threadStates(pid: number): Record<number, string> {
   for (const tid of taskTids(pid)) {
     const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
     out[tid] = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-  }
-  return out;
-}
-
-function tracerPids(pid: number): Record<number, number> {
-  const out: Record<number, number> = {};
-  for (const tid of taskTids(pid)) {
-    const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
-    out[tid] = Number(/^TracerPid:\s+(\d+)/m.exec(status)![1]);
   }
   return out;
 }
@@ -92,11 +78,6 @@ function expectUntouched(pid: number): void {
   expect(Object.values(states).filter((s) => s === 't' || s === 'T'), `thread states ${JSON.stringify(states)}`).toEqual([]);
   const tracers = tracerPids(pid);
   expect(Object.values(tracers).filter(ourTracer), `TracerPid per thread ${JSON.stringify(tracers)}`).toEqual([]);
-}
-
-/** A dead controller's tracer helper lets the target go on its own: wait until no thread is traced (at most 5 s). */
-async function untraced(pid: number): Promise<void> {
-  for (let waited = 0; waited < 5000 && Object.values(tracerPids(pid)).some((t) => t !== 0); waited += 10) await sleep(10);
 }
 
 const USER_REGS = ['r15', 'r14', 'r13', 'r12', 'rbp', 'rbx', 'r11', 'r10', 'r9', 'r8', 'rax', 'rcx', 'rdx', 'rsi', 'rdi', 'orig_rax',

@@ -13,7 +13,7 @@ import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { checkSnapshot, parseLayout, type PagewriterLayout } from '../fixtures/oracle.js';
 import { Store } from '../store/store.js';
 import { bindingWithFeatures, CLI_JS, ROOT, runCli, runCliProcess } from './support/cli.js';
-import { isAlive, procStatus, sleep } from './support/proc.js';
+import { isAlive, procStatus, sleep, untraced } from './support/proc.js';
 
 const binding = loadBinding();
 let dir: string;
@@ -271,7 +271,7 @@ describe('killing wpsnap at any point', () => {
     expect(killed.signal).toBe('SIGKILL');
     // The kernel released the userfaultfd with the process; the tracer helper
     // (wpsnap-tracer) saw it die, finished what it was doing and let the target go.
-    for (let waited = 0; waited < 5000 && procStatus(fixture.pid)['TracerPid'] !== '0'; waited += 10) await sleep(10);
+    await untraced(fixture.pid);
     expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
     await expectWriting(fixture.pid);
     for (const w of layout.writers) {

@@ -1,5 +1,5 @@
 // Observing a target from the outside.
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 
 export function procStatus(pid: number): Record<string, string> {
   const out: Record<string, string> = {};
@@ -25,4 +25,26 @@ export function isAlive(pid: number): boolean {
 
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+export function taskTids(pid: number): number[] {
+  return readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => a - b);
+}
+
+/** TracerPid of each thread (0: not traced). */
+export function tracerPids(pid: number): Record<number, number> {
+  const out: Record<number, number> = {};
+  for (const tid of taskTids(pid)) {
+    const status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+    out[tid] = Number(/^TracerPid:\s+(\d+)/m.exec(status)![1]);
+  }
+  return out;
+}
+
+/**
+ * A killed controller's tracer helper (wpsnap-tracer) lets the target go on
+ * its own, moments later: wait until no thread is traced (at most 5 s).
+ */
+export async function untraced(pid: number): Promise<void> {
+  for (let waited = 0; waited < 5000 && Object.values(tracerPids(pid)).some((t) => t !== 0); waited += 10) await sleep(10);
 }
