@@ -7,12 +7,17 @@
         "core/native/napi_util.c",
         "core/native/uffd.c",
         "core/native/ptrace_client.c",
-        "core/native/engine.c",
-        "core/native/pagehash.c"
+        "core/native/engine.c"
       ],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"],
       "defines": ["NAPI_VERSION=8"],
       "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "wpsnap_pagehash",
+      "sources": ["store/native/pagehash.c"],
+      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"],
+      "defines": ["NAPI_VERSION=8"]
     },
     {
       "target_name": "wpsnap_tracer",

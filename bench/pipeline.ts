@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type * as ZstdBinding from 'zstd-napi/binding.js';
 import type BetterSqlite3 from 'better-sqlite3';
-import { loadBinding } from '../core/binding.js';
+import { pagehashAddonPath, type PagehashAddon } from '../store/pagehash.js';
 import { repoRoot, round, runCommand } from './lib.js';
 
 const require = createRequire(import.meta.url);
@@ -91,7 +91,7 @@ export async function runPipeline(mib = 256): Promise<PipelineResult> {
     );
 
     // What the store's workers run: one addon call per 2 MiB batch.
-    const binding = loadBinding();
+    const binding = require(pagehashAddonPath()) as PagehashAddon;
     const zeroFlags = new Uint8Array(BATCH_PAGES);
     const batchHashes = new Uint8Array(BATCH_PAGES * 16);
     stages.push(

@@ -1,134 +1,28 @@
-// Hashing, zero-page detection and zstd run here, in worker threads, never on
-// the thread that calls the store. The hashing is the addon's scanPages (SHA-256
-// from the OpenSSL inside node, one call per batch). The worker is plain JavaScript evaluated from
-// a string so that it runs the same under tsc output (dist/) and under vitest.
+// Hashing, zero-page detection and zstd run in worker threads (store/page-worker.ts),
+// never on the thread that calls the store. The hashing is the store addon's
+// scanPages (SHA-256 from the OpenSSL inside node, one call per batch).
 import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
-import { nativeAddonPath } from '../core/binding.js';
 import { WpsnapError } from '../core/errors.js';
 import { PAGE_SIZE } from '../snapshot-format/model.js';
+import {
+  BLOB_PAGES,
+  CODEC_RAW,
+  CODEC_ZSTD,
+  HASH_BYTES,
+  ZSTD_LEVEL,
+  pageWorkerSource,
+  type BlobToCheck,
+  type CheckResult,
+  type PageWorkerData,
+  type PageWorkerReply,
+  type PageWorkerRequest,
+} from './page-worker.js';
+import { pagehashAddonPath } from './pagehash.js';
 
-/** Bytes of the SHA-256 digest kept as the content hash. */
-export const HASH_BYTES = 16;
-/** Pages per compressed blob, at most. */
-export const BLOB_PAGES = 64;
-/** zstd level for new blobs. */
-export const ZSTD_LEVEL = 1;
-export const CODEC_RAW = 0;
-export const CODEC_ZSTD = 1;
+export { BLOB_PAGES, CODEC_RAW, CODEC_ZSTD, HASH_BYTES, ZSTD_LEVEL, type BlobToCheck, type CheckResult };
 /** Recycled batch buffers kept at most. */
 const MAX_SPARE = 16;
-
-const WORKER_SOURCE = String.raw`
-'use strict';
-const { parentPort, workerData } = require('node:worker_threads');
-const zstd = require(workerData.zstdPath);
-const { scanPages } = require(workerData.addonPath);
-const PAGE = 4096, HASH_BYTES = ${HASH_BYTES}, BLOB_PAGES = ${BLOB_PAGES};
-const cctx = new zstd.CCtx();
-const dctx = new zstd.DCtx();
-const bound = zstd.compressBound(BLOB_PAGES * PAGE);
-const scratch = Buffer.allocUnsafeSlow(bound);
-const held = new Map();
-
-function scan(m) {
-  const data = Buffer.from(m.buffer);
-  const n = data.length / PAGE;
-  const zero = new Uint8Array(n);
-  const hashes = new Uint8Array(n * HASH_BYTES);
-  scanPages(data, zero, hashes);
-  held.set(m.job, data);
-  parentPort.postMessage({ job: m.job, zero, hashes }, [zero.buffer, hashes.buffer]);
-}
-
-const gather = Buffer.allocUnsafeSlow(BLOB_PAGES * PAGE);
-
-function pack(m) {
-  const data = held.get(m.job);
-  held.delete(m.job);
-  if (data === undefined) throw new Error('pack: batch ' + m.job + ' is not held by this worker');
-  const pages = m.pages;
-  // Every blob goes into one output buffer (recycled by the caller), at most the raw size.
-  const need = pages.length * PAGE;
-  const out = m.out !== undefined && m.out.byteLength >= need ? new Uint8Array(m.out) : new Uint8Array(need);
-  const blobs = [];
-  let at = 0;
-  for (let first = 0; first < pages.length; first += BLOB_PAGES) {
-    const count = Math.min(BLOB_PAGES, pages.length - first);
-    let raw;
-    if (pages[first + count - 1] - pages[first] === count - 1) {
-      raw = data.subarray(pages[first] * PAGE, (pages[first] + count) * PAGE); // a run: no gathering
-    } else {
-      raw = gather.subarray(0, count * PAGE);
-      for (let k = 0; k < count; k++) {
-        const i = pages[first + k];
-        data.copy(raw, k * PAGE, i * PAGE, (i + 1) * PAGE);
-      }
-    }
-    const size = cctx.compress(scratch, raw, m.level);
-    if (size < raw.length) {
-      out.set(scratch.subarray(0, size), at);
-      blobs.push({ codec: ${CODEC_ZSTD}, offset: at, length: size });
-      at += size;
-    } else {
-      out.set(raw, at);
-      blobs.push({ codec: ${CODEC_RAW}, offset: at, length: raw.length });
-      at += raw.length;
-    }
-  }
-  // The batch's buffer goes back to the pool for the next batch (fresh memory is slow to touch here).
-  parentPort.postMessage({ job: m.job, blobs, out: out.buffer, spare: data.buffer }, [out.buffer, data.buffer]);
-}
-
-function release(m) {
-  const data = held.get(m.job);
-  held.delete(m.job);
-  if (data !== undefined) parentPort.postMessage({ job: m.job, spare: data.buffer }, [data.buffer]);
-}
-
-function check(m) {
-  const results = [];
-  for (const blob of m.blobs) {
-    try {
-      const size = blob.pages * PAGE;
-      let raw;
-      if (blob.codec === ${CODEC_RAW}) {
-        if (blob.data.length !== size) throw new Error('raw blob holds ' + blob.data.length + ' bytes, expected ' + size);
-        raw = Buffer.from(blob.data.buffer, blob.data.byteOffset, blob.data.length);
-      } else if (blob.codec === ${CODEC_ZSTD}) {
-        const declared = zstd.getFrameContentSize(blob.data);
-        if (declared !== size) throw new Error('zstd frame declares ' + declared + ' bytes, expected ' + size);
-        raw = Buffer.allocUnsafe(size);
-        const got = dctx.decompress(raw, blob.data);
-        if (got !== size) throw new Error('zstd frame decompressed to ' + got + ' bytes, expected ' + size);
-      } else {
-        throw new Error('unknown codec ' + blob.codec);
-      }
-      const hashes = new Uint8Array(blob.pages * HASH_BYTES);
-      scanPages(raw, null, hashes);
-      results.push({ hashes });
-    } catch (error) {
-      results.push({ error: error instanceof Error ? error.message : String(error) });
-    }
-  }
-  parentPort.postMessage({ job: m.job, results });
-}
-
-parentPort.on('message', (m) => {
-  try {
-    if (m.op === 'scan') scan(m);
-    else if (m.op === 'pack') pack(m);
-    else if (m.op === 'release') release(m);
-    else if (m.op === 'check') check(m);
-    else throw new Error('unknown op ' + m.op);
-  } catch (error) {
-    held.delete(m.job);
-    if (m.op !== 'release') {
-      parentPort.postMessage({ job: m.job, error: error instanceof Error ? error.message : String(error) });
-    }
-  }
-});
-`;
 
 export interface ScanResult {
   /** Worker that holds the batch until pack() or release(). */
@@ -151,14 +45,6 @@ export interface Packed {
   /** Hand back with recycleOutput() once the blobs are written. */
   output: ArrayBuffer;
 }
-
-export interface BlobToCheck {
-  pages: number;
-  codec: number;
-  data: Uint8Array;
-}
-
-export type CheckResult = { hashes: Uint8Array; error?: undefined } | { hashes?: undefined; error: string };
 
 interface Pending {
   resolve: (value: unknown) => void;
@@ -272,7 +158,7 @@ export class WorkerPool {
     await Promise.all(running.map((slot) => slot.worker.terminate()));
   }
 
-  private request(index: number, job: number, message: unknown, transfer: ArrayBuffer[]): Promise<unknown> {
+  private request(index: number, job: number, message: PageWorkerRequest, transfer: ArrayBuffer[]): Promise<unknown> {
     const slot = this.slot(index);
     return new Promise((resolve, reject) => {
       slot.pending.set(job, { resolve, reject });
@@ -285,10 +171,15 @@ export class WorkerPool {
     if (this.closed) throw new WpsnapError('STORE_CLOSED', 'the store is closed');
     const existing = this.slots[index];
     if (existing !== undefined) return existing;
-    const worker = new Worker(WORKER_SOURCE, {
-      eval: true,
-      workerData: { zstdPath: resolveZstdBinding(), addonPath: nativeAddonPath() },
-    });
+    const workerData: PageWorkerData = {
+      zstdPath: resolveZstdBinding(),
+      pagehashPath: pagehashAddonPath(),
+      hashBytes: HASH_BYTES,
+      blobPages: BLOB_PAGES,
+      codecRaw: CODEC_RAW,
+      codecZstd: CODEC_ZSTD,
+    };
+    const worker = new Worker(pageWorkerSource(), { eval: true, workerData });
     const slot: Slot = { worker, pending: new Map() };
     worker.unref();
     const fail = (error: Error): void => {
@@ -296,7 +187,7 @@ export class WorkerPool {
       for (const pending of slot.pending.values()) pending.reject(error);
       slot.pending.clear();
     };
-    worker.on('message', (reply: { job: number; error?: string; spare?: ArrayBuffer }) => {
+    worker.on('message', (reply: PageWorkerReply) => {
       if (reply.spare !== undefined && this.spare.length < MAX_SPARE) this.spare.push(reply.spare);
       const pending = slot.pending.get(reply.job);
       if (pending === undefined) return;

@@ -5,7 +5,6 @@ static napi_value init(napi_env env, napi_value exports) {
   register_uffd_exports(env, exports);
   register_ptrace_exports(env, exports);
   register_engine_exports(env, exports);
-  register_pagehash_exports(env, exports);
   return exports;
 }
 

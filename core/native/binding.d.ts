@@ -89,21 +89,15 @@ export interface NativeBinding {
   /** ioctl(UFFDIO_WRITEPROTECT) with mode WP (protect) or 0 (unprotect + wake). */
   uffdWriteProtect(fd: number, start: bigint, len: bigint, protect: boolean): void;
   /**
-   * UFFDIO_WRITEPROTECT over many ranges ([start, len, start, len, …]), split
-   * across one thread per online CPU when they add up to 64 MiB or more.
-   * Throws naming the first piece the kernel refused.
-   */
-  /**
-   * For each 4 KiB page of data: zero[i] = 1 if it is all zero bytes, else
-   * hashes[16 i ..] = the first 16 bytes of its SHA-256. With zero = null
-   * every page is hashed.
-   */
-  scanPages(data: Uint8Array, zero: Uint8Array | null, hashes: Uint8Array): void;
-  /**
    * PAGEMAP_SCAN over [start, end, …]: the runs of present or swapped pages of
    * each range (counts[i] runs for range i, in order, in `ranges`).
    */
   populatedRanges(pid: number, ranges: BigUint64Array): { counts: Uint32Array; ranges: BigUint64Array };
+  /**
+   * UFFDIO_WRITEPROTECT over many ranges ([start, len, start, len, …]), split
+   * across one thread per online CPU when they add up to 64 MiB or more.
+   * Throws naming the first piece the kernel refused.
+   */
   uffdWriteProtectRanges(fd: number, ranges: BigUint64Array, protect: boolean): void;
   /** userfaultfd() + UFFDIO_API(0) in this process: what the kernel offers. */
   probeUffd(): UffdApiResult;

@@ -1,10 +1,10 @@
-// Throughput of the page store's write path. Prints, does not assert: the
-// figure depends on the machine and on what else runs on it.
+// Throughput of the page store's write path, without a target or the engine:
+// `npm run bench:store` (node dist/bench/store-throughput.js). A benchmark,
+// not a test: the figure depends on the machine and on what else runs on it.
 //   WPSNAP_BENCH_MIB=256   volume per workload (default 64)
 //   WPSNAP_BENCH_BUSY=1    keep one core busy with a spinning process meanwhile
 // Two workloads: a synthetic heap mix, and the real memory (rw-p mappings) of
 // a node process that built a heap of objects, read through /proc/PID/mem.
-import { describe, it } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -120,19 +120,12 @@ async function measure(label: string, batches: PageBatch[]): Promise<void> {
   }
 }
 
-describe('store throughput', () => {
-  it(`synthetic heap mix, ${MIB} MiB`, { timeout: 600_000 }, async () => {
-    await measure('synthetic mix', syntheticBatches((MIB * 1024 * 1024) / PAGE_SIZE));
-  });
+async function main(): Promise<void> {
+  await measure(`synthetic heap mix, ${MIB} MiB`, syntheticBatches((MIB * 1024 * 1024) / PAGE_SIZE));
+  await measure(`a node process's real memory, up to ${MIB} MiB`, await processHeapBatches(MIB * 1024 * 1024));
+}
 
-  it(`a node process's real memory, up to ${MIB} MiB`, { timeout: 600_000 }, async () => {
-    let batches: PageBatch[];
-    try {
-      batches = await processHeapBatches(MIB * 1024 * 1024);
-    } catch (error) {
-      console.log(`process heap workload skipped: ${(error as Error).message}`);
-      return;
-    }
-    await measure('node process memory', batches);
-  });
+main().catch((error: unknown) => {
+  process.stderr.write(`bench failed: ${error instanceof Error ? (error.stack ?? error.message) : String(error)}\n`);
+  process.exit(1);
 });
