@@ -1,0 +1,105 @@
+// Everything that happens while the target is stopped: obtain its
+// userfaultfd, plan its mappings again, register and write-protect them, copy
+// what uffd-wp cannot protect, resume. T is this whole pause.
+import type { PageBatch, ThreadRecord } from '../snapshot-format/model.js';
+import type { UffdMethod } from './attach.js';
+import type { Attacher } from './attacher.js';
+import { fromNative } from './errors.js';
+import { faultPoint } from './fault.js';
+import { UFFD_FEATURES_FOR_SNAPSHOT } from './features.js';
+import type { NativeBinding } from './native/binding.js';
+import { copyInPause } from './paused-copy.js';
+import { threadName } from './procfs.js';
+import { registerRegions, writeProtectAll } from './protect.js';
+import type { RegionPlan, RegionPlanner } from './regions.js';
+import { protectionRanges, type SparseIntervals } from './sparse.js';
+
+/** Where the pause went, in microseconds. */
+export interface PauseBreakdown {
+  freeze: number;
+  inject: number;
+  plan: number;
+  protect: number;
+  copy: number;
+  thaw: number;
+}
+
+export interface PauseInputs {
+  pid: number;
+  attacher: Attacher;
+  planner: RegionPlanner;
+  /** Shared memory copied whole in the pause, at most this many bytes in all. */
+  maxSharedCopyBytes: number;
+  /** Mappings found sparse before the freeze (core/sparse.ts). */
+  sparse: SparseIntervals;
+  /** Memory touched before the freeze for the private pages copied in the pause. */
+  copyBuffer: Buffer | undefined;
+}
+
+export interface PauseOutcome {
+  breakdown: PauseBreakdown;
+  pauseMicros: number;
+  uffd: number;
+  method: UffdMethod;
+  plans: RegionPlan[];
+  threads: ThreadRecord[];
+  pausedPages: PageBatch[];
+  /** Regions protected only where populated. */
+  sparseRegions: number;
+}
+
+function closeQuietly(binding: NativeBinding, fd: number): void {
+  try {
+    binding.closeFd(fd);
+  } catch {
+    // already closed
+  }
+}
+
+export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome {
+  const { pid, attacher, planner } = inputs;
+  const started = process.hrtime.bigint();
+  let mark = started;
+  const lap = (): number => {
+    const now = process.hrtime.bigint();
+    const us = Number(now - mark) / 1000;
+    mark = now;
+    return us;
+  };
+  const stopped = attacher.stop();
+  const breakdown: PauseBreakdown = { freeze: lap(), inject: 0, plan: 0, protect: 0, copy: 0, thaw: 0 };
+  let uffd = -1;
+  try {
+    faultPoint('after-freeze');
+    const obtained = stopped.obtainUffd();
+    uffd = obtained.fd;
+    faultPoint('after-inject');
+    try {
+      binding.uffdApi(uffd, UFFD_FEATURES_FOR_SNAPSHOT);
+    } catch (error) {
+      throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
+    }
+    breakdown.inject = lap();
+    const plans = planner.plan(planner.readMaps());
+    breakdown.plan = lap();
+    const registered = registerRegions(binding, uffd, plans, inputs.maxSharedCopyBytes);
+    const protection = protectionRanges(binding, pid, registered, inputs.sparse);
+    writeProtectAll(binding, uffd, protection.ranges);
+    breakdown.protect = lap();
+    faultPoint('after-protect');
+    const pausedPages = copyInPause(binding, pid, plans, inputs.copyBuffer);
+    breakdown.copy = lap();
+    stopped.resume();
+    breakdown.thaw = lap();
+    const pauseMicros = Number(process.hrtime.bigint() - started) / 1000;
+    // Thread names are read after the resume: they are for recognising the
+    // snapshot, and reading /proc per thread would lengthen the pause.
+    const threads: ThreadRecord[] = stopped.threads.map((t) => ({ tid: t.tid, name: threadName(pid, t.tid), regs: t.regs, fpregs: t.fpregs, xstate: t.xstate }));
+    return { breakdown, pauseMicros, uffd, method: obtained.method, plans, threads, pausedPages, sparseRegions: protection.sparseRegions };
+  } catch (error) {
+    // Closing the only reference releases every registration and protection.
+    if (uffd >= 0) closeQuietly(binding, uffd);
+    stopped.resume();
+    throw error;
+  }
+}

@@ -1,0 +1,44 @@
+// The attach by ptrace injection: the tracer helper freezes every thread,
+// runs userfaultfd() inside the target from a `syscall` instruction of its
+// vDSO, and wpsnap takes the fd with pidfd_getfd (core/attach.ts).
+import {
+  findSyscallInstruction,
+  freeze,
+  injectUserfaultfd,
+  prepareDeviceNode,
+  targetMayCallUserfaultfd,
+  type DeviceNode,
+} from './attach.js';
+import type { Attacher, StoppedTarget } from './attacher.js';
+import { fromNative } from './errors.js';
+import type { NativeBinding } from './native/binding.js';
+
+export function ptraceAttacher(binding: NativeBinding, pid: number, pidfd: number): Attacher {
+  let insn: bigint | undefined;
+  let deviceNode: DeviceNode | null = null;
+  return {
+    prepare(): void {
+      insn = findSyscallInstruction(binding, pid);
+      deviceNode = targetMayCallUserfaultfd(pid) ? null : prepareDeviceNode(binding, pid);
+      try {
+        binding.prepareFreeze();
+      } catch (error) {
+        throw fromNative(error, 'start the tracer helper');
+      }
+    },
+    stop(): StoppedTarget {
+      if (insn === undefined) throw new Error('ptraceAttacher: stop() before prepare()');
+      const syscallInsn = insn;
+      const frozen = freeze(binding, pid);
+      return {
+        threads: frozen.threads.map((t) => ({ tid: t.tid, regs: t.regs, fpregs: t.fpregs, xstate: t.xstate })),
+        obtainUffd: () => injectUserfaultfd(binding, pid, frozen, syscallInsn, pidfd, deviceNode),
+        resume: () => binding.thaw(frozen.handle),
+      };
+    },
+    release(): void {
+      deviceNode?.remove();
+      deviceNode = null;
+    },
+  };
+}
