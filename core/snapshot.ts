@@ -33,6 +33,8 @@ export interface SnapshotOptions {
   /** Shared memory that uffd-wp cannot protect (SysV segments) is copied whole
    * during the pause, up to this many bytes in all; beyond that it is listed as lost. */
   maxSharedCopyBytes?: number;
+  /** How the target is stopped and its userfaultfd obtained; default: ptrace injection. */
+  attacher?: (binding: NativeBinding, pid: number, pidfd: number) => Attacher;
 }
 
 export const DEFAULT_MAX_SHARED_COPY = 512 * 1024 * 1024;
@@ -90,7 +92,7 @@ export async function snapshotProcess(
   } catch (error) {
     throw fromNative(error, `pidfd_open(${pid})`);
   }
-  const attacher: Attacher = ptraceAttacher(binding, pid, pidfd);
+  const attacher: Attacher = (options.attacher ?? ptraceAttacher)(binding, pid, pidfd);
   let writer: SnapshotWriter | undefined;
   let paused: PauseOutcome | undefined;
   const planner = new RegionPlanner(pid);
