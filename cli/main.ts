@@ -4,7 +4,8 @@
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
-import { ExitCode, WpsnapError, usageError } from '../core/errors.js';
+import { WpsnapError, usageError } from '../common/errors.js';
+import { ExitCode, exitCodeFor } from './exit-codes.js';
 import { checkCommand } from './commands/check.js';
 import { demoCommand } from './commands/demo.js';
 import { exportCommand } from './commands/export.js';
@@ -29,7 +30,7 @@ const COMMANDS: Array<CommandSpec<never>> = [
 
 function reportError(ctx: CommandContext, error: WpsnapError, json: boolean): void {
   if (json) {
-    ctx.stderr.write(toJson({ error: { code: error.code, message: error.message, exitCode: error.exitCode } }) + '\n');
+    ctx.stderr.write(toJson({ error: { code: error.code, message: error.message, exitCode: exitCodeFor(error) } }) + '\n');
   } else {
     ctx.stderr.write(`wpsnap: ${error.message.split('\n')[0]}\n`);
   }
@@ -81,7 +82,7 @@ export async function main(argv: string[], ctx: CommandContext = defaultContext(
   }
   if (failure) {
     reportError(ctx, failure, json);
-    return failure.exitCode;
+    return exitCodeFor(failure);
   }
   void ran;
   return ExitCode.ok;

@@ -2,8 +2,8 @@
 // would have returned at T, plus manifest.json. Layout in FORMAT.md.
 import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { WpsnapError } from '../core/errors.js';
-import type { Store } from '../store/store.js';
+import { WpsnapError } from '../common/errors.js';
+import type { SnapshotReader } from './reader.js';
 import { formatAddress, PAGE_SIZE, type LostRange, type LostReason, type RegionCapture, type RegionRecord, type SnapshotState } from './model.js';
 
 export const RAW_EXPORT_FORMAT = 'wpsnap-raw-export';
@@ -63,7 +63,7 @@ const PAGE = BigInt(PAGE_SIZE);
 const REGION_FILE = /^[0-9a-f]+-[0-9a-f]+\.bin$/;
 
 export async function exportRaw(
-  store: Store,
+  store: SnapshotReader,
   snapshotRef: string,
   outDir: string,
   options: RawExportOptions = {},
@@ -207,7 +207,7 @@ function fileUnchanged(region: RegionRecord): boolean {
  * written and any extra lost ranges ('file-changed').
  */
 function writeRegion(
-  store: Store,
+  store: SnapshotReader,
   processId: number,
   region: RegionRecord,
   lost: LostRange[],

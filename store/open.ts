@@ -3,7 +3,7 @@
 import Database from 'better-sqlite3';
 import { closeSync, linkSync, mkdirSync, openSync, readSync, rmSync, statSync, type Stats } from 'node:fs';
 import { dirname, resolve } from 'node:path';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 import { APPLICATION_ID, checkHeader, migrate, readSchemaVersion, type Migration } from './schema.js';
 
 /**

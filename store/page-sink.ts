@@ -8,7 +8,7 @@
 // reuses its content id. Claims are made synchronously on this thread, so a
 // batch only ever waits on batches claimed before it: no cycles.
 import type Database from 'better-sqlite3';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE, type PageBatch } from '../snapshot-format/model.js';
 import { blobOfContent, contentId, encodeIndex, MAX_ADDRESS, MAX_INDEX_ENTRIES } from './codec.js';
 import { ClaimTable, ContentIndex, hashWords } from './content-index.js';

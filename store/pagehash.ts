@@ -4,7 +4,7 @@
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 
 export interface PagehashAddon {
   /**

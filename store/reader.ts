@@ -1,7 +1,7 @@
 // Reading stored pages: the packed index rows of a process merged into address
 // order, and the blobs that hold the content, decompressed on demand (LRU).
 import type Database from 'better-sqlite3';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE } from '../snapshot-format/model.js';
 import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
 

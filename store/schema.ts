@@ -1,7 +1,7 @@
 // The store's SQLite schema, its version, and the migrations between versions.
 // FORMAT.md (snapshot-format/) draws every table; keep the two in step.
 import type Database from 'better-sqlite3';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 
 /** `PRAGMA application_id` of every wpsnap store: "wpsn" as a big-endian u32. */
 export const APPLICATION_ID = 0x7770736e;

@@ -2,7 +2,8 @@
 // is a wpsnap store before anything is written to it (open.ts); writing goes
 // through SnapshotWriter and the PageSink; reading through the PageReader.
 import type Database from 'better-sqlite3';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
+import type { SnapshotReader } from '../snapshot-format/reader.js';
 import type {
   LostRange,
   LostReason,
@@ -47,7 +48,7 @@ interface SnapshotRow {
   pids: string | null;
 }
 
-export class Store {
+export class Store implements SnapshotReader {
   private readonly running = new Set<SnapshotWriter>();
   private readonly reader: PageReader;
   private pool: WorkerPool | undefined;

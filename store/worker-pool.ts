@@ -3,7 +3,7 @@
 // scanPages (SHA-256 from the OpenSSL inside node, one call per batch).
 import { createRequire } from 'node:module';
 import { Worker } from 'node:worker_threads';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE } from '../snapshot-format/model.js';
 import {
   BLOB_PAGES,

@@ -2,7 +2,7 @@
 // transaction; pages go through the PageSink; complete() is the one final
 // transaction that makes the snapshot visible as complete.
 import type Database from 'better-sqlite3';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 import {
   LOST_REASONS,
   PAGE_SIZE,

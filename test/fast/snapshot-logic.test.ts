@@ -7,7 +7,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { WpsnapError } from '../../core/errors.js';
+import { exitCodeFor } from '../../cli/exit-codes.js';
+import { WpsnapError } from '../../common/errors.js';
 import { snapshotProcess } from '../../core/snapshot.js';
 import { Store } from '../../store/index.js';
 import { FAKE_UFFD, FakeKernel, fakePageContent, nativeError, type FakeScript } from '../support/fake-binding.js';
@@ -124,7 +125,7 @@ describe('failures leave the target running and the store openable', () => {
     setTimeout(() => controller.abort(), 20);
     const error = (await result.catch((e: unknown) => e)) as WpsnapError;
     expect(error.code).toBe('INTERRUPTED');
-    expect(error.exitCode).toBe(130);
+    expect(exitCodeFor(error)).toBe(130);
     expect(kernel.calls.engineStops).toBeGreaterThan(0);
     const [row] = store.list();
     expect(row!.state).toBe('incomplete');
@@ -137,7 +138,7 @@ describe('failures leave the target running and the store openable', () => {
     const { result } = run({ engineError: nativeError('ESRCH', 3, 'process_vm_readv') });
     const error = (await result.catch((e: unknown) => e)) as WpsnapError;
     expect(error.code).toBe('ESRCH');
-    expect(error.exitCode).toBe(4);
+    expect(exitCodeFor(error)).toBe(4);
     expect(store.list()[0]!.state).toBe('incomplete');
   });
 

@@ -1,0 +1,17 @@
+// What a reader of snapshots offers, whatever keeps them: the store implements
+// it, and every exporter takes it (so the format layer depends on no store).
+import type { LostRange, ProcessRecord, RegionRecord, SnapshotSummary, ThreadRecord } from './model.js';
+
+export interface SnapshotReader {
+  /** A snapshot by id or name; throws SNAPSHOT_NOT_FOUND. */
+  find(ref: string): SnapshotSummary;
+  list(): SnapshotSummary[];
+  processes(snapshotId: number): Array<ProcessRecord & { processId: number }>;
+  threads(processId: number): ThreadRecord[];
+  regions(processId: number): RegionRecord[];
+  lost(processId: number): LostRange[];
+  /** The stored pages of [start, end), in address order (pages not stored were zero at T, or are listed lost). */
+  pagesInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }>;
+  /** One page's content at T (zeros if not stored). */
+  readPage(processId: number, address: bigint): Buffer;
+}
