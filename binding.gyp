@@ -20,6 +20,13 @@
       "defines": ["NAPI_VERSION=8"]
     },
     {
+      "target_name": "wpsnap_demo_writer",
+      "type": "executable",
+      "sources": ["core/demo/pagewriter.c"],
+      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE", "-pthread"],
+      "libraries": ["-lpthread"]
+    },
+    {
       "target_name": "wpsnap_tracer",
       "type": "executable",
       "sources": ["core/native/tracer_main.c", "core/native/ptrace_x86_64.c"],

@@ -1,7 +1,7 @@
 import { snapshotProcess } from '../../core/snapshot.js';
 import { WpsnapError } from '../../core/errors.js';
-import { launchFixture } from '../../fixtures/launch.js';
-import { checkSnapshot, parseLayout } from '../../fixtures/oracle.js';
+import { checkSnapshot, parseLayout } from '../../core/demo/oracle.js';
+import { launchDemoWorkload } from '../../core/demo/workload.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { summary } from './snapshot.js';
 import type { CommandSpec } from './types.js';
@@ -24,7 +24,7 @@ export const demoCommand: CommandSpec<DemoArgs> = {
     const binding = ctx.binding();
     const store = await ctx.openStore(args.store);
     const pagesPerWriter = Math.max(16, Math.floor(args.mib * 256));
-    const fixture = await launchFixture('pagewriter', [
+    const fixture = await launchDemoWorkload([
       '--threads', '2',
       '--pages', String(pagesPerWriter),
       '--memfd-pages', '2048',

@@ -1,4 +1,4 @@
-// Helpers to run fixtures in tests; the oracle itself lives in fixtures/oracle.ts
+// Helpers to run fixtures in tests; the oracle itself lives in core/demo/oracle.ts
 // (the demo command uses it too).
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync, readdirSync, readFileSync, readSync } from 'node:fs';

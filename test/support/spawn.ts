@@ -1,4 +1,4 @@
-// Fixtures a test may freeze with ptrace, started by fixtures/launch.ts so
+// Fixtures a test may freeze with ptrace, started by core/demo/launch.ts (through fixtures/launch.ts) so
 // that the test process is NOT their parent (see there why). Each is
 // signalled by its pid, never through a child handle.
 import { join } from 'node:path';
@@ -36,7 +36,7 @@ const live = new Set<Launched>();
 /**
  * SIGKILL, by pid, every fixture started here that is still running. Call it
  * from afterEach: a failed test never leaves its fixture running (the exit
- * hook of fixtures/launch.ts is only a last resort: a worker ended by a
+ * hook of core/demo/launch.ts is only a last resort: a worker ended by a
  * signal never runs it).
  */
 export function killDetached(): number[] {

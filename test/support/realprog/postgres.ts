@@ -2,7 +2,7 @@
 // uid/gid 65534 (postgres refuses to run as root) in a temporary directory
 // owned by that uid, listening only on a unix socket in that directory. The
 // postmaster is started by pg_ctl, which exits: the postmaster is NOT a child
-// of the test process (see fixtures/launch.ts for why that matters).
+// of the test process (see core/demo/launch.ts for why that matters).
 import { spawn, spawnSync } from 'node:child_process';
 import { chownSync, existsSync, mkdtempSync, readFileSync, readdirSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';

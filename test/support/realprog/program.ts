@@ -1,5 +1,5 @@
 // Real programs (python3, node, ...) as snapshot targets: started by
-// fixtures/launch.ts so that the test process is NOT their parent (see there
+// core/demo/launch.ts so that the test process is NOT their parent (see there
 // why), talking one JSON object per line on stdout, the first of which is
 // {"ready": true, "pid": N}. Plain reference runs, which are never
 // snapshotted, are direct children.
