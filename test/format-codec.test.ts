@@ -135,3 +135,21 @@ describe('claim table', () => {
     );
   });
 });
+
+describe('x86_64 register layout', () => {
+  it('decodes struct user_regs_struct by name: rip is word 16, rsp word 19, 27 words in all', async () => {
+    const { decodeUserRegs, pcAndSp, USER_REGS_BYTES } = await import('../snapshot-format/regs-x86_64.js');
+    const regs = Buffer.alloc(216);
+    for (let i = 0; i < 27; i++) regs.writeBigUInt64LE(BigInt(0x1000 + i), i * 8);
+    expect(USER_REGS_BYTES).toBe(216);
+    const decoded = decodeUserRegs(regs)!;
+    expect(decoded.r15).toBe(0x1000n);
+    expect(decoded.orig_rax).toBe(0x100fn);
+    expect(decoded.rip).toBe(0x1010n);
+    expect(decoded.rsp).toBe(0x1013n);
+    expect(decoded.gs).toBe(0x101an);
+    expect(pcAndSp({ regs })).toEqual({ rip: 0x1010n, rsp: 0x1013n });
+    expect(decodeUserRegs(regs.subarray(0, 215))).toBeNull();
+    expect(pcAndSp({ regs: Buffer.alloc(0) })).toEqual({ rip: 0n, rsp: 0n });
+  });
+});

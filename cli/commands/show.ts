@@ -1,13 +1,7 @@
-import type { ThreadRecord } from '../../snapshot-format/model.js';
+import { pcAndSp } from '../../snapshot-format/regs-x86_64.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, micros, millis, table } from '../format.js';
 import type { CommandSpec } from './types.js';
-
-/** rip and rsp from a struct user_regs_struct (x86_64: 27 × u64, rip is #16, rsp #19). */
-function pcAndSp(t: ThreadRecord): { rip: bigint; rsp: bigint } {
-  if (t.regs.length < 27 * 8) return { rip: 0n, rsp: 0n };
-  return { rip: t.regs.readBigUInt64LE(16 * 8), rsp: t.regs.readBigUInt64LE(19 * 8) };
-}
 
 export const showCommand: CommandSpec<{ snapshot: string }> = {
   command: 'show <snapshot>',
