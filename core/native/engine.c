@@ -973,11 +973,7 @@ static void call_js(napi_env env, napi_value callback, void *context, void *data
   napi_call_function(env, undefined, callback, 1, &msg, NULL);
 }
 
-static engine_t *get_engine(napi_env env, napi_value v) {
-  void *data = NULL;
-  if (napi_get_value_external(env, v, &data) != napi_ok) return NULL;
-  return data;
-}
+static engine_t *get_engine(napi_env env, napi_value v) { return handle_data(env, v, HANDLE_ENGINE); }
 
 static void engine_free(engine_t *e) {
   for (size_t i = 0; i < e->nslots; i++) {
@@ -1144,7 +1140,7 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   }
   e->thread_started = true;
   napi_value handle;
-  NAPI_CALL(env, napi_create_external(env, e, engine_finalize, NULL, &handle));
+  NAPI_CALL(env, make_handle(env, e, engine_finalize, HANDLE_ENGINE, &handle));
   return handle;
 }
 

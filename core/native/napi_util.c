@@ -141,3 +141,25 @@ bool arg_u64_groups(napi_env env, napi_value v, size_t group, const uint64_t **d
   *groups = length / group;
   return true;
 }
+
+/* One 128-bit tag per handle kind (random constants: only their distinctness matters). */
+static const napi_type_tag HANDLE_TAGS[] = {
+    [HANDLE_ENGINE] = {0x77707370656e6731ULL, 0x9b1e5c3a2f4d6e01ULL},
+    [HANDLE_FREEZE] = {0x77707370667a7231ULL, 0x9b1e5c3a2f4d6e02ULL},
+};
+
+napi_status make_handle(napi_env env, void *data, napi_finalize finalize, handle_kind_t kind, napi_value *out) {
+  napi_status status = napi_create_external(env, data, finalize, NULL, out);
+  if (status != napi_ok) return status;
+  return napi_type_tag_object(env, *out, &HANDLE_TAGS[kind]);
+}
+
+void *handle_data(napi_env env, napi_value v, handle_kind_t kind) {
+  napi_valuetype type;
+  if (napi_typeof(env, v, &type) != napi_ok || type != napi_external) return NULL;
+  bool matches = false;
+  if (napi_check_object_type_tag(env, v, &HANDLE_TAGS[kind], &matches) != napi_ok || !matches) return NULL;
+  void *data = NULL;
+  if (napi_get_value_external(env, v, &data) != napi_ok) return NULL;
+  return data;
+}

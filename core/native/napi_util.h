@@ -33,6 +33,15 @@ bool arg_u64_groups(napi_env env, napi_value v, size_t group, const uint64_t **d
 bool prop_uint64(napi_env env, napi_value obj, const char *name, uint64_t *out);
 bool prop_int32(napi_env env, napi_value obj, const char *name, int32_t *out);
 
+/* Native handles are externals tagged with their kind (napi_type_tag_object),
+ * so that a handle of one kind passed where another is expected is refused,
+ * not reinterpreted. */
+typedef enum { HANDLE_ENGINE = 1, HANDLE_FREEZE = 2 } handle_kind_t;
+/* An external wrapping data, tagged as kind; finalize runs when JS drops it. */
+napi_status make_handle(napi_env env, void *data, napi_finalize finalize, handle_kind_t kind, napi_value *out);
+/* The data of a handle of this kind, or NULL if v is not one (another kind, or not a handle). */
+void *handle_data(napi_env env, napi_value v, handle_kind_t kind);
+
 napi_value make_bigint(napi_env env, uint64_t v);
 napi_value make_int(napi_env env, int64_t v);
 napi_value make_double(napi_env env, double v);

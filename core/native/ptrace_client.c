@@ -89,11 +89,7 @@ static void client_finalize(napi_env env, void *data, void *hint) {
   client_free(c);
 }
 
-static client_t *get_client(napi_env env, napi_value v) {
-  void *data = NULL;
-  if (napi_get_value_external(env, v, &data) != napi_ok) return NULL;
-  return data;
-}
+static client_t *get_client(napi_env env, napi_value v) { return handle_data(env, v, HANDLE_FREEZE); }
 
 /* Start a tracer helper; returns its socket or -errno (what it was in *what). */
 static int spawn_helper(const char **what) {
@@ -192,7 +188,7 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
     return throw_lost(env, err);
   }
   napi_value handle;
-  NAPI_CALL(env, napi_create_external(env, c, client_finalize, NULL, &handle));
+  NAPI_CALL(env, make_handle(env, c, client_finalize, HANDLE_FREEZE, &handle));
   return handle;
 }
 
