@@ -7,7 +7,8 @@
         "core/native/napi_util.c",
         "core/native/uffd.c",
         "core/native/ptrace_client.c",
-        "core/native/engine.c"
+        "core/native/engine.c",
+        "core/native/constants.c"
       ],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"],
       "defines": ["NAPI_VERSION=8"],

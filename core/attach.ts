@@ -4,19 +4,15 @@
 import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, statSync, chownSync } from 'node:fs';
 import type { FrozenThread, NativeBinding, NativeHandle } from './native/binding.js';
+import { SYSCALL, USERFAULTFD_IOC_NEW } from './constants.js';
 import { WpsnapError, fromNative } from './errors.js';
 import { readIds, readMaps } from './procfs.js';
 
-const SYS_ioctl = 16;
-const SYS_close = 3;
-const SYS_userfaultfd = 323;
-const SYS_openat = 257;
+const { ioctl: SYS_ioctl, close: SYS_close, userfaultfd: SYS_userfaultfd, openat: SYS_openat } = SYSCALL;
 const AT_FDCWD = -100;
 const O_RDWR = 0o2;
 const O_NONBLOCK = 0o4000;
 const O_CLOEXEC = 0o2000000;
-/** _IO(0xAA, 0x00) from linux/userfaultfd.h (6.1+). */
-const USERFAULTFD_IOC_NEW = 0xaa00;
 const RED_ZONE = 128n;
 const EPERM = 1;
 

@@ -4,6 +4,7 @@
 // target is stopped and the rest referenced to the file.
 import { closeSync, openSync, readdirSync, readFileSync, statSync, statfsSync } from 'node:fs';
 import type { FileReference, LostRange, RegionRecord } from '../snapshot-format/model.js';
+import { REGION_KIND } from './constants.js';
 import type { EngineRegion } from './native/binding.js';
 import { MapsReader, type MapsEntry } from './procfs.js';
 
@@ -67,7 +68,7 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
   if (m.inode === 0) {
     return {
       record: { ...base(m), pageSize: 4096, capture: 'protected' },
-      engine: { start: m.start, end: m.end, pageSize: 4096, kind: 0 },
+      engine: { start: m.start, end: m.end, pageSize: 4096, kind: REGION_KIND.anon },
       pausedCopy: 'none',
     };
   }
@@ -92,7 +93,7 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
       const fd = openSync(mapFilesPath(pid, m), 'r');
       return {
         record,
-        engine: { start: m.start, end: m.end, pageSize, kind: 1, fd, fileOffset: m.offset, hugetlb },
+        engine: { start: m.start, end: m.end, pageSize, kind: REGION_KIND.file, fd, fileOffset: m.offset, hugetlb },
         pausedCopy: 'none',
         openedFd: fd,
       };
@@ -100,7 +101,7 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
     const anonymousHuge = hugetlb && m.path.startsWith('/anon_hugepage');
     return {
       record,
-      engine: { start: m.start, end: m.end, pageSize, kind: anonymousHuge ? 0 : 2, hugetlb },
+      engine: { start: m.start, end: m.end, pageSize, kind: anonymousHuge ? REGION_KIND.anon : REGION_KIND.private, hugetlb },
       pausedCopy: 'none',
     };
   }

@@ -10,6 +10,7 @@
 // written to them later. Thread stacks (8 MiB each with glibc, mostly
 // untouched) count too: 300 of them left 3.6 MB of page tables in the target
 // when the floor was 16 MiB.
+import { REGION_KIND } from './constants.js';
 import { fromNative } from './errors.js';
 import type { NativeBinding } from './native/binding.js';
 import type { MapsEntry } from './procfs.js';
@@ -78,7 +79,7 @@ export function protectionRanges(
   const ranges: bigint[] = [];
   const scanned = registered.filter((plan) => {
     const { start, end, inode, perms } = plan.record;
-    return plan.engine?.kind === 0 && !plan.engine.hugetlb && sparseCandidate(start, end, inode, perms) && overlapsSparse(sparse, start, end);
+    return plan.engine?.kind === REGION_KIND.anon && !plan.engine.hugetlb && sparseCandidate(start, end, inode, perms) && overlapsSparse(sparse, start, end);
   });
   const isScanned = new Set(scanned);
   for (const plan of registered) if (!isScanned.has(plan)) ranges.push(plan.record.start, plan.record.end - plan.record.start);

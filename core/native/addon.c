@@ -1,10 +1,11 @@
-/* wpsnap native addon: userfaultfd, ptrace, the fault/sweep engine and the store's page hashing. */
+/* wpsnap native addon: userfaultfd, ptrace (through the tracer helper), the fault/sweep engine, and the constants it shares with TypeScript. */
 #include "addon.h"
 
 static napi_value init(napi_env env, napi_value exports) {
   register_uffd_exports(env, exports);
   register_ptrace_exports(env, exports);
   register_engine_exports(env, exports);
+  register_constants_exports(env, exports);
   return exports;
 }
 

@@ -17,5 +17,6 @@ int pidfd_getfd_call(int pidfd, int targetfd);
 void register_uffd_exports(napi_env env, napi_value exports);
 void register_ptrace_exports(napi_env env, napi_value exports);
 void register_engine_exports(napi_env env, napi_value exports);
+void register_constants_exports(napi_env env, napi_value exports);
 
 #endif

@@ -1,4 +1,6 @@
 // Types of every export of the native addon (build/Release/wpsnap_native.node).
+import type { RegionKind } from '../constants.js';
+
 // Each throws an Error with `code` (errno name), `errno` and `syscall` on failure.
 
 /** An opaque handle owned by the addon. */
@@ -30,7 +32,7 @@ export interface EngineRegion {
   pageSize: number;
   /** 0: anonymous (process_vm_readv, pagemap finds never-touched pages);
    *  1: shared file (pread from fd, holes skipped); 2: other private (process_vm_readv). */
-  kind: 0 | 1 | 2;
+  kind: RegionKind;
   fd?: number;
   fileOffset?: bigint;
   hugetlb?: boolean;
@@ -79,7 +81,21 @@ export type EngineMessage =
   | { type: 'batch'; slot: number; addresses: BigUint64Array; data: Uint8Array }
   | { type: 'done'; stats: EngineFinalStats };
 
+/** Values the C code and TypeScript share, as the C code has them (test/constants.test.ts compares). */
+export interface NativeConstants {
+  readonly pageSize: number;
+  readonly syscalls: Readonly<Record<'ioctl' | 'close' | 'openat' | 'userfaultfd' | 'pidfd_open' | 'pidfd_getfd', number>>;
+  readonly uffdFeatures: Readonly<Record<string, bigint>>;
+  readonly ioctls: Readonly<Record<'UFFDIO_REGISTER_MODE_WP' | 'USERFAULTFD_IOC_NEW', number>>;
+  readonly regionKinds: Readonly<Record<'anon' | 'file' | 'private', number>>;
+  /** The lost reasons the engine reports, by its index. */
+  readonly lostReasons: readonly string[];
+  /** Forced-failure points checked in C. */
+  readonly faultPoints: readonly string[];
+}
+
 export interface NativeBinding {
+  readonly constants: NativeConstants;
   /** ioctl(UFFDIO_API): enable features on a new context. */
   uffdApi(fd: number, features: bigint): UffdApiResult;
   /** ioctl(UFFDIO_REGISTER); returns the ioctls allowed on the range. */

@@ -15,6 +15,7 @@
  * MADV_DONTNEED happen only after we read their REMOVE event; pages still
  * unsaved then are copied at once and checked against the pagemap. */
 #include "addon.h"
+#include "constants.h"
 #include "kernel_compat.h"
 #include "napi_util.h"
 
@@ -49,16 +50,10 @@
 #define ENGINE_NICE (-10)
 
 enum { PAGE_UNSAVED = 0, PAGE_SAVED = 1, PAGE_LOST = 2 };
-enum { KIND_ANON = 0, KIND_FILE = 1, KIND_PRIVATE = 2 };
-enum {
-  LOST_UNMAPPED = 0,
-  LOST_DISCARDED = 1,
-  LOST_READ_FAILED = 2,
-  LOST_INTERRUPTED = 3,
-  LOST_SHARED = 4,
+const char *const lost_reason_names[LOST_REASON_COUNT] = {
+    [LOST_UNMAPPED] = "unmapped-before-saved", [LOST_DISCARDED] = "discarded-before-saved", [LOST_READ_FAILED] = "read-failed",
+    [LOST_INTERRUPTED] = "interrupted",        [LOST_SHARED] = "shared-with-other-process",
 };
-static const char *const lost_reason_names[] = {"unmapped-before-saved", "discarded-before-saved", "read-failed", "interrupted",
-                                                "shared-with-other-process"};
 
 /* A piece of a region at T, and where that piece lives now (mremap moves it). */
 typedef struct {

@@ -5,6 +5,7 @@
  * If wpsnap dies, the helper sees the socket close and puts the target back
  * as it was. */
 #include "addon.h"
+#include "constants.h"
 #include "napi_util.h"
 #include "tracer.h"
 #include "tracer_protocol.h"
@@ -66,7 +67,7 @@ static int request(client_t *c, uint32_t op, const void *payload, uint32_t len, 
   if (err == 0 && op == OP_INJECT) {
     /* Tests: die while the helper holds injected registers in the target. */
     const char *fault = getenv("WPSNAP_FAULT");
-    if (fault != NULL && strcmp(fault, "mid-inject") == 0) kill(getpid(), SIGKILL);
+    if (fault != NULL && strcmp(fault, FAULT_POINT_MID_INJECT) == 0) kill(getpid(), SIGKILL);
   }
   if (err == 0) err = read_all(c->sock, r, sizeof *r);
   return err;

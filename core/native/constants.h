@@ -1,0 +1,24 @@
+/* Values both the C code and TypeScript use. The addon exports them
+ * (constants.c, `constants`), and test/constants.test.ts fails if
+ * TypeScript's declarations disagree with them. */
+#ifndef WPSNAP_CONSTANTS_H
+#define WPSNAP_CONSTANTS_H
+
+/* How the engine reads a region (EngineRegion.kind). */
+enum { KIND_ANON = 0, KIND_FILE = 1, KIND_PRIVATE = 2 };
+
+/* Why the engine lists a page as lost; names as in snapshot-format/model.ts LOST_REASONS. */
+enum {
+  LOST_UNMAPPED = 0,
+  LOST_DISCARDED = 1,
+  LOST_READ_FAILED = 2,
+  LOST_INTERRUPTED = 3,
+  LOST_SHARED = 4,
+  LOST_REASON_COUNT
+};
+extern const char *const lost_reason_names[LOST_REASON_COUNT];
+
+/* Forced-failure points checked in C (core/fault.ts lists them all). */
+#define FAULT_POINT_MID_INJECT "mid-inject"
+
+#endif
