@@ -6,6 +6,10 @@
         "core/native/addon.c",
         "core/native/napi_util.c",
         "core/native/uffd.c",
+        "core/native/protect_parallel.c",
+        "core/native/procmem.c",
+        "core/native/pagemap.c",
+        "core/native/file_pages.c",
         "core/native/ptrace_client.c",
         "core/native/engine.c",
         "core/native/constants.c"

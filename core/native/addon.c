@@ -3,6 +3,10 @@
 
 static napi_value init(napi_env env, napi_value exports) {
   register_uffd_exports(env, exports);
+  register_protect_exports(env, exports);
+  register_procmem_exports(env, exports);
+  register_pagemap_exports(env, exports);
+  register_file_pages_exports(env, exports);
   register_ptrace_exports(env, exports);
   register_engine_exports(env, exports);
   register_constants_exports(env, exports);

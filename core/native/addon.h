@@ -7,7 +7,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-/* uffd.c */
+/* uffd.c, procmem.c, pagemap.c */
 int uffd_writeprotect(int uffd, uint64_t start, uint64_t len, bool protect);
 int uffd_wake(int uffd, uint64_t start, uint64_t len);
 int remote_read(pid_t pid, int memfd, uint64_t addr, void *dst, size_t len);
@@ -15,6 +15,10 @@ int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out);
 int pidfd_getfd_call(int pidfd, int targetfd);
 
 void register_uffd_exports(napi_env env, napi_value exports);
+void register_protect_exports(napi_env env, napi_value exports);
+void register_procmem_exports(napi_env env, napi_value exports);
+void register_pagemap_exports(napi_env env, napi_value exports);
+void register_file_pages_exports(napi_env env, napi_value exports);
 void register_ptrace_exports(napi_env env, napi_value exports);
 void register_engine_exports(napi_env env, napi_value exports);
 void register_constants_exports(napi_env env, napi_value exports);
