@@ -7,8 +7,82 @@
 /** What kind of failure an error is; the CLI's exit code follows from it. */
 export type ErrorCategory = 'failure' | 'usage' | 'unsupported' | 'targetGone' | 'interrupted';
 
+/** Every code wpsnap itself names, with its category. */
+const CODE_CATEGORY = {
+  // The user asked for something that cannot be (exit 2).
+  USAGE: 'usage',
+  INVALID_ADDRESS: 'usage',
+  INVALID_NAME: 'usage',
+  SNAPSHOT_INCOMPLETE: 'usage',
+  EXPORT_DIR_NOT_EMPTY: 'usage',
+  // This machine, kernel or build cannot do it (exit 3).
+  UNSUPPORTED_ENVIRONMENT: 'unsupported',
+  UNSUPPORTED_PLATFORM: 'unsupported',
+  NATIVE_MISSING: 'unsupported',
+  NO_VDSO: 'unsupported',
+  NO_SYSCALL_INSN: 'unsupported',
+  NO_DEV_USERFAULTFD: 'unsupported',
+  NO_USERFAULTFD: 'unsupported',
+  USERFAULTFD_NOT_PERMITTED: 'unsupported',
+  KERNEL_FEATURE_MISSING: 'unsupported',
+  // The target is gone (exit 4).
+  TARGET_NOT_FOUND: 'targetGone',
+  // SIGINT/SIGTERM (exit 130).
+  INTERRUPTED: 'interrupted',
+  // Everything else that failed (exit 1).
+  INTERNAL: 'failure',
+  DEMO_FAILED: 'failure',
+  VERIFY_FAILED: 'failure',
+  DUPLICATE_PROCESS: 'failure',
+  EXPORT_DIR_INVALID: 'failure',
+  EXPORT_IO: 'failure',
+  INVALID_BATCH: 'failure',
+  INVALID_COUNT: 'failure',
+  INVALID_LOST: 'failure',
+  INVALID_REGION: 'failure',
+  NAME_TAKEN: 'failure',
+  NOT_A_RAW_EXPORT: 'failure',
+  NOT_A_STORE: 'failure',
+  SNAPSHOT_NOT_FOUND: 'failure',
+  SNAPSHOT_NOT_RUNNING: 'failure',
+  SNAPSHOT_RUNNING: 'failure',
+  SNAPSHOT_WRITE_FAILED: 'failure',
+  STORE_CLOSED: 'failure',
+  STORE_CORRUPT: 'failure',
+  STORE_IO: 'failure',
+  STORE_IS_DIRECTORY: 'failure',
+  STORE_NEEDS_UPGRADE: 'failure',
+  STORE_NOT_FOUND: 'failure',
+  STORE_READ: 'failure',
+  STORE_READONLY: 'failure',
+  STORE_TOO_NEW: 'failure',
+  STORE_WORKER: 'failure',
+  STORE_WRITE: 'failure',
+  UNKNOWN_PROCESS: 'failure',
+  WRITER_CLOSED: 'failure',
+} as const satisfies Record<string, ErrorCategory>;
+
+export type NamedCode = keyof typeof CODE_CATEGORY;
+/** An errno name from the kernel ("EPERM"; ESRCH means the target is gone), one without a name, or SQLite's. */
+export type SystemCode = `E${string}` | `UNKNOWN_ERRNO_${number}` | `SQLITE_${string}`;
+export type ErrorCode = NamedCode | SystemCode;
+
+export function categoryOf(code: ErrorCode): ErrorCategory {
+  if (Object.hasOwn(CODE_CATEGORY, code)) return CODE_CATEGORY[code as NamedCode];
+  return code === 'ESRCH' ? 'targetGone' : 'failure';
+}
+
+/** A code from outside (an errno name, SQLite's) when it is one, else the fallback. */
+export function externalCode(code: string | undefined, fallback: ErrorCode): ErrorCode {
+  return code !== undefined && /^(E[A-Z0-9_]+|SQLITE_[A-Z0-9_]+|UNKNOWN_ERRNO_\d+)$/.test(code) ? (code as SystemCode) : fallback;
+}
+
+/** Every named code and its category (for docs/cli.md and tests). */
+export function namedCodes(): ReadonlyArray<[NamedCode, ErrorCategory]> {
+  return Object.entries(CODE_CATEGORY) as Array<[NamedCode, ErrorCategory]>;
+}
+
 export interface WpsnapErrorOptions {
-  kind?: ErrorCategory;
   errno?: number;
   syscall?: string;
   cause?: unknown;
@@ -16,16 +90,17 @@ export interface WpsnapErrorOptions {
 
 export class WpsnapError extends Error {
   /** A stable string such as "EPERM", "TARGET_NOT_FOUND", "NOT_A_STORE". */
-  readonly code: string;
+  readonly code: ErrorCode;
+  /** Follows from the code (categoryOf). */
   readonly kind: ErrorCategory;
   readonly errno: number | undefined;
   readonly syscall: string | undefined;
 
-  constructor(code: string, message: string, options: WpsnapErrorOptions = {}) {
+  constructor(code: ErrorCode, message: string, options: WpsnapErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'WpsnapError';
     this.code = code;
-    this.kind = options.kind ?? 'failure';
+    this.kind = categoryOf(code);
     this.errno = options.errno;
     this.syscall = options.syscall;
   }
@@ -53,10 +128,8 @@ export function fromNative(error: unknown, step: string): WpsnapError {
     const message = error instanceof Error ? error.message : String(error);
     return new WpsnapError('INTERNAL', `${step}: ${message}`, { cause: error });
   }
-  const code = error.code ?? `UNKNOWN_ERRNO_${error.errno ?? 0}`;
-  const kind: ErrorCategory = code === 'ESRCH' ? 'targetGone' : 'failure';
+  const code = (error.code ?? `UNKNOWN_ERRNO_${error.errno ?? 0}`) as SystemCode;
   return new WpsnapError(code, `${step}: ${error.message}`, {
-    kind,
     ...(error.errno === undefined ? {} : { errno: error.errno }),
     ...(error.syscall === undefined ? {} : { syscall: error.syscall }),
     cause: error,
@@ -64,9 +137,9 @@ export function fromNative(error: unknown, step: string): WpsnapError {
 }
 
 export function usageError(message: string): WpsnapError {
-  return new WpsnapError('USAGE', message, { kind: 'usage' });
+  return new WpsnapError('USAGE', message);
 }
 
-export function unsupported(code: string, message: string): WpsnapError {
-  return new WpsnapError(code, message, { kind: 'unsupported' });
+export function unsupported(code: NamedCode, message: string): WpsnapError {
+  return new WpsnapError(code, message);
 }

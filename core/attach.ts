@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, statSync, chownSync } from 'node:fs';
 import type { FrozenThread, NativeBinding, NativeHandle } from './native/binding.js';
 import { SYSCALL, USERFAULTFD_IOC_NEW } from './constants.js';
-import { WpsnapError, fromNative } from './errors.js';
+import { WpsnapError, fromNative, externalCode } from './errors.js';
 import { readIds, readMaps } from './procfs.js';
 
 const { ioctl: SYS_ioctl, close: SYS_close, userfaultfd: SYS_userfaultfd, openat: SYS_openat } = SYSCALL;
@@ -29,13 +29,13 @@ export interface Frozen {
 export function findSyscallInstruction(binding: NativeBinding, pid: number): bigint {
   const vdso = readMaps(pid).find((m) => m.path === '[vdso]');
   if (!vdso) {
-    throw new WpsnapError('NO_VDSO', `pid ${pid} has no [vdso] mapping to run an injected syscall from`, { kind: 'unsupported' });
+    throw new WpsnapError('NO_VDSO', `pid ${pid} has no [vdso] mapping to run an injected syscall from`);
   }
   const code = binding.processVmRead(pid, vdso.start, Number(vdso.end - vdso.start));
   for (let i = 0; i + 1 < code.length; i++) {
     if (code[i] === 0x0f && code[i + 1] === 0x05) return vdso.start + BigInt(i);
   }
-  throw new WpsnapError('NO_SYSCALL_INSN', `no syscall instruction in the [vdso] of pid ${pid}`, { kind: 'unsupported' });
+  throw new WpsnapError('NO_SYSCALL_INSN', `no syscall instruction in the [vdso] of pid ${pid}`);
 }
 
 export function freeze(binding: NativeBinding, pid: number): Frozen {
@@ -49,7 +49,6 @@ export function freeze(binding: NativeBinding, pid: number): Frozen {
       const tracer = tracerOf(pid);
       const why = tracer !== 0 ? `pid ${pid} is already traced by pid ${tracer} (a debugger?)` : `wpsnap must run as root (or with CAP_SYS_PTRACE) to trace pid ${pid}`;
       throw new WpsnapError('EPERM', `${wrapped.message} — ${why}`, {
-        kind: 'failure',
         errno: 1,
         syscall: 'ptrace',
       });
@@ -79,7 +78,7 @@ function errnoName(errno: number): string {
 
 function injectedFailure(what: string, result: number): WpsnapError {
   const code = errnoName(-result);
-  return new WpsnapError(code, `${what} inside the target failed: ${code}`, { errno: -result, syscall: what.split('(')[0]! });
+  return new WpsnapError(externalCode(code, 'INTERNAL'), `${what} inside the target failed: ${code}`, { errno: -result, syscall: what.split('(')[0]! });
 }
 
 function inject(binding: NativeBinding, frozen: Frozen, insn: bigint, nr: number, args: Array<number | bigint>, what: string): number {
@@ -110,9 +109,7 @@ export function prepareDeviceNode(binding: NativeBinding, pid: number): DeviceNo
   try {
     rdev = statSync('/dev/userfaultfd').rdev;
   } catch {
-    throw new WpsnapError('NO_DEV_USERFAULTFD', `pid ${pid} may not call userfaultfd(2) and /dev/userfaultfd (Linux 6.1+) is missing`, {
-      kind: 'unsupported',
-    });
+    throw new WpsnapError('NO_DEV_USERFAULTFD', `pid ${pid} may not call userfaultfd(2) and /dev/userfaultfd (Linux 6.1+) is missing`);
   }
   const name = `.wpsnap-uffd-${pid}-${randomBytes(6).toString('hex')}`;
   const hostPath = `/proc/${pid}/root/dev/${name}`;

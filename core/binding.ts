@@ -35,13 +35,11 @@ export function tracerHelperPath(): string {
 export function loadBinding(): NativeBinding {
   if (cached) return cached;
   if (process.platform !== 'linux' || process.arch !== 'x64') {
-    throw new WpsnapError('UNSUPPORTED_PLATFORM', `wpsnap needs Linux on x86_64 (this is ${process.platform}/${process.arch})`, {
-      kind: 'unsupported',
-    });
+    throw new WpsnapError('UNSUPPORTED_PLATFORM', `wpsnap needs Linux on x86_64 (this is ${process.platform}/${process.arch})`);
   }
   const path = nativeAddonPath();
   if (!existsSync(path)) {
-    throw new WpsnapError('NATIVE_MISSING', `native addon not built: ${path} is missing (run npm install)`, { kind: 'unsupported' });
+    throw new WpsnapError('NATIVE_MISSING', `native addon not built: ${path} is missing (run npm install)`);
   }
   cached = createRequire(import.meta.url)(path) as NativeBinding;
   return cached;

@@ -1,7 +1,7 @@
 // Reading what /proc says about a process: maps, identity, threads.
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import type { ProcessRecord } from '../snapshot-format/model.js';
-import { WpsnapError } from './errors.js';
+import { WpsnapError, externalCode } from './errors.js';
 
 export interface MapsEntry {
   start: bigint;
@@ -70,15 +70,15 @@ export function readProc(pid: number, file: string): Buffer {
   } catch (error) {
     const code = (error as NodeJS.ErrnoException).code;
     if (code === 'ENOENT' || code === 'ESRCH') {
-      throw new WpsnapError('TARGET_NOT_FOUND', `no process with pid ${pid}`, { kind: 'targetGone' });
+      throw new WpsnapError('TARGET_NOT_FOUND', `no process with pid ${pid}`);
     }
-    throw new WpsnapError(code ?? 'EIO', `read /proc/${pid}/${file}: ${(error as Error).message}`);
+    throw new WpsnapError(externalCode(code, 'EIO'), `read /proc/${pid}/${file}: ${(error as Error).message}`);
   }
 }
 
 export function assertProcessExists(pid: number): void {
   if (!Number.isInteger(pid) || pid <= 0) {
-    throw new WpsnapError('USAGE', `not a pid: ${pid}`, { kind: 'usage' });
+    throw new WpsnapError('USAGE', `not a pid: ${pid}`);
   }
   readProc(pid, 'stat');
 }
@@ -87,7 +87,7 @@ export function listThreads(pid: number): number[] {
   try {
     return readdirSync(`/proc/${pid}/task`).map(Number).sort((a, b) => a - b);
   } catch {
-    throw new WpsnapError('TARGET_NOT_FOUND', `no process with pid ${pid}`, { kind: 'targetGone' });
+    throw new WpsnapError('TARGET_NOT_FOUND', `no process with pid ${pid}`);
   }
 }
 

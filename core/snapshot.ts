@@ -217,7 +217,7 @@ async function saveInBackground(
   }
   if (stats.stopped) {
     await writer.abort('interrupted');
-    throw new WpsnapError('INTERRUPTED', `snapshot of pid ${pid} interrupted; recorded as incomplete`, { kind: 'interrupted' });
+    throw new WpsnapError('INTERRUPTED', `snapshot of pid ${pid} interrupted; recorded as incomplete`);
   }
   return { stats, lost: [...initialLost, ...engineLost] };
 }

@@ -2,7 +2,7 @@
 // would have returned at T, plus manifest.json. Layout in FORMAT.md.
 import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { WpsnapError } from '../common/errors.js';
+import { WpsnapError, externalCode } from '../common/errors.js';
 import type { SnapshotReader } from './reader.js';
 import { formatAddress, PAGE_SIZE, type LostRange, type LostReason, type RegionCapture, type RegionRecord, type SnapshotState } from './model.js';
 
@@ -73,7 +73,6 @@ export async function exportRaw(
     throw new WpsnapError(
       'SNAPSHOT_INCOMPLETE',
       `snapshot ${summary.id} is ${summary.state}, not complete; allow incomplete snapshots to export it anyway`,
-      { kind: 'usage' },
     );
   }
   prepareOutDir(outDir);
@@ -147,7 +146,7 @@ function prepareOutDir(outDir: string): void {
       return;
     }
     if (code === 'ENOTDIR') throw new WpsnapError('EXPORT_DIR_INVALID', `${outDir} exists and is not a directory`);
-    throw new WpsnapError(code ?? 'EXPORT_IO', `read ${outDir}: ${(error as Error).message}`, { cause: error });
+    throw new WpsnapError(externalCode(code, 'EXPORT_IO'), `read ${outDir}: ${(error as Error).message}`, { cause: error });
   }
   if (entries.length === 0) return;
   const foreign = entries.find((name) => !isExportEntry(outDir, name));
@@ -155,7 +154,6 @@ function prepareOutDir(outDir: string): void {
     throw new WpsnapError(
       'EXPORT_DIR_NOT_EMPTY',
       `${outDir} is not empty and is not a previous raw export (it holds ${JSON.stringify(foreign)})`,
-      { kind: 'usage' },
     );
   }
   for (const name of entries) rmSync(join(outDir, name), { recursive: true, force: true });

@@ -3,7 +3,7 @@
 import Database from 'better-sqlite3';
 import { closeSync, linkSync, mkdirSync, openSync, readSync, rmSync, statSync, type Stats } from 'node:fs';
 import { dirname, resolve } from 'node:path';
-import { WpsnapError } from '../common/errors.js';
+import { WpsnapError, externalCode } from '../common/errors.js';
 import { APPLICATION_ID, checkHeader, migrate, readSchemaVersion, type Migration } from './schema.js';
 
 /**
@@ -125,7 +125,7 @@ function createStore(file: string, migrations: readonly Migration[]): void {
 
 function fsError(error: unknown, file: string, step: string): WpsnapError {
   const e = error as NodeJS.ErrnoException;
-  const code = e.code ?? 'STORE_IO';
+  const code = externalCode(e.code, 'STORE_IO');
   const reason = e.code !== undefined && e.syscall !== undefined ? `${e.syscall}: ${e.code}` : e.message;
   return new WpsnapError(code, `${step} ${file}: ${reason}`, {
     cause: error,
@@ -137,7 +137,7 @@ function fsError(error: unknown, file: string, step: string): WpsnapError {
 /** A WpsnapError for an SQLite failure on `file`; corrupt or foreign databases are NOT_A_STORE. */
 export function sqliteError(error: unknown, file: string, step: string): WpsnapError {
   if (error instanceof WpsnapError) return error;
-  const code = (error as { code?: string }).code ?? 'STORE_IO';
+  const code = externalCode((error as { code?: string }).code, 'STORE_IO');
   const message = ((error as Error).message ?? String(error)).replace(/\s+/g, ' ');
   if (code === 'SQLITE_NOTADB' || code === 'SQLITE_CORRUPT') {
     return new WpsnapError('NOT_A_STORE', `${file} is not a wpsnap store (${message})`, { cause: error });

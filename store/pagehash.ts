@@ -27,7 +27,7 @@ export function pagehashAddonPath(): string {
   }
   const path = join(dir, 'build', 'Release', 'wpsnap_pagehash.node');
   if (!existsSync(path)) {
-    throw new WpsnapError('NATIVE_MISSING', `store addon not built: ${path} is missing (run npm install)`, { kind: 'unsupported' });
+    throw new WpsnapError('NATIVE_MISSING', `store addon not built: ${path} is missing (run npm install)`);
   }
   return path;
 }

@@ -41,7 +41,7 @@ export class PageReader {
   /** The page at `address`: its stored content, or zeros if none is stored. */
   readPage(processId: number, address: bigint): Buffer {
     if ((address & PAGE_MASK) !== 0n) {
-      throw new WpsnapError('INVALID_ADDRESS', `0x${address.toString(16)} is not page-aligned`, { kind: 'usage' });
+      throw new WpsnapError('INVALID_ADDRESS', `0x${address.toString(16)} is not page-aligned`);
     }
     // The merged index (cached): fault batches span wide address ranges, so
     // looking rows up by range would decode many of them for every page.

@@ -95,9 +95,7 @@ export class Store implements SnapshotReader {
     this.checkWritable('begin a snapshot');
     const name = options.name ?? null;
     if (name !== null && (name === '' || /^\d+$/.test(name) || /[\n\r]/.test(name))) {
-      throw new WpsnapError('INVALID_NAME', `snapshot name ${JSON.stringify(name)} must be non-empty, not all digits, one line`, {
-        kind: 'usage',
-      });
+      throw new WpsnapError('INVALID_NAME', `snapshot name ${JSON.stringify(name)} must be non-empty, not all digits, one line`);
     }
     let id: number;
     try {

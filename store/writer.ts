@@ -2,7 +2,7 @@
 // transaction; pages go through the PageSink; complete() is the one final
 // transaction that makes the snapshot visible as complete.
 import type Database from 'better-sqlite3';
-import { WpsnapError } from '../common/errors.js';
+import { WpsnapError, externalCode } from '../common/errors.js';
 import {
   LOST_REASONS,
   PAGE_SIZE,
@@ -302,7 +302,7 @@ export class SnapshotWriter {
 
   private wrap(error: unknown, step: string): WpsnapError {
     if (error instanceof WpsnapError) return error;
-    const code = (error as { code?: string }).code ?? 'STORE_WRITE';
+    const code = externalCode((error as { code?: string }).code, 'STORE_WRITE');
     return new WpsnapError(code, `${step} in ${this.host.path}: ${(error as Error).message}`, { cause: error });
   }
 }

@@ -21,7 +21,7 @@ export const checkCommand: CommandSpec<object> = {
     }
     if (!report.canSnapshot) {
       const failed = report.items.filter((i) => !i.ok && i.required).map((i) => `${i.name} (${i.detail})`);
-      throw new WpsnapError('UNSUPPORTED_ENVIRONMENT', `cannot snapshot here: ${failed.join('; ')}`, { kind: 'unsupported' });
+      throw new WpsnapError('UNSUPPORTED_ENVIRONMENT', `cannot snapshot here: ${failed.join('; ')}`);
     }
   },
 };

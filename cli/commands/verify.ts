@@ -22,9 +22,7 @@ export const verifyCommand: CommandSpec<{ snapshot: string }> = {
         if (problems.length > 50) println(ctx.stdout, `  … ${problems.length - 50} more`);
       }
       if (!ok) {
-        throw new WpsnapError('VERIFY_FAILED', `snapshot ${snap.id} failed verification: ${problems[0] ?? 'unknown problem'}`, {
-          kind: 'failure',
-        });
+        throw new WpsnapError('VERIFY_FAILED', `snapshot ${snap.id} failed verification: ${problems[0] ?? 'unknown problem'}`);
       }
     } finally {
       await store.close();
