@@ -35,6 +35,7 @@ static napi_value js_copy_file_pages(napi_env env, napi_callback_info info) {
   size_t npages = len / 4096;
   /* Which pages hold data: walk SEEK_DATA/SEEK_HOLE. */
   uint8_t *want = calloc(npages ? npages : 1, 1);
+  if (want == NULL) return throw_errno(env, ENOMEM, "calloc", "copy %zu shared pages", npages);
   size_t count = 0;
   off_t pos = (off_t)file_off, end = (off_t)(file_off + len);
   while (pos < end) {
