@@ -1,6 +1,6 @@
 // Invariant 5 under attack: every page of a snapshot is exactly its content at
 // T, or is listed lost with the reason — never silently wrong. One hostile
-// fixture mode per attack surface (fixtures/hostile.c); each test snapshots it
+// fixture mode per attack surface (fixtures/hostile/, one file per mode); each test snapshots it
 // while it runs, reads the fixture's own state at T from the snapshot, derives
 // the content of every page at T from it (test/support/hostile.ts) and demands
 // exact content, or a lost listing with the reason that surface allows. Each

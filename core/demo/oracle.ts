@@ -65,7 +65,7 @@ export function mix64(x: bigint): bigint {
 }
 
 // (w * GOLDEN) mod 2^64 for every word, split into 32-bit halves: words 2..511
-// of a step-coded page are h ^ this, here and in fixtures/hostile.c's pages.
+// of a step-coded page are h ^ this, here and in the pages of fixtures/hostile/.
 export const KEY_LO = new Uint32Array(WORDS);
 export const KEY_HI = new Uint32Array(WORDS);
 for (let w = 0; w < WORDS; w++) {

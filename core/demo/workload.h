@@ -1,9 +1,9 @@
 /*
  * Small helpers shared by the programs wpsnap snapshots in its demo and its
  * tests: the demo's workload (core/demo/pagewriter.c) and the test fixtures
- * (fixtures/common.h includes this). Header-only, static inline: each program
- * is a single translation unit, and a helper it does not call costs it
- * nothing. The page-content formula here is the one core/demo/oracle.ts checks.
+ * (fixtures/common.h includes this). Header-only, static inline: a helper a
+ * program does not call costs it nothing, and a program of several files
+ * (fixtures/hostile/) gets its own copy in each. The page-content formula here is the one core/demo/oracle.ts checks.
  */
 #ifndef WPSNAP_DEMO_WORKLOAD_H
 #define WPSNAP_DEMO_WORKLOAD_H

@@ -1,9 +1,9 @@
-// The oracle for fixtures/hostile.c: page content, what each mode's state at T
+// The oracle for fixtures/hostile/ (the program hostile): page content, what each mode's state at T
 // (read from the snapshot itself) implies for every page, and a verdict that
 // separates exact pages, pages listed lost (with an allowed reason) and
 // mismatches (silently wrong pages: the bugs).
 //
-// Content encoding (the comment at the top of fixtures/hostile.c is the spec):
+// Content encoding (the comment at the top of fixtures/hostile/hostile.h is the spec):
 //   word 0 = 0x4854 << 48 | q << 40 | p,  word 1 = s,
 //   word w >= 2 = h ^ (w * GOLDEN),  h = mix64(key_q ^ s << 20 ^ p),  key_q = mix64(seed ^ (q + 1) << 56)
 import { KEY_HI, KEY_LO, M64, mix64, words32 } from '../../fixtures/oracle.js';
@@ -121,7 +121,7 @@ export function describeExpectation(x: PageExpectation): string {
 
 // ---------------------------------------------------------------- striders
 
-/** A strider writes page (s * stride) mod P at step s; see fixtures/hostile.c. */
+/** A strider writes page (s * stride) mod P at step s; see fixtures/hostile/strider.c. */
 export class StriderModel {
   private readonly pos: Uint32Array;
   constructor(
@@ -341,7 +341,7 @@ const LOST_UNMAPPED = 'unmapped-before-saved';
 
 /**
  * dontneed: per page, the tickets of its last write and of the last discards
- * by its owner and by the cross discarder (fixtures/hostile.c, "dontneed meta").
+ * by its owner and by the cross discarder (fixtures/hostile/dontneed.c, "dontneed meta").
  */
 export function dontneedExpectation(view: SnapshotView, record: bigint, stream: number, page: number): PageExpectation {
   const w = (i: number): number => view.num(record + BigInt(i * 8));
