@@ -293,12 +293,13 @@ describe('killing wpsnap at any point', () => {
   it('SIGINT stops a snapshot: exit 130, recorded incomplete, target released; a second snapshot meanwhile is refused', async () => {
     const store = join(dir, 'sigint.db');
     // Its own target: 64 MiB written slowly (1000 pages/s per thread), so that
-    // the sweep at --rate 1 (MB/s) has minutes of work and faults save little
-    // of it: the interrupt lands mid-sweep.
+    // the sweep at --rate 0.25 (MB/s) has a minute of work or more and faults
+    // save little of it: the interrupt lands mid-sweep, even when a loaded
+    // machine makes the second snapshot below take tens of seconds.
     const slow = await launchFixture('pagewriter', ['--threads', '2', '--pages', '8192', '--memfd-pages', '0', '--kernel-pages', '0', '--rate', '1000']);
     try {
       const slowLayout = parseLayout(slow.readyLine);
-      const child = spawn(process.execPath, [CLI_JS, 'snapshot', String(slow.pid), '--store', store, '--rate', '1'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, [CLI_JS, 'snapshot', String(slow.pid), '--store', store, '--rate', '0.25'], { stdio: ['ignore', 'pipe', 'pipe'] });
       const closed = once(child, 'close');
       let stderr = '';
       const sweeping = new Promise<void>((resolve) =>
