@@ -124,9 +124,12 @@ describe('transparent huge pages', () => {
   // still let the sweep save whole huge pages (it takes them in debt), not
   // stall or fall back to splitting them.
   it('a rate-limited sweep below 2 MiB per tenth of a second still keeps them huge', async () => {
-    const { result } = await snapshotThpTarget(['--threads', '1', '--mib', '8', '--rate', '2', '--seed', '32'], { rateBytesPerSec: 4 << 20 });
+    const { result } = await snapshotThpTarget(['--threads', '1', '--mib', '16', '--rate', '1', '--seed', '32'], { rateBytesPerSec: 8 << 20 });
     expect(result.engine.pagesFromSweep).toBeGreaterThan(0);
-    // 8 MiB at 4 MiB/s: the limit held (the first block goes on the initial burst).
+    // 16 MiB at 8 MiB/s: about 2 s. A sweep that waited for 2 MiB of tokens
+    // would never take a block: only the writer's faults, one a second at
+    // random pages, would save them (about 20 s for all eight).
     expect(result.durationMillis).toBeGreaterThan(1000);
+    expect(result.durationMillis).toBeLessThan(8000);
   });
 });
