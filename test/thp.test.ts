@@ -4,8 +4,7 @@
 // whole 2 MiB (mm/mprotect.c change_pmd_range); the engine used to unprotect
 // 4 KiB after a fault and 128 KiB per sweep chunk, which split every huge page
 // of the target (AnonHugePages 131,072 kB -> 0 kB).
-import { readFileSync } from 'node:fs';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
