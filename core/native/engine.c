@@ -65,6 +65,7 @@ typedef struct {
   int fd;             /* KIND_FILE: the shared file, read with pread */
   uint64_t file_off;  /* KIND_FILE: file offset of t_start */
   bool hugetlb;
+  bool may_thp;       /* anonymous, and held PMD-mapped huge pages at the start (see thp_block) */
   bool gone;          /* unmapped: its old address range belongs to other mappings now */
   uint8_t *state;     /* one byte per 4 KiB page of this piece */
 } segment_t;
@@ -429,6 +430,133 @@ static void wait_quiet(engine_t *e, uint64_t start, uint64_t len) {
   }
 }
 
+/* ---------- transparent huge pages ----------
+ * UFFDIO_WRITEPROTECT keeps a huge PMD of an anonymous mapping huge only when
+ * its range covers the whole 2 MiB (mm/mprotect.c change_pmd_range: a huge
+ * pmd is split unless next - addr == HPAGE_PMD_SIZE; file-backed ones always
+ * are); change_huge_pmd() then sets or clears the pmd's uffd-wp bit, and a
+ * write fault on a protected huge pmd reaches us without a split
+ * (wp_huge_pmd). The pause protects whole mappings, cut at 2 MiB boundaries
+ * (uffd.c), so THPs are protected whole; a 4 KiB unprotect after a fault or a
+ * 128 KiB sweep chunk would split them. So a PMD-mapped block is saved and
+ * unprotected as one 2 MiB unit, by a fault in it or by the sweep. */
+#define THP_BYTES (2ull << 20)
+#define THP_PAGES 512u
+enum { THP_NONE = 0, THP_DATA = 1, THP_ZERO = 2 };
+
+/* The first PMD-mapped block in [addr, end), as PAGEMAP_SCAN's PAGE_IS_HUGE
+ * reports it (for anonymous memory only a huge pmd sets it); false if none. */
+static bool find_huge(engine_t *e, uint64_t addr, uint64_t end, struct wpsnap_page_region *r) {
+  struct wpsnap_pm_scan_arg arg = {
+      .size = sizeof arg,
+      .start = addr,
+      .end = end,
+      .vec = (uint64_t)(uintptr_t)r,
+      .vec_len = 1,
+      .category_anyof_mask = PAGE_IS_HUGE,
+      .return_mask = PAGE_IS_HUGE | PAGE_IS_PFNZERO,
+  };
+  /* SAFETY: a read-only walk of the target's page tables; EINVAL/ENOTTY on a
+   * kernel without PAGEMAP_SCAN leaves everything in 4 KiB units. */
+  return ioctl(e->pagemap_fd, PAGEMAP_SCAN, &arg) == 1;
+}
+
+/* Is the 2 MiB block holding offset `off` of s one huge PMD now? Sets *block
+ * to its offset in s; THP_ZERO when it maps the huge zero page. */
+static int thp_block(engine_t *e, segment_t *s, uint64_t off, uint64_t *block) {
+  if (!s->may_thp) return THP_NONE;
+  uint64_t addr = (s->cur_start + off) & ~(THP_BYTES - 1);
+  struct wpsnap_page_region r;
+  if (addr < s->cur_start || addr + THP_BYTES > s->cur_start + s->len) return THP_NONE;
+  if (!find_huge(e, addr, addr + THP_BYTES, &r) || r.start != addr || r.end != addr + THP_BYTES) return THP_NONE;
+  *block = addr - s->cur_start;
+  return (r.categories & PAGE_IS_PFNZERO) ? THP_ZERO : THP_DATA;
+}
+
+/* need[i]: page i of the block is unsaved and holds data at T (every page of a
+ * huge pmd does, but the huge zero page). Returns how many. */
+static uint32_t thp_need(segment_t *s, uint64_t block, int thp, uint8_t need[THP_PAGES]) {
+  uint32_t n = 0;
+  for (uint32_t i = 0; i < THP_PAGES; i++) {
+    need[i] = thp == THP_DATA && s->state[block / PG + i] == PAGE_UNSAVED;
+    n += need[i];
+  }
+  return n;
+}
+
+/* Copy the needed pages of the block, in runs, to dst. 0 or an errno. */
+static int thp_copy(engine_t *e, segment_t *s, uint64_t block, const uint8_t need[THP_PAGES], uint8_t *dst) {
+  uint32_t k = 0;
+  for (uint32_t i = 0; i < THP_PAGES;) {
+    if (!need[i]) {
+      i++;
+      continue;
+    }
+    uint32_t j = i;
+    while (j < THP_PAGES && need[j]) j++;
+    int err = seg_copy(e, s, block + (uint64_t)i * PG, (uint64_t)(j - i) * PG, dst + (size_t)k * PG);
+    if (err != 0) return err;
+    k += j - i;
+    i = j;
+  }
+  return 0;
+}
+
+/* The block is unprotected: its copied pages go into *batch (reserved by
+ * thp_need's count), and every other unsaved page of it was zero at T. */
+static void thp_commit(engine_t *e, segment_t *s, uint64_t block, const uint8_t need[THP_PAGES], slot_t **batch) {
+  uint32_t k = 0;
+  for (uint32_t i = 0; i < THP_PAGES; i++) {
+    uint8_t *state = &s->state[block / PG + i];
+    if (need[i]) (*batch)->addrs[(*batch)->count + k++] = s->t_start + block + (uint64_t)i * PG;
+    else if (*state == PAGE_UNSAVED) atomic_fetch_add(&e->pages_zero, 1);
+    if (*state == PAGE_UNSAVED) *state = PAGE_SAVED;
+  }
+  if (k == 0) return;
+  (*batch)->count += k;
+  atomic_fetch_add(&e->bytes_copied, (uint64_t)k * PG);
+  if ((*batch)->count == (*batch)->cap) flush_batch(e, batch);
+}
+
+/* Save and unprotect a PMD-mapped block, for a fault (which may not wait for
+ * the pool) or the sweep. Returns 0 when done; EAGAIN when events were applied
+ * (segments may have moved: look the address up again); ENOBUFS when the
+ * sweep has no batch; -1 when a page could not be read (use 4 KiB units). */
+static int save_thp(engine_t *e, segment_t *s, uint64_t block, int thp, bool from_fault) {
+  uint8_t need[THP_PAGES];
+  uint32_t n = thp_need(s, block, thp, need);
+  uint8_t *dst = n > 0 ? reserve(e, n, from_fault) : NULL;
+  if (n > 0 && dst == NULL) return ENOBUFS;
+  int err = n > 0 ? thp_copy(e, s, block, need, dst) : 0;
+  if (err == ESRCH) {
+    set_fatal(e, err, "copy of a huge page: target gone");
+    return 0;
+  }
+  if (err != 0) return read_more(e, false) > 0 ? EAGAIN : -1;
+  err = unprotect_checked(e, s->cur_start + block, THP_BYTES);
+  if (err == EAGAIN) return EAGAIN; /* events applied: copy again */
+  if (err == ENOENT) return read_more(e, false) > 0 ? EAGAIN : -1;
+  if (err != 0) {
+    set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) of a huge page");
+    return 0;
+  }
+  thp_commit(e, s, block, need, from_fault ? &e->cur_fault : &e->cur_sweep);
+  atomic_fetch_add(from_fault ? &e->pages_fault : &e->pages_sweep, n);
+  return 0;
+}
+
+/* Which segments may hold THPs: anonymous ones with a huge pmd at the start.
+ * Later huge pmds only form where every pte is unprotected (khugepaged and
+ * MADV_COLLAPSE refuse uffd-wp ptes), i.e. over saved pages. */
+static void find_thp_segments(engine_t *e) {
+  struct wpsnap_page_region r;
+  for (size_t i = 0; i < e->nsegs; i++) {
+    segment_t *s = &e->segs[i];
+    s->may_thp = s->kind == KIND_ANON && !s->hugetlb && s->len >= THP_BYTES &&
+                 find_huge(e, s->cur_start, s->cur_start + s->len, &r);
+  }
+}
+
 static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
   /* Retry while events keep the address space changing: each round applies
    * them. Give up only if it never settles for FAULT_SETTLE_US. */
@@ -438,6 +566,21 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
     if (s == NULL) {
       uffd_wake(e->uffd, addr & ~(PG - 1), PG);
       return;
+    }
+    uint64_t block;
+    int thp = thp_block(e, s, addr - s->cur_start, &block);
+    if (thp != THP_NONE) {
+      if (attempt > 0) wait_quiet(e, s->cur_start + block, THP_BYTES);
+      int err = save_thp(e, s, block, thp, true);
+      if (err == EAGAIN) continue;
+      if (err == 0) {
+        if (read_ns != 0 && e->nlatency < MAX_LATENCY_SAMPLES) {
+          uint64_t dt = mono_ns() - read_ns;
+          e->latency_ns[e->nlatency++] = dt > UINT32_MAX ? UINT32_MAX : (uint32_t)dt;
+        }
+        return;
+      }
+      /* A page of it could not be read: 4 KiB units below (the pmd splits). */
     }
     uint64_t unit = s->page_size;
     uint64_t off = (addr - s->cur_start) & ~(unit - 1);
@@ -695,6 +838,30 @@ static uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_
   return ncopy;
 }
 
+/* The sweep's step over a PMD-mapped block: the whole 2 MiB in one unit.
+ * Returns a SWEEP_* code, or -1 when a page of it could not be read. */
+static int sweep_thp(engine_t *e, segment_t *s, uint64_t block, int thp, int *wait_ms) {
+  if (e->rate > 0) {
+    rate_refill(e);
+    /* The bucket holds at most rate/10 + one chunk: at low rates a block goes
+     * when it is full, and the debt is paid back before the next one. */
+    double burst = e->rate / 10 + SWEEP_CHUNK_BYTES;
+    double want = burst < (double)THP_BYTES ? burst : (double)THP_BYTES;
+    if (e->tokens < want) {
+      *wait_ms = (int)((want - e->tokens) * 1e3 / e->rate) + 1;
+      return SWEEP_WAIT_RATE;
+    }
+  }
+  if (!sweep_has_room(e)) return SWEEP_WAIT_POOL;
+  int err = save_thp(e, s, block, thp, false);
+  if (err == ENOBUFS) return SWEEP_WAIT_POOL;
+  if (err == EAGAIN) return SWEEP_PROGRESS;
+  if (err != 0) return -1;
+  if (e->rate > 0) e->tokens -= (double)THP_BYTES;
+  e->sweep_off = block + THP_BYTES;
+  return SWEEP_PROGRESS;
+}
+
 static int sweep_step(engine_t *e, int *wait_ms) {
   /* find the next unsaved page */
   segment_t *s = NULL;
@@ -717,10 +884,20 @@ static int sweep_step(engine_t *e, int *wait_ms) {
         }
     return SWEEP_DONE;
   }
+  uint64_t block;
+  int thp = thp_block(e, s, e->sweep_off, &block);
+  if (thp != THP_NONE) {
+    int r = sweep_thp(e, s, block, thp, wait_ms);
+    if (r >= 0) return r; /* else a page of it could not be read: 4 KiB units below */
+  }
   uint64_t unit = s->page_size;
   uint64_t max_bytes = unit > SWEEP_CHUNK_BYTES ? unit : SWEEP_CHUNK_BYTES;
   uint64_t off = e->sweep_off, end = off;
   while (end < s->len && end - off < max_bytes && s->state[end / PG] == PAGE_UNSAVED) end += unit;
+  /* A chunk stops where a huge pmd starts: that block goes whole, next. */
+  struct wpsnap_page_region huge;
+  if (s->may_thp && find_huge(e, s->cur_start + off, s->cur_start + end, &huge) && huge.start > s->cur_start + off)
+    end = huge.start - s->cur_start;
   uint64_t len = end - off;
   uint32_t npg = (uint32_t)(len / PG);
 
@@ -826,6 +1003,7 @@ static int sweep_step(engine_t *e, int *wait_ms) {
 static void *engine_main(void *arg) {
   engine_t *e = arg;
   prctl(PR_SET_NAME, "wpsnap-engine");
+  find_thp_segments(e);
   /* Per-thread on Linux; without the privilege the engine simply stays at the process's nice. */
   (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), ENGINE_NICE);
   e->tokens_at = mono_us();
