@@ -318,9 +318,9 @@ describe('invariant 5 under hostile targets', () => {
     });
   });
 
-  // Catches: huge PMDs protected or unprotected wrongly (a 4 KiB unprotect must
-  // split the PMD and keep the other 511 pages protected; unprotecting the
-  // whole PMD would let writes to its unsaved neighbours through), and a
+  // Catches: huge PMDs protected or unprotected wrongly (the engine saves a
+  // PMD-mapped block whole before unprotecting all 2 MiB of it; unprotecting
+  // it with pages still unsaved would let writes to them through), and a
   // MADV_COLLAPSE that rebuilds a huge page from uffd-wp PTEs and drops their
   // protection (the kernel must refuse; writes after it would go unseen).
   it('thp: huge pages written 4 KiB at a time and collapsed while snapshotted are exact', async () => {
