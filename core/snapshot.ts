@@ -15,6 +15,7 @@ import {
 } from './attach.js';
 import { WpsnapError, fromNative } from './errors.js';
 import { faultPoint } from './fault.js';
+import { findPinned, savePinned, scanPinSources, type PinSources } from './pinned.js';
 import { requireFeatures, UFFD_FEATURES_FOR_SNAPSHOT, UFFDIO_REGISTER_MODE_WP } from './features.js';
 import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
 import { assertProcessExists, readProcessRecord, threadName, type MapsEntry } from './procfs.js';
@@ -63,6 +64,8 @@ export interface SnapshotResult {
   faultP50Micros: number;
   faultP99Micros: number;
   lostPages: LostPagesEntry[];
+  /** Pages that may be wrong where wpsnap cannot tell which (pins it could not place); empty when none. */
+  warnings: string[];
   threads: number;
   /** sparse: of the protected regions, those protected only where populated (their other pages were zero at T). */
   regions: { protected: number; sparse: number; copied: number; filePrivate: number; fileReference: number; skipped: number };
@@ -88,6 +91,9 @@ interface PausePhase {
   plans: RegionPlan[];
   threads: ThreadRecord[];
   pausedPages: PageBatch[];
+  /** Pinned pages listed lost, and warnings about pins that could not be placed. */
+  pinnedLost: LostRange[];
+  warnings: string[];
   pauseMicros: number;
   /** Regions protected only where populated (see protectionRanges). */
   sparseRegions: number;
@@ -272,6 +278,7 @@ function pausePhase(
   maxSharedCopyBytes: number,
   sparse: SparseIntervals,
   copyBuffer: Buffer | undefined,
+  pinSources: PinSources,
 ): PausePhase {
   const started = process.hrtime.bigint();
   let mark = started;
@@ -348,6 +355,9 @@ function pausePhase(
       const pages = copy.addresses.length;
       if (pages > 0) pausedPages.push({ addresses: copy.addresses, data: copy.data.subarray(0, pages * PAGE_SIZE) });
     }
+    // Pages the kernel writes through a long-term pin never fault: copy them now.
+    const pinned = savePinned(binding, pid, registered, findPinned(pid, pinSources));
+    if (pinned.pages) pausedPages.push(pinned.pages);
     breakdown.copy = lap();
     binding.thaw(frozen.handle);
     breakdown.thaw = lap();
@@ -361,7 +371,18 @@ function pausePhase(
       fpregs: t.fpregs,
       xstate: t.xstate,
     }));
-    return { breakdown, uffd, method: injected.method, plans, threads, pausedPages, pauseMicros, sparseRegions: protection.sparseRegions };
+    return {
+      breakdown,
+      uffd,
+      method: injected.method,
+      plans,
+      threads,
+      pausedPages,
+      pinnedLost: pinned.lost,
+      warnings: pinned.warnings,
+      pauseMicros,
+      sparseRegions: protection.sparseRegions,
+    };
   } catch (error) {
     // Closing the only reference releases every registration and protection.
     if (uffd >= 0) closeQuietly(binding, uffd);
@@ -472,6 +493,7 @@ export async function snapshotProcess(
     planner.prepare(mapsBefore);
     const sparse = findSparse(binding, pid, mapsBefore);
     const copyBuffer = privateCopyBuffer(binding, pid, planner.prepared());
+    const pinSources = scanPinSources(pid);
     try {
       binding.prepareFreeze();
     } catch (error) {
@@ -479,7 +501,7 @@ export async function snapshotProcess(
     }
     faultPoint('before-freeze');
     const maxSharedCopy = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
-    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, maxSharedCopy, sparse, copyBuffer);
+    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, maxSharedCopy, sparse, copyBuffer, pinSources);
     deviceNode?.remove();
     deviceNode = null;
     faultPoint('after-resume');
@@ -498,7 +520,7 @@ export async function snapshotProcess(
       stopEngine.signal,
     );
     let pausedStored: Promise<unknown>;
-    const initialLost = pause.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : []));
+    const initialLost = [...pause.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : [])), ...pause.pinnedLost];
     try {
       writer.addThreads(processId, pause.threads);
       writer.addRegions(processId, pause.plans.map((p): RegionRecord => p.record));
@@ -534,6 +556,7 @@ export async function snapshotProcess(
       faults: stats.faults,
       faultP50Micros: stats.faultServiceP50Micros,
       faultP99Micros: stats.faultServiceP99Micros,
+      ...(pause.warnings.length > 0 ? { warnings: pause.warnings } : {}),
     });
     const allLost = [...initialLost, ...engineLost];
     const { lost: _lost, error: _error, ...engine } = stats;
@@ -552,6 +575,7 @@ export async function snapshotProcess(
       faultP50Micros: stats.faultServiceP50Micros,
       faultP99Micros: stats.faultServiceP99Micros,
       lostPages: allLost.map((l) => ({ address: `0x${l.address.toString(16)}`, pages: l.pages, reason: l.reason })),
+      warnings: pause.warnings,
       threads: pause.threads.length,
       regions: {
         protected: pause.plans.filter((p) => p.record.capture === 'protected').length,
