@@ -4,11 +4,10 @@
 // such a page with whatever the kernel wrote after T. This module finds them:
 // the addresses where the kernel lists them (io_uring's fdinfo), and a warning
 // for every pin it cannot place (VmPin beyond what it found, RDMA, vfio).
-import { closeSync, openSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { PAGE_SIZE, type LostRange, type PageBatch } from '../snapshot-format/model.js';
 import { fromNative } from './errors.js';
 import type { NativeBinding } from './native/binding.js';
-import { readMaps } from './procfs.js';
 import type { RegionPlan } from './regions.js';
 
 const IO_URING = 'anon_inode:[io_uring]';
@@ -110,25 +109,13 @@ export function readVmPinBytes(pid: number): number {
   return kb === undefined ? 0 : Number(kb) * 1024;
 }
 
-/** Rings mapped but not in the fd table (their fd closed, or registered with IORING_REGISTER_RING_FDS): read through map_files. */
-function mappedRings(pid: number, seen: Set<string>, visit: (fdinfo: string, label: string) => void): void {
-  for (const m of readMaps(pid)) {
-    if (m.path !== IO_URING || seen.has(String(m.inode))) continue;
-    let fd: number;
-    try {
-      fd = openSync(`/proc/${pid}/map_files/${m.start.toString(16)}-${m.end.toString(16)}`, 'r');
-    } catch {
-      continue; // VmPin still tells if its buffers go unexplained
-    }
-    try {
-      visit(`/proc/self/fdinfo/${fd}`, `io_uring ring mapped at 0x${m.start.toString(16)}`);
-    } finally {
-      closeSync(fd);
-    }
-  }
-}
-
-/** Run during the pause: every pinned range wpsnap can place, and a warning for each pin it cannot. */
+/**
+ * Run during the pause: every pinned range wpsnap can place, and a warning for
+ * each pin it cannot. A ring whose fd was closed (IORING_REGISTER_RING_FDS)
+ * lists its buffers nowhere (its mappings cannot be reopened through
+ * map_files: ENXIO), and one set up with IORING_SETUP_NO_MMAP shows no
+ * mapping at all: only VmPin reveals their buffers.
+ */
 export function findPinned(pid: number, sources: PinSources): PinnedScan {
   const warnings = [...sources.deviceWarnings];
   const ranges: PinnedRange[] = [];
@@ -153,7 +140,6 @@ export function findPinned(pid: number, sources: PinSources): PinnedScan {
     }
   };
   for (const fd of sources.ioUringFds) visit(`/proc/${pid}/fdinfo/${fd}`, `io_uring fd ${fd}`);
-  mappedRings(pid, seen, visit);
   if (BigInt(vmPin) > explained) {
     warnings.push(
       `VmPin is ${vmPin / 1024} kB but the io_uring buffers wpsnap found explain ${explained / 1024n} kB: the kernel may write the rest ` +
@@ -163,7 +149,7 @@ export function findPinned(pid: number, sources: PinSources): PinnedScan {
   return { ranges, warnings };
 }
 
-/** Copying pinned pages lengthens the pause (~2.5 µs a page here); beyond this they are listed lost instead. */
+/** Copying pinned pages lengthens the pause (~2.5 µs a page here); beyond this they are listed lost instead (SnapshotOptions.maxPinnedCopyBytes). */
 export const PINNED_COPY_MAX_BYTES = 64 * 1024 * 1024;
 
 export interface PinnedSave {
@@ -197,10 +183,16 @@ function appendSaved(plan: RegionPlan, runs: bigint[]): void {
  * (`pinned-kernel-writable`), and settled too. Regions copied whole in the
  * pause need nothing more; skipped ones are already listed lost.
  */
-export function savePinned(binding: NativeBinding, pid: number, plans: RegionPlan[], scan: PinnedScan): PinnedSave {
+export function savePinned(
+  binding: NativeBinding,
+  pid: number,
+  plans: RegionPlan[],
+  scan: PinnedScan,
+  maxCopyBytes = PINNED_COPY_MAX_BYTES,
+): PinnedSave {
   const result: PinnedSave = { pages: undefined, lost: [], warnings: [...scan.warnings], pagesCopied: 0 };
   const copy: Array<{ plan: RegionPlan; start: bigint; end: bigint }> = [];
-  let budget = BigInt(PINNED_COPY_MAX_BYTES);
+  let budget = BigInt(maxCopyBytes);
   for (const r of scan.ranges) {
     for (const plan of plans) {
       if (plan.engine === undefined) continue;
@@ -214,7 +206,7 @@ export function savePinned(binding: NativeBinding, pid: number, plans: RegionPla
       }
       const pages = Number((end - start) / BigInt(PAGE_SIZE));
       result.lost.push({ address: start, pages, reason: 'pinned-kernel-writable' });
-      result.warnings.push(`${pages} pages of an ${r.kind} at 0x${start.toString(16)} listed lost: over the ${PINNED_COPY_MAX_BYTES >> 20} MiB the pause copies`);
+      result.warnings.push(`${pages} pages of an ${r.kind} at 0x${start.toString(16)} listed lost pinned-kernel-writable: over the ${maxCopyBytes} bytes the pause copies`);
       appendSaved(plan, [start, end]);
     }
   }

@@ -39,6 +39,9 @@ export interface SnapshotOptions {
   /** Shared memory that uffd-wp cannot protect (SysV segments) is copied whole
    * during the pause, up to this many bytes in all; beyond that it is listed as lost. */
   maxSharedCopyBytes?: number;
+  /** Pages the kernel writes through a long-term pin (io_uring registered buffers) are copied during the
+   * pause, up to this many bytes (default PINNED_COPY_MAX_BYTES); beyond that they are listed lost. */
+  maxPinnedCopyBytes?: number;
 }
 
 export const DEFAULT_MAX_SHARED_COPY = 512 * 1024 * 1024;
@@ -279,6 +282,7 @@ function pausePhase(
   sparse: SparseIntervals,
   copyBuffer: Buffer | undefined,
   pinSources: PinSources,
+  maxPinnedCopyBytes: number | undefined,
 ): PausePhase {
   const started = process.hrtime.bigint();
   let mark = started;
@@ -356,7 +360,7 @@ function pausePhase(
       if (pages > 0) pausedPages.push({ addresses: copy.addresses, data: copy.data.subarray(0, pages * PAGE_SIZE) });
     }
     // Pages the kernel writes through a long-term pin never fault: copy them now.
-    const pinned = savePinned(binding, pid, registered, findPinned(pid, pinSources));
+    const pinned = savePinned(binding, pid, registered, findPinned(pid, pinSources), maxPinnedCopyBytes);
     if (pinned.pages) pausedPages.push(pinned.pages);
     breakdown.copy = lap();
     binding.thaw(frozen.handle);
@@ -501,7 +505,7 @@ export async function snapshotProcess(
     }
     faultPoint('before-freeze');
     const maxSharedCopy = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
-    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, maxSharedCopy, sparse, copyBuffer, pinSources);
+    pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, maxSharedCopy, sparse, copyBuffer, pinSources, options.maxPinnedCopyBytes);
     deviceNode?.remove();
     deviceNode = null;
     faultPoint('after-resume');

@@ -66,7 +66,7 @@ async function stopClean(fixture: DetachedFixture): Promise<void> {
 }
 
 describe('pages the kernel writes through a long-term pin', () => {
-  it('an io_uring fixed buffer the kernel keeps filling is stored as it was at T, or listed pinned-kernel-writable', async () => {
+  it('an io_uring fixed buffer the kernel keeps filling is stored as it was at T', async () => {
     const store = Store.open(join(dir, 'ring.db'));
     const { fixture, ready } = await startTarget();
     try {
@@ -87,7 +87,7 @@ describe('pages the kernel writes through a long-term pin', () => {
         if (allowed(k, c, ready.slots).some((p) => p.equals(stored))) exact++;
         else wrong.push(`slot ${k}: word 0 is ${stored.readBigUInt64LE(0) >> 12n} - 1, counter at T ${c}`);
       }
-      console.log(`[pinned] counter at T ${c}, ${exact} slots exact, ${pinnedLost.length} lost ranges, pause ${result.pauseMicros} µs`);
+      console.log(`[pinned] counter at T ${c}, ${exact} slots exact, ${pinnedLost.length} lost ranges, pause ${JSON.stringify(result.pauseBreakdownMicros)} µs`);
       expect(wrong, `${wrong.length} slot(s) silently wrong`).toEqual([]);
       expect(exact + pinnedLost.reduce((n, l) => n + l.pages, 0)).toBe(ready.slots);
       // The kernel went on writing after T (the test would prove nothing otherwise), and the target ran on.
@@ -99,9 +99,32 @@ describe('pages the kernel writes through a long-term pin', () => {
     }
   }, 60_000);
 
-  it('a pin wpsnap cannot place (a hidden io_uring ring) is reported in the result, the stored stats, the summary and show', async () => {
-    const storePath = join(dir, 'hidden.db');
-    const { fixture } = await startTarget(['--hidden']);
+  it('pinned pages beyond what the pause may copy are listed pinned-kernel-writable, with a warning naming the kind', async () => {
+    const store = Store.open(join(dir, 'budget.db'));
+    const { fixture, ready } = await startTarget();
+    try {
+      const half = (ready.slots / 2) * PAGE_SIZE;
+      const result = await snapshotProcess(binding, store, fixture.pid, { rateBytesPerSec: 4 << 20, maxPinnedCopyBytes: half });
+      const processId = store.processes(result.id)[0]!.processId;
+      const lost = store.lost(processId).filter((l) => l.reason === 'pinned-kernel-writable');
+      // One registered buffer: it does not fit, so all of it is listed lost and nothing of it is stored.
+      expect(lost).toEqual([{ address: ready.buffer, pages: ready.slots, reason: 'pinned-kernel-writable' }]);
+      expect([...store.pagesInRange(processId, ready.buffer, ready.buffer + BigInt(ready.slots * PAGE_SIZE))]).toEqual([]);
+      expect(result.warnings).toEqual([
+        `${ready.slots} pages of an io_uring registered buffer (io_uring fd 3) at 0x${ready.buffer.toString(16)} listed lost pinned-kernel-writable: over the ${half} bytes the pause copies`,
+      ]);
+      expect(store.find(String(result.id)).stats?.warnings).toEqual(result.warnings);
+      await stopClean(fixture);
+    } finally {
+      await store.close();
+    }
+  }, 60_000);
+
+  // --fd-closed: the ring's fd is closed, only its mappings remain (they cannot be reopened);
+  // --hidden: not even mapped (IORING_SETUP_NO_MMAP).
+  it.each([['--fd-closed'], ['--hidden']])('a pin wpsnap cannot place (io_uring ring %s) is reported in the result, the stored stats, the summary and show', async (mode) => {
+    const storePath = join(dir, `hidden${mode}.db`);
+    const { fixture } = await startTarget([mode]);
     try {
       const vmPinWarning = /^VmPin is 256 kB but the io_uring buffers wpsnap found explain 0 kB: /;
       const run = await runCli(['snapshot', String(fixture.pid), '--store', storePath, '--name', 'hidden']);
