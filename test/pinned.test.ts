@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { loadBinding } from '../core/binding.js';
+import { parseRingFdinfo } from '../core/pinned.js';
 import { snapshotProcess } from '../core/snapshot.js';
 import { PAGE_SIZE } from '../snapshot-format/model.js';
 import { Store } from '../store/store.js';
@@ -154,4 +155,17 @@ describe('pages the kernel writes through a long-term pin', () => {
       fixture.kill();
     }
   }, 60_000);
+
+  // io_uring/fdinfo.c takes the ring's lock with mutex_trylock: when it is busy, older kernels print
+  // the UserBufs count without its entries, newer ones omit the section. Neither may read as "no buffers".
+  it('reads the registered buffers of an io_uring fdinfo, and knows when the kernel left them out', () => {
+    const head = 'pos:\t0\nflags:\t02000002\nmnt_id:\t16\nino:\t143531\nSqMask:\t0x3\n';
+    expect(parseRingFdinfo(`${head}UserFiles:\t0\nUserBufs:\t2\n    0: 0x7f3335b1b000/262144\n    1: <none>\nPollList:\n`)).toEqual({
+      ino: '143531',
+      buffers: [[0x7f3335b1b000n, 262144n]],
+    });
+    expect(parseRingFdinfo(`${head}UserFiles:\t0\nUserBufs:\t0\nPollList:\n`)).toEqual({ ino: '143531', buffers: [] });
+    expect(parseRingFdinfo(`${head}UserFiles:\t0\nUserBufs:\t2\nPollList:\n`).buffers).toBeUndefined();
+    expect(parseRingFdinfo(head).buffers).toBeUndefined();
+  });
 });
