@@ -1,7 +1,7 @@
 // Everything that happens while the target is stopped: obtain its
 // userfaultfd, plan its mappings again, register and write-protect them, copy
 // what uffd-wp cannot protect, resume. T is this whole pause.
-import type { PageBatch, ThreadRecord } from '../snapshot-format/model.js';
+import type { LostRange, PageBatch, ThreadRecord } from '../snapshot-format/model.js';
 import type { UffdMethod } from './attach.js';
 import type { Attacher } from './attacher.js';
 import { fromNative } from './errors.js';
@@ -9,6 +9,7 @@ import { faultPoint } from './fault.js';
 import { UFFD_FEATURES_FOR_SNAPSHOT } from './features.js';
 import type { NativeBinding } from './native/binding.js';
 import { copyInPause } from './paused-copy.js';
+import { findPinned, savePinned, type PinSources } from './pinned.js';
 import { threadName } from './procfs.js';
 import { registerRegions, writeProtectAll } from './protect.js';
 import type { RegionPlan, RegionPlanner } from './regions.js';
@@ -34,6 +35,10 @@ export interface PauseInputs {
   sparse: SparseIntervals;
   /** Memory touched before the freeze for the private pages copied in the pause. */
   copyBuffer: Buffer | undefined;
+  /** fds through which the kernel may pin the target's memory (read before the freeze). */
+  pinSources: PinSources;
+  /** Pinned pages copied in the pause, at most this many bytes (beyond: listed lost). */
+  maxPinnedCopyBytes: number | undefined;
 }
 
 export interface PauseOutcome {
@@ -44,6 +49,9 @@ export interface PauseOutcome {
   plans: RegionPlan[];
   threads: ThreadRecord[];
   pausedPages: PageBatch[];
+  /** Pinned pages listed lost, and warnings about pins that could not be placed. */
+  pinnedLost: LostRange[];
+  warnings: string[];
   /** Regions protected only where populated. */
   sparseRegions: number;
 }
@@ -88,6 +96,9 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     breakdown.protect = lap();
     faultPoint('after-protect');
     const pausedPages = copyInPause(binding, pid, plans, inputs.copyBuffer);
+    // Pages the kernel writes through a long-term pin never fault: copy them now.
+    const pinned = savePinned(binding, pid, registered, findPinned(pid, inputs.pinSources), inputs.maxPinnedCopyBytes);
+    if (pinned.pages) pausedPages.push(pinned.pages);
     breakdown.copy = lap();
     stopped.resume();
     breakdown.thaw = lap();
@@ -95,7 +106,18 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     // Thread names are read after the resume: they are for recognising the
     // snapshot, and reading /proc per thread would lengthen the pause.
     const threads: ThreadRecord[] = stopped.threads.map((t) => ({ tid: t.tid, name: threadName(pid, t.tid), regs: t.regs, fpregs: t.fpregs, xstate: t.xstate }));
-    return { breakdown, pauseMicros, uffd, method: obtained.method, plans, threads, pausedPages, sparseRegions: protection.sparseRegions };
+    return {
+      breakdown,
+      pauseMicros,
+      uffd,
+      method: obtained.method,
+      plans,
+      threads,
+      pausedPages,
+      pinnedLost: pinned.lost,
+      warnings: pinned.warnings,
+      sparseRegions: protection.sparseRegions,
+    };
   } catch (error) {
     // Closing the only reference releases every registration and protection.
     if (uffd >= 0) closeQuietly(binding, uffd);

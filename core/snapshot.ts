@@ -14,6 +14,7 @@ import { requireFeatures } from './features.js';
 import type { EngineFinalStats, NativeBinding } from './native/binding.js';
 import { pause, type PauseBreakdown, type PauseOutcome } from './pause.js';
 import { privateCopyBuffer } from './paused-copy.js';
+import { scanPinSources } from './pinned.js';
 import { assertProcessExists, readProcessRecord } from './procfs.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
@@ -33,6 +34,9 @@ export interface SnapshotOptions {
   /** Shared memory that uffd-wp cannot protect (SysV segments) is copied whole
    * during the pause, up to this many bytes in all; beyond that it is listed as lost. */
   maxSharedCopyBytes?: number;
+  /** Pages the kernel writes through a long-term pin (io_uring registered buffers) are copied during the
+   * pause, up to this many bytes (default PINNED_COPY_MAX_BYTES); beyond that they are listed lost. */
+  maxPinnedCopyBytes?: number;
   /** How the target is stopped and its userfaultfd obtained; default: ptrace injection. */
   attacher?: (binding: NativeBinding, pid: number, pidfd: number) => Attacher;
 }
@@ -60,6 +64,8 @@ export interface SnapshotResult {
   faultP50Micros: number;
   faultP99Micros: number;
   lostPages: LostPagesEntry[];
+  /** Pages that may be wrong where wpsnap cannot tell which (pins it could not place); empty when none. */
+  warnings: string[];
   threads: number;
   /** sparse: of the protected regions, those protected only where populated (their other pages were zero at T). */
   regions: { protected: number; sparse: number; copied: number; filePrivate: number; fileReference: number; skipped: number };
@@ -104,9 +110,19 @@ export async function snapshotProcess(
     planner.prepare(mapsBefore);
     const sparse = findSparse(binding, pid, mapsBefore);
     const copyBuffer = privateCopyBuffer(binding, pid, planner.prepared());
+    const pinSources = scanPinSources(pid);
     faultPoint('before-freeze');
     const maxSharedCopyBytes = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
-    paused = pause(binding, { pid, attacher, planner, maxSharedCopyBytes, sparse, copyBuffer });
+    paused = pause(binding, {
+      pid,
+      attacher,
+      planner,
+      maxSharedCopyBytes,
+      sparse,
+      copyBuffer,
+      pinSources,
+      maxPinnedCopyBytes: options.maxPinnedCopyBytes,
+    });
     attacher.release();
     faultPoint('after-resume');
     const { stats, lost } = await saveInBackground(binding, writer, processId, paused, { pid, pidfd, startedAt, options });
@@ -119,6 +135,7 @@ export async function snapshotProcess(
       faults: stats.faults,
       faultP50Micros: stats.faultServiceP50Micros,
       faultP99Micros: stats.faultServiceP99Micros,
+      ...(paused.warnings.length > 0 ? { warnings: paused.warnings } : {}),
     });
     const { lost: _lost, error: _error, ...engine } = stats;
     const count = (capture: RegionRecord['capture']): number => paused!.plans.filter((p) => p.record.capture === capture).length;
@@ -137,6 +154,7 @@ export async function snapshotProcess(
       faultP50Micros: stats.faultServiceP50Micros,
       faultP99Micros: stats.faultServiceP99Micros,
       lostPages: lost.map((l) => ({ address: `0x${l.address.toString(16)}`, pages: l.pages, reason: l.reason })),
+      warnings: paused.warnings,
       threads: paused.threads.length,
       regions: {
         protected: count('protected'),
@@ -192,7 +210,7 @@ async function saveInBackground(
     signals: [options.signal, stopEngine.signal],
   });
   let pausedStored: Promise<unknown>;
-  const initialLost = paused.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : []));
+  const initialLost = [...paused.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : [])), ...paused.pinnedLost];
   try {
     writer.addThreads(processId, paused.threads);
     writer.addRegions(processId, paused.plans.map((p): RegionRecord => p.record));

@@ -96,6 +96,8 @@ export const LOST_REASONS = [
   'unsupported-page-size',
   /** Shared memory other processes also map writable: their writes do not fault in the target, so it has no single instant T. */
   'shared-with-other-process',
+  /** Pinned by the kernel (an io_uring registered buffer, FOLL_LONGTERM) and too much to copy in the pause: the kernel writes it without a fault. */
+  'pinned-kernel-writable',
 ] as const;
 export type LostReason = (typeof LOST_REASONS)[number];
 
@@ -128,6 +130,8 @@ export interface SnapshotStats {
   faults: number;
   faultP50Micros: number;
   faultP99Micros: number;
+  /** What the snapshot may hold wrong without knowing where (pinned memory it could not place); absent when none. */
+  warnings?: string[];
 }
 
 export interface SnapshotSummary {

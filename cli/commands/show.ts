@@ -36,6 +36,7 @@ export const showCommand: CommandSpec<{ snapshot: string }> = {
         const s = snap.stats;
         println(ctx.stdout, `  paused ${micros(s.pauseMicros)}, took ${millis(s.durationMillis)}, ${s.faults} faults (p50 ${micros(s.faultP50Micros)}, p99 ${micros(s.faultP99Micros)})`);
         println(ctx.stdout, `  ${s.pagesSaved} pages saved (${s.pagesNew} new in the store), ${s.zeroPages} zero, ${bytes(s.bytesRaw)} raw -> ${bytes(s.bytesStored)} stored`);
+        for (const w of s.warnings ?? []) println(ctx.stdout, `  WARNING: ${w}`);
       }
       for (const p of processes) {
         println(ctx.stdout, '');

@@ -28,13 +28,14 @@ export function summary(r: SnapshotResult): string[] {
     `  ${r.faults} write faults served (p50 ${micros(r.faultP50Micros)}, p99 ${micros(r.faultP99Micros)})`,
   ];
   if (r.lostPages.length === 0) {
-    lines.push('  exact: no page lost');
+    lines.push(r.warnings.length === 0 ? '  exact: no page lost' : '  no page listed lost, but see the warnings');
   } else {
     const total = r.lostPages.reduce((n, l) => n + l.pages, 0);
     lines.push(`  ${total} pages NOT captured (see wpsnap show ${r.id}):`);
     for (const l of r.lostPages.slice(0, 5)) lines.push(`    ${l.address} +${l.pages} pages: ${l.reason}`);
     if (r.lostPages.length > 5) lines.push(`    … ${r.lostPages.length - 5} more ranges`);
   }
+  for (const w of r.warnings) lines.push(`  WARNING: ${w}`);
   return lines;
 }
 

@@ -38,6 +38,8 @@ export interface EngineRegion {
   hugetlb?: boolean;
   /** [start, end, …] of pages never touched at T and left unprotected: zero, never read. */
   zeroRanges?: BigUint64Array;
+  /** [start, end, …] of pages settled during the pause (copied then, or listed lost): never copied by the engine. */
+  savedRanges?: BigUint64Array;
 }
 
 export interface EngineOptions {

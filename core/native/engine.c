@@ -1278,6 +1278,25 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
         atomic_fetch_add(&e->pages_zero, (ze - zs) / PG);
       }
     }
+    /* savedRanges: pages JS already accounted for during the pause (copied
+     * then, or listed lost): a kernel-side writer (a long-term pin) changes
+     * them without a fault, so a later copy would not be their content at T. */
+    napi_value sv;
+    napi_valuetype stype = napi_undefined;
+    if (napi_get_named_property(env, r, "savedRanges", &sv) == napi_ok) napi_typeof(env, sv, &stype);
+    if (stype != napi_undefined) {
+      const uint64_t *sr;
+      size_t spairs;
+      if (!arg_u64_groups(env, sv, 2, &sr, &spairs)) {
+        engine_free(e);
+        return throw_type(env, "engineStart: savedRanges must be a BigUint64Array of start, end pairs");
+      }
+      for (size_t k = 0; k < 2 * spairs; k += 2) {
+        uint64_t ss = sr[k] < start ? start : sr[k], se = sr[k + 1] > end ? end : sr[k + 1];
+        if (ss >= se || (ss & (PG - 1)) || (se & (PG - 1))) continue;
+        memset(state + (ss - start) / PG, PAGE_SAVED, (se - ss) / PG);
+      }
+    }
     segment_t *s = seg_append(e);
     *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,
                      .fd = fd, .file_off = file_off, .hugetlb = hugetlb, .state = state};
