@@ -480,6 +480,7 @@ export async function snapshotProcess(
     faultPoint('before-freeze');
     const maxSharedCopy = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
     pause = pausePhase(binding, pid, pidfd, insn, deviceNode, planner, maxSharedCopy, sparse, copyBuffer);
+    writer.recordPause(pause.pauseMicros, pause.breakdown);
     deviceNode?.remove();
     deviceNode = null;
     faultPoint('after-resume');

@@ -422,7 +422,7 @@ describe('schema migrations', () => {
     await w.complete(STATS);
     await v1.close();
 
-    const v2 = Store.open(path);
+    const v2 = Store.open(path, { migrations: MIGRATIONS.slice(0, 2) });
     expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(2);
     const snapshot = v2.find('old');
     const processId = v2.processes(snapshot.id)[0]!.processId;
