@@ -21,7 +21,7 @@ export const showCommand: CommandSpec<{ snapshot: string }> = {
         const threads = store.threads(p.processId).map((t) => ({ tid: t.tid, name: t.name, ...pcAndSp(t) }));
         return {
           pid: p.pid,
-          /** Its pid in each PID namespace, ours first; null when not recorded. */
+          // Its pid in each PID namespace, ours first; null when not recorded.
           nsPids: p.nsPids ?? null,
           ppid: p.ppid,
           uid: p.uid,
