@@ -28,12 +28,18 @@ async function sleeperInPidNamespace(): Promise<{ unshare: ChildProcess; pid: nu
   const unshare = spawn('unshare', ['--pid', '--fork', '--mount-proc', '--kill-child', join(FIXTURES_BUILD_DIR, 'sleeper')], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
-  const lines = createInterface({ input: unshare.stdout! });
-  const [ready] = (await Promise.race([once(lines, 'line'), sleep(20_000).then(() => ['timeout'])])) as string[];
-  expect(JSON.parse(ready!)).toMatchObject({ ready: true, pid: 1 });
-  const children = readFileSync(`/proc/${unshare.pid}/task/${unshare.pid}/children`, 'utf8').trim().split(' ');
-  expect(children).toHaveLength(1);
-  return { unshare, pid: Number(children[0]) };
+  try {
+    const lines = createInterface({ input: unshare.stdout! });
+    const [ready] = (await Promise.race([once(lines, 'line'), sleep(20_000).then(() => ['no ready line within 20 s'])])) as string[];
+    expect(ready).toMatch(/"ready":true/);
+    expect(JSON.parse(ready!)).toMatchObject({ ready: true, pid: 1 });
+    const children = readFileSync(`/proc/${unshare.pid}/task/${unshare.pid}/children`, 'utf8').trim().split(' ');
+    expect(children).toHaveLength(1);
+    return { unshare, pid: Number(children[0]) };
+  } catch (error) {
+    unshare.kill('SIGKILL'); // --kill-child: the sleeper goes with it
+    throw error;
+  }
 }
 
 describe('a target in its own PID namespace', () => {
