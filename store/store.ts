@@ -78,9 +78,12 @@ export class Store {
   }
 
   /**
-   * Open the store at `path`, creating it (and its directory) unless readonly.
-   * Errors: STORE_NOT_FOUND, STORE_IS_DIRECTORY, NOT_A_STORE, STORE_TOO_NEW,
-   * STORE_NEEDS_UPGRADE (readonly and older than this build), or the errno code.
+   * Open the store at `path`, creating it (and its directories, 0700; the file
+   * 0600) unless readonly. A store on a read-only filesystem is read without
+   * writing anything (FORMAT.md). Errors: STORE_NOT_FOUND, STORE_IS_DIRECTORY,
+   * NOT_A_STORE, STORE_TOO_NEW, STORE_NEEDS_UPGRADE (readonly and older than
+   * this build), STORE_READ_ONLY_FS (read-write on a read-only filesystem), or
+   * the errno code.
    */
   static open(path: string, options: StoreOpenOptions = {}): Store {
     const readonly = options.readonly ?? false;
