@@ -52,7 +52,10 @@ describe('a private store, whatever the umask', () => {
     await store.close();
     expect(mode(path)).toBe('0600');
     // An existing directory is not the store's to change.
-    expect(mode(root)).toBe('0700');
+    const existing = join(root, 'existing');
+    mkdirSync(existing, 0o755);
+    await Store.open(join(existing, 'store.db')).close();
+    expect([mode(existing), mode(join(existing, 'store.db'))]).toEqual(['0755', '0600']);
   });
 
   it('exports 0600 files in 0700 directories, also over a previous export', async () => {
