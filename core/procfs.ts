@@ -135,6 +135,7 @@ export function readProcessRecord(pid: number): ProcessRecord {
   const cmdline = readProc(pid, 'cmdline').toString('utf8').split('\0');
   if (cmdline.at(-1) === '') cmdline.pop();
   const startedAt = new Date((bootTimeSeconds() + startTimeTicks / USER_HZ) * 1000).toISOString();
+  const nsPids = readNsPids(pid);
   return {
     pid,
     ppid,
@@ -146,5 +147,16 @@ export function readProcessRecord(pid: number): ProcessRecord {
     startTimeTicks,
     startedAt,
     auxv: readProc(pid, 'auxv'),
+    ...(nsPids === undefined ? {} : { nsPids }),
   };
+}
+
+/**
+ * NSpid of /proc/PID/status: the pid in each PID namespace the process is in,
+ * from ours (the namespace of the /proc we read) inwards; undefined on a
+ * kernel without the line (before 4.1).
+ */
+export function readNsPids(pid: number): number[] | undefined {
+  const m = /^NSpid:[ \t]+([\d \t]+?)[ \t]*$/m.exec(readProc(pid, 'status').toString('utf8'));
+  return m ? m[1]!.split(/[ \t]+/).map(Number) : undefined;
 }

@@ -123,6 +123,7 @@ export async function snapshotProcess(
       pinSources,
       maxPinnedCopyBytes: options.maxPinnedCopyBytes,
     });
+    writer.recordPause(paused.pauseMicros, paused.breakdown);
     attacher.release();
     faultPoint('after-resume');
     const { stats, lost } = await saveInBackground(binding, writer, processId, paused, { pid, pidfd, startedAt, options });

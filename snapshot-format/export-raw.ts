@@ -1,8 +1,9 @@
 // Raw export: one file per captured region holding what a read of each address
 // would have returned at T, plus manifest.json. Layout in FORMAT.md.
-import { closeSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, ftruncateSync, openSync, readFileSync, readSync, renameSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { WpsnapError, externalCode } from '../common/errors.js';
+import { WpsnapError } from '../common/errors.js';
+import { ExportDir, ioError } from './export-dir.js';
 import type { SnapshotReader } from './reader.js';
 import { formatAddress, PAGE_SIZE, type LostRange, type LostReason, type RegionCapture, type RegionRecord, type SnapshotState } from './model.js';
 
@@ -12,6 +13,11 @@ export const RAW_EXPORT_VERSION = 1;
 export interface RawExportOptions {
   /** Export a snapshot that is not complete (running or incomplete); its unsaved pages read as zeros. */
   allowIncomplete?: boolean;
+  /**
+   * Checked between regions and between chunks of 256 pages: once aborted, the
+   * export removes what it wrote and throws INTERRUPTED (exit 130).
+   */
+  signal?: AbortSignal;
 }
 
 export interface RawManifestLost {
@@ -60,7 +66,9 @@ export interface RawExportResult {
 const CHUNK_PAGES = 256;
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 const PAGE = BigInt(PAGE_SIZE);
-const REGION_FILE = /^[0-9a-f]+-[0-9a-f]+\.bin$/;
+
+/** Between chunks of work: let signal handlers run (they abort `signal`), then stop if aborted. */
+type Checkpoint = () => Promise<void>;
 
 export async function exportRaw(
   store: SnapshotReader,
@@ -75,8 +83,30 @@ export async function exportRaw(
       `snapshot ${summary.id} is ${summary.state}, not complete; allow incomplete snapshots to export it anyway`,
     );
   }
-  prepareOutDir(outDir);
+  const interrupted = (): WpsnapError =>
+    new WpsnapError('INTERRUPTED', `export of snapshot ${summary.id} to ${outDir} interrupted; nothing of it was left`);
+  if (options.signal?.aborted === true) throw interrupted();
+  const dir = ExportDir.prepare(outDir);
+  const checkpoint: Checkpoint = async () => {
+    if (options.signal === undefined) return;
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    if (options.signal.aborted) throw interrupted();
+  };
+  try {
+    return await writeExport(store, summary, dir, checkpoint);
+  } catch (error) {
+    dir.discard();
+    throw error;
+  }
+}
 
+async function writeExport(
+  store: SnapshotReader,
+  summary: { id: number; name: string | null; state: SnapshotState },
+  dir: ExportDir,
+  checkpoint: Checkpoint,
+): Promise<RawExportResult> {
+  const outDir = dir.path;
   const manifest: RawManifest = {
     format: RAW_EXPORT_FORMAT,
     version: RAW_EXPORT_VERSION,
@@ -98,7 +128,9 @@ export async function exportRaw(
   for (const process of store.processes(summary.id)) {
     const lost = store.lost(process.processId);
     const regions: RawManifestRegion[] = [];
+    let madeDir = false;
     for (const region of store.regions(process.processId)) {
+      await checkpoint();
       const entry: RawManifestRegion = {
         start: formatAddress(region.start),
         end: formatAddress(region.end),
@@ -113,8 +145,10 @@ export async function exportRaw(
       const regionLost = clipLost(lost, region);
       if (region.capture !== 'skipped') {
         const relative = `${process.pid}/${region.start.toString(16)}-${region.end.toString(16)}.bin`;
-        mkdirSync(join(outDir, String(process.pid)), { recursive: true });
-        const written = writeRegion(store, process.processId, region, regionLost, join(outDir, relative));
+        if (!madeDir) dir.makeDir(String(process.pid));
+        madeDir = true;
+        const fd = dir.openFile(relative);
+        const written = await writeRegion(store, process.processId, region, regionLost, fd, checkpoint).finally(() => closeSync(fd));
         entry.file = relative;
         result.files++;
         result.bytes += Number(region.end - region.start);
@@ -128,46 +162,20 @@ export async function exportRaw(
     }
     manifest.processes.push({ pid: process.pid, regions });
   }
-  const temp = `${result.manifestPath}.tmp`;
-  writeFileSync(temp, `${JSON.stringify(manifest, null, 2)}\n`);
-  renameSync(temp, result.manifestPath);
-  return result;
-}
-
-/** Create outDir, or empty it if it holds a previous export; refuse anything else. */
-function prepareOutDir(outDir: string): void {
-  let entries: string[];
+  await checkpoint();
+  // Written last, via rename: a directory without manifest.json is not an export.
+  const fd = dir.openFile('manifest.json.tmp');
   try {
-    entries = readdirSync(outDir);
+    writeAll(fd, Buffer.from(`${JSON.stringify(manifest, null, 2)}\n`), 0);
+  } finally {
+    closeSync(fd);
+  }
+  try {
+    renameSync(join(outDir, 'manifest.json.tmp'), result.manifestPath);
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') {
-      mkdirSync(outDir, { recursive: true });
-      return;
-    }
-    if (code === 'ENOTDIR') throw new WpsnapError('EXPORT_DIR_INVALID', `${outDir} exists and is not a directory`);
-    throw new WpsnapError(externalCode(code, 'EXPORT_IO'), `read ${outDir}: ${(error as Error).message}`, { cause: error });
+    throw ioError(error, `rename ${result.manifestPath}`);
   }
-  if (entries.length === 0) return;
-  const foreign = entries.find((name) => !isExportEntry(outDir, name));
-  if (foreign !== undefined) {
-    throw new WpsnapError(
-      'EXPORT_DIR_NOT_EMPTY',
-      `${outDir} is not empty and is not a previous raw export (it holds ${JSON.stringify(foreign)})`,
-    );
-  }
-  for (const name of entries) rmSync(join(outDir, name), { recursive: true, force: true });
-}
-
-function isExportEntry(outDir: string, name: string): boolean {
-  if (name === 'manifest.json' || name === 'manifest.json.tmp') return true;
-  if (!/^\d+$/.test(name)) return false;
-  try {
-    if (!statSync(join(outDir, name)).isDirectory()) return false;
-    return readdirSync(join(outDir, name)).every((file) => REGION_FILE.test(file));
-  } catch {
-    return false;
-  }
+  return result;
 }
 
 /** The store's lost ranges that overlap the region, clipped to it. */
@@ -201,73 +209,70 @@ function fileUnchanged(region: RegionRecord): boolean {
 }
 
 /**
- * Write one region file: sparse, `end - start` bytes. Returns the stored pages
- * written and any extra lost ranges ('file-changed').
+ * Write one region file (`fd`): sparse, `end - start` bytes. Returns the
+ * stored pages written and any extra lost ranges ('file-changed').
  */
-function writeRegion(
+async function writeRegion(
   store: SnapshotReader,
   processId: number,
   region: RegionRecord,
   lost: LostRange[],
-  path: string,
-): { pagesStored: number; lost: LostRange[] } {
+  fd: number,
+  checkpoint: Checkpoint,
+): Promise<{ pagesStored: number; lost: LostRange[] }> {
   const size = region.end - region.start;
   const pageCount = Number(size / PAGE);
-  const fd = openSync(path, 'w');
-  try {
-    ftruncateSync(fd, Number(size));
-    const isLost = lostMask(lost, region, pageCount);
-    let pagesStored = 0;
-    const fileBacked = region.capture === 'file-private' || region.capture === 'file-reference';
-    const fileOk = fileBacked && fileUnchanged(region);
-    const stored = new Set<number>();
-    for (const page of store.pagesInRange(processId, region.start, region.end)) {
-      const index = Number((page.address - region.start) / PAGE);
-      writeAll(fd, page.data, index * PAGE_SIZE);
-      stored.add(index);
-      pagesStored++;
-    }
-    const extraLost: LostRange[] = [];
-    if (!fileBacked) return { pagesStored, lost: extraLost };
+  ftruncateSync(fd, Number(size));
+  const isLost = lostMask(lost, region, pageCount);
+  let pagesStored = 0;
+  const fileBacked = region.capture === 'file-private' || region.capture === 'file-reference';
+  const fileOk = fileBacked && fileUnchanged(region);
+  const stored = new Set<number>();
+  for (const page of store.pagesInRange(processId, region.start, region.end)) {
+    const index = Number((page.address - region.start) / PAGE);
+    writeAll(fd, page.data, index * PAGE_SIZE);
+    stored.add(index);
+    if (++pagesStored % CHUNK_PAGES === 0) await checkpoint();
+  }
+  const extraLost: LostRange[] = [];
+  if (!fileBacked) return { pagesStored, lost: extraLost };
 
-    // Pages of the file that lie inside the region (beyond the end of the file: zeros).
-    const fileSize = BigInt(region.file?.size ?? 0);
-    const filePages = fileSize > region.offset ? Number((fileSize - region.offset + PAGE - 1n) / PAGE) : 0;
-    const backed = Math.min(pageCount, filePages);
-    if (!fileOk) {
-      let runStart = -1;
-      for (let i = 0; i <= backed; i++) {
-        const missing = i < backed && !stored.has(i) && isLost[i] !== 1;
-        if (missing && runStart < 0) runStart = i;
-        if (!missing && runStart >= 0) {
-          extraLost.push({ address: region.start + BigInt(runStart) * PAGE, pages: i - runStart, reason: 'file-changed' });
-          runStart = -1;
-        }
+  // Pages of the file that lie inside the region (beyond the end of the file: zeros).
+  const fileSize = BigInt(region.file?.size ?? 0);
+  const filePages = fileSize > region.offset ? Number((fileSize - region.offset + PAGE - 1n) / PAGE) : 0;
+  const backed = Math.min(pageCount, filePages);
+  if (!fileOk) {
+    let runStart = -1;
+    for (let i = 0; i <= backed; i++) {
+      const missing = i < backed && !stored.has(i) && isLost[i] !== 1;
+      if (missing && runStart < 0) runStart = i;
+      if (!missing && runStart >= 0) {
+        extraLost.push({ address: region.start + BigInt(runStart) * PAGE, pages: i - runStart, reason: 'file-changed' });
+        runStart = -1;
       }
-      return { pagesStored, lost: extraLost };
-    }
-    const source = openSync((region.file as { path: string }).path, 'r');
-    try {
-      const chunk = Buffer.alloc(CHUNK_PAGES * PAGE_SIZE);
-      for (let first = 0; first < backed; first += CHUNK_PAGES) {
-        const count = Math.min(CHUNK_PAGES, backed - first);
-        const want = count * PAGE_SIZE;
-        const got = readAll(source, chunk.subarray(0, want), region.offset + BigInt(first) * PAGE);
-        chunk.fill(0, got, want);
-        for (let k = 0; k < count; k++) {
-          const i = first + k;
-          if (stored.has(i) || isLost[i] === 1) continue; // the saved copy-on-write page wins; lost pages read as zeros
-          const page = chunk.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
-          if (!page.equals(ZERO_PAGE)) writeAll(fd, page, i * PAGE_SIZE);
-        }
-      }
-    } finally {
-      closeSync(source);
     }
     return { pagesStored, lost: extraLost };
-  } finally {
-    closeSync(fd);
   }
+  const source = openSync((region.file as { path: string }).path, 'r');
+  try {
+    const chunk = Buffer.alloc(CHUNK_PAGES * PAGE_SIZE);
+    for (let first = 0; first < backed; first += CHUNK_PAGES) {
+      if (first > 0) await checkpoint();
+      const count = Math.min(CHUNK_PAGES, backed - first);
+      const want = count * PAGE_SIZE;
+      const got = readAll(source, chunk.subarray(0, want), region.offset + BigInt(first) * PAGE);
+      chunk.fill(0, got, want);
+      for (let k = 0; k < count; k++) {
+        const i = first + k;
+        if (stored.has(i) || isLost[i] === 1) continue; // the saved copy-on-write page wins; lost pages read as zeros
+        const page = chunk.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
+        if (!page.equals(ZERO_PAGE)) writeAll(fd, page, i * PAGE_SIZE);
+      }
+    }
+  } finally {
+    closeSync(source);
+  }
+  return { pagesStored, lost: extraLost };
 }
 
 function lostMask(lost: LostRange[], region: RegionRecord, pageCount: number): Uint8Array {

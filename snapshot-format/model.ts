@@ -76,6 +76,9 @@ export interface ProcessRecord {
   startedAt: string;
   /** /proc/PID/auxv, raw. */
   auxv: Buffer;
+  /** Its pid in each PID namespace it is in, outermost (wpsnap's) first: NSpid
+   * of /proc/PID/status. Absent when not recorded (stores before schema 3). */
+  nsPids?: number[];
 }
 
 /** Why a page's content at T is not in the snapshot. */
@@ -142,6 +145,11 @@ export interface SnapshotSummary {
   completedAt: string | null;
   pids: number[];
   stats: SnapshotStats | null;
+  /** The pause, recorded as soon as it is over (so also for an incomplete
+   * snapshot); null if it never ended or the store predates schema 3. */
+  pauseMicros: number | null;
+  /** Where the pause went, per phase (see the snapshot result's pauseBreakdownMicros). */
+  pauseBreakdownMicros: Record<string, number> | null;
 }
 
 /** Result of re-reading every stored page of a snapshot (Store.verify). */

@@ -153,11 +153,32 @@ ALTER TABLE regions_v2 RENAME TO regions;
 }
 
 /**
+ * Version 3: each process's pid in every PID namespace it is in (NSpid of
+ * /proc/PID/status, outermost first, as JSON), and the pause of a snapshot
+ * recorded as soon as it is over, so an incomplete snapshot keeps it. Columns
+ * only: a row of an older version reads as "not recorded" (NULL).
+ */
+function migrateTo3(db: Database.Database): void {
+  db.exec(`
+ALTER TABLE processes ADD COLUMN ns_pids TEXT;
+ALTER TABLE snapshots ADD COLUMN pause_micros INTEGER;
+ALTER TABLE snapshots ADD COLUMN pause_breakdown TEXT;
+`);
+}
+
+/**
  * MIGRATIONS[i] turns a version-i store into version i + 1; version 0 is an
  * empty database. To change the schema, append a function here: never edit
  * one that has shipped.
  */
-export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2];
+export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3];
+
+/**
+ * The oldest version a read-only open reads without upgrading, where no
+ * upgrade is possible (read-only media): every later step only adds columns,
+ * which readers take as not recorded when absent.
+ */
+export const OLDEST_READABLE_VERSION = 2;
 
 /** Check the first 100 bytes of an existing file without opening it as a database. */
 export function checkHeader(path: string, header: Buffer): void {

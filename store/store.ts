@@ -33,7 +33,17 @@ export interface StoreOpenOptions {
   readonly?: boolean;
   /** Testing only: the migration list to run instead of MIGRATIONS. */
   migrations?: readonly Migration[];
+  /**
+   * Receives one line (without a "wpsnap:" prefix) when the store is open to
+   * other users; at most once per store file and process. Default: printed
+   * on stderr as "wpsnap: warning: …".
+   */
+  onWarning?: (line: string) => void;
 }
+
+const warnOnStderr = (line: string): void => {
+  process.stderr.write(`wpsnap: warning: ${line}\n`);
+};
 
 interface SnapshotRow {
   id: number;
@@ -46,6 +56,9 @@ interface SnapshotRow {
   reason: string | null;
   stats: string | null;
   pids: string | null;
+  /** Absent before schema version 3 (read-only media). */
+  pause_micros?: number | null;
+  pause_breakdown?: string | null;
 }
 
 export class Store implements SnapshotReader {
@@ -66,13 +79,20 @@ export class Store implements SnapshotReader {
   }
 
   /**
-   * Open the store at `path`, creating it (and its directory) unless readonly.
-   * Errors: STORE_NOT_FOUND, STORE_IS_DIRECTORY, NOT_A_STORE, STORE_TOO_NEW,
-   * STORE_NEEDS_UPGRADE (readonly and older than this build), or the errno code.
+   * Open the store at `path`, creating it (and its directories, 0700; the file
+   * 0600) unless readonly. A store on a read-only filesystem is read without
+   * writing anything (FORMAT.md). Errors: STORE_NOT_FOUND, STORE_IS_DIRECTORY,
+   * NOT_A_STORE, STORE_TOO_NEW, STORE_NEEDS_UPGRADE (readonly and older than
+   * this build), STORE_READ_ONLY_FS (read-write on a read-only filesystem), or
+   * the errno code.
    */
   static open(path: string, options: StoreOpenOptions = {}): Store {
     const readonly = options.readonly ?? false;
-    const { file, db } = openDatabase(path, readonly, options.migrations ?? MIGRATIONS);
+    const { file, db } = openDatabase(path, {
+      readonly,
+      migrations: options.migrations ?? MIGRATIONS,
+      onWarning: options.onWarning ?? warnOnStderr,
+    });
     return new Store(file, db, readonly);
   }
 
@@ -172,7 +192,23 @@ export class Store implements SnapshotReader {
       startTimeTicks: row['start_time_ticks'] as number,
       startedAt: row['started_at'] as string,
       auxv: row['auxv'] as Buffer,
+      ...this.nsPids(row['ns_pids']),
     }));
+  }
+
+  /** The ns_pids column as `{ nsPids }`, or nothing if not recorded (NULL, or absent before schema 3). */
+  private nsPids(column: unknown): { nsPids?: number[] } {
+    if (column === null || column === undefined) return {};
+    let nsPids: unknown;
+    try {
+      nsPids = JSON.parse(String(column));
+    } catch {
+      nsPids = undefined;
+    }
+    if (!Array.isArray(nsPids) || !nsPids.every((pid) => Number.isSafeInteger(pid) && (pid as number) > 0)) {
+      throw new WpsnapError('STORE_CORRUPT', `${this.path}: processes.ns_pids ${JSON.stringify(column)} is not a list of pids`);
+    }
+    return { nsPids: nsPids as number[] };
   }
 
   threads(processId: number): ThreadRecord[] {
@@ -321,6 +357,8 @@ export class Store implements SnapshotReader {
         completedAt: row.completed_at,
         pids: row.pids === null ? [] : row.pids.split(',').map(Number),
         stats: row.stats === null ? null : (JSON.parse(row.stats) as SnapshotStats),
+        pauseMicros: row.pause_micros ?? null,
+        pauseBreakdownMicros: row.pause_breakdown == null ? null : (JSON.parse(row.pause_breakdown) as Record<string, number>),
       };
     });
   }

@@ -65,25 +65,29 @@ export class SnapshotWriter {
 
   addProcess(p: ProcessRecord): number {
     this.checkOpen();
+    if (p.nsPids !== undefined && (p.nsPids.length === 0 || !p.nsPids.every((pid) => Number.isSafeInteger(pid) && pid > 0))) {
+      throw new WpsnapError('INVALID_PROCESS', `process ${p.pid}: nsPids ${JSON.stringify(p.nsPids)} is not a list of pids`);
+    }
+    // ns_pids only when known: the tests' stores of older schema versions lack the column.
+    const values: Record<string, unknown> = {
+      snapshot_id: this.id,
+      pid: p.pid,
+      ppid: p.ppid,
+      uid: p.uid,
+      gid: p.gid,
+      exe: p.exe,
+      cmdline: JSON.stringify(p.cmdline),
+      comm: p.comm,
+      start_time_ticks: p.startTimeTicks,
+      started_at: p.startedAt,
+      auxv: p.auxv,
+      ...(p.nsPids === undefined ? {} : { ns_pids: JSON.stringify(p.nsPids) }),
+    };
+    const columns = Object.keys(values);
     try {
       const info = this.host.db
-        .prepare(
-          `INSERT INTO processes (snapshot_id, pid, ppid, uid, gid, exe, cmdline, comm, start_time_ticks, started_at, auxv)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-        )
-        .run(
-          this.id,
-          p.pid,
-          p.ppid,
-          p.uid,
-          p.gid,
-          p.exe,
-          JSON.stringify(p.cmdline),
-          p.comm,
-          p.startTimeTicks,
-          p.startedAt,
-          p.auxv,
-        );
+        .prepare(`INSERT INTO processes (${columns.join(', ')}) VALUES (${columns.map((c) => `@${c}`).join(', ')})`)
+        .run(values);
       const processId = Number(info.lastInsertRowid);
       this.processIds.add(processId);
       return processId;
@@ -93,6 +97,24 @@ export class SnapshotWriter {
       }
       throw this.wrap(error, `add process ${p.pid}`);
     }
+  }
+
+  /**
+   * Record the pause as soon as it is over (its own transaction), so that
+   * the snapshot keeps it even if it never completes. `breakdown`: microseconds
+   * per phase.
+   */
+  recordPause<Phases extends Record<keyof Phases, number>>(micros: number, breakdown: Phases): void {
+    this.checkOpen();
+    const values: number[] = [micros, ...Object.values<number>(breakdown)];
+    if (!values.every((v) => Number.isFinite(v) && v >= 0)) {
+      throw new WpsnapError('INVALID_PAUSE', `pause ${micros} µs (${JSON.stringify(breakdown)}) is not a duration`);
+    }
+    this.transaction(`record the pause of snapshot ${this.id}`, () => {
+      this.host.db
+        .prepare(`UPDATE snapshots SET pause_micros = ?, pause_breakdown = ? WHERE id = ?`)
+        .run(Math.round(micros), JSON.stringify(breakdown), this.id);
+    });
   }
 
   addThreads(processId: number, threads: ThreadRecord[]): void {

@@ -2,13 +2,16 @@
 // files, file-backed regions overlaid with their copy-on-write pages, and
 // detection of a referenced file that changed since T.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { exportRaw, readRawManifest } from '../snapshot-format/export-raw.js';
 import { PAGE_SIZE, type FileReference, type PageBatch } from '../snapshot-format/model.js';
 import { Store } from '../store/index.js';
-import { fakeProcess, fakeRegion, fillPage } from '../store/testing.js';
+import { fakeProcess, fakeRegion, fillPage, heapBatch } from '../store/testing.js';
+import { runCli, runCliProcess } from './support/cli.js';
+import { exitCodeFor } from '../cli/exit-codes.js';
+import type { WpsnapError } from '../common/errors.js';
 
 const STATS = { pauseMicros: 0, durationMillis: 0, faults: 0, faultP50Micros: 0, faultP99Micros: 0 };
 const HEAP = 0x5555a0000000n;
@@ -200,5 +203,102 @@ describe('exportRaw', () => {
     });
     expect(readFileSync(join(sneaky, '12', 'notes.txt'), 'utf8')).toBe('keep me');
     await fx.store.close();
+  });
+});
+
+describe('exportRaw output directory', () => {
+  it('--out under /proc fails at once with one line, instead of looping on mkdir', async () => {
+    const dir = join(root, 'proc');
+    mkdirSync(dir);
+    const fx = await makeSnapshot(dir);
+    await fx.store.close();
+    const out = `/proc/wpsnap-export-${process.pid}`;
+    const started = Date.now();
+    const run = await runCliProcess(['export', 'snap', '--out', out, '--store', join(dir, 'store.db')], {}, 15_000);
+    expect(Date.now() - started).toBeLessThan(10_000);
+    expect(run.code).toBe(1);
+    expect(run.stdout).toBe('');
+    expect(run.stderr).toBe(`wpsnap: create the export directory ${out}: mkdir: ENOENT (the filesystem of /proc does not allow new directories)\n`);
+  });
+
+  it('refuses to create missing parents: one line naming the missing parent, nothing created', async () => {
+    const dir = join(root, 'parents');
+    mkdirSync(dir);
+    const fx = await makeSnapshot(dir);
+    await fx.store.close();
+    const out = join(dir, 'nonexistent', 'deeper', 'x');
+    const run = await runCli(['export', 'snap', '--out', out, '--store', join(dir, 'store.db')]);
+    expect(run.code).toBe(2);
+    expect(run.stderr).toBe(`wpsnap: cannot create ${out}: its parent directory ${join(dir, 'nonexistent', 'deeper')} does not exist\n`);
+    expect(existsSync(join(dir, 'nonexistent'))).toBe(false);
+  });
+});
+
+describe('exportRaw interrupted by its AbortSignal', () => {
+  const BIG = 0x600000000000n;
+  const REGIONS = 4;
+  const PAGES = 1024;
+
+  /** A snapshot of REGIONS regions of PAGES stored pages each (16 MiB of exports). */
+  async function bigSnapshot(dir: string): Promise<Store> {
+    const store = Store.open(join(dir, 'store.db'));
+    const writer = store.beginSnapshot({ name: 'big' });
+    const pid = writer.addProcess(fakeProcess(PID));
+    const starts = Array.from({ length: REGIONS }, (_, i) => BIG + BigInt(i) * 0x10000000n);
+    writer.addRegions(pid, starts.map((start) => fakeRegion(start, start + BigInt(PAGES * PAGE_SIZE))));
+    for (const [i, start] of starts.entries()) await writer.addPages(pid, heapBatch(start, PAGES, ['random', 'pointers'], i * PAGES));
+    await writer.complete(STATS);
+    return store;
+  }
+
+  /** Aborts `controller` as soon as a region file holds data. */
+  function abortOnceWriting(out: string, controller: AbortController): NodeJS.Timeout {
+    const timer = setInterval(() => {
+      const pidDir = join(out, String(PID));
+      if (!existsSync(pidDir)) return;
+      if (readdirSync(pidDir).some((f) => statSync(join(pidDir, f)).blocks > 0)) {
+        controller.abort();
+        clearInterval(timer);
+      }
+    }, 1);
+    return timer;
+  }
+
+  it('stops mid-export, removes the directory it created, and throws INTERRUPTED (exit 130)', async () => {
+    const dir = join(root, 'abort-new');
+    mkdirSync(dir);
+    const store = await bigSnapshot(dir);
+    const out = join(dir, 'out');
+    const controller = new AbortController();
+    const timer = abortOnceWriting(out, controller);
+    const error = await exportRaw(store, 'big', out, { signal: controller.signal }).catch((e: unknown) => e);
+    clearInterval(timer);
+    expect(controller.signal.aborted).toBe(true);
+    expect(error).toMatchObject({ code: 'INTERRUPTED', kind: 'interrupted' });
+    expect(exitCodeFor(error as WpsnapError)).toBe(130);
+    expect((error as Error).message).toBe(`export of snapshot 1 to ${out} interrupted; nothing of it was left`);
+    expect(existsSync(out)).toBe(false);
+    // Without a signal the same export completes.
+    const done = await exportRaw(store, 'big', out);
+    expect(done.pagesStored).toBe(REGIONS * PAGES);
+    await store.close();
+  });
+
+  it('in a directory it did not create (a previous export), leaves it empty; an aborted signal does nothing', async () => {
+    const dir = join(root, 'abort-existing');
+    mkdirSync(dir);
+    const store = await bigSnapshot(dir);
+    const out = join(dir, 'out');
+    await exportRaw(store, 'big', out);
+    const controller = new AbortController();
+    const timer = abortOnceWriting(out, controller);
+    await expect(exportRaw(store, 'big', out, { signal: controller.signal })).rejects.toMatchObject({ code: 'INTERRUPTED' });
+    clearInterval(timer);
+    expect(readdirSync(out)).toEqual([]);
+
+    const never = join(dir, 'never');
+    await expect(exportRaw(store, 'big', never, { signal: AbortSignal.abort() })).rejects.toMatchObject({ code: 'INTERRUPTED' });
+    expect(existsSync(never)).toBe(false);
+    await store.close();
   });
 });

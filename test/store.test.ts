@@ -387,6 +387,32 @@ describe('schema migrations', () => {
     );
   });
 
+  it('v2 -> v3: NSpid and the pause are new columns; rows from before read as not recorded', async () => {
+    const path = freshPath();
+    const v2 = Store.open(path, { migrations: MIGRATIONS.slice(0, 2) });
+    const w = v2.beginSnapshot({ name: 'old' });
+    w.addProcess(fakeProcess(4242));
+    await w.complete(STATS);
+    await v2.close();
+
+    const v3 = Store.open(path);
+    expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(3);
+    const old = v3.find('old');
+    expect(old).toMatchObject({ state: 'complete', pauseMicros: null, pauseBreakdownMicros: null, stats: { ...STATS } });
+    expect(v3.processes(old.id)[0]).not.toHaveProperty('nsPids');
+    const next = v3.beginSnapshot({ name: 'new' });
+    next.addProcess(fakeProcess(4243, { nsPids: [4243, 17, 1] }));
+    next.recordPause(42, { freeze: 40, thaw: 2 });
+    await next.complete(STATS);
+    expect(v3.processes(next.id)[0]!.nsPids).toEqual([4243, 17, 1]);
+    expect(v3.find('new')).toMatchObject({ pauseMicros: 42, pauseBreakdownMicros: { freeze: 40, thaw: 2 } });
+    expect(() => next.recordPause(1, {})).toThrow(expect.objectContaining({ code: 'WRITER_CLOSED' }));
+    const w2 = v3.beginSnapshot({});
+    expect(() => w2.addProcess(fakeProcess(1, { nsPids: [] }))).toThrow(expect.objectContaining({ code: 'INVALID_PROCESS' }));
+    expect(() => w2.recordPause(Number.NaN, {})).toThrow(expect.objectContaining({ code: 'INVALID_PAUSE' }));
+    await v3.close();
+  });
+
   it('v1 -> v2: regions copied whole become capture "copied", everything else is kept', async () => {
     // A version-1 store with a complete snapshot: a protected region, a
     // private file mapping with its file reference, and [vdso] copied whole,
@@ -422,7 +448,7 @@ describe('schema migrations', () => {
     await w.complete(STATS);
     await v1.close();
 
-    const v2 = Store.open(path);
+    const v2 = Store.open(path, { migrations: MIGRATIONS.slice(0, 2) });
     expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(2);
     const snapshot = v2.find('old');
     const processId = v2.processes(snapshot.id)[0]!.processId;

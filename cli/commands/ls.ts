@@ -20,13 +20,15 @@ export const lsCommand: CommandSpec<object> = {
       }
       const rows = [['ID', 'NAME', 'STATE', 'CREATED', 'PIDS', 'PAUSE', 'PAGES', 'STORED']];
       for (const s of snapshots) {
+        // Recorded right after the pause, so an incomplete snapshot has it too; older stores have it in stats only.
+        const pauseMicros = s.pauseMicros ?? s.stats?.pauseMicros;
         rows.push([
           String(s.id),
           s.name ?? '-',
           s.state,
           s.createdAt.replace('T', ' ').replace(/\.\d+Z$/, 'Z'),
           s.pids.join(','),
-          s.stats ? `${(s.stats.pauseMicros / 1000).toFixed(1)}ms` : '-',
+          pauseMicros === undefined ? '-' : `${(pauseMicros / 1000).toFixed(1)}ms`,
           s.stats ? String(s.stats.pagesSaved) : '-',
           s.stats ? bytes(s.stats.bytesStored) : '-',
         ]);

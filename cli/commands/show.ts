@@ -15,6 +15,8 @@ export const showCommand: CommandSpec<{ snapshot: string }> = {
         const threads = store.threads(p.processId).map((t) => ({ tid: t.tid, name: t.name, ...pcAndSp(t) }));
         return {
           pid: p.pid,
+          // Its pid in each PID namespace, ours first; null when not recorded.
+          nsPids: p.nsPids ?? null,
           ppid: p.ppid,
           uid: p.uid,
           gid: p.gid,
@@ -37,10 +39,16 @@ export const showCommand: CommandSpec<{ snapshot: string }> = {
         println(ctx.stdout, `  paused ${micros(s.pauseMicros)}, took ${millis(s.durationMillis)}, ${s.faults} faults (p50 ${micros(s.faultP50Micros)}, p99 ${micros(s.faultP99Micros)})`);
         println(ctx.stdout, `  ${s.pagesSaved} pages saved (${s.pagesNew} new in the store), ${s.zeroPages} zero, ${bytes(s.bytesRaw)} raw -> ${bytes(s.bytesStored)} stored`);
         for (const w of s.warnings ?? []) println(ctx.stdout, `  WARNING: ${w}`);
+      } else if (snap.pauseMicros !== null) {
+        const phases = Object.entries(snap.pauseBreakdownMicros ?? {}).map(([phase, us]) => `${phase} ${micros(us)}`);
+        println(ctx.stdout, `  paused ${micros(snap.pauseMicros)}${phases.length > 0 ? ` (${phases.join(', ')})` : ''}`);
       }
       for (const p of processes) {
         println(ctx.stdout, '');
         println(ctx.stdout, `process ${p.pid} (${p.comm}), uid ${p.uid}, started ${p.startedAt}`);
+        if (p.nsPids !== null && p.nsPids.length > 1) {
+          println(ctx.stdout, `  pid ${p.nsPids.at(-1)} in its own PID namespace (NSpid, ours first: ${p.nsPids.join(' ')})`);
+        }
         println(ctx.stdout, `  exe:     ${p.exe}`);
         println(ctx.stdout, `  cmdline: ${p.cmdline.map((a) => (/[\s"']/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
         println(ctx.stdout, `  threads (${p.threads.length}):`);
