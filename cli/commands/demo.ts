@@ -5,6 +5,7 @@ import { checkSnapshot, parseLayout } from '../../fixtures/oracle.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { summary } from './snapshot.js';
 import type { CommandSpec } from './types.js';
+import { numberOption } from '../args.js';
 
 interface DemoArgs {
   mib: number;
@@ -19,7 +20,7 @@ interface DemoArgs {
 export const demoCommand: CommandSpec<DemoArgs> = {
   command: 'demo',
   describe: 'Snapshot a bundled workload while it writes, verify every page against its oracle, print the stats',
-  builder: (y) => y.option('mib', { type: 'number', default: 64, describe: 'MiB written by each of the two writer threads' }),
+  builder: (y) => y.option('mib', { type: 'string', default: '64', describe: 'MiB written by each of the two writer threads', coerce: numberOption('mib', 'MiB') }),
   async handler(args, ctx: CommandContext) {
     const binding = ctx.binding();
     const store = await ctx.openStore(args.store);

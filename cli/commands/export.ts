@@ -1,5 +1,4 @@
 import { exportRaw } from '../../snapshot-format/export-raw.js';
-import { usageError } from '../../core/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes } from '../format.js';
 import type { CommandSpec } from './types.js';
@@ -7,7 +6,7 @@ import type { CommandSpec } from './types.js';
 interface ExportArgs {
   snapshot: string;
   format: string;
-  out?: string;
+  out: string;
   allowIncomplete: boolean;
 }
 
@@ -18,10 +17,9 @@ export const exportCommand: CommandSpec<ExportArgs> = {
     y
       .positional('snapshot', { type: 'string', describe: 'snapshot id or name', demandOption: true })
       .option('format', { type: 'string', choices: ['raw'], default: 'raw', describe: 'output format' })
-      .option('out', { type: 'string', describe: 'output directory (created; must be empty)' })
+      .option('out', { type: 'string', describe: 'output directory (created; must be empty)', demandOption: 'export needs --out DIR' })
       .option('allow-incomplete', { type: 'boolean', default: false, describe: 'export an incomplete snapshot (unsaved pages read as zero)' }),
   async handler(args, ctx: CommandContext) {
-    if (args.out === undefined) throw usageError('export needs --out DIR');
     const store = await ctx.openStore(args.store, { readonly: true });
     try {
       const result = await exportRaw(store, args.snapshot, args.out, { allowIncomplete: args.allowIncomplete });

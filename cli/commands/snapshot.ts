@@ -4,6 +4,7 @@ import { usageError } from '../../core/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, micros, millis } from '../format.js';
 import type { CommandSpec } from './types.js';
+import { numberOption, positiveInteger } from '../args.js';
 
 interface SnapshotArgs {
   pid: number;
@@ -43,18 +44,26 @@ export const snapshotCommand: CommandSpec<SnapshotArgs> = {
   describe: 'Snapshot the memory of a running process; it is stopped only while its memory is write-protected',
   builder: (y) =>
     y
-      .positional('pid', { type: 'number', describe: 'process to snapshot', demandOption: true })
-      .option('name', { type: 'string', describe: 'a unique name to refer to the snapshot by' })
-      .option('rate', { type: 'number', describe: 'limit the background sweep to this many MB/s (default: unlimited)' })
+      .positional('pid', { type: 'string', describe: 'process to snapshot', demandOption: true, coerce: positiveInteger('a pid') })
+      .option('name', {
+        type: 'string',
+        describe: 'a unique name to refer to the snapshot by',
+        coerce: (name: string) => {
+          if (/^\d+$/.test(name)) throw usageError(`--name must not be a number (numbers are snapshot ids): "${name}"`);
+          return name;
+        },
+      })
+      .option('rate', {
+        type: 'string',
+        describe: 'limit the background sweep to this many MB/s (default: unlimited; faults are never limited)',
+        coerce: numberOption('rate', 'MB/s'),
+      })
       .option('max-shared-copy', {
-        type: 'number',
+        type: 'string',
+        coerce: numberOption('max-shared-copy', 'MiB', { allowZero: true }),
         describe: 'MiB of shared memory uffd-wp cannot protect (SysV segments) to copy during the pause (default 512); beyond it is listed as lost',
       }),
   async handler(args, ctx: CommandContext) {
-    if (!Number.isInteger(args.pid) || args.pid <= 0) throw usageError(`not a pid: ${String(args.pid)}`);
-    if (args.rate !== undefined && !(args.rate > 0)) throw usageError(`--rate must be a positive number of MB/s`);
-    if (args.maxSharedCopy !== undefined && !(args.maxSharedCopy >= 0)) throw usageError(`--max-shared-copy must be a number of MiB`);
-    if (args.name !== undefined && /^\d+$/.test(args.name)) throw usageError(`--name must not be a number (numbers are snapshot ids)`);
     const binding = ctx.binding();
     const store = await ctx.openStore(args.store);
     const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: `snapshotting pid ${args.pid}` }).start() : null;
