@@ -19,6 +19,7 @@ import { requireFeatures, UFFD_FEATURES_FOR_SNAPSHOT, UFFDIO_REGISTER_MODE_WP } 
 import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
 import { assertProcessExists, readProcessRecord, threadName, type MapsEntry } from './procfs.js';
 import { RegionPlanner, type RegionPlan } from './regions.js';
+import { refuseSelfFreeze } from './target-guard.js';
 
 export interface SnapshotProgress {
   pagesDone: number;
@@ -450,6 +451,7 @@ export async function snapshotProcess(
   options: SnapshotOptions = {},
 ): Promise<SnapshotResult> {
   assertProcessExists(pid);
+  refuseSelfFreeze(pid);
   requireFeatures(binding);
   const startedAt = Date.now();
   const processRecord = readProcessRecord(pid);

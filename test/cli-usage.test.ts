@@ -1,0 +1,159 @@
+// Usage errors are found before any command acts, and wpsnap refuses targets
+// whose freeze would stop wpsnap itself. Real CLI (main(argv) in-process),
+// real fixture, real store.
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadBinding, tracerHelperPath } from '../core/binding.js';
+import { refuseSelfFreeze } from '../core/target-guard.js';
+import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
+import { Store } from '../store/store.js';
+import { ROOT, runCli, runCliProcess } from './support/cli.js';
+import { procStatus } from './support/proc.js';
+
+let dir: string;
+let store: string;
+let target: LaunchedFixture;
+
+beforeAll(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'wpsnap-usage-'));
+  store = join(dir, 'store.db');
+  target = await launchFixture('pagewriter', ['--threads', '1', '--pages', '256', '--memfd-pages', '0', '--kernel-pages', '0', '--untouched-mib', '1']);
+  const first = await runCli(['snapshot', String(target.pid), '--store', store, '--name', 'one']);
+  expect(first.code).toBe(0);
+});
+afterAll(() => {
+  target.kill();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+function oneLine(text: string): string {
+  const lines = text.trimEnd().split('\n');
+  expect(lines, `exactly one line: ${JSON.stringify(text)}`).toHaveLength(1);
+  return lines[0]!;
+}
+
+/** What a command could have changed: the store's bytes and the files beside it. */
+function state(): { store: string; files: string[] } {
+  return { store: createHash('sha256').update(readFileSync(store)).digest('hex'), files: readdirSync(dir).sort() };
+}
+
+async function snapshotIds(path: string): Promise<Array<{ id: number; state: string }>> {
+  if (!existsSync(path)) return [];
+  const s = Store.open(path, { readonly: true });
+  try {
+    return s.list().map((x) => ({ id: x.id, state: x.state }));
+  } finally {
+    await s.close();
+  }
+}
+
+describe('a usage error changes nothing', () => {
+  // [argv, the message] for an unknown option and a bad value of every command.
+  const cases: Array<[string, string[], string]> = [
+    ['snapshot, unknown option', ['snapshot', 'PID', '--nmae', 'x'], 'unknown option: --nmae'],
+    ['snapshot, bad --rate', ['snapshot', 'PID', '--rate', 'fast'], '--rate must be a positive number of MB/s, not "fast"'],
+    ['snapshot, bad --max-shared-copy', ['snapshot', 'PID', '--max-shared-copy', '-1'], '--max-shared-copy must be a non-negative number of MiB, not "-1"'],
+    ['snapshot, numeric --name', ['snapshot', 'PID', '--name', '7'], '--name must not be a number (numbers are snapshot ids): "7"'],
+    ['ls, unknown option', ['ls', '--long'], 'unknown option: --long'],
+    ['ls, extra argument', ['ls', '1'], 'unknown argument: 1'],
+    ['show, unknown option', ['show', '1', '--all'], 'unknown option: --all'],
+    ['show, extra argument', ['show', '1', '2'], 'unknown argument: 2'],
+    ['verify, unknown option', ['verify', '1', '--deep'], 'unknown option: --deep'],
+    ['verify, extra argument', ['verify', '1', 'x'], 'unknown argument: x'],
+    ['export, unknown option', ['export', '1', '--out', 'OUT', '--fromat', 'raw'], 'unknown option: --fromat'],
+    ['export, bad --format', ['export', '1', '--out', 'OUT', '--format', 'elf'], 'invalid value "elf" for --format (choices: "raw")'],
+    ['export, no --out', ['export', '1'], 'export needs --out DIR'],
+    ['rm, unknown option', ['rm', '1', '--force'], 'unknown option: --force'],
+    ['rm, extra argument', ['rm', '1', '2'], 'unknown argument: 2'],
+    ['check, unknown option', ['check', '--verbose'], 'unknown option: --verbose'],
+    ['check, extra argument', ['check', 'now'], 'unknown argument: now'],
+    ['demo, unknown option', ['demo', '--mibs', '4'], 'unknown option: --mibs'],
+    ['demo, bad --mib', ['demo', '--mib', 'abc'], '--mib must be a positive number of MiB, not "abc"'],
+    ['snapshot, not a pid', ['snapshot', 'abc'], 'not a pid: "abc"'],
+    ['snapshot, no pid', ['snapshot'], 'missing <pid>: wpsnap snapshot <pid>'],
+  ];
+  it.each(cases)('%s: exit 2, one line naming it, store and target untouched', async (_name, argv, message) => {
+    const out = join(dir, 'OUT');
+    const args = argv.map((a) => (a === 'PID' ? String(target.pid) : a === 'OUT' ? out : a));
+    const before = state();
+    const run = await runCli([...args, '--store', store]);
+    expect(run.code).toBe(2);
+    expect(run.stdout).toBe('');
+    expect(oneLine(run.stderr)).toBe(`wpsnap: ${message}`);
+    expect(state()).toEqual(before);
+    expect(existsSync(out)).toBe(false);
+    expect(await snapshotIds(store)).toEqual([{ id: 1, state: 'complete' }]);
+    expect(procStatus(target.pid)['TracerPid']).toBe('0');
+  });
+
+  it('--json: the error is one JSON line on stderr', async () => {
+    const run = await runCli(['export', '1', '--out', join(dir, 'OUT'), '--format', 'elf', '--json', '--store', store]);
+    expect(run.code).toBe(2);
+    expect(run.stdout).toBe('');
+    expect(JSON.parse(oneLine(run.stderr))).toEqual({ error: { code: 'USAGE', message: 'invalid value "elf" for --format (choices: "raw")', exitCode: 2 } });
+  });
+
+  it('completion prints a completion script; export --help marks --out required', async () => {
+    const completion = await runCliProcess(['completion']);
+    expect(completion.code).toBe(0);
+    expect(completion.stdout).toContain('###-begin-wpsnap-completions-###');
+    const words = await runCliProcess(['--get-yargs-completions', 'wpsnap', 'ex']);
+    expect(words.stdout.split('\n')).toContain('export');
+    const help = await runCliProcess(['export', '--help']);
+    expect(help.code).toBe(0);
+    expect(help.stdout).toMatch(/--out .*\[required\]/);
+  });
+});
+
+describe('targets whose freeze would stop wpsnap itself are refused before anything is done', () => {
+  async function expectRefused(pid: number, message: RegExp): Promise<void> {
+    const path = join(dir, `self-${pid}.db`);
+    const run = await runCli(['snapshot', String(pid), '--store', path]);
+    expect(run.code).toBe(2);
+    expect(oneLine(run.stderr)).toMatch(message);
+    expect(await snapshotIds(path)).toEqual([]);
+  }
+
+  it('its own pid', async () => {
+    await expectRefused(process.pid, new RegExp(`^wpsnap: pid ${process.pid} is this wpsnap process: it cannot snapshot itself`));
+  });
+
+  it('one of its own threads', async () => {
+    const tid = readdirSync('/proc/self/task').map(Number).find((t) => t !== process.pid)!;
+    expect(tid).toBeDefined();
+    await expectRefused(tid, new RegExp(`^wpsnap: tid ${tid} is a thread of this wpsnap process \\(pid ${process.pid}\\)`));
+  });
+
+  it('its tracer helper', async () => {
+    loadBinding().prepareFreeze(); // starts the helper the next freeze will use
+    const ours = tracerHelperPath();
+    const helpers = readdirSync('/proc').filter((e) => /^\d+$/.test(e)).map(Number).filter((pid) => {
+      try {
+        return readlinkSync(`/proc/${pid}/exe`) === ours;
+      } catch {
+        return false;
+      }
+    });
+    expect(helpers.length).toBeGreaterThan(0);
+    const helper = Math.max(...helpers);
+    await expectRefused(helper, new RegExp(`^wpsnap: pid ${helper} is a wpsnap tracer helper \\(wpsnap_tracer\\)`));
+  });
+
+  it('the process tracing wpsnap (a debugger or strace)', async () => {
+    // holdtrace traces a process of ours; seen from that process, holdtrace is its debugger.
+    const traced = await launchFixture('pagewriter', ['--threads', '1', '--pages', '16', '--memfd-pages', '0', '--kernel-pages', '0', '--untouched-mib', '1']);
+    const holder = spawn(join(ROOT, 'fixtures', 'build', 'holdtrace'), [String(traced.pid)], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((resolve) => holder.stdout.once('data', () => resolve()));
+      expect(() => refuseSelfFreeze(holder.pid!, traced.pid)).toThrow(`pid ${holder.pid} is tracing this wpsnap process (a debugger or strace)`);
+      expect(() => refuseSelfFreeze(target.pid, traced.pid)).not.toThrow();
+    } finally {
+      holder.stdin.end();
+      traced.kill();
+    }
+  });
+});
