@@ -328,7 +328,7 @@ function pausePhase(
       } else {
         plan.record.capture = 'skipped';
         plan.record.skipReason = 'shared memory uffd-wp cannot protect, larger than --max-shared-copy';
-        plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'read-failed' };
+        plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'shared-copy-limit' };
       }
     }
     const protection = protectionRanges(binding, pid, registered, sparse);

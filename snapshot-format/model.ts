@@ -96,6 +96,8 @@ export const LOST_REASONS = [
   'unsupported-page-size',
   /** Shared memory other processes also map writable: their writes do not fault in the target, so it has no single instant T. */
   'shared-with-other-process',
+  /** Shared memory uffd-wp cannot protect (a SysV segment), beyond what --max-shared-copy lets the pause copy. */
+  'shared-copy-limit',
 ] as const;
 export type LostReason = (typeof LOST_REASONS)[number];
 

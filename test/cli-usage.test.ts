@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadBinding, tracerHelperPath } from '../core/binding.js';
 import { refuseSelfFreeze } from '../core/target-guard.js';
-import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
+import { launch, launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { Store } from '../store/store.js';
 import { ROOT, runCli, runCliProcess } from './support/cli.js';
 import { procStatus } from './support/proc.js';
@@ -155,5 +155,49 @@ describe('targets whose freeze would stop wpsnap itself are refused before anyth
       holder.stdin.end();
       traced.kill();
     }
+  });
+});
+
+describe('--max-shared-copy', () => {
+  // A SysV segment (uffd-wp cannot register it) of 4 MiB, every page written,
+  // removed with IPC_RMID so that it goes away with the process.
+  const SYSV_TARGET = `
+import ctypes, json, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+size = 4 << 20
+shmid = libc.shmget(0, size, 0o1600)
+addr = libc.shmat(shmid, None, 0)
+libc.shmctl(shmid, 0, None)
+ctypes.memset(addr, 0x5a, size)
+print(json.dumps({"ready": True, "pid": os.getpid(), "address": hex(addr), "bytes": size}), flush=True)
+time.sleep(600)
+`;
+
+  it('a segment beyond the limit is listed lost as shared-copy-limit, one within it is copied', async () => {
+    const sysv = await launch(['python3', '-c', SYSV_TARGET]);
+    try {
+      const address = String(sysv.ready.json['address']);
+      const over = await runCli(['snapshot', String(sysv.pid), '--max-shared-copy', '1', '--json', '--store', join(dir, 'sysv.db')]);
+      expect(over.code).toBe(0);
+      const lost = (JSON.parse(over.stdout) as { lostPages: Array<{ address: string; pages: number; reason: string }> }).lostPages;
+      expect(lost).toEqual([{ address, pages: 1024, reason: 'shared-copy-limit' }]);
+      const within = await runCli(['snapshot', String(sysv.pid), '--max-shared-copy', '4', '--json', '--store', join(dir, 'sysv.db')]);
+      expect(within.code).toBe(0);
+      expect((JSON.parse(within.stdout) as { lostPages: unknown[] }).lostPages).toEqual([]);
+    } finally {
+      sysv.signal('SIGKILL');
+    }
+  });
+});
+
+describe('check', () => {
+  it('describes what each userfaultfd feature is used for today', async () => {
+    const run = await runCli(['check', '--json']);
+    expect(run.code).toBe(0);
+    const detail = (name: string): string => (JSON.parse(run.stdout) as { items: Array<{ name: string; detail: string }> }).items.find((i) => i.name === name)!.detail;
+    expect(detail('UFFD_FEATURE_EVENT_FORK')).toBe('yes: a fork during a snapshot: the child is released unprotected and unsaved shared pages are listed lost');
+    expect(detail('UFFD_FEATURE_WP_ASYNC')).toBe('yes: not used yet (dirty tracking with PAGEMAP_SCAN)');
+    expect(detail('UFFD_FEATURE_THREAD_ID')).toBe('yes: faulting thread ids (requested; not used yet)');
   });
 });
