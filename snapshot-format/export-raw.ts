@@ -12,6 +12,8 @@ export const RAW_EXPORT_VERSION = 1;
 export interface RawExportOptions {
   /** Export a snapshot that is not complete (running or incomplete); its unsaved pages read as zeros. */
   allowIncomplete?: boolean;
+  /** Aborting stops the export between regions (INTERRUPTED); the manifest is then not written. */
+  signal?: AbortSignal;
 }
 
 export interface RawManifestLost {
@@ -113,6 +115,7 @@ export async function exportRaw(
       if (region.skipReason !== undefined) entry.skipReason = region.skipReason;
       const regionLost = clipLost(lost, region);
       if (region.capture !== 'skipped') {
+        await stopIfAborted(options.signal, summary.id);
         const relative = `${process.pid}/${region.start.toString(16)}-${region.end.toString(16)}.bin`;
         mkdirSync(join(outDir, String(process.pid)), { recursive: true });
         const written = writeRegion(store, process.processId, region, regionLost, join(outDir, relative));
@@ -133,6 +136,13 @@ export async function exportRaw(
   writeFileSync(temp, `${JSON.stringify(manifest, null, 2)}\n`);
   renameSync(temp, result.manifestPath);
   return result;
+}
+
+/** Lets a pending SIGINT/SIGTERM handler run, then stops if it aborted the export. */
+async function stopIfAborted(signal: AbortSignal | undefined, snapshotId: number): Promise<void> {
+  if (signal === undefined) return;
+  await new Promise((resolve) => setImmediate(resolve));
+  if (signal.aborted) throw new WpsnapError('INTERRUPTED', `export of snapshot ${snapshotId} interrupted`, { kind: 'interrupted' });
 }
 
 /** Create outDir, or empty it if it holds a previous export; refuse anything else. */

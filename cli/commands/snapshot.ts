@@ -15,7 +15,7 @@ interface SnapshotArgs {
   maxSharedCopy?: number;
 }
 
-function progressLine(p: SnapshotProgress): string {
+export function progressLine(p: SnapshotProgress): string {
   const pct = p.totalPages > 0 ? Math.floor((100 * p.pagesDone) / p.totalPages) : 100;
   const rate = p.elapsedMillis > 0 ? (p.bytesCopied / 1e6 / (p.elapsedMillis / 1000)).toFixed(0) : '0';
   return `${pct}% ${p.pagesDone}/${p.totalPages} pages, ${rate} MB/s, ${p.faults} faults`;
