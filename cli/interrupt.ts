@@ -10,9 +10,10 @@ export function throwIfAborted(signal: AbortSignal, what: string): void {
   if (signal.aborted) throw interruptedError(what);
 }
 
-/** `work`, or INTERRUPTED as soon as `signal` aborts (for read-only work that needs no undoing). */
-export async function unlessAborted<T>(signal: AbortSignal, what: string, work: Promise<T>): Promise<T> {
+/** start()'s result, or INTERRUPTED as soon as `signal` aborts (for read-only work that needs no undoing); not started if already aborted. */
+export async function unlessAborted<T>(signal: AbortSignal, what: string, start: () => Promise<T>): Promise<T> {
   throwIfAborted(signal, what);
+  const work = start();
   let onAbort: (() => void) | undefined;
   const aborted = new Promise<never>((_, reject) => {
     onAbort = () => reject(interruptedError(what));

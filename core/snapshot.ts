@@ -23,6 +23,8 @@ import { refuseSelfFreeze } from './target-guard.js';
 
 export interface SnapshotProgress {
   pagesDone: number;
+  /** Of pagesDone, those found zero (never read, nothing to save). */
+  zeroPages: number;
   totalPages: number;
   bytesCopied: number;
   faults: number;
@@ -435,6 +437,7 @@ function runEngine(
       const s = binding.engineStats(handle);
       snapshotOptions.onProgress({
         pagesDone: s.pagesFromFaults + s.pagesFromSweep + s.pagesZero + s.pagesLost,
+        zeroPages: s.pagesZero,
         totalPages: s.totalPages,
         bytesCopied: s.bytesCopied,
         faults: s.faults,

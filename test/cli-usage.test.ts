@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadBinding, tracerHelperPath } from '../core/binding.js';
 import { refuseSelfFreeze } from '../core/target-guard.js';
+import { progressLine } from '../cli/commands/snapshot.js';
 import { launch, launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { Store } from '../store/store.js';
 import { ROOT, runCli, runCliProcess } from './support/cli.js';
@@ -199,5 +200,55 @@ describe('check', () => {
     expect(detail('UFFD_FEATURE_EVENT_FORK')).toBe('yes: a fork during a snapshot: the child is released unprotected and unsaved shared pages are listed lost');
     expect(detail('UFFD_FEATURE_WP_ASYNC')).toBe('yes: not used yet (dirty tracking with PAGEMAP_SCAN)');
     expect(detail('UFFD_FEATURE_THREAD_ID')).toBe('yes: faulting thread ids (requested; not used yet)');
+  });
+});
+
+describe('SIGINT/SIGTERM (ctx.signal aborted): exit 130, nothing half-written', () => {
+  const aborted = (): AbortSignal => AbortSignal.abort();
+
+  it('export stops and leaves no output directory', async () => {
+    const out = join(dir, 'interrupted-export');
+    const run = await runCli(['export', '1', '--out', out, '--store', store], { signal: aborted() });
+    expect(run.code).toBe(130);
+    expect(oneLine(run.stderr)).toBe('wpsnap: export of snapshot 1 interrupted');
+    expect(existsSync(out)).toBe(false);
+  });
+
+  it('verify stops', async () => {
+    const run = await runCli(['verify', '1', '--store', store], { signal: aborted() });
+    expect(run.code).toBe(130);
+    expect(run.stdout).toBe('');
+    expect(oneLine(run.stderr)).toBe('wpsnap: verify of snapshot 1 interrupted');
+  });
+
+  it('demo stops before it snapshots', async () => {
+    const path = join(dir, 'demo-interrupted.db');
+    const run = await runCli(['demo', '--mib', '1', '--store', path], { signal: aborted() });
+    expect(run.code).toBe(130);
+    expect(run.stderr.trimEnd().split('\n').at(-1)).toBe('wpsnap: demo interrupted');
+    expect(await snapshotIds(path)).toEqual([]);
+  });
+
+  it('an incomplete snapshot is exported only with --allow-incomplete, which the refusal names', async () => {
+    const path = join(dir, 'incomplete.db');
+    const snap = await runCli(['snapshot', String(target.pid), '--store', path], { signal: aborted() });
+    expect(snap.code).toBe(130);
+    expect(await snapshotIds(path)).toEqual([{ id: 1, state: 'incomplete' }]);
+    const out = join(dir, 'incomplete-export');
+    const run = await runCli(['export', '1', '--out', out, '--store', path]);
+    expect(run.code).toBe(2);
+    expect(oneLine(run.stderr)).toBe('wpsnap: snapshot 1 is incomplete, not complete: add --allow-incomplete to export it anyway (unsaved pages read as zero)');
+    expect(existsSync(out)).toBe(false);
+    const allowed = await runCli(['export', '1', '--out', out, '--allow-incomplete', '--store', path]);
+    expect(allowed.code).toBe(0);
+    expect(existsSync(join(out, 'manifest.json'))).toBe(true);
+  });
+});
+
+describe('progress line', () => {
+  it('counts pages with data, not zero pages, and says faults are not rate-limited', () => {
+    const p = { pagesDone: 95_000, zeroPages: 90_000, totalPages: 100_000, bytesCopied: 20e6, faults: 7, elapsedMillis: 2000 };
+    expect(progressLine(p)).toBe('50% 5000/10000 pages with data (90000 zero of 100000), 10 MB/s, 7 faults');
+    expect(progressLine(p, 10)).toBe('50% 5000/10000 pages with data (90000 zero of 100000), 10 MB/s (sweep limited to 10 MB/s; faults are not rate-limited), 7 faults');
   });
 });

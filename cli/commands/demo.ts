@@ -83,14 +83,14 @@ export const demoCommand: CommandSpec<DemoArgs> = {
         },
       });
       steps.step(`re-reading and re-hashing the ${result.pagesSaved} stored pages`);
-      const verify = await unlessAborted(ctx.signal, 'demo', store.verify(result.id));
+      const verify = await unlessAborted(ctx.signal, 'demo', () => store.verify(result.id));
       steps.step(`checking every page against the writers' counters at T`);
       const processId = store.processes(result.id)[0]!.processId;
       const oracle = checkSnapshot(layout, sequentialPageReader(store, processId));
       throwIfAborted(ctx.signal, 'demo');
       steps.step('stopping the pagewriter, which checks its own pages');
       fixture.kill('SIGTERM');
-      const doneLine = await unlessAborted(ctx.signal, 'demo', fixture.nextLine());
+      const doneLine = await unlessAborted(ctx.signal, 'demo', () => fixture.nextLine());
       steps.stop();
       const done = doneLine ? (JSON.parse(doneLine) as { errors?: number }) : { errors: -1 };
       const ok = verify.ok && oracle.mismatches.length === 0 && result.lostPages.length === 0 && done.errors === 0;

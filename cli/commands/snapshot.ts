@@ -15,10 +15,18 @@ interface SnapshotArgs {
   maxSharedCopy?: number;
 }
 
-export function progressLine(p: SnapshotProgress): string {
-  const pct = p.totalPages > 0 ? Math.floor((100 * p.pagesDone) / p.totalPages) : 100;
+/**
+ * The percentage counts pages with data only: zero pages are found in bulk
+ * (and cost nothing), so counting them put the line at 90% at once and then
+ * held it at 99% while the pages with data were copied.
+ */
+export function progressLine(p: SnapshotProgress, rateMBps?: number): string {
+  const withData = p.totalPages - p.zeroPages;
+  const saved = p.pagesDone - p.zeroPages;
+  const pct = withData > 0 ? Math.floor((100 * saved) / withData) : 100;
   const rate = p.elapsedMillis > 0 ? (p.bytesCopied / 1e6 / (p.elapsedMillis / 1000)).toFixed(0) : '0';
-  return `${pct}% ${p.pagesDone}/${p.totalPages} pages, ${rate} MB/s, ${p.faults} faults`;
+  const limit = rateMBps === undefined ? '' : ` (sweep limited to ${rateMBps} MB/s; faults are not rate-limited)`;
+  return `${pct}% ${saved}/${withData} pages with data (${p.zeroPages} zero of ${p.totalPages}), ${rate} MB/s${limit}, ${p.faults} faults`;
 }
 
 export function summary(r: SnapshotResult): string[] {
@@ -76,10 +84,10 @@ export const snapshotCommand: CommandSpec<SnapshotArgs> = {
         signal: ctx.signal,
         onProgress: (p) => {
           if (spinner) {
-            spinner.text = `pid ${args.pid}: ${progressLine(p)}`;
+            spinner.text = `pid ${args.pid}: ${progressLine(p, args.rate)}`;
           } else if (!args.json && p.elapsedMillis - lastLine >= 1000) {
             lastLine = p.elapsedMillis;
-            println(ctx.stderr, `pid ${args.pid}: ${progressLine(p)}`);
+            println(ctx.stderr, `pid ${args.pid}: ${progressLine(p, args.rate)}`);
           }
         },
       });
