@@ -2,6 +2,7 @@
 // whose freeze would stop wpsnap itself. Real CLI (main(argv) in-process),
 // real fixture, real store.
 import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -12,8 +13,8 @@ import { refuseSelfFreeze } from '../core/target-guard.js';
 import { progressLine } from '../cli/commands/snapshot.js';
 import { launch, launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { Store } from '../store/store.js';
-import { ROOT, runCli, runCliProcess } from './support/cli.js';
-import { procStatus } from './support/proc.js';
+import { CLI_JS, ROOT, runCli, runCliProcess } from './support/cli.js';
+import { isAlive, procStatus } from './support/proc.js';
 
 let dir: string;
 let store: string;
@@ -227,6 +228,28 @@ describe('SIGINT/SIGTERM (ctx.signal aborted): exit 130, nothing half-written', 
     expect(run.code).toBe(130);
     expect(run.stderr.trimEnd().split('\n').at(-1)).toBe('wpsnap: demo interrupted');
     expect(await snapshotIds(path)).toEqual([]);
+  });
+
+  it('a real SIGTERM ends demo mid-snapshot at once: exit 130, its pagewriter gone, the snapshot incomplete', async () => {
+    const path = join(dir, 'demo-sigterm.db');
+    const child = spawn(process.execPath, [CLI_JS, 'demo', '--mib', '64', '--store', path], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const closed = once(child, 'close');
+    let stderr = '';
+    const pid = await new Promise<number>((resolve) =>
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+        const m = /^demo: snapshotting pid (\d+) while it writes$/m.exec(stderr);
+        if (m) resolve(Number(m[1]));
+      }),
+    );
+    child.kill('SIGTERM');
+    const sent = Date.now();
+    const [code] = (await closed) as [number | null];
+    expect(code).toBe(130);
+    expect(Date.now() - sent).toBeLessThan(5000);
+    expect(stderr.trimEnd().split('\n').at(-1)).toMatch(/^wpsnap: snapshot of pid \d+ interrupted; recorded as incomplete$/);
+    expect(isAlive(pid)).toBe(false);
+    expect(await snapshotIds(path)).toEqual([{ id: 1, state: 'incomplete' }]);
   });
 
   it('an incomplete snapshot is exported only with --allow-incomplete, which the refusal names', async () => {
