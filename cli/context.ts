@@ -54,9 +54,9 @@ export function println(stream: Writable, line = ''): void {
   stream.write(line + '\n');
 }
 
-/** JSON with bigints (addresses) as "0x…" strings. */
-export function toJson(value: unknown): string {
-  return JSON.stringify(value, (_key, v: unknown) => (typeof v === 'bigint' ? `0x${v.toString(16)}` : v), 2);
+/** JSON with bigints (addresses) as "0x…" strings; indented unless compact (one line, for errors). */
+export function toJson(value: unknown, { compact = false } = {}): string {
+  return JSON.stringify(value, (_key, v: unknown) => (typeof v === 'bigint' ? `0x${v.toString(16)}` : v), compact ? undefined : 2);
 }
 
 export function printJson(ctx: CommandContext, value: unknown): void {

@@ -16,6 +16,7 @@ import { snapshotCommand } from './commands/snapshot.js';
 import { verifyCommand } from './commands/verify.js';
 import type { CommandSpec, GlobalArgs } from './commands/types.js';
 import { defaultContext, toJson, type CommandContext } from './context.js';
+import { usageMessage } from './args.js';
 
 const COMMANDS: Array<CommandSpec<never>> = [
   snapshotCommand,
@@ -30,7 +31,7 @@ const COMMANDS: Array<CommandSpec<never>> = [
 
 function reportError(ctx: CommandContext, error: WpsnapError, json: boolean): void {
   if (json) {
-    ctx.stderr.write(toJson({ error: { code: error.code, message: error.message, exitCode: exitCodeFor(error) } }) + '\n');
+    ctx.stderr.write(toJson({ error: { code: error.code, message: error.message, exitCode: exitCodeFor(error) } }, { compact: true }) + '\n');
   } else {
     ctx.stderr.write(`wpsnap: ${error.message.split('\n')[0]}\n`);
   }
@@ -42,10 +43,16 @@ function asWpsnapError(error: unknown): WpsnapError {
   return new WpsnapError('INTERNAL', message, { cause: error });
 }
 
+/** The command named in argv, with its positionals, for usage messages. */
+function commandIn(argv: readonly string[]): { name: string; positionals: string[] } | undefined {
+  const spec = COMMANDS.find((c) => argv.includes(c.command.split(' ')[0]!));
+  if (!spec) return undefined;
+  const [name, ...rest] = spec.command.split(' ');
+  return { name: name!, positionals: rest.map((p) => p.replace(/[<>[\]]/g, '')) };
+}
+
 export async function main(argv: string[], ctx: CommandContext = defaultContext(new AbortController().signal)): Promise<ExitCode> {
   const json = argv.includes('--json');
-  let failure: WpsnapError | undefined;
-  let ran = false;
   const parser = yargs(argv)
     .scriptName('wpsnap')
     .usage('$0 <command> [options]\n\nBackground memory snapshots of running Linux processes (userfaultfd write-protect).')
@@ -53,38 +60,34 @@ export async function main(argv: string[], ctx: CommandContext = defaultContext(
     .option('json', { type: 'boolean', global: true, default: false, describe: 'print one JSON document on stdout' })
     .strict()
     .demandCommand(1, 'name a command (wpsnap --help lists them)')
+    .completion('completion', 'Print a bash/zsh completion script (wpsnap completion >> ~/.bashrc)')
     .exitProcess(false)
     .help()
     .version()
     .wrap(Math.min(100, process.stdout.columns ?? 100))
+    // Throwing here is what stops yargs: a fail() callback that returns lets
+    // it go on and run the command's handler after a validation error.
+    // yargs reports its own validation, and a `coerce` check's error, as a
+    // YError: both are usage errors.
     .fail((message, error) => {
-      failure = error ? asWpsnapError(error) : usageError(message ?? 'bad usage');
+      if (error && error.name !== 'YError') throw asWpsnapError(error);
+      throw usageError(usageMessage(error?.message ?? message ?? 'bad usage', argv, commandIn(argv)));
     });
   for (const spec of COMMANDS) {
     parser.command(
       spec.command,
       spec.describe,
       (y) => spec.builder(y as never),
-      async (args) => {
-        ran = true;
-        try {
-          await spec.handler(args as never as GlobalArgs & never, ctx);
-        } catch (error) {
-          failure = asWpsnapError(error);
-        }
-      },
+      (args) => spec.handler(args as never as GlobalArgs & never, ctx),
     );
   }
   try {
     await parser.parseAsync();
   } catch (error) {
-    failure ??= asWpsnapError(error);
-  }
-  if (failure) {
+    const failure = asWpsnapError(error);
     reportError(ctx, failure, json);
     return exitCodeFor(failure);
   }
-  void ran;
   return ExitCode.ok;
 }
 

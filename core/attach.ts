@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, rmSync, statSync, chownSync } from 'node:fs';
 import type { FrozenThread, NativeBinding, NativeHandle } from './native/binding.js';
 import { SYSCALL, USERFAULTFD_IOC_NEW } from './constants.js';
-import { WpsnapError, fromNative, externalCode } from './errors.js';
+import { WpsnapError, fromNative, externalCode } from '../common/errors.js';
 import { readIds, readMaps } from './procfs.js';
 
 const { ioctl: SYS_ioctl, close: SYS_close, userfaultfd: SYS_userfaultfd, openat: SYS_openat } = SYSCALL;

@@ -4,7 +4,7 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { WpsnapError } from './errors.js';
+import { WpsnapError } from '../common/errors.js';
 import type { NativeBinding } from './native/binding.js';
 
 export type { NativeBinding } from './native/binding.js';

@@ -82,7 +82,7 @@ export function checkEnvironment(loadBinding: () => NativeBinding): CheckReport 
       add('userfaultfd', false, code === 'EPERM' ? 'not permitted for this user (vm.unprivileged_userfaultfd=0): run as root' : code === 'ENOSYS' ? 'kernel built without CONFIG_USERFAULTFD' : (error as Error).message);
     }
     const scan = binding.probePagemapScan();
-    add('PAGEMAP_SCAN', scan === 0, scan === 0 ? 'ioctl works (Linux 6.7+)' : `ioctl fails with errno ${scan}`, false);
+    add('PAGEMAP_SCAN', scan === 0, scan === 0 ? 'ioctl works (Linux 6.7+): finds the populated pages of large sparse mappings, to protect only those' : `ioctl fails with errno ${scan}`, false);
   }
 
   const unprivileged = readOr('/proc/sys/vm/unprivileged_userfaultfd', '0');

@@ -2,13 +2,15 @@
 // store as they come, progress is polled for the caller, and the run ends in
 // the engine's final statistics once every batch is stored.
 import type { SnapshotWriter } from '../store/store.js';
-import { fromNative } from './errors.js';
+import { fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
 import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
 import type { RegionPlan } from './regions.js';
 
 export interface EngineProgress {
   pagesDone: number;
+  /** Of pagesDone, those found zero (never read, nothing to save). */
+  zeroPages: number;
   totalPages: number;
   bytesCopied: number;
   faults: number;
@@ -86,6 +88,7 @@ export function runEngine(binding: NativeBinding, writer: SnapshotWriter, option
       const s = binding.engineStats(handle);
       options.onProgress({
         pagesDone: s.pagesFromFaults + s.pagesFromSweep + s.pagesZero + s.pagesLost,
+        zeroPages: s.pagesZero,
         totalPages: s.totalPages,
         bytesCopied: s.bytesCopied,
         faults: s.faults,

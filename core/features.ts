@@ -1,6 +1,6 @@
 // The userfaultfd features wpsnap needs, and probing them with clear answers.
 import { readFileSync } from 'node:fs';
-import { unsupported, fromNative } from './errors.js';
+import { unsupported, fromNative } from '../common/errors.js';
 import type { NativeBinding } from './native/binding.js';
 
 export const UFFD_FEATURE = {
@@ -20,14 +20,14 @@ export const UFFDIO_REGISTER_MODE_WP = 1n << 1n;
 /** What each feature is for, as `wpsnap check` explains it. */
 export const FEATURE_PURPOSE: Record<keyof typeof UFFD_FEATURE, string> = {
   PAGEFAULT_FLAG_WP: 'write-protect faults (uffd-wp)',
-  EVENT_FORK: 'follow forks (multi-process snapshots)',
+  EVENT_FORK: 'a fork during a snapshot: the child is released unprotected and unsaved shared pages are listed lost',
   EVENT_REMAP: 'follow mremap of memory not yet saved',
   EVENT_REMOVE: 'save memory before MADV_DONTNEED discards it',
   EVENT_UNMAP: 'know memory unmapped before it was saved',
-  THREAD_ID: 'faulting thread ids',
+  THREAD_ID: 'faulting thread ids (requested; not used yet)',
   WP_HUGETLBFS_SHMEM: 'protect shmem/memfd and hugetlbfs memory',
   WP_UNPOPULATED: 'protect never-touched memory without populating it',
-  WP_ASYNC: 'dirty tracking with PAGEMAP_SCAN (incremental snapshots)',
+  WP_ASYNC: 'not used yet (dirty tracking with PAGEMAP_SCAN)',
 };
 
 /** Requested on the target's context for a snapshot. */

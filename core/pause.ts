@@ -4,7 +4,7 @@
 import type { LostRange, PageBatch, ThreadRecord } from '../snapshot-format/model.js';
 import type { UffdMethod } from './attach.js';
 import type { Attacher } from './attacher.js';
-import { fromNative } from './errors.js';
+import { fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
 import { UFFD_FEATURES_FOR_SNAPSHOT } from './features.js';
 import type { NativeBinding } from './native/binding.js';

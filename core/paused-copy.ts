@@ -2,7 +2,7 @@
 // protect their mappings: copy-on-write pages of private file mappings and
 // [vdso], and shared memory the kernel will not register (SysV segments).
 import { PAGE_SIZE, type PageBatch } from '../snapshot-format/model.js';
-import { fromNative } from './errors.js';
+import { fromNative } from '../common/errors.js';
 import type { NativeBinding } from './native/binding.js';
 import type { RegionPlan } from './regions.js';
 

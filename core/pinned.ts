@@ -6,7 +6,7 @@
 // for every pin it cannot place (VmPin beyond what it found, RDMA, vfio).
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { PAGE_SIZE, type LostRange, type PageBatch } from '../snapshot-format/model.js';
-import { fromNative } from './errors.js';
+import { fromNative } from '../common/errors.js';
 import type { NativeBinding } from './native/binding.js';
 import type { RegionPlan } from './regions.js';
 

@@ -1,7 +1,7 @@
 // Reading what /proc says about a process: maps, identity, threads.
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import type { ProcessRecord } from '../snapshot-format/model.js';
-import { WpsnapError, externalCode } from './errors.js';
+import { WpsnapError, externalCode } from '../common/errors.js';
 
 export interface MapsEntry {
   start: bigint;

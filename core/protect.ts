@@ -1,6 +1,6 @@
 // Registering the target's mappings with its userfaultfd and write-protecting
 // them: done inside the pause, on the context the attach obtained.
-import { WpsnapError, fromNative } from './errors.js';
+import { WpsnapError, fromNative } from '../common/errors.js';
 import { UFFDIO_REGISTER_MODE_WP } from './features.js';
 import type { NativeBinding } from './native/binding.js';
 import type { RegionPlan } from './regions.js';
@@ -63,7 +63,7 @@ export function registerRegions(binding: NativeBinding, uffd: number, plans: Reg
     } else {
       plan.record.capture = 'skipped';
       plan.record.skipReason = 'shared memory uffd-wp cannot protect, larger than --max-shared-copy';
-      plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'read-failed' };
+      plan.lost = { address: plan.record.start, pages: bytes / 4096, reason: 'shared-copy-limit' };
     }
   }
   return registered;

@@ -10,7 +10,7 @@ import {
   type DeviceNode,
 } from './attach.js';
 import type { Attacher, StoppedTarget } from './attacher.js';
-import { fromNative } from './errors.js';
+import { fromNative } from '../common/errors.js';
 import type { NativeBinding } from './native/binding.js';
 
 export function ptraceAttacher(binding: NativeBinding, pid: number, pidfd: number): Attacher {

@@ -8,7 +8,7 @@ import type { SnapshotWriter, Store } from '../store/store.js';
 import type { UffdMethod } from './attach.js';
 import type { Attacher } from './attacher.js';
 import { runEngine, type EngineProgress } from './engine-session.js';
-import { WpsnapError, fromNative } from './errors.js';
+import { WpsnapError, fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
 import { requireFeatures } from './features.js';
 import type { EngineFinalStats, NativeBinding } from './native/binding.js';
@@ -19,6 +19,7 @@ import { assertProcessExists, readProcessRecord } from './procfs.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
 import { findSparse } from './sparse.js';
+import { refuseSelfFreeze } from './target-guard.js';
 
 export type { PauseBreakdown } from './pause.js';
 
@@ -89,6 +90,7 @@ export async function snapshotProcess(
   options: SnapshotOptions = {},
 ): Promise<SnapshotResult> {
   assertProcessExists(pid);
+  refuseSelfFreeze(pid);
   requireFeatures(binding);
   const startedAt = Date.now();
   const processRecord = readProcessRecord(pid);

@@ -11,7 +11,7 @@
 // untouched) count too: 300 of them left 3.6 MB of page tables in the target
 // when the floor was 16 MiB.
 import { REGION_KIND } from './constants.js';
-import { fromNative } from './errors.js';
+import { fromNative } from '../common/errors.js';
 import type { NativeBinding } from './native/binding.js';
 import type { MapsEntry } from './procfs.js';
 import type { RegionPlan } from './regions.js';

@@ -101,6 +101,8 @@ export const LOST_REASONS = [
   'shared-with-other-process',
   /** Pinned by the kernel (an io_uring registered buffer, FOLL_LONGTERM) and too much to copy in the pause: the kernel writes it without a fault. */
   'pinned-kernel-writable',
+  /** Shared memory uffd-wp cannot protect (a SysV segment), beyond what --max-shared-copy lets the pause copy. */
+  'shared-copy-limit',
 ] as const;
 export type LostReason = (typeof LOST_REASONS)[number];
 

@@ -17,7 +17,7 @@ import {
   type Frozen,
 } from '../core/attach.js';
 import { loadBinding, type NativeBinding } from '../core/binding.js';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 import type { FrozenThread } from '../core/native/binding.js';
 import { readMaps } from '../core/procfs.js';
 import { sleep, taskTids, tracerPids, untraced } from './support/proc.js';

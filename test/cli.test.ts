@@ -306,7 +306,7 @@ describe('killing wpsnap at any point', () => {
         child.stderr.on('data', (d: Buffer) => {
           stderr += d.toString();
           // The plain progress line (stderr is not a TTY): the sweep is under way.
-          if (/pages, \d+ MB\/s/.test(stderr)) resolve();
+          if (/pages with data .*, \d+ MB\/s/.test(stderr)) resolve();
         }),
       );
       await Promise.race([sweeping, closed]);
@@ -322,6 +322,7 @@ describe('killing wpsnap at any point', () => {
       const [code] = (await closed) as [number | null];
       expect(code).toBe(130);
       expect(stderr.trimEnd().split('\n').at(-1)).toMatch(/^wpsnap: snapshot of pid \d+ interrupted; recorded as incomplete$/);
+      expect(stderr).toMatch(/^pid \d+: \d+% \d+\/\d+ pages with data \(\d+ zero of \d+\), \d+ MB\/s \(sweep limited to 0.25 MB\/s; faults are not rate-limited\), \d+ faults$/m);
       await expectWriting(slow.pid, slowLayout);
       expect(procStatus(slow.pid)['TracerPid']).toBe('0');
       for (const w of slowLayout.writers) {

@@ -5,7 +5,7 @@ import Database from 'better-sqlite3';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 import { MIGRATIONS, Store } from '../store/index.js';
 import { runCliProcess } from './support/cli.js';
 

@@ -5,7 +5,7 @@ import Database from 'better-sqlite3';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { WpsnapError } from '../core/errors.js';
+import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE, type PageBatch, type SnapshotStats } from '../snapshot-format/model.js';
 import { MIGRATIONS, resolveStorePath, Store, type Migration } from '../store/index.js';
 import { fakeProcess, fakeRegion, fakeThread, fillPage } from '../store/testing.js';

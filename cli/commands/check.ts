@@ -1,5 +1,5 @@
 import { checkEnvironment } from '../../core/check.js';
-import { WpsnapError } from '../../core/errors.js';
+import { WpsnapError } from '../../common/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import type { CommandSpec } from './types.js';
 

@@ -1,13 +1,46 @@
+import ora from 'ora';
 import { snapshotProcess } from '../../core/snapshot.js';
-import { WpsnapError } from '../../core/errors.js';
+import { WpsnapError } from '../../common/errors.js';
 import { checkSnapshot, parseLayout } from '../../core/demo/oracle.js';
 import { launchDemoWorkload } from '../../core/demo/workload.js';
 import { printJson, println, type CommandContext } from '../context.js';
-import { summary } from './snapshot.js';
+import { millis } from '../format.js';
+import { progressLine, summary } from './snapshot.js';
 import type { CommandSpec } from './types.js';
+import { numberOption } from '../args.js';
+import { sequentialPageReader } from '../page-cursor.js';
+import { throwIfAborted, unlessAborted } from '../interrupt.js';
 
 interface DemoArgs {
   mib: number;
+}
+
+/** Progress on stderr: a spinner on a terminal, else one plain line per step (none under --json). */
+function progress(ctx: CommandContext, json: boolean): { step: (text: string) => void; update: (text: string) => void; stop: () => void } {
+  const spinner = !json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr }).start() : null;
+  let started = Date.now();
+  let current = '';
+  const finishStep = (): void => {
+    if (current && spinner) spinner.succeed(`${current} (${millis(Date.now() - started)})`);
+    else if (current && !json) println(ctx.stderr, `demo: ${current} done in ${millis(Date.now() - started)}`);
+  };
+  return {
+    step(text) {
+      finishStep();
+      current = text;
+      started = Date.now();
+      if (spinner) spinner.start(text);
+      else if (!json) println(ctx.stderr, `demo: ${text}`);
+    },
+    update(text) {
+      if (spinner) spinner.text = `${current}: ${text}`;
+    },
+    stop() {
+      finishStep();
+      current = '';
+      spinner?.stop();
+    },
+  };
 }
 
 /**
@@ -19,11 +52,13 @@ interface DemoArgs {
 export const demoCommand: CommandSpec<DemoArgs> = {
   command: 'demo',
   describe: 'Snapshot a bundled workload while it writes, verify every page against its oracle, print the stats',
-  builder: (y) => y.option('mib', { type: 'number', default: 64, describe: 'MiB written by each of the two writer threads' }),
+  builder: (y) => y.option('mib', { type: 'string', default: '64', describe: 'MiB written by each of the two writer threads', coerce: numberOption('mib', 'MiB') }),
   async handler(args, ctx: CommandContext) {
     const binding = ctx.binding();
     const store = await ctx.openStore(args.store);
     const pagesPerWriter = Math.max(16, Math.floor(args.mib * 256));
+    const steps = progress(ctx, args.json);
+    steps.step(`starting the pagewriter (${args.mib} MiB x 2 writer threads + memfd + kernel-written pages)`);
     const fixture = await launchDemoWorkload([
       '--threads', '2',
       '--pages', String(pagesPerWriter),
@@ -33,14 +68,30 @@ export const demoCommand: CommandSpec<DemoArgs> = {
     ]);
     try {
       const layout = parseLayout(fixture.readyLine);
-      if (!args.json) println(ctx.stderr, `demo: pagewriter pid ${fixture.pid} writing ${args.mib} MiB x 2 threads + memfd + kernel-written pages`);
       await new Promise((resolve) => setTimeout(resolve, 300));
-      const result = await snapshotProcess(binding, store, fixture.pid, { signal: ctx.signal });
-      const verify = await store.verify(result.id);
+      throwIfAborted(ctx.signal, 'demo');
+      steps.step(`snapshotting pid ${fixture.pid} while it writes`);
+      let lastLine = 0;
+      const result = await snapshotProcess(binding, store, fixture.pid, {
+        signal: ctx.signal,
+        onProgress: (p) => {
+          steps.update(progressLine(p));
+          if (!args.json && !ctx.stderr.isTTY && p.elapsedMillis - lastLine >= 1000) {
+            lastLine = p.elapsedMillis;
+            println(ctx.stderr, `demo: ${progressLine(p)}`);
+          }
+        },
+      });
+      steps.step(`re-reading and re-hashing the ${result.pagesSaved} stored pages`);
+      const verify = await unlessAborted(ctx.signal, 'demo', () => store.verify(result.id));
+      steps.step(`checking every page against the writers' counters at T`);
       const processId = store.processes(result.id)[0]!.processId;
-      const oracle = checkSnapshot(layout, (address) => store.readPage(processId, address));
+      const oracle = checkSnapshot(layout, sequentialPageReader(store, processId));
+      throwIfAborted(ctx.signal, 'demo');
+      steps.step('stopping the pagewriter, which checks its own pages');
       fixture.kill('SIGTERM');
-      const doneLine = await fixture.nextLine();
+      const doneLine = await unlessAborted(ctx.signal, 'demo', () => fixture.nextLine());
+      steps.stop();
       const done = doneLine ? (JSON.parse(doneLine) as { errors?: number }) : { errors: -1 };
       const ok = verify.ok && oracle.mismatches.length === 0 && result.lostPages.length === 0 && done.errors === 0;
       const report = {
@@ -63,6 +114,7 @@ export const demoCommand: CommandSpec<DemoArgs> = {
       }
       if (!ok) throw new WpsnapError('DEMO_FAILED', 'demo snapshot did not match its oracle (see report above)');
     } finally {
+      steps.stop();
       fixture.kill('SIGKILL');
       await store.close();
     }

@@ -1,9 +1,10 @@
 import ora from 'ora';
 import { snapshotProcess, type SnapshotProgress, type SnapshotResult } from '../../core/snapshot.js';
-import { usageError } from '../../core/errors.js';
+import { usageError } from '../../common/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, micros, millis } from '../format.js';
 import type { CommandSpec } from './types.js';
+import { numberOption, positiveInteger } from '../args.js';
 
 interface SnapshotArgs {
   pid: number;
@@ -14,10 +15,18 @@ interface SnapshotArgs {
   maxSharedCopy?: number;
 }
 
-function progressLine(p: SnapshotProgress): string {
-  const pct = p.totalPages > 0 ? Math.floor((100 * p.pagesDone) / p.totalPages) : 100;
+/**
+ * The percentage counts pages with data only: zero pages are found in bulk
+ * (and cost nothing), so counting them put the line at 90% at once and then
+ * held it at 99% while the pages with data were copied.
+ */
+export function progressLine(p: SnapshotProgress, rateMBps?: number): string {
+  const withData = p.totalPages - p.zeroPages;
+  const saved = p.pagesDone - p.zeroPages;
+  const pct = withData > 0 ? Math.floor((100 * saved) / withData) : 100;
   const rate = p.elapsedMillis > 0 ? (p.bytesCopied / 1e6 / (p.elapsedMillis / 1000)).toFixed(0) : '0';
-  return `${pct}% ${p.pagesDone}/${p.totalPages} pages, ${rate} MB/s, ${p.faults} faults`;
+  const limit = rateMBps === undefined ? '' : ` (sweep limited to ${rateMBps} MB/s; faults are not rate-limited)`;
+  return `${pct}% ${saved}/${withData} pages with data (${p.zeroPages} zero of ${p.totalPages}), ${rate} MB/s${limit}, ${p.faults} faults`;
 }
 
 export function summary(r: SnapshotResult): string[] {
@@ -44,18 +53,26 @@ export const snapshotCommand: CommandSpec<SnapshotArgs> = {
   describe: 'Snapshot the memory of a running process; it is stopped only while its memory is write-protected',
   builder: (y) =>
     y
-      .positional('pid', { type: 'number', describe: 'process to snapshot', demandOption: true })
-      .option('name', { type: 'string', describe: 'a unique name to refer to the snapshot by' })
-      .option('rate', { type: 'number', describe: 'limit the background sweep to this many MB/s (default: unlimited)' })
+      .positional('pid', { type: 'string', describe: 'process to snapshot', demandOption: true, coerce: positiveInteger('a pid') })
+      .option('name', {
+        type: 'string',
+        describe: 'a unique name to refer to the snapshot by',
+        coerce: (name: string) => {
+          if (/^\d+$/.test(name)) throw usageError(`--name must not be a number (numbers are snapshot ids): "${name}"`);
+          return name;
+        },
+      })
+      .option('rate', {
+        type: 'string',
+        describe: 'limit the background sweep to this many MB/s (default: unlimited; faults are never limited)',
+        coerce: numberOption('rate', 'MB/s'),
+      })
       .option('max-shared-copy', {
-        type: 'number',
+        type: 'string',
+        coerce: numberOption('max-shared-copy', 'MiB', { allowZero: true }),
         describe: 'MiB of shared memory uffd-wp cannot protect (SysV segments) to copy during the pause (default 512); beyond it is listed as lost',
       }),
   async handler(args, ctx: CommandContext) {
-    if (!Number.isInteger(args.pid) || args.pid <= 0) throw usageError(`not a pid: ${String(args.pid)}`);
-    if (args.rate !== undefined && !(args.rate > 0)) throw usageError(`--rate must be a positive number of MB/s`);
-    if (args.maxSharedCopy !== undefined && !(args.maxSharedCopy >= 0)) throw usageError(`--max-shared-copy must be a number of MiB`);
-    if (args.name !== undefined && /^\d+$/.test(args.name)) throw usageError(`--name must not be a number (numbers are snapshot ids)`);
     const binding = ctx.binding();
     const store = await ctx.openStore(args.store);
     const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: `snapshotting pid ${args.pid}` }).start() : null;
@@ -68,10 +85,10 @@ export const snapshotCommand: CommandSpec<SnapshotArgs> = {
         signal: ctx.signal,
         onProgress: (p) => {
           if (spinner) {
-            spinner.text = `pid ${args.pid}: ${progressLine(p)}`;
+            spinner.text = `pid ${args.pid}: ${progressLine(p, args.rate)}`;
           } else if (!args.json && p.elapsedMillis - lastLine >= 1000) {
             lastLine = p.elapsedMillis;
-            println(ctx.stderr, `pid ${args.pid}: ${progressLine(p)}`);
+            println(ctx.stderr, `pid ${args.pid}: ${progressLine(p, args.rate)}`);
           }
         },
       });

@@ -1,6 +1,7 @@
-import { WpsnapError } from '../../core/errors.js';
+import { WpsnapError } from '../../common/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import type { CommandSpec } from './types.js';
+import { unlessAborted } from '../interrupt.js';
 
 export const verifyCommand: CommandSpec<{ snapshot: string }> = {
   command: 'verify <snapshot>',
@@ -10,7 +11,7 @@ export const verifyCommand: CommandSpec<{ snapshot: string }> = {
     const store = await ctx.openStore(args.store, { readonly: true });
     try {
       const snap = store.find(args.snapshot);
-      const report = await store.verify(snap.id);
+      const report = await unlessAborted(ctx.signal, `verify of snapshot ${snap.id}`, () => store.verify(snap.id));
       const problems = [...report.problems];
       if (snap.state !== 'complete') problems.unshift(`snapshot ${snap.id} is ${snap.state}, not complete`);
       const ok = report.ok && snap.state === 'complete';

@@ -1,2 +1,0 @@
-// The controller's errors are the shared ones (common/errors.ts).
-export * from '../common/errors.js';
