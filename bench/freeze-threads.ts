@@ -29,6 +29,11 @@ interface Row {
   firstFreezeMicros: number[];
   laterPauseMicros: number[];
   laterFreezeMicros: number[];
+  /** pauseBreakdownMicros of every first and later snapshot. */
+  firstBreakdowns: Array<Record<string, number>>;
+  laterBreakdowns: Array<Record<string, number>>;
+  /** The target's VmPTE (kB) before the first snapshot, after it, after the second. */
+  vmPteKiB: number[][];
   cgroupFreezeMicros: number[];
   cgroupThawMicros: number[];
 }
@@ -68,6 +73,10 @@ function readdirCount(pid: number): number {
   return Number(/^Threads:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
 }
 
+function vmPte(pid: number): number {
+  return Number(/^VmPTE:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
+}
+
 function waitEvent(dir: string, frozen: 0 | 1): void {
   const want = `frozen ${frozen}`;
   for (const deadline = Date.now() + 5000; Date.now() < deadline; ) if (readFileSync(join(dir, 'cgroup.events'), 'utf8').includes(want)) return;
@@ -96,13 +105,13 @@ function cgroupFreezeThaw(pid: number, row: Row, runs: number): void {
   }
 }
 
-async function snapshotPause(binding: NativeBinding, pid: number): Promise<{ pause: number; freeze: number }> {
+async function snapshotPause(binding: NativeBinding, pid: number): Promise<{ pause: number; freeze: number; breakdown: Record<string, number> }> {
   const r = await snapshotProcess(binding, nullStore(), pid, {});
-  return { pause: r.pauseMicros, freeze: r.pauseBreakdownMicros.freeze };
+  return { pause: r.pauseMicros, freeze: r.pauseBreakdownMicros.freeze, breakdown: { ...r.pauseBreakdownMicros } };
 }
 
 async function measure(binding: NativeBinding, threads: number, runs: number, snapshots: boolean): Promise<Row> {
-  const row: Row = { threads, freezeMicros: [], thawMicros: [], firstPauseMicros: [], firstFreezeMicros: [], laterPauseMicros: [], laterFreezeMicros: [], cgroupFreezeMicros: [], cgroupThawMicros: [] };
+  const row: Row = { threads, freezeMicros: [], thawMicros: [], firstPauseMicros: [], firstFreezeMicros: [], laterPauseMicros: [], laterFreezeMicros: [], firstBreakdowns: [], laterBreakdowns: [], vmPteKiB: [], cgroupFreezeMicros: [], cgroupThawMicros: [] };
   const target = await start(threads);
   try {
     freezeThaw(binding, target.pid, { ...row, freezeMicros: [], thawMicros: [] }); // warm-up, not counted
@@ -115,12 +124,17 @@ async function measure(binding: NativeBinding, threads: number, runs: number, sn
   for (let i = 0; i < runs; i++) {
     const fresh = await start(threads);
     try {
+      const pte0 = vmPte(fresh.pid);
       const first = await snapshotPause(binding, fresh.pid);
+      const pte1 = vmPte(fresh.pid);
       const later = await snapshotPause(binding, fresh.pid);
+      row.vmPteKiB.push([pte0, pte1, vmPte(fresh.pid)]);
       row.firstPauseMicros.push(first.pause);
       row.firstFreezeMicros.push(first.freeze);
       row.laterPauseMicros.push(later.pause);
       row.laterFreezeMicros.push(later.freeze);
+      row.firstBreakdowns.push(first.breakdown);
+      row.laterBreakdowns.push(later.breakdown);
     } finally {
       await fresh.stop(10_000);
     }
@@ -153,6 +167,17 @@ async function main(): Promise<void> {
       `${String(r.threads).padStart(7)}  ${ms(r.freezeMicros).padStart(6)} ${ms(r.thawMicros).padStart(5)}  | ${ms(r.firstPauseMicros).padStart(8)} (${ms(r.firstFreezeMicros)})` +
         `  ${ms(r.laterPauseMicros).padStart(12)} (${ms(r.laterFreezeMicros)}) | ${ms(r.cgroupFreezeMicros).padStart(12)} ${ms(r.cgroupThawMicros).padStart(6)}\n`,
     );
+  }
+  const phases = (list: Array<Record<string, number>>): string =>
+    Object.keys(list[0] ?? {})
+      .map((k) => `${k} ${ms(list.map((b) => b[k]!))}`)
+      .join(', ');
+  for (const r of rows) {
+    if (r.firstBreakdowns.length === 0) continue;
+    process.stdout.write(`${r.threads} threads, first snapshot: ${phases(r.firstBreakdowns)}\n`);
+    process.stdout.write(`${r.threads} threads, later snapshot: ${phases(r.laterBreakdowns)}\n`);
+    const pte = (k: number): string => String(median(r.vmPteKiB.map((v) => v[k]!)));
+    process.stdout.write(`${r.threads} threads, VmPTE kB before / after the first / after the second snapshot: ${pte(0)} / ${pte(1)} / ${pte(2)}\n`);
   }
   const out = values.out ?? join(repoRoot(), 'bench', 'results', `freeze-threads-${new Date().toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z')}.json`);
   writeFileSync(out, `${JSON.stringify({ machine: machineInfo(), addon: values.addon ?? 'build/Release', runs, rows })}\n`);

@@ -54,9 +54,10 @@ typedef struct {
   char what[160];
 } tracer_error_t;
 
-/* Allocate and touch, before any freeze, the memory a freeze of up to
- * TRACER_POOL_THREADS threads needs (thread records and their XSAVE areas):
- * no page fault of the tracer's then lengthens the target's pause. */
+/* Allocate the memory a freeze of up to TRACER_POOL_THREADS threads needs
+ * (thread records and their XSAVE areas) and have a background thread touch
+ * it: the tracer's own page faults then do not lengthen the target's pause.
+ * Call before raising the caller's scheduling priority (the thread inherits it). */
 #define TRACER_POOL_THREADS 1024
 void tracer_prepare(void);
 /* PTRACE_SEIZE + PTRACE_INTERRUPT every thread, then collect the stops as
