@@ -1,8 +1,9 @@
 /* The tracer (tracer.h) for x86_64: register layout and the syscall ABI live
  * in this file.
  *
- * tracer_freeze   PTRACE_SEIZE + PTRACE_INTERRUPT every thread, wait for
- *                 every stop, capture each thread's registers.
+ * tracer_freeze   PTRACE_SEIZE + PTRACE_INTERRUPT every listed thread, then
+ *                 collect the stops (in parallel) and each one's registers;
+ *                 list again until nothing is new.
  * tracer_inject   run one syscall in a stopped thread, then put every
  *                 register back as captured: on detach the kernel restarts
  *                 an interrupted syscall itself.
