@@ -287,8 +287,10 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
     }
     thread_t *t = add_thread(f, tid);
     if (t == NULL) {
-      /* Not ours to keep: it must not stay seized with nobody to collect its stop. */
-      ptrace(PTRACE_DETACH, tid, NULL, NULL);
+      /* No room to keep it: stop it and let it go at once (PTRACE_DETACH needs a stopped tracee). */
+      int status;
+      ptrace(PTRACE_INTERRUPT, tid, NULL, NULL);
+      if (wait_stop(tid, &status) == 0) ptrace(PTRACE_DETACH, tid, NULL, NULL);
       seize_err = ENOMEM;
       snprintf(what, what_len, "memory for the registers of tid %d", tid);
       break;
