@@ -620,3 +620,137 @@ describe('attach: refusals and failures', () => {
     expectCleanRegcheck(done, exit);
   }, 20_000);
 });
+
+// ------------------------------------------------------------------ many threads
+
+interface ManyReady {
+  pid: number;
+  threads: number;
+  counters: string;
+  stride: number;
+  roles: string;
+  tids: number[];
+}
+
+/** counters[0..count) of fixtures/manythreads (count = threads + 1 with the churn's). */
+function manyCounters(pid: number, ready: ManyReady, count = ready.threads): bigint[] {
+  const raw = B.processVmRead(pid, BigInt(ready.counters), count * ready.stride);
+  return Array.from({ length: count }, (_, i) => raw.readBigUInt64LE(i * ready.stride));
+}
+
+/** Every thread's registers, general, x87/SSE and XSAVE area, as one comparable record. */
+function registerSets(threads: FrozenThread[], tids: number[]): Record<number, string> {
+  const out: Record<number, string> = {};
+  for (const tid of tids) {
+    const t = threads.find((x) => x.tid === tid)!;
+    out[tid] = `${t.regs.toString('hex')}/${t.fpregs.toString('hex')}/${t.xstate.toString('hex')}`;
+  }
+  return out;
+}
+
+/** expectUntouched for a process whose threads come and go: a thread gone while being read is skipped. */
+function expectNoneStoppedOrTraced(pid: number): void {
+  const held: string[] = [];
+  for (const tid of taskTids(pid)) {
+    let stat: string, status: string;
+    try {
+      stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+      status = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+    } catch {
+      continue; /* exited meanwhile */
+    }
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    const tracer = Number(/^TracerPid:\s+(\d+)/m.exec(status)![1]);
+    if (state === 't' || state === 'T' || ourTracer(tracer)) held.push(`${tid}: state ${state}, tracer ${tracer}`);
+  }
+  expect(held).toEqual([]);
+}
+
+describe('attach: many threads', () => {
+  it('freezes and thaws 500 threads: every one stopped, every one runs on, parked threads keep their registers bit for bit', async () => {
+    const f = await startDetached('manythreads', ['500', '--spinners', '2'], { readyTimeoutMs: 30_000 });
+    const ready = f.ready as unknown as ManyReady;
+    const pid = f.pid;
+    const parked = ready.tids.filter((_, i) => ready.roles[i] === 'P');
+    const sample = parked.filter((_, i) => i % 10 === 0);
+    expect(sample.length).toBeGreaterThanOrEqual(12);
+    await sleep(100);
+
+    // First freeze: the records asked for while frozen (THREADS request).
+    const first = freeze(B, pid);
+    let firstSets: Record<number, string>;
+    try {
+      expect(first.threads.map((t) => t.tid).sort((a, b) => a - b)).toEqual(taskTids(pid));
+      expect(first.threads).toHaveLength(501);
+      const states = threadStates(pid);
+      expect(Object.entries(states).filter(([, s]) => s !== 't')).toEqual([]);
+      const stillA = manyCounters(pid, ready);
+      await sleep(60);
+      expect(manyCounters(pid, ready)).toEqual(stillA); // nothing runs while frozen
+      firstSets = registerSets(first.threads, sample);
+    } finally {
+      B.thaw(first.handle);
+    }
+    expectUntouched(pid);
+
+    // Every spinner and sleeper runs on.
+    const before = manyCounters(pid, ready);
+    await sleep(300);
+    const after = manyCounters(pid, ready);
+    const stuck = ready.tids.filter((_, i) => ready.roles[i] !== 'P' && after[i]! <= before[i]!);
+    expect(stuck, 'threads whose counter did not advance after the thaw').toEqual([]);
+
+    // Second freeze: the records come with the thaw's reply, read after it.
+    const second = freeze(B, pid);
+    B.thaw(second.handle);
+    expect(second.threads).toHaveLength(501);
+    expect(second.threads.map((t) => t.tid).sort((a, b) => a - b)).toEqual(taskTids(pid));
+    // A parked thread was released and went back into the same FUTEX_WAIT:
+    // captured again, every register is as the first freeze saw it.
+    expect(registerSets(second.threads, sample)).toEqual(firstSets);
+    expectUntouched(pid);
+
+    // The parked threads run on too: woken, each counts once.
+    const parkedBefore = manyCounters(pid, ready);
+    f.kill('SIGUSR1');
+    let late: number[] = [];
+    for (let waited = 0; waited < 5000; waited += 20) {
+      const now = manyCounters(pid, ready);
+      late = ready.tids.filter((_, i) => ready.roles[i] === 'P' && now[i]! <= parkedBefore[i]!);
+      if (late.length === 0) break;
+      await sleep(20);
+    }
+    expect(late, 'parked threads that did not run after SIGUSR1').toEqual([]);
+    const { exit } = await f.stop();
+    expect({ code: exit.code, stderr: exit.stderr }).toEqual({ code: 0, stderr: '' });
+  }, 60_000);
+
+  it('stops the threads created while the freeze lists them: the listing is repeated until it names no new thread', async () => {
+    // A thread creates a thread every 500 us: listing 300 threads takes longer than that.
+    const f = await startDetached('manythreads', ['300', '--churn'], { readyTimeoutMs: 30_000 });
+    const ready = f.ready as unknown as ManyReady;
+    const pid = f.pid;
+    await sleep(100);
+    for (let round = 0; round < 5; round++) {
+      const frozen = freeze(B, pid);
+      try {
+        const listed = taskTids(pid);
+        expect(frozen.threads.map((t) => t.tid).sort((a, b) => a - b), `round ${round}`).toEqual(listed);
+        expect(Object.entries(threadStates(pid)).filter(([, s]) => s !== 't'), `round ${round}`).toEqual([]);
+        const created = manyCounters(pid, ready, ready.threads + 1)[ready.threads];
+        await sleep(20);
+        expect(manyCounters(pid, ready, ready.threads + 1)[ready.threads], 'threads created while frozen').toBe(created);
+        expect(taskTids(pid)).toEqual(listed);
+      } finally {
+        B.thaw(frozen.handle);
+      }
+      expectNoneStoppedOrTraced(pid);
+      await sleep(30);
+    }
+    const created = manyCounters(pid, ready, ready.threads + 1)[ready.threads]!;
+    await sleep(100);
+    expect(manyCounters(pid, ready, ready.threads + 1)[ready.threads]!).toBeGreaterThan(created);
+    const { exit } = await f.stop();
+    expect({ code: exit.code, stderr: exit.stderr }).toEqual({ code: 0, stderr: '' });
+  }, 60_000);
+});

@@ -27,15 +27,20 @@ extern char **environ;
 
 typedef struct {
   thread_record_t rec;
-  uint8_t *xstate;
+  const uint8_t *xstate; /* in client_t.records */
 } client_thread_t;
 
 typedef struct {
   int sock;
   bool thawed;
-  size_t count;
+  uint32_t count;             /* threads frozen */
+  thread_record_t injection;  /* the thread injections run in, as captured */
+  /* Every thread's record, fetched when first asked for (frozenThreads), or
+   * with thaw's reply: not during the pause. */
+  bool have_threads;
+  uint32_t records_pending; /* bytes of records the helper sends after THAW's reply, read when asked for */
+  char *records;
   client_thread_t *threads;
-  uint32_t injection_thread; /* index in threads, chosen by the tracer */
 } client_t;
 
 /* wpsnap_tracer, next to this addon. */
@@ -54,9 +59,43 @@ static void client_end(client_t *c) {
 }
 
 static void client_free(client_t *c) {
-  for (size_t i = 0; i < c->count; i++) free(c->threads[i].xstate);
+  free(c->records);
   free(c->threads);
   free(c);
+}
+
+/* Read a THREADS body of len bytes (one read) and index its records. */
+static int read_threads(client_t *c, uint32_t len) {
+  char *body = malloc(len ? len : 1);
+  if (body == NULL) return ENOMEM;
+  int err = read_all(c->sock, body, len);
+  uint32_t count = 0;
+  if (err == 0 && len >= sizeof count) memcpy(&count, body, sizeof count);
+  else if (err == 0) err = EPROTO;
+  client_thread_t *threads = err == 0 ? calloc(count ? count : 1, sizeof *threads) : NULL;
+  if (err == 0 && threads == NULL) err = ENOMEM;
+  size_t at = sizeof count;
+  for (uint32_t i = 0; err == 0 && i < count; i++) {
+    if (len - at < sizeof threads[i].rec) {
+      err = EPROTO;
+      break;
+    }
+    memcpy(&threads[i].rec, body + at, sizeof threads[i].rec);
+    at += sizeof threads[i].rec;
+    if (threads[i].rec.xstate_len > XSTATE_MAX || len - at < threads[i].rec.xstate_len) err = EPROTO;
+    threads[i].xstate = (const uint8_t *)body + at;
+    at += threads[i].rec.xstate_len;
+  }
+  if (err != 0) {
+    free(body);
+    free(threads);
+    return err;
+  }
+  c->records = body;
+  c->threads = threads;
+  c->count = count;
+  c->have_threads = true;
+  return 0;
 }
 
 /* Send a request and read the reply header; the body (r->len bytes) is read by the caller. */
@@ -169,20 +208,13 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
     return err != 0 ? throw_lost(env, err) : throw_reply(env, &r);
   }
   uint32_t head[2] = {0, 0}; /* count, injection thread */
-  err = read_all(c->sock, head, sizeof head);
-  uint32_t count = head[0];
-  c->injection_thread = head[1];
-  if (err == 0 && count > 0 && head[1] >= count) err = EPROTO;
-  c->threads = calloc(count ? count : 1, sizeof *c->threads);
-  for (uint32_t i = 0; err == 0 && i < count; i++) {
-    client_thread_t *t = &c->threads[i];
-    err = read_all(c->sock, &t->rec, sizeof t->rec);
-    if (err == 0 && t->rec.xstate_len > XSTATE_MAX) err = EPROTO;
-    if (err != 0) break;
-    t->xstate = malloc(t->rec.xstate_len ? t->rec.xstate_len : 1);
-    c->count = i + 1;
-    err = read_all(c->sock, t->xstate, t->rec.xstate_len);
-  }
+  err = r.len >= sizeof head + sizeof c->injection ? read_all(c->sock, head, sizeof head) : EPROTO;
+  if (err == 0) err = read_all(c->sock, &c->injection, sizeof c->injection);
+  uint32_t rest = r.len - (uint32_t)(sizeof head + sizeof c->injection);
+  if (err == 0 && (head[0] == 0 || head[1] >= head[0] || c->injection.xstate_len != rest || rest > XSTATE_MAX)) err = EPROTO;
+  char xstate[XSTATE_MAX]; /* the injection thread's: not needed here, all come with the records */
+  if (err == 0) err = read_all(c->sock, xstate, rest);
+  c->count = head[0];
   if (err != 0) {
     client_end(c);
     client_free(c);
@@ -200,6 +232,18 @@ static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   client_t *c = argc ? get_client(env, argv[0]) : NULL;
   if (c == NULL) return throw_type(env, "frozenThreads(handle)");
+  if (!c->have_threads && c->thawed) {
+    /* Sent by the helper after the thaw's reply, read only now: the thaw (the pause) did not wait for them. */
+    int err = c->records_pending > 0 ? read_threads(c, c->records_pending) : EPIPE;
+    client_end(c);
+    if (err != 0) return throw_errno(env, err, "read", "frozenThreads: the registers were not received after the thaw");
+  } else if (!c->have_threads) {
+    reply_t r;
+    int err = request(c, OP_THREADS, NULL, 0, &r);
+    if (err == 0 && r.err != 0) return throw_reply(env, &r);
+    if (err == 0) err = read_threads(c, r.len);
+    if (err != 0) return throw_lost(env, err);
+  }
   napi_value arr;
   NAPI_CALL(env, napi_create_array_with_length(env, c->count, &arr));
   for (size_t i = 0; i < c->count; i++) {
@@ -250,7 +294,7 @@ static napi_value js_injection_rsp(napi_env env, napi_callback_info info) {
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   client_t *c = argc ? get_client(env, argv[0]) : NULL;
   if (c == NULL || c->thawed || c->count == 0) return throw_type(env, "injectionThreadRsp(handle)");
-  return make_bigint(env, c->threads[c->injection_thread].rec.regs.rsp);
+  return make_bigint(env, c->injection.regs.rsp);
 }
 
 /* thaw(h): detach every thread. Idempotent. */
@@ -263,8 +307,14 @@ static napi_value js_thaw(napi_env env, napi_callback_info info) {
   if (c->thawed) return NULL;
   c->thawed = true;
   reply_t r;
-  request(c, OP_THAW, NULL, 0, &r); /* if the helper is gone, it thawed the target as it went */
-  client_end(c);
+  /* The records come after every thread is released, and are read when first asked for: outside the pause. */
+  thaw_request_t q = {.with_threads = !c->have_threads};
+  int err = request(c, OP_THAW, &q, sizeof q, &r); /* if the helper is gone, it thawed the target as it went */
+  if (err == 0 && r.err == 0 && r.len > 0 && !c->have_threads) {
+    c->records_pending = r.len; /* the socket stays open for them */
+  } else {
+    client_end(c); /* without the records, frozenThreads says so later: the thaw itself happened */
+  }
   return NULL;
 }
 

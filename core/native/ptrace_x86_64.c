@@ -1,8 +1,9 @@
 /* The tracer (tracer.h) for x86_64: register layout and the syscall ABI live
  * in this file.
  *
- * tracer_freeze   PTRACE_SEIZE + PTRACE_INTERRUPT every thread, wait for
- *                 every stop, capture each thread's registers.
+ * tracer_freeze   PTRACE_SEIZE + PTRACE_INTERRUPT every listed thread, then
+ *                 collect the stops (in parallel) and each one's registers;
+ *                 list again until nothing is new.
  * tracer_inject   run one syscall in a stopped thread, then put every
  *                 register back as captured: on detach the kernel restarts
  *                 an interrupted syscall itself.
@@ -11,53 +12,68 @@
  * No PTRACE_O_EXITKILL: if the tracer dies the kernel detaches and the target runs on. */
 #include "tracer.h"
 
+#include <cpuid.h>
 #include <dirent.h>
 #include <elf.h>
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
-static double now_us(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+/* Waits for tracee stops block in waitpid (the stopping threads get the
+ * CPU), for at most 5 s: SIGALRM, whose handler is installed without
+ * SA_RESTART, interrupts them. */
+static volatile sig_atomic_t wait_expired;
+static void on_alarm(int sig) {
+  (void)sig;
+  wait_expired = 1;
 }
 
-/* Wait for a ptrace stop of one tid: yield for a short while (a stop usually
- * takes microseconds), then poll with short sleeps so that on a loaded
- * machine the stopping threads get the CPU. libuv only reaps its own
- * children by pid, so __WALL waits on a tid are ours.
- * Returns 0 and the status, ESRCH if the thread exited, ETIMEDOUT. */
-static int wait_stop(pid_t tid, int *status) {
-  double start = now_us();
-  for (unsigned polls = 0;; polls++) {
-    pid_t r = waitpid(tid, status, __WALL | WNOHANG);
-    if (r == tid) {
-      if (WIFEXITED(*status) || WIFSIGNALED(*status)) return ESRCH;
-      return 0;
-    }
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return errno == ECHILD ? ESRCH : errno;
-    }
-    if (now_us() - start > 5e6) return ETIMEDOUT;
-    if (polls < 500) {
-      sched_yield();
-    } else {
-      struct timespec ts = {0, 20000};
-      nanosleep(&ts, NULL);
+static void arm_wait_timeout(bool on) {
+  if (on) {
+    struct sigaction alarm_action = {.sa_handler = on_alarm};
+    sigaction(SIGALRM, &alarm_action, NULL);
+    wait_expired = 0;
+  }
+  struct itimerval timeout = {.it_value = {.tv_sec = on ? 5 : 0}};
+  setitimer(ITIMER_REAL, &timeout, NULL);
+}
+
+/* waitpid(which, __WALL) until it reports or the armed timeout expires:
+ * the tid, or -1 with errno (ETIMEDOUT). libuv only reaps its own children
+ * by pid, and the tracer helper has no children but its tracees. */
+static pid_t wait_tracee(pid_t which, int *status) {
+  for (;;) {
+    pid_t r = waitpid(which, status, __WALL);
+    if (r >= 0 || errno != EINTR) return r;
+    if (wait_expired) {
+      errno = ETIMEDOUT;
+      return -1;
     }
   }
+}
+
+/* Wait for a ptrace stop of one tid. Returns 0 and the status, ESRCH if the
+ * thread exited, ETIMEDOUT. */
+static int wait_stop(pid_t tid, int *status) {
+  arm_wait_timeout(true);
+  pid_t r = wait_tracee(tid, status);
+  int err = r == tid ? 0 : errno == ECHILD ? ESRCH : errno;
+  arm_wait_timeout(false);
+  if (err == 0 && (WIFEXITED(*status) || WIFSIGNALED(*status))) return ESRCH;
+  return err;
 }
 
 static thread_t *find_thread(freeze_t *f, pid_t tid) {
@@ -127,17 +143,121 @@ static void classify_stop(thread_t *t, int status) {
   }
 }
 
-static int capture_regs(thread_t *t) {
+static int capture_regs(thread_t *t, size_t xstate_cap) {
   if (ptrace(PTRACE_GETREGS, t->tid, NULL, &t->regs) != 0) return errno;
   if (ptrace(PTRACE_GETFPREGS, t->tid, NULL, &t->fpregs) != 0) return errno;
-  struct iovec iov = {.iov_base = t->xstate, .iov_len = sizeof t->xstate};
+  struct iovec iov = {.iov_base = t->xstate, .iov_len = xstate_cap};
   t->xstate_len = ptrace(PTRACE_GETREGSET, t->tid, (void *)NT_X86_XSTATE, &iov) == 0 ? iov.iov_len : 0;
   t->resume_regs = t->regs;
   return 0;
 }
 
+/* The prepared pool: thread records and XSAVE areas of XSTATE slot bytes each. */
+static thread_t *pool;
+static uint8_t *xstate_pool;
+static size_t xstate_slot = XSTATE_MAX;
+
+/* Touch the pool in the background: the helper starts just before the pause
+ * (4.6 MB take about 3 ms to fault in on this VM) and must answer FREEZE at
+ * once. A freeze reaching pages not touched yet faults them itself. */
+static void *populate_pool(void *arg) {
+  size_t len = (size_t)(uintptr_t)arg;
+  setpriority(PRIO_PROCESS, (id_t)gettid(), 19); /* after the target's threads */
+  for (size_t at = 0; at < len; at += 256 * 1024) {
+    size_t n = len - at < 256 * 1024 ? len - at : 256 * 1024;
+    if (madvise((char *)pool + at, n, MADV_POPULATE_WRITE) != 0) break;
+  }
+  return NULL;
+}
+
+void tracer_prepare(void) {
+  /* CPUID 0xD: ecx is the XSAVE area size of every feature the CPU has, an
+   * upper bound of what NT_X86_XSTATE returns. */
+  unsigned eax, ebx, ecx = 0, edx;
+  if (__get_cpuid_count(0xd, 0, &eax, &ebx, &ecx, &edx) && ecx > 0 && ecx <= XSTATE_MAX) xstate_slot = (ecx + 63) & ~63u;
+  size_t records = TRACER_POOL_THREADS * sizeof(thread_t), areas = TRACER_POOL_THREADS * xstate_slot;
+  /* SAFETY: a fresh private mapping, never unmapped. */
+  void *p = mmap(NULL, records + areas, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return; /* freezes then allocate as they go */
+  pool = p;
+  xstate_pool = (uint8_t *)p + records;
+  /* Every signal blocked in the toucher: SIGALRM must interrupt the main thread's waitpid. */
+  sigset_t all, previous;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &previous);
+  pthread_t toucher;
+  if (pthread_create(&toucher, NULL, populate_pool, (void *)(uintptr_t)(records + areas)) == 0) pthread_detach(toucher);
+  pthread_sigmask(SIG_SETMASK, &previous, NULL);
+}
+
+static bool in_pool(const void *p) {
+  const uint8_t *b = p;
+  return pool != NULL && b >= (const uint8_t *)pool && b < xstate_pool + TRACER_POOL_THREADS * xstate_slot;
+}
+
+static size_t xstate_cap(const thread_t *t) {
+  return in_pool(t->xstate) ? xstate_slot : XSTATE_MAX;
+}
+
+/* A new record at the end of f->threads, or NULL without memory. */
+static thread_t *add_thread(freeze_t *f, pid_t tid) {
+  if (f->count == f->cap) {
+    size_t cap = f->cap ? f->cap * 2 : 64;
+    thread_t *grown = in_pool(f->threads) ? malloc(cap * sizeof *grown) : realloc(f->threads, cap * sizeof *grown);
+    if (grown == NULL) return NULL;
+    if (in_pool(f->threads)) memcpy(grown, f->threads, f->count * sizeof *grown);
+    f->threads = grown;
+    f->cap = cap;
+  }
+  /* Pool slots are handed out in order and never reused within a freeze. */
+  uint8_t *xstate = pool != NULL && f->pool_slots < TRACER_POOL_THREADS ? xstate_pool + f->pool_slots++ * xstate_slot : malloc(XSTATE_MAX);
+  if (xstate == NULL) return NULL;
+  thread_t *t = &f->threads[f->count++];
+  memset(t, 0, sizeof *t);
+  t->tid = tid;
+  t->xstate = xstate;
+  return t;
+}
+
+static void drop_thread(freeze_t *f, size_t i) {
+  thread_t *t = &f->threads[i];
+  if (!in_pool(t->xstate)) free(t->xstate);
+  f->threads[i] = f->threads[--f->count];
+}
+
+/* Collect the stops of threads first.. (all interrupted already, they stop
+ * in parallel), capturing each one's registers at once. A blocking
+ * waitpid(tid) costs O(1) in the kernel and wakes only for that tid;
+ * waitpid(-1) would scan every tracee on every call and wake on every stop
+ * (O(threads^2)). A thread that exited is dropped. At most 5 s in all. */
+static int collect_stops(freeze_t *f, size_t first, char *what, size_t what_len) {
+  arm_wait_timeout(true);
+  int err = 0;
+  for (size_t i = first; i < f->count && err == 0;) {
+    thread_t *t = &f->threads[i];
+    int status = 0;
+    pid_t tid = wait_tracee(t->tid, &status);
+    if (tid < 0) {
+      err = errno == ECHILD ? ESRCH : errno;
+      snprintf(what, what_len, "waitpid(tid %d) for its interrupt stop", t->tid);
+      break;
+    }
+    if (WIFEXITED(status) || WIFSIGNALED(status)) {
+      drop_thread(f, i); /* the last record moves to i */
+      continue;
+    }
+    t->stopped = true;
+    classify_stop(t, status);
+    err = capture_regs(t, xstate_cap(t));
+    if (err != 0) snprintf(what, what_len, "ptrace(PTRACE_GETREGS) on tid %d", tid);
+    i++;
+  }
+  arm_wait_timeout(false);
+  return err;
+}
+
 /* Seize and interrupt every thread listed in /proc/PID/task that is not yet
- * ours, then wait for their stops. Returns the number of new threads or -errno. */
+ * ours, then collect their stops. Returns the number of new threads or -errno. */
 static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/task", f->pid);
@@ -149,7 +269,6 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
   }
   size_t first_new = f->count;
   int seize_err = 0;
-  pid_t seize_tid = 0;
   struct dirent *de;
   while ((de = readdir(dir)) != NULL) {
     if (de->d_name[0] < '0' || de->d_name[0] > '9') continue;
@@ -163,50 +282,33 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
        * stop before PTRACE_DETACH can release them (it fails with ESRCH on a
        * running tracee, which would then stop later with nobody to resume it). */
       seize_err = errno;
-      seize_tid = tid;
+      snprintf(what, what_len, "ptrace(PTRACE_SEIZE) on tid %d", tid);
       break;
     }
-    if (f->count == f->cap) {
-      f->cap = f->cap ? f->cap * 2 : 16;
-      f->threads = realloc(f->threads, f->cap * sizeof(thread_t));
+    thread_t *t = add_thread(f, tid);
+    if (t == NULL) {
+      /* No room to keep it: stop it and let it go at once (PTRACE_DETACH needs a stopped tracee). */
+      int status;
+      ptrace(PTRACE_INTERRUPT, tid, NULL, NULL);
+      if (wait_stop(tid, &status) == 0) ptrace(PTRACE_DETACH, tid, NULL, NULL);
+      seize_err = ENOMEM;
+      snprintf(what, what_len, "memory for the registers of tid %d", tid);
+      break;
     }
-    thread_t *t = &f->threads[f->count++];
-    memset(t, 0, sizeof *t);
-    t->tid = tid;
     /* SAFETY: INTERRUPT makes a seized thread enter a PTRACE_EVENT_STOP at its
      * next kernel exit; a blocking syscall returns with a restart code. */
     ptrace(PTRACE_INTERRUPT, tid, NULL, NULL);
   }
   closedir(dir);
-  size_t w = first_new;
-  int first_err = 0;
-  for (size_t i = first_new; i < f->count; i++) {
-    thread_t *t = &f->threads[i];
-    int status = 0;
-    int err = wait_stop(t->tid, &status);
-    if (err == ESRCH) continue; /* exited: drop it */
-    if (err != 0) {
-      if (!first_err) snprintf(what, what_len, "waitpid(tid %d) for the interrupt stop", t->tid);
-      if (!first_err) first_err = err;
-      f->threads[w++] = *t; /* keep it: detach_all tries again */
-      continue;
-    }
-    classify_stop(t, status);
-    err = capture_regs(t);
-    if (err != 0 && !first_err) {
-      snprintf(what, what_len, "ptrace(PTRACE_GETREGS) on tid %d", t->tid);
-      first_err = err;
-    }
-    f->threads[w++] = *t;
+  size_t listed = f->count - first_new;
+  char wait_what[128] = "";
+  int err = collect_stops(f, first_new, wait_what, sizeof wait_what);
+  if (seize_err) return -seize_err;
+  if (err) {
+    snprintf(what, what_len, "%s", wait_what);
+    return -err;
   }
-  size_t added = w - first_new;
-  f->count = w;
-  if (seize_err) {
-    snprintf(what, what_len, "ptrace(PTRACE_SEIZE) on tid %d", seize_tid);
-    return -seize_err;
-  }
-  if (first_err) return -first_err;
-  return (int)added;
+  return (int)listed; /* seized now: stopped, or exited since */
 }
 
 /* Resume with PTRACE_SYSCALL until the next syscall stop. A signal that
@@ -239,7 +341,9 @@ static void set_error(tracer_error_t *error, const char *syscall_name, const cha
 
 void tracer_free(freeze_t *f) {
   if (f == NULL) return;
-  free(f->threads);
+  for (size_t i = 0; i < f->count; i++)
+    if (!in_pool(f->threads[i].xstate)) free(f->threads[i].xstate);
+  if (!in_pool(f->threads)) free(f->threads);
   free(f);
 }
 
@@ -247,25 +351,23 @@ int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error) {
   freeze_t *f = calloc(1, sizeof *f);
   if (f == NULL) return ENOMEM;
   f->pid = pid;
-  char what[128] = "";
-  int prev_slack = prctl(PR_GET_TIMERSLACK);
-  prctl(PR_SET_TIMERSLACK, 1);
-  int total = 0;
+  if (pool != NULL) {
+    f->threads = pool;
+    f->cap = TRACER_POOL_THREADS;
+  }
+  char what[160] = "";
   for (int round = 0; round < 100; round++) {
     int added = seize_new_threads(f, what, sizeof what);
     if (added < 0) {
-      prctl(PR_SET_TIMERSLACK, prev_slack);
       tracer_thaw(f);
       tracer_free(f);
       set_error(error, strstr(what, "waitpid") ? "waitpid" : "ptrace", "%s", what);
       return -added;
     }
-    total += added;
     /* Stopped threads create no threads: a listing with nothing new is final. */
     if (added == 0) break;
   }
-  prctl(PR_SET_TIMERSLACK, prev_slack);
-  if (total == 0) {
+  if (f->count == 0) {
     tracer_thaw(f);
     tracer_free(f);
     set_error(error, "ptrace", "freeze pid %d: no thread could be stopped", pid);

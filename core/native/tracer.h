@@ -34,15 +34,17 @@ typedef struct {
   struct user_regs_struct regs;          /* as captured at the freeze */
   struct user_regs_struct resume_regs;   /* what the thread must resume with */
   struct user_fpregs_struct fpregs;
-  uint8_t xstate[XSTATE_MAX];
+  uint8_t *xstate; /* XSAVE area: a slot of the prepared pool, or malloc'd (XSTATE_MAX) */
   size_t xstate_len;
   bool injected;
+  bool stopped;    /* its freeze stop was collected and its registers captured */
 } thread_t;
 
 typedef struct {
   pid_t pid;
-  thread_t *threads;
+  thread_t *threads; /* the prepared pool while count fits it, then malloc'd */
   size_t count, cap;
+  size_t pool_slots; /* XSAVE areas of the pool handed out */
   bool thawed;
 } freeze_t;
 
@@ -52,8 +54,16 @@ typedef struct {
   char what[160];
 } tracer_error_t;
 
-/* PTRACE_SEIZE + PTRACE_INTERRUPT every thread, wait for every stop, capture
- * each thread's registers. Returns 0 and *out, or an errno (nothing left stopped). */
+/* Allocate the memory a freeze of up to TRACER_POOL_THREADS threads needs
+ * (thread records and their XSAVE areas) and have a background thread touch
+ * it: the tracer's own page faults then do not lengthen the target's pause.
+ * Call before raising the caller's scheduling priority (the thread inherits it). */
+#define TRACER_POOL_THREADS 1024
+void tracer_prepare(void);
+/* PTRACE_SEIZE + PTRACE_INTERRUPT every thread, then collect the stops as
+ * they come (waitpid(-1, __WALL)), capturing each thread's registers; list
+ * /proc/PID/task again until it names no thread not yet stopped.
+ * Returns 0 and *out, or an errno (nothing left stopped). */
 int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error);
 /* Run one syscall in a stopped thread, then put every register back as
  * captured. Returns 0 and the raw rax, or an errno. */

@@ -9,6 +9,7 @@
 #include "tracer.h"
 #include "tracer_protocol.h"
 
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +52,41 @@ static void track_fds(const inject_request_t *q, uint64_t rax) {
   }
 }
 
+static size_t record_size(const thread_t *t) {
+  return sizeof(thread_record_t) + t->xstate_len;
+}
+
+static char *put_record(char *p, const thread_t *t) {
+  thread_record_t rec = {.tid = t->tid, .stop = (int32_t)t->stop, .regs = t->regs, .fpregs = t->fpregs, .xstate_len = (uint32_t)t->xstate_len};
+  memcpy(p, &rec, sizeof rec);
+  memcpy(p + sizeof rec, t->xstate, t->xstate_len);
+  return p + record_size(t);
+}
+
+/* The THREADS body, every frozen thread's record, after the reply header:
+ * the header goes out before the records are copied (THAW's caller waits for
+ * the header only), the records in chunks from a buffer on the stack. */
+static int reply_threads(void) {
+  size_t len = sizeof(uint32_t);
+  for (size_t i = 0; i < frozen->count; i++) len += record_size(&frozen->threads[i]);
+  reply_t r = {.len = (uint32_t)len};
+  int e = write_all(TRACER_FD, &r, sizeof r);
+  static char chunk[64 * 1024];
+  uint32_t count = (uint32_t)frozen->count;
+  memcpy(chunk, &count, sizeof count);
+  char *p = chunk + sizeof count;
+  for (size_t i = 0; i < frozen->count && e == 0; i++) {
+    const thread_t *t = &frozen->threads[i];
+    if (p + record_size(t) > chunk + sizeof chunk) {
+      e = write_all(TRACER_FD, chunk, (size_t)(p - chunk));
+      p = chunk;
+    }
+    p = put_record(p, t);
+  }
+  if (e == 0) e = write_all(TRACER_FD, chunk, (size_t)(p - chunk));
+  return e;
+}
+
 static int serve_freeze(const freeze_request_t *q) {
   tracer_error_t error = {{0}, {0}};
   if (frozen != NULL) {
@@ -60,24 +96,12 @@ static int serve_freeze(const freeze_request_t *q) {
   }
   int err = tracer_freeze(q->pid, &frozen, &error);
   if (err != 0) return reply(err, &error, NULL, 0);
-  size_t len = 2 * sizeof(uint32_t);
-  for (size_t i = 0; i < frozen->count; i++) len += sizeof(thread_record_t) + frozen->threads[i].xstate_len;
-  char *body = malloc(len), *p = body;
-  if (body == NULL) return reply(ENOMEM, &error, NULL, 0);
-  uint32_t head[2] = {(uint32_t)frozen->count, (uint32_t)tracer_injection_thread(frozen)};
-  memcpy(p, head, sizeof head);
-  p += sizeof head;
-  for (size_t i = 0; i < frozen->count; i++) {
-    const thread_t *t = &frozen->threads[i];
-    thread_record_t rec = {.tid = t->tid, .stop = (int32_t)t->stop, .regs = t->regs, .fpregs = t->fpregs, .xstate_len = (uint32_t)t->xstate_len};
-    memcpy(p, &rec, sizeof rec);
-    p += sizeof rec;
-    memcpy(p, t->xstate, t->xstate_len);
-    p += t->xstate_len;
-  }
-  int e = reply(0, NULL, body, (uint32_t)len);
-  free(body);
-  return e;
+  size_t chosen = tracer_injection_thread(frozen);
+  char body[2 * sizeof(uint32_t) + sizeof(thread_record_t) + XSTATE_MAX];
+  uint32_t head[2] = {(uint32_t)frozen->count, (uint32_t)chosen};
+  memcpy(body, head, sizeof head);
+  char *end = put_record(body + sizeof head, &frozen->threads[chosen]);
+  return reply(0, NULL, body, (uint32_t)(end - body));
 }
 
 static int serve_inject(const inject_request_t *q) {
@@ -118,11 +142,19 @@ int main(void) {
   signal(SIGTERM, SIG_IGN);
   signal(SIGHUP, SIG_IGN);
   signal(SIGQUIT, SIG_IGN);
+  tracer_prepare(); /* while wpsnap prepares the rest, before the pause */
+  /* Real-time priority: the threads it wakes (PTRACE_INTERRUPT, PTRACE_DETACH)
+   * no longer preempt it one by one, so it has asked every thread to stop
+   * (or released every thread) before any of them runs. It never spins: every
+   * wait blocks. Without the privilege it runs as it is. */
+  struct sched_param realtime = {.sched_priority = 1};
+  sched_setscheduler(0, SCHED_FIFO, &realtime);
   for (;;) {
     request_t q;
     union {
       freeze_request_t freeze;
       inject_request_t inject;
+      thaw_request_t thaw;
     } payload;
     if (read_all(TRACER_FD, &q, sizeof q) != 0 || q.len > sizeof payload || read_all(TRACER_FD, &payload, q.len) != 0) break;
     int e = 0;
@@ -130,9 +162,15 @@ int main(void) {
       e = serve_freeze(&payload.freeze);
     } else if (q.op == OP_INJECT && q.len == sizeof payload.inject) {
       e = serve_inject(&payload.inject);
+    } else if (q.op == OP_THREADS && frozen != NULL) {
+      e = reply_threads();
     } else if (q.op == OP_THAW) {
       if (frozen != NULL) tracer_thaw(frozen);
-      reply(0, NULL, NULL, 0);
+      if (frozen != NULL && q.len == sizeof payload.thaw && payload.thaw.with_threads) {
+        reply_threads();
+      } else {
+        reply(0, NULL, NULL, 0);
+      }
       tracer_free(frozen);
       return 0;
     } else {
