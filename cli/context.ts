@@ -32,14 +32,16 @@ export function defaultContext(signal: AbortSignal): CommandContext {
  * `ls`/`show`/`verify`/`export` work on it; if it cannot be opened for writing,
  * the read-only error (STORE_NEEDS_UPGRADE) stands.
  */
-export async function openStore(path: string, options: { readonly?: boolean }, stderr: Writable): Promise<Store> {
+export async function openStore(path: string, readOptions: { readonly?: boolean }, stderr: Writable): Promise<Store> {
+  // A warning about the store (other users can read it) goes where the command's messages go.
+  const options = { ...readOptions, onWarning: (line: string) => stderr.write(`wpsnap: warning: ${line}\n`) };
   try {
     return Store.open(path, options);
   } catch (error) {
     if (!options.readonly || (error as { code?: string }).code !== 'STORE_NEEDS_UPGRADE') throw error;
     let upgraded: Store;
     try {
-      upgraded = Store.open(path);
+      upgraded = Store.open(path, { onWarning: options.onWarning });
     } catch {
       throw error;
     }
