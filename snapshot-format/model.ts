@@ -96,6 +96,13 @@ export const LOST_REASONS = [
   'unsupported-page-size',
   /** Shared memory other processes also map writable: their writes do not fault in the target, so it has no single instant T. */
   'shared-with-other-process',
+  /** A shared file (memfd, /dev/shm, shmem) was changed through an fd (write, fallocate, truncate,
+   * copy_file_range, splice; by the target or another process) after T before the page was saved. */
+  'file-changed-before-saved',
+  /** The target exited during the snapshot before the page was saved. */
+  'target-exited',
+  /** The target called exec during the snapshot: its address space at T is gone. */
+  'target-exec',
 ] as const;
 export type LostReason = (typeof LOST_REASONS)[number];
 
