@@ -92,9 +92,12 @@ async function snapshotUntilGone(f: FixtureProcess, storePath: string): Promise<
 }
 
 describe('a target that execs or exits during the snapshot', () => {
-  it('exec: incomplete, target gone (exit code 4), reason names exec, no page of the new image stored', async () => {
-    const f = await startFixture('execer', ['--mib', '64']);
-    const path = join(dir, 'exec.db');
+  it.each([
+    ['the new image maps the same addresses again', []],
+    ['nothing is mapped where the old image was (every read fails)', ['--bare-exec']],
+  ])('exec (%s): incomplete, target gone (exit code 4), reason names exec, no page of the new image stored', async (_what, extra) => {
+    const f = await startFixture('execer', ['--mib', '64', ...extra]);
+    const path = join(dir, `exec${extra.length}.db`);
     const { error, store } = await snapshotUntilGone(f, path);
     try {
       expect(error.message).toMatch(/target called exec during the snapshot/);
