@@ -75,47 +75,96 @@ async function finish(f: FixtureProcess): Promise<Record<string, unknown>> {
   return done;
 }
 
-describe('shared memory changed through its file during a snapshot', () => {
-  it('memfd: every page is its content at T or lost file-changed-before-saved; SysV (copied in the pause) is exact', async () => {
-    const f = await startFixture('shmchange', ['--pages', String(PAGES), '--period-us', '200']);
-    const hex = (k: string): bigint => BigInt(f.ready[k] as string);
-    const [memfd, sysv, memTable, sysvTable] = [hex('memfd'), hex('sysv'), hex('memTable'), hex('sysvTable')];
-    expect(f.ready['mapFiles']).toBe('ok');
-    const store = Store.open(join(dir, 'memfd.db'));
-    try {
-      let signalled = false;
-      // The changes start once the pause is over (the first progress report):
-      // a SysV segment another process maps at T is not capturable (skipped).
-      // A slow sweep leaves most memfd pages unsaved while they change.
-      const result = await snapshotProcess(binding, store, f.pid, {
-        rateBytesPerSec: 512 * 1024,
-        onProgress: () => {
-          if (!signalled) process.kill(f.pid, 'SIGUSR1');
-          signalled = true;
-        },
-      });
-      expect(signalled).toBe(true);
-      expect(store.find(String(result.id)).state).toBe('complete');
-      const view = new SnapshotView(store, store.processes(result.id)[0]!.processId);
-      expect(view.regionAt(memfd)?.capture).toBe('protected');
-      expect(view.regionAt(sysv)?.capture).toBe('copied');
+interface Run {
+  memfd: Outcome;
+  sysv: Outcome;
+  lostReasons: string[];
+  done: Record<string, unknown>;
+}
 
-      const m = check(view, memfd, memTable, ['file-changed-before-saved']);
-      const s = check(view, sysv, sysvTable, []);
-      console.log(`[shmchange] memfd: ${m.exact} exact, lost ${JSON.stringify(m.lost)}; sysv: ${s.exact} exact`);
-      expect(m.wrong.slice(0, 5)).toEqual([]);
-      expect(s.wrong.slice(0, 5)).toEqual([]);
-      expect(s.exact).toBe(PAGES);
-      // The changes reached pages the sweep had not saved yet: those are listed, by run, in the result too.
-      expect(m.lost['file-changed-before-saved']).toBeGreaterThan(0);
-      expect(m.exact + m.lost['file-changed-before-saved']!).toBe(PAGES);
-      expect(result.lostPages.some((l) => l.reason === 'file-changed-before-saved')).toBe(true);
-      const done = await finish(f);
-      expect(done).toMatchObject({ done: true, selfCheck: 'ok', mapFiles: 'ok' });
-      expect(done['steps'] as number).toBeGreaterThan(11 * 8);
-    } finally {
-      await store.close();
-      if (f.child.exitCode === null) f.child.kill('SIGKILL');
-    }
+/** Snapshot shmchange (its changes start once the pause is over) and check both segments. */
+async function run(name: string, args: string[]): Promise<Run> {
+  const f = await startFixture('shmchange', ['--pages', String(PAGES), '--period-us', '200', ...args]);
+  const hex = (k: string): bigint => BigInt(f.ready[k] as string);
+  const [memfd, sysv, memTable, sysvTable] = [hex('memfd'), hex('sysv'), hex('memTable'), hex('sysvTable')];
+  expect(f.ready['mapFiles']).toBe('ok');
+  const store = Store.open(join(dir, `${name}.db`));
+  try {
+    let signalled = false;
+    // The changes start at the first progress report, after the pause: a SysV
+    // segment another process maps at T is not capturable (skipped). A slow
+    // sweep leaves most memfd pages unsaved while they change.
+    const result = await snapshotProcess(binding, store, f.pid, {
+      rateBytesPerSec: 512 * 1024,
+      onProgress: () => {
+        if (!signalled) process.kill(f.pid, 'SIGUSR1');
+        signalled = true;
+      },
+    });
+    expect(signalled).toBe(true);
+    expect(store.find(String(result.id)).state).toBe('complete');
+    const view = new SnapshotView(store, store.processes(result.id)[0]!.processId);
+    expect(view.regionAt(memfd)?.capture).toBe('protected');
+    expect(view.regionAt(sysv)?.capture).toBe('copied');
+    const out = {
+      memfd: check(view, memfd, memTable, ['file-changed-before-saved']),
+      sysv: check(view, sysv, sysvTable, []),
+      lostReasons: result.lostPages.map((l) => l.reason),
+      done: await finish(f),
+    };
+    console.log(`[shmchange ${name}] memfd: ${out.memfd.exact} exact, lost ${JSON.stringify(out.memfd.lost)}; sysv: ${out.sysv.exact} exact; ${String(out.done['steps'])} changes`);
+    expect(out.done).toMatchObject({ done: true, selfCheck: 'ok', mapFiles: 'ok' });
+    return out;
+  } finally {
+    await store.close();
+    if (f.child.exitCode === null) f.child.kill('SIGKILL');
+  }
+}
+
+/** Nothing stored wrong; the changes reached unsaved memfd pages, which are listed. */
+function expectMemfdListed(r: Run): void {
+  expect(r.memfd.wrong.slice(0, 5)).toEqual([]);
+  expect(r.memfd.lost['file-changed-before-saved']).toBeGreaterThan(0);
+  expect(r.memfd.exact + r.memfd.lost['file-changed-before-saved']!).toBe(PAGES);
+  expect(r.lostReasons).toContain('file-changed-before-saved');
+}
+
+function expectSysvExact(r: Run): void {
+  expect(r.sysv.wrong.slice(0, 5)).toEqual([]);
+  expect(r.sysv.exact).toBe(PAGES);
+}
+
+describe('shared memory changed through its file during a snapshot', () => {
+  it('every change at once: memfd pages exact at T or lost file-changed-before-saved; SysV (copied in the pause) exact', async () => {
+    const r = await run('all', []);
+    expectMemfdListed(r);
+    expectSysvExact(r);
+    expect(r.done['steps'] as number).toBeGreaterThan(11 * 8);
+  }, 60_000);
+
+  it.each([
+    [0, 'pwrite'],
+    [1, 'lseek + write'],
+    [2, 'fallocate PUNCH_HOLE, then rewritten through the mapping'],
+    [3, 'copy_file_range'],
+    [4, 'splice from a pipe'],
+    [5, "pwrite by another process through its fd"],
+    [6, 'ftruncate shrink + grow, then rewritten through the mapping'],
+  ])('memfd changed by %i (%s): exact at T or lost file-changed-before-saved', async (only, _how) => {
+    const r = await run(`memfd-${only}`, ['--only', String(only)]);
+    expectMemfdListed(r);
+    expectSysvExact(r);
+  }, 60_000);
+
+  it.each([
+    [7, 'another process that shmat()s it after T'],
+    [8, 'pwrite through /proc/PID/map_files'],
+    [9, 'fallocate PUNCH_HOLE through map_files, then rewritten through the mapping'],
+    [10, 'ftruncate shrink + grow through map_files'],
+  ])('SysV segment changed by %i (%s): exact (copied in the pause)', async (only, _how) => {
+    const r = await run(`sysv-${only}`, ['--only', String(only)]);
+    expectSysvExact(r);
+    expect(r.memfd.wrong).toEqual([]);
+    expect(r.memfd.exact).toBe(PAGES); // the memfd did not change
   }, 60_000);
 });
