@@ -593,6 +593,10 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
       int err = seg_copy(e, s, off, PG, dst);
       /* After an exec the old mm's pagemap reads nothing: never take that for "zapped". */
       int pm_err = read_pagemap(e->pagemap_fd, a, 1, &pm2);
+      if ((err != 0 || pm_err != 0) && mm_gone(e)) {
+        target_gone(e);
+        return;
+      }
       bool ok = err == 0 && (s->kind == KIND_FILE || pm_err == 0);
       if (ok && s->kind == KIND_FILE) {
         /* Page cache content survives a DONTNEED; a MADV_REMOVE punches a hole,
