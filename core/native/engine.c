@@ -43,6 +43,9 @@
 #define MAX_LATENCY_SAMPLES (1u << 22)
 #define MAX_SPARE_OVERFLOW 32
 #define FAULT_SETTLE_US 10e6
+/* A shared file up to this size (unsaved part) is saved whole before the
+ * engine unprotects any page of it: see save_file_whole. */
+#define FILE_WHOLE_MAX (128ull << 20)
 /* The engine's nice value when the process may raise it (root, CAP_SYS_NICE).
  * A thread of the target blocked on a write fault waits for this thread to be
  * scheduled; at nice 0 it queues behind the store's compression threads and
@@ -78,6 +81,7 @@ typedef struct {
   uint64_t ctime_ns_at_t, mtime_ns_at_t; /* KIND_FILE: the inode's times at T (fstat in the pause) */
   bool hugetlb;
   bool gone;          /* unmapped: its old address range belongs to other mappings now */
+  bool whole_tried;   /* KIND_FILE: save_file_whole ran for this file */
   uint8_t *state;     /* one byte per 4 KiB page of this piece */
 } segment_t;
 
@@ -423,6 +427,62 @@ static int seg_copy(engine_t *e, segment_t *s, uint64_t off, uint64_t len, uint8
   return remote_read(e->pid, e->mem_fd, s->cur_start + off, dst, len);
 }
 
+/* Every unsaved page of a shared file, copied and proven in one go, before the
+ * engine unprotects any page of it. Once a page is unprotected the target's
+ * writes through its mapping also set the file's times (fault_dirty_shared_page
+ * calls file_update_time when the PTE was clean or absent), and those cannot
+ * be told from a write through an fd: a later proof would fail for no reason.
+ * Copying the file whole first (pread: immune to address-space events) with a
+ * single proof after it keeps every page. Larger files, or no memory for the
+ * copy: each copy is proven on its own, and a mapping write after the sweep
+ * passed loses the rest of the file (conservative). */
+static void save_file_whole(engine_t *e, segment_t *first) {
+  uint64_t dev = first->file_dev, ino = first->file_ino, bytes = 0;
+  for (size_t i = 0; i < e->nsegs; i++) {
+    segment_t *s = &e->segs[i];
+    if (s->kind != KIND_FILE || s->file_dev != dev || s->file_ino != ino) continue;
+    s->whole_tried = true;
+    for (uint64_t o = 0; o < s->len; o += PG) bytes += s->state[o / PG] == PAGE_UNSAVED ? PG : 0;
+  }
+  if (bytes == 0 || bytes > FILE_WHOLE_MAX) return;
+  uint8_t *buf = malloc(bytes);
+  if (buf == NULL) return;
+  uint64_t done = 0;
+  for (size_t i = 0; i < e->nsegs && done <= bytes; i++) {
+    segment_t *s = &e->segs[i];
+    if (s->kind != KIND_FILE || s->file_dev != dev || s->file_ino != ino) continue;
+    for (uint64_t o = 0; o < s->len;) {
+      uint64_t end = o;
+      while (end < s->len && s->state[end / PG] == PAGE_UNSAVED) end += PG;
+      if (end > o && seg_copy(e, s, o, end - o, buf + done) != 0) {
+        free(buf); /* unreadable: the per-copy path decides page by page */
+        return;
+      }
+      done += end - o;
+      o = end == o ? o + PG : end;
+    }
+  }
+  if (!file_unchanged_since_t(first)) {
+    free(buf);
+    lose_file(e, first);
+    return;
+  }
+  done = 0;
+  for (size_t i = 0; i < e->nsegs; i++) {
+    segment_t *s = &e->segs[i];
+    if (s->kind != KIND_FILE || s->file_dev != dev || s->file_ino != ino) continue;
+    for (uint64_t o = 0; o < s->len; o += PG) {
+      if (s->state[o / PG] != PAGE_UNSAVED) continue;
+      memcpy(reserve(e, 1, true), buf + done, PG);
+      commit(e, s->t_start + o, 1, true);
+      s->state[o / PG] = PAGE_SAVED;
+      atomic_fetch_add(&e->pages_fault, 1);
+      done += PG;
+    }
+  }
+  free(buf);
+}
+
 static bool is_zero_page_entry(engine_t *e, uint64_t pm) {
   return (pm & PM_PRESENT) && e->zero_pfn != 0 && (pm & PM_PFN_MASK) == e->zero_pfn;
 }
@@ -508,6 +568,7 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
       uffd_wake(e->uffd, addr & ~(PG - 1), PG);
       return;
     }
+    if (s->kind == KIND_FILE && !s->whole_tried) save_file_whole(e, s);
     uint64_t unit = s->page_size;
     uint64_t off = (addr - s->cur_start) & ~(unit - 1);
     uint64_t idx = off / PG;
@@ -573,6 +634,7 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
   for (size_t si = 0; si < e->nsegs; si++) {
     segment_t *s = &e->segs[si];
     if (s->gone) continue;
+    if (s->kind == KIND_FILE && !s->whole_tried) save_file_whole(e, s);
     uint64_t lo = start > s->cur_start ? start : s->cur_start;
     uint64_t hi = end < s->cur_start + s->len ? end : s->cur_start + s->len;
     for (uint64_t a = lo & ~(PG - 1); a < hi; a += PG) {
@@ -804,6 +866,10 @@ static int sweep_step(engine_t *e, int *wait_ms) {
           return SWEEP_PROGRESS;
         }
     return SWEEP_DONE;
+  }
+  if (s->kind == KIND_FILE && !s->whole_tried) {
+    save_file_whole(e, s);
+    return SWEEP_PROGRESS;
   }
   uint64_t unit = s->page_size;
   uint64_t max_bytes = unit > SWEEP_CHUNK_BYTES ? unit : SWEEP_CHUNK_BYTES;
