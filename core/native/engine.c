@@ -432,8 +432,10 @@ static int seg_copy(engine_t *e, segment_t *s, uint64_t off, uint64_t len, uint8
  * writes through its mapping also set the file's times (fault_dirty_shared_page
  * calls file_update_time when the PTE was clean or absent), and those cannot
  * be told from a write through an fd: a later proof would fail for no reason.
- * Copying the file whole first (pread: immune to address-space events) with a
- * single proof after it keeps every page. Larger files, or no memory for the
+ * Worse, a write to a page not present at T sets them even before its fault
+ * reaches us. Copying the file whole first, right after the resume (pread:
+ * immune to address-space events), with a single proof after it keeps every
+ * page unless such a write came first. Larger files, or no memory for the
  * copy: each copy is proven on its own, and a mapping write after the sweep
  * passed loses the rest of the file (conservative). */
 static void save_file_whole(engine_t *e, segment_t *first) {
@@ -999,6 +1001,13 @@ static void *engine_main(void *arg) {
       {.fd = e->wake_fd, .events = POLLIN},
       {.fd = e->pidfd, .events = POLLIN},
   };
+  /* Shared files first, at once: a write by the target to a shmem page not
+   * present at T sets the file's times before its write-protect fault reaches
+   * us (do_shared_fault calls fault_dirty_shared_page first), just as a write
+   * through an fd does: the sooner the whole file is proven, the fewer such
+   * writes can make it unprovable. */
+  for (size_t i = 0; i < e->nsegs && !e->fatal_err; i++)
+    if (e->segs[i].kind == KIND_FILE && !e->segs[i].whole_tried) save_file_whole(e, &e->segs[i]);
   while (!atomic_load(&e->stop) && !e->fatal_err) {
     drain(e);
     if (e->fatal_err) break;
