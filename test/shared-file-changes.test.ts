@@ -95,7 +95,7 @@ interface Run {
 }
 
 /** Snapshot shmchange (its changes start once the pause is over) and check both segments. */
-async function run(name: string, args: string[], pages = PAGES): Promise<Run> {
+async function run(name: string, args: string[], pages = PAGES, rateBytesPerSec = 512 * 1024): Promise<Run> {
   const f = await startFixture('shmchange', ['--pages', String(pages), '--period-us', '200', ...args]);
   const hex = (k: string): bigint => BigInt(f.ready[k] as string);
   const [memfd, sysv, memTable, sysvTable] = [hex('memfd'), hex('sysv'), hex('memTable'), hex('sysvTable')];
@@ -107,7 +107,7 @@ async function run(name: string, args: string[], pages = PAGES): Promise<Run> {
     // segment another process maps at T is not capturable (skipped). A slow
     // sweep leaves most memfd pages unsaved while they change.
     const result = await snapshotProcess(binding, store, f.pid, {
-      rateBytesPerSec: 512 * 1024,
+      rateBytesPerSec,
       onProgress: () => {
         if (!signalled) process.kill(f.pid, 'SIGUSR1');
         signalled = true;
@@ -163,7 +163,7 @@ describe('shared memory changed through its file during a snapshot', () => {
     [6, 'ftruncate shrink + grow, then rewritten through the mapping'],
   ])('memfd of 130 MiB changed by %i (%s): exact at T or lost file-changed-before-saved', async (only, _how) => {
     // Too big to be saved whole first: each copy is proven against the file's times.
-    const r = await run(`memfd-${only}`, ['--only', String(only)], BIG_PAGES);
+    const r = await run(`memfd-${only}`, ['--only', String(only)], BIG_PAGES, 8 << 20);
     expectMemfdExactOrListed(r, BIG_PAGES);
     expect(r.memfd.lost['file-changed-before-saved']).toBeGreaterThan(0);
     expect(r.lostReasons).toContain('file-changed-before-saved');
