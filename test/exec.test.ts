@@ -81,14 +81,14 @@ function expectOldImageOnly(store: Store, f: FixtureProcess, reason: string): { 
   return { stored: stored.size, lost: lostPages };
 }
 
-async function snapshotUntilGone(f: FixtureProcess, storePath: string): Promise<{ error: WpsnapError; store: Store }> {
-  const store = Store.open(storePath);
+/** The snapshot's error (null if it succeeded); the caller checks it and kills the fixture whatever happens. */
+async function snapshotUntilGone(f: FixtureProcess, store: Store): Promise<WpsnapError> {
   const error = await snapshotProcess(signalAtEngineStart(f.pid), store, f.pid, { rateBytesPerSec: 8 << 20 }).then(
     () => null,
     (e: unknown) => e,
   );
   expect(error).toBeInstanceOf(WpsnapError);
-  return { error: error as WpsnapError, store };
+  return error as WpsnapError;
 }
 
 describe('a target that execs or exits during the snapshot', () => {
@@ -98,8 +98,9 @@ describe('a target that execs or exits during the snapshot', () => {
   ])('exec (%s): incomplete, target gone (exit code 4), reason names exec, no page of the new image stored', async (_what, extra) => {
     const f = await startFixture('execer', ['--mib', '64', ...extra]);
     const path = join(dir, `exec${extra.length}.db`);
-    const { error, store } = await snapshotUntilGone(f, path);
+    const store = Store.open(path);
     try {
+      const error = await snapshotUntilGone(f, store);
       expect(error.message).toMatch(/target called exec during the snapshot/);
       expect(error.exitCode).toBe(4);
       expect(await f.nextLine()).toEqual({ execed: true });
@@ -118,8 +119,9 @@ describe('a target that execs or exits during the snapshot', () => {
   it('exit: incomplete, target gone (exit code 4), reason names the exit', async () => {
     const f = await startFixture('execer', ['--mib', '64', '--exit']);
     const path = join(dir, 'exit.db');
-    const { error, store } = await snapshotUntilGone(f, path);
+    const store = Store.open(path);
     try {
+      const error = await snapshotUntilGone(f, store);
       expect(error.message).toMatch(/target exited during the snapshot/);
       expect(error.exitCode).toBe(4);
       expect(store.find('1').state).toBe('incomplete');
