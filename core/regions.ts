@@ -2,7 +2,7 @@
 // uffd-wp (synchronous) can protect anonymous, shmem and hugetlbfs mappings
 // only; private file mappings get their copy-on-write pages copied while the
 // target is stopped and the rest referenced to the file.
-import { closeSync, openSync, readdirSync, readFileSync, statSync, statfsSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readdirSync, readFileSync, statSync, statfsSync } from 'node:fs';
 import type { FileReference, LostRange, RegionRecord } from '../snapshot-format/model.js';
 import { REGION_KIND } from './constants.js';
 import type { EngineRegion } from './native/binding.js';
@@ -91,9 +91,12 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
     if (shared) {
       // Read the shared file itself: no faults in the target, holes skipped for free.
       const fd = openSync(mapFilesPath(pid, m), 'r');
+      // The file's times at T: the engine proves every page it copies against
+      // them (a write through an fd does not fault). Read in the pause.
+      const { ctimeNs, mtimeNs } = fstatSync(fd, { bigint: true });
       return {
         record,
-        engine: { start: m.start, end: m.end, pageSize, kind: REGION_KIND.file, fd, fileOffset: m.offset, hugetlb },
+        engine: { start: m.start, end: m.end, pageSize, kind: REGION_KIND.file, fd, fileOffset: m.offset, hugetlb, ctimeNs, mtimeNs },
         pausedCopy: 'none',
         openedFd: fd,
       };

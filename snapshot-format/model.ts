@@ -103,6 +103,13 @@ export const LOST_REASONS = [
   'pinned-kernel-writable',
   /** Shared memory uffd-wp cannot protect (a SysV segment), beyond what --max-shared-copy lets the pause copy. */
   'shared-copy-limit',
+  /** A shared file (memfd, /dev/shm, shmem) was changed through an fd (write, fallocate, truncate,
+   * copy_file_range, splice; by the target or another process) after T before the page was saved. */
+  'file-changed-before-saved',
+  /** The target exited during the snapshot before the page was saved. */
+  'target-exited',
+  /** The target called exec during the snapshot: its address space at T is gone. */
+  'target-exec',
 ] as const;
 export type LostReason = (typeof LOST_REASONS)[number];
 

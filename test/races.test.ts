@@ -52,6 +52,14 @@ afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
+// A write by the target to a memfd page not present at T sets the file's
+// times before its write-protect fault reaches wpsnap (do_shared_fault ->
+// fault_dirty_shared_page), exactly as a write through an fd does (issue 7
+// item 2): the memfd's pages not yet saved then cannot be proven and are
+// listed file-changed-before-saved. Allowed for the memfd striders, never
+// stored wrong (checkStriders still demands exact content for every other page).
+const SHMEM_TIMES_LOSS: readonly string[] = ['file-changed-before-saved'];
+
 interface Hostile {
   fixture: LaunchedFixture;
   ready: HostileReady;
@@ -297,8 +305,8 @@ describe('invariant 5 under hostile targets', () => {
   it('mprotect: regions read-only or PROT_NONE at T and written after mprotect(RW) are exact', async () => {
     const args = ['--mode', 'mprotect', '--pages', '2048', '--sealed-us', '1500', '--open-pages', '32', '--seed', '16'];
     await underAttack('mprotect', { store: 'mprotect.db', args, rounds: 4, settleMs: 100, betweenMs: 37 }, (r, h) => {
-      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
-      expect(r.result.lostPages).toEqual([]);
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready), SHMEM_TIMES_LOSS);
+      expect(r.result.lostPages.filter((l) => !SHMEM_TIMES_LOSS.includes(l.reason))).toEqual([]);
       return `, ${r.result.faults} faults`;
     });
   });
@@ -310,10 +318,10 @@ describe('invariant 5 under hostile targets', () => {
   it('mprotect, sparse: regions mostly never touched at T, protected only where populated, are exact', async () => {
     const args = ['--mode', 'mprotect', '--pages', '16384', '--prefill', '512', '--sealed-us', '20000', '--open-pages', '8', '--seed', '17'];
     await underAttack('mprotect sparse', { store: 'mprotect-sparse.db', args, rounds: 3, settleMs: 100, betweenMs: 37 }, (r, h) => {
-      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready), SHMEM_TIMES_LOSS);
       // The two anonymous strider regions at least (malloc arenas may add more).
       expect(r.result.regions.sparse).toBeGreaterThanOrEqual(2);
-      expect(r.result.lostPages).toEqual([]);
+      expect(r.result.lostPages.filter((l) => !SHMEM_TIMES_LOSS.includes(l.reason))).toEqual([]);
       return `, ${r.result.faults} faults, ${r.result.regions.sparse} sparse regions`;
     });
   });
@@ -421,8 +429,8 @@ describe('swap', () => {
       return swappedKiB;
     };
     await underAttack('swap', { store: 'swap.db', args, rounds: 2, settleMs: 150, betweenMs: 100, beforeSnapshot }, (r, h) => {
-      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready));
-      expect(r.result.lostPages).toEqual([]);
+      checkStriders(r.verdict, r.view, h.oracle, striders(h.ready), SHMEM_TIMES_LOSS);
+      expect(r.result.lostPages.filter((l) => !SHMEM_TIMES_LOSS.includes(l.reason))).toEqual([]);
       return `, ${r.result.faults} faults; on swap before it: ${r.before.join(' / ')} KiB (anon / memfd)`;
     });
   });

@@ -36,6 +36,10 @@ export interface EngineRegion {
   fd?: number;
   fileOffset?: bigint;
   hugetlb?: boolean;
+  /** kind 1: the file's st_ctime and st_mtime (ns) at T. A page copied later is
+   *  kept only if both are unchanged after the copy (writes through an fd do not fault). */
+  ctimeNs?: bigint;
+  mtimeNs?: bigint;
   /** [start, end, …] of pages never touched at T and left unprotected: zero, never read. */
   zeroRanges?: BigUint64Array;
   /** [start, end, …] of pages settled during the pause (copied then, or listed lost): never copied by the engine. */

@@ -14,6 +14,9 @@ enum {
   LOST_READ_FAILED = 2,
   LOST_INTERRUPTED = 3,
   LOST_SHARED = 4,
+  LOST_FILE_CHANGED = 5,
+  LOST_TARGET_EXITED = 6,
+  LOST_TARGET_EXEC = 7,
   LOST_REASON_COUNT
 };
 extern const char *const lost_reason_names[LOST_REASON_COUNT];

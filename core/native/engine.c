@@ -32,6 +32,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -43,6 +44,9 @@
 #define MAX_LATENCY_SAMPLES (1u << 22)
 #define MAX_SPARE_OVERFLOW 32
 #define FAULT_SETTLE_US 10e6
+/* A shared file up to this size (unsaved part) is saved whole before the
+ * engine unprotects any page of it: see save_file_whole. */
+#define FILE_WHOLE_MAX (128ull << 20)
 /* The engine's nice value when the process may raise it (root, CAP_SYS_NICE).
  * A thread of the target blocked on a write fault waits for this thread to be
  * scheduled; at nice 0 it queues behind the store's compression threads and
@@ -51,8 +55,14 @@
 
 enum { PAGE_UNSAVED = 0, PAGE_SAVED = 1, PAGE_LOST = 2 };
 const char *const lost_reason_names[LOST_REASON_COUNT] = {
-    [LOST_UNMAPPED] = "unmapped-before-saved", [LOST_DISCARDED] = "discarded-before-saved", [LOST_READ_FAILED] = "read-failed",
-    [LOST_INTERRUPTED] = "interrupted",        [LOST_SHARED] = "shared-with-other-process",
+    [LOST_UNMAPPED] = "unmapped-before-saved",
+    [LOST_DISCARDED] = "discarded-before-saved",
+    [LOST_READ_FAILED] = "read-failed",
+    [LOST_INTERRUPTED] = "interrupted",
+    [LOST_SHARED] = "shared-with-other-process",
+    [LOST_FILE_CHANGED] = "file-changed-before-saved",
+    [LOST_TARGET_EXITED] = "target-exited",
+    [LOST_TARGET_EXEC] = "target-exec",
 };
 
 /* A piece of a region at T, and where that piece lives now (mremap moves it). */
@@ -64,9 +74,12 @@ typedef struct {
   int kind;
   int fd;             /* KIND_FILE: the shared file, read with pread */
   uint64_t file_off;  /* KIND_FILE: file offset of t_start */
+  uint64_t file_dev, file_ino;          /* KIND_FILE: the inode, to find every region of the file */
+  uint64_t ctime_ns_at_t, mtime_ns_at_t; /* KIND_FILE: the inode's times at T (fstat in the pause) */
   bool hugetlb;
   bool may_thp;       /* anonymous, and held PMD-mapped huge pages at the start (see thp_block) */
   bool gone;          /* unmapped: its old address range belongs to other mappings now */
+  bool whole_tried;   /* KIND_FILE: save_file_whole ran for this file */
   uint8_t *state;     /* one byte per 4 KiB page of this piece */
 } segment_t;
 
@@ -142,6 +155,7 @@ typedef struct {
 
   int fatal_err;
   char fatal_what[160];
+  int gone_reason; /* LOST_TARGET_EXITED/EXEC once the target's mm is gone, else -1 */
   bool finished;
   double started_us;
 
@@ -332,6 +346,62 @@ static void seg_split(engine_t *e, size_t i, uint64_t off) {
   s->len = off;
 }
 
+/* ---------- shared files changed through their fd ---------- */
+
+/* uffd-wp sees only writes through page tables: write/pwrite, fallocate,
+ * ftruncate, copy_file_range and splice into a shmem file (by the target or any
+ * process holding an fd) change its pages without a fault. Each changes the
+ * inode's ctime and mtime while holding the inode lock (i_rwsem):
+ * shmem_file_write_iter calls file_update_time before generic_perform_write
+ * (copy_file_range and splice end in the same write_iter); shmem_setattr sets
+ * them with the new size; shmem_fallocate's punch sets them in
+ * shmem_truncate_range AFTER the pages are gone. A copy taken during a punch is
+ * therefore proven only once the punch is over: lseek(SEEK_DATA) takes the same
+ * lock (shmem_file_llseek), so when it returns every change that overlapped the
+ * copy has set the times. tmpfs has multigrain timestamps (6.13+): once we have
+ * read the ctime, the next change gets a distinct one, even within one tick. */
+static uint64_t ts_ns(struct timespec t) { return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec; }
+
+static bool file_unchanged_since_t(segment_t *s) {
+  (void)lseek(s->fd, 0, SEEK_DATA); /* a barrier only: waits for a change holding the inode lock */
+  struct stat st;
+  if (fstat(s->fd, &st) != 0) return false;
+  return ts_ns(st.st_ctim) == s->ctime_ns_at_t && ts_ns(st.st_mtim) == s->mtime_ns_at_t;
+}
+
+/* The file changed since T: no unsaved page of any region of it can be proven
+ * any more. Pages already saved (and proven when they were) stay. */
+static void lose_file(engine_t *e, const segment_t *changed) {
+  uint64_t dev = changed->file_dev, ino = changed->file_ino;
+  for (size_t i = 0; i < e->nsegs; i++) {
+    segment_t *s = &e->segs[i];
+    if (s->kind == KIND_FILE && s->file_dev == dev && s->file_ino == ino) lose_unsaved(e, s, LOST_FILE_CHANGED);
+  }
+}
+
+/* ---------- the target gone: exit or exec ---------- */
+
+/* Is the address space the snapshot is of gone? pagemap_fd was opened on it:
+ * once no task uses it pagemap_read returns nothing (mmget_not_zero fails). An
+ * exec drops the old mm inside exec_mmap while holding exec_update_lock, which
+ * process_vm_readv (mm_access) also takes: a copy can read the new image only
+ * after the old mm is gone, and then the UFFDIO_WRITEPROTECT that must follow
+ * every copy fails with ESRCH (mmget_not_zero on the context's mm). */
+static bool mm_gone(engine_t *e) {
+  uint64_t pm;
+  return read_pagemap(e->pagemap_fd, 0, 1, &pm) == EIO;
+}
+
+/* Stop: the target exited or called exec. An exit makes the pidfd readable
+ * (exit_notify runs right after exit_mm); after an exec the process runs on. */
+static void target_gone(engine_t *e) {
+  if (e->gone_reason >= 0) return;
+  struct pollfd p = {.fd = e->pidfd, .events = POLLIN};
+  bool exited = e->pidfd >= 0 && poll(&p, 1, 200) > 0 && (p.revents & POLLIN);
+  e->gone_reason = exited ? LOST_TARGET_EXITED : LOST_TARGET_EXEC;
+  set_fatal(e, ESRCH, exited ? "target exited during the snapshot" : "target called exec during the snapshot");
+}
+
 /* ---------- copying ---------- */
 
 /* Copy [off, off+len) of a segment (its current address) into dst. */
@@ -353,6 +423,64 @@ static int seg_copy(engine_t *e, segment_t *s, uint64_t off, uint64_t len, uint8
     return 0;
   }
   return remote_read(e->pid, e->mem_fd, s->cur_start + off, dst, len);
+}
+
+/* Every unsaved page of a shared file, copied and proven in one go, before the
+ * engine unprotects any page of it. Once a page is unprotected the target's
+ * writes through its mapping also set the file's times (fault_dirty_shared_page
+ * calls file_update_time when the PTE was clean or absent), and those cannot
+ * be told from a write through an fd: a later proof would fail for no reason.
+ * Worse, a write to a page not present at T sets them even before its fault
+ * reaches us. Copying the file whole first, right after the resume (pread:
+ * immune to address-space events), with a single proof after it keeps every
+ * page unless such a write came first. Larger files, or no memory for the
+ * copy: each copy is proven on its own, and a mapping write after the sweep
+ * passed loses the rest of the file (conservative). */
+static void save_file_whole(engine_t *e, segment_t *first) {
+  uint64_t dev = first->file_dev, ino = first->file_ino, bytes = 0;
+  for (size_t i = 0; i < e->nsegs; i++) {
+    segment_t *s = &e->segs[i];
+    if (s->kind != KIND_FILE || s->file_dev != dev || s->file_ino != ino) continue;
+    s->whole_tried = true;
+    for (uint64_t o = 0; o < s->len; o += PG) bytes += s->state[o / PG] == PAGE_UNSAVED ? PG : 0;
+  }
+  if (bytes == 0 || bytes > FILE_WHOLE_MAX) return;
+  uint8_t *buf = malloc(bytes);
+  if (buf == NULL) return;
+  uint64_t done = 0;
+  for (size_t i = 0; i < e->nsegs && done <= bytes; i++) {
+    segment_t *s = &e->segs[i];
+    if (s->kind != KIND_FILE || s->file_dev != dev || s->file_ino != ino) continue;
+    for (uint64_t o = 0; o < s->len;) {
+      uint64_t end = o;
+      while (end < s->len && s->state[end / PG] == PAGE_UNSAVED) end += PG;
+      if (end > o && seg_copy(e, s, o, end - o, buf + done) != 0) {
+        free(buf); /* unreadable: the per-copy path decides page by page */
+        return;
+      }
+      done += end - o;
+      o = end == o ? o + PG : end;
+    }
+  }
+  if (!file_unchanged_since_t(first)) {
+    free(buf);
+    lose_file(e, first);
+    return;
+  }
+  done = 0;
+  for (size_t i = 0; i < e->nsegs; i++) {
+    segment_t *s = &e->segs[i];
+    if (s->kind != KIND_FILE || s->file_dev != dev || s->file_ino != ino) continue;
+    for (uint64_t o = 0; o < s->len; o += PG) {
+      if (s->state[o / PG] != PAGE_UNSAVED) continue;
+      memcpy(reserve(e, 1, true), buf + done, PG);
+      commit(e, s->t_start + o, 1, true);
+      s->state[o / PG] = PAGE_SAVED;
+      atomic_fetch_add(&e->pages_fault, 1);
+      done += PG;
+    }
+  }
+  free(buf);
 }
 
 static bool is_zero_page_entry(engine_t *e, uint64_t pm) {
@@ -528,14 +656,18 @@ static int save_thp(engine_t *e, segment_t *s, uint64_t block, int thp, bool fro
   uint8_t *dst = n > 0 ? reserve(e, n, from_fault) : NULL;
   if (n > 0 && dst == NULL) return ENOBUFS;
   int err = n > 0 ? thp_copy(e, s, block, need, dst) : 0;
-  if (err == ESRCH) {
-    set_fatal(e, err, "copy of a huge page: target gone");
+  if (err == ESRCH || (err != 0 && mm_gone(e))) {
+    target_gone(e);
     return 0;
   }
   if (err != 0) return read_more(e, false) > 0 ? EAGAIN : -1;
   err = unprotect_checked(e, s->cur_start + block, THP_BYTES);
   if (err == EAGAIN) return EAGAIN; /* events applied: copy again */
   if (err == ENOENT) return read_more(e, false) > 0 ? EAGAIN : -1;
+  if (err == ESRCH) { /* exec or exit: the copy may be of a new image, never stored */
+    target_gone(e);
+    return 0;
+  }
   if (err != 0) {
     set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) of a huge page");
     return 0;
@@ -567,6 +699,7 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
       uffd_wake(e->uffd, addr & ~(PG - 1), PG);
       return;
     }
+    if (s->kind == KIND_FILE && !s->whole_tried) save_file_whole(e, s);
     uint64_t block;
     int thp = thp_block(e, s, addr - s->cur_start, &block);
     if (thp != THP_NONE) {
@@ -598,8 +731,8 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
     }
     uint8_t *dst = reserve(e, npg, true);
     int err = seg_copy(e, s, off, unit, dst);
-    if (err == ESRCH) {
-      set_fatal(e, err, "copy of a faulting page: target gone");
+    if (err == ESRCH || (err != 0 && mm_gone(e))) {
+      target_gone(e);
       return;
     }
     if (err != 0) {
@@ -617,8 +750,16 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
       uffd_wake(e->uffd, addr & ~(PG - 1), PG);
       return;
     }
+    if (err == ESRCH) { /* the copy may be of a new image: never stored */
+      target_gone(e);
+      return;
+    }
     if (err != 0) {
       set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) after a fault");
+      return;
+    }
+    if (s->kind == KIND_FILE && !file_unchanged_since_t(s)) {
+      lose_file(e, s); /* the page is unprotected and its thread woken: it was lost anyway */
       return;
     }
     for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_SAVED;
@@ -639,6 +780,7 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
   for (size_t si = 0; si < e->nsegs; si++) {
     segment_t *s = &e->segs[si];
     if (s->gone) continue;
+    if (s->kind == KIND_FILE && !s->whole_tried) save_file_whole(e, s);
     uint64_t lo = start > s->cur_start ? start : s->cur_start;
     uint64_t hi = end < s->cur_start + s->len ? end : s->cur_start + s->len;
     for (uint64_t a = lo & ~(PG - 1); a < hi; a += PG) {
@@ -657,12 +799,23 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
       }
       uint8_t *dst = reserve(e, 1, true);
       int err = seg_copy(e, s, off, PG, dst);
-      read_pagemap(e->pagemap_fd, a, 1, &pm2);
-      bool ok = err == 0;
+      /* After an exec the old mm's pagemap reads nothing: never take that for "zapped". */
+      int pm_err = read_pagemap(e->pagemap_fd, a, 1, &pm2);
+      if ((err != 0 || pm_err != 0) && mm_gone(e)) {
+        target_gone(e);
+        return;
+      }
+      bool ok = err == 0 && (s->kind == KIND_FILE || pm_err == 0);
       if (ok && s->kind == KIND_FILE) {
-        /* Page cache content survives a DONTNEED; a MADV_REMOVE punches a hole. */
+        /* Page cache content survives a DONTNEED; a MADV_REMOVE punches a hole,
+         * and that punch changes the file's times: the file's unsaved pages
+         * are then lost file-changed-before-saved (conservative). */
         off_t data = lseek(s->fd, (off_t)(s->file_off + off), SEEK_DATA);
         ok = data == (off_t)(s->file_off + off);
+        if (ok && !file_unchanged_since_t(s)) {
+          lose_file(e, s);
+          continue;
+        }
       } else if (ok) {
         /* The copy pinned the page first: if it is still the same page, or gone
          * (zapped after the pin), the copy is the content at T. */
@@ -796,7 +949,7 @@ static uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_
     uint64_t pm[512];
     int err = read_pagemap(e->pagemap_fd, s->cur_start + off, npg, pm);
     if (err != 0) {
-      if (err == ESRCH) set_fatal(e, err, "pread(/proc/PID/pagemap): target gone");
+      if (err == ESRCH) target_gone(e);
       for (uint32_t i = 0; i < npg; i++) pm[i] = PM_PRESENT;
     }
     for (uint32_t i = 0; i < npg; i++) need[i] = entry_has_data(e, pm[i]);
@@ -884,6 +1037,10 @@ static int sweep_step(engine_t *e, int *wait_ms) {
         }
     return SWEEP_DONE;
   }
+  if (s->kind == KIND_FILE && !s->whole_tried) {
+    save_file_whole(e, s);
+    return SWEEP_PROGRESS;
+  }
   uint64_t block;
   int thp = thp_block(e, s, e->sweep_off, &block);
   if (thp != THP_NONE) {
@@ -931,8 +1088,8 @@ static int sweep_step(engine_t *e, int *wait_ms) {
       uint32_t j = i;
       while (j < npg && need[j]) j++;
       int err = seg_copy(e, s, off + (uint64_t)i * PG, (uint64_t)(j - i) * PG, dst + (size_t)k * PG);
-      if (err == ESRCH) {
-        set_fatal(e, err, "sweep copy: target gone");
+      if (err == ESRCH || (err != 0 && mm_gone(e))) {
+        target_gone(e);
         return SWEEP_PROGRESS;
       }
       if (err != 0) {
@@ -965,8 +1122,18 @@ static int sweep_step(engine_t *e, int *wait_ms) {
     add_lost(e, s->t_start + off, npg, LOST_UNMAPPED);
     return SWEEP_PROGRESS;
   }
+  if (err == ESRCH) { /* the copy may be of a new image: never stored */
+    target_gone(e);
+    return SWEEP_PROGRESS;
+  }
   if (err != 0) {
     set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) in the sweep");
+    return SWEEP_PROGRESS;
+  }
+  /* The copy and the holes skipped (SEEK_DATA above) hold only if the file did
+   * not change through an fd since T. */
+  if (s->kind == KIND_FILE && !file_unchanged_since_t(s)) {
+    lose_file(e, s);
     return SWEEP_PROGRESS;
   }
   /* Valid: commit. */
@@ -1013,6 +1180,13 @@ static void *engine_main(void *arg) {
       {.fd = e->wake_fd, .events = POLLIN},
       {.fd = e->pidfd, .events = POLLIN},
   };
+  /* Shared files first, at once: a write by the target to a shmem page not
+   * present at T sets the file's times before its write-protect fault reaches
+   * us (do_shared_fault calls fault_dirty_shared_page first), just as a write
+   * through an fd does: the sooner the whole file is proven, the fewer such
+   * writes can make it unprovable. */
+  for (size_t i = 0; i < e->nsegs && !e->fatal_err; i++)
+    if (e->segs[i].kind == KIND_FILE && !e->segs[i].whole_tried) save_file_whole(e, &e->segs[i]);
   while (!atomic_load(&e->stop) && !e->fatal_err) {
     drain(e);
     if (e->fatal_err) break;
@@ -1036,13 +1210,14 @@ static void *engine_main(void *arg) {
       ssize_t ignored = read(e->wake_fd, &v, sizeof v);
       (void)ignored;
     }
-    if (pr > 0 && e->pidfd >= 0 && (fds[2].revents & POLLIN)) set_fatal(e, ESRCH, "target exited during the snapshot");
+    if (pr > 0 && e->pidfd >= 0 && (fds[2].revents & POLLIN)) target_gone(e);
   }
   if (!e->sweep_done) {
     /* Stopped early: whatever is unsaved is not in the snapshot. */
+    int reason = e->gone_reason >= 0 ? e->gone_reason : LOST_INTERRUPTED;
     for (size_t i = 0; i < e->nsegs; i++) {
       segment_t *s = &e->segs[i];
-      lose_unsaved(e, s, LOST_INTERRUPTED);
+      lose_unsaved(e, s, reason);
     }
   }
   flush_current(e);
@@ -1223,6 +1398,7 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   e->uffd = uffd;
   e->pidfd = pidfd;
   e->pagemap_fd = e->mem_fd = e->wake_fd = -1;
+  e->gone_reason = -1;
   e->batch_pages = (uint32_t)batch_pages;
   e->pool_size = (uint32_t)pool;
   e->rate = (double)rate;
@@ -1250,6 +1426,14 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
     prop_int32(env, r, "kind", &kind);
     prop_int32(env, r, "fd", &fd);
     prop_uint64(env, r, "fileOffset", &file_off);
+    /* A shared file's pages are proven against its times at T: required. */
+    uint64_t ctime_ns = 0, mtime_ns = 0;
+    struct stat fst = {0};
+    if (kind == KIND_FILE && (!prop_uint64(env, r, "ctimeNs", &ctime_ns) || !prop_uint64(env, r, "mtimeNs", &mtime_ns) ||
+                              fd < 0 || fstat(fd, &fst) != 0)) {
+      engine_free(e);
+      return throw_type(env, "engineStart: a shared-file region needs its fd, ctimeNs and mtimeNs at T");
+    }
     napi_value hv;
     if (napi_get_named_property(env, r, "hugetlb", &hv) == napi_ok) arg_bool(env, hv, &hugetlb);
     if (page_size < 4096 || (page_size & (page_size - 1)) || page_size > (2 << 20)) {
@@ -1299,7 +1483,8 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
     }
     segment_t *s = seg_append(e);
     *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,
-                     .fd = fd, .file_off = file_off, .hugetlb = hugetlb, .state = state};
+                     .fd = fd, .file_off = file_off, .file_dev = (uint64_t)fst.st_dev, .file_ino = (uint64_t)fst.st_ino,
+                     .ctime_ns_at_t = ctime_ns, .mtime_ns_at_t = mtime_ns, .hugetlb = hugetlb, .state = state};
     e->total_pages += npages;
   }
   e->latency_ns = malloc(sizeof(uint32_t) * MAX_LATENCY_SAMPLES);
