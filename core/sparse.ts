@@ -49,15 +49,39 @@ export function findSparse(binding: NativeBinding, pid: number, maps: MapsEntry[
   return sparse;
 }
 
-/** The present-or-swapped runs [start, end) of each range, from one populatedRanges call. */
+/** The present-or-swapped runs [start, end) of each range, from one populatedRanges call, sorted and disjoint. */
 function populatedRuns(binding: NativeBinding, pid: number, ranges: Array<{ start: bigint; end: bigint }>): Array<Array<[bigint, bigint]>> {
   const scan = binding.populatedRanges(pid, BigUint64Array.from(ranges.flatMap((r) => [r.start, r.end])));
   let at = 0;
-  return ranges.map((_, i) => {
+  return ranges.map((range, i) => {
     const runs: Array<[bigint, bigint]> = [];
     for (let k = 0; k < (scan.counts[i] as number); k++, at++) runs.push([scan.ranges[2 * at] as bigint, scan.ranges[2 * at + 1] as bigint]);
-    return runs;
+    return normalizeRuns(runs, range.start, range.end);
   });
+}
+
+/**
+ * Runs sorted, clipped to [start, end) and merged where they overlap or touch.
+ * The zero ranges are the complement of these runs: a run reported twice or
+ * out of order (a PAGEMAP_SCAN continued from a walk_end below what it had
+ * already returned did that, under load) must never turn into a zero range
+ * over populated pages, which would be stored as zero without being read.
+ */
+export function normalizeRuns(runs: Array<[bigint, bigint]>, start: bigint, end: bigint): Array<[bigint, bigint]> {
+  const sorted = runs
+    .map(([s, e]): [bigint, bigint] => [s < start ? start : s, e > end ? end : e])
+    .filter(([s, e]) => s < e)
+    .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  const merged: Array<[bigint, bigint]> = [];
+  for (const [s, e] of sorted) {
+    const last = merged[merged.length - 1];
+    if (last !== undefined && s <= last[1]) {
+      if (e > last[1]) last[1] = e;
+    } else {
+      merged.push([s, e]);
+    }
+  }
+  return merged;
 }
 
 function overlapsSparse(sparse: SparseIntervals, start: bigint, end: bigint): boolean {

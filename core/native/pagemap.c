@@ -295,6 +295,9 @@ static napi_value js_populated_ranges(napi_env env, napi_callback_info info) {
         used++;
         counts[r]++;
       }
+      /* A continued scan may return again what an earlier call returned (seen
+       * under load: a walk_end below the last region of the previous call);
+       * populatedRuns() in core/sparse.ts sorts and merges the runs. */
       if (arg.walk_end <= at) break; /* no progress: should not happen */
       at = arg.walk_end;
     }

@@ -153,3 +153,46 @@ describe('failures leave the target running and the store openable', () => {
     expect(store.find(String(again.id)).state).toBe('complete');
   });
 });
+
+describe('populated runs from PAGEMAP_SCAN', () => {
+  it('runs reported twice or out of order never make a zero range over populated pages', async () => {
+    const { normalizeRuns } = await import('../../core/sparse.js');
+    const P = 0x1000n;
+    const base = 0x7f0000000000n;
+    // What a scan continued from a walk_end below its last region returned: the tail again, out of order.
+    const reported: Array<[bigint, bigint]> = [
+      [base + 2n * P, base + 3n * P],
+      [base + 10n * P, base + 12n * P],
+      [base + 20n * P, base + 21n * P],
+      [base + 10n * P, base + 12n * P],
+      [base + 11n * P, base + 13n * P],
+      [base + 20n * P, base + 21n * P],
+      [base - P, base + P],
+      [base + 63n * P, base + 70n * P],
+    ];
+    expect(normalizeRuns(reported, base, base + 64n * P)).toEqual([
+      [base, base + P],
+      [base + 2n * P, base + 3n * P],
+      [base + 10n * P, base + 13n * P],
+      [base + 20n * P, base + 21n * P],
+      [base + 63n * P, base + 64n * P],
+    ]);
+  });
+
+  it('a sparse mapping whose scan repeats runs gets the exact complement as zero ranges', async () => {
+    const P = 0x1000n;
+    const { kernel, result } = run({
+      // Two populated pages at the start, reported three times and out of order.
+      populated: (start) => [
+        [start + 4n * P, start + 5n * P],
+        [start, start + P],
+        [start + 4n * P, start + 5n * P],
+        [start, start + P],
+      ],
+    });
+    await result;
+    const sparse = kernel.calls.engineStarts[0]!.regions.filter((g) => g.zeroRanges !== undefined);
+    expect(sparse.length).toBeGreaterThan(0);
+    for (const g of sparse) expect([...g.zeroRanges!]).toEqual([g.start + P, g.start + 4n * P, g.start + 5n * P, g.end]);
+  });
+});
