@@ -15,6 +15,15 @@ export const FAULT_POINTS = [
 ] as const;
 export type FaultPoint = (typeof FAULT_POINTS)[number];
 
+/**
+ * WPSNAP_FAULT=<point> values that make an operation fail instead of killing
+ * wpsnap. engine-alloc (checked in engine.c): once two batches are posted, the
+ * batch a write fault needs cannot be allocated (ENOMEM, as under memory
+ * pressure); the fault thread must report it and the target, whose thread
+ * waits on that fault, must be released.
+ */
+export const FAILURE_POINTS = ['engine-alloc'] as const;
+
 export function faultPoint(point: FaultPoint): void {
   if (process.env['WPSNAP_FAULT'] === point) process.kill(process.pid, 'SIGKILL');
 }

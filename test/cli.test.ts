@@ -290,6 +290,28 @@ describe('killing wpsnap at any point', () => {
     }
   });
 
+  it('an allocation that fails in the engine thread (WPSNAP_FAULT=engine-alloc) ends the snapshot in one line, incomplete, the target released', async () => {
+    const store = join(dir, 'engine-alloc.db');
+    const r = await runCliProcess(['snapshot', String(fixture.pid), '--store', store], { WPSNAP_FAULT: 'engine-alloc' });
+    expect(r.signal).toBeNull();
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toMatch(/^wpsnap: snapshot of pid \d+: allocate a page batch \(WPSNAP_FAULT=engine-alloc\).*ENOMEM/);
+    await untraced(fixture.pid);
+    expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
+    await expectWriting(fixture.pid);
+    for (const w of layout.writers) {
+      const entries = binding.readPagemap(fixture.pid, w.start, w.pages);
+      expect(entries.filter((e) => (e >> 57n) & 1n).length, `no uffd-wp bit left in writer ${w.index}`).toBe(0);
+    }
+    const s = Store.open(store, { readonly: true });
+    try {
+      expect(s.list().map((x) => x.state)).toEqual(['incomplete']);
+    } finally {
+      await s.close();
+    }
+  });
+
   it('SIGINT stops a snapshot: exit 130, recorded incomplete, target released; a second snapshot meanwhile is refused', async () => {
     const store = join(dir, 'sigint.db');
     // Its own target: 64 MiB written slowly (1000 pages/s per thread), so that

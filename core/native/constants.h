@@ -23,5 +23,7 @@ extern const char *const lost_reason_names[LOST_REASON_COUNT];
 
 /* Forced-failure points checked in C (core/fault.ts lists them all). */
 #define FAULT_POINT_MID_INJECT "mid-inject"
+/* Once two batches are posted, a write fault's batch cannot be allocated (ENOMEM). */
+#define FAULT_POINT_ENGINE_ALLOC "engine-alloc"
 
 #endif

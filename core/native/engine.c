@@ -162,6 +162,9 @@ typedef struct {
   pthread_t thread;
   bool thread_started;
   napi_threadsafe_function tsfn;
+  engine_msg_t *done_msg; /* the final message, allocated at start */
+  _Atomic uint32_t batches_posted;
+  bool fault_alloc;       /* WPSNAP_FAULT=engine-alloc: fail the third batch's allocation */
 } engine_t;
 
 static double mono_us(void) {
@@ -195,8 +198,15 @@ static void add_lost(engine_t *e, uint64_t t_addr, uint64_t pages, int reason) {
     }
   }
   if (e->nlost == e->lost_cap) {
-    e->lost_cap = e->lost_cap ? e->lost_cap * 2 : 64;
-    e->lost = realloc(e->lost, e->lost_cap * sizeof(lost_t));
+    size_t cap = e->lost_cap ? e->lost_cap * 2 : 64;
+    lost_t *grown = realloc(e->lost, cap * sizeof(lost_t));
+    if (grown == NULL) {
+      /* The pages stay counted lost; the snapshot fails, so none is taken as saved. */
+      set_fatal(e, ENOMEM, "grow the lost list");
+      return;
+    }
+    e->lost = grown;
+    e->lost_cap = cap;
   }
   e->lost[e->nlost++] = (lost_t){t_addr, pages, reason};
 }
@@ -219,16 +229,37 @@ static void lose_unsaved(engine_t *e, segment_t *s, int reason) {
 
 /* ---------- pool ---------- */
 
+/* A new batch, or NULL with the engine failed (ENOMEM): the fault thread never
+ * dereferences a failed allocation, it ends the snapshot and JS releases the
+ * target. */
 static slot_t *slot_new(engine_t *e, bool overflow) {
+  if (e->nslots == e->slots_cap) {
+    size_t cap = e->slots_cap ? e->slots_cap * 2 : 32;
+    slot_t **grown = realloc(e->slots, cap * sizeof(slot_t *));
+    if (grown == NULL) {
+      set_fatal(e, ENOMEM, "grow the batch table");
+      return NULL;
+    }
+    e->slots = grown;
+    e->slots_cap = cap;
+  }
   slot_t *s = calloc(1, sizeof *s);
+  if (s == NULL) {
+    set_fatal(e, ENOMEM, "allocate a page batch");
+    return NULL;
+  }
   s->cap = e->batch_pages;
   s->addrs = malloc(sizeof(uint64_t) * s->cap);
+  /* SAFETY: private anonymous memory of our own; checked against MAP_FAILED. */
   s->data = mmap(NULL, (size_t)s->cap * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  s->overflow = overflow;
-  if (e->nslots == e->slots_cap) {
-    e->slots_cap = e->slots_cap ? e->slots_cap * 2 : 32;
-    e->slots = realloc(e->slots, e->slots_cap * sizeof(slot_t *));
+  if (s->addrs == NULL || s->data == MAP_FAILED) {
+    if (s->data != MAP_FAILED) munmap(s->data, (size_t)s->cap * PG);
+    free(s->addrs);
+    free(s);
+    set_fatal(e, ENOMEM, "allocate a page batch");
+    return NULL;
   }
+  s->overflow = overflow;
   s->id = (uint32_t)e->nslots;
   e->slots[e->nslots++] = s;
   return s;
@@ -246,6 +277,13 @@ static slot_t *slot_find_free(engine_t *e, bool overflow) {
 /* A free batch: pool batches first; for a fault, then a spare overflow batch,
  * then a new one. The sweep only ever gets pool batches. */
 static slot_t *slot_take(engine_t *e, bool allow_overflow) {
+  /* WPSNAP_FAULT=engine-alloc: once two batches are posted, getting a batch
+   * for a write fault fails as an allocation does under memory pressure
+   * (slot_new NULL), with a target thread waiting on that fault. */
+  if (e->fault_alloc && allow_overflow && atomic_load(&e->batches_posted) >= 2) {
+    set_fatal(e, ENOMEM, "allocate a page batch (WPSNAP_FAULT=engine-alloc)");
+    return NULL;
+  }
   pthread_mutex_lock(&e->pool_lock);
   slot_t *found = slot_find_free(e, false);
   if (found == NULL && allow_overflow) found = slot_find_free(e, true);
@@ -264,8 +302,13 @@ static slot_t *slot_take(engine_t *e, bool allow_overflow) {
 
 static void post_slot(engine_t *e, slot_t *s) {
   engine_msg_t *m = malloc(sizeof *m);
+  if (m == NULL) {
+    set_fatal(e, ENOMEM, "post a page batch");
+    return;
+  }
   m->type = MSG_BATCH_READY;
   m->slot = s;
+  atomic_fetch_add(&e->batches_posted, 1);
   napi_call_threadsafe_function(e->tsfn, m, napi_tsfn_blocking);
 }
 
@@ -326,8 +369,14 @@ static segment_t *seg_by_cur(engine_t *e, uint64_t addr) {
 
 static segment_t *seg_append(engine_t *e) {
   if (e->nsegs == e->segs_cap) {
-    e->segs_cap = e->segs_cap ? e->segs_cap * 2 : 64;
-    e->segs = realloc(e->segs, e->segs_cap * sizeof(segment_t));
+    size_t cap = e->segs_cap ? e->segs_cap * 2 : 64;
+    segment_t *grown = realloc(e->segs, cap * sizeof(segment_t));
+    if (grown == NULL) {
+      set_fatal(e, ENOMEM, "grow the segment table");
+      return NULL;
+    }
+    e->segs = grown;
+    e->segs_cap = cap;
   }
   return &e->segs[e->nsegs++];
 }
@@ -336,6 +385,7 @@ static segment_t *seg_append(engine_t *e) {
 static void seg_split(engine_t *e, size_t i, uint64_t off) {
   if (off == 0 || off >= e->segs[i].len) return;
   segment_t *tail = seg_append(e);
+  if (tail == NULL) return; /* the engine has failed: the snapshot ends incomplete */
   segment_t *s = &e->segs[i];
   *tail = *s;
   tail->t_start += off;
@@ -473,7 +523,12 @@ static void save_file_whole(engine_t *e, segment_t *first) {
     if (s->kind != KIND_FILE || s->file_dev != dev || s->file_ino != ino) continue;
     for (uint64_t o = 0; o < s->len; o += PG) {
       if (s->state[o / PG] != PAGE_UNSAVED) continue;
-      memcpy(reserve(e, 1, true), buf + done, PG);
+      uint8_t *dst = reserve(e, 1, true);
+      if (dst == NULL) { /* the engine has failed (no batch memory) */
+        free(buf);
+        return;
+      }
+      memcpy(dst, buf + done, PG);
       commit(e, s->t_start + o, 1, true);
       s->state[o / PG] = PAGE_SAVED;
       atomic_fetch_add(&e->pages_fault, 1);
@@ -522,8 +577,15 @@ static int read_more(engine_t *e, bool wait) {
   for (int i = 0; i < n; i++) {
     if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
       if (e->npending == e->pending_cap) {
-        e->pending_cap = e->pending_cap ? e->pending_cap * 2 : 64;
-        e->pending = realloc(e->pending, e->pending_cap * sizeof(struct uffd_msg));
+        size_t cap = e->pending_cap ? e->pending_cap * 2 : 64;
+        struct uffd_msg *grown = realloc(e->pending, cap * sizeof(struct uffd_msg));
+        if (grown == NULL) {
+          /* The faulting thread stays blocked until JS closes the userfaultfd, which wakes it. */
+          set_fatal(e, ENOMEM, "queue a write fault");
+          continue;
+        }
+        e->pending = grown;
+        e->pending_cap = cap;
       }
       e->pending[e->npending++] = msgs[i];
     } else {
@@ -730,6 +792,7 @@ static void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
       return;
     }
     uint8_t *dst = reserve(e, npg, true);
+    if (dst == NULL) return; /* the engine has failed: the thread is woken when JS closes the userfaultfd */
     int err = seg_copy(e, s, off, unit, dst);
     if (err == ESRCH || (err != 0 && mm_gone(e))) {
       target_gone(e);
@@ -798,6 +861,7 @@ static void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
         continue;
       }
       uint8_t *dst = reserve(e, 1, true);
+      if (dst == NULL) return; /* the engine has failed */
       int err = seg_copy(e, s, off, PG, dst);
       /* After an exec the old mm's pagemap reads nothing: never take that for "zapped". */
       int pm_err = read_pagemap(e->pagemap_fd, a, 1, &pm2);
@@ -1222,7 +1286,8 @@ static void *engine_main(void *arg) {
   }
   flush_current(e);
   e->finished = true;
-  engine_msg_t *m = malloc(sizeof *m);
+  engine_msg_t *m = e->done_msg; /* allocated at start: the end is always reported */
+  e->done_msg = NULL;
   m->type = MSG_DONE;
   m->slot = NULL;
   napi_call_threadsafe_function(e->tsfn, m, napi_tsfn_blocking);
@@ -1324,6 +1389,7 @@ static void call_js(napi_env env, napi_value callback, void *context, void *data
 static engine_t *get_engine(napi_env env, napi_value v) { return handle_data(env, v, HANDLE_ENGINE); }
 
 static void engine_free(engine_t *e) {
+  free(e->done_msg);
   for (size_t i = 0; i < e->nslots; i++) {
     if (e->slots[i] == NULL) continue;
     munmap(e->slots[i]->data, (size_t)e->slots[i]->cap * PG);
@@ -1394,6 +1460,14 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   if (pool < 2) pool = 2;
 
   engine_t *e = calloc(1, sizeof *e);
+  if (e == NULL) return throw_errno(env, ENOMEM, "calloc", "start the engine");
+  e->done_msg = malloc(sizeof *e->done_msg);
+  if (e->done_msg == NULL) {
+    free(e);
+    return throw_errno(env, ENOMEM, "malloc", "start the engine");
+  }
+  const char *fault = getenv("WPSNAP_FAULT");
+  e->fault_alloc = fault != NULL && strcmp(fault, FAULT_POINT_ENGINE_ALLOC) == 0;
   e->pid = pid;
   e->uffd = uffd;
   e->pidfd = pidfd;
@@ -1411,6 +1485,10 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
     return throw_type(env, "engineStart: regions must be an array");
   }
   e->state_blocks = calloc(nregions ? nregions : 1, sizeof(uint8_t *));
+  if (e->state_blocks == NULL) {
+    engine_free(e);
+    return throw_errno(env, ENOMEM, "calloc", "engine region table");
+  }
   for (uint32_t i = 0; i < nregions; i++) {
     napi_value r;
     napi_get_element(env, regions, i, &r);
@@ -1442,6 +1520,10 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
     }
     uint64_t npages = (end - start) / PG;
     uint8_t *state = calloc(npages, 1);
+    if (state == NULL) {
+      engine_free(e);
+      return throw_errno(env, ENOMEM, "calloc", "page states of a %llu-page region", (unsigned long long)npages);
+    }
     e->state_blocks[e->nblocks++] = state;
     /* zeroRanges: pages known to be never touched at T that were left
      * unprotected (sparse reservations): zero, and never to be read. */
@@ -1488,6 +1570,10 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
     e->total_pages += npages;
   }
   e->latency_ns = malloc(sizeof(uint32_t) * MAX_LATENCY_SAMPLES);
+  if (e->latency_ns == NULL) {
+    engine_free(e);
+    return throw_errno(env, ENOMEM, "malloc", "fault latency samples");
+  }
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
   e->pagemap_fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -1500,7 +1586,14 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   e->mem_fd = open(path, O_RDONLY | O_CLOEXEC);
   e->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   e->zero_pfn = find_zero_pfn();
-  for (int32_t i = 0; i < pool; i++) slot_new(e, false)->free = true;
+  for (int32_t i = 0; i < pool; i++) {
+    slot_t *slot = slot_new(e, false);
+    if (slot == NULL) {
+      engine_free(e);
+      return throw_errno(env, ENOMEM, "mmap", "allocate the engine's batch pool");
+    }
+    slot->free = true;
+  }
 
   napi_value name;
   napi_create_string_utf8(env, "wpsnap-engine", NAPI_AUTO_LENGTH, &name);

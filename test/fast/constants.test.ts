@@ -5,7 +5,7 @@ import { createRequire } from 'node:module';
 import { describe, expect, it } from 'vitest';
 import { nativeAddonPath } from '../../core/binding.js';
 import { REGION_KIND, SYSCALL, USERFAULTFD_IOC_NEW } from '../../core/constants.js';
-import { FAULT_POINTS } from '../../core/fault.js';
+import { FAILURE_POINTS, FAULT_POINTS } from '../../core/fault.js';
 import { UFFD_FEATURE, UFFDIO_REGISTER_MODE_WP } from '../../core/features.js';
 import type { NativeConstants } from '../../core/native/binding.js';
 import { LOST_REASONS, PAGE_SIZE } from '../../snapshot-format/model.js';
@@ -36,7 +36,8 @@ describe('constants shared by C and TypeScript', () => {
   });
 
   it('every fault point checked in C is one core/fault.ts lists', () => {
-    for (const point of native.faultPoints) expect(FAULT_POINTS).toContain(point);
+    for (const point of native.faultPoints) expect([...FAULT_POINTS, ...FAILURE_POINTS]).toContain(point);
+    expect([...native.faultPoints].sort()).toEqual(['engine-alloc', 'mid-inject']);
   });
 
   it("the store's hash length is the one its addon writes", () => {
