@@ -1,7 +1,7 @@
 // One run of the native engine over a protected target: batches go to the
 // store as they come, progress is polled for the caller, and the run ends in
 // the engine's final statistics once every batch is stored.
-import type { SnapshotWriter } from '../store/store.js';
+import type { SnapshotSink } from './sink.js';
 import { fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
 import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
@@ -33,7 +33,7 @@ export interface EngineSessionOptions {
   signals: Array<AbortSignal | undefined>;
 }
 
-export function runEngine(binding: NativeBinding, writer: SnapshotWriter, options: EngineSessionOptions): Promise<EngineFinalStats> {
+export function runEngine(binding: NativeBinding, writer: SnapshotSink, options: EngineSessionOptions): Promise<EngineFinalStats> {
   return new Promise((resolve, reject) => {
     const regions = options.plans.flatMap((p) => (p.engine ? [p.engine] : []));
     const signals = options.signals.filter((s): s is AbortSignal => s !== undefined);

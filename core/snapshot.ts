@@ -4,7 +4,6 @@
 // (core/engine-session.ts) into the store, ending in its final commit.
 import { closeSync } from 'node:fs';
 import type { LostRange, RegionRecord } from '../snapshot-format/model.js';
-import type { SnapshotWriter, Store } from '../store/store.js';
 import type { UffdMethod } from './attach.js';
 import type { Attacher } from './attacher.js';
 import { runEngine, type EngineProgress } from './engine-session.js';
@@ -15,6 +14,7 @@ import type { EngineFinalStats, NativeBinding } from './native/binding.js';
 import { pause, type PauseBreakdown, type PauseOutcome } from './pause.js';
 import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
+import type { SnapshotSink, SnapshotTarget } from './sink.js';
 import { assertProcessExists, readProcessRecord } from './procfs.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
@@ -85,7 +85,7 @@ function closeQuietly(binding: NativeBinding, fd: number): void {
 
 export async function snapshotProcess(
   binding: NativeBinding,
-  store: Store,
+  store: SnapshotTarget,
   pid: number,
   options: SnapshotOptions = {},
 ): Promise<SnapshotResult> {
@@ -101,7 +101,7 @@ export async function snapshotProcess(
     throw fromNative(error, `pidfd_open(${pid})`);
   }
   const attacher: Attacher = (options.attacher ?? ptraceAttacher)(binding, pid, pidfd);
-  let writer: SnapshotWriter | undefined;
+  let writer: SnapshotSink | undefined;
   let paused: PauseOutcome | undefined;
   const planner = new RegionPlanner(pid);
   try {
@@ -191,7 +191,7 @@ export async function snapshotProcess(
  */
 async function saveInBackground(
   binding: NativeBinding,
-  writer: SnapshotWriter,
+  writer: SnapshotSink,
   processId: number,
   paused: PauseOutcome,
   context: { pid: number; pidfd: number; startedAt: number; options: SnapshotOptions },

@@ -1,0 +1,28 @@
+// Where a snapshot goes, as the controller sees it: the interface the
+// pipeline writes through. The store implements it (Store.beginSnapshot and
+// SnapshotWriter); the controller imports no store code.
+import type { LostRange, PageBatch, ProcessRecord, RegionRecord, SnapshotStats, ThreadRecord } from '../snapshot-format/model.js';
+
+/** The stats the controller measures; the sink adds the page counts. */
+export type MeasuredStats = Omit<SnapshotStats, 'pagesSaved' | 'zeroPages' | 'pagesNew' | 'bytesRaw' | 'bytesStored'>;
+
+export interface SnapshotSink {
+  readonly id: number;
+  addProcess(process: ProcessRecord): number;
+  addThreads(processId: number, threads: ThreadRecord[]): void;
+  addRegions(processId: number, regions: RegionRecord[]): void;
+  addLost(processId: number, lost: LostRange[]): void;
+  /** Resolves once the batch is stored; its memory may then be reused. */
+  addPages(processId: number, batch: PageBatch): Promise<void>;
+  /** The pause, recorded as soon as it is over (an incomplete snapshot keeps it). */
+  recordPause<Phases extends Record<keyof Phases, number>>(micros: number, breakdown: Phases): void;
+  countZeroPages(pages: number): void;
+  /** The final commit: only now is the snapshot complete. */
+  complete(stats: MeasuredStats): Promise<SnapshotStats>;
+  /** Record it incomplete, with the reason. */
+  abort(reason: string): Promise<void>;
+}
+
+export interface SnapshotTarget {
+  beginSnapshot(options: { name?: string }): SnapshotSink;
+}
