@@ -12,9 +12,15 @@
         "core/native/file_pages.c",
         "core/native/ptrace_client.c",
         "core/native/engine.c",
+        "core/native/engine_state.c",
+        "core/native/engine_pool.c",
+        "core/native/engine_segments.c",
+        "core/native/engine_thp.c",
+        "core/native/engine_fault.c",
+        "core/native/engine_sweep.c",
         "core/native/constants.c"
       ],
-      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"],
+      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE", "-fvisibility=hidden"],
       "defines": ["NAPI_VERSION=8"],
       "libraries": ["-lpthread"]
     },

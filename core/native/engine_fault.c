@@ -1,0 +1,244 @@
+/* Write faults first, then the events that keep the region map true. */
+#include "engine_internal.h"
+
+void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
+  /* Retry while events keep the address space changing: each round applies
+   * them. Give up only if it never settles for FAULT_SETTLE_US. */
+  double settle_start = mono_us();
+  for (unsigned attempt = 0; attempt < 16 || mono_us() - settle_start < FAULT_SETTLE_US; attempt++) {
+    segment_t *s = seg_by_cur(e, addr);
+    if (s == NULL) {
+      uffd_wake(e->uffd, addr & ~(PG - 1), PG);
+      return;
+    }
+    if (s->kind == KIND_FILE && !s->whole_tried) save_file_whole(e, s);
+    uint64_t block;
+    int thp = thp_block(e, s, addr - s->cur_start, &block);
+    if (thp != THP_NONE) {
+      if (attempt > 0) wait_quiet(e, s->cur_start + block, THP_BYTES);
+      int err = save_thp(e, s, block, thp, true);
+      if (err == EAGAIN) continue;
+      if (err == 0) {
+        if (read_ns != 0 && e->nlatency < MAX_LATENCY_SAMPLES) {
+          uint64_t dt = mono_ns() - read_ns;
+          e->latency_ns[e->nlatency++] = dt > UINT32_MAX ? UINT32_MAX : (uint32_t)dt;
+        }
+        return;
+      }
+      /* A page of it could not be read: 4 KiB units below (the pmd splits). */
+    }
+    uint64_t unit = s->page_size;
+    uint64_t off = (addr - s->cur_start) & ~(unit - 1);
+    uint64_t idx = off / PG;
+    uint32_t npg = (uint32_t)(unit / PG);
+    if (attempt > 0) wait_quiet(e, s->cur_start + off, unit);
+    if (s->state[idx] != PAGE_UNSAVED) {
+      int err = uffd_writeprotect(e->uffd, s->cur_start + off, unit, false);
+      if (err == EAGAIN) {
+        read_more(e, true);
+        continue;
+      }
+      if (err != 0) uffd_wake(e->uffd, s->cur_start + off, unit);
+      return;
+    }
+    uint8_t *dst = reserve(e, npg, true);
+    if (dst == NULL) return; /* the engine has failed: the thread is woken when JS closes the userfaultfd */
+    int err = seg_copy(e, s, off, unit, dst);
+    if (err == ESRCH || (err != 0 && mm_gone(e))) {
+      target_gone(e);
+      return;
+    }
+    if (err != 0) {
+      /* Unreadable: re-check after pending events, then give up on the page. */
+      if (read_more(e, false) > 0) continue;
+      for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_LOST;
+      add_lost(e, s->t_start + off, npg, LOST_READ_FAILED);
+      if (uffd_writeprotect(e->uffd, s->cur_start + off, unit, false) != 0) uffd_wake(e->uffd, s->cur_start + off, unit);
+      return;
+    }
+    err = unprotect_checked(e, s->cur_start + off, unit);
+    if (err == EAGAIN) continue; /* events applied: copy again */
+    if (err == ENOENT) {
+      if (read_more(e, false) > 0) continue;
+      uffd_wake(e->uffd, addr & ~(PG - 1), PG);
+      return;
+    }
+    if (err == ESRCH) { /* the copy may be of a new image: never stored */
+      target_gone(e);
+      return;
+    }
+    if (err != 0) {
+      set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) after a fault");
+      return;
+    }
+    if (s->kind == KIND_FILE && !file_unchanged_since_t(s)) {
+      lose_file(e, s); /* the page is unprotected and its thread woken: it was lost anyway */
+      return;
+    }
+    for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_SAVED;
+    commit(e, s->t_start + off, npg, true);
+    atomic_fetch_add(&e->pages_fault, npg);
+    if (read_ns != 0 && e->nlatency < MAX_LATENCY_SAMPLES) {
+      uint64_t dt = mono_ns() - read_ns;
+      e->latency_ns[e->nlatency++] = dt > UINT32_MAX ? UINT32_MAX : (uint32_t)dt;
+    }
+    return;
+  }
+  set_fatal(e, EAGAIN, "fault handling did not settle");
+}
+
+/* MADV_DONTNEED/MADV_REMOVE of [start,end): the zap follows as soon as we read
+ * this event. Save what is still unsaved now and check it against the pagemap. */
+void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
+  for (size_t si = 0; si < e->nsegs; si++) {
+    segment_t *s = &e->segs[si];
+    if (s->gone) continue;
+    if (s->kind == KIND_FILE && !s->whole_tried) save_file_whole(e, s);
+    uint64_t lo = start > s->cur_start ? start : s->cur_start;
+    uint64_t hi = end < s->cur_start + s->len ? end : s->cur_start + s->len;
+    for (uint64_t a = lo & ~(PG - 1); a < hi; a += PG) {
+      uint64_t off = a - s->cur_start;
+      uint64_t idx = off / PG;
+      if (s->state[idx] != PAGE_UNSAVED) continue;
+      uint64_t pm1 = 0, pm2 = 0;
+      read_pagemap(e->pagemap_fd, a, 1, &pm1);
+      /* Only a PTE marker proves "never touched since T": a zap drops it. The
+       * shared zero page proves nothing here: one read() completes every
+       * event it returns, so an earlier zap plus a read fault may have put it there. */
+      if (s->kind == KIND_ANON && is_marker_entry(pm1)) {
+        s->state[idx] = PAGE_SAVED; /* never written: zero at T */
+        atomic_fetch_add(&e->pages_zero, 1);
+        continue;
+      }
+      uint8_t *dst = reserve(e, 1, true);
+      if (dst == NULL) return; /* the engine has failed */
+      int err = seg_copy(e, s, off, PG, dst);
+      /* After an exec the old mm's pagemap reads nothing: never take that for "zapped". */
+      int pm_err = read_pagemap(e->pagemap_fd, a, 1, &pm2);
+      if ((err != 0 || pm_err != 0) && mm_gone(e)) {
+        target_gone(e);
+        return;
+      }
+      bool ok = err == 0 && (s->kind == KIND_FILE || pm_err == 0);
+      if (ok && s->kind == KIND_FILE) {
+        /* Page cache content survives a DONTNEED; a MADV_REMOVE punches a hole,
+         * and that punch changes the file's times: the file's unsaved pages
+         * are then lost file-changed-before-saved (conservative). */
+        off_t data = lseek(s->fd, (off_t)(s->file_off + off), SEEK_DATA);
+        ok = data == (off_t)(s->file_off + off);
+        if (ok && !file_unchanged_since_t(s)) {
+          lose_file(e, s);
+          continue;
+        }
+      } else if (ok) {
+        /* The copy pinned the page first: if it is still the same page, or gone
+         * (zapped after the pin), the copy is the content at T. */
+        bool same = (pm1 & PM_PRESENT) && (pm2 & PM_PRESENT) && (pm1 & PM_PFN_MASK) == (pm2 & PM_PFN_MASK) && (pm2 & PM_UFFD_WP);
+        bool zapped_after = (pm1 & PM_PRESENT) && !(pm2 & PM_PRESENT) && !entry_has_data(e, pm2);
+        /* An unsaved page that still holds its content at T is write-protected:
+         * its entry carries uffd-wp. One zapped and faulted in again before pm1
+         * was read (anonymous memory keeps no marker), or given the same pfn
+         * again after pm1, does not. */
+        ok = (pm1 & PM_UFFD_WP) && (same || zapped_after) && !is_zero_page_entry(e, pm2);
+      }
+      if (ok) {
+        s->state[idx] = PAGE_SAVED;
+        commit(e, s->t_start + off, 1, true);
+        atomic_fetch_add(&e->pages_fault, 1);
+      } else {
+        s->state[idx] = PAGE_LOST;
+        add_lost(e, s->t_start + off, 1, LOST_DISCARDED);
+      }
+    }
+  }
+}
+
+/* munmap (or an implicit unmap: MAP_FIXED, MREMAP_FIXED's destination, the
+ * source after a move) of [start,end): unsaved pages are lost, and the piece
+ * is detached so that no later event or fault at these addresses (a new
+ * mapping, or another segment moved here) is resolved against it. */
+void handle_unmap(engine_t *e, uint64_t start, uint64_t end) {
+  for (size_t si = 0; si < e->nsegs; si++) {
+    segment_t *s = &e->segs[si];
+    if (s->gone || end <= s->cur_start || start >= s->cur_start + s->len) continue;
+    if (start > s->cur_start) {
+      seg_split(e, si, start - s->cur_start);
+      continue; /* the tail is visited later in this loop */
+    }
+    if (end < s->cur_start + s->len) seg_split(e, si, end - e->segs[si].cur_start);
+    s = &e->segs[si];
+    lose_unsaved(e, s, LOST_UNMAPPED);
+    s->gone = true;
+  }
+}
+
+/* mremap moved [from, from+len) to `to`: the pages (and their protection)
+ * moved with it. Split segments at the edges and re-address the middle. */
+void handle_remap(engine_t *e, uint64_t from, uint64_t to, uint64_t len) {
+  for (size_t si = 0; si < e->nsegs; si++) {
+    segment_t *s = &e->segs[si];
+    if (s->gone || from + len <= s->cur_start || from >= s->cur_start + s->len) continue;
+    if (from > s->cur_start) {
+      seg_split(e, si, from - s->cur_start);
+      continue; /* the tail is visited later in this loop */
+    }
+    if (from + len < s->cur_start + s->len) seg_split(e, si, from + len - e->segs[si].cur_start);
+    s = &e->segs[si];
+    s->cur_start = to + (s->cur_start - from);
+  }
+}
+
+void handle_message(engine_t *e, struct uffd_msg *m, uint64_t read_ns) {
+  switch (m->event) {
+  case UFFD_EVENT_PAGEFAULT:
+    atomic_fetch_add(&e->faults, 1);
+    handle_fault(e, m->arg.pagefault.address, read_ns);
+    break;
+  case UFFD_EVENT_REMOVE:
+    atomic_fetch_add(&e->events, 1);
+    handle_remove(e, m->arg.remove.start, m->arg.remove.end);
+    break;
+  case UFFD_EVENT_UNMAP:
+    atomic_fetch_add(&e->events, 1);
+    handle_unmap(e, m->arg.remove.start, m->arg.remove.end);
+    break;
+  case UFFD_EVENT_REMAP:
+    atomic_fetch_add(&e->events, 1);
+    handle_remap(e, m->arg.remap.from, m->arg.remap.to, m->arg.remap.len);
+    break;
+  case UFFD_EVENT_FORK:
+    /* The fork waits for this read, but the read completes it: from now on
+     * the child can write the shared memory without faulting here. Unsaved
+     * shared pages therefore have no instant T any more: list them lost.
+     * Closing the child's context releases the child. */
+    atomic_fetch_add(&e->events, 1);
+    for (size_t si = 0; si < e->nsegs; si++) {
+      segment_t *s = &e->segs[si];
+      if (s->kind != KIND_FILE) continue;
+      lose_unsaved(e, s, LOST_SHARED);
+    }
+    close((int)m->arg.fork.ufd);
+    break;
+  default:
+    break;
+  }
+}
+
+/* Handle everything pending on the userfaultfd. */
+void drain(engine_t *e) {
+  for (;;) {
+    while (e->npending > 0 && !e->fatal_err) {
+      struct uffd_msg m = e->pending[0];
+      memmove(e->pending, e->pending + 1, (e->npending - 1) * sizeof m);
+      e->npending--;
+      handle_message(e, &m, mono_ns());
+    }
+    if (e->fatal_err) return;
+    /* Events are applied as they are read, in the kernel's order, before any
+     * fault of the same read is handled (read() returns pending faults first):
+     * a fault handler must never copy a page whose REMOVE was read already
+     * (the zap follows the read), nor apply newer events it reads itself
+     * (read_more) before older ones still waiting in a local batch. */
+    if (read_more(e, false) <= 0) return; /* EAGAIN: POLLIN may be followed by nothing to read (seed 003) */
+  }
+}

@@ -1,0 +1,132 @@
+/* The bounded pool of page batches and the fault/sweep batches being filled. */
+#include "engine_internal.h"
+
+/* ---------- pool ---------- */
+
+/* A new batch, or NULL with the engine failed (ENOMEM): the fault thread never
+ * dereferences a failed allocation, it ends the snapshot and JS releases the
+ * target. */
+slot_t *slot_new(engine_t *e, bool overflow) {
+  if (e->nslots == e->slots_cap) {
+    size_t cap = e->slots_cap ? e->slots_cap * 2 : 32;
+    slot_t **grown = realloc(e->slots, cap * sizeof(slot_t *));
+    if (grown == NULL) {
+      set_fatal(e, ENOMEM, "grow the batch table");
+      return NULL;
+    }
+    e->slots = grown;
+    e->slots_cap = cap;
+  }
+  slot_t *s = calloc(1, sizeof *s);
+  if (s == NULL) {
+    set_fatal(e, ENOMEM, "allocate a page batch");
+    return NULL;
+  }
+  s->cap = e->batch_pages;
+  s->addrs = malloc(sizeof(uint64_t) * s->cap);
+  /* SAFETY: private anonymous memory of our own; checked against MAP_FAILED. */
+  s->data = mmap(NULL, (size_t)s->cap * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (s->addrs == NULL || s->data == MAP_FAILED) {
+    if (s->data != MAP_FAILED) munmap(s->data, (size_t)s->cap * PG);
+    free(s->addrs);
+    free(s);
+    set_fatal(e, ENOMEM, "allocate a page batch");
+    return NULL;
+  }
+  s->overflow = overflow;
+  s->id = (uint32_t)e->nslots;
+  e->slots[e->nslots++] = s;
+  return s;
+}
+
+/* A free pool batch (overflow = false) or spare overflow batch; pool_lock held. */
+slot_t *slot_find_free(engine_t *e, bool overflow) {
+  for (size_t i = 0; i < e->nslots; i++) {
+    slot_t *s = e->slots[i];
+    if (s != NULL && s->free && s->overflow == overflow) return s;
+  }
+  return NULL;
+}
+
+/* A free batch: pool batches first; for a fault, then a spare overflow batch,
+ * then a new one. The sweep only ever gets pool batches. */
+slot_t *slot_take(engine_t *e, bool allow_overflow) {
+  /* WPSNAP_FAULT=engine-alloc: once two batches are posted, getting a batch
+   * for a write fault fails as an allocation does under memory pressure
+   * (slot_new NULL), with a target thread waiting on that fault. */
+  if (e->fault_alloc && allow_overflow && atomic_load(&e->batches_posted) >= 2) {
+    set_fatal(e, ENOMEM, "allocate a page batch (WPSNAP_FAULT=engine-alloc)");
+    return NULL;
+  }
+  pthread_mutex_lock(&e->pool_lock);
+  slot_t *found = slot_find_free(e, false);
+  if (found == NULL && allow_overflow) found = slot_find_free(e, true);
+  if (found != NULL && found->overflow) e->spare_overflow--;
+  if (found == NULL && allow_overflow) {
+    found = slot_new(e, true);
+    atomic_fetch_add(&e->overflow_batches, 1);
+  }
+  if (found != NULL) {
+    found->free = false;
+    found->count = 0;
+  }
+  pthread_mutex_unlock(&e->pool_lock);
+  return found;
+}
+
+void post_slot(engine_t *e, slot_t *s) {
+  engine_msg_t *m = malloc(sizeof *m);
+  if (m == NULL) {
+    set_fatal(e, ENOMEM, "post a page batch");
+    return;
+  }
+  m->type = MSG_BATCH_READY;
+  m->slot = s;
+  atomic_fetch_add(&e->batches_posted, 1);
+  napi_call_threadsafe_function(e->tsfn, m, napi_tsfn_blocking);
+}
+
+void flush_batch(engine_t *e, slot_t **batch) {
+  if (*batch != NULL && (*batch)->count > 0) {
+    post_slot(e, *batch);
+    *batch = NULL;
+  }
+}
+
+/* Post both partly filled batches (before waiting, and at the end). */
+void flush_current(engine_t *e) {
+  flush_batch(e, &e->cur_sweep);
+  flush_batch(e, &e->cur_fault);
+}
+
+/* Room for n pages at the tail of the fault or the sweep batch. Faults and the
+ * sweep fill separate batches: the sweep only ever gets pool batches (it waits
+ * when the pool is exhausted), faults get an overflow batch rather than wait.
+ * Returns NULL only for the sweep. */
+uint8_t *reserve(engine_t *e, uint32_t n, bool from_fault) {
+  slot_t **batch = from_fault ? &e->cur_fault : &e->cur_sweep;
+  if (*batch != NULL && (*batch)->count + n > (*batch)->cap) flush_batch(e, batch);
+  if (*batch == NULL) {
+    *batch = slot_take(e, from_fault);
+    if (*batch == NULL) return NULL;
+  }
+  return (*batch)->data + (size_t)(*batch)->count * PG;
+}
+
+/* Can the sweep reserve at least one page now? */
+bool sweep_has_room(engine_t *e) {
+  if (e->cur_sweep != NULL) return e->cur_sweep->count < e->cur_sweep->cap;
+  pthread_mutex_lock(&e->pool_lock);
+  bool any = slot_find_free(e, false) != NULL;
+  pthread_mutex_unlock(&e->pool_lock);
+  return any;
+}
+
+/* Pages reserved and filled: record their addresses at T. */
+void commit(engine_t *e, uint64_t t_addr, uint32_t n, bool from_fault) {
+  slot_t **batch = from_fault ? &e->cur_fault : &e->cur_sweep;
+  for (uint32_t i = 0; i < n; i++) (*batch)->addrs[(*batch)->count + i] = t_addr + i * PG;
+  (*batch)->count += n;
+  atomic_fetch_add(&e->bytes_copied, (uint64_t)n * PG);
+  if ((*batch)->count == (*batch)->cap) flush_batch(e, batch);
+}

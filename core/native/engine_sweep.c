@@ -1,0 +1,303 @@
+/* The background sweep of unsaved pages, and the engine thread's loop. */
+#include "engine_internal.h"
+
+/* ---------- sweep ---------- */
+
+
+void rate_refill(engine_t *e) {
+  if (e->rate <= 0) return;
+  double now = mono_us();
+  e->tokens += (now - e->tokens_at) * e->rate / 1e6;
+  if (e->tokens > e->rate / 10 + SWEEP_CHUNK_BYTES) e->tokens = e->rate / 10 + SWEEP_CHUNK_BYTES;
+  e->tokens_at = now;
+}
+
+/* Which of the npg pages (at most 512) from `off` hold data at T? Anonymous
+ * pages never touched (pte marker or the shared zero page) are zero at T;
+ * holes of a shared file likewise. Fills need[] and returns how many do. */
+uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, uint8_t *need) {
+  if (s->kind == KIND_ANON) {
+    uint64_t pm[512];
+    int err = read_pagemap(e->pagemap_fd, s->cur_start + off, npg, pm);
+    if (err != 0) {
+      if (err == ESRCH) target_gone(e);
+      for (uint32_t i = 0; i < npg; i++) pm[i] = PM_PRESENT;
+    }
+    for (uint32_t i = 0; i < npg; i++) need[i] = entry_has_data(e, pm[i]);
+  } else if (s->kind == KIND_FILE) {
+    /* Holes of a shared file read as zero and cost nothing to skip. */
+    off_t p = (off_t)(s->file_off + off);
+    uint32_t i = 0;
+    while (i < npg) {
+      off_t data = lseek(s->fd, p, SEEK_DATA);
+      if (data < 0) { /* ENXIO: no data from p on */
+        while (i < npg) need[i++] = 0;
+        break;
+      }
+      while (i < npg && p + (off_t)PG <= data) {
+        need[i++] = 0;
+        p += (off_t)PG;
+      }
+      if (i >= npg) break;
+      off_t hole = lseek(s->fd, p, SEEK_HOLE);
+      if (hole < 0) hole = p + (off_t)PG;
+      do {
+        need[i++] = 1;
+        p += (off_t)PG;
+      } while (i < npg && p < hole);
+    }
+  } else {
+    for (uint32_t i = 0; i < npg; i++) need[i] = 1;
+  }
+  if (s->hugetlb) { /* a huge page is copied whole if any part holds data */
+    uint32_t per = s->page_size / (uint32_t)PG;
+    for (uint32_t u = 0; u < npg; u += per) {
+      uint8_t any = 0;
+      for (uint32_t i = 0; i < per; i++) any |= need[u + i];
+      for (uint32_t i = 0; i < per; i++) need[u + i] = any;
+    }
+  }
+  uint32_t ncopy = 0;
+  for (uint32_t i = 0; i < npg; i++) ncopy += need[i];
+  return ncopy;
+}
+
+/* The sweep's step over a PMD-mapped block: the whole 2 MiB in one unit.
+ * Returns a SWEEP_* code, or -1 when a page of it could not be read. */
+int sweep_thp(engine_t *e, segment_t *s, uint64_t block, int thp, int *wait_ms) {
+  if (e->rate > 0) {
+    rate_refill(e);
+    /* The bucket holds at most rate/10 + one chunk: at low rates a block goes
+     * when it is full, and the debt is paid back before the next one. */
+    double burst = e->rate / 10 + SWEEP_CHUNK_BYTES;
+    double want = burst < (double)THP_BYTES ? burst : (double)THP_BYTES;
+    if (e->tokens < want) {
+      *wait_ms = (int)((want - e->tokens) * 1e3 / e->rate) + 1;
+      return SWEEP_WAIT_RATE;
+    }
+  }
+  if (!sweep_has_room(e)) return SWEEP_WAIT_POOL;
+  int err = save_thp(e, s, block, thp, false);
+  if (err == ENOBUFS) return SWEEP_WAIT_POOL;
+  if (err == EAGAIN) return SWEEP_PROGRESS;
+  if (err != 0) return -1;
+  if (e->rate > 0) e->tokens -= (double)THP_BYTES;
+  e->sweep_off = block + THP_BYTES;
+  return SWEEP_PROGRESS;
+}
+
+int sweep_step(engine_t *e, int *wait_ms) {
+  /* find the next unsaved page */
+  segment_t *s = NULL;
+  while (e->sweep_seg < e->nsegs) {
+    s = &e->segs[e->sweep_seg];
+    while (e->sweep_off < s->len && s->state[e->sweep_off / PG] != PAGE_UNSAVED) e->sweep_off += s->page_size;
+    if (e->sweep_off < s->len) break;
+    e->sweep_seg++;
+    e->sweep_off = 0;
+    s = NULL;
+  }
+  if (s == NULL) {
+    /* Segments split by mremap are appended: one more pass catches them. */
+    for (size_t i = 0; i < e->nsegs; i++)
+      for (uint64_t o = 0; o < e->segs[i].len; o += PG)
+        if (e->segs[i].state[o / PG] == PAGE_UNSAVED) {
+          e->sweep_seg = i;
+          e->sweep_off = o & ~((uint64_t)e->segs[i].page_size - 1);
+          return SWEEP_PROGRESS;
+        }
+    return SWEEP_DONE;
+  }
+  if (s->kind == KIND_FILE && !s->whole_tried) {
+    save_file_whole(e, s);
+    return SWEEP_PROGRESS;
+  }
+  uint64_t block;
+  int thp = thp_block(e, s, e->sweep_off, &block);
+  if (thp != THP_NONE) {
+    int r = sweep_thp(e, s, block, thp, wait_ms);
+    if (r >= 0) return r; /* else a page of it could not be read: 4 KiB units below */
+  }
+  uint64_t unit = s->page_size;
+  uint64_t max_bytes = unit > SWEEP_CHUNK_BYTES ? unit : SWEEP_CHUNK_BYTES;
+  uint64_t off = e->sweep_off, end = off;
+  while (end < s->len && end - off < max_bytes && s->state[end / PG] == PAGE_UNSAVED) end += unit;
+  /* A chunk stops where a huge pmd starts: that block goes whole, next. */
+  struct wpsnap_page_region huge;
+  if (s->may_thp && find_huge(e, s->cur_start + off, s->cur_start + end, &huge) && huge.start > s->cur_start + off)
+    end = huge.start - s->cur_start;
+  uint64_t len = end - off;
+  uint32_t npg = (uint32_t)(len / PG);
+
+  if (e->rate > 0) {
+    rate_refill(e);
+    if (e->tokens < (double)len) {
+      double need_us = ((double)len - e->tokens) * 1e6 / e->rate;
+      *wait_ms = (int)(need_us / 1000) + 1;
+      return SWEEP_WAIT_RATE;
+    }
+  }
+
+  /* With no batch to copy into (the store holds the whole pool), wait before
+   * reading the pagemap: while the pool is exhausted this loop runs once per
+   * write fault, and the pread would be wasted every time. */
+  if (!sweep_has_room(e)) return SWEEP_WAIT_POOL;
+
+  uint8_t need[512];
+  uint32_t ncopy = pages_with_data(e, s, off, npg, need);
+
+  uint8_t *dst = NULL;
+  if (ncopy > 0) {
+    dst = reserve(e, ncopy, false);
+    if (dst == NULL) return SWEEP_WAIT_POOL;
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < npg;) {
+      if (!need[i]) {
+        i++;
+        continue;
+      }
+      uint32_t j = i;
+      while (j < npg && need[j]) j++;
+      int err = seg_copy(e, s, off + (uint64_t)i * PG, (uint64_t)(j - i) * PG, dst + (size_t)k * PG);
+      if (err == ESRCH || (err != 0 && mm_gone(e))) {
+        target_gone(e);
+        return SWEEP_PROGRESS;
+      }
+      if (err != 0) {
+        /* An address-space change we have not read yet, or a page the kernel
+         * will not give us: re-check after events, else lose the page. */
+        if (read_more(e, false) > 0) return SWEEP_PROGRESS;
+        if (j - i > 1) {
+          j = i + 1;
+          if (seg_copy(e, s, off + (uint64_t)i * PG, PG, dst + (size_t)k * PG) == 0) {
+            k++;
+            i = j;
+            continue;
+          }
+        }
+        s->state[(off / PG) + i] = PAGE_LOST;
+        add_lost(e, s->t_start + off + (uint64_t)i * PG, 1, LOST_READ_FAILED);
+        return SWEEP_PROGRESS; /* redo the chunk without this page */
+      }
+      k += j - i;
+      i = j;
+    }
+  }
+
+  int err = unprotect_checked(e, s->cur_start + off, len);
+  if (err == EAGAIN) return SWEEP_PROGRESS; /* events applied; copy again */
+  if (err == ENOENT) {
+    if (read_more(e, false) > 0) return SWEEP_PROGRESS;
+    /* Not ours any more and no event explains it: the mapping was replaced. */
+    for (uint32_t i = 0; i < npg; i++) s->state[off / PG + i] = PAGE_LOST;
+    add_lost(e, s->t_start + off, npg, LOST_UNMAPPED);
+    return SWEEP_PROGRESS;
+  }
+  if (err == ESRCH) { /* the copy may be of a new image: never stored */
+    target_gone(e);
+    return SWEEP_PROGRESS;
+  }
+  if (err != 0) {
+    set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) in the sweep");
+    return SWEEP_PROGRESS;
+  }
+  /* The copy and the holes skipped (SEEK_DATA above) hold only if the file did
+   * not change through an fd since T. */
+  if (s->kind == KIND_FILE && !file_unchanged_since_t(s)) {
+    lose_file(e, s);
+    return SWEEP_PROGRESS;
+  }
+  /* Valid: commit. */
+  uint32_t k = 0;
+  for (uint32_t i = 0; i < npg;) {
+    if (!need[i]) {
+      s->state[off / PG + i] = PAGE_SAVED;
+      atomic_fetch_add(&e->pages_zero, 1);
+      i++;
+      continue;
+    }
+    uint32_t j = i;
+    while (j < npg && need[j]) j++;
+    for (uint32_t x = i; x < j; x++) {
+      e->cur_sweep->addrs[e->cur_sweep->count + k + (x - i)] = s->t_start + off + (uint64_t)x * PG;
+      s->state[off / PG + x] = PAGE_SAVED;
+    }
+    k += j - i;
+    i = j;
+  }
+  if (k > 0) {
+    e->cur_sweep->count += k;
+    atomic_fetch_add(&e->bytes_copied, (uint64_t)k * PG);
+    atomic_fetch_add(&e->pages_sweep, k);
+    if (e->cur_sweep->count == e->cur_sweep->cap) flush_batch(e, &e->cur_sweep);
+  }
+  if (e->rate > 0) e->tokens -= (double)len;
+  e->sweep_off = end;
+  return SWEEP_PROGRESS;
+}
+
+/* ---------- thread ---------- */
+
+void *engine_main(void *arg) {
+  engine_t *e = arg;
+  prctl(PR_SET_NAME, "wpsnap-engine");
+  find_thp_segments(e);
+  /* Per-thread on Linux; without the privilege the engine simply stays at the process's nice. */
+  (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), ENGINE_NICE);
+  e->tokens_at = mono_us();
+  e->tokens = SWEEP_CHUNK_BYTES;
+  struct pollfd fds[3] = {
+      {.fd = e->uffd, .events = POLLIN},
+      {.fd = e->wake_fd, .events = POLLIN},
+      {.fd = e->pidfd, .events = POLLIN},
+  };
+  /* Shared files first, at once: a write by the target to a shmem page not
+   * present at T sets the file's times before its write-protect fault reaches
+   * us (do_shared_fault calls fault_dirty_shared_page first), just as a write
+   * through an fd does: the sooner the whole file is proven, the fewer such
+   * writes can make it unprovable. */
+  for (size_t i = 0; i < e->nsegs && !e->fatal_err; i++)
+    if (e->segs[i].kind == KIND_FILE && !e->segs[i].whole_tried) save_file_whole(e, &e->segs[i]);
+  while (!atomic_load(&e->stop) && !e->fatal_err) {
+    drain(e);
+    if (e->fatal_err) break;
+    if (e->sweep_done) break;
+    int wait_ms = -1;
+    int r = sweep_step(e, &wait_ms);
+    if (r == SWEEP_PROGRESS) continue;
+    if (r == SWEEP_DONE) {
+      e->sweep_done = true;
+      drain(e);
+      break;
+    }
+    /* Partly filled batches are posted only before a long rate-limit wait:
+     * posting them at every wait would hand the store many tiny batches. A
+     * pool wait ends when the store releases a batch it already has. */
+    if (r == SWEEP_WAIT_RATE && wait_ms >= 50) flush_current(e);
+    if (r == SWEEP_WAIT_POOL) wait_ms = 50;
+    int pr = poll(fds, e->pidfd >= 0 ? 3 : 2, wait_ms);
+    if (pr > 0 && (fds[1].revents & POLLIN)) {
+      uint64_t v;
+      ssize_t ignored = read(e->wake_fd, &v, sizeof v);
+      (void)ignored;
+    }
+    if (pr > 0 && e->pidfd >= 0 && (fds[2].revents & POLLIN)) target_gone(e);
+  }
+  if (!e->sweep_done) {
+    /* Stopped early: whatever is unsaved is not in the snapshot. */
+    int reason = e->gone_reason >= 0 ? e->gone_reason : LOST_INTERRUPTED;
+    for (size_t i = 0; i < e->nsegs; i++) {
+      segment_t *s = &e->segs[i];
+      lose_unsaved(e, s, reason);
+    }
+  }
+  flush_current(e);
+  e->finished = true;
+  engine_msg_t *m = e->done_msg; /* allocated at start: the end is always reported */
+  e->done_msg = NULL;
+  m->type = MSG_DONE;
+  m->slot = NULL;
+  napi_call_threadsafe_function(e->tsfn, m, napi_tsfn_blocking);
+  napi_release_threadsafe_function(e->tsfn, napi_tsfn_release);
+  return NULL;
+}
