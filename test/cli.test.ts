@@ -46,6 +46,17 @@ async function expectWriting(pid: number, of: PagewriterLayout = layout): Promis
   for (let i = 0; i < before.length; i++) expect(after[i]!, `writer ${i} advances`).toBeGreaterThan(before[i]!);
 }
 
+/** The target was let go: untraced, writing again, and no uffd-wp bit left on any writer's pages. */
+async function expectReleased(pid: number, of: PagewriterLayout = layout): Promise<void> {
+  await untraced(pid);
+  expect(procStatus(pid)['TracerPid']).toBe('0');
+  await expectWriting(pid, of);
+  for (const w of of.writers) {
+    const entries = binding.readPagemap(pid, w.start, w.pages);
+    expect(entries.filter((e) => (e >> 57n) & 1n).length, `no uffd-wp bit left in writer ${w.index}`).toBe(0);
+  }
+}
+
 function oneLine(text: string): string {
   const lines = text.trimEnd().split('\n');
   expect(lines, `exactly one line: ${JSON.stringify(text)}`).toHaveLength(1);
@@ -271,13 +282,7 @@ describe('killing wpsnap at any point', () => {
     expect(killed.signal).toBe('SIGKILL');
     // The kernel released the userfaultfd with the process; the tracer helper
     // (wpsnap-tracer) saw it die, finished what it was doing and let the target go.
-    await untraced(fixture.pid);
-    expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
-    await expectWriting(fixture.pid);
-    for (const w of layout.writers) {
-      const entries = binding.readPagemap(fixture.pid, w.start, w.pages);
-      expect(entries.filter((e) => (e >> 57n) & 1n).length, `no uffd-wp bit left in writer ${w.index}`).toBe(0);
-    }
+    await expectReleased(fixture.pid);
     // The store opens; the earlier snapshot is intact; the killed one is not complete.
     const s = Store.open(store);
     try {
@@ -297,13 +302,7 @@ describe('killing wpsnap at any point', () => {
     expect(r.code).toBe(1);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
     expect(r.stderr).toMatch(/^wpsnap: snapshot of pid \d+: allocate a page batch \(WPSNAP_FAULT=engine-alloc\).*ENOMEM/);
-    await untraced(fixture.pid);
-    expect(procStatus(fixture.pid)['TracerPid']).toBe('0');
-    await expectWriting(fixture.pid);
-    for (const w of layout.writers) {
-      const entries = binding.readPagemap(fixture.pid, w.start, w.pages);
-      expect(entries.filter((e) => (e >> 57n) & 1n).length, `no uffd-wp bit left in writer ${w.index}`).toBe(0);
-    }
+    await expectReleased(fixture.pid);
     const s = Store.open(store, { readonly: true });
     try {
       expect(s.list().map((x) => x.state)).toEqual(['incomplete']);
@@ -345,12 +344,7 @@ describe('killing wpsnap at any point', () => {
       expect(code).toBe(130);
       expect(stderr.trimEnd().split('\n').at(-1)).toMatch(/^wpsnap: snapshot of pid \d+ interrupted; recorded as incomplete$/);
       expect(stderr).toMatch(/^pid \d+: \d+% \d+\/\d+ pages with data \(\d+ zero of \d+\), \d+ MB\/s \(sweep limited to 0.25 MB\/s; faults are not rate-limited\), \d+ faults$/m);
-      await expectWriting(slow.pid, slowLayout);
-      expect(procStatus(slow.pid)['TracerPid']).toBe('0');
-      for (const w of slowLayout.writers) {
-        const entries = binding.readPagemap(slow.pid, w.start, w.pages);
-        expect(entries.filter((e) => (e >> 57n) & 1n).length, `no uffd-wp bit left in writer ${w.index}`).toBe(0);
-      }
+      await expectReleased(slow.pid, slowLayout);
       const s = Store.open(store, { readonly: true });
       try {
         const [snap] = s.list();
