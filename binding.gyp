@@ -40,7 +40,7 @@
     {
       "target_name": "wpsnap_tracer",
       "type": "executable",
-      "sources": ["core/native/tracer_main.c", "core/native/ptrace_x86_64.c"],
+      "sources": ["core/native/tracer_main.c", "core/native/ptrace_freeze.c", "core/native/ptrace_x86_64.c"],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"]
     }
   ]

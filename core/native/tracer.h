@@ -1,6 +1,6 @@
 /* The tracer: freezing a process with ptrace and injecting syscalls into it.
- * ptrace_x86_64.c implements it (the architecture-specific part: registers
- * and the syscall ABI); it runs in wpsnap-tracer, a helper process of its own
+ * ptrace_freeze.c implements what any architecture shares, ptrace_x86_64.c
+ * the registers and the syscall ABI; it runs in wpsnap-tracer, a helper process of its own
  * (tracer_main.c), which ptrace_client.c drives over a socket. A tracer in its
  * own process finishes what it started when wpsnap dies: an injected syscall
  * is completed and every register put back, a userfaultfd created in the
