@@ -3,22 +3,11 @@
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { WpsnapError } from '../common/errors.js';
+import { packageRoot } from '../common/package-root.js';
 import type { NativeBinding } from './native/binding.js';
 
 export type { NativeBinding } from './native/binding.js';
-
-/** The package root: the nearest directory above this file holding package.json. */
-export function packageRoot(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json'))) {
-    const parent = dirname(dir);
-    if (parent === dir) throw new Error('wpsnap: package.json not found above ' + fileURLToPath(import.meta.url));
-    dir = parent;
-  }
-  return dir;
-}
 
 let cached: NativeBinding | undefined;
 

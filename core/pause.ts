@@ -56,7 +56,8 @@ export interface PauseOutcome {
   sparseRegions: number;
 }
 
-function closeQuietly(binding: NativeBinding, fd: number): void {
+/** close(2), ignoring an fd already closed. */
+export function closeQuietly(binding: NativeBinding, fd: number): void {
   try {
     binding.closeFd(fd);
   } catch {

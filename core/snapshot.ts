@@ -11,7 +11,7 @@ import { WpsnapError, fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
 import { requireFeatures } from './features.js';
 import type { EngineFinalStats, NativeBinding } from './native/binding.js';
-import { pause, type PauseBreakdown, type PauseOutcome } from './pause.js';
+import { closeQuietly, pause, type PauseBreakdown, type PauseOutcome } from './pause.js';
 import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
@@ -73,14 +73,6 @@ export interface SnapshotResult {
   uffdMethod: UffdMethod;
   pauseBreakdownMicros: PauseBreakdown;
   engine: Omit<EngineFinalStats, 'lost' | 'error'>;
-}
-
-function closeQuietly(binding: NativeBinding, fd: number): void {
-  try {
-    binding.closeFd(fd);
-  } catch {
-    // already closed
-  }
 }
 
 export async function snapshotProcess(

@@ -2,9 +2,9 @@
 // build/Release/wpsnap_pagehash.node): the per-batch zero test and SHA-256/128
 // its workers run. The store loads nothing of the controller's addon.
 import { existsSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { WpsnapError } from '../common/errors.js';
+import { packageRoot } from '../common/package-root.js';
 
 export interface PagehashAddon {
   /**
@@ -19,13 +19,7 @@ export interface PagehashAddon {
 
 /** Where npm install builds the store's addon: build/Release under the package root. */
 export function pagehashAddonPath(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'package.json'))) {
-    const parent = dirname(dir);
-    if (parent === dir) throw new Error('wpsnap: package.json not found above ' + fileURLToPath(import.meta.url));
-    dir = parent;
-  }
-  const path = join(dir, 'build', 'Release', 'wpsnap_pagehash.node');
+  const path = join(packageRoot(), 'build', 'Release', 'wpsnap_pagehash.node');
   if (!existsSync(path)) {
     throw new WpsnapError('NATIVE_MISSING', `store addon not built: ${path} is missing (run npm install)`);
   }

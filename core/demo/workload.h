@@ -296,4 +296,24 @@ static inline int zero_check(const void *src_)
 	return -1;
 }
 
+/* The order a writer visits its pages in: a Fisher-Yates shuffle of 0..pages-1
+ * seeded by (seed, writer index), the same in every program that uses it
+ * (pagewriter, fixtures/thp), so the oracle follows either. */
+static inline uint32_t *page_permutation(uint64_t pages, uint64_t seed, unsigned index, const char *who)
+{
+	uint32_t *perm = malloc(pages * sizeof *perm);
+	if (!perm)
+		die("%s: out of memory", who);
+	for (uint64_t i = 0; i < pages; i++)
+		perm[i] = (uint32_t)i;
+	uint64_t state = seed ^ (UINT64_C(0x7065726D) << 32) ^ index;
+	for (uint64_t i = pages - 1; i >= 1; i--) {
+		uint64_t j = splitmix64_next(&state) % (i + 1);
+		uint32_t tmp = perm[i];
+		perm[i] = perm[j];
+		perm[j] = tmp;
+	}
+	return perm;
+}
+
 #endif
