@@ -3,7 +3,7 @@
 // code; only the bottom of this file (the executable entry) calls process.exit.
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import yargs from 'yargs';
+import yargs, { type Argv } from 'yargs';
 import { WpsnapError, usageError } from '../common/errors.js';
 import { ExitCode, exitCodeFor } from './exit-codes.js';
 import { checkCommand } from './commands/check.js';
@@ -18,7 +18,9 @@ import type { CommandSpec, GlobalArgs } from './commands/types.js';
 import { defaultContext, toJson, type CommandContext } from './context.js';
 import { usageMessage } from './args.js';
 
-const COMMANDS: Array<CommandSpec<never>> = [
+// Each command's argument type is its own (inferred from its options); the
+// list erases it, and yargs hands each handler what its builder defined.
+const COMMANDS: Array<CommandSpec<any>> = [
   snapshotCommand,
   lsCommand,
   showCommand,
@@ -27,7 +29,7 @@ const COMMANDS: Array<CommandSpec<never>> = [
   rmCommand,
   checkCommand,
   demoCommand,
-] as Array<CommandSpec<never>>;
+];
 
 function reportError(ctx: CommandContext, error: WpsnapError, json: boolean): void {
   if (json) {
@@ -77,8 +79,8 @@ export async function main(argv: string[], ctx: CommandContext = defaultContext(
     parser.command(
       spec.command,
       spec.describe,
-      (y) => spec.builder(y as never),
-      (args) => spec.handler(args as never as GlobalArgs & never, ctx),
+      (y) => spec.builder(y as Argv<GlobalArgs>),
+      (args) => spec.handler(args, ctx),
     );
   }
   try {

@@ -1,9 +1,9 @@
 import { checkEnvironment } from '../../core/check.js';
 import { WpsnapError } from '../../common/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
-import type { CommandSpec } from './types.js';
+import { defineCommand } from './types.js';
 
-export const checkCommand: CommandSpec<object> = {
+export const checkCommand = defineCommand({
   command: 'check',
   describe: 'Show what this kernel and these privileges allow, and why not where they do not',
   builder: (y) => y,
@@ -24,4 +24,4 @@ export const checkCommand: CommandSpec<object> = {
       throw new WpsnapError('UNSUPPORTED_ENVIRONMENT', `cannot snapshot here: ${failed.join('; ')}`);
     }
   },
-};
+});

@@ -6,14 +6,10 @@ import { launchDemoWorkload } from '../../core/demo/workload.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { millis } from '../format.js';
 import { progressLine, summary } from './snapshot.js';
-import type { CommandSpec } from './types.js';
+import { defineCommand } from './types.js';
 import { numberOption } from '../args.js';
 import { sequentialPageReader } from '../page-cursor.js';
 import { throwIfAborted, unlessAborted } from '../interrupt.js';
-
-interface DemoArgs {
-  mib: number;
-}
 
 /** Progress on stderr: a spinner on a terminal, else one plain line per step (none under --json). */
 function progress(ctx: CommandContext, json: boolean): { step: (text: string) => void; update: (text: string) => void; stop: () => void } {
@@ -49,7 +45,7 @@ function progress(ctx: CommandContext, json: boolean): { step: (text: string) =>
  * it runs, verifies the store, and checks every page against what the
  * writers' counters at T say it must hold.
  */
-export const demoCommand: CommandSpec<DemoArgs> = {
+export const demoCommand = defineCommand({
   command: 'demo',
   describe: 'Snapshot a bundled workload while it writes, verify every page against its oracle, print the stats',
   builder: (y) => y.option('mib', { type: 'string', default: '64', describe: 'MiB written by each of the two writer threads', coerce: numberOption('mib', 'MiB') }),
@@ -119,4 +115,4 @@ export const demoCommand: CommandSpec<DemoArgs> = {
       await store.close();
     }
   },
-};
+});

@@ -4,14 +4,7 @@ import { exportRaw } from '../../snapshot-format/export-raw.js';
 import { WpsnapError } from '../../common/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes } from '../format.js';
-import type { CommandSpec } from './types.js';
-
-interface ExportArgs {
-  snapshot: string;
-  format: string;
-  out: string;
-  allowIncomplete: boolean;
-}
+import { defineCommand } from './types.js';
 
 /** An interrupted export leaves no partial files: the directory as export found it (gone, or emptied). */
 function removePartialExport(out: string, existed: boolean): void {
@@ -22,7 +15,7 @@ function removePartialExport(out: string, existed: boolean): void {
   for (const name of readdirSync(out)) rmSync(join(out, name), { recursive: true, force: true });
 }
 
-export const exportCommand: CommandSpec<ExportArgs> = {
+export const exportCommand = defineCommand({
   command: 'export <snapshot>',
   describe: 'Write a snapshot out: --format raw gives one file per memory region plus manifest.json',
   builder: (y) =>
@@ -52,4 +45,4 @@ export const exportCommand: CommandSpec<ExportArgs> = {
       await store.close();
     }
   },
-};
+});

@@ -1,8 +1,8 @@
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, table } from '../format.js';
-import type { CommandSpec } from './types.js';
+import { defineCommand } from './types.js';
 
-export const lsCommand: CommandSpec<object> = {
+export const lsCommand = defineCommand({
   command: 'ls',
   describe: 'List the snapshots in the store',
   builder: (y) => y,
@@ -38,4 +38,4 @@ export const lsCommand: CommandSpec<object> = {
       await store.close();
     }
   },
-};
+});

@@ -1,7 +1,7 @@
 import { printJson, println, type CommandContext } from '../context.js';
-import type { CommandSpec } from './types.js';
+import { defineCommand } from './types.js';
 
-export const rmCommand: CommandSpec<{ snapshot: string }> = {
+export const rmCommand = defineCommand({
   command: 'rm <snapshot>',
   describe: 'Delete a snapshot and the stored pages no other snapshot shares',
   builder: (y) => y.positional('snapshot', { type: 'string', describe: 'snapshot id or name', demandOption: true }),
@@ -20,4 +20,4 @@ export const rmCommand: CommandSpec<{ snapshot: string }> = {
       await store.close();
     }
   },
-};
+});

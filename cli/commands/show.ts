@@ -1,9 +1,9 @@
 import { pcAndSp } from '../../snapshot-format/regs-x86_64.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, micros, millis, table } from '../format.js';
-import type { CommandSpec } from './types.js';
+import { defineCommand } from './types.js';
 
-export const showCommand: CommandSpec<{ snapshot: string }> = {
+export const showCommand = defineCommand({
   command: 'show <snapshot>',
   describe: 'Show what a snapshot holds: process identity, threads, memory map, lost pages, statistics',
   builder: (y) => y.positional('snapshot', { type: 'string', describe: 'snapshot id or name', demandOption: true }),
@@ -73,4 +73,4 @@ export const showCommand: CommandSpec<{ snapshot: string }> = {
       await store.close();
     }
   },
-};
+});

@@ -3,17 +3,8 @@ import { snapshotProcess, type SnapshotProgress, type SnapshotResult } from '../
 import { usageError } from '../../common/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, micros, millis } from '../format.js';
-import type { CommandSpec } from './types.js';
+import { defineCommand } from './types.js';
 import { numberOption, positiveInteger } from '../args.js';
-
-interface SnapshotArgs {
-  pid: number;
-  name?: string;
-  store?: string;
-  json: boolean;
-  rate?: number;
-  maxSharedCopy?: number;
-}
 
 /**
  * The percentage counts pages with data only: zero pages are found in bulk
@@ -48,7 +39,7 @@ export function summary(r: SnapshotResult): string[] {
   return lines;
 }
 
-export const snapshotCommand: CommandSpec<SnapshotArgs> = {
+export const snapshotCommand = defineCommand({
   command: 'snapshot <pid>',
   describe: 'Snapshot the memory of a running process; it is stopped only while its memory is write-protected',
   builder: (y) =>
@@ -104,4 +95,4 @@ export const snapshotCommand: CommandSpec<SnapshotArgs> = {
       await store.close();
     }
   },
-};
+});

@@ -1,9 +1,9 @@
 import { WpsnapError } from '../../common/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
-import type { CommandSpec } from './types.js';
+import { defineCommand } from './types.js';
 import { unlessAborted } from '../interrupt.js';
 
-export const verifyCommand: CommandSpec<{ snapshot: string }> = {
+export const verifyCommand = defineCommand({
   command: 'verify <snapshot>',
   describe: 'Re-read every stored page of a snapshot and check it against its content hash',
   builder: (y) => y.positional('snapshot', { type: 'string', describe: 'snapshot id or name', demandOption: true }),
@@ -29,4 +29,4 @@ export const verifyCommand: CommandSpec<{ snapshot: string }> = {
       await store.close();
     }
   },
-};
+});
