@@ -32,43 +32,30 @@ void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
     uint64_t idx = off / PG;
     uint32_t npg = (uint32_t)(unit / PG);
     if (attempt > 0) wait_quiet(e, s->cur_start + off, unit);
-    if (s->state[idx] != PAGE_UNSAVED) {
-      int err = uffd_writeprotect(e->uffd, s->cur_start + off, unit, false);
-      if (err == EAGAIN) {
-        read_more(e, true);
-        continue;
-      }
-      if (err != 0) uffd_wake(e->uffd, s->cur_start + off, unit);
+    if (s->state[idx] != PAGE_UNSAVED) { /* saved (or lost) already: let the thread write */
+      step_t st = unprotect_outcome(e, unprotect_checked(e, s->cur_start + off, unit), "ioctl(UFFDIO_WRITEPROTECT) of a saved page");
+      if (st == STEP_RETRY) continue;
+      if (st == STEP_UNREGISTERED) uffd_wake(e->uffd, s->cur_start + off, unit);
       return;
     }
     uint8_t *dst = reserve(e, npg, true);
     if (dst == NULL) return; /* the engine has failed: the thread is woken when JS closes the userfaultfd */
-    int err = seg_copy(e, s, off, unit, dst);
-    if (err == ESRCH || (err != 0 && mm_gone(e))) {
-      target_gone(e);
-      return;
-    }
-    if (err != 0) {
-      /* Unreadable: re-check after pending events, then give up on the page. */
-      if (read_more(e, false) > 0) continue;
+    step_t st = copy_outcome(e, seg_copy(e, s, off, unit, dst), true);
+    if (st == STEP_RETRY) continue;
+    if (st == STEP_STOP) return;
+    if (st == STEP_UNREADABLE) {
       for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_LOST;
       add_lost(e, s->t_start + off, npg, LOST_READ_FAILED);
       if (uffd_writeprotect(e->uffd, s->cur_start + off, unit, false) != 0) uffd_wake(e->uffd, s->cur_start + off, unit);
       return;
     }
-    err = unprotect_checked(e, s->cur_start + off, unit);
-    if (err == EAGAIN) continue; /* events applied: copy again */
-    if (err == ENOENT) {
-      if (read_more(e, false) > 0) continue;
-      uffd_wake(e->uffd, addr & ~(PG - 1), PG);
-      return;
-    }
-    if (err == ESRCH) { /* the copy may be of a new image: never stored */
-      target_gone(e);
-      return;
-    }
-    if (err != 0) {
-      set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) after a fault");
+    st = unprotect_outcome(e, unprotect_checked(e, s->cur_start + off, unit), "ioctl(UFFDIO_WRITEPROTECT) after a fault");
+    if (st == STEP_RETRY) continue;
+    if (st == STEP_STOP) return;
+    if (st == STEP_UNREGISTERED) { /* as the sweep would find it: lost, and the thread let go */
+      for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_LOST;
+      add_lost(e, s->t_start + off, npg, LOST_UNMAPPED);
+      uffd_wake(e->uffd, s->cur_start + off, unit);
       return;
     }
     if (s->kind == KIND_FILE && !file_unchanged_since_t(s)) {
@@ -113,12 +100,10 @@ void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
       uint8_t *dst = reserve(e, 1, true);
       if (dst == NULL) return; /* the engine has failed */
       int err = seg_copy(e, s, off, PG, dst);
-      /* After an exec the old mm's pagemap reads nothing: never take that for "zapped". */
+      /* After an exec the old mm's pagemap reads nothing: never take that for
+       * "zapped". An event handler applies no newer event: no retry here. */
       int pm_err = read_pagemap(e->pagemap_fd, a, 1, &pm2);
-      if ((err != 0 || pm_err != 0) && mm_gone(e)) {
-        target_gone(e);
-        return;
-      }
+      if (copy_outcome(e, err != 0 ? err : pm_err, false) == STEP_STOP) return;
       bool ok = err == 0 && (s->kind == KIND_FILE || pm_err == 0);
       if (ok && s->kind == KIND_FILE) {
         /* Page cache content survives a DONTNEED; a MADV_REMOVE punches a hole,

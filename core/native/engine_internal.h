@@ -154,6 +154,18 @@ enum { THP_NONE = 0, THP_DATA = 1, THP_ZERO = 2 };
 
 enum { SWEEP_PROGRESS, SWEEP_DONE, SWEEP_WAIT_POOL, SWEEP_WAIT_RATE };
 
+/* What the result of a step of a copy -> unprotect -> commit sequence means.
+ * Every such sequence (a write fault, a huge block, a sweep chunk, a discarded
+ * page) asks copy_outcome() and unprotect_outcome(), so an errno means one
+ * thing everywhere; the caller only decides what to do about it. */
+typedef enum {
+  STEP_OK,           /* go on to the next step */
+  STEP_RETRY,        /* address-space events were applied: look the address up again and copy again */
+  STEP_UNREADABLE,   /* the kernel will not give this memory and no event explains it: its pages are lost (read-failed) */
+  STEP_UNREGISTERED, /* the range is not registered any more and no event explains it: the mapping was replaced (unmapped) */
+  STEP_STOP,         /* the target exited or called exec, or the engine failed: store nothing of this copy */
+} step_t;
+
 /* Internal functions, by file. */
 double mono_us(void);
 uint64_t mono_ns(void);
@@ -184,6 +196,8 @@ bool is_marker_entry(uint64_t pm);
 bool entry_has_data(engine_t *e, uint64_t pm);
 int read_more(engine_t *e, bool wait);
 int unprotect_checked(engine_t *e, uint64_t cur_start, uint64_t len);
+step_t copy_outcome(engine_t *e, int err, bool may_apply_events);
+step_t unprotect_outcome(engine_t *e, int err, const char *what);
 void wait_quiet(engine_t *e, uint64_t start, uint64_t len);
 bool find_huge(engine_t *e, uint64_t addr, uint64_t end, struct wpsnap_page_region *r);
 int thp_block(engine_t *e, segment_t *s, uint64_t off, uint64_t *block);

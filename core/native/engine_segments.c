@@ -252,6 +252,44 @@ int unprotect_checked(engine_t *e, uint64_t cur_start, uint64_t len) {
   return err;
 }
 
+/* A copy from the target (seg_copy's result). ESRCH, or any failure once the
+ * mm is gone, is an exit or exec: the copy may be of a new image. Otherwise a
+ * failure is re-checked after the events pending now (a page moved or unmapped
+ * since the caller looked); an event handler itself must not apply newer
+ * events (may_apply_events false): its page is then unreadable. */
+step_t copy_outcome(engine_t *e, int err, bool may_apply_events) {
+  if (err == 0) return STEP_OK;
+  if (err == ESRCH || mm_gone(e)) {
+    target_gone(e);
+    return STEP_STOP;
+  }
+  if (may_apply_events && read_more(e, false) > 0) return STEP_RETRY;
+  return STEP_UNREADABLE;
+}
+
+/* An unprotect (unprotect_checked's result), after which the copy is valid.
+ * EAGAIN: unprotect_checked applied the events, the copy may be stale.
+ * ENOENT: not registered; pending events may explain it (a move or unmap we
+ * have not read), else the mapping was replaced without one. ESRCH: the
+ * context's mm is gone (exit or exec). Anything else fails the engine, with
+ * `what` naming the operation. */
+step_t unprotect_outcome(engine_t *e, int err, const char *what) {
+  switch (err) {
+  case 0:
+    return STEP_OK;
+  case EAGAIN:
+    return STEP_RETRY;
+  case ENOENT:
+    return read_more(e, false) > 0 ? STEP_RETRY : STEP_UNREGISTERED;
+  case ESRCH:
+    target_gone(e);
+    return STEP_STOP;
+  default:
+    set_fatal(e, err, what);
+    return STEP_STOP;
+  }
+}
+
 /* After an EAGAIN whose events we have read: each thread that raised
  * mmap_changing lowers it only when it runs again. Retrying at once loses the
  * race every time against a thread that changes its address space in a loop

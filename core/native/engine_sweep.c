@@ -158,15 +158,11 @@ int sweep_step(engine_t *e, int *wait_ms) {
       }
       uint32_t j = i;
       while (j < npg && need[j]) j++;
-      int err = seg_copy(e, s, off + (uint64_t)i * PG, (uint64_t)(j - i) * PG, dst + (size_t)k * PG);
-      if (err == ESRCH || (err != 0 && mm_gone(e))) {
-        target_gone(e);
-        return SWEEP_PROGRESS;
-      }
-      if (err != 0) {
-        /* An address-space change we have not read yet, or a page the kernel
-         * will not give us: re-check after events, else lose the page. */
-        if (read_more(e, false) > 0) return SWEEP_PROGRESS;
+      step_t st = copy_outcome(e, seg_copy(e, s, off + (uint64_t)i * PG, (uint64_t)(j - i) * PG, dst + (size_t)k * PG), true);
+      if (st == STEP_STOP || st == STEP_RETRY) return SWEEP_PROGRESS;
+      if (st == STEP_UNREADABLE) {
+        /* A page the kernel will not give us: the run's first page alone; if
+         * it reads, go on with the rest, else it is lost. */
         if (j - i > 1) {
           j = i + 1;
           if (seg_copy(e, s, off + (uint64_t)i * PG, PG, dst + (size_t)k * PG) == 0) {
@@ -184,21 +180,11 @@ int sweep_step(engine_t *e, int *wait_ms) {
     }
   }
 
-  int err = unprotect_checked(e, s->cur_start + off, len);
-  if (err == EAGAIN) return SWEEP_PROGRESS; /* events applied; copy again */
-  if (err == ENOENT) {
-    if (read_more(e, false) > 0) return SWEEP_PROGRESS;
-    /* Not ours any more and no event explains it: the mapping was replaced. */
+  step_t st = unprotect_outcome(e, unprotect_checked(e, s->cur_start + off, len), "ioctl(UFFDIO_WRITEPROTECT) in the sweep");
+  if (st == STEP_RETRY || st == STEP_STOP) return SWEEP_PROGRESS;
+  if (st == STEP_UNREGISTERED) {
     for (uint32_t i = 0; i < npg; i++) s->state[off / PG + i] = PAGE_LOST;
     add_lost(e, s->t_start + off, npg, LOST_UNMAPPED);
-    return SWEEP_PROGRESS;
-  }
-  if (err == ESRCH) { /* the copy may be of a new image: never stored */
-    target_gone(e);
-    return SWEEP_PROGRESS;
-  }
-  if (err != 0) {
-    set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) in the sweep");
     return SWEEP_PROGRESS;
   }
   /* The copy and the holes skipped (SEEK_DATA above) hold only if the file did

@@ -94,23 +94,11 @@ int save_thp(engine_t *e, segment_t *s, uint64_t block, int thp, bool from_fault
   uint32_t n = thp_need(s, block, thp, need);
   uint8_t *dst = n > 0 ? reserve(e, n, from_fault) : NULL;
   if (n > 0 && dst == NULL) return ENOBUFS;
-  int err = n > 0 ? thp_copy(e, s, block, need, dst) : 0;
-  if (err == ESRCH || (err != 0 && mm_gone(e))) {
-    target_gone(e);
-    return 0;
-  }
-  if (err != 0) return read_more(e, false) > 0 ? EAGAIN : -1;
-  err = unprotect_checked(e, s->cur_start + block, THP_BYTES);
-  if (err == EAGAIN) return EAGAIN; /* events applied: copy again */
-  if (err == ENOENT) return read_more(e, false) > 0 ? EAGAIN : -1;
-  if (err == ESRCH) { /* exec or exit: the copy may be of a new image, never stored */
-    target_gone(e);
-    return 0;
-  }
-  if (err != 0) {
-    set_fatal(e, err, "ioctl(UFFDIO_WRITEPROTECT) of a huge page");
-    return 0;
-  }
+  step_t st = copy_outcome(e, n > 0 ? thp_copy(e, s, block, need, dst) : 0, true);
+  if (st == STEP_OK) st = unprotect_outcome(e, unprotect_checked(e, s->cur_start + block, THP_BYTES), "ioctl(UFFDIO_WRITEPROTECT) of a huge page");
+  if (st == STEP_RETRY) return EAGAIN;
+  if (st == STEP_STOP) return 0;
+  if (st != STEP_OK) return -1; /* unreadable or unregistered: 4 KiB units decide page by page */
   thp_commit(e, s, block, need, from_fault ? &e->cur_fault : &e->cur_sweep);
   atomic_fetch_add(from_fault ? &e->pages_fault : &e->pages_sweep, n);
   return 0;
