@@ -18,6 +18,7 @@
         "core/native/engine_thp.c",
         "core/native/engine_fault.c",
         "core/native/engine_sweep.c",
+        "core/native/fault_loop.c",
         "core/native/constants.c"
       ],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE", "-fvisibility=hidden"],

@@ -125,7 +125,7 @@ static void engine_free(engine_t *e) {
       /* fds are owned by JS */
     }
   free(e->segs);
-  free(e->pending);
+  fault_loop_free(&e->loop);
   free(e->lost);
   free(e->latency_ns);
   if (e->pagemap_fd >= 0) close(e->pagemap_fd);
@@ -306,6 +306,7 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   snprintf(path, sizeof path, "/proc/%d/mem", pid);
   e->mem_fd = open(path, O_RDONLY | O_CLOEXEC);
   e->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  engine_loop_init(e);
   e->zero_pfn = find_zero_pfn();
   for (int32_t i = 0; i < pool; i++) {
     slot_t *slot = slot_new(e, false);

@@ -173,7 +173,7 @@ void handle_remap(engine_t *e, uint64_t from, uint64_t to, uint64_t len) {
   }
 }
 
-void handle_message(engine_t *e, struct uffd_msg *m, uint64_t read_ns) {
+void handle_message(engine_t *e, const struct uffd_msg *m, uint64_t read_ns) {
   switch (m->event) {
   case UFFD_EVENT_PAGEFAULT:
     atomic_fetch_add(&e->faults, 1);
@@ -206,24 +206,5 @@ void handle_message(engine_t *e, struct uffd_msg *m, uint64_t read_ns) {
     break;
   default:
     break;
-  }
-}
-
-/* Handle everything pending on the userfaultfd. */
-void drain(engine_t *e) {
-  for (;;) {
-    while (e->npending > 0 && !e->fatal_err) {
-      struct uffd_msg m = e->pending[0];
-      memmove(e->pending, e->pending + 1, (e->npending - 1) * sizeof m);
-      e->npending--;
-      handle_message(e, &m, mono_ns());
-    }
-    if (e->fatal_err) return;
-    /* Events are applied as they are read, in the kernel's order, before any
-     * fault of the same read is handled (read() returns pending faults first):
-     * a fault handler must never copy a page whose REMOVE was read already
-     * (the zap follows the read), nor apply newer events it reads itself
-     * (read_more) before older ones still waiting in a local batch. */
-    if (read_more(e, false) <= 0) return; /* EAGAIN: POLLIN may be followed by nothing to read (seed 003) */
   }
 }

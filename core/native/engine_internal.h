@@ -6,6 +6,7 @@
 
 #include "addon.h"
 #include "constants.h"
+#include "fault_loop.h"
 #include "kernel_compat.h"
 #include "napi_util.h"
 
@@ -30,7 +31,6 @@
 
 #define PG 4096ULL
 #define SWEEP_CHUNK_BYTES (128 * 1024)
-#define MSG_BATCH 64
 #define MAX_LATENCY_SAMPLES (1u << 22)
 #define MAX_SPARE_OVERFLOW 32
 #define FAULT_SETTLE_US 10e6
@@ -119,9 +119,8 @@ typedef struct {
   double tokens;
   double tokens_at;
 
-  /* pending messages read while an ioctl had to be retried */
-  struct uffd_msg *pending;
-  size_t npending, pending_cap;
+  /* the userfaultfd's messages: events applied as read, faults queued (fault_loop.c) */
+  fault_loop_t loop;
 
   lost_t *lost;
   size_t nlost, lost_cap;
@@ -210,8 +209,8 @@ void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns);
 void handle_remove(engine_t *e, uint64_t start, uint64_t end);
 void handle_unmap(engine_t *e, uint64_t start, uint64_t end);
 void handle_remap(engine_t *e, uint64_t from, uint64_t to, uint64_t len);
-void handle_message(engine_t *e, struct uffd_msg *m, uint64_t read_ns);
-void drain(engine_t *e);
+void handle_message(engine_t *e, const struct uffd_msg *m, uint64_t read_ns);
+void engine_loop_init(engine_t *e);
 void rate_refill(engine_t *e);
 uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, uint8_t *need);
 int sweep_thp(engine_t *e, segment_t *s, uint64_t block, int thp, int *wait_ms);

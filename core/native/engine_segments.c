@@ -202,41 +202,10 @@ bool entry_has_data(engine_t *e, uint64_t pm) {
 /* ---------- message handling ---------- */
 
 
-/* Read whatever is pending. Events are applied at once (an ioctl is waiting for
- * them); faults are queued for the main loop. Returns the number of messages. */
+/* Read whatever is pending: events are applied at once, faults queued
+ * (fault_loop_read). Returns the number of messages. */
 int read_more(engine_t *e, bool wait) {
-  struct uffd_msg msgs[MSG_BATCH];
-  ssize_t r = read(e->uffd, msgs, sizeof msgs);
-  if (r < 0) {
-    if (errno == EAGAIN && wait) {
-      /* mmap_changing is raised just before the event is queued: give it a moment. */
-      struct pollfd p = {.fd = e->uffd, .events = POLLIN};
-      poll(&p, 1, 1);
-      return 0;
-    }
-    if (errno != EAGAIN && errno != EINTR) set_fatal(e, errno, "read(userfaultfd)");
-    return 0;
-  }
-  int n = (int)(r / (ssize_t)sizeof(struct uffd_msg));
-  for (int i = 0; i < n; i++) {
-    if (msgs[i].event == UFFD_EVENT_PAGEFAULT) {
-      if (e->npending == e->pending_cap) {
-        size_t cap = e->pending_cap ? e->pending_cap * 2 : 64;
-        struct uffd_msg *grown = realloc(e->pending, cap * sizeof(struct uffd_msg));
-        if (grown == NULL) {
-          /* The faulting thread stays blocked until JS closes the userfaultfd, which wakes it. */
-          set_fatal(e, ENOMEM, "queue a write fault");
-          continue;
-        }
-        e->pending = grown;
-        e->pending_cap = cap;
-      }
-      e->pending[e->npending++] = msgs[i];
-    } else {
-      handle_message(e, &msgs[i], 0);
-    }
-  }
-  return n;
+  return fault_loop_read(&e->loop, wait);
 }
 
 /* Unprotect [start, start+len) at its current address, retrying while the

@@ -224,6 +224,44 @@ int sweep_step(engine_t *e, int *wait_ms) {
 
 /* ---------- thread ---------- */
 
+/* ---------- the engine as the fault loop's owner ---------- */
+
+static void on_fault(void *owner, unsigned source, const struct uffd_msg *m, uint64_t read_ns) { handle_message(owner, m, read_ns); }
+static void on_event(void *owner, unsigned source, const struct uffd_msg *m) { handle_message(owner, m, 0); }
+static void on_target_exited(void *owner) { target_gone(owner); }
+static void on_fail(void *owner, int err, const char *what) { set_fatal(owner, err, what); }
+static bool has_failed(void *owner) { return ((engine_t *)owner)->fatal_err != 0; }
+
+/* The sweep, between faults. Partly filled batches are posted only before a
+ * long rate-limit wait: posting them at every wait would hand the store many
+ * tiny batches. A pool wait ends when the store releases a batch it already
+ * has (the wake eventfd), or after 50 ms. */
+static loop_work_t sweep_work(void *owner, int *wait_ms) {
+  engine_t *e = owner;
+  int r = sweep_step(e, wait_ms);
+  if (r == SWEEP_PROGRESS) return LOOP_PROGRESS;
+  if (r == SWEEP_DONE) {
+    e->sweep_done = true;
+    return LOOP_DONE;
+  }
+  if (r == SWEEP_WAIT_RATE && *wait_ms >= 50) flush_current(e);
+  if (r == SWEEP_WAIT_POOL) *wait_ms = 50;
+  return LOOP_WAIT;
+}
+
+static const fault_loop_ops_t engine_loop_ops = {
+    .fault = on_fault,
+    .event = on_event,
+    .work = sweep_work,
+    .target_exited = on_target_exited,
+    .fail = on_fail,
+    .failed = has_failed,
+};
+
+void engine_loop_init(engine_t *e) {
+  e->loop = (fault_loop_t){.uffds = &e->uffd, .nuffds = 1, .wake_fd = e->wake_fd, .pidfd = e->pidfd, .ops = &engine_loop_ops, .owner = e, .stop = &e->stop};
+}
+
 void *engine_main(void *arg) {
   engine_t *e = arg;
   prctl(PR_SET_NAME, "wpsnap-engine");
@@ -232,11 +270,6 @@ void *engine_main(void *arg) {
   (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), ENGINE_NICE);
   e->tokens_at = mono_us();
   e->tokens = SWEEP_CHUNK_BYTES;
-  struct pollfd fds[3] = {
-      {.fd = e->uffd, .events = POLLIN},
-      {.fd = e->wake_fd, .events = POLLIN},
-      {.fd = e->pidfd, .events = POLLIN},
-  };
   /* Shared files first, at once: a write by the target to a shmem page not
    * present at T sets the file's times before its write-protect fault reaches
    * us (do_shared_fault calls fault_dirty_shared_page first), just as a write
@@ -244,31 +277,7 @@ void *engine_main(void *arg) {
    * writes can make it unprovable. */
   for (size_t i = 0; i < e->nsegs && !e->fatal_err; i++)
     if (e->segs[i].kind == KIND_FILE && !e->segs[i].whole_tried) save_file_whole(e, &e->segs[i]);
-  while (!atomic_load(&e->stop) && !e->fatal_err) {
-    drain(e);
-    if (e->fatal_err) break;
-    if (e->sweep_done) break;
-    int wait_ms = -1;
-    int r = sweep_step(e, &wait_ms);
-    if (r == SWEEP_PROGRESS) continue;
-    if (r == SWEEP_DONE) {
-      e->sweep_done = true;
-      drain(e);
-      break;
-    }
-    /* Partly filled batches are posted only before a long rate-limit wait:
-     * posting them at every wait would hand the store many tiny batches. A
-     * pool wait ends when the store releases a batch it already has. */
-    if (r == SWEEP_WAIT_RATE && wait_ms >= 50) flush_current(e);
-    if (r == SWEEP_WAIT_POOL) wait_ms = 50;
-    int pr = poll(fds, e->pidfd >= 0 ? 3 : 2, wait_ms);
-    if (pr > 0 && (fds[1].revents & POLLIN)) {
-      uint64_t v;
-      ssize_t ignored = read(e->wake_fd, &v, sizeof v);
-      (void)ignored;
-    }
-    if (pr > 0 && e->pidfd >= 0 && (fds[2].revents & POLLIN)) target_gone(e);
-  }
+  if (!e->fatal_err) fault_loop_run(&e->loop);
   if (!e->sweep_done) {
     /* Stopped early: whatever is unsaved is not in the snapshot. */
     int reason = e->gone_reason >= 0 ? e->gone_reason : LOST_INTERRUPTED;
