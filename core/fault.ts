@@ -20,9 +20,12 @@ export type FaultPoint = (typeof FAULT_POINTS)[number];
  * wpsnap. engine-alloc (checked in engine.c): once two batches are posted, the
  * batch a write fault needs cannot be allocated (ENOMEM, as under memory
  * pressure); the fault thread must report it and the target, whose thread
- * waits on that fault, must be released.
+ * waits on that fault, must be released. engine-vanish (engine_sweep.c): the
+ * sweep's first anonymous chunk reads its first page as gone from the page
+ * tables with no event (what no kernel path should do); the page must be
+ * listed lost vanished-before-saved, never stored as zero.
  */
-export const FAILURE_POINTS = ['engine-alloc'] as const;
+export const FAILURE_POINTS = ['engine-alloc', 'engine-vanish'] as const;
 
 export function faultPoint(point: FaultPoint): void {
   if (process.env['WPSNAP_FAULT'] === point) process.kill(process.pid, 'SIGKILL');

@@ -110,6 +110,9 @@ export const LOST_REASONS = [
   'target-exited',
   /** The target called exec during the snapshot: its address space at T is gone. */
   'target-exec',
+  /** Gone from the target's page tables (no data, no marker) after T before it was saved, with no
+   * event that explains it: its content at T is unknown. Never expected; listed rather than taken for zero. */
+  'vanished-before-saved',
 ] as const;
 export type LostReason = (typeof LOST_REASONS)[number];
 

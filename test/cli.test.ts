@@ -311,6 +311,30 @@ describe('killing wpsnap at any point', () => {
     }
   });
 
+  // The engine's guard against a page that loses its content at T with no
+  // event (no kernel path should): it is listed lost, never stored as zero.
+  // WPSNAP_FAULT=engine-vanish makes the sweep read its first anonymous
+  // chunk's first page as neither present, swapped nor marked.
+  it('a page gone from the page tables with no event (WPSNAP_FAULT=engine-vanish) is listed lost vanished-before-saved, never stored as zero', async () => {
+    const store = join(dir, 'engine-vanish.db');
+    const r = await runCliProcess(['snapshot', String(fixture.pid), '--store', store, '--json'], { WPSNAP_FAULT: 'engine-vanish' });
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const doc = JSON.parse(r.stdout) as { id: number; lostPages: Array<{ address: string; pages: number; reason: string }> };
+    expect(doc.lostPages).toEqual([{ address: expect.stringMatching(/^0x[0-9a-f]+000$/) as unknown as string, pages: 1, reason: 'vanished-before-saved' }]);
+    const address = BigInt(doc.lostPages[0]!.address);
+    const s = Store.open(store, { readonly: true });
+    try {
+      const [proc] = s.processes(doc.id);
+      expect(s.lost(proc!.processId)).toEqual([{ address, pages: 1, reason: 'vanished-before-saved' }]);
+      expect([...s.pagesInRange(proc!.processId, address, address + 4096n)]).toEqual([]);
+    } finally {
+      await s.close();
+    }
+    const human = await runCli(['show', String(doc.id), '--store', store]);
+    expect(human.stdout).toContain('vanished-before-saved');
+  });
+
   it('SIGINT stops a snapshot: exit 130, recorded incomplete, target released; a second snapshot meanwhile is refused', async () => {
     const store = join(dir, 'sigint.db');
     // Its own target: 64 MiB written slowly (1000 pages/s per thread), so that

@@ -164,7 +164,10 @@ async function underAttack<B = undefined>(
       const { result, view } = await snap(store, h, attack.snapshot);
       const verdict = newVerdict();
       const extra = check({ index, result, view, verdict, before }, h);
-      summary(attack.rounds > 1 ? `${name} #${index}` : name, verdict, extra);
+      // How the engine knew each zero page without reading it: if a round ever
+      // finds a page silently zero, this names the path that recorded it.
+      const zero = Object.entries(result.engine.zeroPagesBy).filter(([, n]) => n > 0).map(([why, n]) => `${why} ${n}`).join(', ');
+      summary(attack.rounds > 1 ? `${name} #${index}` : name, verdict, `${extra}; zero pages: ${zero || 'none'}`);
       expectClean(verdict);
       await expectRanOn(h, view);
       verdicts.push(verdict);

@@ -65,6 +65,8 @@ export interface EngineLiveStats {
   pagesFromFaults: number;
   pagesFromSweep: number;
   pagesZero: number;
+  /** pagesZero by how each page was known zero without reading it. */
+  zeroPagesBy: { marker: number; sharedZeroPage: number; hugeZeroPage: number; fileHole: number; sparse: number };
   pagesLost: number;
   bytesCopied: number;
   events: number;

@@ -17,6 +17,7 @@ enum {
   LOST_FILE_CHANGED = 5,
   LOST_TARGET_EXITED = 6,
   LOST_TARGET_EXEC = 7,
+  LOST_VANISHED = 8,
   LOST_REASON_COUNT
 };
 extern const char *const lost_reason_names[LOST_REASON_COUNT];
@@ -25,5 +26,8 @@ extern const char *const lost_reason_names[LOST_REASON_COUNT];
 #define FAULT_POINT_MID_INJECT "mid-inject"
 /* Once two batches are posted, a write fault's batch cannot be allocated (ENOMEM). */
 #define FAULT_POINT_ENGINE_ALLOC "engine-alloc"
+/* The sweep sees the first unsaved page of a chunk as gone from the page tables
+ * (no data, no marker) with no event, as if the kernel had dropped it. */
+#define FAULT_POINT_ENGINE_VANISH "engine-vanish"
 
 #endif

@@ -30,6 +30,11 @@ static napi_value stats_object(napi_env env, engine_t *e, bool final) {
   set_prop(env, o, "pagesFromFaults", make_double(env, (double)atomic_load(&e->pages_fault)));
   set_prop(env, o, "pagesFromSweep", make_double(env, (double)atomic_load(&e->pages_sweep)));
   set_prop(env, o, "pagesZero", make_double(env, (double)atomic_load(&e->pages_zero)));
+  napi_value by;
+  if (napi_create_object(env, &by) == napi_ok) {
+    for (int i = 0; i < ZERO_REASON_COUNT; i++) set_prop(env, by, zero_reason_names[i], make_double(env, (double)atomic_load(&e->zero_by[i])));
+    set_prop(env, o, "zeroPagesBy", by);
+  }
   set_prop(env, o, "pagesLost", make_double(env, (double)atomic_load(&e->pages_lost)));
   set_prop(env, o, "bytesCopied", make_double(env, (double)atomic_load(&e->bytes_copied)));
   set_prop(env, o, "events", make_double(env, (double)atomic_load(&e->events)));
@@ -189,6 +194,7 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   }
   const char *fault = getenv("WPSNAP_FAULT");
   e->fault_alloc = fault != NULL && strcmp(fault, FAULT_POINT_ENGINE_ALLOC) == 0;
+  e->fault_vanish = fault != NULL && strcmp(fault, FAULT_POINT_ENGINE_VANISH) == 0;
   e->pid = pid;
   e->uffd = uffd;
   e->pidfd = pidfd;
@@ -262,7 +268,7 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
         uint64_t zs = z[k] < start ? start : z[k], ze = z[k + 1] > end ? end : z[k + 1];
         if (zs >= ze || (zs & (PG - 1)) || (ze & (PG - 1))) continue;
         memset(state + (zs - start) / PG, PAGE_SAVED, (ze - zs) / PG);
-        atomic_fetch_add(&e->pages_zero, (ze - zs) / PG);
+        count_zero(e, ZERO_SPARSE, (ze - zs) / PG);
       }
     }
     /* savedRanges: pages JS already accounted for during the pause (copied

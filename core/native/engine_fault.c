@@ -94,7 +94,7 @@ void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
        * event it returns, so an earlier zap plus a read fault may have put it there. */
       if (s->kind == KIND_ANON && is_marker_entry(pm1)) {
         s->state[idx] = PAGE_SAVED; /* never written: zero at T */
-        atomic_fetch_add(&e->pages_zero, 1);
+        count_zero(e, ZERO_MARKER, 1);
         continue;
       }
       uint8_t *dst = reserve(e, 1, true);

@@ -86,6 +86,19 @@ typedef struct {
   slot_t *slot;
 } engine_msg_t;
 
+/* How a page was known to be zero at T without reading it. */
+enum {
+  ZERO_MARKER,           /* a uffd-wp PTE marker: never populated since T */
+  ZERO_SHARED_ZERO_PAGE, /* mapped the shared zero page (read, never written) */
+  ZERO_HUGE_ZERO_PAGE,   /* a PMD mapping the huge zero page */
+  ZERO_FILE_HOLE,        /* a hole of a shared file (SEEK_DATA) */
+  ZERO_SPARSE,           /* outside the populated runs of a sparse mapping, found at the pause */
+  ZERO_REASON_COUNT
+};
+extern const char *const zero_reason_names[ZERO_REASON_COUNT];
+/* pages_with_data(): an unsaved page gone without an event (listed lost, not zero). */
+#define WHY_VANISHED 0xff
+
 typedef struct {
   pid_t pid;
   int uffd;
@@ -130,6 +143,7 @@ typedef struct {
 
   _Atomic bool stop;
   _Atomic uint64_t faults, pages_fault, pages_sweep, pages_zero, pages_lost, bytes_copied, events, eagain, overflow_batches;
+  _Atomic uint64_t zero_by[ZERO_REASON_COUNT]; /* pages_zero by how each was known zero */
   uint64_t total_pages;
 
   int fatal_err;
@@ -144,6 +158,7 @@ typedef struct {
   engine_msg_t *done_msg; /* the final message, allocated at start */
   _Atomic uint32_t batches_posted;
   bool fault_alloc;       /* WPSNAP_FAULT=engine-alloc: fail the third batch's allocation */
+  bool fault_vanish;      /* WPSNAP_FAULT=engine-vanish: the sweep's first chunk shows a page gone */
 } engine_t;
 
 /* Enumerations of the sweep and the THP path (engine_sweep.c, engine_thp.c). */
@@ -186,6 +201,7 @@ void seg_split(engine_t *e, size_t i, uint64_t off);
 uint64_t ts_ns(struct timespec t);
 bool file_unchanged_since_t(segment_t *s);
 void lose_file(engine_t *e, const segment_t *changed);
+void count_zero(engine_t *e, int why, uint64_t n);
 bool mm_gone(engine_t *e);
 void target_gone(engine_t *e);
 int seg_copy(engine_t *e, segment_t *s, uint64_t off, uint64_t len, uint8_t *dst);
@@ -212,7 +228,7 @@ void handle_remap(engine_t *e, uint64_t from, uint64_t to, uint64_t len);
 void handle_message(engine_t *e, const struct uffd_msg *m, uint64_t read_ns);
 void engine_loop_init(engine_t *e);
 void rate_refill(engine_t *e);
-uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, uint8_t *need);
+uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, uint8_t *need, uint8_t *why);
 int sweep_thp(engine_t *e, segment_t *s, uint64_t block, int thp, int *wait_ms);
 int sweep_step(engine_t *e, int *wait_ms);
 void *engine_main(void *arg);

@@ -10,7 +10,22 @@ const char *const lost_reason_names[LOST_REASON_COUNT] = {
     [LOST_FILE_CHANGED] = "file-changed-before-saved",
     [LOST_TARGET_EXITED] = "target-exited",
     [LOST_TARGET_EXEC] = "target-exec",
+    [LOST_VANISHED] = "vanished-before-saved",
 };
+
+const char *const zero_reason_names[ZERO_REASON_COUNT] = {
+    [ZERO_MARKER] = "marker",
+    [ZERO_SHARED_ZERO_PAGE] = "sharedZeroPage",
+    [ZERO_HUGE_ZERO_PAGE] = "hugeZeroPage",
+    [ZERO_FILE_HOLE] = "fileHole",
+    [ZERO_SPARSE] = "sparse",
+};
+
+/* n pages found zero at T, and how (the stats' zeroPagesBy). */
+void count_zero(engine_t *e, int why, uint64_t n) {
+  atomic_fetch_add(&e->pages_zero, n);
+  atomic_fetch_add(&e->zero_by[why], n);
+}
 
 double mono_us(void) {
   struct timespec ts;

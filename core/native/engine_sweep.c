@@ -14,8 +14,18 @@ void rate_refill(engine_t *e) {
 
 /* Which of the npg pages (at most 512) from `off` hold data at T? Anonymous
  * pages never touched (pte marker or the shared zero page) are zero at T;
- * holes of a shared file likewise. Fills need[] and returns how many do. */
-uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, uint8_t *need) {
+ * holes of a shared file likewise. Fills need[] (1: copy it) and, for the
+ * others, how each is known zero (why[]: a ZERO_* reason, or WHY_VANISHED);
+ * returns how many need a copy.
+ *
+ * An unsaved anonymous page whose entry shows neither data nor a marker has
+ * lost its content at T without the event that must precede every way of
+ * losing it (REMOVE for DONTNEED/FREE/REMOVE, UNMAP, REMAP): at T the pause
+ * write-protected every page, installing markers on the empty ones
+ * (WP_UNPOPULATED), and only a zap drops a marker. Such a page is listed lost
+ * (vanished-before-saved), never taken for zero. */
+uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, uint8_t *need, uint8_t *why) {
+  memset(why, ZERO_MARKER, npg);
   if (s->kind == KIND_ANON) {
     uint64_t pm[512];
     int err = read_pagemap(e->pagemap_fd, s->cur_start + off, npg, pm);
@@ -23,8 +33,18 @@ uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, 
       if (err == ESRCH) target_gone(e);
       for (uint32_t i = 0; i < npg; i++) pm[i] = PM_PRESENT;
     }
-    for (uint32_t i = 0; i < npg; i++) need[i] = entry_has_data(e, pm[i]);
+    if (e->fault_vanish) { /* WPSNAP_FAULT=engine-vanish: the first chunk's first page */
+      e->fault_vanish = false;
+      pm[0] = 0;
+    }
+    for (uint32_t i = 0; i < npg; i++) {
+      need[i] = entry_has_data(e, pm[i]);
+      if (need[i]) continue;
+      if (is_zero_page_entry(e, pm[i])) why[i] = ZERO_SHARED_ZERO_PAGE;
+      else if (!(pm[i] & (PM_PRESENT | PM_SWAP | PM_UFFD_WP)) && s->state[off / PG + i] == PAGE_UNSAVED) why[i] = WHY_VANISHED;
+    }
   } else if (s->kind == KIND_FILE) {
+    memset(why, ZERO_FILE_HOLE, npg);
     /* Holes of a shared file read as zero and cost nothing to skip. */
     off_t p = (off_t)(s->file_off + off);
     uint32_t i = 0;
@@ -143,8 +163,8 @@ int sweep_step(engine_t *e, int *wait_ms) {
    * write fault, and the pread would be wasted every time. */
   if (!sweep_has_room(e)) return SWEEP_WAIT_POOL;
 
-  uint8_t need[512];
-  uint32_t ncopy = pages_with_data(e, s, off, npg, need);
+  uint8_t need[512], why[512];
+  uint32_t ncopy = pages_with_data(e, s, off, npg, need, why);
 
   uint8_t *dst = NULL;
   if (ncopy > 0) {
@@ -196,9 +216,18 @@ int sweep_step(engine_t *e, int *wait_ms) {
   /* Valid: commit. */
   uint32_t k = 0;
   for (uint32_t i = 0; i < npg;) {
+    if (!need[i] && why[i] == WHY_VANISHED) {
+      /* Decided only now: the unprotect succeeded, so no event was pending
+       * (a move in progress empties the old range before its REMAP is read,
+       * and keeps the unprotect failing with EAGAIN until it is). */
+      s->state[off / PG + i] = PAGE_LOST;
+      add_lost(e, s->t_start + off + (uint64_t)i * PG, 1, LOST_VANISHED);
+      i++;
+      continue;
+    }
     if (!need[i]) {
       s->state[off / PG + i] = PAGE_SAVED;
-      atomic_fetch_add(&e->pages_zero, 1);
+      count_zero(e, why[i], 1);
       i++;
       continue;
     }

@@ -76,7 +76,7 @@ void thp_commit(engine_t *e, segment_t *s, uint64_t block, const uint8_t need[TH
   for (uint32_t i = 0; i < THP_PAGES; i++) {
     uint8_t *state = &s->state[block / PG + i];
     if (need[i]) (*batch)->addrs[(*batch)->count + k++] = s->t_start + block + (uint64_t)i * PG;
-    else if (*state == PAGE_UNSAVED) atomic_fetch_add(&e->pages_zero, 1);
+    else if (*state == PAGE_UNSAVED) count_zero(e, ZERO_HUGE_ZERO_PAGE, 1);
     if (*state == PAGE_UNSAVED) *state = PAGE_SAVED;
   }
   if (k == 0) return;

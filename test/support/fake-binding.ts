@@ -143,6 +143,7 @@ export class FakeKernel {
       pagesFromFaults: 0,
       pagesFromSweep: this.saved,
       pagesZero: 0,
+      zeroPagesBy: { marker: 0, sharedZeroPage: 0, hugeZeroPage: 0, fileHole: 0, sparse: 0 },
       pagesLost: 0,
       bytesCopied: this.saved * PAGE,
       events: 0,
