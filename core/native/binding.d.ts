@@ -141,6 +141,8 @@ export interface NativeBinding {
   mknodDevice(path: string, mode: number, rdev: number): void;
   /** Raw /proc/PID/pagemap entries. */
   readPagemap(pid: number, address: bigint, npages: number): BigUint64Array;
+  /** The shared zero page's pfn as the engine trusts it (confirmed by /proc/kpageflags), or 0n. */
+  zeroPagePfn(): bigint;
   /** Pages of private file mappings that differ from the file (copy-on-write or
    *  swapped), over ranges given as [start, end, allPresent (0/1), …]: with
    *  allPresent every present page. One batch, in the order of the ranges. */

@@ -152,21 +152,6 @@ static void engine_finalize(napi_env env, void *data, void *hint) {
   engine_free(e);
 }
 
-/* The pfn of the shared zero page: map a page here, read it, look it up. */
-static uint64_t find_zero_pfn(void) {
-  volatile uint8_t *p = mmap(NULL, PG, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return 0;
-  (void)p[0];
-  uint64_t entry = 0;
-  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  if (fd >= 0) {
-    read_pagemap(fd, (uint64_t)(uintptr_t)p, 1, &entry);
-    close(fd);
-  }
-  munmap((void *)p, PG);
-  return (entry & PM_PRESENT) ? (entry & PM_PFN_MASK) : 0;
-}
-
 /* engineStart({pid, uffd, pidfd, regions: [{start, end, pageSize, kind, fd, fileOffset, hugetlb}],
  *              batchPages, poolBatches, rateBytesPerSec}, onMessage) -> handle */
 static napi_value js_engine_start(napi_env env, napi_callback_info info) {
@@ -313,7 +298,7 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   e->mem_fd = open(path, O_RDONLY | O_CLOEXEC);
   e->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   engine_loop_init(e);
-  e->zero_pfn = find_zero_pfn();
+  e->zero_pfn = shared_zero_pfn();
   for (int32_t i = 0; i < pool; i++) {
     slot_t *slot = slot_new(e, false);
     if (slot == NULL) {

@@ -33,6 +33,42 @@ int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out) {
   return 0;
 }
 
+#define KPF_ZERO_PAGE 24 /* /proc/kpageflags (Documentation/admin-guide/mm/pagemap.rst) */
+
+/* The pfn of the shared zero page, or 0 if it cannot be known. A read fault on
+ * an untouched private anonymous page usually maps it, but not always: on this
+ * kernel it allocates a real page instead. Taking that page's pfn for the zero
+ * page was a silent-data bug: the page is freed at once, the target reuses it
+ * (a copy-on-write copy after a fork, say) and the sweep took that target page
+ * for zero. So the pfn is trusted only when /proc/kpageflags says it is the
+ * zero page; otherwise no entry is ever taken for the zero page, and such
+ * pages are read (they read as zeros). */
+uint64_t shared_zero_pfn(void) {
+  volatile uint8_t *p = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return 0;
+  (void)p[0];
+  uint64_t entry = 0, flags = 0;
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    read_pagemap(fd, (uint64_t)(uintptr_t)p, 1, &entry);
+    close(fd);
+  }
+  munmap((void *)p, 4096);
+  uint64_t pfn = (entry & PM_PRESENT) ? (entry & PM_PFN_MASK) : 0;
+  if (pfn == 0) return 0;
+  int kf = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+  if (kf < 0) return 0;
+  ssize_t n = pread(kf, &flags, sizeof flags, (off_t)(pfn * sizeof flags));
+  close(kf);
+  return n == (ssize_t)sizeof flags && (flags >> KPF_ZERO_PAGE & 1) ? pfn : 0;
+}
+
+/* zeroPagePfn() -> bigint: what shared_zero_pfn() trusts (0n: none). */
+static napi_value js_zero_page_pfn(napi_env env, napi_callback_info info) {
+  (void)info;
+  return make_bigint(env, shared_zero_pfn());
+}
+
 /* readPagemap(pid, address, npages) -> BigUint64Array of raw entries */
 static napi_value js_read_pagemap(napi_env env, napi_callback_info info) {
   size_t argc = 3;
@@ -332,6 +368,7 @@ void register_pagemap_exports(napi_env env, napi_value exports) {
       {"copyPrivatePages", NULL, js_copy_private_pages, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"probePagemapScan", NULL, js_probe_pagemap_scan, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"populatedRanges", NULL, js_populated_ranges, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"zeroPagePfn", NULL, js_zero_page_pfn, NULL, NULL, NULL, napi_default_jsproperty, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }
