@@ -56,6 +56,10 @@ export interface SnapshotResult {
   pid: number;
   pauseMicros: number;
   durationMillis: number;
+  /** From the end of the pause until every page was saved or lost and none protected: the target's writes could wait on wpsnap meanwhile. */
+  protectWindowMillis: number;
+  /** From the end of the pause until the final commit: the snapshot is durable from then on. */
+  durableMillis: number;
   pagesSaved: number;
   zeroPages: number;
   pagesNew: number;
@@ -117,16 +121,19 @@ export async function snapshotProcess(
       pinSources,
       maxPinnedCopyBytes: options.maxPinnedCopyBytes,
     });
+    const resumedAt = performance.now();
     writer.recordPause(paused.pauseMicros, paused.breakdown);
     attacher.release();
     faultPoint('after-resume');
-    const { stats, lost } = await saveInBackground(binding, writer, processId, paused, { pid, pidfd, startedAt, options });
+    const { stats, lost, engineStartedAt } = await saveInBackground(binding, writer, processId, paused, { pid, pidfd, startedAt, options });
+    const protectWindowMillis = Math.round(engineStartedAt - resumedAt + stats.windowMicros / 1000);
     faultPoint('before-commit');
     writer.countZeroPages(stats.pagesZero);
     const durationMillis = Date.now() - startedAt;
     const final = await writer.complete({
       pauseMicros: Math.round(paused.pauseMicros),
       durationMillis,
+      protectWindowMillis,
       faults: stats.faults,
       faultP50Micros: stats.faultServiceP50Micros,
       faultP99Micros: stats.faultServiceP99Micros,
@@ -140,6 +147,8 @@ export async function snapshotProcess(
       pid,
       pauseMicros: Math.round(paused.pauseMicros),
       durationMillis,
+      protectWindowMillis,
+      durableMillis: Math.round(performance.now() - resumedAt),
       pagesSaved: final.pagesSaved,
       zeroPages: final.zeroPages,
       pagesNew: final.pagesNew,
@@ -187,12 +196,13 @@ async function saveInBackground(
   processId: number,
   paused: PauseOutcome,
   context: { pid: number; pidfd: number; startedAt: number; options: SnapshotOptions },
-): Promise<{ stats: EngineFinalStats; lost: LostRange[] }> {
+): Promise<{ stats: EngineFinalStats; lost: LostRange[]; engineStartedAt: number }> {
   const { pid, options } = context;
   // The engine starts first: the target is running and its first writes to
   // protected pages wait for it. The metadata and the pages copied in the
   // pause are stored meanwhile (the first batch also starts the store's workers).
   const stopEngine = new AbortController();
+  const engineStartedAt = performance.now();
   const engineDone = runEngine(binding, writer, {
     pid,
     uffd: paused.uffd,
@@ -232,5 +242,5 @@ async function saveInBackground(
     await writer.abort('interrupted');
     throw new WpsnapError('INTERRUPTED', `snapshot of pid ${pid} interrupted; recorded as incomplete`);
   }
-  return { stats, lost: [...initialLost, ...engineLost] };
+  return { stats, lost: [...initialLost, ...engineLost], engineStartedAt };
 }

@@ -134,6 +134,8 @@ export type SnapshotState =
 export interface SnapshotStats {
   pauseMicros: number;
   durationMillis: number;
+  /** From the end of the pause until the last page was saved and unprotected (absent before this field existed). */
+  protectWindowMillis?: number;
   /** Pages whose content was stored (non-zero), including deduplicated ones. */
   pagesSaved: number;
   /** Pages found all-zero (not stored). */

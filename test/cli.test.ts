@@ -70,9 +70,17 @@ describe('wpsnap snapshot / ls / show / verify / export', () => {
     expect(run.stderr).toBe('');
     expect(run.code).toBe(0);
     const doc = JSON.parse(run.stdout) as Record<string, unknown>;
-    for (const key of ['id', 'pid', 'pauseMicros', 'durationMillis', 'pagesSaved', 'zeroPages', 'bytesRaw', 'bytesStored', 'faults', 'faultP50Micros', 'faultP99Micros', 'lostPages']) {
+    for (const key of ['id', 'pid', 'pauseMicros', 'protectWindowMillis', 'durableMillis', 'durationMillis', 'pagesSaved', 'zeroPages', 'bytesRaw', 'bytesStored', 'faults', 'faultP50Micros', 'faultP99Micros', 'lostPages']) {
       expect(doc, key).toHaveProperty(key);
     }
+    // The windows nest: protected (end of pause -> last page unprotected) within
+    // durable (-> final commit) within the whole command's duration; the
+    // protected window holds the engine's own.
+    const windowMillis = doc['protectWindowMillis'] as number;
+    expect(windowMillis).toBeGreaterThan(0);
+    expect(windowMillis).toBeGreaterThanOrEqual(Math.floor((doc['engine'] as { windowMicros: number }).windowMicros / 1000));
+    expect(doc['durableMillis'] as number).toBeGreaterThanOrEqual(windowMillis);
+    expect(doc['durableMillis'] as number).toBeLessThanOrEqual(doc['durationMillis'] as number);
     expect(doc['pid']).toBe(fixture.pid);
     expect(doc['lostPages']).toEqual([]);
     expect(doc['name']).toBe('first');
@@ -173,7 +181,7 @@ describe('wpsnap snapshot / ls / show / verify / export', () => {
     const store = join(dir, 'human.db');
     const run = await runCli(['snapshot', String(fixture.pid), '--store', store]);
     expect(run.code).toBe(0);
-    expect(run.stdout).toMatch(/^snapshot 1 of pid \d+ complete\n {2}paused [\d.]+ (ms|µs), took/);
+    expect(run.stdout).toMatch(/^snapshot 1 of pid \d+ complete\n {2}paused [\d.]+ (ms|µs), then protected for [\d.]+ (ms|s); durable after [\d.]+ (ms|s), took/);
     expect(run.stdout).toContain('exact: no page lost');
     const ls = await runCli(['ls', '--store', store]);
     expect(ls.stdout.split('\n')[0]).toMatch(/^ID\s+NAME\s+STATE\s+CREATED\s+PIDS/);

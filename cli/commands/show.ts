@@ -36,7 +36,8 @@ export const showCommand = defineCommand({
       println(ctx.stdout, `snapshot ${snap.id}${snap.name ? ` (${snap.name})` : ''}: ${snap.state}, taken ${snap.createdAt}`);
       if (snap.stats) {
         const s = snap.stats;
-        println(ctx.stdout, `  paused ${micros(s.pauseMicros)}, took ${millis(s.durationMillis)}, ${s.faults} faults (p50 ${micros(s.faultP50Micros)}, p99 ${micros(s.faultP99Micros)})`);
+        const window = s.protectWindowMillis === undefined ? '' : `, then protected for ${millis(s.protectWindowMillis)}`;
+        println(ctx.stdout, `  paused ${micros(s.pauseMicros)}${window}, took ${millis(s.durationMillis)}, ${s.faults} faults (p50 ${micros(s.faultP50Micros)}, p99 ${micros(s.faultP99Micros)})`);
         println(ctx.stdout, `  ${s.pagesSaved} pages saved (${s.pagesNew} new in the store), ${s.zeroPages} zero, ${bytes(s.bytesRaw)} raw -> ${bytes(s.bytesStored)} stored`);
         for (const w of s.warnings ?? []) println(ctx.stdout, `  WARNING: ${w}`);
       } else if (snap.pauseMicros !== null) {

@@ -23,7 +23,7 @@ export function progressLine(p: SnapshotProgress, rateMBps?: number): string {
 export function summary(r: SnapshotResult): string[] {
   const lines = [
     `snapshot ${r.id}${r.name ? ` (${r.name})` : ''} of pid ${r.pid} complete`,
-    `  paused ${micros(r.pauseMicros)}, took ${millis(r.durationMillis)}`,
+    `  paused ${micros(r.pauseMicros)}, then protected for ${millis(r.protectWindowMillis)}; durable after ${millis(r.durableMillis)}, took ${millis(r.durationMillis)}`,
     `  ${r.pagesSaved} pages saved, ${r.zeroPages} zero pages, ${bytes(r.bytesRaw)} raw -> ${bytes(r.bytesStored)} stored`,
     `  ${r.faults} write faults served (p50 ${micros(r.faultP50Micros)}, p99 ${micros(r.faultP99Micros)})`,
   ];

@@ -80,6 +80,8 @@ export interface EngineFinalStats extends EngineLiveStats {
   faultServiceP99Micros: number;
   faultServiceMaxMicros: number;
   latencySamples: number;
+  /** From the engine's start (right after the resume) until the sweep ended: the target's pages were protected meanwhile. */
+  windowMicros: number;
   lost: Array<{ address: bigint; pages: number; reason: string }>;
   error?: Error & { code: string; errno: number; syscall: string };
   stopped: number;

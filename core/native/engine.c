@@ -53,6 +53,7 @@ static napi_value stats_object(napi_env env, engine_t *e, bool final) {
     set_prop(env, o, "faultServiceP99Micros", make_double(env, p99));
     set_prop(env, o, "faultServiceMaxMicros", make_double(env, max));
     set_prop(env, o, "latencySamples", make_double(env, (double)e->nlatency));
+    set_prop(env, o, "windowMicros", make_double(env, e->window_end_us > e->started_us ? e->window_end_us - e->started_us : 0));
     napi_value lost;
     napi_create_array_with_length(env, e->nlost, &lost);
     for (size_t i = 0; i < e->nlost; i++) {

@@ -151,6 +151,7 @@ typedef struct {
   int gone_reason; /* LOST_TARGET_EXITED/EXEC once the target's mm is gone, else -1 */
   bool finished;
   double started_us;
+  double window_end_us; /* when the sweep ended: every page saved or lost, none protected any more */
 
   pthread_t thread;
   bool thread_started;

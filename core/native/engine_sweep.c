@@ -307,6 +307,7 @@ void *engine_main(void *arg) {
   for (size_t i = 0; i < e->nsegs && !e->fatal_err; i++)
     if (e->segs[i].kind == KIND_FILE && !e->segs[i].whole_tried) save_file_whole(e, &e->segs[i]);
   if (!e->fatal_err) fault_loop_run(&e->loop);
+  e->window_end_us = mono_us();
   if (!e->sweep_done) {
     /* Stopped early: whatever is unsaved is not in the snapshot. */
     int reason = e->gone_reason >= 0 ? e->gone_reason : LOST_INTERRUPTED;

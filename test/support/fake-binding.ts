@@ -163,6 +163,7 @@ export class FakeKernel {
         faultServiceP99Micros: 0,
         faultServiceMaxMicros: 0,
         latencySamples: 0,
+        windowMicros: 0,
         lost: [],
         stopped: 0,
         ...extra,
