@@ -8,6 +8,14 @@ import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } fro
 import type { RegionPlan } from './regions.js';
 
 export interface EngineProgress {
+  /**
+   * saving: the engine runs, the target's unsaved pages are write-protected
+   * (its writes to them wait for a copy). compressing: every page is saved and
+   * unprotected; the store is still hashing, compressing and committing
+   * batchesPending batches (the target no longer waits on wpsnap).
+   */
+  phase: 'saving' | 'compressing';
+  batchesPending: number;
   pagesDone: number;
   /** Of pagesDone, those found zero (never read, nothing to save). */
   zeroPages: number;
@@ -61,8 +69,26 @@ export function runEngine(binding: NativeBinding, writer: SnapshotSink, options:
       }
       clearInterval(timer);
       for (const signal of signals) signal.removeEventListener('abort', onAbort);
+      const s = message.stats;
+      const compressing = (): void =>
+        options.onProgress?.({
+          phase: 'compressing',
+          batchesPending: pending.size,
+          pagesDone: s.pagesFromFaults + s.pagesFromSweep + s.pagesZero + s.pagesLost,
+          zeroPages: s.pagesZero,
+          totalPages: s.totalPages,
+          bytesCopied: s.bytesCopied,
+          faults: s.faults,
+          elapsedMillis: Date.now() - options.startedAt,
+        });
+      if (pending.size > 0) compressing();
+      const storing = pending.size > 0 && options.onProgress ? setInterval(compressing, 100) : undefined;
       const finish = async (): Promise<void> => {
-        while (pending.size > 0) await Promise.all([...pending]);
+        try {
+          while (pending.size > 0) await Promise.all([...pending]);
+        } finally {
+          clearInterval(storing);
+        }
         if (handle) binding.engineJoin(handle);
         if (storeError !== undefined) throw storeError;
         resolve(message.stats);
@@ -87,6 +113,8 @@ export function runEngine(binding: NativeBinding, writer: SnapshotSink, options:
       if (!handle || !options.onProgress) return;
       const s = binding.engineStats(handle);
       options.onProgress({
+        phase: 'saving',
+        batchesPending: pending.size,
         pagesDone: s.pagesFromFaults + s.pagesFromSweep + s.pagesZero + s.pagesLost,
         zeroPages: s.pagesZero,
         totalPages: s.totalPages,

@@ -375,7 +375,7 @@ describe('killing wpsnap at any point', () => {
       const [code] = (await closed) as [number | null];
       expect(code).toBe(130);
       expect(stderr.trimEnd().split('\n').at(-1)).toMatch(/^wpsnap: snapshot of pid \d+ interrupted; recorded as incomplete$/);
-      expect(stderr).toMatch(/^pid \d+: \d+% \d+\/\d+ pages with data \(\d+ zero of \d+\), \d+ MB\/s \(sweep limited to 0.25 MB\/s; faults are not rate-limited\), \d+ faults$/m);
+      expect(stderr).toMatch(/^pid \d+: saving: \d+% \d+\/\d+ pages with data \(\d+ zero of \d+\), \d+ MB\/s \(sweep limited to 0.25 MB\/s; faults are not rate-limited\), \d+ faults$/m);
       await expectReleased(slow.pid, slowLayout);
       const s = Store.open(store, { readonly: true });
       try {

@@ -12,12 +12,15 @@ import { numberOption, positiveInteger } from '../args.js';
  * held it at 99% while the pages with data were copied.
  */
 export function progressLine(p: SnapshotProgress, rateMBps?: number): string {
+  if (p.phase === 'compressing') {
+    return `compressing: every page saved and unprotected (the target runs freely), ${p.batchesPending} batch${p.batchesPending === 1 ? '' : 'es'} left to store`;
+  }
   const withData = p.totalPages - p.zeroPages;
   const saved = p.pagesDone - p.zeroPages;
   const pct = withData > 0 ? Math.floor((100 * saved) / withData) : 100;
   const rate = p.elapsedMillis > 0 ? (p.bytesCopied / 1e6 / (p.elapsedMillis / 1000)).toFixed(0) : '0';
   const limit = rateMBps === undefined ? '' : ` (sweep limited to ${rateMBps} MB/s; faults are not rate-limited)`;
-  return `${pct}% ${saved}/${withData} pages with data (${p.zeroPages} zero of ${p.totalPages}), ${rate} MB/s${limit}, ${p.faults} faults`;
+  return `saving: ${pct}% ${saved}/${withData} pages with data (${p.zeroPages} zero of ${p.totalPages}), ${rate} MB/s${limit}, ${p.faults} faults`;
 }
 
 export function summary(r: SnapshotResult): string[] {
@@ -66,7 +69,7 @@ export const snapshotCommand = defineCommand({
   async handler(args, ctx: CommandContext) {
     const binding = ctx.binding();
     const store = await ctx.openStore(args.store);
-    const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: `snapshotting pid ${args.pid}` }).start() : null;
+    const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: `protecting pid ${args.pid} (the pause)` }).start() : null;
     let lastLine = 0;
     try {
       const result = await snapshotProcess(binding, store, args.pid, {

@@ -10,6 +10,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { exitCodeFor } from '../../cli/exit-codes.js';
 import { WpsnapError } from '../../common/errors.js';
 import { snapshotProcess } from '../../core/snapshot.js';
+import type { SnapshotSink, SnapshotTarget } from '../../core/sink.js';
 import { Store } from '../../store/index.js';
 import { FAKE_UFFD, FakeKernel, fakePageContent, nativeError, type FakeScript } from '../support/fake-binding.js';
 
@@ -43,6 +44,39 @@ function run(script: FakeScript, options: { signal?: AbortSignal } = {}) {
 }
 
 describe('a snapshot through a scripted kernel', () => {
+  it('reports the phase: saving while the engine runs, then compressing while batches are still being stored', async () => {
+    // A sink that takes 200 ms per batch: the engine is done long before the store.
+    const slow: SnapshotTarget = {
+      beginSnapshot: (options) => {
+        const sink = store.beginSnapshot(options);
+        return new Proxy(sink, {
+          get(target, key: keyof SnapshotSink) {
+            if (key === 'addPages') {
+              return async (processId: number, batch: Parameters<SnapshotSink['addPages']>[1]) => {
+                await new Promise((resolve) => setTimeout(resolve, 200));
+                return target.addPages(processId, batch);
+              };
+            }
+            const value = target[key];
+            return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value;
+          },
+        });
+      },
+    };
+    const kernel = new FakeKernel({ pagesPerRegion: 3 });
+    const seen: Array<{ phase: string; batchesPending: number }> = [];
+    const r = await snapshotProcess(kernel.binding(), slow, target.pid!, {
+      attacher: kernel.attacher(),
+      onProgress: (p) => seen.push({ phase: p.phase, batchesPending: p.batchesPending }),
+    });
+    const compressing = seen.filter((p) => p.phase === 'compressing');
+    expect(compressing.length).toBeGreaterThan(0);
+    expect(compressing[0]!.batchesPending).toBeGreaterThan(0);
+    // Never back to saving once compressing began.
+    expect(seen.slice(seen.findIndex((p) => p.phase === 'compressing')).every((p) => p.phase === 'compressing')).toBe(true);
+    expect(store.find(String(r.id)).state).toBe('complete');
+  });
+
   it('stores every page the engine hands over, exactly, and completes', async () => {
     const { kernel, result } = run({ pagesPerRegion: 3 });
     const r = await result;
