@@ -4,7 +4,7 @@
 import type { SnapshotSink } from './sink.js';
 import { fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
-import type { EngineFinalStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
+import type { EngineFinalStats, EngineLiveStats, EngineMessage, NativeBinding, NativeHandle } from './native/binding.js';
 import type { RegionPlan } from './regions.js';
 
 export interface EngineProgress {
@@ -49,6 +49,16 @@ export function runEngine(binding: NativeBinding, writer: SnapshotSink, options:
     let storeError: unknown;
     let batches = 0;
     let handle: NativeHandle | undefined;
+    const progress = (phase: EngineProgress['phase'], s: EngineLiveStats): EngineProgress => ({
+      phase,
+      batchesPending: pending.size,
+      pagesDone: s.pagesFromFaults + s.pagesFromSweep + s.pagesZero + s.pagesLost,
+      zeroPages: s.pagesZero,
+      totalPages: s.totalPages,
+      bytesCopied: s.bytesCopied,
+      faults: s.faults,
+      elapsedMillis: Date.now() - options.startedAt,
+    });
     const onMessage = (message: EngineMessage): void => {
       if (message.type === 'batch') {
         batches++;
@@ -69,18 +79,7 @@ export function runEngine(binding: NativeBinding, writer: SnapshotSink, options:
       }
       clearInterval(timer);
       for (const signal of signals) signal.removeEventListener('abort', onAbort);
-      const s = message.stats;
-      const compressing = (): void =>
-        options.onProgress?.({
-          phase: 'compressing',
-          batchesPending: pending.size,
-          pagesDone: s.pagesFromFaults + s.pagesFromSweep + s.pagesZero + s.pagesLost,
-          zeroPages: s.pagesZero,
-          totalPages: s.totalPages,
-          bytesCopied: s.bytesCopied,
-          faults: s.faults,
-          elapsedMillis: Date.now() - options.startedAt,
-        });
+      const compressing = (): void => options.onProgress?.(progress('compressing', message.stats));
       if (pending.size > 0) compressing();
       const storing = pending.size > 0 && options.onProgress ? setInterval(compressing, 100) : undefined;
       const finish = async (): Promise<void> => {
@@ -111,17 +110,7 @@ export function runEngine(binding: NativeBinding, writer: SnapshotSink, options:
     if (signals.some((s) => s.aborted)) onAbort();
     const timer = setInterval(() => {
       if (!handle || !options.onProgress) return;
-      const s = binding.engineStats(handle);
-      options.onProgress({
-        phase: 'saving',
-        batchesPending: pending.size,
-        pagesDone: s.pagesFromFaults + s.pagesFromSweep + s.pagesZero + s.pagesLost,
-        zeroPages: s.pagesZero,
-        totalPages: s.totalPages,
-        bytesCopied: s.bytesCopied,
-        faults: s.faults,
-        elapsedMillis: Date.now() - options.startedAt,
-      });
+      options.onProgress(progress('saving', binding.engineStats(handle)));
     }, 100);
   });
 }
