@@ -58,6 +58,8 @@ export interface CommandResult {
   minorFaults: number;
   /** With options.sampleThreads: CPU and run-queue wait per thread name. */
   threads?: Record<string, ThreadTimes>;
+  /** With options.sampleMemory: the command's peak resident set (VmHWM, polled every 50 ms; the last read before it exited), KiB. */
+  vmHwmKiB?: number | null;
   stdout: string;
   stderr: string;
   timedOut: boolean;
@@ -70,13 +72,14 @@ export interface CommandResult {
 export function runCommand(
   cmd: string,
   args: string[],
-  options: { timeoutMs?: number; cwd?: string; sampleThreads?: boolean } = {},
+  options: { timeoutMs?: number; cwd?: string; sampleThreads?: boolean; sampleMemory?: boolean } = {},
 ): Promise<CommandResult> {
   return new Promise((resolve, reject) => {
     const cpu0 = childrenCpuMillis();
     const started = process.hrtime.bigint();
     const child = spawn(cmd, args, { cwd: options.cwd ?? repoRoot(), stdio: ['ignore', 'pipe', 'pipe'] });
     const sampler = options.sampleThreads && child.pid !== undefined ? new ThreadSampler(child.pid) : undefined;
+    const memory = options.sampleMemory && child.pid !== undefined ? new PeakRssSampler(child.pid) : undefined;
     let stdout = '';
     let stderr = '';
     let timedOut = false;
@@ -106,6 +109,7 @@ export function runCommand(
     child.on('error', (error) => {
       if (timer) clearTimeout(timer);
       sampler?.stop();
+      memory?.stop();
       reject(error);
     });
     child.on('close', (code, signal) => {
@@ -115,6 +119,7 @@ export function runCommand(
       // libuv has reaped the child by now: its times are in our cutime/cstime.
       const cpu1 = childrenCpuMillis();
       const threads = sampler?.stop();
+      const vmHwmKiB = memory?.stop();
       resolve({
         code,
         signal,
@@ -123,6 +128,7 @@ export function runCommand(
         cpuSysMillis: cpu1.sys - cpu0.sys,
         minorFaults: cpu1.minflt - cpu0.minflt,
         ...(threads === undefined ? {} : { threads }),
+        ...(vmHwmKiB === undefined ? {} : { vmHwmKiB }),
         stdout,
         stderr,
         timedOut,
@@ -236,6 +242,155 @@ export class ThreadSampler {
   }
 }
 
+/** A `Key:   N kB` line of a /proc status-like file, in KiB, or null. */
+export function procKiB(file: string, key: string): number | null {
+  try {
+    const m = new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(readFileSync(file, 'utf8'));
+    return m ? Number(m[1]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Polls a process's VmHWM (its peak RSS so far) until stopped; returns the last value read. */
+export class PeakRssSampler {
+  private last: number | null = null;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly pid: number,
+    intervalMs = 50,
+  ) {
+    this.sample();
+    this.timer = setInterval(() => this.sample(), intervalMs);
+  }
+
+  private sample(): void {
+    const v = procKiB(`/proc/${this.pid}/status`, 'VmHWM');
+    if (v !== null && (this.last === null || v > this.last)) this.last = v;
+  }
+
+  stop(): number | null {
+    clearInterval(this.timer);
+    return this.last;
+  }
+}
+
+export interface TaskSample {
+  /** performance.now() */
+  at: number;
+  /** The state letter of /proc/PID/task/TID/stat: R running or runnable, S sleeping, D uninterruptible, t traced-stopped, T stopped. */
+  state: string;
+  runNs: number;
+  waitNs: number;
+}
+
+/** What a thread did in an interval: ms on a CPU, ms runnable but waiting for one, and the states it was sampled in. */
+export interface TaskInterval {
+  runMs: number;
+  waitMs: number;
+  states: Record<string, number>;
+}
+
+/**
+ * Samples every thread of a process (its state and schedstat) every
+ * intervalMs against performance.now(), so that what a thread did in any
+ * interval can be told after the fact: CPU and run-queue wait linear between
+ * two samples, states as sampled.
+ */
+export class TaskSampler {
+  readonly tasks = new Map<number, TaskSample[]>();
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    readonly pid: number,
+    intervalMs = 10,
+  ) {
+    this.sample();
+    this.timer = setInterval(() => this.sample(), intervalMs);
+  }
+
+  sample(): void {
+    let tids: string[];
+    try {
+      tids = readdirSync(`/proc/${this.pid}/task`);
+    } catch {
+      return;
+    }
+    const at = performance.now();
+    for (const t of tids) {
+      const tid = Number(t);
+      const s = schedstat(this.pid, tid);
+      let state = '?';
+      try {
+        const stat = readFileSync(`/proc/${this.pid}/task/${tid}/stat`, 'utf8');
+        state = stat.charAt(stat.lastIndexOf(')') + 2);
+      } catch {
+        continue;
+      }
+      if (s === null) continue;
+      let list = this.tasks.get(tid);
+      if (!list) this.tasks.set(tid, (list = []));
+      list.push({ at, state, ...s });
+    }
+  }
+
+  stop(): void {
+    this.sample();
+    clearInterval(this.timer);
+  }
+
+  /** The process's threads other than its main one. */
+  others(): number[] {
+    return [...this.tasks.keys()].filter((tid) => tid !== this.pid);
+  }
+
+  private value(list: TaskSample[], t: number, key: 'runNs' | 'waitNs'): number | null {
+    if (list.length === 0 || t < list[0]!.at || t > list[list.length - 1]!.at) return null;
+    let i = 1;
+    while (i < list.length - 1 && list[i]!.at < t) i++;
+    const a = list[i - 1]!;
+    const b = list[i]!;
+    return b.at === a.at ? a[key] : a[key] + ((b[key] - a[key]) * (t - a.at)) / (b.at - a.at);
+  }
+
+  /** What thread `tid` (default the main one) did in [from, to] (performance.now() ms); null outside the samples. */
+  during(from: number, to: number, tid = this.pid): TaskInterval | null {
+    const list = this.tasks.get(tid) ?? [];
+    const r0 = this.value(list, from, 'runNs');
+    const r1 = this.value(list, to, 'runNs');
+    const w0 = this.value(list, from, 'waitNs');
+    const w1 = this.value(list, to, 'waitNs');
+    if (r0 === null || r1 === null || w0 === null || w1 === null) return null;
+    const states: Record<string, number> = {};
+    for (const s of list) if (s.at >= from && s.at <= to) states[s.state] = (states[s.state] ?? 0) + 1;
+    return { runMs: (r1 - r0) / 1e6, waitMs: (w1 - w0) / 1e6, states };
+  }
+
+  /**
+   * The last sample in [from, to] in which some thread was in `state`, and
+   * that thread's next sample: the state ended between the two.
+   */
+  lastInState(state: string, from: number, to: number): { at: number; nextAt: number } | null {
+    let best: { at: number; nextAt: number } | null = null;
+    for (const list of this.tasks.values()) {
+      for (let i = 0; i < list.length - 1; i++) {
+        const s = list[i]!;
+        if (s.state !== state || s.at < from || s.at > to) continue;
+        if (best === null || s.at > best.at) best = { at: s.at, nextAt: list[i + 1]!.at };
+      }
+    }
+    return best;
+  }
+
+  /** Fractions of [from, to] thread `tid` ran, and waited runnable for a CPU. */
+  shares(from: number, to: number, tid = this.pid): { cpu: number; runqueue: number } | null {
+    if (!(to > from)) return null;
+    const d = this.during(from, to, tid);
+    return d === null ? null : { cpu: d.runMs / (to - from), runqueue: d.waitMs / (to - from) };
+  }
+}
+
 /** Bytes `zstd -1 -T1 -c FILE` writes (single-threaded, counted here, not stored). */
 export function zstdSize(file: string, level = 1): Promise<{ bytes: number; wallMillis: number }> {
   return new Promise((resolve, reject) => {
@@ -276,10 +431,25 @@ export interface FaultlatReport {
   /** The 8 longest gaps of 1 ms or more, unordered. */
   gaps: Array<{ nanos: number; atMillis: number }>;
   perWindow: { millis: number; min: number; max: number; counts: number[] };
+  /** Writes since the last complete slice (absent from reports of older builds). */
+  tail?: { writes: number; millis: number };
+  /** --workload cache: the schedule (writes/s), the writes due in the window and those skipped as too late. */
+  cache?: { writeRate: number; scheduled: number; missed: number; maxLagMillis: number };
+  /** --heartbeat: the heartbeat thread's gaps (null: it did not answer). */
+  heartbeat?: HeartbeatReport | null;
   /** Added here, from /proc/PID/schedstat: CPU time the target got in the window… */
   cpuMillis: number | null;
   /** …and the time it was runnable but waiting for a CPU. The rest it was blocked (faults) or stopped. */
   runqueueWaitMillis: number | null;
+}
+
+export interface HeartbeatReport {
+  beats: number;
+  maxGapNanos: number;
+  atMillis: number;
+  p50GapNanos: number;
+  p99GapNanos: number;
+  gaps: Array<{ nanos: number; atMillis: number }>;
 }
 
 export interface ForkLine {
@@ -287,6 +457,8 @@ export interface ForkLine {
   forkMicros: number;
   childPid: number;
   atMillis: number;
+  /** 'hold' or 'zstd' (--fork-child); absent from older builds. */
+  child?: string;
   error?: string;
 }
 
@@ -423,6 +595,20 @@ export function isAlive(pid: number): boolean {
     return !/\) Z /.test(stat);
   } catch {
     return false;
+  }
+}
+
+/** The code measured: HEAD and the files of core/, store/, cli/, the format and the addon build that differ from it. */
+export async function treeState(): Promise<{ head: string | null; modified: string[] }> {
+  try {
+    const head = await runCommand('git', ['rev-parse', 'HEAD']);
+    const status = await runCommand('git', ['status', '--porcelain', '--', 'core', 'store', 'cli', 'snapshot-format', 'binding.gyp']);
+    return {
+      head: head.code === 0 ? head.stdout.trim() : null,
+      modified: status.stdout.split('\n').filter((l) => l.trim() !== '').map((l) => l.trim()),
+    };
+  } catch {
+    return { head: null, modified: [] };
   }
 }
 

@@ -1,13 +1,16 @@
-// `npm run bench` → node dist/bench/run.js [options]: runs the benchmark
-// scenarios, prints a table per scenario and writes one JSON file per scenario
-// under bench/results/.
+// `npm run bench` → node dist/bench/run.js [options]: runs the snapshot-1gib
+// scenario, prints its table and writes its JSON file under bench/results/.
+// `node dist/bench/run.js impact [options]` runs the impact scenario instead
+// (bench/impact.ts; its own options, see --help there).
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { impactMain } from './impact.js';
 import { log, repoRoot } from './lib.js';
 import { DEFAULTS, PEERS, printTable, runSnapshot1GiB, summarize, type PeerName, type Snapshot1GiBResult } from './snapshot-1gib.js';
 
 const USAGE = `usage: node dist/bench/run.js [options]
+       node dist/bench/run.js impact [options]   (the impact scenario: impact --help)
   --runs N          measured repetitions of every peer (default ${DEFAULTS.runs})
   --mib M           target size in MiB (default ${DEFAULTS.mib})
   --rate MBPS       --rate of the rate-limited wpsnap peer (default ${DEFAULTS.rateMBps})
@@ -30,6 +33,10 @@ function positive(name: string, v: string | undefined, fallback: number): number
 }
 
 async function main(): Promise<void> {
+  if (process.argv[2] === 'impact') {
+    process.exitCode = await impactMain(process.argv.slice(3));
+    return;
+  }
   const { values } = parseArgs({
     options: {
       runs: { type: 'string' },

@@ -13,7 +13,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { runPipeline, type PipelineResult } from './pipeline.js';
-import { Faultlat, log, machineInfo, repoRoot, runCommand, sleep } from './lib.js';
+import { Faultlat, log, machineInfo, repoRoot, sleep, treeState } from './lib.js';
 import { measure, measureRoundtrip } from './snapshot-1gib-peers.js';
 import { describe, rtName, summarize } from './snapshot-1gib-report.js';
 import { DEFAULTS, type PeerName, type RoundtripResult, type RunResult, type Snapshot1GiBOptions, type Snapshot1GiBResult } from './snapshot-1gib-types.js';
@@ -22,19 +22,6 @@ export { DEFAULTS, PEERS, type PeerName, type Snapshot1GiBResult } from './snaps
 export { printTable, summarize } from './snapshot-1gib-report.js';
 
 // ---- the scenario -----------------------------------------------------------
-
-async function treeState(): Promise<{ head: string | null; modified: string[] }> {
-  try {
-    const head = await runCommand('git', ['rev-parse', 'HEAD']);
-    const status = await runCommand('git', ['status', '--porcelain', '--', 'core', 'store', 'cli', 'snapshot-format', 'binding.gyp']);
-    return {
-      head: head.code === 0 ? head.stdout.trim() : null,
-      modified: status.stdout.split('\n').filter((l) => l.trim() !== '').map((l) => l.trim()),
-    };
-  } catch {
-    return { head: null, modified: [] };
-  }
-}
 
 function preflight(): void {
   const root = repoRoot();
