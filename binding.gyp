@@ -14,6 +14,8 @@
         "core/native/engine.c",
         "core/native/engine_state.c",
         "core/native/engine_pool.c",
+        "core/native/engine_stage.c",
+        "core/native/engine_track.c",
         "core/native/engine_segments.c",
         "core/native/engine_thp.c",
         "core/native/engine_fault.c",

@@ -16,6 +16,8 @@ const CODE_CATEGORY = {
   SNAPSHOT_INCOMPLETE: 'usage',
   EXPORT_DIR_NOT_EMPTY: 'usage',
   EXPORT_PARENT_MISSING: 'usage',
+  // --staging-dir names no directory, or one wpsnap cannot create its private directory in.
+  STAGING_DIR: 'usage',
   // wpsnap itself, its tracer helper or its debugger: freezing it would deadlock.
   TARGET_IS_WPSNAP: 'usage',
   // This machine, kernel or build cannot do it (exit 3).

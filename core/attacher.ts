@@ -13,6 +13,8 @@ export interface Attacher {
   prepare(): void;
   /** Stop every thread of the target: the pause starts here. */
   stop(): StoppedTarget;
+  /** After a stop was resumed: make the next stop as quick as the first (prepare() did that for the first). */
+  rearm(): void;
   /** Undo what prepare() set up outside the target (idempotent). */
   release(): void;
 }

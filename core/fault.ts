@@ -8,9 +8,15 @@ export const FAULT_POINTS = [
   // asked to inject a syscall, while it holds injected registers in the target.
   'mid-inject',
   'after-inject',
+  // The target runs with its bulk write-protected and its writes tracked, before the pause.
+  'mid-pre-protect',
   'after-protect',
   'after-resume',
   'mid-sweep',
+  // Reached in the addon (engine_stage.c): a batch was just written to the spill file.
+  'mid-spill',
+  // The target is unprotected and running; the store is compressing staged batches.
+  'mid-compress',
   'before-commit',
 ] as const;
 export type FaultPoint = (typeof FAULT_POINTS)[number];

@@ -14,6 +14,7 @@ import { threadName } from './procfs.js';
 import { registerRegions, writeProtectAll } from './protect.js';
 import type { RegionPlan, RegionPlanner } from './regions.js';
 import { protectionRanges, type SparseIntervals } from './sparse.js';
+import { rangesAtInstant, type PreProtection, type TrackLog } from './preprotect.js';
 
 /** Where the pause went, in microseconds. */
 export interface PauseBreakdown {
@@ -22,6 +23,8 @@ export interface PauseBreakdown {
   plan: number;
   protect: number;
   copy: number;
+  /** Starting the engine thread, last before the resume. */
+  engine: number;
   thaw: number;
 }
 
@@ -39,6 +42,13 @@ export interface PauseInputs {
   pinSources: PinSources;
   /** Pinned pages copied in the pause, at most this many bytes (beyond: listed lost). */
   maxPinnedCopyBytes: number | undefined;
+  /** Called last before the resume, once every page is protected or settled: give the engine its regions. */
+  beforeResume?: ((uffd: number, plans: RegionPlan[]) => void) | undefined;
+  /** Called first after the resume: start the engine (the target's first writes wait for it). */
+  afterResume?: (() => void) | undefined;
+  /** The target's bulk was protected while it ran (core/preprotect.ts): its userfaultfd, and the
+   * final log of what it wrote since, taken once it is stopped. */
+  pre?: { protection: PreProtection; finalLog: () => TrackLog } | undefined;
 }
 
 export interface PauseOutcome {
@@ -54,6 +64,8 @@ export interface PauseOutcome {
   warnings: string[];
   /** Regions protected only where populated. */
   sparseRegions: number;
+  /** With pre-protection: written ranges protected again in the pause (-1: everything, the log overflowed). */
+  writtenAtInstant: number | null;
 }
 
 /** close(2), ignoring an fd already closed. */
@@ -76,23 +88,36 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     return us;
   };
   const stopped = attacher.stop();
-  const breakdown: PauseBreakdown = { freeze: lap(), inject: 0, plan: 0, protect: 0, copy: 0, thaw: 0 };
-  let uffd = -1;
+  const breakdown: PauseBreakdown = { freeze: lap(), inject: 0, plan: 0, protect: 0, copy: 0, engine: 0, thaw: 0 };
+  const pre = inputs.pre;
+  // The userfaultfd obtained here is this function's to close on failure; a pre-protection's is its owner's.
+  let uffd = pre?.protection.uffd ?? -1;
+  let method: UffdMethod = pre?.protection.method ?? 'syscall';
   try {
     faultPoint('after-freeze');
-    const obtained = stopped.obtainUffd();
-    uffd = obtained.fd;
-    faultPoint('after-inject');
-    try {
-      binding.uffdApi(uffd, UFFD_FEATURES_FOR_SNAPSHOT);
-    } catch (error) {
-      throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
+    if (pre === undefined) {
+      const obtained = stopped.obtainUffd();
+      uffd = obtained.fd;
+      method = obtained.method;
+      faultPoint('after-inject');
+      try {
+        binding.uffdApi(uffd, UFFD_FEATURES_FOR_SNAPSHOT);
+      } catch (error) {
+        throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
+      }
     }
     breakdown.inject = lap();
     const plans = planner.plan(planner.readMaps());
     breakdown.plan = lap();
     const registered = registerRegions(binding, uffd, plans, inputs.maxSharedCopyBytes);
     const protection = protectionRanges(binding, pid, registered, inputs.sparse);
+    let writtenAtInstant: number | null = null;
+    if (pre !== undefined) {
+      // Only what the target wrote since its pre-protection, and what that did not cover.
+      const atInstant = rangesAtInstant(pre.protection, pre.finalLog(), protection.ranges);
+      protection.ranges = atInstant.ranges;
+      writtenAtInstant = atInstant.written;
+    }
     writeProtectAll(binding, uffd, protection.ranges);
     breakdown.protect = lap();
     faultPoint('after-protect');
@@ -101,9 +126,14 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     const pinned = savePinned(binding, pid, registered, findPinned(pid, inputs.pinSources), inputs.maxPinnedCopyBytes);
     if (pinned.pages) pausedPages.push(pinned.pages);
     breakdown.copy = lap();
+    inputs.beforeResume?.(uffd, plans);
+    breakdown.engine = lap();
     stopped.resume();
     breakdown.thaw = lap();
     const pauseMicros = Number(process.hrtime.bigint() - started) / 1000;
+    // Woken after the resume, not before: woken in the pause, the engine
+    // thread preempted the pause's own thread for milliseconds.
+    inputs.afterResume?.();
     // Thread names are read after the resume: they are for recognising the
     // snapshot, and reading /proc per thread would lengthen the pause.
     const threads: ThreadRecord[] = stopped.threads.map((t) => ({ tid: t.tid, name: threadName(pid, t.tid), regs: t.regs, fpregs: t.fpregs, xstate: t.xstate }));
@@ -111,17 +141,18 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
       breakdown,
       pauseMicros,
       uffd,
-      method: obtained.method,
+      method,
       plans,
       threads,
       pausedPages,
       pinnedLost: pinned.lost,
       warnings: pinned.warnings,
       sparseRegions: protection.sparseRegions,
+      writtenAtInstant,
     };
   } catch (error) {
     // Closing the only reference releases every registration and protection.
-    if (uffd >= 0) closeQuietly(binding, uffd);
+    if (uffd >= 0 && pre === undefined) closeQuietly(binding, uffd);
     stopped.resume();
     throw error;
   }

@@ -160,3 +160,38 @@ export function readNsPids(pid: number): number[] | undefined {
   const m = /^NSpid:[ \t]+([\d \t]+?)[ \t]*$/m.exec(readProc(pid, 'status').toString('utf8'));
   return m ? m[1]!.split(/[ \t]+/).map(Number) : undefined;
 }
+
+/** CPU time the process's threads have had, in ns (the first field of each task's schedstat); 0 once it is gone. */
+export function processCpuNanos(pid: number): number {
+  let total = 0;
+  let tids: number[];
+  try {
+    tids = listThreads(pid);
+  } catch {
+    return 0;
+  }
+  for (const tid of tids) {
+    try {
+      total += Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      // the thread exited meanwhile
+    }
+  }
+  return total;
+}
+
+/** A clock on a process's CPU use: lap() gives the CPUs it used since the last lap (1 = one CPU all along). */
+export function cpuClock(pid: number): { lap: () => number } {
+  let cpu = processCpuNanos(pid);
+  let wall = process.hrtime.bigint();
+  return {
+    lap(): number {
+      const nowCpu = processCpuNanos(pid);
+      const nowWall = process.hrtime.bigint();
+      const used = nowWall > wall ? (nowCpu - cpu) / Number(nowWall - wall) : 0;
+      cpu = nowCpu;
+      wall = nowWall;
+      return Math.round(used * 1000) / 1000;
+    },
+  };
+}

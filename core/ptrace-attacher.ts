@@ -36,6 +36,14 @@ export function ptraceAttacher(binding: NativeBinding, pid: number, pidfd: numbe
         resume: () => binding.thaw(frozen.handle),
       };
     },
+    rearm(): void {
+      // The tracer helper serves one freeze and exits with its thaw: start the next one now.
+      try {
+        binding.prepareFreeze();
+      } catch (error) {
+        throw fromNative(error, 'start the tracer helper');
+      }
+    },
     release(): void {
       deviceNode?.remove();
       deviceNode = null;

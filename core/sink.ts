@@ -25,4 +25,6 @@ export interface SnapshotSink {
 
 export interface SnapshotTarget {
   beginSnapshot(options: { name?: string }): SnapshotSink;
+  /** Where copied pages may wait on disk for the store by default (the store's directory). */
+  readonly stagingDir?: string;
 }

@@ -6,7 +6,7 @@ import { closeSync } from 'node:fs';
 import type { LostRange, RegionRecord } from '../snapshot-format/model.js';
 import type { UffdMethod } from './attach.js';
 import type { Attacher } from './attacher.js';
-import { runEngine, type EngineProgress } from './engine-session.js';
+import { EngineSession, type EngineProgress } from './engine-session.js';
 import { WpsnapError, fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
 import { requireFeatures } from './features.js';
@@ -15,9 +15,12 @@ import { closeQuietly, pause, type PauseBreakdown, type PauseOutcome } from './p
 import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
-import { assertProcessExists, readProcessRecord } from './procfs.js';
+import { assertProcessExists, cpuClock, readProcessRecord } from './procfs.js';
+import { setStorePriority, type StorePriority } from '../store/priority.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
+import { openStaging, residentBytes, type Staging, type StagingOptions } from './staging.js';
+import { preProtect, type PreProtection } from './preprotect.js';
 import { findSparse } from './sparse.js';
 import { refuseSelfFreeze } from './target-guard.js';
 
@@ -40,6 +43,18 @@ export interface SnapshotOptions {
   maxPinnedCopyBytes?: number;
   /** How the target is stopped and its userfaultfd obtained; default: ptrace injection. */
   attacher?: (binding: NativeBinding, pid: number, pidfd: number) => Attacher;
+  /** Where copied pages wait for the store (default: memory, then a spill file next to the store). */
+  staging?: StagingOptions;
+  /**
+   * Write-protect the target's bulk while it runs, so that the pause protects only what it
+   * wrote since (default true). False: everything is protected in the pause.
+   */
+  preProtect?: boolean;
+  /** Tests: keep the target pre-protected at least this long before the pause. */
+  preProtectHoldMillis?: number;
+  /** The store's CPU priority once the target runs again (store/priority.ts). Default normal: a
+   * library leaves its caller's thread alone unless asked (the CLI asks for idle). */
+  priority?: StorePriority;
 }
 
 export const DEFAULT_MAX_SHARED_COPY = 512 * 1024 * 1024;
@@ -60,6 +75,19 @@ export interface SnapshotResult {
   protectWindowMillis: number;
   /** From the end of the pause until the final commit: the snapshot is durable from then on. */
   durableMillis: number;
+  /** Bytes of copied pages that waited for the store at most (memory pool and spill file). */
+  stagingBytesPeak: number;
+  staging: {
+    /** The memory pool's size (touched only as it fills). */
+    poolBytes: number;
+    /** Of stagingBytesPeak, at most in the spill file. */
+    spillBytesPeak: number;
+    /** Where the spill file was (unlinked), or null without one. */
+    spillDir: string | null;
+    spillMaxBytes: number;
+    /** Why spilling stopped (the directory filled up), or null. */
+    fallback: string | null;
+  };
   pagesSaved: number;
   zeroPages: number;
   pagesNew: number;
@@ -75,7 +103,25 @@ export interface SnapshotResult {
   /** sparse: of the protected regions, those protected only where populated (their other pages were zero at T). */
   regions: { protected: number; sparse: number; copied: number; filePrivate: number; fileReference: number; skipped: number };
   uffdMethod: UffdMethod;
+  /** The pause at T, where it went. pauseMicros is the longest stop: this one or the attach's. */
   pauseBreakdownMicros: PauseBreakdown;
+  /** The CPUs the target used (1 = one CPU all along): while wpsnap prepared (to the pause), while
+   * protected (the resume to the window's end), while the store compressed (to the final commit). */
+  targetCpu: { before: number; window: number; compressing: number };
+  /** The store's CPU priority after the pause. */
+  priority: StorePriority;
+  /** Staging filled up during the window: the store ran at normal priority until the window ended. */
+  priorityRaised: boolean;
+  /** The target's stops, µs: the attach (with pre-protection, a stop of its own) and the instant T. */
+  stops: { attach: number | null; instant: number };
+  /** Pre-protection: ranges protected again per round while the target ran, write faults let
+   * through meanwhile, and written ranges protected in the pause (-1: all; null: not used). */
+  preProtection: {
+    attachBreakdownMicros: PreProtection['attachBreakdownMicros'];
+    rounds: number[];
+    faults: number;
+    writtenAtInstant: number | null;
+  } | null;
   engine: Omit<EngineFinalStats, 'lost' | 'error'>;
 }
 
@@ -90,6 +136,10 @@ export async function snapshotProcess(
   requireFeatures(binding);
   const startedAt = Date.now();
   const processRecord = readProcessRecord(pid);
+  const targetClock = cpuClock(pid);
+  const targetCpu = { before: 0, window: 0, compressing: 0 };
+  const priority = options.priority ?? 'normal';
+  let storeRaised = false;
   let pidfd: number;
   try {
     pidfd = binding.pidfdOpen(pid);
@@ -99,6 +149,11 @@ export async function snapshotProcess(
   const attacher: Attacher = (options.attacher ?? ptraceAttacher)(binding, pid, pidfd);
   let writer: SnapshotSink | undefined;
   let paused: PauseOutcome | undefined;
+  let staging: Staging | undefined;
+  let session: EngineSession | undefined;
+  let pre: PreProtection | undefined;
+  let preFaults = 0;
+  const stopEngine = new AbortController();
   const planner = new RegionPlanner(pid);
   try {
     attacher.prepare();
@@ -109,6 +164,34 @@ export async function snapshotProcess(
     const sparse = findSparse(binding, pid, mapsBefore);
     const copyBuffer = privateCopyBuffer(binding, pid, planner.prepared());
     const pinSources = scanPinSources(pid);
+    // Before the pause: nothing between the resume and the engine's start may
+    // wait on a filesystem or on fresh memory (the target's first writes wait
+    // for the engine).
+    staging = openStaging(store.stagingDir, options.staging ?? {}, residentBytes(pid));
+    session = new EngineSession(binding, writer, {
+      pid,
+      pidfd,
+      rateBytesPerSec: options.rateBytesPerSec ?? 0,
+      processId,
+      startedAt,
+      onProgress: options.onProgress,
+      signals: [options.signal, stopEngine.signal],
+      staging: { ...staging, warmBatches: staging.poolBatches },
+      onWindowClosed: () => {
+        targetCpu.window = targetClock.lap();
+        if (priority !== 'normal' && storeRaised) setStorePriority(priority);
+      },
+      // The target waits on the sweep, the sweep on the store: no idle priority
+      // for the store until the window ends (what priority inheritance would do).
+      onStagingFull: () => {
+        if (priority !== 'normal') {
+          storeRaised = true;
+          setStorePriority('normal');
+        }
+      },
+    });
+    const started = session;
+    if (options.preProtect ?? true) pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis });
     faultPoint('before-freeze');
     const maxSharedCopyBytes = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
     paused = pause(binding, {
@@ -120,18 +203,38 @@ export async function snapshotProcess(
       copyBuffer,
       pinSources,
       maxPinnedCopyBytes: options.maxPinnedCopyBytes,
+      beforeResume: (uffd, plans) => started.prepareRun(uffd, plans.flatMap((p) => (p.engine ? [p.engine] : []))),
+      afterResume: () => started.go(),
+      pre:
+        pre === undefined
+          ? undefined
+          : {
+              protection: pre,
+              finalLog: () => {
+                const log = started.trackTake(true);
+                preFaults = log.faults;
+                return log;
+              },
+            },
     });
+    const longestStop = Math.max(paused.pauseMicros, pre?.attachStopMicros ?? 0);
     const resumedAt = performance.now();
-    writer.recordPause(paused.pauseMicros, paused.breakdown);
+    targetCpu.before = targetClock.lap();
+    // From now on the store's work waits for CPUs the target leaves.
+    if (priority !== 'normal') setStorePriority(priority);
+    writer.recordPause(longestStop, paused.breakdown);
     attacher.release();
     faultPoint('after-resume');
-    const { stats, lost, engineStartedAt } = await saveInBackground(binding, writer, processId, paused, { pid, pidfd, startedAt, options });
-    const protectWindowMillis = Math.round(engineStartedAt - resumedAt + stats.windowMicros / 1000);
+    const { stats, lost } = await saveInBackground(binding, writer, processId, paused, session, stopEngine, pid);
+    staging.close();
+    // The engine's window counts from its run(), in the pause: the protection
+    // window as the target sees it starts at the resume.
+    const protectWindowMillis = Math.max(0, Math.round(session.ranAt + stats.windowMicros / 1000 - resumedAt));
     faultPoint('before-commit');
     writer.countZeroPages(stats.pagesZero);
     const durationMillis = Date.now() - startedAt;
     const final = await writer.complete({
-      pauseMicros: Math.round(paused.pauseMicros),
+      pauseMicros: Math.round(longestStop),
       durationMillis,
       protectWindowMillis,
       faults: stats.faults,
@@ -139,16 +242,25 @@ export async function snapshotProcess(
       faultP99Micros: stats.faultServiceP99Micros,
       ...(paused.warnings.length > 0 ? { warnings: paused.warnings } : {}),
     });
+    targetCpu.compressing = targetClock.lap();
     const { lost: _lost, error: _error, ...engine } = stats;
     const count = (capture: RegionRecord['capture']): number => paused!.plans.filter((p) => p.record.capture === capture).length;
     return {
       id: writer.id,
       name: options.name ?? null,
       pid,
-      pauseMicros: Math.round(paused.pauseMicros),
+      pauseMicros: Math.round(longestStop),
       durationMillis,
       protectWindowMillis,
       durableMillis: Math.round(performance.now() - resumedAt),
+      stagingBytesPeak: stats.stagingBytesPeak,
+      staging: {
+        poolBytes: stats.poolBytes,
+        spillBytesPeak: stats.spillBytesPeak,
+        spillDir: staging.dir ?? null,
+        spillMaxBytes: staging.spillMaxBytes,
+        fallback: stats.stagingFallback ?? null,
+      },
       pagesSaved: final.pagesSaved,
       zeroPages: final.zeroPages,
       pagesNew: final.pagesNew,
@@ -170,13 +282,27 @@ export async function snapshotProcess(
       },
       uffdMethod: paused.method,
       pauseBreakdownMicros: paused.breakdown,
+      targetCpu,
+      priority,
+      priorityRaised: storeRaised,
+      stops: { attach: pre === undefined ? null : Math.round(pre.attachStopMicros), instant: Math.round(paused.pauseMicros) },
+      preProtection:
+        pre === undefined
+          ? null
+          : { attachBreakdownMicros: pre.attachBreakdownMicros, rounds: pre.rounds, faults: preFaults, writtenAtInstant: paused.writtenAtInstant },
       engine,
     };
   } catch (error) {
+    // The engine first: while it tracks, it reads the userfaultfd closed next.
+    session?.close();
     if (paused) closeQuietly(binding, paused.uffd);
+    else if (pre) closeQuietly(binding, pre.uffd);
     if (writer) await writer.abort(error instanceof Error ? error.message : String(error)).catch(() => undefined);
     throw error;
   } finally {
+    if (priority !== 'normal') setStorePriority('normal'); // for whoever calls next; a CLI exits anyway
+    session?.close();
+    staging?.close();
     planner.release();
     attacher.release();
     closeQuietly(binding, pidfd);
@@ -195,25 +321,14 @@ async function saveInBackground(
   writer: SnapshotSink,
   processId: number,
   paused: PauseOutcome,
-  context: { pid: number; pidfd: number; startedAt: number; options: SnapshotOptions },
-): Promise<{ stats: EngineFinalStats; lost: LostRange[]; engineStartedAt: number }> {
-  const { pid, options } = context;
-  // The engine starts first: the target is running and its first writes to
-  // protected pages wait for it. The metadata and the pages copied in the
-  // pause are stored meanwhile (the first batch also starts the store's workers).
-  const stopEngine = new AbortController();
-  const engineStartedAt = performance.now();
-  const engineDone = runEngine(binding, writer, {
-    pid,
-    uffd: paused.uffd,
-    pidfd: context.pidfd,
-    plans: paused.plans,
-    rateBytesPerSec: options.rateBytesPerSec ?? 0,
-    processId,
-    startedAt: context.startedAt,
-    onProgress: options.onProgress,
-    signals: [options.signal, stopEngine.signal],
-  });
+  session: EngineSession,
+  stopEngine: AbortController,
+  pid: number,
+): Promise<{ stats: EngineFinalStats; lost: LostRange[] }> {
+  // The engine runs since the pause: the target's first writes to protected
+  // pages wait for it. The metadata and the pages copied in the pause are
+  // stored meanwhile (the first batch also starts the store's workers).
+  const engineDone = session.done;
   let pausedStored: Promise<unknown>;
   const initialLost = [...paused.plans.flatMap((p): LostRange[] => (p.lost ? [p.lost] : [])), ...paused.pinnedLost];
   try {
@@ -242,5 +357,5 @@ async function saveInBackground(
     await writer.abort('interrupted');
     throw new WpsnapError('INTERRUPTED', `snapshot of pid ${pid} interrupted; recorded as incomplete`);
   }
-  return { stats, lost: [...initialLost, ...engineLost], engineStartedAt };
+  return { stats, lost: [...initialLost, ...engineLost] };
 }

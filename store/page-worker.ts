@@ -34,7 +34,8 @@ export interface BlobToCheck {
 
 export type CheckResult = { hashes: Uint8Array; error?: undefined } | { hashes?: undefined; error: string };
 
-export type PageWorkerRequest =
+/** Every request says the priority the worker is to run at (store/priority.ts). */
+export type PageWorkerRequest = { priority: 'idle' | 'nice' | 'normal' } & (
   /** Find the zero pages of `buffer` and hash the others; the worker keeps the batch for pack or release. */
   | { op: 'scan'; job: number; buffer: ArrayBuffer }
   /** Compress the listed pages of a held batch, BLOB_PAGES to a blob, into `out` if it is big enough. */
@@ -42,7 +43,8 @@ export type PageWorkerRequest =
   /** Drop a held batch (its buffer comes back as `spare`). */
   | { op: 'release'; job: number }
   /** Decompress and re-hash stored blobs. */
-  | { op: 'check'; job: number; blobs: BlobToCheck[] };
+  | { op: 'check'; job: number; blobs: BlobToCheck[] }
+);
 
 export interface PageWorkerReply {
   job: number;
@@ -61,7 +63,8 @@ export function pageWorkerMain(require: NodeJS.Require): void {
   const { parentPort, workerData } = require('node:worker_threads') as typeof WorkerThreads;
   const data0 = workerData as PageWorkerData;
   const zstd = require(data0.zstdPath) as typeof ZstdBinding;
-  const { scanPages } = require(data0.pagehashPath) as PagehashAddon;
+  const { scanPages, setThreadPriority } = require(data0.pagehashPath) as PagehashAddon;
+  let priority = '';
   const port = parentPort!;
   const PAGE = 4096;
   const { hashBytes, blobPages, codecRaw, codecZstd } = data0;
@@ -155,6 +158,10 @@ export function pageWorkerMain(require: NodeJS.Require): void {
   }
 
   port.on('message', (m: PageWorkerRequest) => {
+    if (m.priority !== priority) {
+      setThreadPriority(m.priority);
+      priority = m.priority;
+    }
     try {
       if (m.op === 'scan') scan(m);
       else if (m.op === 'pack') pack(m);

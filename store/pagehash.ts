@@ -15,6 +15,8 @@ export interface PagehashAddon {
   scanPages(data: Uint8Array, zero: Uint8Array | null, hashes: Uint8Array): void;
   /** Bytes of the digest kept per page (16). */
   readonly HASH_BYTES: number;
+  /** The calling thread's scheduling (store/priority.ts); 0 or the errno. */
+  setThreadPriority(mode: 'idle' | 'nice' | 'normal'): number;
 }
 
 /** Where npm install builds the store's addon: build/Release under the package root. */

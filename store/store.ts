@@ -1,6 +1,7 @@
 // The page store: one SQLite file (WAL) per store. Store.open checks the file
 // is a wpsnap store before anything is written to it (open.ts); writing goes
 // through SnapshotWriter and the PageSink; reading through the PageReader.
+import { dirname } from 'node:path';
 import type Database from 'better-sqlite3';
 import { WpsnapError } from '../common/errors.js';
 import type { SnapshotReader } from '../snapshot-format/reader.js';
@@ -94,6 +95,11 @@ export class Store implements SnapshotReader {
       onWarning: options.onWarning ?? warnOnStderr,
     });
     return new Store(file, db, readonly);
+  }
+
+  /** Snapshots stage their copied pages next to the store by default (core/staging.ts). */
+  get stagingDir(): string {
+    return dirname(this.path);
   }
 
   /** Mark this process's unfinished snapshots incomplete, stop the workers, close the file. */

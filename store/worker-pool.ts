@@ -19,6 +19,9 @@ import {
   type PageWorkerRequest,
 } from './page-worker.js';
 import { pagehashAddonPath } from './pagehash.js';
+import { storePriority } from './priority.js';
+
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
 export { BLOB_PAGES, CODEC_RAW, CODEC_ZSTD, HASH_BYTES, ZSTD_LEVEL, type BlobToCheck, type CheckResult };
 /** Recycled batch buffers kept at most. */
@@ -131,7 +134,7 @@ export class WorkerPool {
 
   /** Drop a scanned batch that needs no pack(). */
   release(scan: ScanResult): void {
-    this.slots[scan.worker]?.worker.postMessage({ op: 'release', job: scan.job });
+    this.slots[scan.worker]?.worker.postMessage({ op: 'release', job: scan.job, priority: storePriority() } satisfies PageWorkerRequest);
   }
 
   /** Decompress and re-hash blobs, spread over the pool. */
@@ -158,12 +161,12 @@ export class WorkerPool {
     await Promise.all(running.map((slot) => slot.worker.terminate()));
   }
 
-  private request(index: number, job: number, message: PageWorkerRequest, transfer: ArrayBuffer[]): Promise<unknown> {
+  private request(index: number, job: number, message: DistributiveOmit<PageWorkerRequest, 'priority'>, transfer: ArrayBuffer[]): Promise<unknown> {
     const slot = this.slot(index);
     return new Promise((resolve, reject) => {
       slot.pending.set(job, { resolve, reject });
       if (slot.pending.size === 1) slot.worker.ref();
-      slot.worker.postMessage(message, transfer);
+      slot.worker.postMessage({ ...message, priority: storePriority() }, transfer);
     });
   }
 

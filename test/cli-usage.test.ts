@@ -273,14 +273,14 @@ describe('SIGINT/SIGTERM (ctx.signal aborted): exit 130, nothing half-written', 
 
 describe('progress line', () => {
   it('counts pages with data, not zero pages, and says faults are not rate-limited', () => {
-    const p = { phase: 'saving' as const, batchesPending: 2, pagesDone: 95_000, zeroPages: 90_000, totalPages: 100_000, bytesCopied: 20e6, faults: 7, elapsedMillis: 2000 };
+    const p = { phase: 'saving' as const, batchesPending: 2, stagingBytes: 0, pagesDone: 95_000, zeroPages: 90_000, totalPages: 100_000, bytesCopied: 20e6, faults: 7, elapsedMillis: 2000 };
     expect(progressLine(p)).toBe('saving: 50% 5000/10000 pages with data (90000 zero of 100000), 10 MB/s, 7 faults');
     expect(progressLine(p, 10)).toBe('saving: 50% 5000/10000 pages with data (90000 zero of 100000), 10 MB/s (sweep limited to 10 MB/s; faults are not rate-limited), 7 faults');
   });
 
   it('names the phase: once every page is saved, the store still compressing', () => {
-    const p = { phase: 'compressing' as const, batchesPending: 3, pagesDone: 100_000, zeroPages: 90_000, totalPages: 100_000, bytesCopied: 40e6, faults: 7, elapsedMillis: 4000 };
-    expect(progressLine(p)).toBe('compressing: every page saved and unprotected (the target runs freely), 3 batches left to store');
-    expect(progressLine({ ...p, batchesPending: 1 })).toBe('compressing: every page saved and unprotected (the target runs freely), 1 batch left to store');
+    const p = { phase: 'compressing' as const, batchesPending: 3, stagingBytes: 6 * 1024 * 1024, pagesDone: 100_000, zeroPages: 90_000, totalPages: 100_000, bytesCopied: 40e6, faults: 7, elapsedMillis: 4000 };
+    expect(progressLine(p)).toBe('compressing: every page saved and unprotected (the target runs freely), 3 batches left to store (6.0 MiB staged)');
+    expect(progressLine({ ...p, batchesPending: 1, stagingBytes: 0 })).toBe('compressing: every page saved and unprotected (the target runs freely), 1 batch left to store');
   });
 });

@@ -70,15 +70,20 @@ describe('wpsnap snapshot / ls / show / verify / export', () => {
     expect(run.stderr).toBe('');
     expect(run.code).toBe(0);
     const doc = JSON.parse(run.stdout) as Record<string, unknown>;
-    for (const key of ['id', 'pid', 'pauseMicros', 'protectWindowMillis', 'durableMillis', 'durationMillis', 'pagesSaved', 'zeroPages', 'bytesRaw', 'bytesStored', 'faults', 'faultP50Micros', 'faultP99Micros', 'lostPages']) {
+    for (const key of ['id', 'pid', 'pauseMicros', 'stops', 'preProtection', 'protectWindowMillis', 'durableMillis', 'stagingBytesPeak', 'staging', 'durationMillis', 'pagesSaved', 'zeroPages', 'bytesRaw', 'bytesStored', 'faults', 'faultP50Micros', 'faultP99Micros', 'lostPages']) {
       expect(doc, key).toHaveProperty(key);
     }
     // The windows nest: protected (end of pause -> last page unprotected) within
     // durable (-> final commit) within the whole command's duration; the
-    // protected window holds the engine's own.
+    // engine's own window starts in the pause, before the resume.
     const windowMillis = doc['protectWindowMillis'] as number;
     expect(windowMillis).toBeGreaterThan(0);
-    expect(windowMillis).toBeGreaterThanOrEqual(Math.floor((doc['engine'] as { windowMicros: number }).windowMicros / 1000));
+    expect(windowMillis).toBeLessThanOrEqual(Math.ceil((doc['engine'] as { windowMicros: number }).windowMicros / 1000));
+    // The pause is the longest stop: the attach's or the instant's.
+    const stops = doc['stops'] as { attach: number; instant: number };
+    expect(doc['pauseMicros']).toBe(Math.max(stops.attach, stops.instant));
+    expect((doc['preProtection'] as { rounds: number[] }).rounds.length).toBeGreaterThan(0);
+    expect(doc['stagingBytesPeak'] as number).toBeGreaterThan(0);
     expect(doc['durableMillis'] as number).toBeGreaterThanOrEqual(windowMillis);
     expect(doc['durableMillis'] as number).toBeLessThanOrEqual(doc['durationMillis'] as number);
     expect(doc['pid']).toBe(fixture.pid);
@@ -286,7 +291,9 @@ describe('killing wpsnap at any point', () => {
     const store = join(dir, `kill-${point}.db`);
     const first = await runCli(['snapshot', String(fixture.pid), '--store', store, '--name', 'before', '--json']);
     expect(first.code).toBe(0);
-    const killed = await runCliProcess(['snapshot', String(fixture.pid), '--store', store], { WPSNAP_FAULT: point });
+    // A pool of 8 batches (16 MiB) for this 20 MiB target: batches go to the spill file.
+    const staging = point === 'mid-spill' ? ['--staging-memory', '16'] : [];
+    const killed = await runCliProcess(['snapshot', String(fixture.pid), '--store', store, ...staging], { WPSNAP_FAULT: point });
     expect(killed.signal).toBe('SIGKILL');
     // The kernel released the userfaultfd with the process; the tracer helper
     // (wpsnap-tracer) saw it die, finished what it was doing and let the target go.

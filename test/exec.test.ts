@@ -29,14 +29,13 @@ afterAll(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-/** The real binding, but the target gets SIGUSR1 (exec or exit) as soon as the engine runs: after T. */
+/** The real binding, but the target gets SIGUSR1 (exec or exit) as soon as the engine gets its regions: in the pause, handled after T. */
 function signalAtEngineStart(pid: number): NativeBinding {
   return {
     ...binding,
-    engineStart: (options, onMessage) => {
-      const handle = binding.engineStart(options, onMessage);
+    engineRun: (handle, options) => {
+      binding.engineRun(handle, options);
       process.kill(pid, 'SIGUSR1');
-      return handle;
     },
   };
 }

@@ -82,8 +82,13 @@ function opsAtT(h: Hostile, view: SnapshotView): number[] {
   return Array.from({ length: h.ready.opsSlots }, (_, i) => view.num(h.ready.control + BigInt(i * 64)));
 }
 
+/**
+ * Pre-protected for 150 ms before the pause: every attack also runs while the
+ * target's bulk is protected and its writes only tracked (core/preprotect.ts),
+ * so the pause must protect again exactly what changed meanwhile.
+ */
 async function snap(store: Store, h: Hostile, options: SnapshotOptions = {}): Promise<{ result: SnapshotResult; view: SnapshotView }> {
-  const result = await snapshotProcess(binding, store, h.fixture.pid, options);
+  const result = await snapshotProcess(binding, store, h.fixture.pid, { preProtectHoldMillis: 150, ...options });
   expect(store.find(String(result.id)).state).toBe('complete');
   const processId = store.processes(result.id)[0]!.processId;
   return { result, view: new SnapshotView(store, processId) };

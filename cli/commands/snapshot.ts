@@ -5,6 +5,7 @@ import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, micros, millis } from '../format.js';
 import { defineCommand } from './types.js';
 import { numberOption, positiveInteger } from '../args.js';
+import { STORE_PRIORITIES, type StorePriority } from '../../store/priority.js';
 
 /**
  * The percentage counts pages with data only: zero pages are found in bulk
@@ -13,7 +14,8 @@ import { numberOption, positiveInteger } from '../args.js';
  */
 export function progressLine(p: SnapshotProgress, rateMBps?: number): string {
   if (p.phase === 'compressing') {
-    return `compressing: every page saved and unprotected (the target runs freely), ${p.batchesPending} batch${p.batchesPending === 1 ? '' : 'es'} left to store`;
+    const staged = p.stagingBytes > 0 ? ` (${bytes(p.stagingBytes)} staged)` : '';
+    return `compressing: every page saved and unprotected (the target runs freely), ${p.batchesPending} batch${p.batchesPending === 1 ? '' : 'es'} left to store${staged}`;
   }
   const withData = p.totalPages - p.zeroPages;
   const saved = p.pagesDone - p.zeroPages;
@@ -23,13 +25,24 @@ export function progressLine(p: SnapshotProgress, rateMBps?: number): string {
   return `saving: ${pct}% ${saved}/${withData} pages with data (${p.zeroPages} zero of ${p.totalPages}), ${rate} MB/s${limit}, ${p.faults} faults`;
 }
 
+/** $WPSNAP_PRIORITY when it names a priority, else idle. */
+export function defaultPriority(env: string | undefined): StorePriority {
+  if (env === undefined || env === '') return 'idle';
+  if ((STORE_PRIORITIES as readonly string[]).includes(env)) return env as StorePriority;
+  throw usageError(`WPSNAP_PRIORITY must be one of ${STORE_PRIORITIES.join(', ')}, not "${env}"`);
+}
+
 export function summary(r: SnapshotResult): string[] {
   const lines = [
     `snapshot ${r.id}${r.name ? ` (${r.name})` : ''} of pid ${r.pid} complete`,
     `  paused ${micros(r.pauseMicros)}, then protected for ${millis(r.protectWindowMillis)}; durable after ${millis(r.durableMillis)}, took ${millis(r.durationMillis)}`,
     `  ${r.pagesSaved} pages saved, ${r.zeroPages} zero pages, ${bytes(r.bytesRaw)} raw -> ${bytes(r.bytesStored)} stored`,
     `  ${r.faults} write faults served (p50 ${micros(r.faultP50Micros)}, p99 ${micros(r.faultP99Micros)})`,
+    `  ${bytes(r.stagingBytesPeak)} waited for the store at most (${bytes(r.staging.spillBytesPeak)} of it on disk)`,
+    `  the target used ${r.targetCpu.before} CPUs before, ${r.targetCpu.window} while protected, ${r.targetCpu.compressing} while the store compressed (at ${r.priority} priority)`,
   ];
+  if (r.staging.fallback !== null) lines.push(`  staging fell back to memory: ${r.staging.fallback}`);
+  if (r.priorityRaised) lines.push(`  staging filled up: the store ran at normal priority until every page was saved`);
   if (r.lostPages.length === 0) {
     lines.push(r.warnings.length === 0 ? '  exact: no page lost' : '  no page listed lost, but see the warnings');
   } else {
@@ -65,6 +78,29 @@ export const snapshotCommand = defineCommand({
         type: 'string',
         coerce: numberOption('max-shared-copy', 'MiB', { allowZero: true }),
         describe: 'MiB of shared memory uffd-wp cannot protect (SysV segments) to copy during the pause (default 512); beyond it is listed as lost',
+      })
+      .option('priority', {
+        choices: ['idle', 'nice', 'normal'] as const,
+        describe: "the store's CPU priority once the target runs again: idle (SCHED_IDLE: only CPUs the target leaves), nice (nice 19), normal (done sooner, the target slower). Default: $WPSNAP_PRIORITY, else idle",
+      })
+      .option('pre-protect', {
+        type: 'boolean',
+        default: true,
+        describe: 'write-protect the target while it runs, so the pause only protects what it wrote since (--no-pre-protect: all in the pause)',
+      })
+      .option('staging-dir', {
+        type: 'string',
+        describe: "where copied pages wait on disk for the store when the memory pool is full (default: the store's directory); the file is private and unlinked",
+      })
+      .option('staging-max', {
+        type: 'string',
+        coerce: numberOption('staging-max', 'MiB', { allowZero: true }),
+        describe: 'MiB of spill file in use at most (default: half the free space there; 0: no spill file, the memory pool only)',
+      })
+      .option('staging-memory', {
+        type: 'string',
+        coerce: numberOption('staging-memory', 'MiB'),
+        describe: 'MiB of memory for copied pages waiting for the store (default: a quarter of the available memory, at most the target\'s size)',
       }),
   async handler(args, ctx: CommandContext) {
     const binding = ctx.binding();
@@ -76,6 +112,13 @@ export const snapshotCommand = defineCommand({
         ...(args.name === undefined ? {} : { name: args.name }),
         ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6 }),
         ...(args.maxSharedCopy === undefined ? {} : { maxSharedCopyBytes: args.maxSharedCopy * 1024 * 1024 }),
+        preProtect: args.preProtect,
+        priority: args.priority ?? defaultPriority(process.env['WPSNAP_PRIORITY']),
+        staging: {
+          dir: args.stagingDir,
+          maxBytes: args.stagingMax === undefined ? undefined : args.stagingMax * 1024 * 1024,
+          memoryBytes: args.stagingMemory === undefined ? undefined : args.stagingMemory * 1024 * 1024,
+        },
         signal: ctx.signal,
         onProgress: (p) => {
           if (spinner) {

@@ -46,19 +46,35 @@ export interface EngineRegion {
   savedRanges?: BigUint64Array;
 }
 
-export interface EngineOptions {
+/** What engineCreate needs: everything but the userfaultfd and the regions, known before the pause. */
+export interface EngineCreateOptions {
   pid: number;
-  uffd: number;
   /** pidfd of the target: its exit ends the engine with ESRCH. */
   pidfd: number;
-  regions: EngineRegion[];
   /** Pages per batch (>= 512). */
   batchPages?: number;
-  /** Batches in the bounded pool the sweep fills. */
+  /** Batches in the staging pool (memory): the sweep fills them, the store empties them. */
   poolBatches?: number;
+  /** Of them, batches touched at creation, before the pause (fresh memory is slow to touch). */
+  warmBatches?: number;
+  /** Batches the store holds at most at a time; the others wait in staging. */
+  storeBatches?: number;
+  /** An unlinked, private file for the batches the pool cannot hold; -1 or absent: none. */
+  spillFd?: number;
+  /** Bytes of the spill file in use at most. */
+  spillMaxBytes?: number;
   /** Sweep rate limit, bytes/s; 0 = unlimited. */
   rateBytesPerSec?: number;
 }
+
+/** What engineRun adds, in the pause: the target's userfaultfd and the protected regions. */
+export interface EngineRunOptions {
+  uffd: number;
+  regions: EngineRegion[];
+}
+
+/** engineCreate and engineRun in one call (tests and tools that need no pause in between). */
+export type EngineOptions = EngineCreateOptions & EngineRunOptions;
 
 export interface EngineLiveStats {
   faults: number;
@@ -73,6 +89,19 @@ export interface EngineLiveStats {
   eagainRetries: number;
   overflowBatches: number;
   totalPages: number;
+  /** Full batches waiting in staging (memory or spill file), and those the store holds now. */
+  stagedBatches: number;
+  storeBatches: number;
+  /** Bytes waiting in staging now, and at most so far (memory + spill file). */
+  stagingBytes: number;
+  stagingBytesPeak: number;
+  /** Bytes in the spill file at most so far, and batches written to it. */
+  spillBytesPeak: number;
+  spilledBatches: number;
+  /** The staging pool's size in bytes (touched only as it fills). */
+  poolBytes: number;
+  /** Why spilling stopped (the spill file could not grow): the rest waited in the pool. */
+  stagingFallback?: string;
 }
 
 export interface EngineFinalStats extends EngineLiveStats {
@@ -89,6 +118,10 @@ export interface EngineFinalStats extends EngineLiveStats {
 
 export type EngineMessage =
   | { type: 'batch'; slot: number; addresses: BigUint64Array; data: Uint8Array }
+  /** Staging is full: the sweep waits for the store, with pages still protected (sent once). */
+  | { type: 'staging-full' }
+  /** The sweep ended: every page is saved or lost and the target unprotected; staged batches may remain. */
+  | { type: 'window'; windowMicros: number }
   | { type: 'done'; stats: EngineFinalStats };
 
 /** Values the C code and TypeScript share, as the C code has them (test/constants.test.ts compares). */
@@ -167,8 +200,30 @@ export interface NativeBinding {
   injectionThreadRsp(handle: NativeHandle): bigint;
   /** ptrace(PTRACE_DETACH) every thread; idempotent. */
   thaw(handle: NativeHandle): void;
-  /** Start the engine thread; onMessage gets batches, then one 'done'. */
-  engineStart(options: EngineOptions, onMessage: (message: EngineMessage) => void): NativeHandle;
+  /**
+   * Create the engine before the pause (its staging pool, its stager thread, its fds on the target);
+   * onMessage gets batches, one 'window' when the protection ends, then one 'done' (once it ran).
+   */
+  engineCreate(options: EngineCreateOptions, onMessage: (message: EngineMessage) => void): NativeHandle;
+  /** Give the engine the protected regions (in the pause, right before the resume). */
+  engineRun(handle: NativeHandle, options: EngineRunOptions): void;
+  /** Start the snapshot: the engine thread serves faults and sweeps from now on (right after the resume). */
+  engineGo(handle: NativeHandle): void;
+  /** End an engine that never ran; a no-op once it ran. */
+  engineClose(handle: NativeHandle): void;
+  /**
+   * Before the pause: the engine thread lets write faults on these protected ranges
+   * ([start, end, unit] triples, sorted) through at once and records them.
+   */
+  engineTrack(handle: NativeHandle, options: { uffd: number; ranges: BigUint64Array }): void;
+  /**
+   * What was recorded since the last take, as [start, len] pairs: written (or zapped, or
+   * moved into), and unmapped (or moved away). With stop, tracking ends first.
+   */
+  engineTrackTake(
+    handle: NativeHandle,
+    stop: boolean,
+  ): { written: BigUint64Array; invalid: BigUint64Array; overflowed: number; faults: number; forks: number; error?: string };
   /** The batch in slot is stored: its memory may be reused. */
   engineRelease(handle: NativeHandle, slot: number): void;
   /** Stop early: unsaved pages are reported lost as "interrupted". */

@@ -45,7 +45,7 @@ void register_constants_exports(napi_env env, napi_value exports) {
   };
   static const named_t kinds[] = {{"anon", KIND_ANON}, {"file", KIND_FILE}, {"private", KIND_PRIVATE}};
   static const named_t ioctls[] = {{"UFFDIO_REGISTER_MODE_WP", UFFDIO_REGISTER_MODE_WP}, {"USERFAULTFD_IOC_NEW", USERFAULTFD_IOC_NEW}};
-  static const char *const fault_points[] = {FAULT_POINT_MID_INJECT, FAULT_POINT_ENGINE_ALLOC, FAULT_POINT_ENGINE_VANISH};
+  static const char *const fault_points[] = {FAULT_POINT_MID_INJECT, FAULT_POINT_MID_SPILL, FAULT_POINT_ENGINE_ALLOC, FAULT_POINT_ENGINE_VANISH};
 
   napi_value constants;
   if (napi_create_object(env, &constants) != napi_ok) return;

@@ -24,6 +24,8 @@ extern const char *const lost_reason_names[LOST_REASON_COUNT];
 
 /* Forced-failure points checked in C (core/fault.ts lists them all). */
 #define FAULT_POINT_MID_INJECT "mid-inject"
+/* The stager has written a batch to the spill file (kill -9 then). */
+#define FAULT_POINT_MID_SPILL "mid-spill"
 /* Once two batches are posted, a write fault's batch cannot be allocated (ENOMEM). */
 #define FAULT_POINT_ENGINE_ALLOC "engine-alloc"
 /* The sweep sees the first unsaved page of a chunk as gone from the page tables

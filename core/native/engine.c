@@ -41,6 +41,16 @@ static napi_value stats_object(napi_env env, engine_t *e, bool final) {
   set_prop(env, o, "eagainRetries", make_double(env, (double)atomic_load(&e->eagain)));
   set_prop(env, o, "overflowBatches", make_double(env, (double)atomic_load(&e->overflow_batches)));
   set_prop(env, o, "totalPages", make_double(env, (double)e->total_pages));
+  pthread_mutex_lock(&e->pool_lock);
+  set_prop(env, o, "stagedBatches", make_double(env, (double)e->sq_len));
+  set_prop(env, o, "storeBatches", make_double(env, (double)e->js_out));
+  set_prop(env, o, "stagingBytes", make_double(env, (double)(e->staged_mem + e->spill_live)));
+  set_prop(env, o, "stagingBytesPeak", make_double(env, (double)e->staging_peak));
+  set_prop(env, o, "spillBytesPeak", make_double(env, (double)e->spill_peak));
+  set_prop(env, o, "spilledBatches", make_double(env, (double)e->spilled_batches));
+  set_prop(env, o, "poolBytes", make_double(env, (double)e->pool_mem_len));
+  if (e->stage_fallback[0]) set_prop(env, o, "stagingFallback", make_string(env, e->stage_fallback));
+  pthread_mutex_unlock(&e->pool_lock);
   if (final) {
     double p50 = 0, p99 = 0, max = 0;
     if (e->nlatency > 0) {
@@ -104,6 +114,11 @@ static void call_js(napi_env env, napi_value callback, void *context, void *data
     set_prop(env, msg, "slot", make_int(env, s->id));
     set_prop(env, msg, "addresses", addrs);
     set_prop(env, msg, "data", pages);
+  } else if (m->type == MSG_STAGING_FULL) {
+    set_prop(env, msg, "type", make_string(env, "staging-full"));
+  } else if (m->type == MSG_WINDOW_CLOSED) {
+    set_prop(env, msg, "type", make_string(env, "window"));
+    set_prop(env, msg, "windowMicros", make_double(env, e->window_end_us > e->started_us ? e->window_end_us - e->started_us : 0));
   } else {
     set_prop(env, msg, "type", make_string(env, "done"));
     set_prop(env, msg, "stats", stats_object(env, e, true));
@@ -117,13 +132,20 @@ static engine_t *get_engine(napi_env env, napi_value v) { return handle_data(env
 
 static void engine_free(engine_t *e) {
   free(e->done_msg);
+  for (staged_t *st = e->sq_head; st != NULL;) {
+    staged_t *next = st->next;
+    free(st->addrs);
+    free(st);
+    st = next;
+  }
   for (size_t i = 0; i < e->nslots; i++) {
     if (e->slots[i] == NULL) continue;
-    munmap(e->slots[i]->data, (size_t)e->slots[i]->cap * PG);
+    if (!e->slots[i]->pooled) munmap(e->slots[i]->data, (size_t)e->slots[i]->cap * PG);
     free(e->slots[i]->addrs);
     free(e->slots[i]);
   }
   free(e->slots);
+  if (e->pool_mem != NULL) munmap(e->pool_mem, e->pool_mem_len);
   for (size_t i = 0; i < e->nblocks; i++) free(e->state_blocks[i]);
   free(e->state_blocks);
   for (size_t i = 0; i < e->nsegs; i++)
@@ -137,39 +159,62 @@ static void engine_free(engine_t *e) {
   if (e->pagemap_fd >= 0) close(e->pagemap_fd);
   if (e->mem_fd >= 0) close(e->mem_fd);
   if (e->wake_fd >= 0) close(e->wake_fd);
+  free(e->track_ranges);
+  free(e->track_dirty.pairs);
+  free(e->track_invalid.pairs);
   pthread_mutex_destroy(&e->pool_lock);
   free(e);
 }
+
+static void send_command(engine_t *e, engine_cmd_t cmd);
 
 static void engine_finalize(napi_env env, void *data, void *hint) {
   engine_t *e = data;
   if (e->thread_started) {
     atomic_store(&e->stop, true);
+    atomic_store(&e->track_stop, true);
+    if (!e->ran) send_command(e, CMD_QUIT);
     uint64_t one = 1;
     ssize_t ignored = write(e->wake_fd, &one, sizeof one);
     (void)ignored;
     pthread_join(e->thread, NULL);
   }
+  if (!e->ran && e->stage_started) stage_finish(e);
+  stage_join(e);
   engine_free(e);
 }
 
-/* engineStart({pid, uffd, pidfd, regions: [{start, end, pageSize, kind, fd, fileOffset, hugetlb}],
- *              batchPages, poolBatches, rateBytesPerSec}, onMessage) -> handle */
-static napi_value js_engine_start(napi_env env, napi_callback_info info) {
+/* engineCreate({pid, pidfd, batchPages, poolBatches, warmBatches, storeBatches, spillFd, spillMaxBytes,
+ *               rateBytesPerSec}, onMessage) -> handle
+ * Everything that does not need the target stopped, done before the pause:
+ * the staging pool (its first warmBatches batches touched now: a fresh page
+ * costs far more than a copy, see pool_alloc), the stager thread, the fds on
+ * the target. poolBatches: the staging pool in batches; storeBatches: batches
+ * the store holds at most at a time; spillFd: an unlinked 0600 file for what
+ * the pool cannot hold (-1: none), at most spillMaxBytes of it. The engine
+ * runs once engineRun gives it the userfaultfd and the regions; a handle that
+ * never runs is ended with engineClose. */
+static napi_value js_engine_create(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 2) return throw_type(env, "engineStart(options, onMessage)");
+  if (argc < 2) return throw_type(env, "engineCreate(options, onMessage)");
   napi_value opts = argv[0];
-  int32_t pid, uffd, pidfd, batch_pages = 512, pool = 16;
-  uint64_t rate = 0;
-  if (!prop_int32(env, opts, "pid", &pid) || !prop_int32(env, opts, "uffd", &uffd) || !prop_int32(env, opts, "pidfd", &pidfd))
-    return throw_type(env, "engineStart: pid, uffd and pidfd are required");
+  int32_t pid, pidfd, batch_pages = 512, pool = 16, warm = 0, store_batches = 8, spill_fd = -1;
+  uint64_t rate = 0, spill_max = 0;
+  if (!prop_int32(env, opts, "pid", &pid) || !prop_int32(env, opts, "pidfd", &pidfd))
+    return throw_type(env, "engineCreate: pid and pidfd are required");
   prop_int32(env, opts, "batchPages", &batch_pages);
   prop_int32(env, opts, "poolBatches", &pool);
+  prop_int32(env, opts, "warmBatches", &warm);
   prop_uint64(env, opts, "rateBytesPerSec", &rate);
+  prop_int32(env, opts, "storeBatches", &store_batches);
+  prop_int32(env, opts, "spillFd", &spill_fd);
+  prop_uint64(env, opts, "spillMaxBytes", &spill_max);
+  if (store_batches < 1) store_batches = 1;
   if (batch_pages < 512) batch_pages = 512; /* a 2 MiB huge page must fit */
   if (pool < 2) pool = 2;
+  if (warm > pool) warm = pool;
 
   engine_t *e = calloc(1, sizeof *e);
   if (e == NULL) return throw_errno(env, ENOMEM, "calloc", "start the engine");
@@ -181,107 +226,22 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   const char *fault = getenv("WPSNAP_FAULT");
   e->fault_alloc = fault != NULL && strcmp(fault, FAULT_POINT_ENGINE_ALLOC) == 0;
   e->fault_vanish = fault != NULL && strcmp(fault, FAULT_POINT_ENGINE_VANISH) == 0;
+  e->fault_mid_spill = fault != NULL && strcmp(fault, FAULT_POINT_MID_SPILL) == 0;
   e->pid = pid;
-  e->uffd = uffd;
+  e->uffd = -1;
   e->pidfd = pidfd;
   e->pagemap_fd = e->mem_fd = e->wake_fd = -1;
+  e->js_max = (uint32_t)store_batches;
+  e->spill_fd = spill_fd;
+  e->spill_max = spill_fd >= 0 ? spill_max : 0;
   e->gone_reason = -1;
   e->batch_pages = (uint32_t)batch_pages;
   e->pool_size = (uint32_t)pool;
   e->rate = (double)rate;
   pthread_mutex_init(&e->pool_lock, NULL);
+  pthread_mutex_init(&e->track_lock, NULL);
+  pthread_cond_init(&e->cmd_cond, NULL);
 
-  napi_value regions;
-  uint32_t nregions = 0;
-  if (napi_get_named_property(env, opts, "regions", &regions) != napi_ok || napi_get_array_length(env, regions, &nregions) != napi_ok) {
-    engine_free(e);
-    return throw_type(env, "engineStart: regions must be an array");
-  }
-  e->state_blocks = calloc(nregions ? nregions : 1, sizeof(uint8_t *));
-  if (e->state_blocks == NULL) {
-    engine_free(e);
-    return throw_errno(env, ENOMEM, "calloc", "engine region table");
-  }
-  for (uint32_t i = 0; i < nregions; i++) {
-    napi_value r;
-    napi_get_element(env, regions, i, &r);
-    uint64_t start, end, file_off = 0;
-    int32_t page_size = 4096, kind = KIND_ANON, fd = -1;
-    bool hugetlb = false;
-    if (!prop_uint64(env, r, "start", &start) || !prop_uint64(env, r, "end", &end) || end <= start || (start & (PG - 1)) ||
-        (end & (PG - 1))) {
-      engine_free(e);
-      return throw_type(env, "engineStart: each region needs page-aligned start < end");
-    }
-    prop_int32(env, r, "pageSize", &page_size);
-    prop_int32(env, r, "kind", &kind);
-    prop_int32(env, r, "fd", &fd);
-    prop_uint64(env, r, "fileOffset", &file_off);
-    /* A shared file's pages are proven against its times at T: required. */
-    uint64_t ctime_ns = 0, mtime_ns = 0;
-    struct stat fst = {0};
-    if (kind == KIND_FILE && (!prop_uint64(env, r, "ctimeNs", &ctime_ns) || !prop_uint64(env, r, "mtimeNs", &mtime_ns) ||
-                              fd < 0 || fstat(fd, &fst) != 0)) {
-      engine_free(e);
-      return throw_type(env, "engineStart: a shared-file region needs its fd, ctimeNs and mtimeNs at T");
-    }
-    napi_value hv;
-    if (napi_get_named_property(env, r, "hugetlb", &hv) == napi_ok) arg_bool(env, hv, &hugetlb);
-    if (page_size < 4096 || (page_size & (page_size - 1)) || page_size > (2 << 20)) {
-      engine_free(e);
-      return throw_type(env, "engineStart: pageSize must be 4096..2097152, a power of two");
-    }
-    uint64_t npages = (end - start) / PG;
-    uint8_t *state = calloc(npages, 1);
-    if (state == NULL) {
-      engine_free(e);
-      return throw_errno(env, ENOMEM, "calloc", "page states of a %llu-page region", (unsigned long long)npages);
-    }
-    e->state_blocks[e->nblocks++] = state;
-    /* zeroRanges: pages known to be never touched at T that were left
-     * unprotected (sparse reservations): zero, and never to be read. */
-    napi_value zv;
-    napi_valuetype ztype = napi_undefined;
-    if (napi_get_named_property(env, r, "zeroRanges", &zv) == napi_ok) napi_typeof(env, zv, &ztype);
-    if (ztype != napi_undefined) {
-      const uint64_t *z;
-      size_t zpairs;
-      if (!arg_u64_groups(env, zv, 2, &z, &zpairs)) {
-        engine_free(e);
-        return throw_type(env, "engineStart: zeroRanges must be a BigUint64Array of start, end pairs");
-      }
-      for (size_t k = 0; k < 2 * zpairs; k += 2) {
-        uint64_t zs = z[k] < start ? start : z[k], ze = z[k + 1] > end ? end : z[k + 1];
-        if (zs >= ze || (zs & (PG - 1)) || (ze & (PG - 1))) continue;
-        memset(state + (zs - start) / PG, PAGE_SAVED, (ze - zs) / PG);
-        count_zero(e, ZERO_SPARSE, (ze - zs) / PG);
-      }
-    }
-    /* savedRanges: pages JS already accounted for during the pause (copied
-     * then, or listed lost): a kernel-side writer (a long-term pin) changes
-     * them without a fault, so a later copy would not be their content at T. */
-    napi_value sv;
-    napi_valuetype stype = napi_undefined;
-    if (napi_get_named_property(env, r, "savedRanges", &sv) == napi_ok) napi_typeof(env, sv, &stype);
-    if (stype != napi_undefined) {
-      const uint64_t *sr;
-      size_t spairs;
-      if (!arg_u64_groups(env, sv, 2, &sr, &spairs)) {
-        engine_free(e);
-        return throw_type(env, "engineStart: savedRanges must be a BigUint64Array of start, end pairs");
-      }
-      for (size_t k = 0; k < 2 * spairs; k += 2) {
-        uint64_t ss = sr[k] < start ? start : sr[k], se = sr[k + 1] > end ? end : sr[k + 1];
-        if (ss >= se || (ss & (PG - 1)) || (se & (PG - 1))) continue;
-        memset(state + (ss - start) / PG, PAGE_SAVED, (se - ss) / PG);
-      }
-    }
-    segment_t *s = seg_append(e);
-    *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,
-                     .fd = fd, .file_off = file_off, .file_dev = (uint64_t)fst.st_dev, .file_ino = (uint64_t)fst.st_ino,
-                     .ctime_ns_at_t = ctime_ns, .mtime_ns_at_t = mtime_ns, .hugetlb = hugetlb, .state = state};
-    e->total_pages += npages;
-  }
   e->latency_ns = malloc(sizeof(uint32_t) * MAX_LATENCY_SAMPLES);
   if (e->latency_ns == NULL) {
     engine_free(e);
@@ -298,34 +258,256 @@ static napi_value js_engine_start(napi_env env, napi_callback_info info) {
   snprintf(path, sizeof path, "/proc/%d/mem", pid);
   e->mem_fd = open(path, O_RDONLY | O_CLOEXEC);
   e->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  engine_loop_init(e);
   e->zero_pfn = shared_zero_pfn();
-  for (int32_t i = 0; i < pool; i++) {
-    slot_t *slot = slot_new(e, false);
-    if (slot == NULL) {
-      engine_free(e);
-      return throw_errno(env, ENOMEM, "mmap", "allocate the engine's batch pool");
-    }
-    slot->free = true;
+  int pool_err = pool_alloc(e, (uint32_t)pool, (uint32_t)warm);
+  if (pool_err != 0) {
+    engine_free(e);
+    return throw_errno(env, pool_err, "mmap", "allocate the staging pool (%d batches)", pool);
   }
 
   napi_value name;
   napi_create_string_utf8(env, "wpsnap-engine", NAPI_AUTO_LENGTH, &name);
   if (napi_create_threadsafe_function(env, argv[1], NULL, name, 0, 1, NULL, NULL, e, call_js, &e->tsfn) != napi_ok) {
     engine_free(e);
-    return throw_type(env, "engineStart: onMessage must be a function");
+    return throw_type(env, "engineCreate: onMessage must be a function");
   }
-  e->started_us = mono_us();
-  if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
-    int err = errno;
+  int stage_err = stage_start(e);
+  if (stage_err != 0) {
     napi_release_threadsafe_function(e->tsfn, napi_tsfn_abort);
     engine_free(e);
-    return throw_errno(env, err, "pthread_create", "start the engine thread");
+    return throw_errno(env, stage_err, "pthread_create", "start the stager thread");
+  }
+  int thread_err = pthread_create(&e->thread, NULL, engine_thread, e);
+  if (thread_err != 0) {
+    atomic_store(&e->stop, true);
+    stage_finish(e);
+    stage_join(e);
+    napi_release_threadsafe_function(e->tsfn, napi_tsfn_abort);
+    engine_free(e);
+    return throw_errno(env, thread_err, "pthread_create", "start the engine thread");
   }
   e->thread_started = true;
   napi_value handle;
   NAPI_CALL(env, make_handle(env, e, engine_finalize, HANDLE_ENGINE, &handle));
   return handle;
+}
+
+/* The regions to save, as segments with their page states. */
+static napi_value parse_regions(napi_env env, engine_t *e, napi_value regions) {
+  uint32_t nregions = 0;
+  if (napi_get_array_length(env, regions, &nregions) != napi_ok) return throw_type(env, "engineRun: regions must be an array");
+  e->state_blocks = calloc(nregions ? nregions : 1, sizeof(uint8_t *));
+  if (e->state_blocks == NULL) return throw_errno(env, ENOMEM, "calloc", "engine region table");
+  for (uint32_t i = 0; i < nregions; i++) {
+    napi_value r;
+    napi_get_element(env, regions, i, &r);
+    uint64_t start, end, file_off = 0;
+    int32_t page_size = 4096, kind = KIND_ANON, fd = -1;
+    bool hugetlb = false;
+    if (!prop_uint64(env, r, "start", &start) || !prop_uint64(env, r, "end", &end) || end <= start || (start & (PG - 1)) ||
+        (end & (PG - 1)))
+      return throw_type(env, "engineRun: each region needs page-aligned start < end");
+    prop_int32(env, r, "pageSize", &page_size);
+    prop_int32(env, r, "kind", &kind);
+    prop_int32(env, r, "fd", &fd);
+    prop_uint64(env, r, "fileOffset", &file_off);
+    /* A shared file's pages are proven against its times at T: required. */
+    uint64_t ctime_ns = 0, mtime_ns = 0;
+    struct stat fst = {0};
+    if (kind == KIND_FILE && (!prop_uint64(env, r, "ctimeNs", &ctime_ns) || !prop_uint64(env, r, "mtimeNs", &mtime_ns) ||
+                              fd < 0 || fstat(fd, &fst) != 0))
+      return throw_type(env, "engineRun: a shared-file region needs its fd, ctimeNs and mtimeNs at T");
+    napi_value hv;
+    if (napi_get_named_property(env, r, "hugetlb", &hv) == napi_ok) arg_bool(env, hv, &hugetlb);
+    if (page_size < 4096 || (page_size & (page_size - 1)) || page_size > (2 << 20))
+      return throw_type(env, "engineRun: pageSize must be 4096..2097152, a power of two");
+    uint64_t npages = (end - start) / PG;
+    uint8_t *state = calloc(npages, 1);
+    if (state == NULL) return throw_errno(env, ENOMEM, "calloc", "page states of a %llu-page region", (unsigned long long)npages);
+    e->state_blocks[e->nblocks++] = state;
+    /* zeroRanges: pages known to be never touched at T that were left
+     * unprotected (sparse reservations): zero, and never to be read. */
+    napi_value zv;
+    napi_valuetype ztype = napi_undefined;
+    if (napi_get_named_property(env, r, "zeroRanges", &zv) == napi_ok) napi_typeof(env, zv, &ztype);
+    if (ztype != napi_undefined) {
+      const uint64_t *z;
+      size_t zpairs;
+      if (!arg_u64_groups(env, zv, 2, &z, &zpairs)) return throw_type(env, "engineRun: zeroRanges must be a BigUint64Array of start, end pairs");
+      for (size_t k = 0; k < 2 * zpairs; k += 2) {
+        uint64_t zs = z[k] < start ? start : z[k], ze = z[k + 1] > end ? end : z[k + 1];
+        if (zs >= ze || (zs & (PG - 1)) || (ze & (PG - 1))) continue;
+        memset(state + (zs - start) / PG, PAGE_SAVED, (ze - zs) / PG);
+        count_zero(e, ZERO_SPARSE, (ze - zs) / PG);
+      }
+    }
+    /* savedRanges: pages JS already accounted for during the pause (copied
+     * then, or listed lost): a kernel-side writer (a long-term pin) changes
+     * them without a fault, so a later copy would not be their content at T. */
+    napi_value sv;
+    napi_valuetype stype = napi_undefined;
+    if (napi_get_named_property(env, r, "savedRanges", &sv) == napi_ok) napi_typeof(env, sv, &stype);
+    if (stype != napi_undefined) {
+      const uint64_t *sr;
+      size_t spairs;
+      if (!arg_u64_groups(env, sv, 2, &sr, &spairs)) return throw_type(env, "engineRun: savedRanges must be a BigUint64Array of start, end pairs");
+      for (size_t k = 0; k < 2 * spairs; k += 2) {
+        uint64_t ss = sr[k] < start ? start : sr[k], se = sr[k + 1] > end ? end : sr[k + 1];
+        if (ss >= se || (ss & (PG - 1)) || (se & (PG - 1))) continue;
+        memset(state + (ss - start) / PG, PAGE_SAVED, (se - ss) / PG);
+      }
+    }
+    segment_t *s = seg_append(e);
+    if (s == NULL) return throw_errno(env, ENOMEM, "realloc", "engine segments");
+    *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,
+                     .fd = fd, .file_off = file_off, .file_dev = (uint64_t)fst.st_dev, .file_ino = (uint64_t)fst.st_ino,
+                     .ctime_ns_at_t = ctime_ns, .mtime_ns_at_t = mtime_ns, .hugetlb = hugetlb, .state = state};
+    e->total_pages += npages;
+  }
+  return NULL;
+}
+
+/* engineRun(handle, {uffd, regions: [{start, end, pageSize, kind, fd, fileOffset, hugetlb, zeroRanges, savedRanges}]}):
+ * start the engine thread on the target's protected regions. Called in the
+ * pause, right before the resume, so that the target's first write faults
+ * find the engine ready. */
+static void send_command(engine_t *e, engine_cmd_t cmd) {
+  pthread_mutex_lock(&e->pool_lock);
+  e->cmd = cmd;
+  pthread_cond_broadcast(&e->cmd_cond);
+  pthread_mutex_unlock(&e->pool_lock);
+}
+
+/* Stop tracking and wait until the engine thread has handled every message read. */
+static void track_stop_wait(engine_t *e) {
+  if (!e->tracking) return;
+  atomic_store(&e->track_stop, true);
+  uint64_t one = 1;
+  ssize_t ignored = write(e->wake_fd, &one, sizeof one);
+  (void)ignored;
+  pthread_mutex_lock(&e->pool_lock);
+  while (!e->track_stopped) pthread_cond_wait(&e->cmd_cond, &e->pool_lock);
+  pthread_mutex_unlock(&e->pool_lock);
+  e->tracking = false;
+}
+
+static napi_value js_engine_run(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  engine_t *e = argc >= 2 ? get_engine(env, argv[0]) : NULL;
+  if (e == NULL) return throw_type(env, "engineRun(handle, {uffd, regions})");
+  if (e->prepared || e->closed) return throw_type(env, "engineRun: the engine already ran");
+  track_stop_wait(e);
+  int32_t uffd;
+  napi_value regions;
+  if (!prop_int32(env, argv[1], "uffd", &uffd) || napi_get_named_property(env, argv[1], "regions", &regions) != napi_ok)
+    return throw_type(env, "engineRun: uffd and regions are required");
+  e->uffd = uffd;
+  napi_value failed = parse_regions(env, e, regions);
+  if (failed != NULL) return failed;
+  bool pending;
+  if (napi_is_exception_pending(env, &pending) == napi_ok && pending) return NULL;
+  engine_loop_init(e);
+  e->prepared = true;
+  return NULL;
+}
+
+/* engineGo(handle): start the snapshot prepared by engineRun (right after the resume). */
+static napi_value js_engine_go(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  engine_t *e = argc ? get_engine(env, argv[0]) : NULL;
+  if (e == NULL || !e->prepared || e->ran || e->closed) return throw_type(env, "engineGo(handle): after engineRun, once");
+  e->started_us = mono_us();
+  e->ran = true;
+  send_command(e, CMD_RUN);
+  return NULL;
+}
+
+/* engineTrack(handle, {uffd, ranges: BigUint64Array [start, end, unit, ...] sorted}): before the
+ * pause, let the target's writes to its protected ranges through and record them (engine_track.c). */
+static napi_value js_engine_track(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  engine_t *e = argc >= 2 ? get_engine(env, argv[0]) : NULL;
+  if (e == NULL) return throw_type(env, "engineTrack(handle, {uffd, ranges})");
+  if (e->ran || e->closed || e->tracking || e->track_stopped) return throw_type(env, "engineTrack: only once, before engineRun");
+  int32_t uffd;
+  napi_value rv;
+  const uint64_t *ranges;
+  size_t n;
+  if (!prop_int32(env, argv[1], "uffd", &uffd) || napi_get_named_property(env, argv[1], "ranges", &rv) != napi_ok ||
+      !arg_u64_groups(env, rv, 3, &ranges, &n))
+    return throw_type(env, "engineTrack: uffd and ranges (a BigUint64Array of start, end, unit triples) are required");
+  e->track_ranges = malloc((n ? n : 1) * 3 * sizeof(uint64_t));
+  if (e->track_ranges == NULL) return throw_errno(env, ENOMEM, "malloc", "tracked ranges");
+  memcpy(e->track_ranges, ranges, n * 3 * sizeof(uint64_t));
+  e->ntrack_ranges = n;
+  e->uffd = uffd;
+  e->tracking = true;
+  send_command(e, CMD_TRACK);
+  return NULL;
+}
+
+static napi_value log_array(napi_env env, const track_log_t *log) {
+  napi_value ab, arr;
+  void *data;
+  napi_create_arraybuffer(env, log->n * 2 * sizeof(uint64_t), &data, &ab);
+  if (log->n) memcpy(data, log->pairs, log->n * 2 * sizeof(uint64_t));
+  napi_create_typedarray(env, napi_biguint64_array, log->n * 2, ab, 0, &arr);
+  return arr;
+}
+
+/* engineTrackTake(handle, stop) -> {written, invalid, overflowed, faults, forks}: the ranges written
+ * (and zapped or moved into) and those unmapped or moved away since the last take, as [start, len] pairs.
+ * With stop, tracking ends first and every message read is in it: called in the pause. */
+static napi_value js_engine_track_take(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  engine_t *e = argc >= 1 ? get_engine(env, argv[0]) : NULL;
+  if (e == NULL) return throw_type(env, "engineTrackTake(handle, stop)");
+  bool stop = false;
+  if (argc >= 2) arg_bool(env, argv[1], &stop);
+  if (stop) track_stop_wait(e);
+  track_log_t dirty, invalid;
+  track_take(e, &dirty, &invalid);
+  napi_value o;
+  napi_create_object(env, &o);
+  set_prop(env, o, "written", log_array(env, &dirty));
+  set_prop(env, o, "invalid", log_array(env, &invalid));
+  set_prop(env, o, "overflowed", make_int(env, dirty.overflowed || invalid.overflowed));
+  set_prop(env, o, "faults", make_double(env, (double)atomic_load(&e->track_faults)));
+  set_prop(env, o, "forks", make_double(env, (double)atomic_load(&e->track_forks)));
+  if (e->fatal_err) set_prop(env, o, "error", make_string(env, e->fatal_what));
+  free(dirty.pairs);
+  free(invalid.pairs);
+  return o;
+}
+
+/* engineClose(handle): end an engine that never ran (the snapshot failed
+ * before engineRun): its stager stops and its callback is released, so the
+ * process can exit. A no-op once it ran: its end is the 'done' message. */
+static napi_value js_engine_close(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  engine_t *e = argc ? get_engine(env, argv[0]) : NULL;
+  if (e == NULL) return throw_type(env, "engineClose(handle)");
+  if (e->ran || e->closed) return NULL;
+  e->closed = true;
+  track_stop_wait(e);
+  send_command(e, CMD_QUIT);
+  pthread_join(e->thread, NULL);
+  e->thread_started = false;
+  atomic_store(&e->stop, true);
+  stage_finish(e);
+  stage_join(e);
+  napi_release_threadsafe_function(e->tsfn, napi_tsfn_abort);
+  return NULL;
 }
 
 /* engineRelease(handle, slot): the batch is stored; its memory may be reused. */
@@ -337,19 +519,11 @@ static napi_value js_engine_release(napi_env env, napi_callback_info info) {
   int32_t id;
   if (e == NULL || !arg_int32(env, argv[1], &id)) return throw_type(env, "engineRelease(handle, slot)");
   pthread_mutex_lock(&e->pool_lock);
-  if (id >= 0 && (size_t)id < e->nslots && e->slots[id] != NULL) {
-    slot_t *s = e->slots[id];
-    if (s->overflow && e->spare_overflow >= MAX_SPARE_OVERFLOW) {
-      munmap(s->data, (size_t)s->cap * PG);
-      free(s->addrs);
-      free(s);
-      e->slots[id] = NULL;
-    } else {
-      if (s->overflow) e->spare_overflow++;
-      s->count = 0;
-      s->free = true;
-    }
+  if (id >= 0 && (size_t)id < e->nslots && e->slots[id] != NULL && !e->slots[id]->free) {
+    slot_release_locked(e, e->slots[id]);
+    if (e->js_out > 0) e->js_out--;
   }
+  pthread_cond_signal(&e->stage_cond);
   pthread_mutex_unlock(&e->pool_lock);
   uint64_t one = 1;
   ssize_t ignored = write(e->wake_fd, &one, sizeof one);
@@ -365,6 +539,7 @@ static napi_value js_engine_stop(napi_env env, napi_callback_info info) {
   engine_t *e = argc ? get_engine(env, argv[0]) : NULL;
   if (e == NULL) return throw_type(env, "engineStop(handle)");
   atomic_store(&e->stop, true);
+  if (e->stage_started) stage_poke(e);
   uint64_t one = 1;
   ssize_t ignored = write(e->wake_fd, &one, sizeof one);
   (void)ignored;
@@ -397,7 +572,12 @@ static napi_value js_engine_join(napi_env env, napi_callback_info info) {
 
 void register_engine_exports(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
-      {"engineStart", NULL, js_engine_start, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"engineCreate", NULL, js_engine_create, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"engineRun", NULL, js_engine_run, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"engineGo", NULL, js_engine_go, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"engineClose", NULL, js_engine_close, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"engineTrack", NULL, js_engine_track, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"engineTrackTake", NULL, js_engine_track_take, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"engineRelease", NULL, js_engine_release, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"engineStop", NULL, js_engine_stop, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"engineStats", NULL, js_engine_stats, NULL, NULL, NULL, napi_default_jsproperty, NULL},

@@ -14,6 +14,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,9 +70,21 @@ typedef struct slot {
   uint32_t cap;
   bool overflow;
   bool free;
+  bool pooled;    /* carved from the staging pool's mapping (never unmapped on its own) */
   uint64_t *addrs;
   uint8_t *data;
 } slot_t;
+
+/* A full batch waiting for the store (engine_stage.c): in a batch of memory,
+ * or written to the spill file (slot NULL, its addresses kept here). */
+typedef struct staged {
+  slot_t *slot;
+  uint32_t count;
+  bool spilling;      /* being written to the spill file, outside the lock */
+  uint64_t spill_off; /* spilled: where its pages are in the spill file */
+  uint64_t *addrs;    /* spilled: the pages' addresses at T */
+  struct staged *prev, *next;
+} staged_t;
 
 typedef struct {
   uint64_t address;
@@ -79,7 +92,17 @@ typedef struct {
   int reason;
 } lost_t;
 
-typedef enum { MSG_BATCH_READY, MSG_DONE } msg_type_t;
+typedef enum { MSG_BATCH_READY, MSG_STAGING_FULL, MSG_WINDOW_CLOSED, MSG_DONE } msg_type_t;
+
+/* What the engine thread is told to do next (engine.c). */
+typedef enum { CMD_NONE, CMD_TRACK, CMD_RUN, CMD_QUIT } engine_cmd_t;
+
+/* Ranges recorded while tracking (engine_track.c): [start, len] pairs. */
+typedef struct {
+  uint64_t *pairs;
+  size_t n, cap;
+  bool overflowed; /* a range could not be recorded: everything must be protected again */
+} track_log_t;
 
 typedef struct {
   msg_type_t type;
@@ -124,6 +147,9 @@ typedef struct {
   size_t nslots, slots_cap;
   uint32_t pool_size, batch_pages;
   uint32_t spare_overflow; /* released overflow batches kept for reuse */
+  uint32_t free_pool;      /* pool batches free now */
+  uint8_t *pool_mem;       /* the pool's batches, one mapping advised for huge pages */
+  size_t pool_mem_len;
   slot_t *cur_sweep; /* batch the sweep fills (pool only) */
   slot_t *cur_fault; /* batch faults and events fill (pool, else overflow) */
 
@@ -153,13 +179,49 @@ typedef struct {
   double started_us;
   double window_end_us; /* when the sweep ended: every page saved or lost, none protected any more */
 
+  /* staging (engine_stage.c): full batches wait here until the store takes
+   * them, at most js_max at a time; beyond the pool they go to the spill file.
+   * Guarded by pool_lock. */
+  pthread_t stage_thread;
+  bool stage_started;
+  pthread_cond_t stage_cond;
+  staged_t *sq_head, *sq_tail;
+  uint32_t sq_len;
+  uint32_t js_out, js_max;  /* batches the store holds now, and at most */
+  bool window_closed;       /* the sweep ended: the pool needs no room for it any more */
+  bool starved_posted;      /* the sweep waited for the store once (MSG_STAGING_FULL sent); engine thread only */
+  bool posting_done;        /* the engine posts no more batches */
+  bool stage_done;          /* every staged batch went to the store (or was dropped) */
+  int spill_fd;             /* -1: no spill file */
+  uint64_t spill_max;       /* live spilled bytes at most */
+  uint64_t spill_end, spill_live, spill_peak, spilled_batches;
+  uint64_t staged_mem;      /* bytes of full batches in memory the store has not taken */
+  uint64_t staging_peak;    /* peak of staged_mem + spill_live */
+  char stage_fallback[200]; /* why spilling stopped (the directory filled up), or "" */
+
+  /* the engine thread: created with the engine, told what to do by a command */
+  engine_cmd_t cmd;         /* guarded by pool_lock */
+  pthread_cond_t cmd_cond;
+  bool prepared;            /* engineRun gave it its regions */
+  bool ran;                 /* engineGo started it */
+  /* pre-protection (engine_track.c) */
+  pthread_mutex_t track_lock;
+  uint64_t *track_ranges;   /* [start, end, unit] triples, sorted: the protection unit of each range */
+  size_t ntrack_ranges;
+  track_log_t track_dirty, track_invalid;
+  _Atomic uint64_t track_faults, track_forks;
+  _Atomic bool track_stop;
+  bool tracking, track_stopped; /* guarded by pool_lock */
+
   pthread_t thread;
   bool thread_started;
+  bool closed;            /* engineClose ended it without a run */
   napi_threadsafe_function tsfn;
   engine_msg_t *done_msg; /* the final message, allocated at start */
   _Atomic uint32_t batches_posted;
   bool fault_alloc;       /* WPSNAP_FAULT=engine-alloc: fail the third batch's allocation */
   bool fault_vanish;      /* WPSNAP_FAULT=engine-vanish: the sweep's first chunk shows a page gone */
+  bool fault_mid_spill;   /* WPSNAP_FAULT=mid-spill: die once a batch is spilled */
 } engine_t;
 
 /* Enumerations of the sweep and the THP path (engine_sweep.c, engine_thp.c). */
@@ -183,14 +245,24 @@ typedef enum {
 
 /* Internal functions, by file. */
 double mono_us(void);
+void engine_thread_priority(void);
 uint64_t mono_ns(void);
 void set_fatal(engine_t *e, int err, const char *what);
 void add_lost(engine_t *e, uint64_t t_addr, uint64_t pages, int reason);
 void lose_unsaved(engine_t *e, segment_t *s, int reason);
 slot_t *slot_new(engine_t *e, bool overflow);
+int pool_alloc(engine_t *e, uint32_t count, uint32_t warm);
 slot_t *slot_find_free(engine_t *e, bool overflow);
 slot_t *slot_take(engine_t *e, bool allow_overflow);
 void post_slot(engine_t *e, slot_t *s);
+void slot_release_locked(engine_t *e, slot_t *s);
+int stage_start(engine_t *e);
+void stage_window_closed(engine_t *e);
+void stage_finish(engine_t *e);
+bool stage_is_done(engine_t *e);
+void stage_join(engine_t *e);
+void stage_poke(engine_t *e);
+void post_message(engine_t *e, msg_type_t type);
 void flush_batch(engine_t *e, slot_t **batch);
 void flush_current(engine_t *e);
 uint8_t *reserve(engine_t *e, uint32_t n, bool from_fault);
@@ -232,6 +304,9 @@ void rate_refill(engine_t *e);
 uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, uint8_t *need, uint8_t *why);
 int sweep_thp(engine_t *e, segment_t *s, uint64_t block, int thp, int *wait_ms);
 int sweep_step(engine_t *e, int *wait_ms);
-void *engine_main(void *arg);
+void engine_main(engine_t *e);
+void *engine_thread(void *arg);
+void track_main(engine_t *e);
+void track_take(engine_t *e, track_log_t *dirty, track_log_t *invalid);
 
 #endif

@@ -86,3 +86,14 @@ void lose_unsaved(engine_t *e, segment_t *s, int reason) {
   }
   if (run) add_lost(e, run_start, run, reason);
 }
+
+/* The engine's threads serve the target's write faults: they run as normal
+ * threads at ENGINE_NICE whatever the thread that started them runs as (the
+ * store's threads run at idle priority, SCHED_IDLE, and a new thread inherits
+ * its creator's policy). Per-thread on Linux; without the privilege to raise
+ * its priority a thread stays at the process's nice. */
+void engine_thread_priority(void) {
+  struct sched_param none = {0};
+  (void)sched_setscheduler(0, SCHED_OTHER, &none);
+  (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), ENGINE_NICE);
+}

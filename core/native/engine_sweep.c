@@ -274,7 +274,16 @@ static loop_work_t sweep_work(void *owner, int *wait_ms) {
     return LOOP_DONE;
   }
   if (r == SWEEP_WAIT_RATE && *wait_ms >= 50) flush_current(e);
-  if (r == SWEEP_WAIT_POOL) *wait_ms = 50;
+  if (r == SWEEP_WAIT_POOL) {
+    *wait_ms = 50;
+    /* Staging is full: the target's pages stay protected until the store
+     * frees a batch. Tell JS once, so the store stops waiting for idle CPUs
+     * (the target, blocked on us, would otherwise wait on the store). */
+    if (!e->starved_posted) {
+      e->starved_posted = true;
+      post_message(e, MSG_STAGING_FULL);
+    }
+  }
   return LOOP_WAIT;
 }
 
@@ -291,12 +300,45 @@ void engine_loop_init(engine_t *e) {
   e->loop = (fault_loop_t){.uffds = &e->uffd, .nuffds = 1, .wake_fd = e->wake_fd, .pidfd = e->pidfd, .ops = &engine_loop_ops, .owner = e, .stop = &e->stop};
 }
 
-void *engine_main(void *arg) {
-  engine_t *e = arg;
-  prctl(PR_SET_NAME, "wpsnap-engine");
+/* After the window: every page is saved or lost and the engine's ranges are
+ * unregistered, so no message should come; any that does (a range that could
+ * not be unregistered) is still read, so that no thread of the target waits on
+ * an unread event while the stager hands the staged batches to the store. The
+ * target's exit no longer matters: every page is copied. */
+static loop_work_t staging_work(void *owner, int *wait_ms) {
+  if (stage_is_done(owner)) return LOOP_DONE;
+  *wait_ms = -1; /* the stager writes the wake eventfd when it is done */
+  return LOOP_WAIT;
+}
+
+static void ignore_exit(void *owner) {}
+
+static const fault_loop_ops_t staging_loop_ops = {
+    .fault = on_fault,
+    .event = on_event,
+    .work = staging_work,
+    .target_exited = ignore_exit,
+    .fail = on_fail,
+    .failed = has_failed,
+};
+
+/* End the protection at once: drop the registration of every range the engine
+ * saved, so the target neither waits on an event nor keeps a protected page
+ * while the store works. Closing the userfaultfd later would do the same, but
+ * only once every staged batch is stored. */
+static void unregister_all(engine_t *e) {
+  for (size_t i = 0; i < e->nsegs; i++) {
+    segment_t *s = &e->segs[i];
+    if (s->gone) continue;
+    struct uffdio_range r = {.start = s->cur_start, .len = s->len};
+    (void)ioctl(e->uffd, UFFDIO_UNREGISTER, &r); /* a range that changed stays registered until the close */
+  }
+}
+
+/* The snapshot itself: from the resume until every page is saved or lost and
+ * every staged batch handed to the store. */
+void engine_main(engine_t *e) {
   find_thp_segments(e);
-  /* Per-thread on Linux; without the privilege the engine simply stays at the process's nice. */
-  (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), ENGINE_NICE);
   e->tokens_at = mono_us();
   e->tokens = SWEEP_CHUNK_BYTES;
   /* Shared files first, at once: a write by the target to a shmem page not
@@ -307,7 +349,6 @@ void *engine_main(void *arg) {
   for (size_t i = 0; i < e->nsegs && !e->fatal_err; i++)
     if (e->segs[i].kind == KIND_FILE && !e->segs[i].whole_tried) save_file_whole(e, &e->segs[i]);
   if (!e->fatal_err) fault_loop_run(&e->loop);
-  e->window_end_us = mono_us();
   if (!e->sweep_done) {
     /* Stopped early: whatever is unsaved is not in the snapshot. */
     int reason = e->gone_reason >= 0 ? e->gone_reason : LOST_INTERRUPTED;
@@ -317,12 +358,48 @@ void *engine_main(void *arg) {
     }
   }
   flush_current(e);
+  if (e->gone_reason < 0) unregister_all(e);
+  e->window_end_us = mono_us();
+  stage_window_closed(e);
+  post_message(e, MSG_WINDOW_CLOSED);
+  stage_finish(e);
+  if (!e->fatal_err && !atomic_load(&e->stop)) {
+    /* Still reading the userfaultfd while the stager hands batches over. */
+    e->loop.ops = &staging_loop_ops;
+    e->loop.pidfd = -1;
+    fault_loop_run(&e->loop);
+  }
+  stage_join(e);
   e->finished = true;
-  engine_msg_t *m = e->done_msg; /* allocated at start: the end is always reported */
-  e->done_msg = NULL;
-  m->type = MSG_DONE;
-  m->slot = NULL;
-  napi_call_threadsafe_function(e->tsfn, m, napi_tsfn_blocking);
+  post_message(e, MSG_DONE); /* allocated at start: the end is always reported */
   napi_release_threadsafe_function(e->tsfn, napi_tsfn_release);
+}
+
+static engine_cmd_t next_command(engine_t *e) {
+  pthread_mutex_lock(&e->pool_lock);
+  while (e->cmd == CMD_NONE) pthread_cond_wait(&e->cmd_cond, &e->pool_lock);
+  engine_cmd_t cmd = e->cmd;
+  e->cmd = CMD_NONE;
+  pthread_mutex_unlock(&e->pool_lock);
+  return cmd;
+}
+
+/* The engine thread: created with the engine (before the pause, so that no
+ * thread is created in it), it tracks writes if told to, then runs the
+ * snapshot, or quits. */
+void *engine_thread(void *arg) {
+  engine_t *e = arg;
+  prctl(PR_SET_NAME, "wpsnap-engine");
+  engine_thread_priority();
+  engine_cmd_t cmd = next_command(e);
+  if (cmd == CMD_TRACK) {
+    track_main(e);
+    pthread_mutex_lock(&e->pool_lock);
+    e->track_stopped = true;
+    pthread_cond_broadcast(&e->cmd_cond);
+    pthread_mutex_unlock(&e->pool_lock);
+    cmd = next_command(e);
+  }
+  if (cmd == CMD_RUN) engine_main(e);
   return NULL;
 }

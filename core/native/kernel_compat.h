@@ -73,4 +73,8 @@ struct wpsnap_pm_scan_arg {
 #define PAGE_IS_HUGE (1 << 6)
 #define PAGE_IS_SOFT_DIRTY (1 << 7)
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* Linux 5.14 */
+#endif
+
 #endif

@@ -7,6 +7,11 @@
  * its symbols to addons (the same code node:crypto runs, with the CPU's SHA
  * extensions where present). The store keeps the first HASH_BYTES of it. */
 #include <node_api.h>
+#include <errno.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -76,8 +81,36 @@ static napi_value js_scan_pages(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* setThreadPriority(mode): the calling thread's scheduling. 'idle': SCHED_IDLE
+ * (runs only when no normal thread wants the CPU); 'nice': SCHED_OTHER at nice
+ * 19 (a small share against busy threads); 'normal': SCHED_OTHER at nice 0.
+ * Returns 0 or the errno (without the privilege to go back up, the thread
+ * stays where it is). Linux applies both per thread. */
+static napi_value js_set_thread_priority(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  char mode[16] = "";
+  size_t len;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  if (argc < 1 || napi_get_value_string_utf8(env, argv[0], mode, sizeof mode, &len) != napi_ok)
+    return type_error(env, "setThreadPriority(mode: 'idle' | 'nice' | 'normal')");
+  struct sched_param none = {0};
+  int policy = strcmp(mode, "idle") == 0 ? SCHED_IDLE : SCHED_OTHER;
+  int nice = strcmp(mode, "nice") == 0 ? 19 : 0;
+  if (strcmp(mode, "idle") != 0 && strcmp(mode, "nice") != 0 && strcmp(mode, "normal") != 0)
+    return type_error(env, "setThreadPriority(mode: 'idle' | 'nice' | 'normal')");
+  int err = 0;
+  if (sched_setscheduler(0, policy, &none) != 0) err = errno;
+  if (err == 0 && setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice) != 0) err = errno;
+  napi_value result;
+  napi_create_int32(env, err, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value fn, size;
+  if (napi_create_function(env, "setThreadPriority", NAPI_AUTO_LENGTH, js_set_thread_priority, NULL, &fn) != napi_ok) return NULL;
+  if (napi_set_named_property(env, exports, "setThreadPriority", fn) != napi_ok) return NULL;
   if (napi_create_function(env, "scanPages", NAPI_AUTO_LENGTH, js_scan_pages, NULL, &fn) != napi_ok) return NULL;
   if (napi_set_named_property(env, exports, "scanPages", fn) != napi_ok) return NULL;
   /* The hash length the C code writes, so TypeScript need not write it twice. */

@@ -37,7 +37,7 @@ describe('constants shared by C and TypeScript', () => {
 
   it('every fault point checked in C is one core/fault.ts lists', () => {
     for (const point of native.faultPoints) expect([...FAULT_POINTS, ...FAILURE_POINTS]).toContain(point);
-    expect([...native.faultPoints].sort()).toEqual(['engine-alloc', 'engine-vanish', 'mid-inject']);
+    expect([...native.faultPoints].sort()).toEqual(['engine-alloc', 'engine-vanish', 'mid-inject', 'mid-spill']);
   });
 
   it("the store's hash length is the one its addon writes", () => {

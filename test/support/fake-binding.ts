@@ -8,8 +8,10 @@ import type { Attacher, StoppedTarget } from '../../core/attacher.js';
 import type {
   EngineFinalStats,
   EngineLiveStats,
+  EngineCreateOptions,
   EngineMessage,
   EngineOptions,
+  EngineRunOptions,
   NativeBinding,
   NativeHandle,
 } from '../../core/native/binding.js';
@@ -68,6 +70,7 @@ export class FakeKernel {
   attacher(): (binding: NativeBinding, pid: number, pidfd: number) => Attacher {
     return () => ({
       prepare: () => undefined,
+      rearm: () => undefined,
       release: () => undefined,
       stop: (): StoppedTarget => {
         this.stops++;
@@ -118,7 +121,20 @@ export class FakeKernel {
       countPrivatePages: () => 0,
       copyPrivatePages: () => ({ addresses: new BigUint64Array(0), data: Buffer.alloc(0) }),
       copyFilePages: () => ({ addresses: new BigUint64Array(0), data: Buffer.alloc(0) }),
-      engineStart: (options, onMessage) => this.startEngine(options, onMessage),
+      engineCreate: (options, onMessage) => {
+        this.created = { options, onMessage };
+        return { __brand: 'native-handle' } as NativeHandle;
+      },
+      engineRun: (_handle, options) => {
+        this.prepared = options;
+      },
+      engineGo: () => {
+        const created = this.created!;
+        this.startEngine({ ...created.options, ...this.prepared! }, created.onMessage);
+      },
+      engineClose: () => undefined,
+      engineTrack: () => undefined,
+      engineTrackTake: () => ({ written: new BigUint64Array(0), invalid: new BigUint64Array(0), overflowed: 0, faults: 0, forks: 0 }),
       engineRelease: (_handle, slot) => {
         calls.released.push(slot);
       },
@@ -136,6 +152,8 @@ export class FakeKernel {
 
   private saved = 0;
   private stopEngine: (() => void) | undefined;
+  private created: { options: EngineCreateOptions; onMessage: (m: EngineMessage) => void } | undefined;
+  private prepared: EngineRunOptions | undefined;
 
   private liveStats(): EngineLiveStats {
     return {
@@ -150,10 +168,17 @@ export class FakeKernel {
       eagainRetries: 0,
       overflowBatches: 0,
       totalPages: this.saved,
+      stagedBatches: 0,
+      storeBatches: 0,
+      stagingBytes: 0,
+      stagingBytesPeak: 0,
+      spillBytesPeak: 0,
+      spilledBatches: 0,
+      poolBytes: 0,
     };
   }
 
-  private startEngine(options: EngineOptions, onMessage: (m: EngineMessage) => void): NativeHandle {
+  private startEngine(options: EngineOptions, onMessage: (m: EngineMessage) => void): void {
     this.calls.engineStarts.push(options);
     const per = this.script.pagesPerRegion ?? 8;
     const finish = (extra: Partial<EngineFinalStats>): void => {
@@ -168,6 +193,7 @@ export class FakeKernel {
         stopped: 0,
         ...extra,
       };
+      onMessage({ type: 'window', windowMicros: 0 });
       onMessage({ type: 'done', stats });
     };
     setImmediate(() => {
@@ -195,6 +221,5 @@ export class FakeKernel {
       if (this.script.engineError) finish({ error: this.script.engineError as EngineFinalStats['error'] });
       else finish({});
     });
-    return { __brand: 'native-handle' } as NativeHandle;
   }
 }

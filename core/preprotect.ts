@@ -1,0 +1,234 @@
+// Pre-protection: write-protect the bulk of the target's memory while it
+// runs, so that the pause only has to protect again what it wrote since.
+//
+// 1. A short stop obtains the userfaultfd (the attach; every thread stopped
+//    for the injection, ~1–3 ms whatever the target's size).
+// 2. With the target running: its large private anonymous mappings (the heap,
+//    arenas; sparse reservations excepted, the pause handles them as before)
+//    are registered, the engine thread starts tracking (a write fault is let
+//    through at once and its page recorded, core/native/engine_track.c), and
+//    they are write-protected.
+// 3. Rounds, still running: what was written meanwhile is protected again,
+//    while the written set shrinks.
+// 4. In the pause (core/pause.ts, protectAtInstant): the last written set is
+//    protected again, with whatever the pre-phase did not cover (new or grown
+//    mappings, moved or unmapped ranges). When the target writes faster than
+//    the rounds converge, that falls back to protecting whole mappings: the
+//    pause is then what it was without pre-protection.
+import type { UffdMethod } from './attach.js';
+import type { Attacher } from './attacher.js';
+import type { EngineSession } from './engine-session.js';
+import { fromNative } from '../common/errors.js';
+import { faultPoint } from './fault.js';
+import { UFFD_FEATURES_FOR_SNAPSHOT, UFFDIO_REGISTER_MODE_WP } from './features.js';
+import type { NativeBinding } from './native/binding.js';
+import { closeQuietly } from './pause.js';
+import type { MapsEntry } from './procfs.js';
+import { readMaps } from './procfs.js';
+import type { SparseIntervals } from './sparse.js';
+
+/** Mappings smaller than this are protected in the pause: too small to matter. */
+const PRE_PROTECT_MIN_BYTES = 1n << 20n;
+/** Stop the rounds once this few ranges are left for the pause. */
+const ROUNDS_DONE_RANGES = 64;
+const MAX_ROUNDS = 8;
+/** Special mappings never registered. */
+const SPECIAL = new Set(['[vvar]', '[vvar_vclock]', '[vdso]', '[vsyscall]']);
+
+/** Sorted, disjoint [start, end) intervals. */
+export type Intervals = Array<[bigint, bigint]>;
+
+export interface PreProtection {
+  uffd: number;
+  method: UffdMethod;
+  /** How long the attach stopped the target, µs, and where that went. */
+  attachStopMicros: number;
+  attachBreakdownMicros: { freeze: number; inject: number; thaw: number };
+  /** What was registered and protected while the target ran. */
+  covered: Intervals;
+  /** Written ranges protected again per round, while running. */
+  rounds: number[];
+}
+
+/** What the pre-phase recorded since its last round: to protect again in the pause. */
+export interface TrackLog {
+  /** Written (or zapped, or moved into) since the last round: [start, len] pairs. */
+  written: BigUint64Array;
+  /** Unmapped or moved away: no longer covered. [start, len] pairs. */
+  invalid: BigUint64Array;
+  /** Something could not be recorded: nothing is covered. */
+  overflowed: boolean;
+  /** Write faults let through while running, so far. */
+  faults: number;
+}
+
+function pairsToIntervals(pairs: BigUint64Array): Intervals {
+  const out: Intervals = [];
+  for (let i = 0; i < pairs.length; i += 2) out.push([pairs[i]!, pairs[i]! + pairs[i + 1]!]);
+  return normalize(out);
+}
+
+/** Sorted, merged. */
+export function normalize(intervals: Intervals): Intervals {
+  const sorted = intervals.filter(([s, e]) => s < e).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  const out: Intervals = [];
+  for (const [s, e] of sorted) {
+    const last = out[out.length - 1];
+    if (last !== undefined && s <= last[1]) {
+      if (e > last[1]) last[1] = e;
+    } else {
+      out.push([s, e]);
+    }
+  }
+  return out;
+}
+
+/** a minus b (both normalized). */
+export function subtract(a: Intervals, b: Intervals): Intervals {
+  const out: Intervals = [];
+  let j = 0;
+  for (const [s0, e] of a) {
+    let s = s0;
+    while (j < b.length && b[j]![1] <= s) j++;
+    let k = j;
+    while (k < b.length && b[k]![0] < e) {
+      const [bs, be] = b[k]!;
+      if (bs > s) out.push([s, bs]);
+      if (be > s) s = be;
+      if (s >= e) break;
+      k++;
+    }
+    if (s < e) out.push([s, e]);
+  }
+  return out;
+}
+
+/** a ∩ b (both normalized). */
+export function intersect(a: Intervals, b: Intervals): Intervals {
+  const out: Intervals = [];
+  let i = 0;
+  let j = 0;
+  while (i < a.length && j < b.length) {
+    const s = a[i]![0] > b[j]![0] ? a[i]![0] : b[j]![0];
+    const e = a[i]![1] < b[j]![1] ? a[i]![1] : b[j]![1];
+    if (s < e) out.push([s, e]);
+    if (a[i]![1] < b[j]![1]) i++;
+    else j++;
+  }
+  return out;
+}
+
+function toRanges(intervals: Intervals): BigUint64Array {
+  const out = new BigUint64Array(intervals.length * 2);
+  intervals.forEach(([s, e], i) => {
+    out[2 * i] = s;
+    out[2 * i + 1] = e - s;
+  });
+  return out;
+}
+
+function candidates(maps: MapsEntry[], sparse: SparseIntervals): MapsEntry[] {
+  return maps.filter(
+    (m) =>
+      m.inode === 0 &&
+      m.perms[3] === 'p' &&
+      !SPECIAL.has(m.path) &&
+      m.end - m.start >= PRE_PROTECT_MIN_BYTES &&
+      !sparse.some(([s, e]) => s < m.end && m.start < e),
+  );
+}
+
+export interface PreProtectInputs {
+  pid: number;
+  attacher: Attacher;
+  sparse: SparseIntervals;
+  session: EngineSession;
+  /** Keep the target pre-protected this long before the rounds (tests: a hostile target changes its mappings meanwhile). */
+  holdMillis?: number | undefined;
+}
+
+/**
+ * Steps 1–3. On failure the userfaultfd is closed (which drops every
+ * registration and protection) and the target runs on.
+ */
+export async function preProtect(binding: NativeBinding, inputs: PreProtectInputs): Promise<PreProtection> {
+  const { pid, attacher, session } = inputs;
+  const started = process.hrtime.bigint();
+  let mark = started;
+  const lap = (): number => {
+    const now = process.hrtime.bigint();
+    const us = Number(now - mark) / 1000;
+    mark = now;
+    return us;
+  };
+  const stopped = attacher.stop();
+  const attachBreakdownMicros = { freeze: lap(), inject: 0, thaw: 0 };
+  let uffd = -1;
+  let method: UffdMethod;
+  try {
+    const obtained = stopped.obtainUffd();
+    uffd = obtained.fd;
+    method = obtained.method;
+    binding.uffdApi(uffd, UFFD_FEATURES_FOR_SNAPSHOT);
+  } catch (error) {
+    if (uffd >= 0) closeQuietly(binding, uffd);
+    stopped.resume();
+    throw fromNative(error, 'obtain the target userfaultfd');
+  }
+  attachBreakdownMicros.inject = lap();
+  stopped.resume();
+  attachBreakdownMicros.thaw = lap();
+  const attachStopMicros = Number(process.hrtime.bigint() - started) / 1000;
+  attacher.rearm();
+  try {
+    const covered: Intervals = [];
+    for (const m of candidates(readMaps(pid), inputs.sparse)) {
+      try {
+        binding.uffdRegister(uffd, m.start, m.end - m.start, UFFDIO_REGISTER_MODE_WP);
+        covered.push([m.start, m.end]);
+      } catch {
+        // Not registrable (or changed meanwhile): the pause protects it as before.
+      }
+    }
+    const coveredNormal = normalize(covered);
+    session.track(uffd, coveredNormal);
+    faultPoint('mid-pre-protect');
+    if (coveredNormal.length > 0) binding.uffdWriteProtectRanges(uffd, toRanges(coveredNormal), true);
+    if (inputs.holdMillis) await new Promise((resolve) => setTimeout(resolve, inputs.holdMillis));
+    const rounds: number[] = [];
+    let previous = Infinity;
+    for (let round = 0; round < MAX_ROUNDS; round++) {
+      const log = session.trackTake(false);
+      if (log.overflowed) break; // the pause protects everything again
+      const written = intersect(pairsToIntervals(log.written), coveredNormal);
+      if (written.length > 0) binding.uffdWriteProtectRanges(uffd, toRanges(written), true);
+      rounds.push(written.length);
+      if (written.length <= ROUNDS_DONE_RANGES || written.length > previous / 2) break;
+      previous = written.length;
+    }
+    return { uffd, method, attachStopMicros, attachBreakdownMicros, covered: coveredNormal, rounds };
+  } catch (error) {
+    closeQuietly(binding, uffd);
+    throw fromNative(error, 'write-protect the target while it runs');
+  }
+}
+
+/** More written ranges than this in the pause: protect the covered mappings whole instead (one call each). */
+const MAX_WRITTEN_RANGES = 4096;
+
+/**
+ * Step 4, in the pause: `toProtect` ([start, len, …], what the pause would
+ * protect without pre-protection) less what the pre-phase covers and nobody
+ * wrote since, given the final log. Also returns how many written ranges
+ * that leaves.
+ */
+export function rangesAtInstant(pre: PreProtection, log: TrackLog, toProtect: bigint[]): { ranges: bigint[]; written: number } {
+  if (log.overflowed) return { ranges: toProtect, written: -1 };
+  const planned = pairsToIntervals(BigUint64Array.from(toProtect));
+  const stillCovered = intersect(subtract(pre.covered, pairsToIntervals(log.invalid)), planned);
+  const written = intersect(pairsToIntervals(log.written), stillCovered);
+  if (written.length > MAX_WRITTEN_RANGES) return { ranges: toProtect, written: written.length };
+  const out: bigint[] = [];
+  for (const [s, e] of normalize([...subtract(planned, stillCovered), ...written])) out.push(s, e - s);
+  return { ranges: out, written: written.length };
+}
