@@ -94,7 +94,10 @@ async function probePriority(cli: string): Promise<Omit<PriorityProbe, 'note'>> 
   const block = next < 0 ? rest : rest.slice(0, next + 1);
   const choices = [...(/choices:([^\]]*)/.exec(block)?.[1] ?? '').matchAll(/"([a-z]+)"/g)].map((m) => m[1] as string);
   const known = choices.filter((c): c is Priority => (PRIORITIES as readonly string[]).includes(c));
-  const def = /default:\s*"?([a-z]+)"?/.exec(block)?.[1] ?? null;
+  // "Default: $WPSNAP_PRIORITY, else idle", or yargs' [default: "idle"].
+  const env = process.env['WPSNAP_PRIORITY'];
+  const stated = /default:[^\n\]]*?\b(idle|nice|normal)\b/i.exec(block.replace(/\s+/g, ' '))?.[1] ?? null;
+  const def = /WPSNAP_PRIORITY/.test(block) && env !== undefined && (PRIORITIES as readonly string[]).includes(env) ? env : stated;
   return { available: true, choices: known.length > 0 ? known : [...PRIORITIES], default: def };
 }
 
