@@ -118,13 +118,35 @@ export function intersect(a: Intervals, b: Intervals): Intervals {
   return out;
 }
 
-function toRanges(intervals: Intervals): BigUint64Array {
-  const out = new BigUint64Array(intervals.length * 2);
-  intervals.forEach(([s, e], i) => {
-    out[2 * i] = s;
-    out[2 * i + 1] = e - s;
-  });
-  return out;
+const EAGAIN_RETRIES = 100;
+const sleeper = new Int32Array(new SharedArrayBuffer(4));
+
+/**
+ * Write-protect `ranges` while the target runs; returns `covered` less what
+ * could not be protected. The target may change its mappings meanwhile:
+ * EAGAIN (an event not yet read: the tracking thread reads it) is tried again
+ * a millisecond later; a range the kernel refuses otherwise (ENOENT: unmapped
+ * or moved) is no longer covered, and the pause protects whatever is there
+ * at T. One range at a time, so a failure leaves no doubt about the others.
+ */
+function protectWhileRunning(binding: NativeBinding, uffd: number, ranges: Intervals, covered: Intervals): Intervals {
+  const failed: Intervals = [];
+  for (const [start, end] of ranges) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        binding.uffdWriteProtect(uffd, start, end - start, true);
+        break;
+      } catch (error) {
+        if ((error as { code?: string }).code === 'EAGAIN' && attempt < EAGAIN_RETRIES) {
+          Atomics.wait(sleeper, 0, 0, 1);
+          continue;
+        }
+        failed.push([start, end]);
+        break;
+      }
+    }
+  }
+  return failed.length === 0 ? covered : subtract(covered, normalize(failed));
 }
 
 function candidates(maps: MapsEntry[], sparse: SparseIntervals): MapsEntry[] {
@@ -169,6 +191,7 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
     const obtained = stopped.obtainUffd();
     uffd = obtained.fd;
     method = obtained.method;
+    faultPoint('after-inject');
     binding.uffdApi(uffd, UFFD_FEATURES_FOR_SNAPSHOT);
   } catch (error) {
     if (uffd >= 0) closeQuietly(binding, uffd);
@@ -190,18 +213,20 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
         // Not registrable (or changed meanwhile): the pause protects it as before.
       }
     }
-    const coveredNormal = normalize(covered);
+    let coveredNormal = normalize(covered);
     session.track(uffd, coveredNormal);
     faultPoint('mid-pre-protect');
-    if (coveredNormal.length > 0) binding.uffdWriteProtectRanges(uffd, toRanges(coveredNormal), true);
+    coveredNormal = protectWhileRunning(binding, uffd, coveredNormal, coveredNormal);
     if (inputs.holdMillis) await new Promise((resolve) => setTimeout(resolve, inputs.holdMillis));
     const rounds: number[] = [];
     let previous = Infinity;
     for (let round = 0; round < MAX_ROUNDS; round++) {
       const log = session.trackTake(false);
       if (log.overflowed) break; // the pause protects everything again
+      // Unmapped or moved away: covered no more (a range mapped there later is new at T).
+      coveredNormal = subtract(coveredNormal, pairsToIntervals(log.invalid));
       const written = intersect(pairsToIntervals(log.written), coveredNormal);
-      if (written.length > 0) binding.uffdWriteProtectRanges(uffd, toRanges(written), true);
+      coveredNormal = protectWhileRunning(binding, uffd, written, coveredNormal);
       rounds.push(written.length);
       if (written.length <= ROUNDS_DONE_RANGES || written.length > previous / 2) break;
       previous = written.length;
@@ -224,11 +249,19 @@ const MAX_WRITTEN_RANGES = 4096;
  */
 export function rangesAtInstant(pre: PreProtection, log: TrackLog, toProtect: bigint[]): { ranges: bigint[]; written: number } {
   if (log.overflowed) return { ranges: toProtect, written: -1 };
-  const planned = pairsToIntervals(BigUint64Array.from(toProtect));
-  const stillCovered = intersect(subtract(pre.covered, pairsToIntervals(log.invalid)), planned);
-  const written = intersect(pairsToIntervals(log.written), stillCovered);
-  if (written.length > MAX_WRITTEN_RANGES) return { ranges: toProtect, written: written.length };
+  const stillCovered = subtract(pre.covered, pairsToIntervals(log.invalid));
+  const writtenAll = pairsToIntervals(log.written);
   const out: bigint[] = [];
-  for (const [s, e] of normalize([...subtract(planned, stillCovered), ...written])) out.push(s, e - s);
-  return { ranges: out, written: written.length };
+  let written = 0;
+  // Range by range: two adjacent ranges may need different alignments (a
+  // hugetlb mapping next to a small one) and must never merge into one call.
+  for (let i = 0; i < toProtect.length; i += 2) {
+    const range: Intervals = [[toProtect[i]!, toProtect[i]! + toProtect[i + 1]!]];
+    const covered = intersect(range, stillCovered);
+    const writtenHere = intersect(writtenAll, covered);
+    written += writtenHere.length;
+    for (const [s, e] of normalize([...subtract(range, covered), ...writtenHere])) out.push(s, e - s);
+  }
+  if (written > MAX_WRITTEN_RANGES) return { ranges: toProtect, written };
+  return { ranges: out, written };
 }

@@ -26,7 +26,10 @@
 
 /* Spill when fewer pool batches than this are free during the window: the
  * sweep needs a few to go on with while a batch is written. */
-static uint32_t spill_low_water(const engine_t *e) { return e->pool_size / 8 > 2 ? e->pool_size / 8 : 2; }
+static uint32_t spill_low_water(const engine_t *e) {
+  uint32_t n = e->pool_size / 8;
+  return n < 2 ? 2 : n > 8 ? 8 : n;
+}
 
 static void unlink_staged(engine_t *e, staged_t *st) {
   if (st->prev) st->prev->next = st->next;

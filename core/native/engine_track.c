@@ -55,8 +55,14 @@ static uint64_t unit_of(engine_t *e, uint64_t addr) {
 
 static void track_fault(void *owner, unsigned source, const struct uffd_msg *m, uint64_t read_ns) {
   engine_t *e = owner;
-  uint64_t unit = unit_of(e, m->arg.pagefault.address);
-  uint64_t start = m->arg.pagefault.address & ~(unit - 1);
+  uint64_t addr = m->arg.pagefault.address;
+  uint64_t unit = unit_of(e, addr);
+  /* A transparent huge page is let through whole: unprotecting 4 KiB of it
+   * would split its PMD mapping, and the target would lose the huge page. */
+  struct wpsnap_page_region huge;
+  uint64_t block = addr & ~(THP_BYTES - 1);
+  if (unit == PG && find_huge(e, block, block + THP_BYTES, &huge) && huge.start <= addr && addr < huge.end) unit = THP_BYTES;
+  uint64_t start = addr & ~(unit - 1);
   for (;;) {
     struct uffdio_writeprotect wp = {.range = {.start = start, .len = unit}, .mode = 0};
     if (ioctl(e->uffd, UFFDIO_WRITEPROTECT, &wp) == 0) break;

@@ -39,7 +39,8 @@ afterEach(async () => {
 
 function run(script: FakeScript, options: { signal?: AbortSignal } = {}) {
   const kernel = new FakeKernel(script);
-  const result = snapshotProcess(kernel.binding(), store, target.pid!, { attacher: kernel.attacher(), ...options });
+  // Pre-protection is the real kernel's business (test/impact.test.ts, test/races.test.ts); here, the pause.
+  const result = snapshotProcess(kernel.binding(), store, target.pid!, { attacher: kernel.attacher(), preProtect: false, ...options });
   return { kernel, result };
 }
 
@@ -67,6 +68,7 @@ describe('a snapshot through a scripted kernel', () => {
     const seen: Array<{ phase: string; batchesPending: number }> = [];
     const r = await snapshotProcess(kernel.binding(), slow, target.pid!, {
       attacher: kernel.attacher(),
+      preProtect: false,
       onProgress: (p) => seen.push({ phase: p.phase, batchesPending: p.batchesPending }),
     });
     const compressing = seen.filter((p) => p.phase === 'compressing');
