@@ -6,7 +6,7 @@
 // or a given --priority).
 import { closeSync, existsSync, fsyncSync, mkdtempSync, openSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { Faultlat, isAlive, procKiB, round, runCommand, sleep, TaskSampler, type FaultlatReport } from './lib.js';
+import { CpuAccountSampler, Faultlat, isAlive, procKiB, round, runCommand, sleep, TaskSampler, type FaultlatReport } from './lib.js';
 import type {
   BaselineResult,
   HeartbeatGap,
@@ -29,25 +29,45 @@ interface OpenWindow {
   /** performance.now() just before the window was opened: window ms = performance.now() - t0. */
   t0: number;
   sched: TaskSampler;
+  /** The machine's CPU, ours (the bench, the target, the peer) and the target's own threads, every 100 ms. */
+  cpu: CpuAccountSampler;
 }
 
 async function openWindow(t: Faultlat): Promise<OpenWindow> {
   const sched = new TaskSampler(t.pid, 10);
+  const cpu = new CpuAccountSampler(t.pid);
   const t0 = performance.now();
   await t.startWindow();
-  return { t0, sched };
+  return { t0, sched, cpu };
+}
+
+/** Stop sampling (the samplers keep what they have). */
+function closeWindow(w: OpenWindow): void {
+  w.sched.stop();
+  w.cpu.stop();
+}
+
+/** CPUs used in [fromMs, toMs] of the window by the target's threads, the peer (a fork child and its zstd, gcore, zstd, wpsnap; with the bench) and unrelated processes. */
+function cpusDuring(w: OpenWindow, fromMs: number, toMs: number): { target: number | null; peer: number | null; others: number | null } {
+  const c = w.cpu.during(w.t0 + fromMs, w.t0 + toMs);
+  if (c === null) return { target: null, peer: null, others: null };
+  return { target: round(c.own, 2), peer: round(c.tree - c.own, 2), others: round(c.others, 2) };
 }
 
 const windowMs = (w: OpenWindow): number => performance.now() - w.t0;
 
 function phase(w: OpenWindow, name: string, fromMs: number, toMs: number): Phase {
-  const s = toMs - fromMs >= MIN_PHASE_MS ? w.sched.shares(w.t0 + fromMs, w.t0 + toMs) : null;
+  const long = toMs - fromMs >= MIN_PHASE_MS;
+  const s = long ? w.sched.shares(w.t0 + fromMs, w.t0 + toMs) : null;
+  const c = long ? cpusDuring(w, fromMs, toMs) : null;
   return {
     name,
     fromMs: round(fromMs, 1) as number,
     toMs: round(toMs, 1) as number,
     cpuShare: s === null ? null : round(s.cpu, 3),
     runqueueShare: s === null ? null : round(s.runqueue, 3),
+    peerCpus: c?.peer ?? null,
+    othersCpus: c?.others ?? null,
   };
 }
 
@@ -60,12 +80,16 @@ function heartbeatGaps(w: OpenWindow, gaps: Array<{ nanos: number; atMillis: num
     .map((g) => {
       const ms = g.nanos / 1e6;
       const d = tid === undefined ? null : w.sched.during(w.t0 + g.atMillis - ms, w.t0 + g.atMillis, tid);
+      const c = cpusDuring(w, g.atMillis - ms, g.atMillis);
       return {
         ms: round(ms, 2) as number,
         at: round(g.atMillis, 1) as number,
         waitMs: d === null ? null : round(Math.min(d.waitMs, ms), 2),
         runMs: d === null ? null : round(d.runMs, 2),
         states: d?.states ?? {},
+        targetCpus: c.target,
+        peerCpus: c.peer,
+        othersCpus: c.others,
       };
     });
 }
@@ -74,12 +98,15 @@ function toWindow(w: OpenWindow, r: FaultlatReport, phases: Phase[]): ImpactWind
   const hb = r.heartbeat ?? null;
   const hbGaps = hb === null ? [] : heartbeatGaps(w, hb.gaps);
   const stops = hbGaps.filter((g) => g.waitMs !== null).map((g) => g.ms - (g.waitMs as number));
+  const c = cpusDuring(w, 0, r.windowMillis);
   const whole: Phase = {
     name: 'window',
     fromMs: 0,
     toMs: round(r.windowMillis, 1) as number,
     cpuShare: r.cpuMillis === null || r.windowMillis <= 0 ? null : round(r.cpuMillis / r.windowMillis, 3),
     runqueueShare: r.runqueueWaitMillis === null || r.windowMillis <= 0 ? null : round(r.runqueueWaitMillis / r.windowMillis, 3),
+    peerCpus: c.peer,
+    othersCpus: c.others,
   };
   return {
     windowMillis: round(r.windowMillis, 1) as number,
@@ -127,10 +154,10 @@ async function measureBaseline(t: Faultlat, o: ImpactOptions): Promise<BaselineR
   try {
     await sleep(o.baselineMs);
     const report = await t.report();
-    w.sched.stop();
+    closeWindow(w);
     return { kind: 'baseline', window: toWindow(w, report, []) };
   } finally {
-    w.sched.stop();
+    closeWindow(w);
   }
 }
 
@@ -153,7 +180,7 @@ async function measureForkZstd(t: Faultlat, forkOut: string, timeoutMs: number):
     const exit = await t.forkChildExit(f.childPid, timeoutMs);
     clearInterval(sampler);
     const report = await t.report();
-    w.sched.stop();
+    closeWindow(w);
     if (exit.status !== 0) throw new Error(`the fork child exited with status ${exit.status} (faultlat: 10-15 = a step of its compression failed)`);
     const forkMs = f.forkMicros / 1e3;
     const end = f.atMillis + forkMs + exit.livedMillis;
@@ -170,7 +197,7 @@ async function measureForkZstd(t: Faultlat, forkOut: string, timeoutMs: number):
     };
   } finally {
     if (sampler) clearInterval(sampler);
-    w.sched.stop();
+    closeWindow(w);
     rmSync(forkOut, { force: true });
   }
 }
@@ -196,7 +223,7 @@ async function measureGcoreZstd(t: Faultlat, dir: string, timeoutMs: number): Pr
     const zMillis = performance.now() - zStart;
     const zEnd = windowMs(w);
     const report = await t.report();
-    w.sched.stop();
+    closeWindow(w);
     const gPhase = phase(w, 'gcore', gStart, gEnd);
     return {
       kind: 'gcore-zstd',
@@ -210,7 +237,7 @@ async function measureGcoreZstd(t: Faultlat, dir: string, timeoutMs: number): Pr
       window: toWindow(w, report, [gPhase, phase(w, 'zstd', zEnd - zMillis, zEnd)]),
     };
   } finally {
-    w.sched.stop();
+    closeWindow(w);
     rmSync(core, { force: true });
     rmSync(zfile, { force: true });
   }
@@ -247,7 +274,7 @@ async function measureWpsnap(t: Faultlat, o: ImpactOptions, dir: string, priorit
     const r = await runCommand(process.execPath, args, { timeoutMs, sampleThreads: true, sampleMemory: true });
     const cliEnd = windowMs(w);
     const report = await t.report();
-    w.sched.stop();
+    closeWindow(w);
     let doc: Record<string, unknown> | undefined;
     try {
       doc = JSON.parse(r.stdout) as Record<string, unknown>;
@@ -299,7 +326,7 @@ async function measureWpsnap(t: Faultlat, o: ImpactOptions, dir: string, priorit
       window: toWindow(w, report, phases),
     };
   } finally {
-    w.sched.stop();
+    closeWindow(w);
     rmSync(storeDir, { recursive: true, force: true });
   }
 }

@@ -60,6 +60,10 @@ function windowFigures(w: ImpactWindow, rate: number | null, prefix = ''): Row {
   return {
     [`${prefix}workLostSeconds`]: workLost(w, rate),
     [`${prefix}cpuShare`]: whole?.cpuShare,
+    [`${prefix}peerCpus`]: whole?.peerCpus,
+    [`${prefix}othersCpus`]: whole?.othersCpus,
+    [`${prefix}heartbeatMaxGapOthersCpus`]: longestGap(w)?.othersCpus,
+    [`${prefix}heartbeatMaxGapPeerCpus`]: longestGap(w)?.peerCpus,
     [`${prefix}runqueueShare`]: whole?.runqueueShare,
     [`${prefix}writesPerSec`]: w.writesPerSec,
     [`${prefix}writerMaxGapMillis`]: w.maxGapMillis,
@@ -79,6 +83,7 @@ function phaseFigures(w: ImpactWindow, rate: number | null, name: string, label:
     [`workLost${label}Seconds`]: workLost(w, rate, p.fromMs, p.toMs),
     [`cpuShare${label}`]: p.cpuShare,
     [`runqueueShare${label}`]: p.runqueueShare,
+    [`othersCpus${label}`]: p.othersCpus,
   };
 }
 
@@ -277,7 +282,9 @@ function hbNote(s: TargetSummary): string {
       : Math.abs(after) < 0.5
         ? `the longest gap is the pause's own (${round(gap, 1)} ms around the pause)`
         : `the longest gap ended ${round(after, 1)} ms ${after > 0 ? 'after' : 'before'} the pause's end`;
-  return `${where}; ${round(wait, 1) ?? '?'} ms of it runnable, waiting for a CPU`;
+  const others = fig(s, 'wpsnap', 'heartbeatMaxGapOthersCpus');
+  const peer = fig(s, 'wpsnap', 'heartbeatMaxGapPeerCpus');
+  return `${where}; ${round(wait, 1) ?? '?'} ms of it runnable, waiting for a CPU, while wpsnap used ${round(peer, 2) ?? '?'} and unrelated processes ${round(others, 2) ?? '?'} CPUs`;
 }
 
 // ---- growth -----------------------------------------------------------------------
@@ -337,6 +344,8 @@ const LABELS: Array<[string, string]> = [
   ['heartbeatOverPause', "heartbeat's longest gap / pause"],
   ['heartbeatMaxGapAfterResumeMillis', '… ended this long after the pause (ms)'],
   ['heartbeatMaxGapWaitMillis', '… of it runnable, waiting for a CPU (ms)'],
+  ['heartbeatMaxGapPeerCpus', '… CPUs the peer used meanwhile'],
+  ['heartbeatMaxGapOthersCpus', '… CPUs unrelated processes used meanwhile'],
   ['heartbeatMaxStopMillis', "heartbeat's longest gap less its CPU wait (ms)"],
   ['heartbeatStopOverPause', '… / pause'],
   ['writerMaxGapMillis', "writer's longest gap (ms)"],
@@ -361,6 +370,11 @@ const LABELS: Array<[string, string]> = [
   ['runqueueShareProtected', '… while protected'],
   ['runqueueShareAfter', '… after'],
   ['runqueueShareZstd', '… during zstd'],
+  ['peerCpus', 'CPUs the peer used, window (with the bench)'],
+  ['othersCpus', 'CPUs unrelated processes used, window (of 2)'],
+  ['othersCpusStartup', '… from the spawn to the pause'],
+  ['othersCpusProtected', '… while protected'],
+  ['othersCpusAfter', '… after'],
   ['writesPerSec', 'target writes/s'],
   ['cacheMissed', 'cache writes missed (late > max lag)'],
   ['faultedCount', 'target writes > 2 µs'],

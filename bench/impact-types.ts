@@ -70,6 +70,9 @@ export interface Phase {
   cpuShare: number | null;
   /** Fraction of the phase it was runnable but waiting for a CPU. */
   runqueueShare: number | null;
+  /** CPUs (of the machine's 2) used meanwhile by the peer (wpsnap, gcore, zstd, a fork child and its zstd; the bench's own share is in it), and by processes unrelated to the measurement. */
+  peerCpus: number | null;
+  othersCpus: number | null;
 }
 
 /** One gap between two heartbeats, and what the heartbeat thread was doing meanwhile (sampled every 10 ms). */
@@ -82,6 +85,10 @@ export interface HeartbeatGap {
   runMs: number | null;
   /** The states it was sampled in during the gap (R runnable, S sleeping or waiting on a fault, D uninterruptible, t ptrace-stopped). */
   states: Record<string, number>;
+  /** CPUs used during the gap (widened to the 100 ms samples around it) by the target's own threads, the peer (with the bench), and unrelated processes. */
+  targetCpus: number | null;
+  peerCpus: number | null;
+  othersCpus: number | null;
 }
 
 export interface HeartbeatWindow {
@@ -275,4 +282,6 @@ export interface ImpactResult {
   targetMillis: Record<string, number>;
   targets: TargetResult[];
   summary: ImpactSummary;
+  /** Set by --summarize of several files: the files merged. */
+  mergedFrom?: string[];
 }

@@ -163,7 +163,13 @@ async function runTarget(o: ImpactOptions, workload: Workload, mib: number, peer
   const args = ['--mib', String(mib), '--workload', workload, '--heartbeat', '--fork-child', 'zstd', '--fork-out', forkOut];
   if (workload === 'cache') args.push('--write-pct', String(o.writePct), '--max-lag-ms', String(o.maxLagMs));
   const result: TargetResult = { workload, mib, args, fillMillis: null, writeRate: null, runs: [] };
-  const lack = lacking(mib, dir);
+  // Memory freed a moment ago (the previous target's exit, another process) may take a while to show.
+  let lack = lacking(mib, dir);
+  for (let waited = 0; lack !== null && waited < 120_000; waited += 5000) {
+    if (waited === 0) log(`waiting up to 2 min: ${lack}`);
+    await sleep(5000);
+    lack = lacking(mib, dir);
+  }
   if (lack !== null) {
     log(`SKIPPED ${workload} ${mib} MiB: ${lack}`);
     return { ...result, error: lack };
@@ -206,8 +212,10 @@ function describe(peer: PeerName, r: Outcome<PeerResult>, t: TargetResult, run: 
   const w = r.window;
   const hb = w.heartbeat;
   const longest = hb?.gaps.find((g) => g.ms === hb.maxGapMillis);
-  const why = longest ? ` (${longest.waitMs ?? '?'} ms waiting for a CPU; sampled ${Object.entries(longest.states).map(([k, n]) => `${k}×${n}`).join(' ') || 'never'})` : '';
-  const target = `target ${f1(w.writesPerSec / 1e3)} kw/s, lost ${f1(workLost(w, rate), 2)} s, cpu ${w.phases[0]?.cpuShare ?? '?'}, hb max gap ${hb?.maxGapMillis ?? '?'} ms at ${hb?.atMillis ?? '?'}${why}, hb max stop ${hb?.maxStopMillis ?? '?'} ms, writer max gap ${w.maxGapMillis} ms${w.cache ? `, missed ${w.cache.missed}` : ''}`;
+  const why = longest
+    ? ` (${longest.waitMs ?? '?'} ms waiting for a CPU; sampled ${Object.entries(longest.states).map(([k, n]) => `${k}×${n}`).join(' ') || 'never'}; CPUs: target ${longest.targetCpus ?? '?'}, peer ${longest.peerCpus ?? '?'}, others ${longest.othersCpus ?? '?'})`
+    : '';
+  const target = `target ${f1(w.writesPerSec / 1e3)} kw/s, lost ${f1(workLost(w, rate), 2)} s, cpu ${w.phases[0]?.cpuShare ?? '?'}, unrelated processes ${w.phases[0]?.othersCpus ?? '?'} CPUs, hb max gap ${hb?.maxGapMillis ?? '?'} ms at ${hb?.atMillis ?? '?'}${why}, hb max stop ${hb?.maxStopMillis ?? '?'} ms, writer max gap ${w.maxGapMillis} ms${w.cache ? `, missed ${w.cache.missed}` : ''}`;
   switch (r.kind) {
     case 'baseline':
       return `baseline: ${target}`;
@@ -235,7 +243,8 @@ const USAGE = `usage: node dist/bench/run.js impact [options]
   --cli PATH          the wpsnap CLI (default ${DEFAULTS.cli})
   --out FILE          result JSON (default bench/results/impact-<UTC timestamp>.json)
   --no-write          do not write a result file
-  --summarize FILE    recompute the summary of a saved result, print it (and rewrite FILE, unless --no-write)`;
+  --summarize FILES   recompute the summary of saved results (comma-separated: merged), print it, and rewrite
+                      FILE (one file) or write --out (several), unless --no-write`;
 
 function usage(message: string): never {
   process.stderr.write(`${message}\n${USAGE}\n`);
@@ -281,10 +290,22 @@ export async function impactMain(argv: string[]): Promise<number> {
     return 0;
   }
   if (values.summarize !== undefined) {
-    const saved = JSON.parse(readFileSync(values.summarize, 'utf8')) as ImpactResult;
-    const result: ImpactResult = { ...saved, summary: summarize(saved.targets) };
-    printTables(result.summary, result.options.runs, process.stdout, failures(result));
-    if (!values['no-write']) writeFileSync(values.summarize, `${JSON.stringify(result)}\n`);
+    // Several files: their targets together (a target measured in a later file replaces the same workload and size).
+    const files = values.summarize.split(',').map((f) => f.trim()).filter((f) => f !== '');
+    const saved = files.map((f) => JSON.parse(readFileSync(f, 'utf8')) as ImpactResult);
+    const targets = new Map<string, TargetResult>();
+    for (const r of saved) for (const t of r.targets) if (t.runs.length > 0 || !targets.has(`${t.workload}@${t.mib}`)) targets.set(`${t.workload}@${t.mib}`, t);
+    const first = saved[0]!;
+    const merged = [...targets.values()].sort((a, b) => a.mib - b.mib || WORKLOADS.indexOf(a.workload) - WORKLOADS.indexOf(b.workload));
+    const result: ImpactResult = {
+      ...first,
+      ...(files.length > 1 ? { mergedFrom: files, targetMillis: Object.assign({}, ...saved.map((r) => r.targetMillis)) as Record<string, number> } : {}),
+      targets: merged,
+      summary: summarize(merged),
+    };
+    printTables(result.summary, Math.max(...saved.map((r) => r.options.runs)), process.stdout, failures(result));
+    const out = values.out ?? (files.length === 1 ? files[0] : undefined);
+    if (!values['no-write'] && out !== undefined) writeFileSync(out, `${JSON.stringify(result)}\n`);
     return 0;
   }
   const sizes = values.sizes === undefined ? DEFAULTS.sizes : values.sizes.split(',').map((s) => Math.floor(positive('sizes', s.trim(), 0)));

@@ -262,7 +262,7 @@ export class PeakRssSampler {
     intervalMs = 50,
   ) {
     this.sample();
-    this.timer = setInterval(() => this.sample(), intervalMs);
+    this.timer = setInterval(() => this.sample(), intervalMs).unref();
   }
 
   private sample(): void {
@@ -307,7 +307,7 @@ export class TaskSampler {
     intervalMs = 10,
   ) {
     this.sample();
-    this.timer = setInterval(() => this.sample(), intervalMs);
+    this.timer = setInterval(() => this.sample(), intervalMs).unref();
   }
 
   sample(): void {
@@ -388,6 +388,88 @@ export class TaskSampler {
     if (!(to > from)) return null;
     const d = this.during(from, to, tid);
     return d === null ? null : { cpu: d.runMs / (to - from), runqueue: d.waitMs / (to - from) };
+  }
+}
+
+/** CPU ticks (USER_HZ) in use at one moment: the whole machine, a process tree, and one process of it. */
+export interface CpuTicks {
+  at: number;
+  /** /proc/stat: user + nice + system + irq + softirq + steal, all CPUs. */
+  system: number;
+  /** The root and its live descendants, each with its reaped children (utime + stime + cutime + cstime). */
+  tree: number;
+  /** The threads of process `own` alone (utime + stime; its children not counted). */
+  own: number;
+}
+
+/**
+ * Samples, every intervalMs, the CPU the whole machine used and the CPU a
+ * process tree used (by default this process: the bench, the targets it
+ * launched and every command it runs), so that the CPU used by unrelated
+ * processes in an interval is system - tree. Reads /proc/PID/stat of every
+ * process each time (about 100 here): keep the interval at 100 ms or more.
+ */
+export class CpuAccountSampler {
+  readonly samples: CpuTicks[] = [];
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly own: number | null,
+    private readonly root = process.pid,
+    intervalMs = 100,
+  ) {
+    this.sample();
+    this.timer = setInterval(() => this.sample(), intervalMs).unref();
+  }
+
+  sample(): void {
+    let system = 0;
+    try {
+      const f = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
+      // user nice system idle iowait irq softirq steal
+      system = f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + (f[7] ?? 0);
+    } catch {
+      return;
+    }
+    const parent = new Map<number, number>();
+    const ticks = new Map<number, number>();
+    for (const e of readdirSync('/proc')) {
+      const pid = Number(e);
+      if (!(pid > 0)) continue;
+      try {
+        const f = statFields(pid);
+        parent.set(pid, Number(f[1]));
+        ticks.set(pid, Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]));
+      } catch {
+        // gone
+      }
+    }
+    const within = (pid: number, top: number): boolean => {
+      for (let p = pid, hops = 0; p > 1 && hops < 64; p = parent.get(p) ?? 0, hops++) if (p === top) return true;
+      return false;
+    };
+    let tree = 0;
+    for (const [pid, t] of ticks) if (within(pid, this.root)) tree += t;
+    this.samples.push({ at: performance.now(), system, tree, own: this.own === null ? 0 : (processCpuMillis(this.own) ?? 0) / TICK_MILLIS });
+  }
+
+  stop(): void {
+    this.sample();
+    clearInterval(this.timer);
+  }
+
+  /** CPUs (1 = one whole CPU) used in [from, to] by unrelated processes, by the tree, and by process `own`; null outside the samples. */
+  during(from: number, to: number): { others: number; tree: number; own: number } | null {
+    const s = this.samples;
+    if (s.length < 2 || !(to > from)) return null;
+    // The last sample at or before `from` and the first at or after `to` (the interval grows to whole samples).
+    let a = s[0]!;
+    for (const x of s) if (x.at <= from) a = x;
+    const b = s.find((x) => x.at >= to) ?? s[s.length - 1]!;
+    const ms = b.at - a.at;
+    if (!(ms > 0)) return null;
+    const cpus = (ticks: number): number => (ticks * TICK_MILLIS) / ms;
+    return { others: Math.max(0, cpus(b.system - a.system - (b.tree - a.tree))), tree: cpus(b.tree - a.tree), own: cpus(b.own - a.own) };
   }
 }
 
