@@ -297,12 +297,15 @@ describe("the store's priority", () => {
     }
   }
 
-  it('idle (the default): the store threads run SCHED_IDLE, the engine and the stager never do', async () => {
+  it('idle (the default): the store threads run SCHED_IDLE, the engine (nice -10) and the stager (nice 0) never do', async () => {
     const { threads, doc } = await threadsDuring('idle');
     expect(doc.priority).toBe('idle');
-    const engine = threads.filter((t) => t.comm === 'wpsnap-engine' || t.comm === 'wpsnap-stager');
+    const engine = threads.filter((t) => t.comm === 'wpsnap-engine');
+    const stager = threads.filter((t) => t.comm === 'wpsnap-stager');
     expect(engine.length).toBeGreaterThan(0);
+    expect(stager.length).toBeGreaterThan(0);
     for (const t of engine) expect(t).toMatchObject({ policy: SCHED_OTHER, nice: -10 });
+    for (const t of stager) expect(t).toMatchObject({ policy: SCHED_OTHER, nice: 0 });
     // The main thread (SQLite) and the page workers (hashing, zstd) are node threads.
     expect(threads.some((t) => t.comm === 'node' && t.policy === SCHED_IDLE)).toBe(true);
     for (const key of ['before', 'window', 'compressing'] as const) {

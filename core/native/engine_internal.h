@@ -260,6 +260,7 @@ int stage_start(engine_t *e);
 void stage_window_closed(engine_t *e);
 void stage_finish(engine_t *e);
 bool stage_is_done(engine_t *e);
+bool stage_can_spill(engine_t *e);
 void stage_join(engine_t *e);
 void stage_poke(engine_t *e);
 void post_message(engine_t *e, msg_type_t type);

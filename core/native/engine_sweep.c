@@ -276,10 +276,11 @@ static loop_work_t sweep_work(void *owner, int *wait_ms) {
   if (r == SWEEP_WAIT_RATE && *wait_ms >= 50) flush_current(e);
   if (r == SWEEP_WAIT_POOL) {
     *wait_ms = 50;
-    /* Staging is full: the target's pages stay protected until the store
-     * frees a batch. Tell JS once, so the store stops waiting for idle CPUs
-     * (the target, blocked on us, would otherwise wait on the store). */
-    if (!e->starved_posted) {
+    /* Staging is full and cannot spill: the target's pages stay protected
+     * until the store frees a batch. Tell JS once, so the store stops waiting
+     * for idle CPUs (the target, blocked on us, would otherwise wait on the
+     * store). While the stager can still spill, the wait is its to end. */
+    if (!e->starved_posted && !stage_can_spill(e)) {
       e->starved_posted = true;
       post_message(e, MSG_STAGING_FULL);
     }
