@@ -9,7 +9,7 @@
 //    through at once and its page recorded, core/native/engine_track.c), and
 //    they are write-protected.
 // 3. Rounds, still running: what was written meanwhile is protected again,
-//    while the written set shrinks.
+//    while the written set shrinks (at most MAX_ROUNDS).
 // 4. In the pause (core/pause.ts, protectAtInstant): the last written set is
 //    protected again, with whatever the pre-phase did not cover (new or grown
 //    mappings, moved or unmapped ranges). When the target writes faster than
@@ -228,7 +228,8 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
       const written = intersect(pairsToIntervals(log.written), coveredNormal);
       coveredNormal = protectWhileRunning(binding, uffd, written, coveredNormal);
       rounds.push(written.length);
-      if (written.length <= ROUNDS_DONE_RANGES || written.length > previous / 2) break;
+      // Another round while the set still shrinks: each leaves the pause fewer ranges to protect.
+      if (written.length <= ROUNDS_DONE_RANGES || written.length >= previous) break;
       previous = written.length;
     }
     return { uffd, method, attachStopMicros, attachBreakdownMicros, covered: coveredNormal, rounds };

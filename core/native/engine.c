@@ -227,6 +227,9 @@ static napi_value js_engine_create(napi_env env, napi_callback_info info) {
   e->fault_alloc = fault != NULL && strcmp(fault, FAULT_POINT_ENGINE_ALLOC) == 0;
   e->fault_vanish = fault != NULL && strcmp(fault, FAULT_POINT_ENGINE_VANISH) == 0;
   e->fault_mid_spill = fault != NULL && strcmp(fault, FAULT_POINT_MID_SPILL) == 0;
+  const char *sweep_nice = getenv("WPSNAP_SWEEP_NICE");
+  e->sweep_nice = sweep_nice == NULL || strcmp(sweep_nice, "engine") != 0;
+  e->cur_nice = ENGINE_NICE;
   e->pid = pid;
   e->uffd = -1;
   e->pidfd = pidfd;

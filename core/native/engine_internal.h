@@ -43,6 +43,8 @@
  * scheduled; at nice 0 it queues behind the store's compression threads and
  * the fault p99 grows from ~100 µs to milliseconds. */
 #define ENGINE_NICE (-10)
+/* The sweep's nice (WPSNAP_SWEEP_NICE=engine keeps ENGINE_NICE for it too). */
+#define SWEEP_NICE 0
 
 enum { PAGE_UNSAVED = 0, PAGE_SAVED = 1, PAGE_LOST = 2 };
 
@@ -222,6 +224,8 @@ typedef struct {
   bool fault_alloc;       /* WPSNAP_FAULT=engine-alloc: fail the third batch's allocation */
   bool fault_vanish;      /* WPSNAP_FAULT=engine-vanish: the sweep's first chunk shows a page gone */
   bool fault_mid_spill;   /* WPSNAP_FAULT=mid-spill: die once a batch is spilled */
+  bool sweep_nice;        /* the sweep runs at SWEEP_NICE, faults at ENGINE_NICE */
+  int cur_nice;
 } engine_t;
 
 /* Enumerations of the sweep and the THP path (engine_sweep.c, engine_thp.c). */
@@ -246,6 +250,7 @@ typedef enum {
 /* Internal functions, by file. */
 double mono_us(void);
 void engine_thread_priority(void);
+void engine_nice(engine_t *e, int nice);
 uint64_t mono_ns(void);
 void set_fatal(engine_t *e, int err, const char *what);
 void add_lost(engine_t *e, uint64_t t_addr, uint64_t pages, int reason);

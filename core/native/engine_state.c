@@ -97,3 +97,9 @@ void engine_thread_priority(void) {
   (void)sched_setscheduler(0, SCHED_OTHER, &none);
   (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), ENGINE_NICE);
 }
+
+/* The engine thread's nice now (engine thread only): only a change costs a syscall. */
+void engine_nice(engine_t *e, int nice) {
+  if (e->cur_nice == nice) return;
+  if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice) == 0) e->cur_nice = nice;
+}

@@ -255,7 +255,10 @@ int sweep_step(engine_t *e, int *wait_ms) {
 
 /* ---------- the engine as the fault loop's owner ---------- */
 
-static void on_fault(void *owner, unsigned source, const struct uffd_msg *m, uint64_t read_ns) { handle_message(owner, m, read_ns); }
+static void on_fault(void *owner, unsigned source, const struct uffd_msg *m, uint64_t read_ns) {
+  engine_nice(owner, ENGINE_NICE);
+  handle_message(owner, m, read_ns);
+}
 static void on_event(void *owner, unsigned source, const struct uffd_msg *m) { handle_message(owner, m, 0); }
 static void on_target_exited(void *owner) { target_gone(owner); }
 static void on_fail(void *owner, int err, const char *what) { set_fatal(owner, err, what); }
@@ -267,8 +270,15 @@ static bool has_failed(void *owner) { return ((engine_t *)owner)->fatal_err != 0
  * has (the wake eventfd), or after 50 ms. */
 static loop_work_t sweep_work(void *owner, int *wait_ms) {
   engine_t *e = owner;
+  /* The sweep competes for a CPU like the target's own threads: at the
+   * engine's nice it took a whole CPU for as long as the window lasted, and
+   * on two CPUs the target's threads then queued behind each other (a
+   * heartbeat thread runnable for 60 ms to seconds at 8 GiB, perf sched).
+   * Faults and the wait for them keep ENGINE_NICE (engine_nice below). */
+  if (e->sweep_nice) engine_nice(e, SWEEP_NICE);
   int r = sweep_step(e, wait_ms);
   if (r == SWEEP_PROGRESS) return LOOP_PROGRESS;
+  engine_nice(e, ENGINE_NICE);
   if (r == SWEEP_DONE) {
     e->sweep_done = true;
     return LOOP_DONE;
