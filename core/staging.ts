@@ -24,6 +24,8 @@ const MIN_POOL_BATCHES = 16;
 const MIN_POOL_BATCHES_GIVEN = 8;
 /** Share of MemAvailable the pool may take by default. */
 const DEFAULT_POOL_SHARE = 0.25;
+/** And at most this much: the pool is touched before the attach, up to ~1.6 s per GiB on a VM. */
+const DEFAULT_POOL_MAX = 4 * 1024 ** 3;
 /** Share of the staging filesystem's free space the spill file may take by default. */
 const DEFAULT_SPILL_SHARE = 0.5;
 /** Linux x86_64: __O_TMPFILE | O_DIRECTORY (node has no constant for it). */
@@ -35,7 +37,7 @@ export interface StagingOptions {
   dir?: string | undefined;
   /** Bytes of spill file in use at most; 0: no spill file (the pool only). */
   maxBytes?: number | undefined;
-  /** Bytes of memory for the pool (default: a quarter of MemAvailable, at most what the target holds). */
+  /** Bytes of memory for the pool (default: what the target holds, at most a quarter of MemAvailable and 4 GiB). */
   memoryBytes?: number | undefined;
 }
 
@@ -112,7 +114,7 @@ function openUnlinked(dir: string): number {
 export function openStaging(defaultDir: string | undefined, options: StagingOptions, copyBytes: number): Staging {
   // Room for what the target holds, and a little: what it populates after the
   // pause is zero at T and never copied.
-  const memoryBytes = options.memoryBytes ?? Math.min(memAvailable() * DEFAULT_POOL_SHARE, copyBytes + MIN_POOL_BATCHES * BATCH_BYTES);
+  const memoryBytes = options.memoryBytes ?? Math.min(memAvailable() * DEFAULT_POOL_SHARE, DEFAULT_POOL_MAX, copyBytes + MIN_POOL_BATCHES * BATCH_BYTES);
   const poolBatches = Math.max(options.memoryBytes === undefined ? MIN_POOL_BATCHES : MIN_POOL_BATCHES_GIVEN, Math.floor(memoryBytes / BATCH_BYTES));
   const none: Staging = { poolBatches, spillFd: -1, spillMaxBytes: 0, dir: undefined, close: () => undefined };
   const parent = options.dir ?? defaultDir;

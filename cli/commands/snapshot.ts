@@ -100,7 +100,7 @@ export const snapshotCommand = defineCommand({
       .option('staging-memory', {
         type: 'string',
         coerce: numberOption('staging-memory', 'MiB'),
-        describe: 'MiB of memory for copied pages waiting for the store (default: a quarter of the available memory, at most the target\'s size)',
+        describe: 'MiB of memory for copied pages waiting for the store (default: the target\'s resident size, at most a quarter of the available memory and 4 GiB)',
       }),
   async handler(args, ctx: CommandContext) {
     const binding = ctx.binding();
