@@ -124,9 +124,15 @@ static const fault_loop_ops_t track_loop_ops = {
     .failed = track_failed,
 };
 
-/* The engine thread in tracking mode, until engineTrackStop. */
+/* Tracking ends only through track_work (LOOP_DONE, after a last drain):
+ * an interrupt (engineStop) must not leave the target's writes to
+ * pre-protected pages unserved until the pause; the engine's run after the
+ * pause ends at once instead. */
+static _Atomic bool never_stop = false;
+
+/* The engine thread in tracking mode, until engineTrackTake(stop). */
 void track_main(engine_t *e) {
-  e->loop = (fault_loop_t){.uffds = &e->uffd, .nuffds = 1, .wake_fd = e->wake_fd, .pidfd = e->pidfd, .ops = &track_loop_ops, .owner = e, .stop = &e->stop};
+  e->loop = (fault_loop_t){.uffds = &e->uffd, .nuffds = 1, .wake_fd = e->wake_fd, .pidfd = e->pidfd, .ops = &track_loop_ops, .owner = e, .stop = &never_stop};
   fault_loop_run(&e->loop);
   fault_loop_free(&e->loop);
 }
