@@ -84,7 +84,8 @@ interface ShowJson {
 }
 
 const PYTHON_ARGS = [join(REALPROG, 'pyheap.py'), '--mib', '180', '--steps', '90000', '--log-every', '10000', '--seed', '11'];
-const NODE_ARGS = ['--max-old-space-size=2048', join(REALPROG, 'nodeheap.mjs'), '--steps', '150000', '--log-every', '25000', '--seed', '5'];
+// Enough steps that the instant T (after the staging pool is touched, the attach and pre-protection) falls mid-computation.
+const NODE_ARGS = ['--max-old-space-size=2048', join(REALPROG, 'nodeheap.mjs'), '--steps', '300000', '--log-every', '25000', '--seed', '5'];
 
 let root: string;
 beforeAll(() => {
