@@ -77,16 +77,24 @@ export function closeQuietly(binding: NativeBinding, fd: number): void {
   }
 }
 
-export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome {
-  const { pid, attacher, planner } = inputs;
+/** Microseconds since the last lap (or the start), and since the start: a stop's phases. */
+export function stopwatch(): { lap: () => number; total: () => number } {
   const started = process.hrtime.bigint();
   let mark = started;
-  const lap = (): number => {
-    const now = process.hrtime.bigint();
-    const us = Number(now - mark) / 1000;
-    mark = now;
-    return us;
+  return {
+    lap(): number {
+      const now = process.hrtime.bigint();
+      const us = Number(now - mark) / 1000;
+      mark = now;
+      return us;
+    },
+    total: () => Number(process.hrtime.bigint() - started) / 1000,
   };
+}
+
+export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome {
+  const { pid, attacher, planner } = inputs;
+  const { lap, total } = stopwatch();
   const stopped = attacher.stop();
   const breakdown: PauseBreakdown = { freeze: lap(), inject: 0, plan: 0, protect: 0, copy: 0, engine: 0, thaw: 0 };
   const pre = inputs.pre;
@@ -130,7 +138,7 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     breakdown.engine = lap();
     stopped.resume();
     breakdown.thaw = lap();
-    const pauseMicros = Number(process.hrtime.bigint() - started) / 1000;
+    const pauseMicros = total();
     // Woken after the resume, not before: woken in the pause, the engine
     // thread preempted the pause's own thread for milliseconds.
     inputs.afterResume?.();

@@ -22,7 +22,7 @@ import { fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
 import { UFFD_FEATURES_FOR_SNAPSHOT, UFFDIO_REGISTER_MODE_WP } from './features.js';
 import type { NativeBinding } from './native/binding.js';
-import { closeQuietly } from './pause.js';
+import { closeQuietly, stopwatch } from './pause.js';
 import type { MapsEntry } from './procfs.js';
 import { readMaps } from './procfs.js';
 import type { SparseIntervals } from './sparse.js';
@@ -175,14 +175,7 @@ export interface PreProtectInputs {
  */
 export async function preProtect(binding: NativeBinding, inputs: PreProtectInputs): Promise<PreProtection> {
   const { pid, attacher, session } = inputs;
-  const started = process.hrtime.bigint();
-  let mark = started;
-  const lap = (): number => {
-    const now = process.hrtime.bigint();
-    const us = Number(now - mark) / 1000;
-    mark = now;
-    return us;
-  };
+  const { lap, total } = stopwatch();
   const stopped = attacher.stop();
   const attachBreakdownMicros = { freeze: lap(), inject: 0, thaw: 0 };
   let uffd = -1;
@@ -201,7 +194,7 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
   attachBreakdownMicros.inject = lap();
   stopped.resume();
   attachBreakdownMicros.thaw = lap();
-  const attachStopMicros = Number(process.hrtime.bigint() - started) / 1000;
+  const attachStopMicros = total();
   attacher.rearm();
   try {
     const covered: Intervals = [];
