@@ -26,6 +26,9 @@ import { closeQuietly, stopwatch } from './pause.js';
 import type { MapsEntry } from './procfs.js';
 import { readMaps } from './procfs.js';
 import type { SparseIntervals } from './sparse.js';
+import { intersect, normalize, subtract, type Intervals } from './intervals.js';
+
+export type { Intervals } from './intervals.js';
 
 /** Mappings smaller than this are protected in the pause: too small to matter. */
 const PRE_PROTECT_MIN_BYTES = 1n << 20n;
@@ -34,9 +37,6 @@ const ROUNDS_DONE_RANGES = 64;
 const MAX_ROUNDS = 8;
 /** Special mappings never registered. */
 const SPECIAL = new Set(['[vvar]', '[vvar_vclock]', '[vdso]', '[vsyscall]']);
-
-/** Sorted, disjoint [start, end) intervals. */
-export type Intervals = Array<[bigint, bigint]>;
 
 export interface PreProtection {
   uffd: number;
@@ -66,56 +66,6 @@ function pairsToIntervals(pairs: BigUint64Array): Intervals {
   const out: Intervals = [];
   for (let i = 0; i < pairs.length; i += 2) out.push([pairs[i]!, pairs[i]! + pairs[i + 1]!]);
   return normalize(out);
-}
-
-/** Sorted, merged. */
-export function normalize(intervals: Intervals): Intervals {
-  const sorted = intervals.filter(([s, e]) => s < e).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
-  const out: Intervals = [];
-  for (const [s, e] of sorted) {
-    const last = out[out.length - 1];
-    if (last !== undefined && s <= last[1]) {
-      if (e > last[1]) last[1] = e;
-    } else {
-      out.push([s, e]);
-    }
-  }
-  return out;
-}
-
-/** a minus b (both normalized). */
-export function subtract(a: Intervals, b: Intervals): Intervals {
-  const out: Intervals = [];
-  let j = 0;
-  for (const [s0, e] of a) {
-    let s = s0;
-    while (j < b.length && b[j]![1] <= s) j++;
-    let k = j;
-    while (k < b.length && b[k]![0] < e) {
-      const [bs, be] = b[k]!;
-      if (bs > s) out.push([s, bs]);
-      if (be > s) s = be;
-      if (s >= e) break;
-      k++;
-    }
-    if (s < e) out.push([s, e]);
-  }
-  return out;
-}
-
-/** a ∩ b (both normalized). */
-export function intersect(a: Intervals, b: Intervals): Intervals {
-  const out: Intervals = [];
-  let i = 0;
-  let j = 0;
-  while (i < a.length && j < b.length) {
-    const s = a[i]![0] > b[j]![0] ? a[i]![0] : b[j]![0];
-    const e = a[i]![1] < b[j]![1] ? a[i]![1] : b[j]![1];
-    if (s < e) out.push([s, e]);
-    if (a[i]![1] < b[j]![1]) i++;
-    else j++;
-  }
-  return out;
 }
 
 const EAGAIN_RETRIES = 100;

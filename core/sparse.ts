@@ -15,6 +15,7 @@ import { fromNative } from '../common/errors.js';
 import type { NativeBinding } from './native/binding.js';
 import type { MapsEntry } from './procfs.js';
 import type { RegionPlan } from './regions.js';
+import { normalize } from './intervals.js';
 
 const SPARSE_MIN_BYTES = 1n << 20n;
 const SPARSE_MAX_POPULATED = 0.25;
@@ -68,20 +69,7 @@ function populatedRuns(binding: NativeBinding, pid: number, ranges: Array<{ star
  * over populated pages, which would be stored as zero without being read.
  */
 export function normalizeRuns(runs: Array<[bigint, bigint]>, start: bigint, end: bigint): Array<[bigint, bigint]> {
-  const sorted = runs
-    .map(([s, e]): [bigint, bigint] => [s < start ? start : s, e > end ? end : e])
-    .filter(([s, e]) => s < e)
-    .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
-  const merged: Array<[bigint, bigint]> = [];
-  for (const [s, e] of sorted) {
-    const last = merged[merged.length - 1];
-    if (last !== undefined && s <= last[1]) {
-      if (e > last[1]) last[1] = e;
-    } else {
-      merged.push([s, e]);
-    }
-  }
-  return merged;
+  return normalize(runs.map(([s, e]): [bigint, bigint] => [s < start ? start : s, e > end ? end : e]));
 }
 
 function overlapsSparse(sparse: SparseIntervals, start: bigint, end: bigint): boolean {

@@ -2,7 +2,8 @@
 // rangesAtInstant), as pure interval arithmetic: the written set and what the
 // pre-phase did not cover, range by range, never less.
 import { describe, expect, it } from 'vitest';
-import { intersect, normalize, rangesAtInstant, subtract, type Intervals, type PreProtection, type TrackLog } from '../../core/preprotect.js';
+import { intersect, normalize, subtract, type Intervals } from '../../core/intervals.js';
+import { rangesAtInstant, type PreProtection, type TrackLog } from '../../core/preprotect.js';
 
 const K = 4096n;
 const M = 2n << 20n;
