@@ -11,6 +11,8 @@
 int uffd_writeprotect(int uffd, uint64_t start, uint64_t len, bool protect);
 int uffd_wake(int uffd, uint64_t start, uint64_t len);
 int remote_read(pid_t pid, int memfd, uint64_t addr, void *dst, size_t len);
+/* pread until len bytes are read: 0, the errno, or EIO at the end of the file. */
+int pread_all(int fd, void *buf, size_t len, uint64_t off);
 int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out);
 /* The kernel's shared zero page's pfn, confirmed by /proc/kpageflags; 0 if unknown. */
 uint64_t shared_zero_pfn(void);

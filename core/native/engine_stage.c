@@ -57,20 +57,6 @@ static int write_all(int fd, const void *buf, size_t len, uint64_t off) {
   return 0;
 }
 
-static int read_all(int fd, void *buf, size_t len, uint64_t off) {
-  size_t done = 0;
-  while (done < len) {
-    ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, (off_t)(off + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    if (n == 0) return EIO;
-    done += (size_t)n;
-  }
-  return 0;
-}
-
 /* Hand a batch in memory to the store; pool_lock held (released around the call). */
 static void deliver(engine_t *e, staged_t *st) {
   unlink_staged(e, st);
@@ -109,7 +95,7 @@ static bool read_back(engine_t *e, staged_t *st) {
   st->spilling = true; /* busy: no one else touches it */
   pthread_mutex_unlock(&e->pool_lock);
   size_t bytes = (size_t)st->count * PG;
-  int err = read_all(e->spill_fd, s->data, bytes, st->spill_off);
+  int err = pread_all(e->spill_fd, s->data, bytes, st->spill_off);
   if (err == 0) {
     memcpy(s->addrs, st->addrs, sizeof(uint64_t) * st->count);
     s->count = st->count;

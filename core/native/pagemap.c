@@ -19,10 +19,10 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out) {
-  size_t want = npages * sizeof(uint64_t), done = 0;
-  while (done < want) {
-    ssize_t n = pread(pagemap_fd, (char *)out + done, want - done, (off_t)((addr / 4096) * 8 + done));
+int pread_all(int fd, void *buf, size_t len, uint64_t off) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       return errno;
@@ -31,6 +31,10 @@ int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out) {
     done += (size_t)n;
   }
   return 0;
+}
+
+int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out) {
+  return pread_all(pagemap_fd, out, npages * sizeof(uint64_t), (addr / 4096) * 8);
 }
 
 #define KPF_ZERO_PAGE 24 /* /proc/kpageflags (Documentation/admin-guide/mm/pagemap.rst) */
