@@ -6,7 +6,7 @@
 // or a given --priority).
 import { closeSync, existsSync, fsyncSync, mkdtempSync, openSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { CpuAccountSampler, Faultlat, isAlive, procKiB, round, runCommand, sleep, TaskSampler, type FaultlatReport } from './lib.js';
+import { CpuAccountSampler, Faultlat, isAlive, procKiB, round, runCommand, sleep, snapshotDocument, TaskSampler, type FaultlatReport } from './lib.js';
 import type {
   BaselineResult,
   HeartbeatGap,
@@ -275,16 +275,7 @@ async function measureWpsnap(t: Faultlat, o: ImpactOptions, dir: string, priorit
     const cliEnd = windowMs(w);
     const report = await t.report();
     closeWindow(w);
-    let doc: Record<string, unknown> | undefined;
-    try {
-      doc = JSON.parse(r.stdout) as Record<string, unknown>;
-    } catch {
-      doc = undefined;
-    }
-    if (r.code !== 0 || doc === undefined || typeof doc['pauseMicros'] !== 'number') {
-      const why = doc && typeof doc['error'] === 'object' ? JSON.stringify(doc['error']) : (r.stderr || r.stdout).trim().slice(-400);
-      throw new Error(`wpsnap snapshot exited ${r.code ?? r.signal}${r.timedOut ? ' (timed out)' : ''}: ${why}`);
-    }
+    const doc = snapshotDocument(r);
     const pauseMs = (doc['pauseMicros'] as number) / 1e3;
     const durable = num(doc['durableMillis']);
     const window = num(doc['protectWindowMillis']);

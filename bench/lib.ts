@@ -65,6 +65,21 @@ export interface CommandResult {
   timedOut: boolean;
 }
 
+/** The JSON document of a `wpsnap snapshot --json` run, or an error naming why there is none. */
+export function snapshotDocument(r: CommandResult): Record<string, unknown> {
+  let doc: Record<string, unknown> | undefined;
+  try {
+    doc = JSON.parse(r.stdout) as Record<string, unknown>;
+  } catch {
+    doc = undefined;
+  }
+  if (r.code !== 0 || doc === undefined || typeof doc['pauseMicros'] !== 'number') {
+    const why = doc && typeof doc['error'] === 'object' ? JSON.stringify(doc['error']) : (r.stderr || r.stdout).trim().slice(-400);
+    throw new Error(`wpsnap snapshot exited ${r.code ?? r.signal}${r.timedOut ? ' (timed out)' : ''}: ${why}`);
+  }
+  return doc;
+}
+
 /**
  * Run a command to completion and time it from spawn to exit. On timeout it
  * gets SIGINT, then SIGKILL 10 s later, by its own pid (it is our child).

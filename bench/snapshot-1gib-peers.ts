@@ -4,7 +4,7 @@
 import { existsSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { snapshotEngineOnly } from './engine-only.js';
-import { Faultlat, isAlive, repoRoot, round, runCommand, sleep, zstdSize, type FaultlatReport } from './lib.js';
+import { Faultlat, isAlive, repoRoot, round, runCommand, sleep, snapshotDocument, zstdSize, type FaultlatReport } from './lib.js';
 import type {
   BaselineResult,
   EngineOnlyPeerResult,
@@ -101,16 +101,7 @@ async function measureWpsnap(t: Faultlat, o: Snapshot1GiBOptions, dir: string, r
     await t.startWindow();
     const r = await runCommand(process.execPath, args, { timeoutMs: o.timeoutMs, sampleThreads: true });
     const report = await t.report();
-    let doc: Record<string, unknown> | undefined;
-    try {
-      doc = JSON.parse(r.stdout) as Record<string, unknown>;
-    } catch {
-      doc = undefined;
-    }
-    if (r.code !== 0 || doc === undefined || typeof doc['pauseMicros'] !== 'number') {
-      const why = doc && typeof doc['error'] === 'object' ? JSON.stringify(doc['error']) : (r.stderr || r.stdout).trim().slice(-400);
-      throw new Error(`wpsnap snapshot exited ${r.code ?? r.signal}${r.timedOut ? ' (timed out)' : ''}: ${why}`);
-    }
+    const doc = snapshotDocument(r);
     const lost = (doc['lostPages'] as Array<{ pages: number }>).reduce((n, l) => n + l.pages, 0);
     const window = toWindow(report);
     return {
