@@ -127,7 +127,8 @@ export function openStaging(defaultDir: string | undefined, options: StagingOpti
   }
   if (!isDir) throw new WpsnapError('STAGING_DIR', `staging directory ${parent} does not exist or is not a directory`);
   removeStaleStaging(parent);
-  const free = Number(statfsSync(parent).bavail) * Number(statfsSync(parent).bsize);
+  const fs = statfsSync(parent);
+  const free = Number(fs.bavail) * Number(fs.bsize);
   const spillMaxBytes = Math.floor(options.maxBytes ?? free * DEFAULT_SPILL_SHARE);
   if (spillMaxBytes < BATCH_BYTES) return none;
   const dir = join(parent, `${DIR_PREFIX}${process.pid}-${randomBytes(4).toString('hex')}`);
