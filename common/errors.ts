@@ -30,6 +30,8 @@ const CODE_CATEGORY = {
   NO_USERFAULTFD: 'unsupported',
   USERFAULTFD_NOT_PERMITTED: 'unsupported',
   KERNEL_FEATURE_MISSING: 'unsupported',
+  // --tracker soft-dirty on a kernel where one round trip shows the bit is never set.
+  SOFT_DIRTY_UNAVAILABLE: 'unsupported',
   // The target is gone (exit 4).
   TARGET_NOT_FOUND: 'targetGone',
   // SIGINT/SIGTERM (exit 130).

@@ -79,7 +79,7 @@ const sleeper = new Int32Array(new SharedArrayBuffer(4));
  * or moved) is no longer covered, and the pause protects whatever is there
  * at T. One range at a time, so a failure leaves no doubt about the others.
  */
-function protectWhileRunning(binding: NativeBinding, uffd: number, ranges: Intervals, covered: Intervals): Intervals {
+export function protectWhileRunning(binding: NativeBinding, uffd: number, ranges: Intervals, covered: Intervals): Intervals {
   const failed: Intervals = [];
   for (const [start, end] of ranges) {
     for (let attempt = 0; ; attempt++) {

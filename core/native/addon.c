@@ -9,6 +9,7 @@ static napi_value init(napi_env env, napi_value exports) {
   register_file_pages_exports(env, exports);
   register_ptrace_exports(env, exports);
   register_engine_exports(env, exports);
+  register_tracker_exports(env, exports);
   register_constants_exports(env, exports);
   return exports;
 }

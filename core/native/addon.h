@@ -25,6 +25,7 @@ void register_pagemap_exports(napi_env env, napi_value exports);
 void register_file_pages_exports(napi_env env, napi_value exports);
 void register_ptrace_exports(napi_env env, napi_value exports);
 void register_engine_exports(napi_env env, napi_value exports);
+void register_tracker_exports(napi_env env, napi_value exports);
 void register_constants_exports(napi_env env, napi_value exports);
 
 #endif

@@ -224,6 +224,33 @@ export interface NativeBinding {
     handle: NativeHandle,
     stop: boolean,
   ): { written: BigUint64Array; invalid: BigUint64Array; overflowed: number; faults: number; forks: number; error?: string };
+  /**
+   * Start the standalone dirty tracker's thread on a userfaultfd of the target (after
+   * UFFDIO_API): it reads events (and, for a synchronous context, lets write faults
+   * through and logs them). ranges: [start, end, unit] triples, sorted.
+   */
+  trackerStart(options: { uffd: number; pid: number; pidfd: number; ranges: BigUint64Array }): NativeHandle;
+  /** The ranges registered now ([start, end, unit] triples, sorted). */
+  trackerSetRanges(handle: NativeHandle, ranges: BigUint64Array): void;
+  /** What the thread logged since the last take, as [start, len] pairs. */
+  trackerTake(handle: NativeHandle): {
+    written: BigUint64Array;
+    invalid: BigUint64Array;
+    overflowed: boolean;
+    faults: number;
+    forks: number;
+    exited: boolean;
+    error?: string;
+  };
+  /** End the thread (the userfaultfd stays open); idempotent. */
+  trackerStop(handle: NativeHandle): void;
+  /**
+   * PAGEMAP_SCAN of [start, end) of the tracked process: the written pages as [start, len]
+   * pairs; reset protects them again in the same walk (a round of the asynchronous tracker).
+   */
+  trackerScan(handle: NativeHandle, start: bigint, end: bigint, reset: boolean): BigUint64Array;
+  /** One soft-dirty round trip on a page of this process. */
+  probeSoftDirty(): { works: boolean; why?: string };
   /** The batch in slot is stored: its memory may be reused. */
   engineRelease(handle: NativeHandle, slot: number): void;
   /** Stop early: unsaved pages are reported lost as "interrupted". */

@@ -159,9 +159,7 @@ static void engine_free(engine_t *e) {
   if (e->pagemap_fd >= 0) close(e->pagemap_fd);
   if (e->mem_fd >= 0) close(e->mem_fd);
   if (e->wake_fd >= 0) close(e->wake_fd);
-  free(e->track_ranges);
-  free(e->track_dirty.pairs);
-  free(e->track_invalid.pairs);
+  track_state_free(&e->track);
   pthread_mutex_destroy(&e->pool_lock);
   free(e);
 }
@@ -242,7 +240,7 @@ static napi_value js_engine_create(napi_env env, napi_callback_info info) {
   e->pool_size = (uint32_t)pool;
   e->rate = (double)rate;
   pthread_mutex_init(&e->pool_lock, NULL);
-  pthread_mutex_init(&e->track_lock, NULL);
+  track_state_init(&e->track, -1, -1, NULL);
   pthread_cond_init(&e->cmd_cond, NULL);
 
   e->latency_ns = malloc(sizeof(uint32_t) * MAX_LATENCY_SAMPLES);
@@ -445,23 +443,11 @@ static napi_value js_engine_track(napi_env env, napi_callback_info info) {
   if (!prop_int32(env, argv[1], "uffd", &uffd) || napi_get_named_property(env, argv[1], "ranges", &rv) != napi_ok ||
       !arg_u64_groups(env, rv, 3, &ranges, &n))
     return throw_type(env, "engineTrack: uffd and ranges (a BigUint64Array of start, end, unit triples) are required");
-  e->track_ranges = malloc((n ? n : 1) * 3 * sizeof(uint64_t));
-  if (e->track_ranges == NULL) return throw_errno(env, ENOMEM, "malloc", "tracked ranges");
-  memcpy(e->track_ranges, ranges, n * 3 * sizeof(uint64_t));
-  e->ntrack_ranges = n;
+  if (track_set_ranges(&e->track, ranges, n) != 0) return throw_errno(env, ENOMEM, "malloc", "tracked ranges");
   e->uffd = uffd;
   e->tracking = true;
   send_command(e, CMD_TRACK);
   return NULL;
-}
-
-static napi_value log_array(napi_env env, const track_log_t *log) {
-  napi_value ab, arr;
-  void *data;
-  napi_create_arraybuffer(env, log->n * 2 * sizeof(uint64_t), &data, &ab);
-  if (log->n) memcpy(data, log->pairs, log->n * 2 * sizeof(uint64_t));
-  napi_create_typedarray(env, napi_biguint64_array, log->n * 2, ab, 0, &arr);
-  return arr;
 }
 
 /* engineTrackTake(handle, stop) -> {written, invalid, overflowed, faults, forks}: the ranges written
@@ -477,14 +463,14 @@ static napi_value js_engine_track_take(napi_env env, napi_callback_info info) {
   if (argc >= 2) arg_bool(env, argv[1], &stop);
   if (stop) track_stop_wait(e);
   track_log_t dirty, invalid;
-  track_take(e, &dirty, &invalid);
+  track_take(&e->track, &dirty, &invalid);
   napi_value o;
   napi_create_object(env, &o);
-  set_prop(env, o, "written", log_array(env, &dirty));
-  set_prop(env, o, "invalid", log_array(env, &invalid));
+  set_prop(env, o, "written", track_log_array(env, &dirty));
+  set_prop(env, o, "invalid", track_log_array(env, &invalid));
   set_prop(env, o, "overflowed", make_int(env, dirty.overflowed || invalid.overflowed));
-  set_prop(env, o, "faults", make_double(env, (double)atomic_load(&e->track_faults)));
-  set_prop(env, o, "forks", make_double(env, (double)atomic_load(&e->track_forks)));
+  set_prop(env, o, "faults", make_double(env, (double)atomic_load(&e->track.faults)));
+  set_prop(env, o, "forks", make_double(env, (double)atomic_load(&e->track.forks)));
   if (e->fatal_err) set_prop(env, o, "error", make_string(env, e->fatal_what));
   free(dirty.pairs);
   free(invalid.pairs);

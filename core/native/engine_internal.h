@@ -6,6 +6,7 @@
 
 #include "addon.h"
 #include "constants.h"
+#include "dirty_log.h"
 #include "fault_loop.h"
 #include "kernel_compat.h"
 #include "napi_util.h"
@@ -98,13 +99,6 @@ typedef enum { MSG_BATCH_READY, MSG_STAGING_FULL, MSG_WINDOW_CLOSED, MSG_DONE } 
 
 /* What the engine thread is told to do next (engine.c). */
 typedef enum { CMD_NONE, CMD_TRACK, CMD_RUN, CMD_QUIT } engine_cmd_t;
-
-/* Ranges recorded while tracking (engine_track.c): [start, len] pairs. */
-typedef struct {
-  uint64_t *pairs;
-  size_t n, cap;
-  bool overflowed; /* a range could not be recorded: everything must be protected again */
-} track_log_t;
 
 typedef struct {
   msg_type_t type;
@@ -207,11 +201,7 @@ typedef struct {
   bool prepared;            /* engineRun gave it its regions */
   bool ran;                 /* engineGo started it */
   /* pre-protection (engine_track.c) */
-  pthread_mutex_t track_lock;
-  uint64_t *track_ranges;   /* [start, end, unit] triples, sorted: the protection unit of each range */
-  size_t ntrack_ranges;
-  track_log_t track_dirty, track_invalid;
-  _Atomic uint64_t track_faults, track_forks;
+  track_state_t track;      /* the log and the ranges (dirty_log.h) */
   _Atomic bool track_stop;
   bool tracking, track_stopped; /* guarded by pool_lock */
 
@@ -313,6 +303,5 @@ int sweep_step(engine_t *e, int *wait_ms);
 void engine_main(engine_t *e);
 void *engine_thread(void *arg);
 void track_main(engine_t *e);
-void track_take(engine_t *e, track_log_t *dirty, track_log_t *invalid);
 
 #endif

@@ -13,20 +13,7 @@
 
 /* The first PMD-mapped block in [addr, end), as PAGEMAP_SCAN's PAGE_IS_HUGE
  * reports it (for anonymous memory only a huge pmd sets it); false if none. */
-bool find_huge(engine_t *e, uint64_t addr, uint64_t end, struct wpsnap_page_region *r) {
-  struct wpsnap_pm_scan_arg arg = {
-      .size = sizeof arg,
-      .start = addr,
-      .end = end,
-      .vec = (uint64_t)(uintptr_t)r,
-      .vec_len = 1,
-      .category_anyof_mask = PAGE_IS_HUGE,
-      .return_mask = PAGE_IS_HUGE | PAGE_IS_PFNZERO,
-  };
-  /* SAFETY: a read-only walk of the target's page tables; EINVAL/ENOTTY on a
-   * kernel without PAGEMAP_SCAN leaves everything in 4 KiB units. */
-  return ioctl(e->pagemap_fd, PAGEMAP_SCAN, &arg) == 1;
-}
+bool find_huge(engine_t *e, uint64_t addr, uint64_t end, struct wpsnap_page_region *r) { return pagemap_find_huge(e->pagemap_fd, addr, end, r); }
 
 /* Is the 2 MiB block holding offset `off` of s one huge PMD now? Sets *block
  * to its offset in s; THP_ZERO when it maps the huge zero page. */

@@ -1,0 +1,169 @@
+// The dirty trackers on a real process whose writes between two rounds are
+// known exactly (fixtures/dirtywriter.c): every written page is in the round,
+// nothing else is, whatever the target does to its mappings meanwhile.
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, openSync, closeSync, writeSync, rmSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { loadBinding } from '../core/binding.js';
+import { DirtyTracker, type DirtyRound, type TrackerKind } from '../core/tracker.js';
+import { intersect, normalize, type Intervals } from '../core/intervals.js';
+import { killDetached, startDetached, type DetachedFixture } from './support/spawn.js';
+
+const PAGE = 4096n;
+const binding = loadBinding();
+
+interface Writer {
+  fixture: DetachedFixture;
+  anon: bigint;
+  shm: bigint;
+  pages: number;
+  send(command: string): Promise<Record<string, unknown>>;
+  close(): void;
+}
+
+const cleanups: Array<() => void> = [];
+afterEach(() => {
+  while (cleanups.length) cleanups.pop()!();
+  killDetached();
+});
+
+async function startWriter(pages = 64): Promise<Writer> {
+  const dir = mkdtempSync(join(tmpdir(), 'wpsnap-dirtywriter-'));
+  const fifo = join(dir, 'commands');
+  execFileSync('mkfifo', ['-m', '0600', fifo]);
+  const fixture = await startDetached('dirtywriter', ['-p', String(pages), '-c', fifo]);
+  const fd = openSync(fifo, 'w');
+  const writer: Writer = {
+    fixture,
+    anon: BigInt(fixture.ready['anon'] as string),
+    shm: BigInt(fixture.ready['shm'] as string),
+    pages,
+    async send(command) {
+      writeSync(fd, `${command}\n`);
+      const reply = await fixture.nextLine();
+      if (reply['ok'] !== true) throw new Error(`dirtywriter: ${command}: ${JSON.stringify(reply)}`);
+      return reply;
+    },
+    close() {
+      closeSync(fd);
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  cleanups.push(() => writer.close());
+  return writer;
+}
+
+function track(pid: number, tracker: TrackerKind): DirtyTracker {
+  const t = DirtyTracker.start(binding, pid, { tracker });
+  cleanups.push(() => t.stop());
+  return t;
+}
+
+/** Page ranges of `base` as intervals, from [firstPage, count] pairs. */
+function pagesOf(base: bigint, ...runs: Array<[number, number]>): Intervals {
+  return runs.map(([p, n]) => [base + BigInt(p) * PAGE, base + BigInt(p + n) * PAGE] as [bigint, bigint]);
+}
+
+/** The part of a round in the fixture's own regions (its stack, heap and stdio buffers are written too). */
+function inRegions(w: Writer, dirty: Intervals, ...extra: Intervals): Intervals {
+  const regions: Intervals = [...pagesOf(w.anon, [0, w.pages]), ...pagesOf(w.shm, [0, w.pages]), ...extra].sort((a, b) => (a[0] < b[0] ? -1 : 1));
+  return intersect(dirty, regions);
+}
+
+function hex(intervals: Intervals): string[] {
+  return intervals.map(([s, e]) => `0x${s.toString(16)}-0x${e.toString(16)}`);
+}
+
+function uffdWpBits(pid: number, start: bigint, pages: number): number {
+  const entries = binding.readPagemap(pid, start, pages);
+  let protectedPages = 0;
+  for (const e of entries) if ((e & (1n << 57n)) !== 0n) protectedPages++;
+  return protectedPages;
+}
+
+describe.each<TrackerKind>(['async', 'sync'])('the %s tracker', (kind) => {
+  it('reports exactly the pages written between two rounds, a page written back unchanged included, and nothing read', async () => {
+    const w = await startWriter();
+    const t = track(w.fixture.pid, kind);
+    t.take(); // whatever happened before the start
+    await w.send('write anon 1 7 8 63');
+    await w.send('same anon 20');
+    await w.send('read anon 30 31');
+    await w.send('write shm 0 5');
+    const round = t.take();
+    expect(hex(inRegions(w, round.dirty))).toEqual(hex(normalize([...pagesOf(w.shm, [0, 1], [5, 1]), ...pagesOf(w.anon, [1, 1], [7, 2], [20, 1], [63, 1])])));
+    expect(round.added).toEqual([]);
+    // Every dirty page lies in a tracked mapping, and the mappings' counts add up.
+    expect(round.mappings.reduce((n, m) => n + m.dirtyPages, 0)).toBe(round.dirtyPages);
+    expect(round.mappings.find((m) => m.start <= w.shm && w.shm < m.end)!.dirtyPages).toBe(2);
+    // Nothing written since: an empty round, and every page protected again.
+    expect(inRegions(w, t.take().dirty)).toEqual([]);
+    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
+  });
+
+  it('counts pages zapped by MADV_DONTNEED as written, follows new, moved and unmapped mappings', async () => {
+    const w = await startWriter();
+    const t = track(w.fixture.pid, kind);
+    t.take();
+    await w.send('dontneed anon 10 3');
+    const mapped = BigInt((await w.send('map 8'))['addr'] as string);
+    let round = t.take();
+    expect(hex(inRegions(w, round.dirty, ...pagesOf(mapped, [0, 8])))).toEqual(hex(normalize([...pagesOf(w.anon, [10, 3]), ...pagesOf(mapped, [0, 8])])));
+    expect(hex(round.added)).toEqual(hex(pagesOf(mapped, [0, 8])));
+    // The new mapping is tracked from now on, page by page.
+    await w.send(`write 0x${mapped.toString(16)} 2`);
+    round = t.take();
+    expect(hex(inRegions(w, round.dirty, ...pagesOf(mapped, [0, 8])))).toEqual(hex(pagesOf(mapped, [2, 1])));
+    // Moved: written whole at its new place; the old place is gone.
+    const moved = BigInt((await w.send(`move 0x${mapped.toString(16)} 8`))['addr'] as string);
+    round = t.take();
+    expect(hex(inRegions(w, round.dirty, ...pagesOf(moved, [0, 8]), ...pagesOf(mapped, [0, 8])))).toEqual(hex(pagesOf(moved, [0, 8])));
+    expect(round.mappings.some((m) => m.start === mapped)).toBe(false);
+    await w.send(`write 0x${moved.toString(16)} 4`);
+    await w.send(`unmap 0x${moved.toString(16)} 8`);
+    await w.send('write anon 0');
+    round = t.take();
+    // The write to the moved mapping went with it: only what is still mapped is reported.
+    expect(hex(inRegions(w, round.dirty, ...pagesOf(moved, [0, 8])))).toEqual(hex(pagesOf(w.anon, [0, 1])));
+    expect(round.mappings.some((m) => m.start === moved)).toBe(false);
+  });
+
+  it('unprotects the target when stopped, and ends with the target', async () => {
+    const w = await startWriter();
+    const t = track(w.fixture.pid, kind);
+    t.take();
+    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
+    t.stop();
+    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+    await w.send('write anon 3'); // runs on, unprotected
+    const t2 = track(w.fixture.pid, kind);
+    await w.send('exit').catch(() => undefined);
+    await w.fixture.exited;
+    const last = t2.take();
+    expect(last.exited).toBe(true);
+    expect(last.dirty).toEqual([]);
+  });
+
+  it('lists the private file mappings it cannot see', async () => {
+    const w = await startWriter();
+    const t = track(w.fixture.pid, kind);
+    const round = t.take();
+    const exe = readFileSync(`/proc/${w.fixture.pid}/maps`, 'utf8').split('\n').find((l) => l.includes('dirtywriter') && l.includes('rw-p'));
+    expect(exe).toBeDefined();
+    const start = BigInt('0x' + exe!.split('-')[0]);
+    expect(round.untracked.find((u) => u.start === start)?.why).toMatch(/private file mapping/);
+  });
+});
+
+describe('the soft-dirty tracker', () => {
+  it('is refused here with the reason (this kernel has no soft-dirty)', async () => {
+    const w = await startWriter(8);
+    expect(() => DirtyTracker.start(binding, w.fixture.pid, { tracker: 'soft-dirty' })).toThrow(
+      expect.objectContaining({ code: 'SOFT_DIRTY_UNAVAILABLE', message: expect.stringMatching(/never gets the soft-dirty bit/) }),
+    );
+  });
+});
+
+export type { DirtyRound };
