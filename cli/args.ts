@@ -54,3 +54,14 @@ export function usageMessage(message: string, argv: readonly string[], command: 
   if (required) return required[2]!.trim().split('\n').join('; ');
   return message.replace(/\s*\n\s*/g, ' ').trim();
 }
+
+/** A duration such as "1s", "250ms", "2m" or a bare number of seconds, in milliseconds (> 0). */
+export function durationOption(option: string): (raw: unknown) => number {
+  return (raw) => {
+    const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(String(raw).trim());
+    const scale = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m?.[2] ?? 's') as 'ms' | 's' | 'm' | 'h'];
+    const ms = m ? Number(m[1]) * scale : NaN;
+    if (!Number.isFinite(ms) || ms <= 0) throw usageError(`--${option} must be a positive duration such as 500ms, 1s or 2m, not ${given(raw)}`);
+    return ms;
+  };
+}

@@ -13,6 +13,7 @@ import { lsCommand } from './commands/ls.js';
 import { rmCommand } from './commands/rm.js';
 import { showCommand } from './commands/show.js';
 import { snapshotCommand } from './commands/snapshot.js';
+import { trackCommand } from './commands/track.js';
 import { verifyCommand } from './commands/verify.js';
 import type { CommandSpec, GlobalArgs } from './commands/types.js';
 import { defaultContext, toJson, type CommandContext } from './context.js';
@@ -22,6 +23,7 @@ import { usageMessage } from './args.js';
 // list erases it, and yargs hands each handler what its builder defined.
 const COMMANDS: Array<CommandSpec<any>> = [
   snapshotCommand,
+  trackCommand,
   lsCommand,
   showCommand,
   verifyCommand,

@@ -395,14 +395,3 @@ export class DirtyTracker {
     return { dirty: normalize(dirty), untracked };
   }
 }
-
-/**
- * The public API: start tracking the writes of process `pid`.
- *
- *   const tracker = trackDirty(pid);         // a few ms stop, then the target runs
- *   const round = tracker.take();            // pages written since: round.dirty
- *   tracker.stop();                          // the target is unprotected
- */
-export function trackDirty(binding: NativeBinding, pid: number, options: DirtyTrackerOptions = {}): DirtyTracker {
-  return DirtyTracker.start(binding, pid, options);
-}

@@ -1,7 +1,7 @@
 // The dirty trackers on a real process whose writes between two rounds are
 // known exactly (fixtures/dirtywriter.c): every written page is in the round,
 // nothing else is, whatever the target does to its mappings meanwhile.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, openSync, closeSync, writeSync, rmSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,6 +10,8 @@ import { loadBinding } from '../core/binding.js';
 import { DirtyTracker, type DirtyRound, type TrackerKind } from '../core/tracker.js';
 import { intersect, normalize, type Intervals } from '../core/intervals.js';
 import { killDetached, startDetached, type DetachedFixture } from './support/spawn.js';
+import { CLI_JS, runCli } from './support/cli.js';
+import { trackDirty } from '../core/api.js';
 
 const PAGE = 4096n;
 const binding = loadBinding();
@@ -167,3 +169,74 @@ describe('the soft-dirty tracker', () => {
 });
 
 export type { DirtyRound };
+
+describe('wpsnap track', () => {
+  it('prints one JSON line per interval whose ranges hold exactly the pages written', async () => {
+    const w = await startWriter();
+    const run = runCli(['track', String(w.fixture.pid), '--json', '--ranges', '--interval', '300ms', '--duration', '1500ms']);
+    await new Promise((r) => setTimeout(r, 200));
+    await w.send('write anon 2 3 4');
+    await new Promise((r) => setTimeout(r, 400));
+    await w.send('write shm 9');
+    const { code, stdout, stderr } = await run;
+    expect(stderr).toBe('');
+    expect(code).toBe(0);
+    const lines = stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect(lines.length).toBeGreaterThanOrEqual(4);
+    for (const l of lines) {
+      expect(Object.keys(l)).toEqual(expect.arrayContaining(['t', 'intervalMillis', 'dirtyPages', 'dirtyBytesPerSec', 'workingSetPages', 'regions', 'ranges']));
+    }
+    const ranges = normalize(lines.flatMap((l) => (l['ranges'] as string[][]).map(([s, e]) => [BigInt(s!), BigInt(e!)] as [bigint, bigint])));
+    expect(hex(inRegions(w, ranges))).toEqual(hex(normalize([...pagesOf(w.anon, [2, 3]), ...pagesOf(w.shm, [9, 1])])));
+    // The target is unprotected once the command is done.
+    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+  });
+
+  it('leaves the target unprotected on Ctrl-C (exit 130)', async () => {
+    const w = await startWriter();
+    const child = spawn(process.execPath, [CLI_JS, 'track', String(w.fixture.pid), '--interval', '200ms'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    while (!out.includes('round 1')) await new Promise((r) => setTimeout(r, 50));
+    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
+    child.kill('SIGINT');
+    const code = await new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
+    expect(code).toBe(130);
+    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+    await w.send('write anon 1'); // still running
+  });
+
+  it('refuses bad input with one line and the right exit code', async () => {
+    const w = await startWriter(8);
+    const soft = await runCli(['track', String(w.fixture.pid), '--tracker', 'soft-dirty', '--duration', '1s']);
+    expect(soft.code).toBe(3);
+    expect(soft.stderr).toMatch(/^wpsnap: --tracker soft-dirty cannot work here: .*soft-dirty bit.*\n$/);
+    const interval = await runCli(['track', String(w.fixture.pid), '--interval', 'soon']);
+    expect(interval.code).toBe(2);
+    expect(interval.stderr).toMatch(/^wpsnap: --interval must be a positive duration such as 500ms, 1s or 2m, not "soon"/);
+    const gone = await runCli(['track', '999999999', '--duration', '1s']);
+    expect(gone.code).toBe(4);
+    expect(gone.stderr).toBe('wpsnap: no process with pid 999999999\n');
+    // A second tracker of the same process: its mappings belong to the first one's context.
+    const first = track(w.fixture.pid, 'async');
+    const second = await runCli(['track', String(w.fixture.pid), '--duration', '1s']);
+    expect(second.code).toBe(1);
+    expect(second.stderr).toMatch(/^wpsnap: .*registered with another userfaultfd/);
+    expect(second.stderr.split('\n').length).toBe(2);
+    first.stop();
+    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+  });
+});
+
+describe("the library API (import { trackDirty } from 'wpsnap')", () => {
+  it('starts, takes rounds and stops', async () => {
+    const w = await startWriter(16);
+    const t = trackDirty(w.fixture.pid);
+    cleanups.push(() => t.stop());
+    t.take();
+    await w.send('write anon 5');
+    expect(hex(inRegions(w, t.take().dirty))).toEqual(hex(pagesOf(w.anon, [5, 1])));
+    t.stop();
+    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+  });
+});
