@@ -1,29 +1,18 @@
 // The dirty trackers on a real process whose writes between two rounds are
 // known exactly (fixtures/dirtywriter.c): every written page is in the round,
 // nothing else is, whatever the target does to its mappings meanwhile.
-import { execFileSync, spawn } from 'node:child_process';
-import { mkdtempSync, openSync, closeSync, writeSync, rmSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { loadBinding } from '../core/binding.js';
 import { DirtyTracker, type DirtyRound, type TrackerKind } from '../core/tracker.js';
 import { intersect, normalize, type Intervals } from '../core/intervals.js';
-import { killDetached, startDetached, type DetachedFixture } from './support/spawn.js';
+import { killDetached } from './support/spawn.js';
+import { pagesOf, startWriter as startSharedWriter, type Writer } from './support/dirtywriter.js';
 import { CLI_JS, runCli } from './support/cli.js';
 import { trackDirty } from '../core/api.js';
 
-const PAGE = 4096n;
 const binding = loadBinding();
-
-interface Writer {
-  fixture: DetachedFixture;
-  anon: bigint;
-  shm: bigint;
-  pages: number;
-  send(command: string): Promise<Record<string, unknown>>;
-  close(): void;
-}
 
 const cleanups: Array<() => void> = [];
 afterEach(() => {
@@ -32,40 +21,15 @@ afterEach(() => {
 });
 
 async function startWriter(pages = 64): Promise<Writer> {
-  const dir = mkdtempSync(join(tmpdir(), 'wpsnap-dirtywriter-'));
-  const fifo = join(dir, 'commands');
-  execFileSync('mkfifo', ['-m', '0600', fifo]);
-  const fixture = await startDetached('dirtywriter', ['-p', String(pages), '-c', fifo]);
-  const fd = openSync(fifo, 'w');
-  const writer: Writer = {
-    fixture,
-    anon: BigInt(fixture.ready['anon'] as string),
-    shm: BigInt(fixture.ready['shm'] as string),
-    pages,
-    async send(command) {
-      writeSync(fd, `${command}\n`);
-      const reply = await fixture.nextLine();
-      if (reply['ok'] !== true) throw new Error(`dirtywriter: ${command}: ${JSON.stringify(reply)}`);
-      return reply;
-    },
-    close() {
-      closeSync(fd);
-      rmSync(dir, { recursive: true, force: true });
-    },
-  };
-  cleanups.push(() => writer.close());
-  return writer;
+  const w = await startSharedWriter(pages);
+  cleanups.push(() => w.close());
+  return w;
 }
 
 function track(pid: number, tracker: TrackerKind): DirtyTracker {
   const t = DirtyTracker.start(binding, pid, { tracker });
   cleanups.push(() => t.stop());
   return t;
-}
-
-/** Page ranges of `base` as intervals, from [firstPage, count] pairs. */
-function pagesOf(base: bigint, ...runs: Array<[number, number]>): Intervals {
-  return runs.map(([p, n]) => [base + BigInt(p) * PAGE, base + BigInt(p + n) * PAGE] as [bigint, bigint]);
 }
 
 /** The part of a round in the fixture's own regions (its stack, heap and stdio buffers are written too). */

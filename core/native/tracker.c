@@ -24,6 +24,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef struct {
@@ -39,13 +40,29 @@ typedef struct {
   char what[160];
   pthread_t thread;
   bool started;
+  bool running; /* guarded by sync_lock: the loop has not returned */
+  /* A take waits until the thread has handled everything it read before the
+   * take asked: a message read (its sender released) but not yet logged
+   * belongs to the round being taken. */
+  pthread_mutex_t sync_lock;
+  pthread_cond_t synced;
+  uint64_t sync_asked, sync_done; /* guarded by sync_lock */
 } tracker_t;
 
 static void on_fault(void *owner, unsigned source, const struct uffd_msg *m, uint64_t read_ns) { track_on_fault(&((tracker_t *)owner)->track, m); }
 static void on_event(void *owner, unsigned source, const struct uffd_msg *m) { track_on_event(&((tracker_t *)owner)->track, m); }
 
+/* Called after every drain: whatever was read before now is logged. */
+static void mark_synced(tracker_t *t) {
+  pthread_mutex_lock(&t->sync_lock);
+  t->sync_done = t->sync_asked;
+  pthread_cond_broadcast(&t->synced);
+  pthread_mutex_unlock(&t->sync_lock);
+}
+
 static loop_work_t on_work(void *owner, int *wait_ms) {
   tracker_t *t = owner;
+  mark_synced(t);
   if (atomic_load(&t->stop) || atomic_load(&t->exited)) return LOOP_DONE;
   *wait_ms = -1;
   return LOOP_WAIT;
@@ -74,7 +91,28 @@ static void *tracker_thread(void *arg) {
   tracker_t *t = arg;
   prctl(PR_SET_NAME, "wpsnap-track");
   fault_loop_run(&t->loop);
+  pthread_mutex_lock(&t->sync_lock);
+  t->running = false;
+  pthread_cond_broadcast(&t->synced);
+  pthread_mutex_unlock(&t->sync_lock);
   return NULL;
+}
+
+/* Wait until the thread has handled every message it read before this call
+ * (at most 1 s: a thread stuck in a fault's ioctl must not hang JS). */
+static void tracker_sync(tracker_t *t) {
+  pthread_mutex_lock(&t->sync_lock);
+  uint64_t ticket = ++t->sync_asked;
+  uint64_t one = 1;
+  ssize_t ignored = write(t->wake_fd, &one, sizeof one);
+  (void)ignored;
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += 1;
+  while (t->running && t->sync_done < ticket) {
+    if (pthread_cond_timedwait(&t->synced, &t->sync_lock, &until) != 0) break;
+  }
+  pthread_mutex_unlock(&t->sync_lock);
 }
 
 static void tracker_join(tracker_t *t) {
@@ -91,6 +129,8 @@ static void tracker_free(tracker_t *t) {
   tracker_join(t);
   fault_loop_free(&t->loop);
   track_state_free(&t->track);
+  pthread_mutex_destroy(&t->sync_lock);
+  pthread_cond_destroy(&t->synced);
   if (t->pagemap_fd >= 0) close(t->pagemap_fd);
   if (t->wake_fd >= 0) close(t->wake_fd);
   free(t);
@@ -119,6 +159,9 @@ static napi_value js_tracker_start(napi_env env, napi_callback_info info) {
   if (t == NULL) return throw_errno(env, ENOMEM, "calloc", "start the tracker");
   t->uffd = uffd;
   t->pidfd = pidfd;
+  pthread_mutex_init(&t->sync_lock, NULL);
+  pthread_cond_init(&t->synced, NULL);
+  t->running = true;
   t->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   char path[64];
   snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
@@ -165,6 +208,7 @@ static napi_value js_tracker_take(napi_env env, napi_callback_info info) {
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   tracker_t *t = argc >= 1 ? get_tracker(env, argv[0]) : NULL;
   if (t == NULL) return throw_type(env, "trackerTake(handle)");
+  if (t->started) tracker_sync(t);
   track_log_t dirty, invalid;
   track_take(&t->track, &dirty, &invalid);
   napi_value o, overflowed, exited;
