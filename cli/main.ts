@@ -8,6 +8,7 @@ import { WpsnapError, usageError } from '../common/errors.js';
 import { ExitCode, exitCodeFor } from './exit-codes.js';
 import { checkCommand } from './commands/check.js';
 import { demoCommand } from './commands/demo.js';
+import { diffCommand } from './commands/diff.js';
 import { exportCommand } from './commands/export.js';
 import { lsCommand } from './commands/ls.js';
 import { rmCommand } from './commands/rm.js';
@@ -26,6 +27,7 @@ const COMMANDS: Array<CommandSpec<any>> = [
   trackCommand,
   lsCommand,
   showCommand,
+  diffCommand,
   verifyCommand,
   exportCommand,
   rmCommand,

@@ -16,7 +16,7 @@ export interface DiffRegion {
   endInA?: bigint;
   /** Pages whose content differs (in an added or removed region: its pages with data). */
   changedPages: number;
-  /** Bytes that differ within those pages (a byte of an added or removed page counts if it is not zero). */
+  /** Bytes that differ within those pages (in an added or removed region: every byte of its pages with data). */
   changedBytes: number;
   /** Pages listed lost in either snapshot: their content is not known, not compared. */
   unknownPages: number;

@@ -191,7 +191,7 @@ function clipLost(lost: LostRange[], region: RegionRecord): LostRange[] {
 }
 
 /** Does the file still have the identity recorded at T? */
-function fileUnchanged(region: RegionRecord): boolean {
+export function fileUnchanged(region: RegionRecord): boolean {
   const file = region.file;
   if (file === undefined) return false;
   try {

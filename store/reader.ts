@@ -4,6 +4,7 @@ import type Database from 'better-sqlite3';
 import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE } from '../snapshot-format/model.js';
 import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
+import { HASH_BYTES } from './worker-pool.js';
 
 /** Decompressed blobs kept. */
 /** Decompressed blobs kept (256 KiB each): pages of one address range are spread over blobs in arrival order. */
@@ -16,6 +17,7 @@ export class PageReader {
   private readonly rowsOfProcess: Database.Statement;
   private readonly indexVersion: Database.Statement;
   private readonly blob: Database.Statement;
+  private readonly hashes: Database.Statement;
 
   constructor(
     db: Database.Database,
@@ -26,6 +28,7 @@ export class PageReader {
       .safeIntegers(true);
     this.indexVersion = db.prepare('SELECT count(*) AS n, max(id) AS last FROM page_index WHERE process_id = ?');
     this.blob = db.prepare('SELECT id, pages, codec, hashes, data FROM blobs WHERE id = ?');
+    this.hashes = db.prepare('SELECT hashes FROM blobs WHERE id = ?');
   }
 
   /** Stored pages of a process in [start, end), in address order; each `data` is a fresh Buffer. */
@@ -49,6 +52,26 @@ export class PageReader {
     const i = lowerBound(index.addresses, address);
     if (index.addresses[i] === address) return Buffer.from(this.contentPage(index.cids[i] as number));
     return Buffer.alloc(PAGE_SIZE);
+  }
+
+  /** Every stored page of a process: addresses ascending, with their content ids (cached; not to be modified). */
+  index(processId: number): DecodedIndex {
+    return this.processIndex(processId);
+  }
+
+  /** The content of a content id: a view into a cached decompressed blob, not to be modified. */
+  content(cid: number): Buffer {
+    return this.contentPage(cid);
+  }
+
+  /** The content hash of a content id (HASH_BYTES bytes). */
+  contentHash(cid: number): Buffer {
+    const blobId = blobOfContent(cid);
+    const row = this.hashes.get(blobId) as { hashes: Buffer } | undefined;
+    if (row === undefined) throw new WpsnapError('STORE_CORRUPT', `${this.path}: blob ${blobId} is missing`);
+    const at = indexInBlob(cid) * HASH_BYTES;
+    if (at + HASH_BYTES > row.hashes.length) throw new WpsnapError('STORE_CORRUPT', `${this.path}: content ${cid} has no hash in blob ${blobId}`);
+    return row.hashes.subarray(at, at + HASH_BYTES);
   }
 
   /** Forget a deleted blob. */

@@ -17,7 +17,7 @@ import type {
   ThreadRecord,
   VerifyReport,
 } from '../snapshot-format/model.js';
-import { blobOfContent, decodeIndex, type IndexRow } from './codec.js';
+import { blobOfContent, decodeIndex, type DecodedIndex, type IndexRow } from './codec.js';
 import { processStartTicks, writerAlive } from './liveness.js';
 import { openDatabase, sqliteError } from './open.js';
 import { PageReader } from './reader.js';
@@ -270,6 +270,21 @@ export class Store implements SnapshotReader {
   /** Stored pages of a process in [start, end): pages() without decoding what lies outside. */
   pagesInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }> {
     return this.reader.pagesInRange(processId, start, end);
+  }
+
+  /** Every stored page of a process: addresses ascending and their content ids (equal ids, equal content). */
+  pageIndex(processId: number): DecodedIndex {
+    return this.reader.index(processId);
+  }
+
+  /** Do two content ids hold the same page? Equal ids do; others compare their content hashes (a page stored twice). */
+  sameContent(a: number, b: number): boolean {
+    return a === b || this.reader.contentHash(a).equals(this.reader.contentHash(b));
+  }
+
+  /** The page a content id holds (a view: copy it to keep it). */
+  content(cid: number): Buffer {
+    return this.reader.content(cid);
   }
 
   /**
