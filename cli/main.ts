@@ -10,6 +10,8 @@ import { checkCommand } from './commands/check.js';
 import { demoCommand } from './commands/demo.js';
 import { diffCommand } from './commands/diff.js';
 import { exportCommand } from './commands/export.js';
+import { gcCommand } from './commands/gc.js';
+import { logCommand } from './commands/log.js';
 import { lsCommand } from './commands/ls.js';
 import { rmCommand } from './commands/rm.js';
 import { showCommand } from './commands/show.js';
@@ -31,6 +33,8 @@ const COMMANDS: Array<CommandSpec<any>> = [
   verifyCommand,
   exportCommand,
   rmCommand,
+  logCommand,
+  gcCommand,
   checkCommand,
   demoCommand,
 ];

@@ -20,6 +20,10 @@ const CODE_CATEGORY = {
   STAGING_DIR: 'usage',
   // wpsnap itself, its tracer helper or its debugger: freezing it would deadlock.
   TARGET_IS_WPSNAP: 'usage',
+  // --parent names an incomplete snapshot, or one of another process.
+  PARENT_INVALID: 'usage',
+  // rm of a snapshot other generations depend on, without --force.
+  HAS_GENERATIONS: 'usage',
   // This machine, kernel or build cannot do it (exit 3).
   UNSUPPORTED_ENVIRONMENT: 'unsupported',
   UNSUPPORTED_PLATFORM: 'unsupported',

@@ -23,8 +23,16 @@ export interface SnapshotSink {
   abort(reason: string): Promise<void>;
 }
 
+/** A generation's parent: the snapshot named `ref`, which must hold this very process (pid and start time). */
+export interface ParentRef {
+  ref: string;
+  pid: number;
+  startTimeTicks: number;
+}
+
 export interface SnapshotTarget {
-  beginSnapshot(options: { name?: string }): SnapshotSink;
+  /** With a parent: a generation, storing only the pages whose content differs from the parent's. */
+  beginSnapshot(options: { name?: string; parent?: ParentRef }): SnapshotSink;
   /** Where copied pages may wait on disk for the store by default (the store's directory). */
   readonly stagingDir?: string;
 }

@@ -30,6 +30,8 @@ export type SnapshotProgress = EngineProgress;
 
 export interface SnapshotOptions {
   name?: string;
+  /** A snapshot of this same process (id or name): this one is its next generation, storing only what changed. */
+  parent?: string;
   /** Background sweep limit in bytes per second; 0 or undefined = unlimited. */
   rateBytesPerSec?: number;
   onProgress?: (progress: SnapshotProgress) => void;
@@ -123,6 +125,13 @@ export interface SnapshotResult {
     writtenAtInstant: number | null;
   } | null;
   engine: Omit<EngineFinalStats, 'lost' | 'error'>;
+  /** A generation (--parent): its parent's id and what changed since (GenerationStats). */
+  parent?: number;
+  incremental?: 'compared' | 'tracked';
+  dirtyPages?: number;
+  changedPages?: number;
+  writtenUnchangedPages?: number | null;
+  pagesStored?: number;
 }
 
 export async function snapshotProcess(
@@ -157,7 +166,10 @@ export async function snapshotProcess(
   const planner = new RegionPlanner(pid);
   try {
     attacher.prepare();
-    writer = store.beginSnapshot(options.name === undefined ? {} : { name: options.name });
+    writer = store.beginSnapshot({
+      ...(options.name === undefined ? {} : { name: options.name }),
+      ...(options.parent === undefined ? {} : { parent: { ref: options.parent, pid, startTimeTicks: processRecord.startTimeTicks } }),
+    });
     const processId = writer.addProcess(processRecord);
     const mapsBefore = planner.readMaps();
     planner.prepare(mapsBefore);
@@ -290,6 +302,16 @@ export async function snapshotProcess(
         pre === undefined
           ? null
           : { attachBreakdownMicros: pre.attachBreakdownMicros, rounds: pre.rounds, faults: preFaults, writtenAtInstant: paused.writtenAtInstant },
+      ...(final.generation === undefined
+        ? {}
+        : {
+            parent: final.generation.parent,
+            incremental: final.generation.incremental,
+            dirtyPages: final.generation.dirtyPages,
+            changedPages: final.generation.changedPages,
+            writtenUnchangedPages: final.generation.writtenUnchangedPages,
+            pagesStored: final.generation.pagesStored,
+          }),
       engine,
     };
   } catch (error) {

@@ -149,6 +149,23 @@ export interface SnapshotStats {
   faultP99Micros: number;
   /** What the snapshot may hold wrong without knowing where (pinned memory it could not place); absent when none. */
   warnings?: string[];
+  /** A generation (taken with a parent): what changed since the parent; absent otherwise. */
+  generation?: GenerationStats;
+}
+
+/** How a generation differs from its parent. */
+export interface GenerationStats {
+  parent: number;
+  /** compared: every page captured and compared with the parent's; tracked: only pages written since. */
+  incremental: 'compared' | 'tracked';
+  /** Pages written (or zapped, or mapped anew) since the parent's instant; with 'compared', the changed ones (writes are not known). */
+  dirtyPages: number;
+  /** Pages whose content differs from the parent's (stored, or turned zero). */
+  changedPages: number;
+  /** Written since the parent, content unchanged; null when not known ('compared'). */
+  writtenUnchangedPages: number | null;
+  /** Index entries this generation stores itself (changed pages with data). */
+  pagesStored: number;
 }
 
 export interface SnapshotSummary {
@@ -164,6 +181,9 @@ export interface SnapshotSummary {
   pauseMicros: number | null;
   /** Where the pause went, per phase (see the snapshot result's pauseBreakdownMicros). */
   pauseBreakdownMicros: Record<string, number> | null;
+  /** The snapshot this one is a generation of (its pages not stored here are the parent's); null for a full one. */
+  parentId: number | null;
+  incremental: 'compared' | 'tracked' | null;
 }
 
 /** Result of re-reading every stored page of a snapshot (Store.verify). */

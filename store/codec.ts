@@ -57,6 +57,18 @@ export function encodeIndex(addresses: BigUint64Array, cids: ArrayLike<number>):
   return Buffer.from(buffer);
 }
 
+/** The first position in `addresses` (ascending) holding a value >= address. */
+export function lowerBound(addresses: BigUint64Array, address: bigint): number {
+  let lo = 0;
+  let hi = addresses.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if ((addresses[mid] as bigint) < address) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
 export interface IndexRow {
   first_address: bigint;
   last_address: bigint;

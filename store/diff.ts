@@ -8,7 +8,7 @@ import { WpsnapError } from '../common/errors.js';
 import type { DiffRegion, SnapshotDiff } from '../snapshot-format/diff.js';
 import { fileUnchanged } from '../snapshot-format/export-raw.js';
 import { PAGE_SIZE, type LostRange, type RegionRecord, type SnapshotSummary } from '../snapshot-format/model.js';
-import type { DecodedIndex } from './codec.js';
+import { lowerBound, type DecodedIndex } from './codec.js';
 import type { Store } from './store.js';
 
 const PAGE = BigInt(PAGE_SIZE);
@@ -33,17 +33,6 @@ function side(store: Store, ref: string): Side {
   const process = store.processes(summary.id)[0];
   if (process === undefined) throw new WpsnapError('USAGE', `snapshot ${summary.id} holds no process (it was interrupted before its pause)`);
   return { summary, pid: process.pid, regions: store.regions(process.processId), lost: store.lost(process.processId), index: store.pageIndex(process.processId) };
-}
-
-function lowerBound(addresses: BigUint64Array, address: bigint): number {
-  let lo = 0;
-  let hi = addresses.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    if ((addresses[mid] as bigint) < address) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
 }
 
 function differingBytes(a: Buffer, b: Buffer): number {

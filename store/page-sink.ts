@@ -10,7 +10,7 @@
 import type Database from 'better-sqlite3';
 import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE, type PageBatch } from '../snapshot-format/model.js';
-import { blobOfContent, contentId, encodeIndex, MAX_ADDRESS, MAX_INDEX_ENTRIES } from './codec.js';
+import { blobOfContent, contentId, encodeIndex, lowerBound, MAX_ADDRESS, MAX_INDEX_ENTRIES, type DecodedIndex } from './codec.js';
 import { ClaimTable, ContentIndex, hashWords } from './content-index.js';
 import { BLOB_PAGES, HASH_BYTES, type PackedBlob, type ScanResult, type WorkerPool } from './worker-pool.js';
 
@@ -60,7 +60,19 @@ const WORDS = HASH_BYTES / 4;
 /** Highest word of a user address below MAX_ADDRESS (2^63 - 1). */
 const MAX_ADDRESS_HIGH_WORD = Number(MAX_ADDRESS >> 32n);
 
+/**
+ * A generation's process: its pages whose content id equals the parent's at
+ * the same address are not indexed (they resolve through the parent); every
+ * address with data is remembered, to find the pages that turned zero.
+ */
+interface Baseline {
+  parent: DecodedIndex;
+  seen: BigUint64Array[];
+  stored: number;
+}
+
 export class PageSink {
+  private readonly baselines = new Map<number, Baseline>();
   /** Batches between dedup and commit, by seq. */
   private readonly inFlight = new Map<number, Batch>();
   /** New content claimed by batches in flight: hash → claim number. */
@@ -96,6 +108,18 @@ export class PageSink {
     this.commitGroup = db.transaction((group: Batch[]) => {
       for (const batch of group) this.write(batch);
     }).immediate as (group: Batch[]) => void;
+  }
+
+  /** Index only the pages of `processId` whose content differs from `parent` (a generation's parent, resolved). */
+  setBaseline(processId: number, parent: DecodedIndex): void {
+    this.baselines.set(processId, { parent, seen: [], stored: 0 });
+  }
+
+  /** End a process's baseline: every address with data seen, and how many entries were indexed. */
+  takeBaseline(processId: number): { seen: BigUint64Array[]; stored: number } | undefined {
+    const b = this.baselines.get(processId);
+    this.baselines.delete(processId);
+    return b;
   }
 
   /** Forget the dedup index (blobs were deleted): the next batch rebuilds it. */
@@ -309,12 +333,28 @@ export class PageSink {
         cids[j] = claimer.slotCids[claim % SLOT_LIMIT] as number;
       }
     }
+    const baseline = this.baselines.get(batch.processId);
+    let kept = count;
+    if (baseline !== undefined) {
+      baseline.seen.push(addresses.slice());
+      kept = 0;
+      for (let j = 0; j < count; j++) {
+        const at = lowerBound(baseline.parent.addresses, addresses[j] as bigint);
+        const same = baseline.parent.addresses[at] === addresses[j] && baseline.parent.cids[at] === cids[j];
+        if (same) continue;
+        addresses[kept] = addresses[j] as bigint;
+        cids[kept] = cids[j] as number;
+        kept++;
+      }
+      baseline.stored += kept;
+      if (kept === 0) return;
+    }
     this.insertIndex.run(
       batch.processId,
       addresses[0] as bigint,
-      addresses[count - 1] as bigint,
-      count,
-      encodeIndex(addresses, cids),
+      addresses[kept - 1] as bigint,
+      kept,
+      encodeIndex(addresses.subarray(0, kept), cids.subarray(0, kept)),
     );
   }
 

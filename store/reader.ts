@@ -3,7 +3,7 @@
 import type Database from 'better-sqlite3';
 import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE } from '../snapshot-format/model.js';
-import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
+import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, lowerBound, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
 import { HASH_BYTES } from './worker-pool.js';
 
 /** Decompressed blobs kept. */
@@ -13,7 +13,14 @@ const PAGE_MASK = BigInt(PAGE_SIZE - 1);
 
 export class PageReader {
   private readonly blobCache = new Map<number, Buffer>();
-  private indexCache: { key: string; index: DecodedIndex } | undefined;
+  /** Resolved indexes by process id (a generation's includes what it takes from its parents). */
+  private readonly indexCache = new Map<number, { key: string; index: DecodedIndex }>();
+  /** Does this store have generations (schema 4)? Older ones are read as they are. */
+  private readonly generations: boolean;
+  private readonly parentProcess: Database.Statement | undefined;
+  private readonly regionRanges: Database.Statement;
+  private readonly lostRanges: Database.Statement;
+  private readonly zeroedRanges: Database.Statement | undefined;
   private readonly rowsOfProcess: Database.Statement;
   private readonly indexVersion: Database.Statement;
   private readonly blob: Database.Statement;
@@ -27,6 +34,16 @@ export class PageReader {
       .prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id = ? ORDER BY first_address')
       .safeIntegers(true);
     this.indexVersion = db.prepare('SELECT count(*) AS n, max(id) AS last FROM page_index WHERE process_id = ?');
+    this.generations = db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'generation_pages'").get() !== undefined;
+    if (this.generations) {
+      this.parentProcess = db.prepare(
+        `SELECT pp.id AS id FROM processes p JOIN snapshots s ON s.id = p.snapshot_id
+         JOIN processes pp ON pp.snapshot_id = s.parent_id AND pp.pid = p.pid WHERE p.id = ?`,
+      );
+      this.zeroedRanges = db.prepare("SELECT ranges FROM generation_pages WHERE process_id = ? AND kind = 'zeroed'");
+    }
+    this.regionRanges = db.prepare('SELECT start_address AS s, end_address AS e FROM regions WHERE process_id = ?').safeIntegers(true);
+    this.lostRanges = db.prepare('SELECT address AS s, pages AS n FROM lost WHERE process_id = ? ORDER BY address').safeIntegers(true);
     this.blob = db.prepare('SELECT id, pages, codec, hashes, data FROM blobs WHERE id = ?');
     this.hashes = db.prepare('SELECT hashes FROM blobs WHERE id = ?');
   }
@@ -81,12 +98,72 @@ export class PageReader {
 
   /** All index entries of a process in address order (cached until the process gets new rows). */
   private processIndex(processId: number): DecodedIndex {
+    return this.resolved(processId, 0).index;
+  }
+
+  /**
+   * A process's pages: its own index entries, and for a generation those of
+   * its parent's process (resolved the same way) that it did not store
+   * itself, inside its own regions, outside its lost and zeroed ranges.
+   */
+  private resolved(processId: number, depth: number): { key: string; index: DecodedIndex } {
+    if (depth > 10_000) throw new WpsnapError('STORE_CORRUPT', `${this.path}: process ${processId}: its chain of parents loops`);
     const version = this.indexVersion.get(processId) as { n: number; last: number | null };
-    const key = `${processId}:${version.n}:${version.last}`;
-    if (this.indexCache?.key === key) return this.indexCache.index;
-    const index = this.merge(processId);
-    this.indexCache = { key, index };
-    return index;
+    const parentId = (this.parentProcess?.get(processId) as { id: number } | undefined)?.id;
+    const parent = parentId === undefined ? undefined : this.resolved(parentId, depth + 1);
+    const key = `${processId}:${version.n}:${version.last}:${parent?.key ?? ''}`;
+    const cached = this.indexCache.get(processId);
+    if (cached?.key === key) return cached;
+    const own = this.merge(processId);
+    const index = parent === undefined ? own : this.overlay(processId, own, parent.index);
+    if (this.indexCache.size >= 16) this.indexCache.delete(this.indexCache.keys().next().value as number);
+    const entry = { key, index };
+    this.indexCache.set(processId, entry);
+    return entry;
+  }
+
+  /** own ∪ (base ∩ regions − lost − zeroed − own), in address order. */
+  private overlay(processId: number, own: DecodedIndex, base: DecodedIndex): DecodedIndex {
+    // Unsigned, then sorted: [vsyscall] is stored as a negative INTEGER.
+    const regions = (this.regionRanges.all(processId) as Array<{ s: bigint; e: bigint }>)
+      .map((r) => [BigInt.asUintN(64, r.s), BigInt.asUintN(64, r.e)] as [bigint, bigint])
+      .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+    const hidden: Array<[bigint, bigint]> = (this.lostRanges.all(processId) as Array<{ s: bigint; n: bigint }>).map((l) => [l.s, l.s + l.n * BigInt(PAGE_SIZE)]);
+    for (const row of (this.zeroedRanges?.all(processId) ?? []) as Array<{ ranges: Buffer }>) {
+      const pairs = new BigUint64Array(row.ranges.buffer.slice(row.ranges.byteOffset, row.ranges.byteOffset + row.ranges.length));
+      for (let i = 0; i + 1 < pairs.length; i += 2) hidden.push([pairs[i]!, pairs[i]! + pairs[i + 1]! * BigInt(PAGE_SIZE)]);
+    }
+    hidden.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+    const inherited: number[] = [];
+    let r = 0;
+    let h = 0;
+    let o = 0;
+    for (let i = 0; i < base.addresses.length; i++) {
+      const address = base.addresses[i] as bigint;
+      while (r < regions.length && regions[r]![1] <= address) r++;
+      if (r >= regions.length) break;
+      if (address < regions[r]![0]) continue;
+      while (h < hidden.length && hidden[h]![1] <= address) h++;
+      if (h < hidden.length && hidden[h]![0] <= address) continue;
+      while (o < own.addresses.length && (own.addresses[o] as bigint) < address) o++;
+      if (o < own.addresses.length && own.addresses[o] === address) continue;
+      inherited.push(i);
+    }
+    const total = own.addresses.length + inherited.length;
+    const out: DecodedIndex = { addresses: new BigUint64Array(total), cids: new Float64Array(total) };
+    let a = 0;
+    let b = 0;
+    for (let k = 0; k < total; k++) {
+      const fromOwn = b >= inherited.length || (a < own.addresses.length && (own.addresses[a] as bigint) < (base.addresses[inherited[b]!] as bigint));
+      if (fromOwn) {
+        out.addresses[k] = own.addresses[a] as bigint;
+        out.cids[k] = own.cids[a++] as number;
+      } else {
+        out.addresses[k] = base.addresses[inherited[b]!] as bigint;
+        out.cids[k] = base.cids[inherited[b++]!] as number;
+      }
+    }
+    return out;
   }
 
   private merge(processId: number): DecodedIndex {
@@ -161,15 +238,4 @@ export class PageReader {
     }
     return pages.subarray(index * PAGE_SIZE, (index + 1) * PAGE_SIZE);
   }
-}
-
-function lowerBound(addresses: BigUint64Array, address: bigint): number {
-  let lo = 0;
-  let hi = addresses.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >>> 1;
-    if ((addresses[mid] as bigint) < address) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
 }

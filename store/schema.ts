@@ -167,11 +167,37 @@ ALTER TABLE snapshots ADD COLUMN pause_breakdown TEXT;
 }
 
 /**
+ * Version 4: generations. A snapshot may name its parent (`parent_id`) and how
+ * it knows what changed since (`incremental`: 'compared' when every page was
+ * captured and compared with the parent's, 'tracked' when only the pages
+ * written since were). A generation's page_index holds only the pages whose
+ * content differs from its parent's; `generation_pages` holds, per process,
+ * the page ranges that turned zero since the parent (`zeroed`: the parent's
+ * page must not show through) and those written since (`dirty`, which
+ * includes pages written back with the value they held). A reader resolves
+ * a generation's page through its parent, within the generation's regions
+ * and outside its lost ranges.
+ */
+function migrateTo4(db: Database.Database): void {
+  db.exec(`
+ALTER TABLE snapshots ADD COLUMN parent_id INTEGER REFERENCES snapshots(id);
+ALTER TABLE snapshots ADD COLUMN incremental TEXT CHECK (incremental IN ('compared', 'tracked'));
+CREATE INDEX snapshots_by_parent ON snapshots (parent_id);
+CREATE TABLE generation_pages (
+  process_id INTEGER NOT NULL REFERENCES processes(id) ON DELETE CASCADE,
+  kind       TEXT NOT NULL CHECK (kind IN ('zeroed', 'dirty')),
+  ranges     BLOB NOT NULL
+);
+CREATE INDEX generation_pages_by_process ON generation_pages (process_id, kind);
+`);
+}
+
+/**
  * MIGRATIONS[i] turns a version-i store into version i + 1; version 0 is an
  * empty database. To change the schema, append a function here: never edit
  * one that has shipped.
  */
-export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3];
+export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4];
 
 /**
  * The oldest version a read-only open reads without upgrading, where no

@@ -17,7 +17,7 @@ import type {
   ThreadRecord,
   VerifyReport,
 } from '../snapshot-format/model.js';
-import { blobOfContent, decodeIndex, type DecodedIndex, type IndexRow } from './codec.js';
+import { blobOfContent, decodeIndex, encodeIndex, lowerBound, MAX_INDEX_ENTRIES, type DecodedIndex, type IndexRow } from './codec.js';
 import { processStartTicks, writerAlive } from './liveness.js';
 import { openDatabase, sqliteError } from './open.js';
 import { PageReader } from './reader.js';
@@ -25,7 +25,7 @@ import { PageSink } from './page-sink.js';
 import { MIGRATIONS, type Migration } from './schema.js';
 import { verifyPages } from './verify.js';
 import { WorkerPool } from './worker-pool.js';
-import { SnapshotWriter, type WriterHost } from './writer.js';
+import { pageRuns, SnapshotWriter, type WriterHost } from './writer.js';
 
 export { SnapshotWriter } from './writer.js';
 export type { WriterCounters, WriterStats } from './writer.js';
@@ -60,6 +60,9 @@ interface SnapshotRow {
   /** Absent before schema version 3 (read-only media). */
   pause_micros?: number | null;
   pause_breakdown?: string | null;
+  /** Absent before schema version 4. */
+  parent_id?: number | null;
+  incremental?: 'compared' | 'tracked' | null;
 }
 
 export class Store implements SnapshotReader {
@@ -117,9 +120,10 @@ export class Store implements SnapshotReader {
    * second per million distinct pages in the store), so call it before
    * stopping the target.
    */
-  beginSnapshot(options: { name?: string } = {}): SnapshotWriter {
+  beginSnapshot(options: { name?: string; parent?: { ref: string; pid: number; startTimeTicks: number } } = {}): SnapshotWriter {
     this.checkWritable('begin a snapshot');
     const name = options.name ?? null;
+    const parent = options.parent === undefined ? undefined : { id: this.parentFor(options.parent), incremental: 'compared' as const };
     if (name !== null && (name === '' || /^\d+$/.test(name) || /[\n\r]/.test(name))) {
       throw new WpsnapError('INVALID_NAME', `snapshot name ${JSON.stringify(name)} must be non-empty, not all digits, one line`);
     }
@@ -128,9 +132,12 @@ export class Store implements SnapshotReader {
       id = Number(
         this.db
           .prepare(
-            `INSERT INTO snapshots (name, state, created_at, writer_pid, writer_start_ticks) VALUES (?, 'running', ?, ?, ?)`,
+            // The parent's columns only for a generation: a store of an older schema has none.
+            parent === undefined
+              ? `INSERT INTO snapshots (name, state, created_at, writer_pid, writer_start_ticks) VALUES (?, 'running', ?, ?, ?)`
+              : `INSERT INTO snapshots (name, state, created_at, writer_pid, writer_start_ticks, parent_id, incremental) VALUES (?, 'running', ?, ?, ?, ?, ?)`,
           )
-          .run(name, new Date().toISOString(), process.pid, processStartTicks(process.pid)).lastInsertRowid,
+          .run(name, new Date().toISOString(), process.pid, processStartTicks(process.pid), ...(parent === undefined ? [] : [parent.id, parent.incremental])).lastInsertRowid,
       );
     } catch (error) {
       if ((error as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {
@@ -160,10 +167,35 @@ export class Store implements SnapshotReader {
       finished(writer) {
         store.running.delete(writer);
       },
+      parentProcess(pid) {
+        if (parent === undefined) return undefined;
+        const found = store.processes(parent.id).find((p) => p.pid === pid);
+        if (found === undefined) return undefined;
+        return { snapshotId: parent.id, incremental: parent.incremental, index: store.pageIndex(found.processId) };
+      },
     };
     const writer = new SnapshotWriter(host, id);
     this.running.add(writer);
     return writer;
+  }
+
+  /** The id of a generation's parent, checked: complete, and a snapshot of this very process. */
+  private parentFor(parent: { ref: string; pid: number; startTimeTicks: number }): number {
+    const summary = this.find(parent.ref);
+    if (summary.state !== 'complete') {
+      throw new WpsnapError('PARENT_INVALID', `snapshot ${summary.id} is ${summary.state}: a generation needs a complete parent`);
+    }
+    const processes = this.processes(summary.id);
+    const same = processes.find((p) => p.pid === parent.pid && p.startTimeTicks === parent.startTimeTicks);
+    if (same === undefined) {
+      const held = processes.map((p) => `pid ${p.pid}`).join(', ');
+      const reused = processes.some((p) => p.pid === parent.pid);
+      throw new WpsnapError(
+        'PARENT_INVALID',
+        `snapshot ${summary.id} is not of this process: it holds ${held}${reused ? ' started at another time (the pid was reused)' : ''}, not pid ${parent.pid}`,
+      );
+    }
+    return summary.id;
   }
 
   /** Every snapshot, oldest first. Running snapshots whose writer died are reported (and marked) incomplete. */
@@ -313,40 +345,174 @@ export class Store implements SnapshotReader {
    * is running (its writer may be about to reference them); it happens on a
    * later delete. Returns the number of blobs dropped.
    */
-  delete(snapshotId: number): { blobsDeleted: number } {
+  delete(snapshotId: number, options: { force?: boolean } = {}): { blobsDeleted: number; bytesFreed: number; folded: number[] } {
     this.checkWritable('delete a snapshot');
     const summary = this.find(String(snapshotId));
     if (summary.state === 'running') {
       throw new WpsnapError('SNAPSHOT_RUNNING', `snapshot ${snapshotId} is still being written`);
     }
-    let blobsDeleted = 0;
+    const children = this.children(snapshotId);
+    if (children.length > 0 && !options.force) {
+      const running = children.filter((c) => c.state === 'running');
+      throw new WpsnapError(
+        'HAS_GENERATIONS',
+        `snapshot ${snapshotId} is the parent of generation${children.length > 1 ? 's' : ''} ${children.map((c) => c.id).join(', ')}: ` +
+          (running.length > 0 ? 'one is still being written' : 'delete those first, or add --force to fold its pages into them'),
+      );
+    }
+    if (children.some((c) => c.state === 'running')) {
+      throw new WpsnapError('SNAPSHOT_RUNNING', `a generation of snapshot ${snapshotId} is still being written`);
+    }
+    let freed = { blobsDeleted: 0, bytesFreed: 0 };
     this.db
       .transaction(() => {
+        // Each generation of it takes over what it took from it: rebased onto its grandparent.
+        for (const child of children) this.rebase(child.id, summary.parentId);
         this.db.prepare('DELETE FROM snapshots WHERE id = ?').run(snapshotId);
-        this.list(); // marks dead writers' snapshots incomplete
-        const stillRunning = this.db.prepare("SELECT 1 FROM snapshots WHERE state = 'running' LIMIT 1").get();
-        if (stillRunning !== undefined) return;
-        const used = new Set<number>();
-        const rows = this.db.prepare('SELECT first_address, last_address, count, entries FROM page_index').safeIntegers(true);
-        for (const row of rows.iterate() as Iterable<IndexRow>) {
-          for (const cid of decodeIndex(row).cids) used.add(blobOfContent(cid));
-        }
-        const unused: number[] = [];
-        for (const { id } of this.db.prepare('SELECT id FROM blobs').all() as Array<{ id: number }>) {
-          if (!used.has(id)) unused.push(id);
-        }
-        if (unused.length === 0) return;
-        const dropBlob = this.db.prepare('DELETE FROM blobs WHERE id = ?');
-        for (const id of unused) {
-          dropBlob.run(id);
-          this.reader.forgetBlob(id);
-        }
-        // Writers (here and in other processes) rebuild their dedup index when this changes.
-        this.db.prepare("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'gc_generation'").run();
-        blobsDeleted = unused.length;
+        freed = this.collectBlobs();
       })
       .immediate();
-    return { blobsDeleted };
+    return { ...freed, folded: children.map((c) => c.id) };
+  }
+
+  /** Drop the blobs no snapshot references any more (not while a snapshot is being written); what it freed. */
+  gc(): { blobsDeleted: number; bytesFreed: number; skipped: string | null } {
+    this.checkWritable('collect unused pages of');
+    let freed = { blobsDeleted: 0, bytesFreed: 0 };
+    let skipped: string | null = null;
+    this.db
+      .transaction(() => {
+        this.list(); // marks dead writers' snapshots incomplete
+        if (this.db.prepare("SELECT 1 FROM snapshots WHERE state = 'running' LIMIT 1").get() !== undefined) {
+          skipped = 'a snapshot is being written: its writer may be about to use them';
+          return;
+        }
+        freed = this.collectBlobs();
+      })
+      .immediate();
+    return { ...freed, skipped };
+  }
+
+  /** The generations whose parent is this snapshot. */
+  children(snapshotId: number): SnapshotSummary[] {
+    if (!this.hasGenerations()) return [];
+    return this.summaries('WHERE s.parent_id = ?', [snapshotId]);
+  }
+
+  /** The chain a snapshot belongs to: its ancestors (oldest first), itself, then every descendant. */
+  chain(snapshotId: number): SnapshotSummary[] {
+    const all = this.list();
+    const byId = new Map(all.map((s) => [s.id, s]));
+    const up: SnapshotSummary[] = [];
+    for (let s = byId.get(snapshotId); s !== undefined; s = s.parentId === null ? undefined : byId.get(s.parentId)) {
+      if (up.includes(s)) break;
+      up.unshift(s);
+    }
+    const down: SnapshotSummary[] = [];
+    const walk = (id: number): void => {
+      for (const c of all.filter((s) => s.parentId === id)) {
+        down.push(c);
+        walk(c.id);
+      }
+    };
+    walk(snapshotId);
+    return [...up, ...down];
+  }
+
+  private hasGenerations(): boolean {
+    return this.db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'generation_pages'").get() !== undefined;
+  }
+
+  /**
+   * Make generation `childId` read exactly as it does now with `newParent`
+   * (or none) as its parent: it stores itself every page that differs from
+   * the new parent's, and records as zeroed those the new parent has and it
+   * does not. Its dirty set grows by its old parent's. Inside the caller's
+   * transaction.
+   */
+  private rebase(childId: number, newParent: number | null): void {
+    const oldParent = this.find(String(childId)).parentId;
+    const insertRow = this.db.prepare('INSERT INTO page_index (process_id, first_address, last_address, count, entries) VALUES (?, ?, ?, ?, ?)');
+    for (const p of this.processes(childId)) {
+      const now = this.pageIndex(p.processId);
+      const base = newParent === null ? undefined : this.processes(newParent).find((q) => q.pid === p.pid);
+      const baseIndex = base === undefined ? { addresses: new BigUint64Array(0), cids: new Float64Array(0) } : this.pageIndex(base.processId);
+      const keepAddresses: bigint[] = [];
+      const keepCids: number[] = [];
+      for (let i = 0; i < now.addresses.length; i++) {
+        const a = now.addresses[i] as bigint;
+        const j = lowerBound(baseIndex.addresses, a);
+        if (baseIndex.addresses[j] === a && baseIndex.cids[j] === now.cids[i]) continue;
+        keepAddresses.push(a);
+        keepCids.push(now.cids[i] as number);
+      }
+      const regions = this.regions(p.processId);
+      const lost = this.lost(p.processId);
+      const zeroed: bigint[] = [];
+      for (const a of baseIndex.addresses) {
+        if (!regions.some((r) => r.start <= a && a < r.end)) continue;
+        if (lost.some((l) => l.address <= a && a < l.address + BigInt(l.pages) * 4096n)) continue;
+        const j = lowerBound(now.addresses, a);
+        if (now.addresses[j] !== a) zeroed.push(a);
+      }
+      const dirty = [...this.generationRanges(p.processId, 'dirty')];
+      const oldParentProcess = oldParent === null ? undefined : this.processes(oldParent).find((q) => q.pid === p.pid);
+      if (oldParentProcess !== undefined && newParent !== null) dirty.push(...this.generationRanges(oldParentProcess.processId, 'dirty'));
+      this.db.prepare('DELETE FROM page_index WHERE process_id = ?').run(p.processId);
+      this.db.prepare('DELETE FROM generation_pages WHERE process_id = ?').run(p.processId);
+      for (let at = 0; at < keepAddresses.length; at += MAX_INDEX_ENTRIES) {
+        const addresses = BigUint64Array.from(keepAddresses.slice(at, at + MAX_INDEX_ENTRIES));
+        const cids = keepCids.slice(at, at + MAX_INDEX_ENTRIES);
+        insertRow.run(p.processId, addresses[0] as bigint, addresses[addresses.length - 1] as bigint, addresses.length, encodeIndex(addresses, cids));
+      }
+      if (newParent !== null) {
+        const insert = this.db.prepare('INSERT INTO generation_pages (process_id, kind, ranges) VALUES (?, ?, ?)');
+        if (zeroed.length > 0) insert.run(p.processId, 'zeroed', pageRuns(zeroed));
+        insert.run(p.processId, 'dirty', pageRuns([...new Set(dirty)].sort((x, y) => (x < y ? -1 : x > y ? 1 : 0))));
+      }
+    }
+    this.db.prepare('UPDATE snapshots SET parent_id = ?, incremental = ? WHERE id = ?').run(newParent, newParent === null ? null : this.find(String(childId)).incremental, childId);
+  }
+
+  /** The pages of a generation's process in one kind of generation_pages, ascending. */
+  private *generationRanges(processId: number, kind: 'zeroed' | 'dirty'): Iterable<bigint> {
+    for (const row of this.db.prepare('SELECT ranges FROM generation_pages WHERE process_id = ? AND kind = ?').all(processId, kind) as Array<{ ranges: Buffer }>) {
+      const pairs = new BigUint64Array(row.ranges.buffer.slice(row.ranges.byteOffset, row.ranges.byteOffset + row.ranges.length));
+      for (let i = 0; i + 1 < pairs.length; i += 2) for (let k = 0n; k < pairs[i + 1]!; k++) yield pairs[i]! + k * 4096n;
+    }
+  }
+
+  /** The changed pages recorded for a generation's process (its dirty set since its parent). */
+  dirtyPages(processId: number): bigint[] {
+    if (!this.hasGenerations()) return [];
+    return [...this.generationRanges(processId, 'dirty')];
+  }
+
+  /** Drop every blob no page_index entry references; inside the caller's transaction, with no snapshot running. */
+  private collectBlobs(): { blobsDeleted: number; bytesFreed: number } {
+    this.list(); // marks dead writers' snapshots incomplete
+    const stillRunning = this.db.prepare("SELECT 1 FROM snapshots WHERE state = 'running' LIMIT 1").get();
+    if (stillRunning !== undefined) return { blobsDeleted: 0, bytesFreed: 0 };
+    const used = new Set<number>();
+    const rows = this.db.prepare('SELECT first_address, last_address, count, entries FROM page_index').safeIntegers(true);
+    for (const row of rows.iterate() as Iterable<IndexRow>) {
+      for (const cid of decodeIndex(row).cids) used.add(blobOfContent(cid));
+    }
+    const unused: Array<{ id: number; bytes: number }> = [];
+    for (const row of this.db.prepare('SELECT id, length(data) AS bytes FROM blobs').all() as Array<{ id: number; bytes: number }>) {
+      if (!used.has(row.id)) unused.push(row);
+    }
+    if (unused.length === 0) return { blobsDeleted: 0, bytesFreed: 0 };
+    const dropBlob = this.db.prepare('DELETE FROM blobs WHERE id = ?');
+    let bytesFreed = 0;
+    for (const { id, bytes } of unused) {
+      dropBlob.run(id);
+      this.reader.forgetBlob(id);
+      bytesFreed += bytes;
+    }
+    // Writers (here and in other processes) rebuild their dedup index when this changes.
+    this.db.prepare("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'gc_generation'").run();
+    return { blobsDeleted: unused.length, bytesFreed };
   }
 
   private gcGeneration(): string {
@@ -380,6 +546,8 @@ export class Store implements SnapshotReader {
         stats: row.stats === null ? null : (JSON.parse(row.stats) as SnapshotStats),
         pauseMicros: row.pause_micros ?? null,
         pauseBreakdownMicros: row.pause_breakdown == null ? null : (JSON.parse(row.pause_breakdown) as Record<string, number>),
+        parentId: row.parent_id ?? null,
+        incremental: row.incremental ?? null,
       };
     });
   }

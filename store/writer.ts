@@ -10,10 +10,11 @@ import {
   type PageBatch,
   type ProcessRecord,
   type RegionRecord,
+  type GenerationStats,
   type SnapshotStats,
   type ThreadRecord,
 } from '../snapshot-format/model.js';
-import { MAX_ADDRESS } from './codec.js';
+import { decodeIndex, lowerBound, MAX_ADDRESS, type DecodedIndex, type IndexRow } from './codec.js';
 
 const U64_MAX = (1n << 64n) - 1n;
 import type { PageSink } from './page-sink.js';
@@ -39,15 +40,44 @@ export interface WriterHost {
   readonly sink: PageSink;
   readonly path: string;
   finished(writer: SnapshotWriter): void;
+  /** A generation: the parent's process with this pid and its resolved pages; undefined for a full snapshot. */
+  parentProcess(pid: number): { snapshotId: number; incremental: 'compared' | 'tracked'; index: DecodedIndex } | undefined;
 }
 
 const PAGE_MASK = BigInt(PAGE_SIZE - 1);
+const PAGE = BigInt(PAGE_SIZE);
+
+/** Sorted chunks of addresses as one ascending array. */
+function sortedUnion(chunks: BigUint64Array[]): BigUint64Array {
+  const total = chunks.reduce((n, c) => n + c.length, 0);
+  const out = new BigUint64Array(total);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out.sort();
+}
+
+/** Ascending page addresses as u64 LE [start, pages] runs (generation_pages.ranges). */
+export function pageRuns(addresses: readonly bigint[]): Buffer {
+  const runs: bigint[] = [];
+  for (const a of addresses) {
+    const n = runs.length;
+    if (n > 0 && runs[n - 2]! + runs[n - 1]! * PAGE === a) runs[n - 1]! += 1n;
+    else runs.push(a, 1n);
+  }
+  return Buffer.from(BigUint64Array.from(runs).buffer);
+}
 const LOST_REASON_SET: ReadonlySet<string> = new Set(LOST_REASONS);
 
 export class SnapshotWriter {
   readonly counters: WriterCounters = { pagesSaved: 0, zeroPages: 0, pagesNew: 0, bytesRaw: 0, bytesStored: 0 };
   private readonly inFlight = new Set<Promise<void>>();
   private readonly processIds = new Set<number>();
+  /** A generation's processes: their parent's pages, to find what turned zero at complete(). */
+  private readonly baselines = new Map<number, DecodedIndex>();
+  private generation: { parent: number; incremental: 'compared' | 'tracked' } | undefined;
   private failure: Error | undefined;
   private open = true;
   /** Settles when complete() or abort() has finished (never rejects). */
@@ -90,6 +120,12 @@ export class SnapshotWriter {
         .run(values);
       const processId = Number(info.lastInsertRowid);
       this.processIds.add(processId);
+      const parent = this.host.parentProcess(p.pid);
+      if (parent !== undefined) {
+        this.generation = { parent: parent.snapshotId, incremental: parent.incremental };
+        this.baselines.set(processId, parent.index);
+        this.host.sink.setBaseline(processId, parent.index);
+      }
       return processId;
     } catch (error) {
       if ((error as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE') {
@@ -227,6 +263,51 @@ export class SnapshotWriter {
     return finishing;
   }
 
+  /**
+   * A generation's last step before its final commit: per process, the pages
+   * of the parent that turned zero (the parent's page must not show through)
+   * and the pages that changed, recorded in generation_pages.
+   */
+  private recordGeneration(): GenerationStats | undefined {
+    if (this.generation === undefined) return undefined;
+    const db = this.host.db;
+    const totals = { changed: 0, stored: 0 };
+    const insert = db.prepare('INSERT INTO generation_pages (process_id, kind, ranges) VALUES (?, ?, ?)');
+    const ownRows = db.prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id = ?').safeIntegers(true);
+    for (const [processId, parent] of this.baselines) {
+      const taken = this.host.sink.takeBaseline(processId);
+      const seen = sortedUnion(taken?.seen ?? []);
+      // Unsigned, then sorted: [vsyscall] is stored as a negative INTEGER.
+      const regions = (db.prepare('SELECT start_address AS s, end_address AS e FROM regions WHERE process_id = ?').safeIntegers(true).all(processId) as Array<{ s: bigint; e: bigint }>)
+        .map((x) => ({ s: BigInt.asUintN(64, x.s), e: BigInt.asUintN(64, x.e) }))
+        .sort((x, y) => (x.s < y.s ? -1 : x.s > y.s ? 1 : 0));
+      const lost = db.prepare('SELECT address AS s, pages AS n FROM lost WHERE process_id = ?').safeIntegers(true).all(processId) as Array<{ s: bigint; n: bigint }>;
+      const inLost = (a: bigint): boolean => lost.some((l) => l.s <= a && a < l.s + l.n * PAGE);
+      const zeroed: bigint[] = [];
+      let r = 0;
+      for (const address of parent.addresses) {
+        while (r < regions.length && regions[r]!.e <= address) r++;
+        if (r >= regions.length) break;
+        if (address < regions[r]!.s) continue;
+        const at = lowerBound(seen, address);
+        if (seen[at] === address || inLost(address)) continue;
+        zeroed.push(address);
+      }
+      const stored: bigint[] = [];
+      for (const row of ownRows.iterate(processId) as Iterable<IndexRow>) stored.push(...decodeIndex(row).addresses);
+      const changed = [...stored, ...zeroed].sort((x, y) => (x < y ? -1 : x > y ? 1 : 0));
+      this.transaction(`record the changes of generation ${this.id}`, () => {
+        if (zeroed.length > 0) insert.run(processId, 'zeroed', pageRuns(zeroed));
+        insert.run(processId, 'dirty', pageRuns(changed));
+      });
+      totals.changed += changed.length;
+      totals.stored += stored.length;
+    }
+    const { parent, incremental } = this.generation;
+    // Compared with the parent, a page written back with the value it held is not seen: writes are not known.
+    return { parent, incremental, dirtyPages: totals.changed, changedPages: totals.changed, writtenUnchangedPages: null, pagesStored: totals.stored };
+  }
+
   private async finishComplete(stats: WriterStats): Promise<SnapshotStats> {
     try {
       await this.drain();
@@ -239,6 +320,8 @@ export class SnapshotWriter {
       }
       const full: SnapshotStats = { ...stats, ...this.counters };
       const db = this.host.db;
+      const generation = this.recordGeneration();
+      if (generation !== undefined) full.generation = generation;
       db.pragma('synchronous = FULL');
       try {
         const changes = db
@@ -257,6 +340,7 @@ export class SnapshotWriter {
       this.markIncomplete(error instanceof Error ? error.message : String(error));
       throw this.wrap(error, `complete snapshot ${this.id}`);
     } finally {
+      for (const processId of this.baselines.keys()) this.host.sink.takeBaseline(processId);
       this.host.finished(this);
     }
   }
@@ -282,6 +366,7 @@ export class SnapshotWriter {
         await this.drain();
         this.markIncomplete(reason);
       } finally {
+        for (const processId of this.baselines.keys()) this.host.sink.takeBaseline(processId);
         this.host.finished(this);
       }
     })();

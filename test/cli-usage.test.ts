@@ -69,7 +69,7 @@ describe('a usage error changes nothing', () => {
     ['export, unknown option', ['export', '1', '--out', 'OUT', '--fromat', 'raw'], 'unknown option: --fromat'],
     ['export, bad --format', ['export', '1', '--out', 'OUT', '--format', 'elf'], 'invalid value "elf" for --format (choices: "raw")'],
     ['export, no --out', ['export', '1'], 'export needs --out DIR'],
-    ['rm, unknown option', ['rm', '1', '--force'], 'unknown option: --force'],
+    ['rm, unknown option', ['rm', '1', '--forse'], 'unknown option: --forse'],
     ['rm, extra argument', ['rm', '1', '2'], 'unknown argument: 2'],
     ['check, unknown option', ['check', '--verbose'], 'unknown option: --verbose'],
     ['check, extra argument', ['check', 'now'], 'unknown argument: now'],

@@ -329,7 +329,7 @@ describe('snapshot lifecycle', () => {
     await w2.addPages(p2, toBatch([{ address: BASE, data: shared }, { address: BASE + 4096n, data: own }]));
     await w2.complete(STATS);
     expect(rawCount(path, 'SELECT count(*) FROM blobs')).toBe(2);
-    expect(store.delete(w2.id)).toEqual({ blobsDeleted: 1 });
+    expect(store.delete(w2.id)).toEqual({ blobsDeleted: 1, bytesFreed: expect.any(Number), folded: [] });
     expect(rawCount(path, 'SELECT count(*) FROM blobs')).toBe(1);
     expect(rawCount(path, 'SELECT count(*) FROM processes')).toBe(1);
     expect((await store.verify(w1.id)).ok).toBe(true);
@@ -395,7 +395,7 @@ describe('schema migrations', () => {
     await w.complete(STATS);
     await v2.close();
 
-    const v3 = Store.open(path);
+    const v3 = Store.open(path, { migrations: MIGRATIONS.slice(0, 3) });
     expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(3);
     const old = v3.find('old');
     expect(old).toMatchObject({ state: 'complete', pauseMicros: null, pauseBreakdownMicros: null, stats: { ...STATS } });
@@ -411,6 +411,22 @@ describe('schema migrations', () => {
     expect(() => w2.addProcess(fakeProcess(1, { nsPids: [] }))).toThrow(expect.objectContaining({ code: 'INVALID_PROCESS' }));
     expect(() => w2.recordPause(Number.NaN, {})).toThrow(expect.objectContaining({ code: 'INVALID_PAUSE' }));
     await v3.close();
+  });
+
+  it('v3 -> v4: generations; snapshots from before are full ones', async () => {
+    const path = freshPath();
+    const v3 = Store.open(path, { migrations: MIGRATIONS.slice(0, 3) });
+    const w = v3.beginSnapshot({ name: 'old' });
+    w.addProcess(fakeProcess(4242));
+    await w.complete(STATS);
+    await v3.close();
+
+    const v4 = Store.open(path, { migrations: MIGRATIONS.slice(0, 4) });
+    expect(rawCount(path, "SELECT value FROM meta WHERE key = 'schema_version'")).toBe(4);
+    expect(v4.find('old')).toMatchObject({ state: 'complete', parentId: null, incremental: null });
+    expect(v4.children(v4.find('old').id)).toEqual([]);
+    expect(v4.chain(v4.find('old').id).map((x) => x.name)).toEqual(['old']);
+    await v4.close();
   });
 
   it('v1 -> v2: regions copied whole become capture "copied", everything else is kept', async () => {

@@ -112,6 +112,16 @@ describe.each<TrackerKind>(['async', 'sync'])('the %s tracker', (kind) => {
     expect(last.dirty).toEqual([]);
   });
 
+  it('reports more written ranges than one PAGEMAP_SCAN vector holds, each once', async () => {
+    const w = await startWriter(4096);
+    const t = track(w.fixture.pid, kind);
+    t.take();
+    const pages = Array.from({ length: 2048 }, (_, i) => 2 * i);
+    for (let i = 0; i < pages.length; i += 400) await w.send(`write anon ${pages.slice(i, i + 400).join(' ')}`);
+    const round = t.take();
+    expect(hex(inRegions(w, round.dirty))).toEqual(hex(pages.map((p) => pagesOf(w.anon, [p, 1])[0]!)));
+  });
+
   it('lists the private file mappings it cannot see', async () => {
     const w = await startWriter();
     const t = track(w.fixture.pid, kind);

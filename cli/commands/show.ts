@@ -34,6 +34,11 @@ export const showCommand = defineCommand({
         return;
       }
       println(ctx.stdout, `snapshot ${snap.id}${snap.name ? ` (${snap.name})` : ''}: ${snap.state}, taken ${snap.createdAt}`);
+      if (snap.parentId !== null) {
+        const g = snap.stats?.generation;
+        const changed = g ? `: ${g.changedPages} pages changed, ${g.pagesStored} stored here` : '';
+        println(ctx.stdout, `generation of snapshot ${snap.parentId} (${snap.incremental})${changed}; its other pages are the parent's (wpsnap log ${snap.id})`);
+      }
       if (snap.stats) {
         const s = snap.stats;
         const window = s.protectWindowMillis === undefined ? '' : `, then protected for ${millis(s.protectWindowMillis)}`;

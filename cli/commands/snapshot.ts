@@ -41,6 +41,12 @@ export function summary(r: SnapshotResult): string[] {
     `  ${bytes(r.stagingBytesPeak)} waited for the store at most (${bytes(r.staging.spillBytesPeak)} of it on disk)`,
     `  the target used ${r.targetCpu.before} CPUs before, ${r.targetCpu.window} while protected, ${r.targetCpu.compressing} while the store compressed (at ${r.priority} priority)`,
   ];
+  if (r.parent !== undefined) {
+    const unchanged = r.writtenUnchangedPages == null ? '' : `, ${r.writtenUnchangedPages} written back unchanged`;
+    lines.push(
+      `  generation of snapshot ${r.parent} (${r.incremental === 'compared' ? 'every page compared with it' : 'the pages written since it'}): ${r.changedPages} pages changed${unchanged}, ${r.pagesStored} stored`,
+    );
+  }
   if (r.staging.fallback !== null) lines.push(`  staging fell back to memory: ${r.staging.fallback}`);
   if (r.priorityRaised) lines.push(`  staging filled up: the store ran at normal priority until every page was saved`);
   if (r.lostPages.length === 0) {
@@ -68,6 +74,10 @@ export const snapshotCommand = defineCommand({
           if (/^\d+$/.test(name)) throw usageError(`--name must not be a number (numbers are snapshot ids): "${name}"`);
           return name;
         },
+      })
+      .option('parent', {
+        type: 'string',
+        describe: 'an earlier snapshot of this process (id or name): take the next generation, storing only the pages that changed since',
       })
       .option('rate', {
         type: 'string',
@@ -110,6 +120,7 @@ export const snapshotCommand = defineCommand({
     try {
       const result = await snapshotProcess(binding, store, args.pid, {
         ...(args.name === undefined ? {} : { name: args.name }),
+        ...(args.parent === undefined ? {} : { parent: args.parent }),
         ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6 }),
         ...(args.maxSharedCopy === undefined ? {} : { maxSharedCopyBytes: args.maxSharedCopy * 1024 * 1024 }),
         preProtect: args.preProtect,

@@ -301,8 +301,14 @@ static napi_value js_tracker_scan(napi_env env, napi_callback_info info) {
         n++;
       }
     }
-    if (arg.walk_end <= at) break; /* no progress: never loop forever */
-    at = arg.walk_end;
+    /* Only a full vector leaves the rest of the range unwalked. Then go on
+     * from the later of walk_end and the last range returned: walk_end can
+     * come back below ranges already returned once more than 512 were found
+     * (seen on 6.18), and walking them again would report them twice. */
+    if ((uint64_t)got < SCAN_VEC) break;
+    uint64_t next = arg.walk_end > vec[got - 1].end ? arg.walk_end : vec[got - 1].end;
+    if (next <= at) break; /* no progress: never loop forever */
+    at = next;
   }
   track_log_t log = {.pairs = pairs, .n = n};
   napi_value out = track_log_array(env, &log);
