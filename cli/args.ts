@@ -55,11 +55,11 @@ export function usageMessage(message: string, argv: readonly string[], command: 
   return message.replace(/\s*\n\s*/g, ' ').trim();
 }
 
-/** A duration such as "1s", "250ms", "2m" or a bare number of seconds, in milliseconds (> 0). */
+/** A duration such as "1s", "250ms", "500us", "2m" or a bare number of seconds, in milliseconds (> 0). */
 export function durationOption(option: string): (raw: unknown) => number {
   return (raw) => {
-    const m = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/.exec(String(raw).trim());
-    const scale = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m?.[2] ?? 's') as 'ms' | 's' | 'm' | 'h'];
+    const m = /^(\d+(?:\.\d+)?)\s*(us|µs|ms|s|m|h)?$/.exec(String(raw).trim());
+    const scale = { us: 0.001, µs: 0.001, ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[(m?.[2] ?? 's') as 'us' | 'µs' | 'ms' | 's' | 'm' | 'h'];
     const ms = m ? Number(m[1]) * scale : NaN;
     if (!Number.isFinite(ms) || ms <= 0) throw usageError(`--${option} must be a positive duration such as 500ms, 1s or 2m, not ${given(raw)}`);
     return ms;

@@ -16,6 +16,7 @@ import { lsCommand } from './commands/ls.js';
 import { rmCommand } from './commands/rm.js';
 import { showCommand } from './commands/show.js';
 import { snapshotCommand } from './commands/snapshot.js';
+import { precopyCommand } from './commands/precopy.js';
 import { trackCommand } from './commands/track.js';
 import { verifyCommand } from './commands/verify.js';
 import type { CommandSpec, GlobalArgs } from './commands/types.js';
@@ -27,6 +28,7 @@ import { usageMessage } from './args.js';
 const COMMANDS: Array<CommandSpec<any>> = [
   snapshotCommand,
   trackCommand,
+  precopyCommand,
   lsCommand,
   showCommand,
   diffCommand,

@@ -17,6 +17,8 @@ export interface SnapshotSink {
   /** The pause, recorded as soon as it is over (an incomplete snapshot keeps it). */
   recordPause<Phases extends Record<keyof Phases, number>>(micros: number, breakdown: Phases): void;
   countZeroPages(pages: number): void;
+  /** A 'tracked' generation: the pages of this process written since the parent's instant (only they were captured). */
+  setDirty(processId: number, ranges: Array<[bigint, bigint]>): void;
   /** The final commit: only now is the snapshot complete. */
   complete(stats: MeasuredStats): Promise<SnapshotStats>;
   /** Record it incomplete, with the reason. */
@@ -28,6 +30,8 @@ export interface ParentRef {
   ref: string;
   pid: number;
   startTimeTicks: number;
+  /** compared (default): every page is captured and compared; tracked: only the pages written since (setDirty). */
+  incremental?: 'compared' | 'tracked';
 }
 
 export interface SnapshotTarget {

@@ -120,10 +120,12 @@ export class Store implements SnapshotReader {
    * second per million distinct pages in the store), so call it before
    * stopping the target.
    */
-  beginSnapshot(options: { name?: string; parent?: { ref: string; pid: number; startTimeTicks: number } } = {}): SnapshotWriter {
+  beginSnapshot(
+    options: { name?: string; parent?: { ref: string; pid: number; startTimeTicks: number; incremental?: 'compared' | 'tracked' } } = {},
+  ): SnapshotWriter {
     this.checkWritable('begin a snapshot');
     const name = options.name ?? null;
-    const parent = options.parent === undefined ? undefined : { id: this.parentFor(options.parent), incremental: 'compared' as const };
+    const parent = options.parent === undefined ? undefined : { id: this.parentFor(options.parent), incremental: options.parent.incremental ?? 'compared' };
     if (name !== null && (name === '' || /^\d+$/.test(name) || /[\n\r]/.test(name))) {
       throw new WpsnapError('INVALID_NAME', `snapshot name ${JSON.stringify(name)} must be non-empty, not all digits, one line`);
     }

@@ -78,6 +78,8 @@ export class SnapshotWriter {
   /** A generation's processes: their parent's pages, to find what turned zero at complete(). */
   private readonly baselines = new Map<number, DecodedIndex>();
   private generation: { parent: number; incremental: 'compared' | 'tracked' } | undefined;
+  /** 'tracked': per process, the pages written since the parent ([start, end) ranges, sorted, disjoint). */
+  private readonly dirty = new Map<number, Array<[bigint, bigint]>>();
   private failure: Error | undefined;
   private open = true;
   /** Settles when complete() or abort() has finished (never rejects). */
@@ -264,6 +266,19 @@ export class SnapshotWriter {
   }
 
   /**
+   * A 'tracked' generation: the pages of this process written since the
+   * parent's instant. Only they were captured; every other page is the
+   * parent's (inside this generation's regions).
+   */
+  setDirty(processId: number, ranges: Array<[bigint, bigint]>): void {
+    this.checkOpen();
+    if (this.generation?.incremental !== 'tracked' || !this.baselines.has(processId)) {
+      throw new WpsnapError('INTERNAL', `snapshot ${this.id}: a dirty set is for a tracked generation's process`);
+    }
+    this.dirty.set(processId, ranges);
+  }
+
+  /**
    * A generation's last step before its final commit: per process, the pages
    * of the parent that turned zero (the parent's page must not show through)
    * and the pages that changed, recorded in generation_pages.
@@ -271,7 +286,7 @@ export class SnapshotWriter {
   private recordGeneration(): GenerationStats | undefined {
     if (this.generation === undefined) return undefined;
     const db = this.host.db;
-    const totals = { changed: 0, stored: 0 };
+    const totals = { changed: 0, stored: 0, dirty: 0 };
     const insert = db.prepare('INSERT INTO generation_pages (process_id, kind, ranges) VALUES (?, ?, ?)');
     const ownRows = db.prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id = ?').safeIntegers(true);
     for (const [processId, parent] of this.baselines) {
@@ -283,6 +298,19 @@ export class SnapshotWriter {
         .sort((x, y) => (x.s < y.s ? -1 : x.s > y.s ? 1 : 0));
       const lost = db.prepare('SELECT address AS s, pages AS n FROM lost WHERE process_id = ?').safeIntegers(true).all(processId) as Array<{ s: bigint; n: bigint }>;
       const inLost = (a: bigint): boolean => lost.some((l) => l.s <= a && a < l.s + l.n * PAGE);
+      // 'tracked': only the written pages were captured, so only they can have turned zero.
+      const dirty = this.generation.incremental === 'tracked' ? (this.dirty.get(processId) ?? []) : undefined;
+      const inDirty = (a: bigint): boolean => {
+        if (dirty === undefined) return true;
+        let lo = 0;
+        let hi = dirty.length;
+        while (lo < hi) {
+          const mid = (lo + hi) >>> 1;
+          if (dirty[mid]![1] <= a) lo = mid + 1;
+          else hi = mid;
+        }
+        return lo < dirty.length && dirty[lo]![0] <= a;
+      };
       const zeroed: bigint[] = [];
       let r = 0;
       for (const address of parent.addresses) {
@@ -290,20 +318,44 @@ export class SnapshotWriter {
         if (r >= regions.length) break;
         if (address < regions[r]!.s) continue;
         const at = lowerBound(seen, address);
-        if (seen[at] === address || inLost(address)) continue;
+        if (seen[at] === address || inLost(address) || !inDirty(address)) continue;
         zeroed.push(address);
       }
       const stored: bigint[] = [];
       for (const row of ownRows.iterate(processId) as Iterable<IndexRow>) stored.push(...decodeIndex(row).addresses);
       const changed = [...stored, ...zeroed].sort((x, y) => (x < y ? -1 : x > y ? 1 : 0));
+      // The dirty set: what was written ('tracked', inside the regions), or what changed ('compared').
+      let dirtyRuns: Buffer;
+      let dirtyPages: number;
+      if (dirty === undefined) {
+        dirtyRuns = pageRuns(changed);
+        dirtyPages = changed.length;
+      } else {
+        const clipped: bigint[] = [];
+        for (const [s0, e0] of dirty) {
+          for (const reg of regions) {
+            const s1 = s0 > reg.s ? s0 : reg.s;
+            const e1 = e0 < reg.e ? e0 : reg.e;
+            if (s1 < e1) clipped.push(s1, (e1 - s1) / PAGE);
+          }
+        }
+        dirtyRuns = Buffer.from(BigUint64Array.from(clipped).buffer);
+        dirtyPages = 0;
+        for (let i = 1; i < clipped.length; i += 2) dirtyPages += Number(clipped[i]!);
+      }
       this.transaction(`record the changes of generation ${this.id}`, () => {
         if (zeroed.length > 0) insert.run(processId, 'zeroed', pageRuns(zeroed));
-        insert.run(processId, 'dirty', pageRuns(changed));
+        insert.run(processId, 'dirty', dirtyRuns);
       });
       totals.changed += changed.length;
       totals.stored += stored.length;
+      totals.dirty += dirtyPages;
     }
     const { parent, incremental } = this.generation;
+    if (incremental === 'tracked') {
+      // Written since the parent and read back the same: dirty, not changed.
+      return { parent, incremental, dirtyPages: totals.dirty, changedPages: totals.changed, writtenUnchangedPages: Math.max(0, totals.dirty - totals.changed), pagesStored: totals.stored };
+    }
     // Compared with the parent, a page written back with the value it held is not seen: writes are not known.
     return { parent, incremental, dirtyPages: totals.changed, changedPages: totals.changed, writtenUnchangedPages: null, pagesStored: totals.stored };
   }

@@ -1,0 +1,295 @@
+// Pre-copy (CRIU's pre-dump, with uffd-wp instead of soft-dirty): copy the
+// target's memory while it runs, then, round after round, only what it wrote
+// since the previous round, until what is left fits the pause budget; then
+// stop every thread, copy that rest and the registers, and let it go. Each
+// round is a generation of the previous one (store: 'tracked'), so the result
+// is an ordinary chain whose last generation is exact at its instant: every
+// page not written since its last copy still holds what was copied, and the
+// tracker (core/tracker.ts) misses no write.
+//
+// Rounds before the last are copied while the target runs: each holds pages
+// from different moments and is marked so (stats.warnings); only the last is
+// a snapshot at one instant.
+import { closeSync } from 'node:fs';
+import { WpsnapError, usageError } from '../common/errors.js';
+import type { PageBatch, RegionRecord, ThreadRecord } from '../snapshot-format/model.js';
+import type { Attacher } from './attacher.js';
+import { normalize, type Intervals } from './intervals.js';
+import type { NativeBinding } from './native/binding.js';
+import { closeQuietly, stopwatch } from './pause.js';
+import { assertProcessExists, readMaps, readProcessRecord, threadName } from './procfs.js';
+import { ptraceAttacher } from './ptrace-attacher.js';
+import { planRegion, type RegionPlan } from './regions.js';
+import type { SnapshotSink, SnapshotTarget } from './sink.js';
+import { refuseSelfFreeze } from './target-guard.js';
+import { DirtyTracker, type TrackerKind } from './tracker.js';
+
+/** Pages handed to the store per batch. */
+const BATCH_PAGES = 512;
+/** What a stop costs besides the copy (freeze, scan, thaw), µs: measured on the first stop, this until then. */
+const STOP_OVERHEAD_MICROS = 3000;
+export const DEFAULT_MAX_ROUNDS = 30;
+
+export interface PrecopyRound {
+  round: number;
+  /** The generation this round stored. */
+  generation: number;
+  pages: number;
+  bytes: number;
+  millis: number;
+  /** Pages written per second while the previous round was copied (0 for round 0). */
+  dirtyPagesPerSec: number;
+}
+
+export interface PrecopyOptions {
+  /** The final stop must fit this (µs, > 0). */
+  maxPauseMicros: number;
+  maxRounds?: number;
+  tracker?: Exclude<TrackerKind, 'soft-dirty'>;
+  /** Name of the last generation. */
+  name?: string;
+  onRound?: (round: PrecopyRound) => void;
+  onWarning?: (line: string) => void;
+  signal?: AbortSignal;
+  attacher?: (binding: NativeBinding, pid: number, pidfd: number) => Attacher;
+}
+
+export interface PrecopyResult {
+  /** The last generation: exact at the final stop. */
+  id: number;
+  rounds: PrecopyRound[];
+  finalPauseMicros: number;
+  generations: number[];
+  /** The remaining dirty set fitted the budget before the last round (false: --max-rounds, or it could not converge). */
+  converged: boolean;
+  warnings: string[];
+}
+
+const FUZZY = 'a pre-copy round: its pages were copied while the target ran, not at one instant (the last generation of the chain is exact)';
+
+/** Bytes of address space examined per copy call: bounds the pagemap array and the copied data held at once. */
+const CHUNK_BYTES = 64n << 20n;
+
+/** The pages with data of `triples` ([start, end, allPresent]), read from the target, chunk by chunk, as store batches. */
+function* copyRanges(binding: NativeBinding, pid: number, triples: bigint[]): Generator<PageBatch> {
+  let group: bigint[] = [];
+  let groupBytes = 0n;
+  const flush = function* (): Generator<PageBatch> {
+    if (group.length === 0) return;
+    const copy = binding.copyPrivatePages(pid, BigUint64Array.from(group));
+    group = [];
+    groupBytes = 0n;
+    for (let at = 0; at < copy.addresses.length; at += BATCH_PAGES) {
+      const end = Math.min(copy.addresses.length, at + BATCH_PAGES);
+      yield { addresses: copy.addresses.slice(at, end), data: Buffer.from(copy.data.subarray(at * 4096, end * 4096)) };
+    }
+  };
+  for (let i = 0; i < triples.length; i += 3) {
+    const [start, end, all] = [triples[i]!, triples[i + 1]!, triples[i + 2]!];
+    for (let s = start; s < end; s += CHUNK_BYTES) {
+      const e = s + CHUNK_BYTES < end ? s + CHUNK_BYTES : end;
+      group.push(s, e, all);
+      groupBytes += e - s;
+      if (groupBytes >= CHUNK_BYTES) yield* flush();
+    }
+  }
+  yield* flush();
+}
+
+/** Plans of the mappings now; opened files closed (not needed: shared memory is read through the mapping). */
+function planNow(pid: number): RegionPlan[] {
+  const fsCache = new Map<string, { type: number; bsize: number }>();
+  return readMaps(pid).map((m) => {
+    const plan = planRegion(pid, m, fsCache);
+    if (plan.openedFd !== undefined) closeSync(plan.openedFd);
+    return plan;
+  });
+}
+
+/** [start, end, allPresent] triples: the dirty pages of tracked mappings, and every copied-on-write page of private file mappings. */
+function rangesToCopy(plans: RegionPlan[], dirty: Intervals | 'all'): { triples: bigint[]; fileCow: Intervals } {
+  const triples: bigint[] = [];
+  const fileCow: Intervals = [];
+  for (const plan of plans) {
+    const { start, end } = plan.record;
+    if (plan.engine !== undefined) {
+      if (dirty === 'all') triples.push(start, end, 1n);
+      else for (const [s, e] of dirty) if (s < end && start < e) triples.push(s > start ? s : start, e < end ? e : end, 1n);
+    } else if (plan.pausedCopy === 'cow' || plan.pausedCopy === 'all-present') {
+      // Untracked (uffd-wp cannot protect them): copied whole every round.
+      triples.push(start, end, plan.pausedCopy === 'all-present' ? 1n : 0n);
+      fileCow.push([start, end]);
+    }
+  }
+  return { triples, fileCow };
+}
+
+async function storeRound(
+  sink: SnapshotSink,
+  pid: number,
+  plans: RegionPlan[],
+  batches: Iterable<PageBatch>,
+  threads: ThreadRecord[],
+  dirty: Intervals | undefined,
+  stats: { pauseMicros: number; durationMillis: number; warnings?: string[] },
+): Promise<number> {
+  const processId = sink.addProcess(readProcessRecord(pid));
+  sink.addThreads(processId, threads);
+  const regions: RegionRecord[] = plans.map((p) => p.record);
+  sink.addRegions(processId, regions);
+  const lost = plans.flatMap((p) => (p.lost === undefined ? [] : [p.lost]));
+  if (lost.length > 0) sink.addLost(processId, lost);
+  if (dirty !== undefined) sink.setDirty(processId, dirty);
+  let pages = 0;
+  for (const batch of batches) {
+    pages += batch.addresses.length;
+    await sink.addPages(processId, batch);
+  }
+  await sink.complete({ ...stats, faults: 0, faultP50Micros: 0, faultP99Micros: 0 });
+  return pages;
+}
+
+export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid: number, options: PrecopyOptions): Promise<PrecopyResult> {
+  if (!(options.maxPauseMicros > 0)) throw usageError('--max-pause must be a positive duration');
+  const maxRounds = options.maxRounds ?? DEFAULT_MAX_ROUNDS;
+  assertProcessExists(pid);
+  refuseSelfFreeze(pid);
+  const warnings: string[] = [];
+  const warn = (line: string): void => {
+    warnings.push(line);
+    options.onWarning?.(line);
+  };
+  const startTicks = readProcessRecord(pid).startTimeTicks;
+  const tracker = DirtyTracker.start(binding, pid, { tracker: options.tracker ?? 'async', ...(options.attacher ? { attacher: options.attacher } : {}) });
+  const rounds: PrecopyRound[] = [];
+  const generations: number[] = [];
+  let sink: SnapshotSink | undefined;
+  try {
+    tracker.take(); // from here on, every write is in a round
+    let parent: number | undefined;
+    let lastRound = tracker.take();
+    let copyMicrosPerPage = 0;
+    let converged = false;
+    const begin = (name?: string): SnapshotSink =>
+      store.beginSnapshot({
+        ...(name === undefined ? {} : { name }),
+        ...(parent === undefined ? {} : { parent: { ref: String(parent), pid, startTimeTicks: startTicks, incremental: 'tracked' } }),
+      });
+    for (let round = 0; ; round++) {
+      if (options.signal?.aborted) throw new WpsnapError('INTERRUPTED', 'precopy interrupted');
+      const plans = planNow(pid);
+      const dirty: Intervals | 'all' = round === 0 ? 'all' : lastRound.dirty;
+      const { triples, fileCow } = rangesToCopy(plans, dirty);
+      const { lap } = stopwatch();
+      // Copied as the store takes them: the copy's own cost is timed (what the final stop's will be).
+      let copyMicros = 0;
+      const timed = function* (): Generator<PageBatch> {
+        for (const batch of copyRanges(binding, pid, triples)) {
+          copyMicros += lap();
+          yield batch;
+          lap(); // the store's time is not the copy's
+        }
+        copyMicros += lap();
+      };
+      sink = begin();
+      const pages = await storeRound(sink, pid, plans, timed(), [], round === 0 ? undefined : normalize([...(dirty as Intervals), ...fileCow]), {
+        pauseMicros: 0,
+        durationMillis: 0,
+        warnings: [FUZZY],
+      });
+      if (pages > 0) copyMicrosPerPage = copyMicros / pages;
+      parent = sink.id;
+      generations.push(sink.id);
+      sink = undefined;
+      const report: PrecopyRound = {
+        round,
+        generation: parent,
+        pages,
+        bytes: pages * 4096,
+        millis: Math.round(copyMicros / 100) / 10,
+        dirtyPagesPerSec: round === 0 ? 0 : Math.round((lastRound.dirtyPages * 1000) / Math.max(1, lastRound.intervalMillis)),
+      };
+      rounds.push(report);
+      options.onRound?.(report);
+      lastRound = tracker.take();
+      if (lastRound.exited) throw new WpsnapError('TARGET_NOT_FOUND', `pid ${pid} exited during the pre-copy`);
+      const estimate = STOP_OVERHEAD_MICROS + lastRound.dirtyPages * copyMicrosPerPage;
+      if (estimate <= options.maxPauseMicros) {
+        converged = true;
+        break;
+      }
+      const dirtyRate = (lastRound.dirtyPages * 1000) / Math.max(1, lastRound.intervalMillis);
+      const copyRate = copyMicrosPerPage > 0 ? 1e6 / copyMicrosPerPage : Infinity;
+      if (round >= 1 && dirtyRate >= copyRate) {
+        warn(`it writes ${Math.round(dirtyRate)} pages/s, faster than they are copied (${Math.round(copyRate)} pages/s): pre-copy cannot converge; the final stop will take about ${(estimate / 1000).toFixed(1)} ms`);
+        break;
+      }
+      if (round + 1 >= maxRounds) {
+        warn(`${maxRounds} rounds did not bring the rest under ${(options.maxPauseMicros / 1000).toFixed(1)} ms: the final stop will take about ${(estimate / 1000).toFixed(1)} ms`);
+        break;
+      }
+    }
+    // The last round, with every thread stopped: what was written since the previous take, and the registers.
+    const pidfd = binding.pidfdOpen(pid);
+    const attacher = (options.attacher ?? ptraceAttacher)(binding, pid, pidfd);
+    let finalPauseMicros = 0;
+    try {
+      const plansBefore = planNow(pid); // planned while it runs: statfs and stat cost milliseconds
+      attacher.prepare();
+      const { total } = stopwatch();
+      const stopped = attacher.stop();
+      let batches: PageBatch[];
+      let finalDirty: Intervals;
+      let plans: RegionPlan[];
+      try {
+        // What the last take found (not copied yet) and what was written since.
+        const last = tracker.take();
+        const dirty = normalize([...lastRound.dirty, ...last.dirty]);
+        plans = samePlans(plansBefore, pid);
+        const { triples, fileCow } = rangesToCopy(plans, dirty);
+        batches = [...copyRanges(binding, pid, triples)];
+        finalDirty = normalize([...dirty, ...fileCow]);
+      } finally {
+        stopped.resume();
+      }
+      finalPauseMicros = Math.round(total());
+      const threads: ThreadRecord[] = stopped.threads.map((t) => ({ tid: t.tid, name: threadName(pid, t.tid), regs: t.regs, fpregs: t.fpregs, xstate: t.xstate }));
+      sink = begin(options.name);
+      await storeRound(sink, pid, plans, batches, threads, finalDirty, { pauseMicros: finalPauseMicros, durationMillis: Math.round(finalPauseMicros / 1000) });
+      generations.push(sink.id);
+      rounds.push({
+        round: rounds.length,
+        generation: sink.id,
+        pages: batches.reduce((n, b) => n + b.addresses.length, 0),
+        bytes: batches.reduce((n, b) => n + b.addresses.length * 4096, 0),
+        millis: Math.round(finalPauseMicros / 100) / 10,
+        dirtyPagesPerSec: Math.round((lastRound.dirtyPages * 1000) / Math.max(1, lastRound.intervalMillis)),
+      });
+      options.onRound?.(rounds[rounds.length - 1]!);
+    } finally {
+      attacher.release();
+      closeQuietly(binding, pidfd);
+    }
+    if (finalPauseMicros > options.maxPauseMicros) warn(`the final stop took ${(finalPauseMicros / 1000).toFixed(1)} ms, over the ${(options.maxPauseMicros / 1000).toFixed(1)} ms budget`);
+    return { id: generations[generations.length - 1]!, rounds, finalPauseMicros, generations, converged, warnings };
+  } catch (error) {
+    if (sink !== undefined) await sink.abort(error instanceof Error ? error.message : String(error)).catch(() => undefined);
+    throw error;
+  } finally {
+    tracker.stop();
+  }
+}
+
+/** The plans made before the stop, re-planned where the maps changed since (in the stop: a few mappings at most). */
+function samePlans(before: RegionPlan[], pid: number): RegionPlan[] {
+  const byKey = new Map(before.map((p) => [`${p.record.start}-${p.record.end} ${p.record.perms} ${p.record.inode} ${p.record.path}`, p]));
+  const fsCache = new Map<string, { type: number; bsize: number }>();
+  return readMaps(pid).map((m) => {
+    const known = byKey.get(`${m.start}-${m.end} ${m.perms} ${m.inode} ${m.path}`);
+    if (known !== undefined) return known;
+    const plan = planRegion(pid, m, fsCache);
+    if (plan.openedFd !== undefined) closeSync(plan.openedFd);
+    return plan;
+  });
+}
+
