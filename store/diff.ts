@@ -107,9 +107,28 @@ function pagesOfIntervals(intervals: Array<[bigint, bigint]>): number {
   return Number(pages);
 }
 
+/**
+ * When B descends from A (same process): every page written between them,
+ * from the dirty sets of the generations after A up to B; undefined otherwise.
+ */
+function chainDirtySet(store: Store, a: Side, b: Side): BigUint64Array | undefined {
+  const pages: bigint[] = [];
+  let at: SnapshotSummary = b.summary;
+  for (let steps = 0; at.id !== a.summary.id; steps++) {
+    if (at.parentId === null || steps > 100_000) return undefined;
+    const process = store.processes(at.id).find((p) => p.pid === b.pid);
+    if (process === undefined || at.pids.length !== 1) return undefined;
+    pages.push(...store.dirtyPages(process.processId));
+    at = store.find(String(at.parentId));
+  }
+  if (a.pid !== b.pid) return undefined;
+  return BigUint64Array.from(new Set(pages)).sort();
+}
+
 export function diffSnapshots(store: Store, refA: string, refB: string, options: DiffOptions = {}): SnapshotDiff {
   const a = side(store, refA);
   const b = side(store, refB);
+  const candidates = chainDirtySet(store, a, b);
   const regions: DiffRegion[] = [];
   const byStartA = new Map(a.regions.map((r) => [r.start, r]));
   const matched = new Set<RegionRecord>();
@@ -169,36 +188,52 @@ export function diffSnapshots(store: Store, refA: string, refB: string, options:
       if (!isFileBacked(r)) return ZERO_PAGE;
       return files.page(address);
     };
-    try {
-      let i = lowerBound(a.index.addresses, start);
-      let j = lowerBound(b.index.addresses, start);
-      const nA = a.index.addresses.length;
-      const nB = b.index.addresses.length;
-      for (;;) {
-        const addrA = i < nA && (a.index.addresses[i] as bigint) < end ? (a.index.addresses[i] as bigint) : undefined;
-        const addrB = j < nB && (b.index.addresses[j] as bigint) < end ? (b.index.addresses[j] as bigint) : undefined;
-        if (addrA === undefined && addrB === undefined) break;
-        const address = addrA === undefined ? addrB! : addrB === undefined ? addrA : addrA < addrB ? addrA : addrB;
-        const cidA = addrA === address ? (a.index.cids[i++] as number) : undefined;
-        const cidB = addrB === address ? (b.index.cids[j++] as number) : undefined;
-        if (inIntervals(unknown, address)) continue;
-        let bytes: number;
-        if (cidA !== undefined && cidB !== undefined) {
-          if (store.sameContent(cidA, cidB)) continue;
-          bytes = differingBytes(Buffer.from(store.content(cidA)), store.content(cidB));
-        } else {
-          const stored = Buffer.from(store.content((cidA ?? cidB)!));
-          const other = cidA === undefined ? unstored(ra, filesA, address) : unstored(rb, filesB, address);
-          if (other === undefined) {
-            unknown.push([address, address + PAGE]);
-            continue;
-          }
-          bytes = differingBytes(stored, other);
-          if (bytes === 0) continue;
+    /** One address stored on either side (cid undefined: not stored there). */
+    const visit = (address: bigint, cidA: number | undefined, cidB: number | undefined): void => {
+      if (inIntervals(unknown, address)) return;
+      let bytes: number;
+      if (cidA !== undefined && cidB !== undefined) {
+        if (store.sameContent(cidA, cidB)) return;
+        bytes = differingBytes(Buffer.from(store.content(cidA)), store.content(cidB));
+      } else {
+        const stored = Buffer.from(store.content((cidA ?? cidB)!));
+        const other = cidA === undefined ? unstored(ra, filesA, address) : unstored(rb, filesB, address);
+        if (other === undefined) {
+          unknown.push([address, address + PAGE]);
+          return;
         }
-        d.changedPages++;
-        d.changedBytes += bytes;
-        d.pages?.push(address);
+        bytes = differingBytes(stored, other);
+        if (bytes === 0) return;
+      }
+      d.changedPages++;
+      d.changedBytes += bytes;
+      d.pages?.push(address);
+    };
+    const cidAt = (index: DecodedIndex, address: bigint): number | undefined => {
+      const k = lowerBound(index.addresses, address);
+      return index.addresses[k] === address ? (index.cids[k] as number) : undefined;
+    };
+    try {
+      if (candidates !== undefined) {
+        // Generations of one chain: only pages some generation between them recorded as written can differ.
+        for (let k = lowerBound(candidates, start); k < candidates.length && (candidates[k] as bigint) < end; k++) {
+          const address = candidates[k] as bigint;
+          const cidA = cidAt(a.index, address);
+          const cidB = cidAt(b.index, address);
+          if (cidA !== undefined || cidB !== undefined) visit(address, cidA, cidB);
+        }
+      } else {
+        let i = lowerBound(a.index.addresses, start);
+        let j = lowerBound(b.index.addresses, start);
+        const nA = a.index.addresses.length;
+        const nB = b.index.addresses.length;
+        for (;;) {
+          const addrA = i < nA && (a.index.addresses[i] as bigint) < end ? (a.index.addresses[i] as bigint) : undefined;
+          const addrB = j < nB && (b.index.addresses[j] as bigint) < end ? (b.index.addresses[j] as bigint) : undefined;
+          if (addrA === undefined && addrB === undefined) break;
+          const address = addrA === undefined ? addrB! : addrB === undefined ? addrA : addrA < addrB ? addrA : addrB;
+          visit(address, addrA === address ? (a.index.cids[i++] as number) : undefined, addrB === address ? (b.index.cids[j++] as number) : undefined);
+        }
       }
     } finally {
       filesA.close();
@@ -227,7 +262,7 @@ export function diffSnapshots(store: Store, refA: string, refB: string, options:
     totals.unknownPages += r.unknownPages;
   }
   const sideOf = (s: Side): SnapshotDiff['a'] => ({ id: s.summary.id, name: s.summary.name, pid: s.pid, createdAt: s.summary.createdAt });
-  return { a: sideOf(a), b: sideOf(b), regions, totals, method: 'hashes' };
+  return { a: sideOf(a), b: sideOf(b), regions, totals, method: candidates === undefined ? 'hashes' : 'dirty-sets' };
 }
 
 /** Both pages of `address`, for a byte-level look (`diff --bytes`). */

@@ -132,6 +132,16 @@ describe('snapshot --parent', () => {
     const image = readFileSync(join(out, region.file!));
     const at = Number(w.anon - BigInt(region.start));
     expect(Array.from({ length: 64 }, (_, i) => image.readBigUInt64LE(at + i * 4096))).toEqual(anon);
+    // diff of two generations of one chain: from the stored dirty sets, the same answer as by hashes.
+    const diff = JSON.parse((await runCli(['diff', 'g0', 'g1', '--json', '--pages', '--store', store])).stdout) as {
+      method: string;
+      regions: Array<{ pages?: string[] }>;
+    };
+    expect(diff.method).toBe('dirty-sets');
+    const changed = diff.regions.flatMap((r) => (r.pages ?? []).map((p) => BigInt(p)));
+    expect(within(changed, w.anon, 64)).toEqual([w.anon + 3n * PAGE, w.anon + 20n * PAGE]);
+    expect(within(changed, w.shm, 64)).toEqual([w.shm + 10n * PAGE]);
+    expect(within(changed, mapped, 4)).toEqual([0n, 1n, 2n, 3n].map((i) => mapped + i * PAGE));
     // log shows the chain.
     const log = JSON.parse((await runCli(['log', 'g1', '--json', '--store', store])).stdout) as { chain: Array<{ id: number; parent: number | null; incremental: string | null }> };
     expect(log.chain.map((c) => [c.id, c.parent, c.incremental])).toEqual([
