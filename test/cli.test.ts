@@ -176,7 +176,7 @@ describe('wpsnap snapshot / ls / show / verify / export', () => {
 
     const plain = await runCli(['rm', String(newerId), '--store', store]);
     expect(plain.code).toBe(0);
-    expect(oneLine(plain.stdout)).toMatch(new RegExp(`^deleted snapshot ${newerId} \\(newer\\), complete; \\d+ blob\\(s\\) of pages no other snapshot uses dropped$`));
+    expect(oneLine(plain.stdout)).toMatch(new RegExp(`^deleted snapshot ${newerId} \\(newer\\), complete; \\d+ blob\\(s\\) of pages no other snapshot uses dropped \\([0-9.]+ [KMG]?i?B\\)$`));
     const again = await runCli(['rm', 'newer', '--store', store]);
     expect(again.code).not.toBe(0);
     expect(oneLine(again.stderr)).toMatch(/newer/);
