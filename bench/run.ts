@@ -7,12 +7,14 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { impactMain } from './impact.js';
 import { log, repoRoot } from './lib.js';
+import { precopyMain } from './precopy.js';
 import { trackMain } from './track.js';
 import { DEFAULTS, PEERS, printTable, runSnapshot1GiB, summarize, type PeerName, type Snapshot1GiBResult } from './snapshot-1gib.js';
 
 const USAGE = `usage: node dist/bench/run.js [options]
        node dist/bench/run.js impact [options]   (the impact scenario: impact --help)
        node dist/bench/run.js track [options]    (dirty-tracking costs: track --help)
+       node dist/bench/run.js precopy [options]  (pre-copy and incremental generations: precopy --help)
   --runs N          measured repetitions of every peer (default ${DEFAULTS.runs})
   --mib M           target size in MiB (default ${DEFAULTS.mib})
   --rate MBPS       --rate of the rate-limited wpsnap peer (default ${DEFAULTS.rateMBps})
@@ -41,6 +43,10 @@ async function main(): Promise<void> {
   }
   if (process.argv[2] === 'track') {
     process.exitCode = await trackMain(process.argv.slice(3));
+    return;
+  }
+  if (process.argv[2] === 'precopy') {
+    process.exitCode = await precopyMain(process.argv.slice(3));
     return;
   }
   const { values } = parseArgs({
