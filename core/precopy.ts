@@ -169,6 +169,9 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
     let parent: number | undefined;
     let lastRound = tracker.take();
     let copyMicrosPerPage = 0;
+    const recentCosts: number[] = [];
+    let previousDirty = Infinity;
+    let growing = 0;
     let converged = false;
     const begin = (name?: string): SnapshotSink =>
       store.beginSnapshot({
@@ -197,7 +200,10 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
         durationMillis: 0,
         warnings: [FUZZY],
       });
-      if (pages > 0) copyMicrosPerPage = copyMicros / pages;
+      // The cost of a page, from the best of the last rounds: one round slowed by the machine must not decide.
+      if (pages > 0) recentCosts.push(copyMicros / pages);
+      if (recentCosts.length > 3) recentCosts.shift();
+      copyMicrosPerPage = recentCosts.length > 0 ? Math.min(...recentCosts) : 0;
       parent = sink.id;
       generations.push(sink.id);
       sink = undefined;
@@ -213,15 +219,20 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
       options.onRound?.(report);
       lastRound = tracker.take();
       if (lastRound.exited) throw new WpsnapError('TARGET_NOT_FOUND', `pid ${pid} exited during the pre-copy`);
-      const estimate = STOP_OVERHEAD_MICROS + lastRound.dirtyPages * copyMicrosPerPage;
+      // The end copies this round's pages while the target runs, then stops it at once: the stop
+      // copies only what was written during that copy.
+      const dirtyRate = (lastRound.dirtyPages * 1000) / Math.max(1, lastRound.intervalMillis);
+      const preCopyMicros = lastRound.dirtyPages * copyMicrosPerPage;
+      const estimate = STOP_OVERHEAD_MICROS + ((dirtyRate * preCopyMicros) / 1e6) * copyMicrosPerPage;
       if (estimate <= options.maxPauseMicros) {
         converged = true;
         break;
       }
-      const dirtyRate = (lastRound.dirtyPages * 1000) / Math.max(1, lastRound.intervalMillis);
+      growing = round >= 1 && lastRound.dirtyPages >= previousDirty ? growing + 1 : 0;
+      previousDirty = lastRound.dirtyPages;
       const copyRate = copyMicrosPerPage > 0 ? 1e6 / copyMicrosPerPage : Infinity;
-      if (round >= 1 && dirtyRate >= copyRate) {
-        warn(`it writes ${Math.round(dirtyRate)} pages/s, faster than they are copied (${Math.round(copyRate)} pages/s): pre-copy cannot converge; the final stop will take about ${(estimate / 1000).toFixed(1)} ms`);
+      if (growing >= 3 || (round >= 2 && dirtyRate >= copyRate)) {
+        warn(`it writes ${Math.round(dirtyRate)} pages/s and ${lastRound.dirtyPages} pages were left after round ${round}, no fewer than before (copy rate ${Math.round(copyRate)} pages/s): pre-copy cannot converge; the final stop will take about ${(estimate / 1000).toFixed(1)} ms`);
         break;
       }
       if (round + 1 >= maxRounds) {
@@ -229,26 +240,28 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
         break;
       }
     }
-    // The last round, with every thread stopped: what was written since the previous take, and the registers.
+    // The last round. First, while the target runs, what the last take found; then at once every
+    // thread is stopped and what was written during that copy is copied, with the registers.
     const pidfd = binding.pidfdOpen(pid);
     const attacher = (options.attacher ?? ptraceAttacher)(binding, pid, pidfd);
     let finalPauseMicros = 0;
     try {
       const plansBefore = planNow(pid); // planned while it runs: statfs and stat cost milliseconds
       attacher.prepare();
+      const before = rangesToCopy(plansBefore, lastRound.dirty);
+      const running = [...copyRanges(binding, pid, before.triples)];
       const { total } = stopwatch();
       const stopped = attacher.stop();
       let batches: PageBatch[];
       let finalDirty: Intervals;
       let plans: RegionPlan[];
       try {
-        // What the last take found (not copied yet) and what was written since.
-        const last = tracker.take();
-        const dirty = normalize([...lastRound.dirty, ...last.dirty]);
+        const last = tracker.take({ last: true });
         plans = samePlans(plansBefore, pid);
-        const { triples, fileCow } = rangesToCopy(plans, dirty);
-        batches = [...copyRanges(binding, pid, triples)];
-        finalDirty = normalize([...dirty, ...fileCow]);
+        const { triples, fileCow } = rangesToCopy(plans, last.dirty);
+        const inStop = [...copyRanges(binding, pid, triples)];
+        batches = overlay(running, inStop);
+        finalDirty = normalize([...lastRound.dirty, ...last.dirty, ...before.fileCow, ...fileCow]);
       } finally {
         stopped.resume();
       }
@@ -278,6 +291,25 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
   } finally {
     tracker.stop();
   }
+}
+
+/** The pages of `first` not copied again in `then`, and all of `then`: the later copy of a page wins. */
+function overlay(first: PageBatch[], then: PageBatch[]): PageBatch[] {
+  const again = new Set<bigint>();
+  for (const b of then) for (const a of b.addresses) again.add(a);
+  const kept: PageBatch[] = [];
+  for (const b of first) {
+    const keep: number[] = [];
+    for (let i = 0; i < b.addresses.length; i++) if (!again.has(b.addresses[i]!)) keep.push(i);
+    if (keep.length === b.addresses.length) kept.push(b);
+    else if (keep.length > 0) {
+      kept.push({
+        addresses: BigUint64Array.from(keep.map((i) => b.addresses[i]!)),
+        data: Buffer.concat(keep.map((i) => b.data.subarray(i * 4096, (i + 1) * 4096))),
+      });
+    }
+  }
+  return [...kept, ...then];
 }
 
 /** The plans made before the stop, re-planned where the maps changed since (in the stop: a few mappings at most). */
