@@ -106,22 +106,60 @@ function planNow(pid: number): RegionPlan[] {
   });
 }
 
-/** [start, end, allPresent] triples: the dirty pages of tracked mappings, and every copied-on-write page of private file mappings. */
-function rangesToCopy(plans: RegionPlan[], dirty: Intervals | 'all'): { triples: bigint[]; fileCow: Intervals } {
+/**
+ * What a round copies: `tracked`, [start, end) pairs of tracked mappings
+ * (everything in round 0, the dirty pages after), read range by range; and
+ * `triples`, [start, end, allPresent] for the mappings no tracker sees
+ * (copied-on-write pages of private file mappings, [vdso]), chosen page by
+ * page from pagemap and copied whole every round.
+ */
+function rangesToCopy(plans: RegionPlan[], dirty: Intervals | 'all'): { tracked: bigint[]; triples: bigint[]; fileCow: Intervals } {
+  const tracked: bigint[] = [];
   const triples: bigint[] = [];
   const fileCow: Intervals = [];
   for (const plan of plans) {
     const { start, end } = plan.record;
     if (plan.engine !== undefined) {
-      if (dirty === 'all') triples.push(start, end, 1n);
-      else for (const [s, e] of dirty) if (s < end && start < e) triples.push(s > start ? s : start, e < end ? e : end, 1n);
+      if (dirty === 'all') triples.push(start, end, 1n); // present pages only: a mapping may be mostly never touched
+      else for (const [s, e] of dirty) if (s < end && start < e) tracked.push(s > start ? s : start, e < end ? e : end);
     } else if (plan.pausedCopy === 'cow' || plan.pausedCopy === 'all-present') {
-      // Untracked (uffd-wp cannot protect them): copied whole every round.
       triples.push(start, end, plan.pausedCopy === 'all-present' ? 1n : 0n);
       fileCow.push([start, end]);
     }
   }
-  return { triples, fileCow };
+  return { tracked, triples, fileCow };
+}
+
+/** The dirty ranges, read whole (a page never populated reads as zeros, which the store elides), as store batches. */
+function* readTracked(binding: NativeBinding, pid: number, pairs: bigint[]): Generator<PageBatch> {
+  // Pieces of at most CHUNK_BYTES, read in groups of about that: the copy held at once stays bounded.
+  let group: bigint[] = [];
+  let bytes = 0n;
+  const flush = function* (): Generator<PageBatch> {
+    if (group.length === 0) return;
+    const read = binding.readRanges(pid, BigUint64Array.from(group));
+    group = [];
+    bytes = 0n;
+    for (let at = 0; at < read.pages; at += BATCH_PAGES) {
+      const end = Math.min(read.pages, at + BATCH_PAGES);
+      yield { addresses: read.addresses.slice(at, end), data: Buffer.from(read.data.subarray(at * 4096, end * 4096)) };
+    }
+  };
+  for (let i = 0; i < pairs.length; i += 2) {
+    for (let s = pairs[i]!; s < pairs[i + 1]!; s += CHUNK_BYTES) {
+      const e = s + CHUNK_BYTES < pairs[i + 1]! ? s + CHUNK_BYTES : pairs[i + 1]!;
+      group.push(s, e);
+      bytes += e - s;
+      if (bytes >= CHUNK_BYTES) yield* flush();
+    }
+  }
+  yield* flush();
+}
+
+/** Both kinds of a round's copy. */
+function* copyRound(binding: NativeBinding, pid: number, what: { tracked: bigint[]; triples: bigint[] }): Generator<PageBatch> {
+  yield* readTracked(binding, pid, what.tracked);
+  yield* copyRanges(binding, pid, what.triples);
 }
 
 async function storeRound(
@@ -182,12 +220,13 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
       if (options.signal?.aborted) throw new WpsnapError('INTERRUPTED', 'precopy interrupted');
       const plans = planNow(pid);
       const dirty: Intervals | 'all' = round === 0 ? 'all' : lastRound.dirty;
-      const { triples, fileCow } = rangesToCopy(plans, dirty);
+      const what = rangesToCopy(plans, dirty);
+      const fileCow = what.fileCow;
       const { lap } = stopwatch();
       // Copied as the store takes them: the copy's own cost is timed (what the final stop's will be).
       let copyMicros = 0;
       const timed = function* (): Generator<PageBatch> {
-        for (const batch of copyRanges(binding, pid, triples)) {
+        for (const batch of copyRound(binding, pid, what)) {
           copyMicros += lap();
           yield batch;
           lap(); // the store's time is not the copy's
@@ -200,10 +239,11 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
         durationMillis: 0,
         warnings: [FUZZY],
       });
-      // The cost of a page, from the best of the last rounds: one round slowed by the machine must not decide.
-      if (pages > 0) recentCosts.push(copyMicros / pages);
+      // The cost of a page, from the best of the last rounds: one round slowed by the machine must not
+      // decide. Round 0 reads whole mappings, far cheaper a page than scattered dirty pages: not counted.
+      if (pages > 0 && round > 0) recentCosts.push(copyMicros / pages);
       if (recentCosts.length > 3) recentCosts.shift();
-      copyMicrosPerPage = recentCosts.length > 0 ? Math.min(...recentCosts) : 0;
+      copyMicrosPerPage = recentCosts.length > 0 ? Math.min(...recentCosts) : pages > 0 ? copyMicros / pages : 0;
       parent = sink.id;
       generations.push(sink.id);
       sink = undefined;
@@ -249,7 +289,7 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
       const plansBefore = planNow(pid); // planned while it runs: statfs and stat cost milliseconds
       attacher.prepare();
       const before = rangesToCopy(plansBefore, lastRound.dirty);
-      const running = [...copyRanges(binding, pid, before.triples)];
+      const running = [...copyRound(binding, pid, before)];
       const { total } = stopwatch();
       const stopped = attacher.stop();
       let batches: PageBatch[];
@@ -258,8 +298,9 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
       try {
         const last = tracker.take({ last: true });
         plans = samePlans(plansBefore, pid);
-        const { triples, fileCow } = rangesToCopy(plans, last.dirty);
-        const inStop = [...copyRanges(binding, pid, triples)];
+        const inStopWhat = rangesToCopy(plans, last.dirty);
+        const fileCow = inStopWhat.fileCow;
+        const inStop = [...copyRound(binding, pid, inStopWhat)];
         batches = overlay(running, inStop);
         finalDirty = normalize([...lastRound.dirty, ...last.dirty, ...before.fileCow, ...fileCow]);
       } finally {

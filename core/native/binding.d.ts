@@ -183,6 +183,11 @@ export interface NativeBinding {
    *  allPresent every present page. One batch, in the order of the ranges. */
   /** The pages go into `into` when they fit (data is then `into`, the pages at its start), else into a new buffer. */
   copyPrivatePages(pid: number, ranges: BigUint64Array, into?: Buffer): { addresses: BigUint64Array; data: Buffer };
+  /**
+   * Every page of the [start, end) ranges (pairs), read from the process (one remote iovec per
+   * range); pages that cannot be read are left out. data holds `pages` pages (it may be longer).
+   */
+  readRanges(pid: number, ranges: BigUint64Array): { addresses: BigUint64Array; data: Buffer; pages: number };
   /** How many pages copyPrivatePages would copy now. */
   countPrivatePages(pid: number, ranges: BigUint64Array): number;
   /** pread the data (non-hole) pages of a shared file range, labelled with their mapped addresses. */
