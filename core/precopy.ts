@@ -22,7 +22,7 @@ import { ptraceAttacher } from './ptrace-attacher.js';
 import { planRegion, type RegionPlan } from './regions.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
 import { refuseSelfFreeze } from './target-guard.js';
-import { DirtyTracker, type TrackerKind } from './tracker.js';
+import { DirtyTracker, type DirtyRound, type TrackerKind } from './tracker.js';
 
 /** Pages handed to the store per batch. */
 const BATCH_PAGES = 512;
@@ -292,21 +292,22 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
       const running = [...copyRound(binding, pid, before)];
       const { total } = stopwatch();
       const stopped = attacher.stop();
-      let batches: PageBatch[];
-      let finalDirty: Intervals;
-      let plans: RegionPlan[];
+      let inStop: PageBatch[] = [];
+      let last: DirtyRound | undefined;
+      let plans: RegionPlan[] = plansBefore;
+      let inStopWhat: ReturnType<typeof rangesToCopy> | undefined;
       try {
-        const last = tracker.take({ last: true });
+        last = tracker.take({ last: true });
         plans = samePlans(plansBefore, pid);
-        const inStopWhat = rangesToCopy(plans, last.dirty);
-        const fileCow = inStopWhat.fileCow;
-        const inStop = [...copyRound(binding, pid, inStopWhat)];
-        batches = overlay(running, inStop);
-        finalDirty = normalize([...lastRound.dirty, ...last.dirty, ...before.fileCow, ...fileCow]);
+        inStopWhat = rangesToCopy(plans, last.dirty);
+        inStop = [...copyRound(binding, pid, inStopWhat)];
       } finally {
         stopped.resume();
       }
       finalPauseMicros = Math.round(total());
+      // The rest needs the target no more.
+      const batches = overlay(running, inStop);
+      const finalDirty = normalize([...lastRound.dirty, ...last.dirty, ...before.fileCow, ...inStopWhat.fileCow]);
       const threads: ThreadRecord[] = stopped.threads.map((t) => ({ tid: t.tid, name: threadName(pid, t.tid), regs: t.regs, fpregs: t.fpregs, xstate: t.xstate }));
       sink = begin(options.name);
       await storeRound(sink, pid, plans, batches, threads, finalDirty, { pauseMicros: finalPauseMicros, durationMillis: Math.round(finalPauseMicros / 1000) });
