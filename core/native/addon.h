@@ -18,6 +18,17 @@ int read_pagemap(int pagemap_fd, uint64_t addr, size_t npages, uint64_t *out);
 uint64_t shared_zero_pfn(void);
 int pidfd_getfd_call(int pidfd, int targetfd);
 
+/* Growable [start, end) pairs. */
+typedef struct {
+  uint64_t *pairs;
+  size_t n, cap;
+} page_runs_t;
+struct wpsnap_pm_scan_arg;
+/* Every run of [start, end) that PAGEMAP_SCAN reports for `query` (its flags
+ * and masks; the rest is filled in), appended to runs, adjacent ones merged,
+ * each reported once. 0 or an errno (the runs appended so far stay). */
+int pagemap_scan_runs(int fd, uint64_t start, uint64_t end, const struct wpsnap_pm_scan_arg *query, page_runs_t *runs);
+
 void register_uffd_exports(napi_env env, napi_value exports);
 void register_protect_exports(napi_env env, napi_value exports);
 void register_procmem_exports(napi_env env, napi_value exports);

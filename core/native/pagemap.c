@@ -354,14 +354,57 @@ static napi_value js_probe_pagemap_scan(napi_env env, napi_callback_info info) {
   return make_int(env, err);
 }
 
+/* See addon.h. Only a full vector leaves the rest of the range unwalked: the
+ * scan goes on from the later of walk_end and the last run returned, because
+ * walk_end can come back below runs already returned once more than 512 were
+ * found (seen on 6.18), and walking them again would report them twice. */
+#define SCAN_VEC 1024
+
+int pagemap_scan_runs(int fd, uint64_t start, uint64_t end, const struct wpsnap_pm_scan_arg *query, page_runs_t *runs) {
+  struct wpsnap_page_region vec[SCAN_VEC];
+  size_t first = runs->n;
+  uint64_t at = start;
+  while (at < end) {
+    struct wpsnap_pm_scan_arg arg = *query;
+    arg.size = sizeof arg;
+    arg.start = at;
+    arg.end = end;
+    arg.vec = (uint64_t)(uintptr_t)vec;
+    arg.vec_len = SCAN_VEC;
+    /* SAFETY: the kernel walks the target's page tables and writes at most vec_len regions to vec. */
+    int got = ioctl(fd, PAGEMAP_SCAN, &arg);
+    if (got < 0) return errno;
+    for (int i = 0; i < got; i++) {
+      /* Runs of different categories come back as separate regions: merge the adjacent ones. */
+      if (runs->n > first && runs->pairs[2 * runs->n - 1] == vec[i].start) {
+        runs->pairs[2 * runs->n - 1] = vec[i].end;
+        continue;
+      }
+      if (runs->n == runs->cap) {
+        size_t cap = runs->cap ? runs->cap * 2 : 256;
+        uint64_t *grown = realloc(runs->pairs, cap * 2 * sizeof(uint64_t));
+        if (grown == NULL) return ENOMEM;
+        runs->pairs = grown;
+        runs->cap = cap;
+      }
+      runs->pairs[2 * runs->n] = vec[i].start;
+      runs->pairs[2 * runs->n + 1] = vec[i].end;
+      runs->n++;
+    }
+    if ((uint64_t)got < SCAN_VEC) break;
+    uint64_t next = arg.walk_end > vec[got - 1].end ? arg.walk_end : vec[got - 1].end;
+    if (next <= at) break; /* no progress: never loop forever */
+    at = next;
+  }
+  return 0;
+}
+
 /* populatedRanges(pid, ranges: BigUint64Array [start, end, …])
  *   -> { counts: Uint32Array (per range), ranges: BigUint64Array [start, end, …] }
  * The runs of pages that are present or swapped in each range, from one
  * PAGEMAP_SCAN walk (which skips empty page tables, so a mostly untouched
  * reservation costs microseconds). Everything outside the runs is
  * pte_none: never touched, zero. */
-#define SCAN_VEC 1024
-
 static napi_value js_populated_ranges(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -375,58 +418,19 @@ static napi_value js_populated_ranges(napi_env env, napi_callback_info info) {
   snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
   int pm = open(path, O_RDONLY | O_CLOEXEC);
   if (pm < 0) return throw_errno(env, errno, "open", "open(%s)", path);
-  size_t cap = 256, used = 0;
-  uint64_t *out = malloc(cap * 2 * sizeof *out);
+  page_runs_t runs = {0};
   uint32_t *counts = calloc(n ? n : 1, sizeof *counts);
-  struct wpsnap_page_region *vec = malloc(SCAN_VEC * sizeof *vec);
-  int err = (out && counts && vec) ? 0 : ENOMEM;
+  int err = counts ? 0 : ENOMEM;
+  const struct wpsnap_pm_scan_arg query = {.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED, .return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED};
   for (size_t r = 0; r < n && err == 0; r++) {
-    uint64_t at = in[2 * r], end = in[2 * r + 1];
-    while (at < end && err == 0) {
-      struct wpsnap_pm_scan_arg arg = {
-          .size = sizeof arg,
-          .start = at,
-          .end = end,
-          .vec = (uint64_t)(uintptr_t)vec,
-          .vec_len = SCAN_VEC,
-          .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-          .return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-      };
-      /* SAFETY: a read-only walk of the target's page tables. */
-      int got = ioctl(pm, PAGEMAP_SCAN, &arg);
-      if (got < 0) {
-        err = errno;
-        break;
-      }
-      for (int i = 0; i < got; i++) {
-        /* Present and swapped runs come back as separate regions: merge the adjacent ones. */
-        if (counts[r] > 0 && out[2 * used - 1] == vec[i].start) {
-          out[2 * used - 1] = vec[i].end;
-          continue;
-        }
-        if (used == cap) {
-          uint64_t *grown = realloc(out, cap * 4 * sizeof *out);
-          if (grown == NULL) {
-            err = ENOMEM;
-            break;
-          }
-          out = grown;
-          cap *= 2;
-        }
-        out[2 * used] = vec[i].start;
-        out[2 * used + 1] = vec[i].end;
-        used++;
-        counts[r]++;
-      }
-      /* A continued scan may return again what an earlier call returned (seen
-       * under load: a walk_end below the last region of the previous call);
-       * populatedRuns() in core/sparse.ts sorts and merges the runs. */
-      if (arg.walk_end <= at) break; /* no progress: should not happen */
-      at = arg.walk_end;
-    }
+    size_t before = runs.n;
+    /* SAFETY: a read-only walk of the target's page tables. */
+    err = pagemap_scan_runs(pm, in[2 * r], in[2 * r + 1], &query, &runs);
+    counts[r] = (uint32_t)(runs.n - before);
   }
   close(pm);
-  free(vec);
+  uint64_t *out = runs.pairs;
+  size_t used = runs.n;
   if (err != 0) {
     free(out);
     free(counts);

@@ -243,8 +243,6 @@ static napi_value js_tracker_stop(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-#define SCAN_VEC 1024
-
 /* trackerScan(handle, start, end, reset) -> BigUint64Array of [start, len]
  * pairs: the pages of [start, end) written since they were last protected
  * (PAGE_IS_WRITTEN: a present page or swap entry without the uffd-wp bit).
@@ -260,56 +258,21 @@ static napi_value js_tracker_scan(napi_env env, napi_callback_info info) {
   bool reset;
   if (t == NULL || !arg_uint64(env, argv[1], &start) || !arg_uint64(env, argv[2], &end) || !arg_bool(env, argv[3], &reset) || end < start)
     return throw_type(env, "trackerScan(handle, start, end, reset)");
-  struct wpsnap_page_region vec[SCAN_VEC];
-  uint64_t *pairs = NULL;
-  size_t n = 0, cap = 0;
-  uint64_t at = start;
-  while (at < end) {
-    struct wpsnap_pm_scan_arg arg = {
-        .size = sizeof arg,
-        .flags = PM_SCAN_CHECK_WPASYNC | (reset ? PM_SCAN_WP_MATCHING : 0),
-        .start = at,
-        .end = end,
-        .vec = (uint64_t)(uintptr_t)vec,
-        .vec_len = SCAN_VEC,
-        .category_mask = PAGE_IS_WRITTEN,
-        .return_mask = PAGE_IS_WRITTEN,
-    };
-    /* SAFETY: the kernel walks the target's page tables and writes at most vec_len regions to vec. */
-    int got = ioctl(t->pagemap_fd, PAGEMAP_SCAN, &arg);
-    if (got < 0) {
-      int err = errno;
-      free(pairs);
-      return throw_errno(env, err, "ioctl", "PAGEMAP_SCAN of 0x%llx-0x%llx", (unsigned long long)at, (unsigned long long)end);
-    }
-    if (n + (size_t)got > cap) {
-      size_t grown_cap = (n + (size_t)got) * 2;
-      uint64_t *grown = realloc(pairs, grown_cap * 2 * sizeof(uint64_t));
-      if (grown == NULL) {
-        free(pairs);
-        return throw_errno(env, ENOMEM, "realloc", "written ranges");
-      }
-      pairs = grown;
-      cap = grown_cap;
-    }
-    for (int i = 0; i < got; i++) {
-      if (n > 0 && pairs[2 * (n - 1)] + pairs[2 * (n - 1) + 1] == vec[i].start) {
-        pairs[2 * (n - 1) + 1] += vec[i].end - vec[i].start;
-      } else {
-        pairs[2 * n] = vec[i].start;
-        pairs[2 * n + 1] = vec[i].end - vec[i].start;
-        n++;
-      }
-    }
-    /* Only a full vector leaves the rest of the range unwalked. Then go on
-     * from the later of walk_end and the last range returned: walk_end can
-     * come back below ranges already returned once more than 512 were found
-     * (seen on 6.18), and walking them again would report them twice. */
-    if ((uint64_t)got < SCAN_VEC) break;
-    uint64_t next = arg.walk_end > vec[got - 1].end ? arg.walk_end : vec[got - 1].end;
-    if (next <= at) break; /* no progress: never loop forever */
-    at = next;
+  page_runs_t runs = {0};
+  const struct wpsnap_pm_scan_arg query = {
+      .flags = PM_SCAN_CHECK_WPASYNC | (reset ? PM_SCAN_WP_MATCHING : 0),
+      .category_mask = PAGE_IS_WRITTEN,
+      .return_mask = PAGE_IS_WRITTEN,
+  };
+  int err = pagemap_scan_runs(t->pagemap_fd, start, end, &query, &runs);
+  if (err != 0) {
+    free(runs.pairs);
+    return throw_errno(env, err, "ioctl", "PAGEMAP_SCAN of 0x%llx-0x%llx", (unsigned long long)start, (unsigned long long)end);
   }
+  /* [start, end) to the log's [start, len]. */
+  for (size_t i = 0; i < runs.n; i++) runs.pairs[2 * i + 1] -= runs.pairs[2 * i];
+  uint64_t *pairs = runs.pairs;
+  size_t n = runs.n;
   track_log_t log = {.pairs = pairs, .n = n};
   napi_value out = track_log_array(env, &log);
   free(pairs);
