@@ -145,7 +145,7 @@ export class EngineSession {
   trackTake(stop: boolean): TrackLog {
     const taken = this.binding.engineTrackTake(this.handle, stop);
     if (taken.error !== undefined) throw new WpsnapError('TARGET_NOT_FOUND', `pid ${this.options.pid}: ${taken.error}`);
-    return { written: taken.written, invalid: taken.invalid, overflowed: taken.overflowed !== 0, faults: taken.faults };
+    return { written: taken.written, invalid: taken.invalid, overflowed: taken.overflowed, faults: taken.faults };
   }
 
   /** End an engine that never ran (the snapshot failed before the resume). */

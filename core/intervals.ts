@@ -1,5 +1,6 @@
 // Address intervals [start, end) as sorted, disjoint lists: the arithmetic the
-// sparse scan (core/sparse.ts) and pre-protection (core/preprotect.ts) share.
+// sparse scan (core/sparse.ts), pre-protection (core/preprotect.ts) and the
+// dirty tracker (core/tracker.ts) share.
 
 /** Sorted, disjoint [start, end) intervals. */
 export type Intervals = Array<[bigint, bigint]>;
@@ -54,3 +55,17 @@ export function intersect(a: Intervals, b: Intervals): Intervals {
   return out;
 }
 
+
+/** [start, len, start, len, …] pairs (the native logs' shape) as normalized intervals. */
+export function fromStartLenPairs(pairs: BigUint64Array): Intervals {
+  const out: Intervals = [];
+  for (let i = 0; i < pairs.length; i += 2) out.push([pairs[i]!, pairs[i]! + pairs[i + 1]!]);
+  return normalize(out);
+}
+
+/** How many 4 KiB pages the (disjoint) intervals hold. */
+export function pagesIn(intervals: Intervals): number {
+  let pages = 0n;
+  for (const [s, e] of intervals) pages += (e - s) / 4096n;
+  return Number(pages);
+}

@@ -10,7 +10,6 @@
 // Rounds before the last are copied while the target runs: each holds pages
 // from different moments and is marked so (stats.warnings); only the last is
 // a snapshot at one instant.
-import { closeSync } from 'node:fs';
 import { WpsnapError, usageError } from '../common/errors.js';
 import type { PageBatch, RegionRecord, ThreadRecord } from '../snapshot-format/model.js';
 import type { Attacher } from './attacher.js';
@@ -19,7 +18,7 @@ import type { NativeBinding } from './native/binding.js';
 import { closeQuietly, stopwatch } from './pause.js';
 import { assertProcessExists, readMaps, readProcessRecord, threadName } from './procfs.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
-import { planRegion, type RegionPlan } from './regions.js';
+import { planRegionWithoutFile, type RegionPlan } from './regions.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
 import { refuseSelfFreeze } from './target-guard.js';
 import { DirtyTracker, type DirtyRound, type TrackerKind } from './tracker.js';
@@ -67,43 +66,56 @@ export interface PrecopyResult {
 
 const FUZZY = 'a pre-copy round: its pages were copied while the target ran, not at one instant (the last generation of the chain is exact)';
 
+/** The first `pages` pages of a copy, as store batches (each its own memory: the copy's buffer is not kept). */
+function* asBatches(addresses: BigUint64Array, data: Buffer, pages: number): Generator<PageBatch> {
+  for (let at = 0; at < pages; at += BATCH_PAGES) {
+    const end = Math.min(pages, at + BATCH_PAGES);
+    yield { addresses: addresses.slice(at, end), data: Buffer.from(data.subarray(at * 4096, end * 4096)) };
+  }
+}
+
 /** Bytes of address space examined per copy call: bounds the pagemap array and the copied data held at once. */
 const CHUNK_BYTES = 64n << 20n;
 
-/** The pages with data of `triples` ([start, end, allPresent]), read from the target, chunk by chunk, as store batches. */
-function* copyRanges(binding: NativeBinding, pid: number, triples: bigint[]): Generator<PageBatch> {
+/**
+ * Ranges of `width` numbers ([start, end, …rest]) cut into pieces of at most
+ * CHUNK_BYTES and read in groups of about that much, as store batches: the
+ * copy held at once stays bounded.
+ */
+function* inChunks(ranges: bigint[], width: number, read: (group: BigUint64Array) => { addresses: BigUint64Array; data: Buffer; pages: number }): Generator<PageBatch> {
   let group: bigint[] = [];
-  let groupBytes = 0n;
+  let bytes = 0n;
   const flush = function* (): Generator<PageBatch> {
     if (group.length === 0) return;
-    const copy = binding.copyPrivatePages(pid, BigUint64Array.from(group));
+    const copy = read(BigUint64Array.from(group));
     group = [];
-    groupBytes = 0n;
-    for (let at = 0; at < copy.addresses.length; at += BATCH_PAGES) {
-      const end = Math.min(copy.addresses.length, at + BATCH_PAGES);
-      yield { addresses: copy.addresses.slice(at, end), data: Buffer.from(copy.data.subarray(at * 4096, end * 4096)) };
-    }
+    bytes = 0n;
+    yield* asBatches(copy.addresses, copy.data, copy.pages);
   };
-  for (let i = 0; i < triples.length; i += 3) {
-    const [start, end, all] = [triples[i]!, triples[i + 1]!, triples[i + 2]!];
-    for (let s = start; s < end; s += CHUNK_BYTES) {
+  for (let i = 0; i < ranges.length; i += width) {
+    const end = ranges[i + 1]!;
+    for (let s = ranges[i]!; s < end; s += CHUNK_BYTES) {
       const e = s + CHUNK_BYTES < end ? s + CHUNK_BYTES : end;
-      group.push(s, e, all);
-      groupBytes += e - s;
-      if (groupBytes >= CHUNK_BYTES) yield* flush();
+      group.push(s, e, ...ranges.slice(i + 2, i + width));
+      bytes += e - s;
+      if (bytes >= CHUNK_BYTES) yield* flush();
     }
   }
   yield* flush();
 }
 
+/** The pages with data of `triples` ([start, end, allPresent]), chosen from pagemap, as store batches. */
+function copyRanges(binding: NativeBinding, pid: number, triples: bigint[]): Generator<PageBatch> {
+  return inChunks(triples, 3, (group) => {
+    const copy = binding.copyPrivatePages(pid, group);
+    return { ...copy, pages: copy.addresses.length };
+  });
+}
+
 /** Plans of the mappings now; opened files closed (not needed: shared memory is read through the mapping). */
 function planNow(pid: number): RegionPlan[] {
   const fsCache = new Map<string, { type: number; bsize: number }>();
-  return readMaps(pid).map((m) => {
-    const plan = planRegion(pid, m, fsCache);
-    if (plan.openedFd !== undefined) closeSync(plan.openedFd);
-    return plan;
-  });
+  return readMaps(pid).map((m) => planRegionWithoutFile(pid, m, fsCache));
 }
 
 /**
@@ -130,30 +142,9 @@ function rangesToCopy(plans: RegionPlan[], dirty: Intervals | 'all'): { tracked:
   return { tracked, triples, fileCow };
 }
 
-/** The dirty ranges, read whole (a page never populated reads as zeros, which the store elides), as store batches. */
-function* readTracked(binding: NativeBinding, pid: number, pairs: bigint[]): Generator<PageBatch> {
-  // Pieces of at most CHUNK_BYTES, read in groups of about that: the copy held at once stays bounded.
-  let group: bigint[] = [];
-  let bytes = 0n;
-  const flush = function* (): Generator<PageBatch> {
-    if (group.length === 0) return;
-    const read = binding.readRanges(pid, BigUint64Array.from(group));
-    group = [];
-    bytes = 0n;
-    for (let at = 0; at < read.pages; at += BATCH_PAGES) {
-      const end = Math.min(read.pages, at + BATCH_PAGES);
-      yield { addresses: read.addresses.slice(at, end), data: Buffer.from(read.data.subarray(at * 4096, end * 4096)) };
-    }
-  };
-  for (let i = 0; i < pairs.length; i += 2) {
-    for (let s = pairs[i]!; s < pairs[i + 1]!; s += CHUNK_BYTES) {
-      const e = s + CHUNK_BYTES < pairs[i + 1]! ? s + CHUNK_BYTES : pairs[i + 1]!;
-      group.push(s, e);
-      bytes += e - s;
-      if (bytes >= CHUNK_BYTES) yield* flush();
-    }
-  }
-  yield* flush();
+/** The dirty ranges ([start, end] pairs), read whole (a page never populated reads as zeros, which the store elides), as store batches. */
+function readTracked(binding: NativeBinding, pid: number, pairs: bigint[]): Generator<PageBatch> {
+  return inChunks(pairs, 2, (group) => binding.readRanges(pid, group));
 }
 
 /** Both kinds of a round's copy. */
@@ -360,10 +351,7 @@ function samePlans(before: RegionPlan[], pid: number): RegionPlan[] {
   const fsCache = new Map<string, { type: number; bsize: number }>();
   return readMaps(pid).map((m) => {
     const known = byKey.get(`${m.start}-${m.end} ${m.perms} ${m.inode} ${m.path}`);
-    if (known !== undefined) return known;
-    const plan = planRegion(pid, m, fsCache);
-    if (plan.openedFd !== undefined) closeSync(plan.openedFd);
-    return plan;
+    return known ?? planRegionWithoutFile(pid, m, fsCache);
   });
 }
 

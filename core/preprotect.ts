@@ -26,7 +26,7 @@ import { closeQuietly, stopwatch } from './pause.js';
 import type { MapsEntry } from './procfs.js';
 import { readMaps } from './procfs.js';
 import type { SparseIntervals } from './sparse.js';
-import { intersect, normalize, subtract, type Intervals } from './intervals.js';
+import { fromStartLenPairs, intersect, normalize, subtract, type Intervals } from './intervals.js';
 
 export type { Intervals } from './intervals.js';
 
@@ -62,11 +62,6 @@ export interface TrackLog {
   faults: number;
 }
 
-function pairsToIntervals(pairs: BigUint64Array): Intervals {
-  const out: Intervals = [];
-  for (let i = 0; i < pairs.length; i += 2) out.push([pairs[i]!, pairs[i]! + pairs[i + 1]!]);
-  return normalize(out);
-}
 
 const EAGAIN_RETRIES = 100;
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
@@ -167,8 +162,8 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
       const log = session.trackTake(false);
       if (log.overflowed) break; // the pause protects everything again
       // Unmapped or moved away: covered no more (a range mapped there later is new at T).
-      coveredNormal = subtract(coveredNormal, pairsToIntervals(log.invalid));
-      const written = intersect(pairsToIntervals(log.written), coveredNormal);
+      coveredNormal = subtract(coveredNormal, fromStartLenPairs(log.invalid));
+      const written = intersect(fromStartLenPairs(log.written), coveredNormal);
       coveredNormal = protectWhileRunning(binding, uffd, written, coveredNormal);
       rounds.push(written.length);
       // Another round while the set still shrinks: each leaves the pause fewer ranges to protect.
@@ -193,8 +188,8 @@ const MAX_WRITTEN_RANGES = 4096;
  */
 export function rangesAtInstant(pre: PreProtection, log: TrackLog, toProtect: bigint[]): { ranges: bigint[]; written: number } {
   if (log.overflowed) return { ranges: toProtect, written: -1 };
-  const stillCovered = subtract(pre.covered, pairsToIntervals(log.invalid));
-  const writtenAll = pairsToIntervals(log.written);
+  const stillCovered = subtract(pre.covered, fromStartLenPairs(log.invalid));
+  const writtenAll = fromStartLenPairs(log.written);
   const out: bigint[] = [];
   let written = 0;
   // Range by range: two adjacent ranges may need different alignments (a

@@ -134,6 +134,17 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
   return { record, pausedCopy: 'none' };
 }
 
+/**
+ * Plan one mapping without keeping its shared file open: for whoever reads
+ * the memory through the mapping itself (the dirty tracker, pre-copy), not
+ * through the file as the snapshot engine does.
+ */
+export function planRegionWithoutFile(pid: number, m: MapsEntry, fsCache: Map<string, { type: number; bsize: number }>): RegionPlan {
+  const plan = planRegion(pid, m, fsCache);
+  if (plan.openedFd !== undefined) closeSync(plan.openedFd);
+  return plan;
+}
+
 /** For each of these files ("dev inode" as in maps), the other processes that map it writable. */
 function writersOfFiles(pid: number, files: Set<string>): Map<string, number[]> {
   const found = new Map<string, number[]>();

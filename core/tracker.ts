@@ -18,17 +18,17 @@
 // as written whole, an unmapped one is dropped. The attach (a stop of a few
 // milliseconds) obtains the userfaultfd; it is held by wpsnap only, so when
 // wpsnap exits, the kernel unprotects the target.
-import { closeSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { WpsnapError, fromNative, unsupported } from '../common/errors.js';
 import type { Attacher } from './attacher.js';
 import { UFFD_FEATURE, UFFDIO_REGISTER_MODE_WP, kernelFeatures, requireFeatures } from './features.js';
-import { intersect, normalize, subtract, type Intervals } from './intervals.js';
+import { fromStartLenPairs, intersect, normalize, pagesIn, subtract, type Intervals } from './intervals.js';
 import type { NativeBinding, NativeHandle } from './native/binding.js';
 import { closeQuietly } from './pause.js';
 import { protectWhileRunning } from './preprotect.js';
 import { assertProcessExists, readMaps, type MapsEntry } from './procfs.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
-import { planRegion } from './regions.js';
+import { planRegionWithoutFile } from './regions.js';
 import { refuseSelfFreeze } from './target-guard.js';
 
 export type TrackerKind = 'async' | 'sync' | 'soft-dirty';
@@ -88,8 +88,7 @@ type Classified = { track: true; unit: bigint } | { track: false; why?: string }
 
 /** Can a tracker see the writes to this mapping, and if not, should the user hear of it? */
 function classify(pid: number, m: MapsEntry, fsCache: Map<string, { type: number; bsize: number }>): Classified {
-  const plan = planRegion(pid, m, fsCache);
-  if (plan.openedFd !== undefined) closeSync(plan.openedFd);
+  const plan = planRegionWithoutFile(pid, m, fsCache);
   if (plan.engine !== undefined) return { track: true, unit: BigInt(plan.engine.pageSize) };
   const capture = plan.record.capture;
   if (capture === 'file-private' || (capture === 'copied' && m.path !== '[vdso]')) {
@@ -101,17 +100,7 @@ function classify(pid: number, m: MapsEntry, fsCache: Map<string, { type: number
   return { track: false };
 }
 
-function pagesIn(intervals: Intervals): number {
-  let pages = 0n;
-  for (const [s, e] of intervals) pages += (e - s) / PAGE;
-  return Number(pages);
-}
 
-function pairsToIntervals(pairs: BigUint64Array): Intervals {
-  const out: Intervals = [];
-  for (let i = 0; i < pairs.length; i += 2) out.push([pairs[i]!, pairs[i]! + pairs[i + 1]!]);
-  return normalize(out);
-}
 
 /** Whether `kind` can run here; throws a one-line unsupported error if not. */
 export function requireTracker(binding: NativeBinding, kind: TrackerKind): void {
@@ -238,10 +227,10 @@ export class DirtyTracker {
       if (log.error !== undefined) throw new WpsnapError('INTERNAL', `the tracker thread failed: ${log.error}`);
       if (log.exited) this.exited = true;
       // Unmapped or moved away: not ours any more (the kernel dropped the registration).
-      this.registered = subtract(this.registered, pairsToIntervals(log.invalid));
+      this.registered = subtract(this.registered, fromStartLenPairs(log.invalid));
       const current = normalize(maps.filter((m) => this.isTracked(m)).map((m) => [m.start, m.end]));
       this.registered = intersect(this.registered, current);
-      const logged = log.overflowed ? this.registered : pairsToIntervals(log.written);
+      const logged = log.overflowed ? this.registered : fromStartLenPairs(log.written);
       const written = this.kind === 'async' ? this.scanWritten(protect) : protect ? this.protectAgain(logged) : intersect(logged, this.registered);
       const before = this.registered;
       untracked = this.follow(maps);
@@ -368,7 +357,7 @@ export class DirtyTracker {
     const out: Intervals = [];
     for (const [s, e] of this.registered) {
       try {
-        out.push(...pairsToIntervals(this.binding.trackerScan(this.handle!, s, e, protect)));
+        out.push(...fromStartLenPairs(this.binding.trackerScan(this.handle!, s, e, protect)));
       } catch (error) {
         // EPERM: part of the range stopped being ours since the maps were read
         // (unmapped, moved): its event is in the next round.

@@ -2,7 +2,7 @@
 // copying nothing (core/tracker.ts). A top-like table on a terminal; JSON lines
 // with --json, one object per interval, for a migration tool or a script.
 import { DirtyTracker, TRACKER_KINDS, type DirtyRound, type TrackerKind } from '../../core/tracker.js';
-import { normalize, type Intervals } from '../../core/intervals.js';
+import { normalize, pagesIn, type Intervals } from '../../core/intervals.js';
 import { toJson, println, type CommandContext } from '../context.js';
 import { bytes, table } from '../format.js';
 import { durationOption, positiveInteger } from '../args.js';
@@ -30,9 +30,6 @@ export function roundJson(round: DirtyRound, workingSetPages: number, withRanges
   return line;
 }
 
-function pagesIn(intervals: Intervals): number {
-  return intervals.reduce((n, [s, e]) => n + Number((e - s) / 4096n), 0);
-}
 
 /** The terminal view: the busiest mappings first. */
 export function roundTable(pid: number, kind: TrackerKind, round: DirtyRound, workingSetPages: number, top: number): string[] {

@@ -228,7 +228,7 @@ export interface NativeBinding {
   engineTrackTake(
     handle: NativeHandle,
     stop: boolean,
-  ): { written: BigUint64Array; invalid: BigUint64Array; overflowed: number; faults: number; forks: number; error?: string };
+  ): { written: BigUint64Array; invalid: BigUint64Array; overflowed: boolean; faults: number; forks: number; error?: string };
   /**
    * Start the standalone dirty tracker's thread on a userfaultfd of the target (after
    * UFFDIO_API): it reads events (and, for a synchronous context, lets write faults

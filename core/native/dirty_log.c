@@ -155,6 +155,22 @@ void track_take(track_state_t *t, track_log_t *dirty, track_log_t *invalid) {
   pthread_mutex_unlock(&t->lock);
 }
 
+napi_value track_take_object(napi_env env, track_state_t *t) {
+  track_log_t dirty, invalid;
+  track_take(t, &dirty, &invalid);
+  napi_value o, overflowed;
+  napi_create_object(env, &o);
+  set_prop(env, o, "written", track_log_array(env, &dirty));
+  set_prop(env, o, "invalid", track_log_array(env, &invalid));
+  napi_get_boolean(env, dirty.overflowed || invalid.overflowed, &overflowed);
+  set_prop(env, o, "overflowed", overflowed);
+  set_prop(env, o, "faults", make_double(env, (double)atomic_load(&t->faults)));
+  set_prop(env, o, "forks", make_double(env, (double)atomic_load(&t->forks)));
+  free(dirty.pairs);
+  free(invalid.pairs);
+  return o;
+}
+
 napi_value track_log_array(napi_env env, const track_log_t *log) {
   napi_value ab, arr;
   void *data;

@@ -48,6 +48,8 @@ void track_on_fault(track_state_t *t, const struct uffd_msg *m);
 void track_on_event(track_state_t *t, const struct uffd_msg *m);
 /* Hand the logs over (the caller frees their pairs) and start new ones. */
 void track_take(track_state_t *t, track_log_t *dirty, track_log_t *invalid);
+/* Take the logs as {written, invalid (BigUint64Array [start, len] pairs), overflowed, faults, forks}. */
+napi_value track_take_object(napi_env env, track_state_t *t);
 /* A log as a BigUint64Array of [start, len] pairs. */
 napi_value track_log_array(napi_env env, const track_log_t *log);
 /* The first huge (PMD-mapped) run in [addr, end) of the process whose pagemap is open as fd. */

@@ -462,18 +462,8 @@ static napi_value js_engine_track_take(napi_env env, napi_callback_info info) {
   bool stop = false;
   if (argc >= 2) arg_bool(env, argv[1], &stop);
   if (stop) track_stop_wait(e);
-  track_log_t dirty, invalid;
-  track_take(&e->track, &dirty, &invalid);
-  napi_value o;
-  napi_create_object(env, &o);
-  set_prop(env, o, "written", track_log_array(env, &dirty));
-  set_prop(env, o, "invalid", track_log_array(env, &invalid));
-  set_prop(env, o, "overflowed", make_int(env, dirty.overflowed || invalid.overflowed));
-  set_prop(env, o, "faults", make_double(env, (double)atomic_load(&e->track.faults)));
-  set_prop(env, o, "forks", make_double(env, (double)atomic_load(&e->track.forks)));
+  napi_value o = track_take_object(env, &e->track);
   if (e->fatal_err) set_prop(env, o, "error", make_string(env, e->fatal_what));
-  free(dirty.pairs);
-  free(invalid.pairs);
   return o;
 }
 

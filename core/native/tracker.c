@@ -209,16 +209,8 @@ static napi_value js_tracker_take(napi_env env, napi_callback_info info) {
   tracker_t *t = argc >= 1 ? get_tracker(env, argv[0]) : NULL;
   if (t == NULL) return throw_type(env, "trackerTake(handle)");
   if (t->started) tracker_sync(t);
-  track_log_t dirty, invalid;
-  track_take(&t->track, &dirty, &invalid);
-  napi_value o, overflowed, exited;
-  napi_create_object(env, &o);
-  set_prop(env, o, "written", track_log_array(env, &dirty));
-  set_prop(env, o, "invalid", track_log_array(env, &invalid));
-  napi_get_boolean(env, dirty.overflowed || invalid.overflowed, &overflowed);
-  set_prop(env, o, "overflowed", overflowed);
-  set_prop(env, o, "faults", make_double(env, (double)atomic_load(&t->track.faults)));
-  set_prop(env, o, "forks", make_double(env, (double)atomic_load(&t->track.forks)));
+  napi_value o = track_take_object(env, &t->track);
+  napi_value exited;
   napi_get_boolean(env, atomic_load(&t->exited), &exited);
   set_prop(env, o, "exited", exited);
   if (atomic_load(&t->err) != 0) {
@@ -226,8 +218,6 @@ static napi_value js_tracker_take(napi_env env, napi_callback_info info) {
     snprintf(msg, sizeof msg, "%s: %s (%s)", t->what, strerror(atomic_load(&t->err)), errno_name(atomic_load(&t->err)));
     set_prop(env, o, "error", make_string(env, msg));
   }
-  free(dirty.pairs);
-  free(invalid.pairs);
   return o;
 }
 

@@ -134,7 +134,7 @@ export class FakeKernel {
       },
       engineClose: () => undefined,
       engineTrack: () => undefined,
-      engineTrackTake: () => ({ written: new BigUint64Array(0), invalid: new BigUint64Array(0), overflowed: 0, faults: 0, forks: 0 }),
+      engineTrackTake: () => ({ written: new BigUint64Array(0), invalid: new BigUint64Array(0), overflowed: false, faults: 0, forks: 0 }),
       engineRelease: (_handle, slot) => {
         calls.released.push(slot);
       },
