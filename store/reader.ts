@@ -5,6 +5,7 @@ import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE } from '../snapshot-format/model.js';
 import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, lowerBound, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
 import { HASH_BYTES } from './worker-pool.js';
+import { decodePageRuns, indicesWithin, lostRanges, regionRanges, sortedRanges } from './page-ranges.js';
 
 /** Decompressed blobs kept. */
 /** Decompressed blobs kept (256 KiB each): pages of one address range are spread over blobs in arrival order. */
@@ -15,11 +16,6 @@ export class PageReader {
   private readonly blobCache = new Map<number, Buffer>();
   /** Resolved indexes by process id (a generation's includes what it takes from its parents). */
   private readonly indexCache = new Map<number, { key: string; index: DecodedIndex }>();
-  /** Does this store have generations (schema 4)? Older ones are read as they are. */
-  private readonly generations: boolean;
-  private readonly parentProcess: Database.Statement | undefined;
-  private readonly regionRanges: Database.Statement;
-  private readonly lostRanges: Database.Statement;
   private readonly zeroedRanges: Database.Statement | undefined;
   private readonly rowsOfProcess: Database.Statement;
   private readonly indexVersion: Database.Statement;
@@ -27,23 +23,23 @@ export class PageReader {
   private readonly hashes: Database.Statement;
 
   constructor(
-    db: Database.Database,
+    private readonly db: Database.Database,
     private readonly path: string,
   ) {
     this.rowsOfProcess = db
       .prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id = ? ORDER BY first_address')
       .safeIntegers(true);
-    this.indexVersion = db.prepare('SELECT count(*) AS n, max(id) AS last FROM page_index WHERE process_id = ?');
-    this.generations = db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'generation_pages'").get() !== undefined;
-    if (this.generations) {
-      this.parentProcess = db.prepare(
-        `SELECT pp.id AS id FROM processes p JOIN snapshots s ON s.id = p.snapshot_id
-         JOIN processes pp ON pp.snapshot_id = s.parent_id AND pp.pid = p.pid WHERE p.id = ?`,
-      );
-      this.zeroedRanges = db.prepare("SELECT ranges FROM generation_pages WHERE process_id = ? AND kind = 'zeroed'");
-    }
-    this.regionRanges = db.prepare('SELECT start_address AS s, end_address AS e FROM regions WHERE process_id = ?').safeIntegers(true);
-    this.lostRanges = db.prepare('SELECT address AS s, pages AS n FROM lost WHERE process_id = ? ORDER BY address').safeIntegers(true);
+    const generations = db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'generation_pages'").get() !== undefined;
+    // What a cached index depends on, in one query per process read: its own rows and (schema 4) its parent's process.
+    const parent = generations
+      ? `(SELECT pp.id FROM processes p JOIN snapshots s ON s.id = p.snapshot_id
+          JOIN processes pp ON pp.snapshot_id = s.parent_id AND pp.pid = p.pid WHERE p.id = @id)`
+      : 'NULL';
+    this.indexVersion = db.prepare(
+      `SELECT (SELECT count(*) FROM page_index WHERE process_id = @id) AS n, (SELECT max(id) FROM page_index WHERE process_id = @id) AS last, ${parent} AS parent`,
+    );
+    if (generations) this.zeroedRanges = db.prepare("SELECT ranges FROM generation_pages WHERE process_id = ? AND kind = 'zeroed'");
+
     this.blob = db.prepare('SELECT id, pages, codec, hashes, data FROM blobs WHERE id = ?');
     this.hashes = db.prepare('SELECT hashes FROM blobs WHERE id = ?');
   }
@@ -108,8 +104,8 @@ export class PageReader {
    */
   private resolved(processId: number, depth: number): { key: string; index: DecodedIndex } {
     if (depth > 10_000) throw new WpsnapError('STORE_CORRUPT', `${this.path}: process ${processId}: its chain of parents loops`);
-    const version = this.indexVersion.get(processId) as { n: number; last: number | null };
-    const parentId = (this.parentProcess?.get(processId) as { id: number } | undefined)?.id;
+    const version = this.indexVersion.get({ id: processId }) as { n: number; last: number | null; parent: number | null };
+    const parentId = version.parent ?? undefined;
     const parent = parentId === undefined ? undefined : this.resolved(parentId, depth + 1);
     const key = `${processId}:${version.n}:${version.last}:${parent?.key ?? ''}`;
     const cached = this.indexCache.get(processId);
@@ -124,31 +120,12 @@ export class PageReader {
 
   /** own ∪ (base ∩ regions − lost − zeroed − own), in address order. */
   private overlay(processId: number, own: DecodedIndex, base: DecodedIndex): DecodedIndex {
-    // Unsigned, then sorted: [vsyscall] is stored as a negative INTEGER.
-    const regions = (this.regionRanges.all(processId) as Array<{ s: bigint; e: bigint }>)
-      .map((r) => [BigInt.asUintN(64, r.s), BigInt.asUintN(64, r.e)] as [bigint, bigint])
-      .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
-    const hidden: Array<[bigint, bigint]> = (this.lostRanges.all(processId) as Array<{ s: bigint; n: bigint }>).map((l) => [l.s, l.s + l.n * BigInt(PAGE_SIZE)]);
-    for (const row of (this.zeroedRanges?.all(processId) ?? []) as Array<{ ranges: Buffer }>) {
-      const pairs = new BigUint64Array(row.ranges.buffer.slice(row.ranges.byteOffset, row.ranges.byteOffset + row.ranges.length));
-      for (let i = 0; i + 1 < pairs.length; i += 2) hidden.push([pairs[i]!, pairs[i]! + pairs[i + 1]! * BigInt(PAGE_SIZE)]);
-    }
-    hidden.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
-    const inherited: number[] = [];
-    let r = 0;
-    let h = 0;
-    let o = 0;
-    for (let i = 0; i < base.addresses.length; i++) {
-      const address = base.addresses[i] as bigint;
-      while (r < regions.length && regions[r]![1] <= address) r++;
-      if (r >= regions.length) break;
-      if (address < regions[r]![0]) continue;
-      while (h < hidden.length && hidden[h]![1] <= address) h++;
-      if (h < hidden.length && hidden[h]![0] <= address) continue;
-      while (o < own.addresses.length && (own.addresses[o] as bigint) < address) o++;
-      if (o < own.addresses.length && own.addresses[o] === address) continue;
-      inherited.push(i);
-    }
+    const zeroed = ((this.zeroedRanges?.all(processId) ?? []) as Array<{ ranges: Buffer }>).map((row) => decodePageRuns(row.ranges));
+    const hidden = sortedRanges(lostRanges(this.db, processId), ...zeroed);
+    const inherited = indicesWithin(base.addresses, regionRanges(this.db, processId), hidden).filter((i) => {
+      const at = lowerBound(own.addresses, base.addresses[i] as bigint);
+      return own.addresses[at] !== base.addresses[i];
+    });
     const total = own.addresses.length + inherited.length;
     const out: DecodedIndex = { addresses: new BigUint64Array(total), cids: new Float64Array(total) };
     let a = 0;

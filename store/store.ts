@@ -25,7 +25,8 @@ import { PageSink } from './page-sink.js';
 import { MIGRATIONS, type Migration } from './schema.js';
 import { verifyPages } from './verify.js';
 import { WorkerPool } from './worker-pool.js';
-import { pageRuns, SnapshotWriter, type WriterHost } from './writer.js';
+import { SnapshotWriter, type WriterHost } from './writer.js';
+import { decodePageRuns, encodePageRuns, indicesWithin, lostRanges, regionRanges } from './page-ranges.js';
 
 export { SnapshotWriter } from './writer.js';
 export type { WriterCounters, WriterStats } from './writer.js';
@@ -448,15 +449,10 @@ export class Store implements SnapshotReader {
         keepAddresses.push(a);
         keepCids.push(now.cids[i] as number);
       }
-      const regions = this.regions(p.processId);
-      const lost = this.lost(p.processId);
-      const zeroed: bigint[] = [];
-      for (const a of baseIndex.addresses) {
-        if (!regions.some((r) => r.start <= a && a < r.end)) continue;
-        if (lost.some((l) => l.address <= a && a < l.address + BigInt(l.pages) * 4096n)) continue;
-        const j = lowerBound(now.addresses, a);
-        if (now.addresses[j] !== a) zeroed.push(a);
-      }
+      // What the new parent has inside this generation's regions, outside its lost ranges, and it does not.
+      const zeroed = indicesWithin(baseIndex.addresses, regionRanges(this.db, p.processId), lostRanges(this.db, p.processId))
+        .map((i) => baseIndex.addresses[i] as bigint)
+        .filter((a) => now.addresses[lowerBound(now.addresses, a)] !== a);
       const dirty = [...this.generationRanges(p.processId, 'dirty')];
       const oldParentProcess = oldParent === null ? undefined : this.processes(oldParent).find((q) => q.pid === p.pid);
       if (oldParentProcess !== undefined && newParent !== null) dirty.push(...this.generationRanges(oldParentProcess.processId, 'dirty'));
@@ -469,8 +465,8 @@ export class Store implements SnapshotReader {
       }
       if (newParent !== null) {
         const insert = this.db.prepare('INSERT INTO generation_pages (process_id, kind, ranges) VALUES (?, ?, ?)');
-        if (zeroed.length > 0) insert.run(p.processId, 'zeroed', pageRuns(zeroed));
-        insert.run(p.processId, 'dirty', pageRuns([...new Set(dirty)].sort((x, y) => (x < y ? -1 : x > y ? 1 : 0))));
+        if (zeroed.length > 0) insert.run(p.processId, 'zeroed', encodePageRuns(zeroed));
+        insert.run(p.processId, 'dirty', encodePageRuns([...new Set(dirty)].sort((x, y) => (x < y ? -1 : x > y ? 1 : 0))));
       }
     }
     this.db.prepare('UPDATE snapshots SET parent_id = ?, incremental = ? WHERE id = ?').run(newParent, newParent === null ? null : this.find(String(childId)).incremental, childId);
@@ -479,8 +475,7 @@ export class Store implements SnapshotReader {
   /** The pages of a generation's process in one kind of generation_pages, ascending. */
   private *generationRanges(processId: number, kind: 'zeroed' | 'dirty'): Iterable<bigint> {
     for (const row of this.db.prepare('SELECT ranges FROM generation_pages WHERE process_id = ? AND kind = ?').all(processId, kind) as Array<{ ranges: Buffer }>) {
-      const pairs = new BigUint64Array(row.ranges.buffer.slice(row.ranges.byteOffset, row.ranges.byteOffset + row.ranges.length));
-      for (let i = 0; i + 1 < pairs.length; i += 2) for (let k = 0n; k < pairs[i + 1]!; k++) yield pairs[i]! + k * 4096n;
+      for (const [start, end] of decodePageRuns(row.ranges)) for (let a = start; a < end; a += 4096n) yield a;
     }
   }
 

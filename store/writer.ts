@@ -15,6 +15,7 @@ import {
   type ThreadRecord,
 } from '../snapshot-format/model.js';
 import { decodeIndex, lowerBound, MAX_ADDRESS, type DecodedIndex, type IndexRow } from './codec.js';
+import { encodePageRuns, indicesWithin, lostRanges, regionRanges } from './page-ranges.js';
 
 const U64_MAX = (1n << 64n) - 1n;
 import type { PageSink } from './page-sink.js';
@@ -59,16 +60,6 @@ function sortedUnion(chunks: BigUint64Array[]): BigUint64Array {
   return out.sort();
 }
 
-/** Ascending page addresses as u64 LE [start, pages] runs (generation_pages.ranges). */
-export function pageRuns(addresses: readonly bigint[]): Buffer {
-  const runs: bigint[] = [];
-  for (const a of addresses) {
-    const n = runs.length;
-    if (n > 0 && runs[n - 2]! + runs[n - 1]! * PAGE === a) runs[n - 1]! += 1n;
-    else runs.push(a, 1n);
-  }
-  return Buffer.from(BigUint64Array.from(runs).buffer);
-}
 const LOST_REASON_SET: ReadonlySet<string> = new Set(LOST_REASONS);
 
 export class SnapshotWriter {
@@ -292,35 +283,13 @@ export class SnapshotWriter {
     for (const [processId, parent] of this.baselines) {
       const taken = this.host.sink.takeBaseline(processId);
       const seen = sortedUnion(taken?.seen ?? []);
-      // Unsigned, then sorted: [vsyscall] is stored as a negative INTEGER.
-      const regions = (db.prepare('SELECT start_address AS s, end_address AS e FROM regions WHERE process_id = ?').safeIntegers(true).all(processId) as Array<{ s: bigint; e: bigint }>)
-        .map((x) => ({ s: BigInt.asUintN(64, x.s), e: BigInt.asUintN(64, x.e) }))
-        .sort((x, y) => (x.s < y.s ? -1 : x.s > y.s ? 1 : 0));
-      const lost = db.prepare('SELECT address AS s, pages AS n FROM lost WHERE process_id = ?').safeIntegers(true).all(processId) as Array<{ s: bigint; n: bigint }>;
-      const inLost = (a: bigint): boolean => lost.some((l) => l.s <= a && a < l.s + l.n * PAGE);
+      const regions = regionRanges(db, processId);
       // 'tracked': only the written pages were captured, so only they can have turned zero.
       const dirty = this.generation.incremental === 'tracked' ? (this.dirty.get(processId) ?? []) : undefined;
-      const inDirty = (a: bigint): boolean => {
-        if (dirty === undefined) return true;
-        let lo = 0;
-        let hi = dirty.length;
-        while (lo < hi) {
-          const mid = (lo + hi) >>> 1;
-          if (dirty[mid]![1] <= a) lo = mid + 1;
-          else hi = mid;
-        }
-        return lo < dirty.length && dirty[lo]![0] <= a;
-      };
-      const zeroed: bigint[] = [];
-      let r = 0;
-      for (const address of parent.addresses) {
-        while (r < regions.length && regions[r]!.e <= address) r++;
-        if (r >= regions.length) break;
-        if (address < regions[r]!.s) continue;
-        const at = lowerBound(seen, address);
-        if (seen[at] === address || inLost(address) || !inDirty(address)) continue;
-        zeroed.push(address);
-      }
+      // The parent's pages inside the regions, outside the lost ranges (and, tracked, inside the dirty set), not seen now.
+      let candidates = BigUint64Array.from(indicesWithin(parent.addresses, regions, lostRanges(db, processId)), (i) => parent.addresses[i] as bigint);
+      if (dirty !== undefined) candidates = BigUint64Array.from(indicesWithin(candidates, dirty, []), (i) => candidates[i] as bigint);
+      const zeroed = [...candidates].filter((address) => seen[lowerBound(seen, address)] !== address);
       const stored: bigint[] = [];
       for (const row of ownRows.iterate(processId) as Iterable<IndexRow>) stored.push(...decodeIndex(row).addresses);
       const changed = [...stored, ...zeroed].sort((x, y) => (x < y ? -1 : x > y ? 1 : 0));
@@ -328,14 +297,14 @@ export class SnapshotWriter {
       let dirtyRuns: Buffer;
       let dirtyPages: number;
       if (dirty === undefined) {
-        dirtyRuns = pageRuns(changed);
+        dirtyRuns = encodePageRuns(changed);
         dirtyPages = changed.length;
       } else {
         const clipped: bigint[] = [];
         for (const [s0, e0] of dirty) {
-          for (const reg of regions) {
-            const s1 = s0 > reg.s ? s0 : reg.s;
-            const e1 = e0 < reg.e ? e0 : reg.e;
+          for (const [rs, re] of regions) {
+            const s1 = s0 > rs ? s0 : rs;
+            const e1 = e0 < re ? e0 : re;
             if (s1 < e1) clipped.push(s1, (e1 - s1) / PAGE);
           }
         }
@@ -344,7 +313,7 @@ export class SnapshotWriter {
         for (let i = 1; i < clipped.length; i += 2) dirtyPages += Number(clipped[i]!);
       }
       this.transaction(`record the changes of generation ${this.id}`, () => {
-        if (zeroed.length > 0) insert.run(processId, 'zeroed', pageRuns(zeroed));
+        if (zeroed.length > 0) insert.run(processId, 'zeroed', encodePageRuns(zeroed));
         insert.run(processId, 'dirty', dirtyRuns);
       });
       totals.changed += changed.length;
