@@ -13,7 +13,7 @@ import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { checkSnapshot, parseLayout, type PagewriterLayout } from '../fixtures/oracle.js';
 import { Store } from '../store/store.js';
 import { bindingWithFeatures, CLI_JS, ROOT, runCli, runCliProcess } from './support/cli.js';
-import { isAlive, procStatus, sleep, untraced } from './support/proc.js';
+import { isAlive, procStatus, sleep, uffdWpPages, untraced } from './support/proc.js';
 
 const binding = loadBinding();
 let dir: string;
@@ -52,8 +52,7 @@ async function expectReleased(pid: number, of: PagewriterLayout = layout): Promi
   expect(procStatus(pid)['TracerPid']).toBe('0');
   await expectWriting(pid, of);
   for (const w of of.writers) {
-    const entries = binding.readPagemap(pid, w.start, w.pages);
-    expect(entries.filter((e) => (e >> 57n) & 1n).length, `no uffd-wp bit left in writer ${w.index}`).toBe(0);
+    expect(uffdWpPages(pid, w.start, w.pages), `no uffd-wp bit left in writer ${w.index}`).toBe(0);
   }
 }
 

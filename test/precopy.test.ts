@@ -14,7 +14,7 @@ import { Store } from '../store/store.js';
 import { killDetached } from './support/spawn.js';
 import { PAGE, startWriter } from './support/dirtywriter.js';
 import { runCli } from './support/cli.js';
-import { procStatus } from './support/proc.js';
+import { procStatus, uffdWpPages } from './support/proc.js';
 
 const binding = loadBinding();
 let dir: string;
@@ -30,9 +30,6 @@ afterEach(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-function uffdWpPages(pid: number, start: bigint, pages: number): number {
-  return [...binding.readPagemap(pid, start, pages)].filter((e) => (e & (1n << 57n)) !== 0n).length;
-}
 
 describe('wpsnap precopy', () => {
   it('ends in a generation chain whose last generation holds the target exactly, and leaves it untracked', async () => {

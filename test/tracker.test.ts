@@ -8,6 +8,7 @@ import { loadBinding } from '../core/binding.js';
 import { DirtyTracker, type DirtyRound, type TrackerKind } from '../core/tracker.js';
 import { intersect, normalize, type Intervals } from '../core/intervals.js';
 import { killDetached } from './support/spawn.js';
+import { uffdWpPages } from './support/proc.js';
 import { pagesOf, startWriter as startSharedWriter, type Writer } from './support/dirtywriter.js';
 import { CLI_JS, runCli } from './support/cli.js';
 import { trackDirty } from '../core/api.js';
@@ -42,12 +43,6 @@ function hex(intervals: Intervals): string[] {
   return intervals.map(([s, e]) => `0x${s.toString(16)}-0x${e.toString(16)}`);
 }
 
-function uffdWpBits(pid: number, start: bigint, pages: number): number {
-  const entries = binding.readPagemap(pid, start, pages);
-  let protectedPages = 0;
-  for (const e of entries) if ((e & (1n << 57n)) !== 0n) protectedPages++;
-  return protectedPages;
-}
 
 describe.each<TrackerKind>(['async', 'sync'])('the %s tracker', (kind) => {
   it('reports exactly the pages written between two rounds, a page written back unchanged included, and nothing read', async () => {
@@ -66,7 +61,7 @@ describe.each<TrackerKind>(['async', 'sync'])('the %s tracker', (kind) => {
     expect(round.mappings.find((m) => m.start <= w.shm && w.shm < m.end)!.dirtyPages).toBe(2);
     // Nothing written since: an empty round, and every page protected again.
     expect(inRegions(w, t.take().dirty)).toEqual([]);
-    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
+    expect(uffdWpPages(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
   });
 
   it('counts pages zapped by MADV_DONTNEED as written, follows new, moved and unmapped mappings', async () => {
@@ -100,9 +95,9 @@ describe.each<TrackerKind>(['async', 'sync'])('the %s tracker', (kind) => {
     const w = await startWriter();
     const t = track(w.fixture.pid, kind);
     t.take();
-    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
+    expect(uffdWpPages(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
     t.stop();
-    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+    expect(uffdWpPages(w.fixture.pid, w.anon, w.pages)).toBe(0);
     await w.send('write anon 3'); // runs on, unprotected
     const t2 = track(w.fixture.pid, kind);
     await w.send('exit').catch(() => undefined);
@@ -163,7 +158,7 @@ describe('wpsnap track', () => {
     const ranges = normalize(lines.flatMap((l) => (l['ranges'] as string[][]).map(([s, e]) => [BigInt(s!), BigInt(e!)] as [bigint, bigint])));
     expect(hex(inRegions(w, ranges))).toEqual(hex(normalize([...pagesOf(w.anon, [2, 3]), ...pagesOf(w.shm, [9, 1])])));
     // The target is unprotected once the command is done.
-    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+    expect(uffdWpPages(w.fixture.pid, w.anon, w.pages)).toBe(0);
   });
 
   it('leaves the target unprotected on Ctrl-C (exit 130)', async () => {
@@ -172,11 +167,11 @@ describe('wpsnap track', () => {
     let out = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString()));
     while (!out.includes('round 1')) await new Promise((r) => setTimeout(r, 50));
-    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
+    expect(uffdWpPages(w.fixture.pid, w.anon, w.pages)).toBe(w.pages);
     child.kill('SIGINT');
     const code = await new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
     expect(code).toBe(130);
-    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+    expect(uffdWpPages(w.fixture.pid, w.anon, w.pages)).toBe(0);
     await w.send('write anon 1'); // still running
   });
 
@@ -198,7 +193,7 @@ describe('wpsnap track', () => {
     expect(second.stderr).toMatch(/^wpsnap: .*registered with another userfaultfd/);
     expect(second.stderr.split('\n').length).toBe(2);
     first.stop();
-    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+    expect(uffdWpPages(w.fixture.pid, w.anon, w.pages)).toBe(0);
   });
 });
 
@@ -211,6 +206,6 @@ describe("the library API (import { trackDirty } from 'wpsnap')", () => {
     await w.send('write anon 5');
     expect(hex(inRegions(w, t.take().dirty))).toEqual(hex(pagesOf(w.anon, [5, 1])));
     t.stop();
-    expect(uffdWpBits(w.fixture.pid, w.anon, w.pages)).toBe(0);
+    expect(uffdWpPages(w.fixture.pid, w.anon, w.pages)).toBe(0);
   });
 });

@@ -1,5 +1,6 @@
 // Observing a target from the outside.
 import { readdirSync, readFileSync } from 'node:fs';
+import { loadBinding } from '../../core/binding.js';
 
 export function procStatus(pid: number): Record<string, string> {
   const out: Record<string, string> = {};
@@ -47,4 +48,9 @@ export function tracerPids(pid: number): Record<number, number> {
  */
 export async function untraced(pid: number): Promise<void> {
   for (let waited = 0; waited < 5000 && Object.values(tracerPids(pid)).some((t) => t !== 0); waited += 10) await sleep(10);
+}
+
+/** How many of the `pages` pages from `start` carry the uffd-wp bit (57) in /proc/PID/pagemap: still write-protected. */
+export function uffdWpPages(pid: number, start: bigint, pages: number): number {
+  return [...loadBinding().readPagemap(pid, start, pages)].filter((e) => ((e >> 57n) & 1n) !== 0n).length;
 }
