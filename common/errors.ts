@@ -16,6 +16,12 @@ const CODE_CATEGORY = {
   SNAPSHOT_INCOMPLETE: 'usage',
   EXPORT_DIR_NOT_EMPTY: 'usage',
   EXPORT_PARENT_MISSING: 'usage',
+  // A core export's --out names an existing file (without --force), or a directory.
+  EXPORT_EXISTS: 'usage',
+  EXPORT_NOT_A_FILE: 'usage',
+  // --pid names no process of the snapshot, or the snapshot holds several and none was named.
+  PROCESS_NOT_IN_SNAPSHOT: 'usage',
+  PROCESS_AMBIGUOUS: 'usage',
   // --staging-dir names no directory, or one wpsnap cannot create its private directory in.
   STAGING_DIR: 'usage',
   // wpsnap itself, its tracer helper or its debugger: freezing it would deadlock.

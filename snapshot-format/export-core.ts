@@ -1,0 +1,549 @@
+// Core export: one process of a snapshot as an ELF core file gdb opens
+// (`gdb <exe> <core>`), made from the snapshot alone: the target is never
+// touched. Layout and notes: elf-core.ts; which regions carry content:
+// dumpPlan() below, after the kernel's default coredump_filter.
+//
+// The file is written region by region (a region's stored pages come from the
+// reader in address order, a run of them at a time), to a temporary name in
+// the destination's directory, 0600 whatever the umask, and renamed into place
+// only once complete: a failed or interrupted export leaves nothing.
+import { closeSync, fchmodSync, ftruncateSync, linkSync, lstatSync, openSync, readSync, renameSync, statSync, unlinkSync, writeSync, writevSync } from 'node:fs';
+import { basename, dirname, join, resolve } from 'node:path';
+import { WpsnapError } from '../common/errors.js';
+import {
+  coreLayout,
+  encodeHeaders,
+  encodeNotes,
+  fileNote,
+  FPREGS_BYTES,
+  NT_AUXV,
+  NT_FILE,
+  NT_PRFPREG,
+  NT_PRPSINFO,
+  NT_PRSTATUS,
+  NT_SIGINFO,
+  NT_X86_XSTATE,
+  prPsInfo,
+  prStatus,
+  segmentFlags,
+  sigInfo,
+  type ElfNote,
+  type FileMapping,
+  type LoadSegment,
+  xstateForCore,
+} from './elf-core.js';
+import { ioError } from './export-dir.js';
+import { fileUnchanged } from './export-raw.js';
+import { PAGE_SIZE, type LostRange, type ProcessRecord, type RegionRecord, type SnapshotState, type ThreadRecord } from './model.js';
+import type { SnapshotReader } from './reader.js';
+import { USER_REGS_BYTES } from './regs-x86_64.js';
+
+export interface CoreExportOptions {
+  /** The process to export; required when the snapshot holds more than one. */
+  pid?: number;
+  /** Every region's content, not only what the default coredump_filter (0x33) keeps. */
+  all?: boolean;
+  /** Replace an existing file at the destination. */
+  force?: boolean;
+  /** Export a snapshot that is not complete; its unsaved pages read as zeros. */
+  allowIncomplete?: boolean;
+  /** Checked between regions and every 256 pages: once aborted, the export removes what it wrote and throws INTERRUPTED. */
+  signal?: AbortSignal;
+}
+
+export interface CoreExportResult {
+  /** The snapshot's id. */
+  id: number;
+  pid: number;
+  /** Where the core file is (absolute). */
+  path: string;
+  /** Its size. */
+  bytes: number;
+  /** PT_LOAD segments: one per region of the process. */
+  segments: number;
+  /** Threads (one NT_PRSTATUS each). */
+  threads: number;
+  /** The process's executable at T: `gdb <exe> <path>` opens the core. */
+  exe: string;
+  /** Segments whose content the file holds (the others have p_filesz 0). */
+  segmentsWithContent: number;
+  /** Pages inside segments with content that read as zero because their content at T is unknown. */
+  lostPages: number;
+  /** What the core holds differently from the process at T, one line each. */
+  warnings: string[];
+  state: SnapshotState;
+}
+
+const CHUNK_PAGES = 256;
+const PAGE = BigInt(PAGE_SIZE);
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+const ELF_MAGIC = Buffer.from('\x7fELF', 'latin1');
+const FILE_MODE = 0o600;
+
+type Checkpoint = () => Promise<void>;
+
+/** What of a region the core holds, the way the kernel's vma_dump_size() decides with coredump_filter 0x33. */
+export type DumpPlan =
+  /** Its whole content (zero pages as holes); a region that turns out to hold nothing gets p_filesz 0. */
+  | 'whole'
+  /** Whole if it was written (it has stored copy-on-write pages), else only its first page if that is an ELF header. */
+  | 'written-or-header'
+  /** Nothing (p_filesz 0): gdb reads such addresses from the mapped file, or as zeros. */
+  | 'none';
+
+export function isFileBacked(region: RegionRecord): boolean {
+  return region.inode !== 0;
+}
+
+/**
+ * Per region, after the kernel's vma_dump_size() with the default
+ * coredump_filter 0x33 (anonymous private and shared, ELF headers, hugetlb
+ * private): special mappings ([vdso]) always; hugetlb private yes, shared no;
+ * shared mappings only of a file with no name left (memfd, SysV, MAP_SHARED
+ * anonymous: "(deleted)"); anonymous private yes; a private file mapping if
+ * it was written (the kernel's anon_vma: here, it has stored copy-on-write
+ * pages), else its first page if it maps offset 0 of an ELF file. --all takes
+ * every region. A region not captured ('skipped') has no content to give.
+ */
+export function dumpPlan(region: RegionRecord, all: boolean): DumpPlan {
+  if (region.capture === 'skipped') return 'none';
+  if (all) return 'whole';
+  if (region.path === '[vdso]' || region.path === '[vsyscall]') return 'whole';
+  const shared = region.perms[3] === 's';
+  if (region.pageSize > PAGE_SIZE) return shared ? 'none' : 'whole';
+  if (shared) return !isFileBacked(region) || region.path.endsWith(' (deleted)') ? 'whole' : 'none';
+  if (!isFileBacked(region)) return 'whole';
+  if (region.capture === 'copied') return 'whole'; // no file to read it from: what was copied is all there is
+  return 'written-or-header';
+}
+
+export async function exportCore(store: SnapshotReader, snapshotRef: string, outPath: string, options: CoreExportOptions = {}): Promise<CoreExportResult> {
+  const summary = store.find(snapshotRef);
+  if (summary.state !== 'complete' && options.allowIncomplete !== true) {
+    throw new WpsnapError('SNAPSHOT_INCOMPLETE', `snapshot ${summary.id} is ${summary.state}, not complete; allow incomplete snapshots to export it anyway`);
+  }
+  const target = pickProcess(store.processes(summary.id), summary.id, options.pid);
+  const path = resolve(outPath);
+  checkDestination(path, options.force === true);
+  const interrupted = (): WpsnapError => new WpsnapError('INTERRUPTED', `export of snapshot ${summary.id} to ${outPath} interrupted; nothing of it was left`);
+  if (options.signal?.aborted === true) throw interrupted();
+  const checkpoint: Checkpoint = async () => {
+    if (options.signal === undefined) return;
+    await new Promise<void>((done) => setImmediate(done));
+    if (options.signal.aborted) throw interrupted();
+  };
+
+  const temp = join(dirname(path), `.${basename(path)}.wpsnap-${process.pid}-${Date.now().toString(36)}.tmp`);
+  let fd: number;
+  try {
+    // O_EXCL: never write through something already there; the mode is fixed below whatever the umask.
+    fd = openSync(temp, 'wx', FILE_MODE);
+  } catch (error) {
+    throw ioError(error, `create ${temp}`);
+  }
+  let closed = false;
+  try {
+    fchmodSync(fd, FILE_MODE);
+    const written = await writeCore(store, target, options.all === true, fd, checkpoint);
+    closeSync(fd);
+    closed = true;
+    publish(temp, path, options.force === true);
+    return {
+      id: summary.id,
+      pid: target.pid,
+      path,
+      bytes: written.bytes,
+      segments: written.segments,
+      threads: written.threads,
+      exe: target.exe,
+      segmentsWithContent: written.segmentsWithContent,
+      lostPages: written.lostPages,
+      warnings: written.warnings,
+      state: summary.state,
+    };
+  } catch (error) {
+    if (!closed) closeSync(fd);
+    try {
+      unlinkSync(temp);
+    } catch {
+      // already gone (or renamed into place: then the error came after)
+    }
+    throw error;
+  }
+}
+
+function pickProcess<P extends ProcessRecord>(processes: P[], id: number, pid: number | undefined): P {
+  const pids = processes.map((p) => p.pid).join(', ');
+  if (pid !== undefined) {
+    const found = processes.find((p) => p.pid === pid);
+    if (found === undefined) {
+      throw new WpsnapError('PROCESS_NOT_IN_SNAPSHOT', `snapshot ${id} holds no pid ${pid}: its ${processes.length === 1 ? 'process is' : 'processes are'} ${pids || 'none'}`);
+    }
+    return found;
+  }
+  if (processes.length === 1) return processes[0]!;
+  if (processes.length === 0) throw new WpsnapError('PROCESS_NOT_IN_SNAPSHOT', `snapshot ${id} holds no process`);
+  throw new WpsnapError('PROCESS_AMBIGUOUS', `snapshot ${id} holds ${processes.length} processes (pids ${pids}): name one with --pid`);
+}
+
+/** The destination's directory must exist; an existing file there is replaced only with force; never a directory. */
+function checkDestination(path: string, force: boolean): void {
+  const parent = dirname(path);
+  let parentIsDir: boolean;
+  try {
+    parentIsDir = statSync(parent).isDirectory();
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') {
+      throw new WpsnapError('EXPORT_PARENT_MISSING', `cannot create ${path}: its directory ${parent} does not exist`);
+    }
+    throw ioError(error, `stat ${parent}`);
+  }
+  if (!parentIsDir) throw new WpsnapError('EXPORT_PARENT_MISSING', `cannot create ${path}: ${parent} is not a directory`);
+  let existing;
+  try {
+    existing = lstatSync(path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw ioError(error, `stat ${path}`);
+  }
+  if (existing.isDirectory()) throw new WpsnapError('EXPORT_NOT_A_FILE', `${path} is a directory: a core export writes a file`);
+  if (!force) throw new WpsnapError('EXPORT_EXISTS', `${path} exists: add --force to replace it`);
+}
+
+/** The finished temporary file takes its name: a rename with force; else a link, which fails if the name was taken meanwhile. */
+function publish(temp: string, path: string, force: boolean): void {
+  try {
+    if (force) {
+      renameSync(temp, path);
+      return;
+    }
+    linkSync(temp, path);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') throw new WpsnapError('EXPORT_EXISTS', `${path} exists: add --force to replace it`);
+    throw ioError(error, `rename ${temp} to ${path}`);
+  }
+  unlinkSync(temp);
+}
+
+interface Written {
+  bytes: number;
+  segments: number;
+  segmentsWithContent: number;
+  threads: number;
+  lostPages: number;
+  warnings: string[];
+}
+
+async function writeCore(
+  store: SnapshotReader,
+  target: ProcessRecord & { processId: number },
+  all: boolean,
+  fd: number,
+  checkpoint: Checkpoint,
+): Promise<Written> {
+  const regions = store.regions(target.processId);
+  const lost = store.lost(target.processId);
+  const threads = orderThreads(store.threads(target.processId), target.pid);
+  const warnings: string[] = [];
+  const notes = encodeNotes(processNotes(target, threads, regions, warnings));
+  const layout = coreLayout(regions.length, notes.length);
+
+  const segments: LoadSegment[] = [];
+  let offset = layout.dataOffset;
+  let lostPages = 0;
+  const lostReasons = new Set<string>();
+  const changedFiles = new Set<string>();
+  for (const region of regions) {
+    await checkpoint();
+    const regionLost = lostMask(lost, region);
+    const w = new SegmentWriter(fd, offset);
+    const content = await writeRegion(store, target.processId, region, dumpPlan(region, all), regionLost, w, checkpoint);
+    if (content.filesz > 0) {
+      for (const l of lost) if (overlaps(l, region)) lostReasons.add(l.reason);
+      lostPages += countLost(regionLost, content.filesz / PAGE_SIZE) + content.fileChangedPages;
+      if (content.fileChangedPages > 0) changedFiles.add(region.path);
+    }
+    segments.push({ vaddr: region.start, memsz: region.end - region.start, filesz: content.filesz, offset, flags: segmentFlags(region.perms) });
+    offset += content.filesz;
+  }
+  if (lostPages > 0) {
+    const why = [...lostReasons].join(', ');
+    warnings.push(`${lostPages} pages read as zero in the core: their content at T is not in the snapshot${why ? ` (${why})` : ''}${changedFiles.size > 0 ? `; changed since T: ${[...changedFiles].join(', ')}` : ''}`);
+  }
+  await checkpoint();
+
+  const { headers, sectionHeader } = encodeHeaders(layout, segments, offset);
+  let end = offset;
+  if (sectionHeader !== null) {
+    writeAll(fd, sectionHeader, offset);
+    end += sectionHeader.length;
+  }
+  try {
+    ftruncateSync(fd, end); // trailing zero pages are holes: the file must still reach them
+  } catch (error) {
+    throw ioError(error, 'ftruncate the core file');
+  }
+  writeAll(fd, headers, 0);
+  writeAll(fd, notes, layout.notesOffset);
+  return {
+    bytes: end,
+    segments: segments.length,
+    segmentsWithContent: segments.filter((s) => s.filesz > 0).length,
+    threads: threads.length,
+    lostPages,
+    warnings,
+  };
+}
+
+/** The kernel's order: the main thread (tid = pid) first, then the others as the snapshot lists them. */
+function orderThreads(threads: ThreadRecord[], pid: number): ThreadRecord[] {
+  const main = threads.filter((t) => t.tid === pid);
+  return [...main, ...threads.filter((t) => t.tid !== pid)];
+}
+
+function processNotes(target: ProcessRecord, threads: ThreadRecord[], regions: RegionRecord[], warnings: string[]): ElfNote[] {
+  const mappings: FileMapping[] = regions.filter(isFileBacked).map((r) => ({ start: r.start, end: r.end, offset: r.offset, path: r.path }));
+  const processWide: ElfNote[] = [
+    {
+      name: 'CORE',
+      type: NT_PRPSINFO,
+      desc: prPsInfo({
+        // The state at T is not recorded: it was running (a snapshot is no crash).
+        state: 'R',
+        nice: 0,
+        uid: target.uid,
+        gid: target.gid,
+        pid: target.pid,
+        ppid: target.ppid,
+        pgrp: 0,
+        sid: 0,
+        fname: target.comm,
+        psargs: target.cmdline.join(' '),
+      }),
+    },
+    { name: 'CORE', type: NT_SIGINFO, desc: sigInfo(0) },
+    { name: 'CORE', type: NT_AUXV, desc: target.auxv },
+    { name: 'CORE', type: NT_FILE, desc: fileNote(mappings) },
+  ];
+  const notes: ElfNote[] = [];
+  let missingRegs = 0;
+  const shortXstate = new Map<string, number[]>();
+  threads.forEach((t, i) => {
+    let regs = t.regs;
+    if (regs.length !== USER_REGS_BYTES) {
+      missingRegs++;
+      regs = Buffer.alloc(USER_REGS_BYTES);
+    }
+    const fpValid = t.fpregs.length === FPREGS_BYTES;
+    // No signal made this core: pr_cursig and si_signo are 0 (gdb says no "terminated with signal").
+    notes.push({ name: 'CORE', type: NT_PRSTATUS, desc: prStatus({ signal: 0, tid: t.tid, ppid: target.ppid, pgrp: 0, sid: 0, regs, fpValid }) });
+    if (i === 0) notes.push(...processWide);
+    else notes.push({ name: 'CORE', type: NT_SIGINFO, desc: sigInfo(0) });
+    if (fpValid) notes.push({ name: 'CORE', type: NT_PRFPREG, desc: t.fpregs });
+    if (t.xstate.length > 0) {
+      const xstate = xstateForCore(t.xstate);
+      if (xstate.cut.length > 0) {
+        const key = `${t.xstate.length} of ${xstate.desc.length} bytes; ${xstate.cut.join(', ')}`;
+        shortXstate.set(key, [...(shortXstate.get(key) ?? []), t.tid]);
+      }
+      notes.push({ name: 'LINUX', type: NT_X86_XSTATE, desc: xstate.desc });
+    }
+  });
+  for (const [what, tids] of shortXstate) {
+    warnings.push(`the snapshot kept the XSAVE state of thread${tids.length > 1 ? 's' : ''} ${tids.join(', ')} short (${what}): what is missing reads as zero in the core`);
+  }
+  if (threads.length === 0) {
+    notes.push(...processWide);
+    warnings.push('the snapshot holds no thread of this process: the core has no registers');
+  }
+  if (missingRegs > 0) warnings.push(`${missingRegs} threads have no registers in the snapshot: they read as zero`);
+  return notes;
+}
+
+/**
+ * Write one region's content at the writer's offset; returns p_filesz (0 when
+ * it has none to give) and the pages of a referenced file that changed since
+ * T (written as zeros).
+ */
+async function writeRegion(
+  store: SnapshotReader,
+  processId: number,
+  region: RegionRecord,
+  plan: DumpPlan,
+  isLost: Uint8Array,
+  w: SegmentWriter,
+  checkpoint: Checkpoint,
+): Promise<{ filesz: number; fileChangedPages: number }> {
+  if (plan === 'none') return { filesz: 0, fileChangedPages: 0 };
+  const pageCount = isLost.length;
+  const fileBacked = region.capture === 'file-private' || region.capture === 'file-reference';
+  // Only a region with a file behind it needs to know which pages were stored (the rest come from the file).
+  const stored = fileBacked ? new Uint8Array(pageCount) : null;
+  let storedPages = 0;
+  for (const page of store.pagesInRange(processId, region.start, region.end)) {
+    const index = Number((page.address - region.start) / PAGE);
+    storedPages++;
+    if (stored !== null) stored[index] = 1;
+    if (isLost[index] !== 1) w.page(index, page.data); // lost pages read as zero, whatever was kept of them
+    if (storedPages % CHUNK_PAGES === 0) {
+      w.flush();
+      await checkpoint();
+    }
+  }
+  w.flush();
+
+  if (plan === 'written-or-header' && storedPages === 0) {
+    // Never written since it was mapped: the kernel keeps only an ELF header page.
+    if (region.offset !== 0n || region.perms[0] !== 'r' || !fileBacked || !fileUnchanged(region) || !startsElfOrExecutable(region)) {
+      return { filesz: 0, fileChangedPages: 0 };
+    }
+    const first = await fileContent(region, stored as Uint8Array, isLost, 1, w, checkpoint);
+    return { filesz: PAGE_SIZE, fileChangedPages: first };
+  }
+  if (fileBacked) {
+    const changed = await fileContent(region, stored as Uint8Array, isLost, pageCount, w, checkpoint);
+    return { filesz: pageCount * PAGE_SIZE, fileChangedPages: changed };
+  }
+  // Nothing stored and no file: all zero at T (or never touched), which gdb reads as zeros from a p_filesz 0 segment.
+  return { filesz: storedPages === 0 ? 0 : pageCount * PAGE_SIZE, fileChangedPages: 0 };
+}
+
+/** Is the mapped file executable, or does it start with the ELF magic? (The kernel's test for dumping a first page.) */
+function startsElfOrExecutable(region: RegionRecord): boolean {
+  const file = region.file as { path: string };
+  try {
+    if ((statSync(file.path).mode & 0o111) !== 0) return true;
+    const fd = openSync(file.path, 'r');
+    try {
+      const magic = Buffer.alloc(4);
+      return readAll(fd, magic, 0n) === 4 && magic.equals(ELF_MAGIC);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The referenced file's content for the first `pages` pages of the region that
+ * were neither stored nor lost; pages past the end of the file stay zero. If
+ * the file changed since T, those pages stay zero and are counted (returned).
+ */
+async function fileContent(region: RegionRecord, stored: Uint8Array, isLost: Uint8Array, pages: number, w: SegmentWriter, checkpoint: Checkpoint): Promise<number> {
+  const fileSize = BigInt(region.file?.size ?? 0);
+  const filePages = fileSize > region.offset ? Number((fileSize - region.offset + PAGE - 1n) / PAGE) : 0;
+  const backed = Math.min(pages, filePages);
+  if (!fileUnchanged(region)) {
+    let missing = 0;
+    for (let i = 0; i < backed; i++) if (stored[i] !== 1 && isLost[i] !== 1) missing++;
+    return missing;
+  }
+  let source: number;
+  try {
+    source = openSync((region.file as { path: string }).path, 'r');
+  } catch (error) {
+    throw ioError(error, `open ${region.path}`);
+  }
+  try {
+    const chunk = Buffer.alloc(Math.min(CHUNK_PAGES, Math.max(backed, 1)) * PAGE_SIZE);
+    for (let first = 0; first < backed; first += CHUNK_PAGES) {
+      if (first > 0) await checkpoint();
+      const count = Math.min(CHUNK_PAGES, backed - first);
+      const want = count * PAGE_SIZE;
+      const view = chunk.subarray(0, want);
+      const got = readAll(source, view, region.offset + BigInt(first) * PAGE);
+      view.fill(0, got);
+      for (let k = 0; k < count; k++) {
+        const i = first + k;
+        if (stored[i] === 1 || isLost[i] === 1) continue; // the saved copy-on-write page wins; lost pages stay zero
+        const page = view.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
+        if (!page.equals(ZERO_PAGE)) w.page(i, Buffer.from(page));
+      }
+      w.flush();
+    }
+  } finally {
+    closeSync(source);
+  }
+  return 0;
+}
+
+/**
+ * Positioned writes of a segment's pages: consecutive pages go out in one
+ * writev (up to CHUNK_PAGES), zero pages are never written (holes).
+ */
+class SegmentWriter {
+  private run: Buffer[] = [];
+  private runStart = 0;
+
+  constructor(
+    private readonly fd: number,
+    private readonly base: number,
+  ) {}
+
+  page(index: number, data: Buffer): void {
+    if (this.run.length > 0 && (index !== this.runStart + this.run.length || this.run.length >= CHUNK_PAGES)) this.flush();
+    if (this.run.length === 0) this.runStart = index;
+    this.run.push(data);
+  }
+
+  flush(): void {
+    if (this.run.length === 0) return;
+    let position = this.base + this.runStart * PAGE_SIZE;
+    let buffers = this.run;
+    this.run = [];
+    try {
+      while (buffers.length > 0) {
+        let done = writevSync(this.fd, buffers, position);
+        position += done;
+        // A short write: drop what went out and go on with the rest.
+        while (buffers.length > 0 && done >= (buffers[0] as Buffer).length) done -= (buffers.shift() as Buffer).length;
+        if (done > 0) buffers[0] = (buffers[0] as Buffer).subarray(done);
+      }
+    } catch (error) {
+      throw ioError(error, 'write the core file');
+    }
+  }
+}
+
+function overlaps(l: LostRange, region: RegionRecord): boolean {
+  return l.address < region.end && l.address + BigInt(l.pages) * PAGE > region.start;
+}
+
+/** 1 for each page of the region the snapshot lists as lost. */
+function lostMask(lost: LostRange[], region: RegionRecord): Uint8Array {
+  const pageCount = Number((region.end - region.start) / PAGE);
+  const mask = new Uint8Array(pageCount);
+  for (const l of lost) {
+    if (!overlaps(l, region)) continue;
+    const first = l.address >= region.start ? Number((l.address - region.start) / PAGE) : -Number((region.start - l.address) / PAGE);
+    mask.fill(1, Math.max(0, first), Math.min(pageCount, first + l.pages));
+  }
+  return mask;
+}
+
+function countLost(mask: Uint8Array, pages: number): number {
+  let n = 0;
+  for (let i = 0; i < pages; i++) n += mask[i] as number;
+  return n;
+}
+
+function writeAll(fd: number, data: Buffer, position: number): void {
+  try {
+    let done = 0;
+    while (done < data.length) done += writeSync(fd, data, done, data.length - done, position + done);
+  } catch (error) {
+    throw ioError(error, 'write the core file');
+  }
+}
+
+function readAll(fd: number, into: Buffer, position: bigint): number {
+  let done = 0;
+  while (done < into.length) {
+    const got = readSync(fd, into, done, into.length - done, position + BigInt(done));
+    if (got === 0) break;
+    done += got;
+  }
+  return done;
+}
