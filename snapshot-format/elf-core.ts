@@ -201,15 +201,21 @@ const XSAVE_COMPONENTS: ReadonlyArray<[bit: number, name: string, offset: number
   [18, 'AMX XTILEDATA', 2816, 8192],
 ];
 
+/** XCR0 bits of the components above, and x87 (bit 0). */
+const KNOWN_XCR0 = XSAVE_COMPONENTS.reduce((mask, [bit]) => mask | (1n << BigInt(bit)), 1n);
+
 /**
  * An NT_X86_XSTATE buffer as gdb reads it: at least as long as the standard
  * layout of the components its XCR0 enables (gdb ignores a shorter one, "too
  * small"). A buffer captured short is padded with zeros; `cut` names the
- * components that were not captured whole (they read as zero).
+ * components that were not captured whole (they read as zero). null when the
+ * buffer's XCR0 is not one gdb can lay out (x87 or SSE missing, or unknown
+ * components): such a note would make gdb refuse the whole core.
  */
-export function xstateForCore(xstate: Buffer): { desc: Buffer; cut: string[] } {
-  if (xstate.length < XSTATE_XCR0_AT + 8) return { desc: xstate, cut: [] };
+export function xstateForCore(xstate: Buffer): { desc: Buffer; cut: string[] } | null {
+  if (xstate.length < XSTATE_XCR0_AT + 8) return null;
   const xcr0 = xstate.readBigUInt64LE(XSTATE_XCR0_AT);
+  if ((xcr0 & 3n) !== 3n || (xcr0 & ~KNOWN_XCR0) !== 0n) return null;
   let need = 512 + 64; // legacy area + XSAVE header
   const cut: string[] = [];
   for (const [bit, name, offset, size] of XSAVE_COMPONENTS) {

@@ -258,7 +258,7 @@ async function writeCore(
     await checkpoint();
     const regionLost = lostMask(lost, region);
     const w = new SegmentWriter(fd, offset);
-    const content = await writeRegion(store, target.processId, region, dumpPlan(region, all), regionLost, w, checkpoint);
+    const content = await writeRegion(store, target.processId, region, dumpPlan(region, all), all, regionLost, w, checkpoint);
     if (content.filesz > 0) {
       for (const l of lost) if (overlaps(l, region)) lostReasons.add(l.reason);
       lostPages += countLost(regionLost, content.filesz / PAGE_SIZE) + content.fileChangedPages;
@@ -329,6 +329,7 @@ function processNotes(target: ProcessRecord, threads: ThreadRecord[], regions: R
   const notes: ElfNote[] = [];
   let missingRegs = 0;
   const shortXstate = new Map<string, number[]>();
+  const badXstate: number[] = [];
   threads.forEach((t, i) => {
     let regs = t.regs;
     if (regs.length !== USER_REGS_BYTES) {
@@ -343,6 +344,10 @@ function processNotes(target: ProcessRecord, threads: ThreadRecord[], regions: R
     if (fpValid) notes.push({ name: 'CORE', type: NT_PRFPREG, desc: t.fpregs });
     if (t.xstate.length > 0) {
       const xstate = xstateForCore(t.xstate);
+      if (xstate === null) {
+        badXstate.push(t.tid);
+        return;
+      }
       if (xstate.cut.length > 0) {
         const key = `${t.xstate.length} of ${xstate.desc.length} bytes; ${xstate.cut.join(', ')}`;
         shortXstate.set(key, [...(shortXstate.get(key) ?? []), t.tid]);
@@ -350,6 +355,9 @@ function processNotes(target: ProcessRecord, threads: ThreadRecord[], regions: R
       notes.push({ name: 'LINUX', type: NT_X86_XSTATE, desc: xstate.desc });
     }
   });
+  if (badXstate.length > 0) {
+    warnings.push(`the XSAVE state of thread${badXstate.length > 1 ? 's' : ''} ${badXstate.join(', ')} is not one gdb can lay out (its XCR0): left out, the FXSAVE registers stand`);
+  }
   for (const [what, tids] of shortXstate) {
     warnings.push(`the snapshot kept the XSAVE state of thread${tids.length > 1 ? 's' : ''} ${tids.join(', ')} short (${what}): what is missing reads as zero in the core`);
   }
@@ -371,6 +379,7 @@ async function writeRegion(
   processId: number,
   region: RegionRecord,
   plan: DumpPlan,
+  all: boolean,
   isLost: Uint8Array,
   w: SegmentWriter,
   checkpoint: Checkpoint,
@@ -405,8 +414,9 @@ async function writeRegion(
     const changed = await fileContent(region, stored as Uint8Array, isLost, pageCount, w, checkpoint);
     return { filesz: pageCount * PAGE_SIZE, fileChangedPages: changed };
   }
-  // Nothing stored and no file: all zero at T (or never touched), which gdb reads as zeros from a p_filesz 0 segment.
-  return { filesz: storedPages === 0 ? 0 : pageCount * PAGE_SIZE, fileChangedPages: 0 };
+  // Nothing stored and no file: all zero at T (or never touched), which gdb
+  // reads as zeros from a p_filesz 0 segment too; --all writes it anyway (as holes).
+  return { filesz: storedPages === 0 && !all ? 0 : pageCount * PAGE_SIZE, fileChangedPages: 0 };
 }
 
 /** Is the mapped file executable, or does it start with the ELF magic? (The kernel's test for dumping a first page.) */
