@@ -7,7 +7,7 @@
 // reader in address order, a run of them at a time), to a temporary name in
 // the destination's directory, 0600 whatever the umask, and renamed into place
 // only once complete: a failed or interrupted export leaves nothing.
-import { closeSync, fchmodSync, ftruncateSync, linkSync, lstatSync, openSync, readSync, renameSync, statSync, unlinkSync, writeSync, writevSync } from 'node:fs';
+import { closeSync, fchmodSync, ftruncateSync, linkSync, lstatSync, openSync, readSync, renameSync, statSync, unlinkSync, write, writeSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { WpsnapError } from '../common/errors.js';
 import {
@@ -76,7 +76,6 @@ export interface CoreExportResult {
 
 const CHUNK_PAGES = 256;
 const PAGE = BigInt(PAGE_SIZE);
-const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 const ELF_MAGIC = Buffer.from('\x7fELF', 'latin1');
 const FILE_MODE = 0o600;
 
@@ -142,9 +141,10 @@ export async function exportCore(store: SnapshotReader, snapshotRef: string, out
     throw ioError(error, `create ${temp}`);
   }
   let closed = false;
+  const out = new FileWriter(fd);
   try {
     fchmodSync(fd, FILE_MODE);
-    const written = await writeCore(store, target, options.all === true, fd, checkpoint);
+    const written = await writeCore(store, target, options.all === true, out, checkpoint);
     closeSync(fd);
     closed = true;
     publish(temp, path, options.force === true);
@@ -162,6 +162,7 @@ export async function exportCore(store: SnapshotReader, snapshotRef: string, out
       state: summary.state,
     };
   } catch (error) {
+    await out.settle(); // no write may still be on its way to this fd once it is closed
     if (!closed) closeSync(fd);
     try {
       unlinkSync(temp);
@@ -239,9 +240,10 @@ async function writeCore(
   store: SnapshotReader,
   target: ProcessRecord & { processId: number },
   all: boolean,
-  fd: number,
+  out: FileWriter,
   checkpoint: Checkpoint,
 ): Promise<Written> {
+  const fd = out.fd;
   const regions = store.regions(target.processId);
   const lost = store.lost(target.processId);
   const threads = orderThreads(store.threads(target.processId), target.pid);
@@ -257,8 +259,7 @@ async function writeCore(
   for (const region of regions) {
     await checkpoint();
     const regionLost = lostMask(lost, region);
-    const w = new SegmentWriter(fd, offset);
-    const content = await writeRegion(store, target.processId, region, dumpPlan(region, all), all, regionLost, w, checkpoint);
+    const content = await writeRegion(store, target.processId, region, dumpPlan(region, all), all, regionLost, out, offset, checkpoint);
     if (content.filesz > 0) {
       for (const l of lost) if (overlaps(l, region)) lostReasons.add(l.reason);
       lostPages += countLost(regionLost, content.filesz / PAGE_SIZE) + content.fileChangedPages;
@@ -271,6 +272,7 @@ async function writeCore(
     const why = [...lostReasons].join(', ');
     warnings.push(`${lostPages} pages read as zero in the core: their content at T is not in the snapshot${why ? ` (${why})` : ''}${changedFiles.size > 0 ? `; changed since T: ${[...changedFiles].join(', ')}` : ''}`);
   }
+  await out.drain();
   await checkpoint();
 
   const { headers, sectionHeader } = encodeHeaders(layout, segments, offset);
@@ -369,10 +371,20 @@ function processNotes(target: ProcessRecord, threads: ThreadRecord[], regions: R
   return notes;
 }
 
+/** Where a segment's pages come from when not stored: the mapped file, read from `fd`, for its first `pages` pages. */
+interface FileSource {
+  fd: number;
+  pages: number;
+}
+
 /**
- * Write one region's content at the writer's offset; returns p_filesz (0 when
- * it has none to give) and the pages of a referenced file that changed since
- * T (written as zeros).
+ * Write one region's segment at `base`: returns p_filesz (0 when it has no
+ * content to give) and the pages of a referenced file that changed since T
+ * (they stay zero). The segment is built CHUNK_PAGES pages at a time in a
+ * buffer of the writer's: the file's content (when it backs the region),
+ * overlaid with the stored pages, lost pages zeroed; a window with nothing in
+ * it is skipped (a hole), and only the part of a window from its first to its
+ * last page with content is written.
  */
 async function writeRegion(
   store: SnapshotReader,
@@ -381,42 +393,86 @@ async function writeRegion(
   plan: DumpPlan,
   all: boolean,
   isLost: Uint8Array,
-  w: SegmentWriter,
+  out: FileWriter,
+  base: number,
   checkpoint: Checkpoint,
 ): Promise<{ filesz: number; fileChangedPages: number }> {
   if (plan === 'none') return { filesz: 0, fileChangedPages: 0 };
   const pageCount = isLost.length;
+  const pages = store.pagesInRange(processId, region.start, region.end)[Symbol.iterator]();
+  let next = pages.next();
   const fileBacked = region.capture === 'file-private' || region.capture === 'file-reference';
-  // Only a region with a file behind it needs to know which pages were stored (the rest come from the file).
-  const stored = fileBacked ? new Uint8Array(pageCount) : null;
-  let storedPages = 0;
-  for (const page of store.pagesInRange(processId, region.start, region.end)) {
-    const index = Number((page.address - region.start) / PAGE);
-    storedPages++;
-    if (stored !== null) stored[index] = 1;
-    if (isLost[index] !== 1) w.page(index, page.data); // lost pages read as zero, whatever was kept of them
-    if (storedPages % CHUNK_PAGES === 0) {
-      w.flush();
+  let length: number;
+  if (!next.done || plan === 'whole') length = next.done && !fileBacked && !all ? 0 : pageCount;
+  else {
+    // A private file mapping never written since it was mapped: the kernel keeps only an ELF header page.
+    const header = region.offset === 0n && region.perms[0] === 'r' && fileBacked && fileUnchanged(region) && startsElfOrExecutable(region);
+    length = header ? 1 : 0;
+  }
+  if (length === 0) return { filesz: 0, fileChangedPages: 0 };
+
+  // Pages of the file inside the segment (past its end the mapping reads zeros).
+  const fileSize = BigInt(region.file?.size ?? 0);
+  const backed = !fileBacked ? 0 : Math.min(length, fileSize > region.offset ? Number((fileSize - region.offset + PAGE - 1n) / PAGE) : 0);
+  let source: FileSource | null = null;
+  let fileChangedPages = 0;
+  if (backed > 0) {
+    if (fileUnchanged(region)) {
+      try {
+        source = { fd: openSync((region.file as { path: string }).path, 'r'), pages: backed };
+      } catch (error) {
+        throw ioError(error, `open ${region.path}`);
+      }
+    } else {
+      for (let i = 0; i < backed; i++) fileChangedPages += isLost[i] === 1 ? 0 : 1; // minus the stored ones, below
+    }
+  }
+  const anyLost = isLost.includes(1);
+  try {
+    for (let window = 0; window < length; ) {
+      if (source === null || window >= source.pages) {
+        // No file content here: go to the window of the next stored page.
+        if (next.done) break;
+        const index = Number((next.value.address - region.start) / PAGE);
+        if (index >= length) break;
+        window = index - (index % CHUNK_PAGES);
+      }
+      const count = Math.min(CHUNK_PAGES, length - window);
+      const buf = out.take();
+      let lo = count;
+      let hi = -1;
+      if (source !== null && window < source.pages) {
+        const fromFile = Math.min(count, source.pages - window) * PAGE_SIZE;
+        const got = readAll(source.fd, buf.subarray(0, fromFile), region.offset + BigInt(window) * PAGE);
+        buf.fill(0, got, count * PAGE_SIZE);
+        lo = 0;
+        hi = Math.ceil(got / PAGE_SIZE) - 1;
+      } else {
+        buf.fill(0, 0, count * PAGE_SIZE);
+      }
+      for (; !next.done; next = pages.next()) {
+        const index = Number((next.value.address - region.start) / PAGE);
+        if (index >= window + count) break;
+        const k = index - window;
+        next.value.data.copy(buf, k * PAGE_SIZE);
+        if (k < lo) lo = k;
+        if (k > hi) hi = k;
+        if (index < backed && source === null && isLost[index] !== 1) fileChangedPages--;
+      }
+      if (anyLost) {
+        // Lost pages read as zero, whatever was kept of them.
+        for (let k = 0; k < count; k++) if (isLost[window + k] === 1) buf.fill(0, k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
+      }
+      if (hi >= lo) out.write(buf, lo * PAGE_SIZE, (hi + 1) * PAGE_SIZE, base + (window + lo) * PAGE_SIZE);
+      else out.give(buf);
+      window += count;
+      if (out.busy) await out.pace();
       await checkpoint();
     }
+  } finally {
+    if (source !== null) closeSync(source.fd);
   }
-  w.flush();
-
-  if (plan === 'written-or-header' && storedPages === 0) {
-    // Never written since it was mapped: the kernel keeps only an ELF header page.
-    if (region.offset !== 0n || region.perms[0] !== 'r' || !fileBacked || !fileUnchanged(region) || !startsElfOrExecutable(region)) {
-      return { filesz: 0, fileChangedPages: 0 };
-    }
-    const first = await fileContent(region, stored as Uint8Array, isLost, 1, w, checkpoint);
-    return { filesz: PAGE_SIZE, fileChangedPages: first };
-  }
-  if (fileBacked) {
-    const changed = await fileContent(region, stored as Uint8Array, isLost, pageCount, w, checkpoint);
-    return { filesz: pageCount * PAGE_SIZE, fileChangedPages: changed };
-  }
-  // Nothing stored and no file: all zero at T (or never touched), which gdb
-  // reads as zeros from a p_filesz 0 segment too; --all writes it anyway (as holes).
-  return { filesz: storedPages === 0 && !all ? 0 : pageCount * PAGE_SIZE, fileChangedPages: 0 };
+  return { filesz: length * PAGE_SIZE, fileChangedPages };
 }
 
 /** Is the mapped file executable, or does it start with the ELF magic? (The kernel's test for dumping a first page.) */
@@ -436,84 +492,82 @@ function startsElfOrExecutable(region: RegionRecord): boolean {
   }
 }
 
+/** Bytes of page data a core export lets wait in libuv's pool for their write. */
+const MAX_IN_FLIGHT = 32 * 2 ** 20;
+const CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE;
+
 /**
- * The referenced file's content for the first `pages` pages of the region that
- * were neither stored nor lost; pages past the end of the file stay zero. If
- * the file changed since T, those pages stay zero and are counted (returned).
+ * Positioned writes to the core file, done in libuv's thread pool while this
+ * thread reads and decompresses the next pages; at most MAX_IN_FLIGHT bytes
+ * wait at once (pace()). Its chunk buffers are reused once written. A failed
+ * write is thrown by the next pace() or drain().
  */
-async function fileContent(region: RegionRecord, stored: Uint8Array, isLost: Uint8Array, pages: number, w: SegmentWriter, checkpoint: Checkpoint): Promise<number> {
-  const fileSize = BigInt(region.file?.size ?? 0);
-  const filePages = fileSize > region.offset ? Number((fileSize - region.offset + PAGE - 1n) / PAGE) : 0;
-  const backed = Math.min(pages, filePages);
-  if (!fileUnchanged(region)) {
-    let missing = 0;
-    for (let i = 0; i < backed; i++) if (stored[i] !== 1 && isLost[i] !== 1) missing++;
-    return missing;
+class FileWriter {
+  private readonly inFlight = new Set<Promise<void>>();
+  private readonly free: Buffer[] = [];
+  private bytes = 0;
+  private failure: unknown = null;
+
+  constructor(readonly fd: number) {}
+
+  get busy(): boolean {
+    return this.bytes > MAX_IN_FLIGHT || this.failure !== null;
   }
-  let source: number;
-  try {
-    source = openSync((region.file as { path: string }).path, 'r');
-  } catch (error) {
-    throw ioError(error, `open ${region.path}`);
+
+  /** A chunk buffer (CHUNK_BYTES) to fill, then pass to write() or give() back. */
+  take(): Buffer {
+    return this.free.pop() ?? Buffer.allocUnsafe(CHUNK_BYTES);
   }
-  try {
-    const chunk = Buffer.alloc(Math.min(CHUNK_PAGES, Math.max(backed, 1)) * PAGE_SIZE);
-    for (let first = 0; first < backed; first += CHUNK_PAGES) {
-      if (first > 0) await checkpoint();
-      const count = Math.min(CHUNK_PAGES, backed - first);
-      const want = count * PAGE_SIZE;
-      const view = chunk.subarray(0, want);
-      const got = readAll(source, view, region.offset + BigInt(first) * PAGE);
-      view.fill(0, got);
-      for (let k = 0; k < count; k++) {
-        const i = first + k;
-        if (stored[i] === 1 || isLost[i] === 1) continue; // the saved copy-on-write page wins; lost pages stay zero
-        const page = view.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
-        if (!page.equals(ZERO_PAGE)) w.page(i, Buffer.from(page));
-      }
-      w.flush();
-    }
-  } finally {
-    closeSync(source);
+
+  give(buf: Buffer): void {
+    this.free.push(buf);
   }
-  return 0;
+
+  /** Write buf[from, to) at `position`; buf comes back to take() once written. */
+  write(buf: Buffer, from: number, to: number, position: number): void {
+    const size = to - from;
+    this.bytes += size;
+    const tracked: Promise<void> = writeAllAsync(this.fd, buf.subarray(from, to), position)
+      .catch((error: unknown) => {
+        this.failure ??= error;
+      })
+      .finally(() => {
+        this.bytes -= size;
+        this.inFlight.delete(tracked);
+        this.free.push(buf);
+      });
+    this.inFlight.add(tracked);
+  }
+
+  /** Wait until no more than MAX_IN_FLIGHT bytes are in flight. */
+  async pace(): Promise<void> {
+    while (this.bytes > MAX_IN_FLIGHT && this.failure === null) await Promise.race(this.inFlight);
+    this.check();
+  }
+
+  /** Wait for every write. */
+  async drain(): Promise<void> {
+    await this.settle();
+    this.check();
+  }
+
+  /** Wait for every write, whatever became of them. */
+  async settle(): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.all(this.inFlight);
+  }
+
+  private check(): void {
+    if (this.failure !== null) throw ioError(this.failure, 'write the core file');
+  }
 }
 
-/**
- * Positioned writes of a segment's pages: consecutive pages go out in one
- * writev (up to CHUNK_PAGES), zero pages are never written (holes).
- */
-class SegmentWriter {
-  private run: Buffer[] = [];
-  private runStart = 0;
-
-  constructor(
-    private readonly fd: number,
-    private readonly base: number,
-  ) {}
-
-  page(index: number, data: Buffer): void {
-    if (this.run.length > 0 && (index !== this.runStart + this.run.length || this.run.length >= CHUNK_PAGES)) this.flush();
-    if (this.run.length === 0) this.runStart = index;
-    this.run.push(data);
-  }
-
-  flush(): void {
-    if (this.run.length === 0) return;
-    let position = this.base + this.runStart * PAGE_SIZE;
-    let buffers = this.run;
-    this.run = [];
-    try {
-      while (buffers.length > 0) {
-        let done = writevSync(this.fd, buffers, position);
-        position += done;
-        // A short write: drop what went out and go on with the rest.
-        while (buffers.length > 0 && done >= (buffers[0] as Buffer).length) done -= (buffers.shift() as Buffer).length;
-        if (done > 0) buffers[0] = (buffers[0] as Buffer).subarray(done);
-      }
-    } catch (error) {
-      throw ioError(error, 'write the core file');
-    }
+/** write at `position` until every byte is written (a short write goes on with the rest). */
+async function writeAllAsync(fd: number, data: Buffer, position: number): Promise<void> {
+  let done = 0;
+  while (done < data.length) {
+    done += await new Promise<number>((resolve, reject) =>
+      write(fd, data, done, data.length - done, position + done, (error, written) => (error ? reject(error) : resolve(written))),
+    );
   }
 }
 

@@ -7,12 +7,14 @@
 // bad inputs, several processes, an interrupted export, and a core of a real
 // program (python3).
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { launch, type Launched } from '../fixtures/launch.js';
 import { exportCore } from '../snapshot-format/export-core.js';
+import { exportRaw, readRawManifest } from '../snapshot-format/export-raw.js';
+import { PAGE_SIZE, type FileReference, type PageBatch } from '../snapshot-format/model.js';
 import type { SnapshotReader } from '../snapshot-format/reader.js';
 import { Store } from '../store/store.js';
 import { fakeProcess, fakeRegion, fakeThread, heapBatch } from '../store/testing.js';
@@ -203,6 +205,30 @@ function readAt(path: string, position: number, length: number): Buffer {
   }
 }
 
+/**
+ * Every LOAD segment with content in `corePath` holds, byte for byte, what the
+ * raw export (an exporter of its own) of the same snapshot holds for that
+ * region; returns how many segments were compared.
+ */
+function expectSameAsRaw(corePath: string, rawDir: string, pid: number): number {
+  const manifest = readRawManifest(rawDir);
+  const regions = manifest.processes.find((p) => p.pid === pid)!.regions;
+  let compared = 0;
+  for (const ph of programHeaders(corePath).filter((p) => p.type === 'LOAD' && p.filesz > 0)) {
+    const region = regions.find((r) => BigInt(r.start) === ph.vaddr)!;
+    expect(region.file, `region ${region.start} has a raw file`).not.toBeNull();
+    const raw = readFileSync(join(rawDir, region.file!)).subarray(0, ph.filesz);
+    // Lost pages read as zero in the core (FORMAT.md); the raw export writes a lost page's stored copy if there is one.
+    for (const l of region.lost) {
+      const at = Number(BigInt(l.address) - ph.vaddr);
+      raw.fill(0, Math.min(at, raw.length), Math.min(at + l.pages * 4096, raw.length));
+    }
+    expect(readAt(corePath, ph.offset, ph.filesz).equals(raw), `segment ${region.start} ${region.path} equals the raw export`).toBe(true);
+    compared++;
+  }
+  return compared;
+}
+
 function oneLine(text: string): string {
   const lines = text.trimEnd().split('\n');
   expect(lines, `exactly one line: ${JSON.stringify(text)}`).toHaveLength(1);
@@ -294,6 +320,19 @@ describe('export --format core of a process with known memory and call stacks', 
     const file = readAt(libcText.path, Number(BigInt(libcText.offset)), size(libcText));
     expect(text.equals(Buffer.concat([file, Buffer.alloc(size(libcText) - file.length)]))).toBe(true);
     expectFixtureView(parseGdb(gdb(EXE, all, FIXTURE_COMMANDS).output, all), 'wpsnap --all core');
+    // Every segment, byte for byte, as the raw export has the region; the default core's segments too.
+    const rawDir = join(dir, 'fixture-raw');
+    const opened = Store.open(store, { readonly: true });
+    try {
+      await exportRaw(opened, 'fixture', rawDir);
+    } finally {
+      await opened.close();
+    }
+    expect(expectSameAsRaw(all, rawDir, fixture.pid)).toBe(regions.filter((r) => r.capture !== 'skipped').length);
+    const whole = loads.filter((p) => p.filesz > 0 && p.filesz === p.memsz).length;
+    const compared = expectSameAsRaw(core, rawDir, fixture.pid);
+    expect(compared).toBe(loads.filter((p) => p.filesz > 0).length);
+    expect(compared).toBeGreaterThan(whole - 1);
   });
 
   it('creates the file 0600 under umask 0, through a temporary name that is gone after', async () => {
@@ -435,6 +474,82 @@ describe('export --format core of stores made without a target', () => {
     const page = heapBatch(0x10000000n, 1, ['random'], 200).data;
     const words = [0, 8].map((at) => `0x${Buffer.from(page).readBigUInt64LE(at).toString(16).padStart(16, '0')}`);
     expect(run.output).toMatch(new RegExp(`0x10000000:\\s+${words[0]}\\s+${words[1]}`));
+  });
+
+  it('holds each page as the raw export does: stored pages, zeros, lost pages zeroed, file content, holes', async () => {
+    const sub = join(dir, 'content');
+    mkdirSync(sub);
+    const libFile = join(sub, 'libfake.so');
+    const libBytes = Buffer.alloc(22_528);
+    for (let i = 0; i < libBytes.length; i += 8) libBytes.writeUInt32LE(0xc0de0000 + i, i);
+    libBytes.write('\x7fELF', 0, 'latin1');
+    writeFileSync(libFile, libBytes, { mode: 0o644 });
+    const reference = (path: string): FileReference => {
+      const st = statSync(path, { bigint: true });
+      return { path, dev: Number(st.dev), ino: Number(st.ino), size: Number(st.size), mtimeNs: st.mtimeNs.toString() };
+    };
+    const batch = (entries: Array<[bigint, number]>): PageBatch => {
+      const data = new Uint8Array(entries.length * PAGE_SIZE);
+      entries.forEach(([, seed], i) => data.set(heapBatch(0n, 1, ['random'], seed).data, i * PAGE_SIZE));
+      return { addresses: BigUint64Array.from(entries.map(([a]) => a)), data };
+    };
+    const HEAP = 0x5555a0000000n;
+    const BIG = 0x7f1000000000n;
+    const LIB = 0x7f3300000000n;
+    const HDR = 0x7f3400000000n;
+    const path = join(sub, 'content.db');
+    const s = Store.open(path);
+    const writer = s.beginSnapshot({ name: 'content' });
+    const p = writer.addProcess(fakeProcess(777));
+    writer.addThreads(p, [{ ...fakeThread(777), xstate: Buffer.alloc(0) }]);
+    const lib = { capture: 'file-private' as const, path: libFile, inode: Number(statSync(libFile).ino), file: reference(libFile) };
+    writer.addRegions(p, [
+      fakeRegion(HEAP, HEAP + 16n * 4096n, { path: '[heap]' }),
+      // 700 pages: windows with nothing stored are skipped (holes).
+      fakeRegion(BIG, BIG + 700n * 4096n),
+      // 8 pages of the file from offset 4096 (4.5 pages of file, then zeros); page 2 copied on write.
+      fakeRegion(LIB, LIB + 8n * 4096n, { ...lib, perms: 'rw-p', offset: 4096n }),
+      // Never written, offset 0 of an ELF file: only its header page.
+      fakeRegion(HDR, HDR + 4n * 4096n, { ...lib, perms: 'r--p', offset: 0n }),
+    ]);
+    await writer.addPages(p, batch([[HEAP + 4096n, 1], [HEAP + 2n * 4096n, 1], [HEAP + 9n * 4096n, 9], [HEAP + 12n * 4096n, 12], [LIB + 2n * 4096n, 1234]]));
+    await writer.addPages(p, batch([[BIG, 50], [BIG + 300n * 4096n, 51], [BIG + 301n * 4096n, 52], [BIG + 699n * 4096n, 53]]));
+    writer.addLost(p, [{ address: HEAP + 12n * 4096n, pages: 2, reason: 'unmapped-before-saved' }]);
+    await writer.complete({ pauseMicros: 0, durationMillis: 0, faults: 0, faultP50Micros: 0, faultP99Micros: 0 });
+
+    const rawDir = join(sub, 'raw');
+    await exportRaw(s, 'content', rawDir);
+    const out = join(sub, 'content.core');
+    const result = await exportCore(s, 'content', out);
+    expect(result).toMatchObject({ segments: 4, segmentsWithContent: 4, lostPages: 2 });
+    expect(result.warnings).toEqual(['2 pages read as zero in the core: their content at T is not in the snapshot (unmapped-before-saved)']);
+    const loads = programHeaders(out).filter((ph) => ph.type === 'LOAD');
+    expect(loads.map((ph) => [ph.filesz, ph.memsz, ph.flags])).toEqual([
+      [16 * 4096, 16 * 4096, 'RW'],
+      [700 * 4096, 700 * 4096, 'RW'],
+      [8 * 4096, 8 * 4096, 'RW'],
+      [4096, 4 * 4096, 'R'],
+    ]);
+    expect(expectSameAsRaw(out, rawDir, 777)).toBe(4);
+    // The lost page kept in the store (12) reads as zero; the file's bytes are there; the big region is mostly holes.
+    expect(readAt(out, loads[0]!.offset + 12 * 4096, 4096).equals(Buffer.alloc(4096))).toBe(true);
+    expect(readAt(out, loads[2]!.offset, 4096).equals(libBytes.subarray(4096, 8192))).toBe(true);
+    expect(readAt(out, loads[3]!.offset, 4096).equals(libBytes.subarray(0, 4096))).toBe(true);
+    expect(statSync(out).blocks * 512).toBeLessThan(400 * 4096);
+
+    // The file changed since T: its pages that were not copied on write read as zero, and the export says so.
+    utimesSync(libFile, new Date(), new Date(Date.now() + 5000));
+    const changed = await exportCore(s, 'content', join(sub, 'changed.core'));
+    // 4.5 pages of file in the 8-page mapping: 5 pages, one of them stored (page 2).
+    expect(changed.lostPages).toBe(2 + 4);
+    expect(changed.warnings).toEqual([`6 pages read as zero in the core: their content at T is not in the snapshot (unmapped-before-saved); changed since T: ${libFile}`]);
+    const changedLoads = programHeaders(join(sub, 'changed.core')).filter((ph) => ph.type === 'LOAD');
+    expect(changedLoads.map((ph) => ph.filesz)).toEqual([16 * 4096, 700 * 4096, 8 * 4096, 0]);
+    const libSegment = readAt(join(sub, 'changed.core'), changedLoads[2]!.offset, 8 * 4096);
+    const expected = Buffer.alloc(8 * 4096);
+    Buffer.from(heapBatch(0n, 1, ['random'], 1234).data).copy(expected, 2 * 4096);
+    expect(libSegment.equals(expected)).toBe(true);
+    await s.close();
   });
 
   it('an incomplete snapshot is exported only with --allow-incomplete', async () => {
