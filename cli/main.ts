@@ -18,6 +18,8 @@ import { showCommand } from './commands/show.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { precopyCommand } from './commands/precopy.js';
 import { trackCommand } from './commands/track.js';
+import { statusCommand } from './commands/status.js';
+import { untrackCommand } from './commands/untrack.js';
 import { verifyCommand } from './commands/verify.js';
 import type { CommandSpec, GlobalArgs } from './commands/types.js';
 import { defaultContext, toJson, type CommandContext } from './context.js';
@@ -28,6 +30,8 @@ import { usageMessage } from './args.js';
 const COMMANDS: Array<CommandSpec<any>> = [
   snapshotCommand,
   trackCommand,
+  untrackCommand,
+  statusCommand,
   precopyCommand,
   lsCommand,
   showCommand,

@@ -30,6 +30,12 @@ const CODE_CATEGORY = {
   PARENT_INVALID: 'usage',
   // rm of a snapshot other generations depend on, without --force.
   HAS_GENERATIONS: 'usage',
+  // untrack of a process no keeper tracks.
+  NOT_TRACKED: 'usage',
+  // The process is tracked by a keeper: track/precopy cannot register it too.
+  TRACKED_BY_KEEPER: 'usage',
+  // The keepers' directory is not private to this user.
+  KEEPER_DIR: 'usage',
   // This machine, kernel or build cannot do it (exit 3).
   UNSUPPORTED_ENVIRONMENT: 'unsupported',
   UNSUPPORTED_PLATFORM: 'unsupported',
@@ -48,6 +54,8 @@ const CODE_CATEGORY = {
   INTERRUPTED: 'interrupted',
   // Everything else that failed (exit 1).
   INTERNAL: 'failure',
+  // A keeper did not start or answer as it must.
+  KEEPER_FAILED: 'failure',
   DEMO_FAILED: 'failure',
   VERIFY_FAILED: 'failure',
   DUPLICATE_PROCESS: 'failure',

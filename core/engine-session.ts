@@ -49,6 +49,12 @@ export interface EngineSessionOptions {
   onWindowClosed?: (() => void) | undefined;
   /** Called (at most once) when staging is full: the sweep, and the target's protected pages, wait for the store. */
   onStagingFull?: (() => void) | undefined;
+  /**
+   * Keep the target tracked after the window (snapshot --track): saved pages
+   * stay protected and every write since T is logged, until endKeep() hands
+   * the log over (core/native/engine_keep.c).
+   */
+  keep?: boolean | undefined;
 }
 
 /** Batches the store holds at a time: enough to keep its workers busy; the rest wait in staging. */
@@ -68,6 +74,7 @@ export class EngineSession {
   private phase: EngineProgress['phase'] = 'saving';
   private timer: ReturnType<typeof setInterval> | undefined;
   private ran = false;
+  private kept = false;
   private resolveDone!: (stats: EngineFinalStats) => void;
   private rejectDone!: (error: unknown) => void;
   /** Settles once the engine is done and every batch is stored (never before go()). */
@@ -116,7 +123,7 @@ export class EngineSession {
   /** Give the engine the protected regions: called in the pause, right before the resume. */
   prepareRun(uffd: number, regions: EngineRegion[]): void {
     try {
-      this.binding.engineRun(this.handle, { uffd, regions });
+      this.binding.engineRun(this.handle, { uffd, regions, keep: this.options.keep === true });
     } catch (error) {
       throw fromNative(error, 'start the snapshot engine');
     }
@@ -135,9 +142,15 @@ export class EngineSession {
   }
 
   /** Before the pause: let the target's writes to these protected ranges through and record them. */
-  track(uffd: number, ranges: Array<[bigint, bigint]>): void {
-    const triples = new BigUint64Array(ranges.length * 3);
-    ranges.forEach(([start, end], i) => triples.set([start, end, 4096n], 3 * i));
+  track(uffd: number, ranges: Array<[bigint, bigint]> | BigUint64Array): void {
+    // Intervals of 4 KiB pages, or [start, end, unit] triples (a keeper's, hugetlb included).
+    let triples: BigUint64Array;
+    if (ranges instanceof BigUint64Array) {
+      triples = ranges;
+    } else {
+      triples = new BigUint64Array(ranges.length * 3);
+      ranges.forEach(([start, end], i) => triples.set([start, end, 4096n], 3 * i));
+    }
     this.binding.engineTrack(this.handle, { uffd, ranges: triples });
   }
 
@@ -146,6 +159,21 @@ export class EngineSession {
     const taken = this.binding.engineTrackTake(this.handle, stop);
     if (taken.error !== undefined) throw new WpsnapError('TARGET_NOT_FOUND', `pid ${this.options.pid}: ${taken.error}`);
     return { written: taken.written, invalid: taken.invalid, overflowed: taken.overflowed, faults: taken.faults };
+  }
+
+  /**
+   * With keep, once done: stop serving the userfaultfd (the target's faults
+   * queue in it until its next reader) and take every write since T. Null if
+   * already ended or not kept. The userfaultfd stays open: the caller's to
+   * hand over or close.
+   */
+  endKeep(): (TrackLog & { exited: boolean; forks: number }) | null {
+    if (!this.options.keep || !this.ran || this.kept) return null;
+    this.kept = true;
+    const taken = this.binding.engineTrackTake(this.handle, true);
+    this.binding.engineJoin(this.handle);
+    if (taken.error !== undefined) throw new WpsnapError('INTERNAL', `pid ${this.options.pid}: tracking after the snapshot failed: ${taken.error}`);
+    return { written: taken.written, invalid: taken.invalid, overflowed: taken.overflowed, faults: taken.faults, forks: taken.forks, exited: taken.exited === true };
   }
 
   /** End an engine that never ran (the snapshot failed before the resume). */
@@ -212,7 +240,8 @@ export class EngineSession {
       } finally {
         clearInterval(storing);
       }
-      this.binding.engineJoin(this.handle);
+      // Kept: the thread goes on serving the target's faults until endKeep().
+      if (!this.options.keep) this.binding.engineJoin(this.handle);
       if (this.storeError !== undefined) throw this.storeError;
       this.resolveDone(stats);
     };

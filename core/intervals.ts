@@ -64,6 +64,13 @@ export function fromStartLenPairs(pairs: BigUint64Array): Intervals {
 }
 
 /** How many 4 KiB pages the (disjoint) intervals hold. */
+/** Intervals as the [start, len] pairs the native logs use. */
+export function toStartLenPairs(intervals: Intervals): BigUint64Array {
+  const out = new BigUint64Array(intervals.length * 2);
+  intervals.forEach(([s, e], i) => out.set([s, e - s], 2 * i));
+  return out;
+}
+
 export function pagesIn(intervals: Intervals): number {
   let pages = 0n;
   for (const [s, e] of intervals) pages += (e - s) / 4096n;

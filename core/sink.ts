@@ -39,4 +39,13 @@ export interface SnapshotTarget {
   beginSnapshot(options: { name?: string; parent?: ParentRef }): SnapshotSink;
   /** Where copied pages may wait on disk for the store by default (the store's directory). */
   readonly stagingDir?: string;
+  /** The store's file (a keeper records which store its base snapshot is in). */
+  readonly path?: string;
+  /**
+   * For a tracked generation: the parent's id (checked as for any generation),
+   * its protected regions of this process and its lost ranges, [start, end):
+   * the parent holds the content at its instant of the first less the second,
+   * and a page there not written since may be taken from it unread.
+   */
+  parentContent?(parent: ParentRef): { id: number; protectedRanges: Array<[bigint, bigint]>; lost: Array<[bigint, bigint]> };
 }

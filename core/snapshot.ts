@@ -20,7 +20,10 @@ import { setStorePriority, type StorePriority } from '../store/priority.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
 import { openStaging, residentBytes, type Staging, type StagingOptions } from './staging.js';
-import { preProtect, type PreProtection } from './preprotect.js';
+import { preProtect, type PreProtection, type TrackLog } from './preprotect.js';
+import { encodeTracking, KeeperLink, logIntervals, startKeeper, takeOverTracking, type KeeperStatus, type TakenTracking, type TrackingState } from './keeper.js';
+import { adoptTracking, mergeLogs, trackedRanges, unwrittenSinceParent, withSaved } from './tracking-handover.js';
+import { normalize, subtract, type Intervals } from './intervals.js';
 import { findSparse } from './sparse.js';
 import { refuseSelfFreeze } from './target-guard.js';
 
@@ -57,6 +60,12 @@ export interface SnapshotOptions {
   /** The store's CPU priority once the target runs again (store/priority.ts). Default normal: a
    * library leaves its caller's thread alone unless asked (the CLI asks for idle). */
   priority?: StorePriority;
+  /**
+   * Keep the target tracked after the snapshot (a keeper process holds its
+   * context, core/keeper.ts): the next snapshot with this one as --parent
+   * reads only the pages written since.
+   */
+  track?: boolean;
 }
 
 export const DEFAULT_MAX_SHARED_COPY = 512 * 1024 * 1024;
@@ -132,6 +141,21 @@ export interface SnapshotResult {
   changedPages?: number;
   writtenUnchangedPages?: number | null;
   pagesStored?: number;
+  /** With track: the keeper that tracks the target from this snapshot's instant on (null: the target exited). */
+  tracking?: { keeperPid: number; since: string } | null;
+  /** The target was tracked: its keeper's context was taken over (and its log used) by this snapshot. */
+  tookOverFrom?: { keeperPid: number; base: number; since: string };
+}
+
+/** Is `pid` tracked since a snapshot of this store? (A peek: the keeper goes on.) */
+async function keeperOf(pid: number): Promise<KeeperStatus | undefined> {
+  const link = await KeeperLink.connect(pid);
+  if (link === undefined) return undefined;
+  try {
+    return (await link.request({ op: 'status' })) as unknown as KeeperStatus;
+  } finally {
+    link.close();
+  }
 }
 
 export async function snapshotProcess(
@@ -164,11 +188,21 @@ export async function snapshotProcess(
   let preFaults = 0;
   const stopEngine = new AbortController();
   const planner = new RegionPlanner(pid);
+  let taken: TakenTracking | undefined;
+  let keepUffd = false;
   try {
     attacher.prepare();
+    // Tracked since the parent, in this store: a tracked generation reads only what was written since.
+    const keeper = await keeperOf(pid);
+    const parentRef = options.parent === undefined ? undefined : { ref: options.parent, pid, startTimeTicks: processRecord.startTimeTicks };
+    let parentKnown: Intervals | undefined;
+    if (parentRef !== undefined && keeper?.state === 'tracking' && keeper.store === store.path && store.parentContent !== undefined) {
+      const content = store.parentContent(parentRef);
+      if (content.id === keeper.base) parentKnown = subtract(normalize(content.protectedRanges), normalize(content.lost));
+    }
     writer = store.beginSnapshot({
       ...(options.name === undefined ? {} : { name: options.name }),
-      ...(options.parent === undefined ? {} : { parent: { ref: options.parent, pid, startTimeTicks: processRecord.startTimeTicks } }),
+      ...(parentRef === undefined ? {} : { parent: { ...parentRef, incremental: parentKnown === undefined ? 'compared' : 'tracked' } }),
     });
     const processId = writer.addProcess(processRecord);
     const mapsBefore = planner.readMaps();
@@ -201,9 +235,17 @@ export async function snapshotProcess(
           setStorePriority('normal');
         }
       },
+      keep: options.track === true,
     });
     const started = session;
-    if (options.preProtect ?? true) pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis });
+    // A keeper's context (tracked target) stands in for pre-protection: no attach stop at all.
+    if (keeper !== undefined) taken = await takeOverTracking(binding, pid, processRecord.startTimeTicks);
+    if (taken !== undefined) pre = adoptTracking(taken, session);
+    else if (options.preProtect ?? true) pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis });
+    const adopted = taken;
+    let atInstant: TrackLog | undefined;
+    let unwritten: Intervals = [];
+    let keptRanges: BigUint64Array = new BigUint64Array(0);
     faultPoint('before-freeze');
     const maxSharedCopyBytes = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
     paused = pause(binding, {
@@ -215,7 +257,12 @@ export async function snapshotProcess(
       copyBuffer,
       pinSources,
       maxPinnedCopyBytes: options.maxPinnedCopyBytes,
-      beforeResume: (uffd, plans) => started.prepareRun(uffd, plans.flatMap((p) => (p.engine ? [p.engine] : []))),
+      beforeResume: (uffd, plans) => {
+        const regions = plans.flatMap((p) => (p.engine ? [p.engine] : []));
+        keptRanges = trackedRanges(regions);
+        if (adopted !== undefined && parentKnown !== undefined && atInstant !== undefined) unwritten = unwrittenSinceParent(adopted, atInstant, parentKnown);
+        started.prepareRun(uffd, unwritten.length === 0 ? regions : regions.map((r) => withSaved(r, unwritten)));
+      },
       afterResume: () => started.go(),
       pre:
         pre === undefined
@@ -225,19 +272,24 @@ export async function snapshotProcess(
               finalLog: () => {
                 const log = started.trackTake(true);
                 preFaults = log.faults;
-                return log;
+                atInstant = adopted === undefined ? log : mergeLogs(adopted, log);
+                return atInstant;
               },
             },
     });
     const longestStop = Math.max(paused.pauseMicros, pre?.attachStopMicros ?? 0);
     const resumedAt = performance.now();
+    const instantAt = new Date().toISOString();
+    // Written since the parent: everything but what is taken from it unread.
+    if (parentKnown !== undefined) writer.setDirty(processId, subtract(normalize(paused.plans.map((p): [bigint, bigint] => [p.record.start, p.record.end])), unwritten));
     targetCpu.before = targetClock.lap();
     // From now on the store's work waits for CPUs the target leaves.
     if (priority !== 'normal') setStorePriority(priority);
     writer.recordPause(longestStop, paused.breakdown);
     attacher.release();
     faultPoint('after-resume');
-    const { stats, lost } = await saveInBackground(binding, writer, processId, paused, session, stopEngine, pid);
+    keepUffd = options.track === true;
+    const { stats, lost } = await saveInBackground(binding, writer, processId, paused, session, stopEngine, pid, keepUffd);
     staging.close();
     // The engine's window counts from its run(), in the pause: the protection
     // window as the target sees it starts at the resume.
@@ -255,6 +307,30 @@ export async function snapshotProcess(
       ...(paused.warnings.length > 0 ? { warnings: paused.warnings } : {}),
     });
     targetCpu.compressing = targetClock.lap();
+    // The tracking: to a keeper with this instant as its base (--track), or ended.
+    let tracking: SnapshotResult['tracking'];
+    if (options.track === true) {
+      try {
+        tracking = await handTrackingOn(session, paused.uffd, paused.method, taken, {
+          pid,
+          startTimeTicks: processRecord.startTimeTicks,
+          base: writer.id,
+          store: store.path ?? '',
+          since: instantAt,
+          ranges: keptRanges,
+        });
+        if (tracking === null) paused.warnings.push(`pid ${pid} exited: it is not tracked`);
+      } catch (error) {
+        // The snapshot is complete; only the tracking is lost (closing our fd releases the target).
+        tracking = null;
+        paused.warnings.push(`pid ${pid} is not tracked: ${(error as Error).message}`);
+      }
+    } else if (taken !== undefined) {
+      await taken.link.request({ op: 'release' }).catch(() => undefined);
+    }
+    taken?.link.close();
+    closeQuietly(binding, paused.uffd);
+    keepUffd = false;
     const { lost: _lost, error: _error, ...engine } = stats;
     const count = (capture: RegionRecord['capture']): number => paused!.plans.filter((p) => p.record.capture === capture).length;
     return {
@@ -313,10 +389,24 @@ export async function snapshotProcess(
             pagesStored: final.generation.pagesStored,
           }),
       engine,
+      ...(tracking === undefined ? {} : { tracking }),
+      ...(taken === undefined ? {} : { tookOverFrom: { keeperPid: taken.keeperPid, base: taken.tracking.base, since: taken.tracking.since } }),
     };
   } catch (error) {
     // The engine first: while it tracks, it reads the userfaultfd closed next.
     session?.close();
+    // A kept engine serves the target's faults after its run: stop it once its run is over.
+    if (keepUffd && session !== undefined) {
+      session.stop();
+      await session.done.catch(() => undefined);
+      try {
+        session.endKeep();
+      } catch {
+        // ended already
+      }
+    }
+    // The keeper closes its copy of the context once we are gone: the target is released.
+    taken?.link.close();
     if (paused) closeQuietly(binding, paused.uffd);
     else if (pre) closeQuietly(binding, pre.uffd);
     if (writer) await writer.abort(error instanceof Error ? error.message : String(error)).catch(() => undefined);
@@ -346,6 +436,7 @@ async function saveInBackground(
   session: EngineSession,
   stopEngine: AbortController,
   pid: number,
+  keepUffd: boolean,
 ): Promise<{ stats: EngineFinalStats; lost: LostRange[] }> {
   // The engine runs since the pause: the target's first writes to protected
   // pages wait for it. The metadata and the pages copied in the pause are
@@ -366,8 +457,9 @@ async function saveInBackground(
   pausedStored.catch(() => undefined); // surfaced below, once the engine has stopped
   const stats = await engineDone;
   await pausedStored;
-  // Every page is saved: closing the only reference drops the registrations.
-  closeQuietly(binding, paused.uffd);
+  // Every page is saved: closing the only reference drops the registrations
+  // (kept for tracking: the engine goes on serving it until it is handed on).
+  if (!keepUffd) closeQuietly(binding, paused.uffd);
   const engineLost: LostRange[] = stats.lost.map((l) => ({ address: l.address, pages: l.pages, reason: l.reason as LostRange['reason'] }));
   if (engineLost.length > 0) writer.addLost(processId, engineLost);
   if (stats.error) {
@@ -380,4 +472,39 @@ async function saveInBackground(
     throw new WpsnapError('INTERRUPTED', `snapshot of pid ${pid} interrupted; recorded as incomplete`);
   }
   return { stats, lost: [...initialLost, ...engineLost] };
+}
+
+/**
+ * --track, once the snapshot is complete: stop the engine serving the
+ * context, and hand it with every write since T to a keeper: the one it was
+ * taken over from, or a new one. Null if the target exited.
+ */
+async function handTrackingOn(
+  session: EngineSession,
+  uffd: number,
+  method: UffdMethod,
+  taken: TakenTracking | undefined,
+  base: { pid: number; startTimeTicks: number; base: number; store: string; since: string; ranges: BigUint64Array },
+): Promise<{ keeperPid: number; since: string } | null> {
+  const kept = session.endKeep();
+  if (kept === null || kept.exited) {
+    if (taken !== undefined) await taken.link.request({ op: 'release' }).catch(() => undefined);
+    return null;
+  }
+  const tracking: TrackingState = {
+    base: base.base,
+    store: base.store,
+    since: base.since,
+    method,
+    ranges: base.ranges,
+    written: logIntervals(kept.written),
+    invalid: logIntervals(kept.invalid),
+    overflowed: kept.overflowed || kept.forks > 0, // a child may write shared memory without a fault here
+  };
+  if (taken !== undefined) {
+    await taken.link.request({ op: 'adopt', ...encodeTracking(tracking) });
+    return { keeperPid: taken.keeperPid, since: base.since };
+  }
+  const { keeperPid } = await startKeeper(base.pid, base.startTimeTicks, uffd, tracking);
+  return { keeperPid, since: base.since };
 }

@@ -118,6 +118,27 @@ export function requireTracker(binding: NativeBinding, kind: TrackerKind): void 
   }
 }
 
+/**
+ * Unprotect `ranges` 2 MiB at a time while the target runs, before a context
+ * is closed: closing one whose gigabyte is protected unprotects it in one go
+ * with the target's writes held off (a 210–300 ms gap at 1 GiB here; 23 ms
+ * this way, BENCHMARKS.md "Dirty tracking").
+ */
+export function unprotectGradually(binding: NativeBinding, uffd: number, ranges: Intervals): void {
+  for (const [start, end] of ranges) {
+    for (let at = start; at < end; ) {
+      const next = ((at >> UNPROTECT_SHIFT) + 1n) << UNPROTECT_SHIFT;
+      const stop = next < end ? next : end;
+      try {
+        binding.uffdWriteProtect(uffd, at, stop - at, false);
+      } catch {
+        // Changed meanwhile (unmapped, an event pending): the close unprotects it.
+      }
+      at = stop;
+    }
+  }
+}
+
 export class DirtyTracker {
   private readonly fsCache = new Map<string, { type: number; bsize: number }>();
   private readonly units = new Map<string, bigint>();
@@ -257,34 +278,16 @@ export class DirtyTracker {
   }
 
   /**
-   * Stop tracking: the target is unprotected, then the context closes.
-   * Idempotent. Closing a context whose gigabyte is protected unprotects it
-   * in one go with the target's writes held off (a 210–300 ms gap in a
-   * heartbeat at 1 GiB here); unprotected first, 2 MiB at a time while it
-   * runs, the longest gap was 23 ms (BENCHMARKS.md, "Dirty tracking").
+   * Stop tracking: the target is unprotected (gradually, see
+   * unprotectGradually), then the context closes. Idempotent.
    */
   stop(): void {
     if (this.stopped) return;
     this.stopped = true;
-    if (this.uffd >= 0 && !this.exited) this.unprotectGradually();
+    if (this.uffd >= 0 && !this.exited) unprotectGradually(this.binding, this.uffd, this.registered);
     if (this.handle !== undefined) this.binding.trackerStop(this.handle);
     if (this.uffd >= 0) closeQuietly(this.binding, this.uffd);
     closeQuietly(this.binding, this.pidfd);
-  }
-
-  private unprotectGradually(): void {
-    for (const [start, end] of this.registered) {
-      for (let at = start; at < end; ) {
-        const next = ((at >> UNPROTECT_SHIFT) + 1n) << UNPROTECT_SHIFT;
-        const stop = next < end ? next : end;
-        try {
-          this.binding.uffdWriteProtect(this.uffd, at, stop - at, false);
-        } catch {
-          // Changed meanwhile (unmapped, an event pending): the close unprotects it.
-        }
-        at = stop;
-      }
-    }
   }
 
   private key(m: MapsEntry): string {

@@ -182,6 +182,17 @@ export class Store implements SnapshotReader {
     return writer;
   }
 
+  /** SnapshotTarget.parentContent: what a tracked generation may take from its parent unread. */
+  parentContent(parent: { ref: string; pid: number; startTimeTicks: number }): { id: number; protectedRanges: Array<[bigint, bigint]>; lost: Array<[bigint, bigint]> } {
+    const id = this.parentFor(parent);
+    const processId = this.processes(id).find((p) => p.pid === parent.pid)!.processId;
+    const protectedRanges = this.regions(processId)
+      .filter((r) => r.capture === 'protected')
+      .map((r): [bigint, bigint] => [r.start, r.end]);
+    const lost = this.lost(processId).map((l): [bigint, bigint] => [l.address, l.address + BigInt(l.pages) * 4096n]);
+    return { id, protectedRanges, lost };
+  }
+
   /** The id of a generation's parent, checked: complete, and a snapshot of this very process. */
   private parentFor(parent: { ref: string; pid: number; startTimeTicks: number }): number {
     const summary = this.find(parent.ref);

@@ -1,3 +1,4 @@
+import { refuseIfTracked } from '../../core/keeper.js';
 // wpsnap precopy <pid>: copy a running process round after round until the
 // rest fits --max-pause, then take that rest with every thread stopped
 // (core/precopy.ts). The result is a generation chain; its last one is exact.
@@ -24,6 +25,7 @@ export const precopyCommand = defineCommand({
       .option('name', { type: 'string', describe: 'a name for the last generation' }),
   async handler(args, ctx: CommandContext) {
     const binding = ctx.binding();
+    await refuseIfTracked(args.pid, 'precopy');
     const store = await ctx.openStore(args.store);
     try {
       const result = await precopy(binding, store, args.pid, {

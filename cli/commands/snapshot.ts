@@ -47,6 +47,10 @@ export function summary(r: SnapshotResult): string[] {
       `  generation of snapshot ${r.parent} (${r.incremental === 'compared' ? 'every page compared with it' : 'the pages written since it'}): ${r.changedPages} pages changed${unchanged}, ${r.pagesStored} stored`,
     );
   }
+  if (r.tookOverFrom !== undefined) {
+    lines.push(`  took the tracking since snapshot ${r.tookOverFrom.base} (${r.tookOverFrom.since}) over from keeper ${r.tookOverFrom.keeperPid}`);
+  }
+  if (r.tracking) lines.push(`  tracked from this instant on by keeper ${r.tracking.keeperPid}: next, wpsnap snapshot ${r.pid} --parent ${r.id}; stop with wpsnap untrack ${r.pid}`);
   if (r.staging.fallback !== null) lines.push(`  staging fell back to memory: ${r.staging.fallback}`);
   if (r.priorityRaised) lines.push(`  staging filled up: the store ran at normal priority until every page was saved`);
   if (r.lostPages.length === 0) {
@@ -78,6 +82,11 @@ export const snapshotCommand = defineCommand({
       .option('parent', {
         type: 'string',
         describe: 'an earlier snapshot of this process (id or name): take the next generation, storing only the pages that changed since',
+      })
+      .option('track', {
+        type: 'boolean',
+        default: false,
+        describe: 'keep the target tracked after the snapshot (a keeper process holds it; see wpsnap status, wpsnap untrack): the next --parent of this snapshot reads only the pages written since',
       })
       .option('rate', {
         type: 'string',
@@ -124,6 +133,7 @@ export const snapshotCommand = defineCommand({
         ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6 }),
         ...(args.maxSharedCopy === undefined ? {} : { maxSharedCopyBytes: args.maxSharedCopy * 1024 * 1024 }),
         preProtect: args.preProtect,
+        track: args.track,
         priority: args.priority ?? defaultPriority(process.env['WPSNAP_PRIORITY']),
         staging: {
           dir: args.stagingDir,

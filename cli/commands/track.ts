@@ -1,3 +1,4 @@
+import { refuseIfTracked } from '../../core/keeper.js';
 // wpsnap track <pid>: which pages a running process writes, round after round,
 // copying nothing (core/tracker.ts). A top-like table on a terminal; JSON lines
 // with --json, one object per interval, for a migration tool or a script.
@@ -88,6 +89,7 @@ export const trackCommand = defineCommand({
       .option('top', { type: 'string', default: '20', describe: 'mappings shown on a terminal', coerce: positiveInteger('a count for --top') }),
   async handler(args, ctx: CommandContext) {
     const binding = ctx.binding();
+    await refuseIfTracked(args.pid, 'track');
     const tracker = DirtyTracker.start(binding, args.pid, { tracker: args.tracker });
     const started = performance.now();
     const live = !args.json && ctx.stdout.isTTY === true;

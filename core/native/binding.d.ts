@@ -71,6 +71,12 @@ export interface EngineCreateOptions {
 export interface EngineRunOptions {
   uffd: number;
   regions: EngineRegion[];
+  /**
+   * Keep the target tracked after the window (snapshot --track): saved pages stay protected,
+   * every write after T is logged, and the engine thread serves the context after the window
+   * until engineTrackTake(handle, true); the userfaultfd is then the caller's to hand over.
+   */
+  keep?: boolean;
 }
 
 /** engineCreate and engineRun in one call (tests and tools that need no pause in between). */
@@ -166,6 +172,8 @@ export interface NativeBinding {
   pidfdOpen(pid: number): number;
   /** pidfd_getfd(2): a copy of the target's fd in this process. */
   pidfdGetfd(pidfd: number, targetFd: number): number;
+  /** SO_PEERCRED of a connected unix socket: the peer's pid, uid and gid. */
+  peerCredentials(fd: number): { pid: number; uid: number; gid: number };
   /** close(2). */
   closeFd(fd: number): void;
   /** process_vm_readv(2). */
@@ -223,12 +231,13 @@ export interface NativeBinding {
   engineTrack(handle: NativeHandle, options: { uffd: number; ranges: BigUint64Array }): void;
   /**
    * What was recorded since the last take, as [start, len] pairs: written (or zapped, or
-   * moved into), and unmapped (or moved away). With stop, tracking ends first.
+   * moved into), and unmapped (or moved away). With stop, tracking ends first. After a run with
+   * keep: every write since T, and exited once the target exited.
    */
   engineTrackTake(
     handle: NativeHandle,
     stop: boolean,
-  ): { written: BigUint64Array; invalid: BigUint64Array; overflowed: boolean; faults: number; forks: number; error?: string };
+  ): { written: BigUint64Array; invalid: BigUint64Array; overflowed: boolean; faults: number; forks: number; error?: string; exited?: boolean };
   /**
    * Start the standalone dirty tracker's thread on a userfaultfd of the target (after
    * UFFDIO_API): it reads events (and, for a synchronous context, lets write faults

@@ -123,7 +123,9 @@ void track_on_fault(track_state_t *t, const struct uffd_msg *m) {
   atomic_fetch_add(&t->faults, 1);
 }
 
-void track_on_event(track_state_t *t, const struct uffd_msg *m) {
+void track_log_written(track_state_t *t, uint64_t start, uint64_t len) { log_add(t, &t->dirty, start, len); }
+
+void track_log_event(track_state_t *t, const struct uffd_msg *m) {
   switch (m->event) {
   case UFFD_EVENT_REMOVE: /* zapped: empty now, its markers may be gone */
     log_add(t, &t->dirty, m->arg.remove.start, m->arg.remove.end - m->arg.remove.start);
@@ -135,15 +137,20 @@ void track_on_event(track_state_t *t, const struct uffd_msg *m) {
     log_add(t, &t->invalid, m->arg.remap.from, m->arg.remap.len);
     log_add(t, &t->dirty, m->arg.remap.to, m->arg.remap.len);
     break;
-  case UFFD_EVENT_FORK:
-    /* The child may now write shared memory without faulting here: shared
-     * ranges count as written whole. Closing the child's context releases the child. */
-    atomic_fetch_add(&t->forks, 1);
-    close((int)m->arg.fork.ufd);
-    break;
   default:
     break;
   }
+}
+
+void track_on_event(track_state_t *t, const struct uffd_msg *m) {
+  if (m->event != UFFD_EVENT_FORK) {
+    track_log_event(t, m);
+    return;
+  }
+  /* The child may now write shared memory without faulting here: shared
+   * ranges count as written whole. Closing the child's context releases the child. */
+  atomic_fetch_add(&t->forks, 1);
+  close((int)m->arg.fork.ufd);
 }
 
 void track_take(track_state_t *t, track_log_t *dirty, track_log_t *invalid) {

@@ -46,6 +46,10 @@ void track_state_free(track_state_t *t);
 int track_set_ranges(track_state_t *t, const uint64_t *triples, size_t n);
 void track_on_fault(track_state_t *t, const struct uffd_msg *m);
 void track_on_event(track_state_t *t, const struct uffd_msg *m);
+/* Log a range written (the snapshot engine's faults while it keeps the target tracked). */
+void track_log_written(track_state_t *t, uint64_t start, uint64_t len);
+/* Log what a REMOVE, UNMAP or REMAP changes; other events are left to the caller. */
+void track_log_event(track_state_t *t, const struct uffd_msg *m);
 /* Hand the logs over (the caller frees their pairs) and start new ones. */
 void track_take(track_state_t *t, track_log_t *dirty, track_log_t *invalid);
 /* Take the logs as {written, invalid (BigUint64Array [start, len] pairs), overflowed, faults, forks}. */

@@ -368,7 +368,7 @@ static napi_value parse_regions(napi_env env, engine_t *e, napi_value regions) {
   return NULL;
 }
 
-/* engineRun(handle, {uffd, regions: [{start, end, pageSize, kind, fd, fileOffset, hugetlb, zeroRanges, savedRanges}]}):
+/* engineRun(handle, {uffd, regions: [{start, end, pageSize, kind, fd, fileOffset, hugetlb, zeroRanges, savedRanges}], keep}):
  * start the engine thread on the target's protected regions. Called in the
  * pause, right before the resume, so that the target's first write faults
  * find the engine ready. */
@@ -392,6 +392,17 @@ static void track_stop_wait(engine_t *e) {
   e->tracking = false;
 }
 
+/* After a run with keep: stop serving the context and wait until every message read is logged. */
+static void keep_stop_wait(engine_t *e) {
+  atomic_store(&e->keep_stop, true);
+  uint64_t one = 1;
+  ssize_t ignored = write(e->wake_fd, &one, sizeof one);
+  (void)ignored;
+  pthread_mutex_lock(&e->pool_lock);
+  while (!e->keep_stopped) pthread_cond_wait(&e->cmd_cond, &e->pool_lock);
+  pthread_mutex_unlock(&e->pool_lock);
+}
+
 static napi_value js_engine_run(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -405,6 +416,8 @@ static napi_value js_engine_run(napi_env env, napi_callback_info info) {
   if (!prop_int32(env, argv[1], "uffd", &uffd) || napi_get_named_property(env, argv[1], "regions", &regions) != napi_ok)
     return throw_type(env, "engineRun: uffd and regions are required");
   e->uffd = uffd;
+  napi_value kv;
+  if (napi_get_named_property(env, argv[1], "keep", &kv) == napi_ok) arg_bool(env, kv, &e->keep);
   napi_value failed = parse_regions(env, e, regions);
   if (failed != NULL) return failed;
   bool pending;
@@ -461,9 +474,15 @@ static napi_value js_engine_track_take(napi_env env, napi_callback_info info) {
   if (e == NULL) return throw_type(env, "engineTrackTake(handle, stop)");
   bool stop = false;
   if (argc >= 2) arg_bool(env, argv[1], &stop);
-  if (stop) track_stop_wait(e);
+  if (stop && e->keep && e->ran) keep_stop_wait(e);
+  else if (stop) track_stop_wait(e);
   napi_value o = track_take_object(env, &e->track);
   if (e->fatal_err) set_prop(env, o, "error", make_string(env, e->fatal_what));
+  if (e->keep) {
+    napi_value exited;
+    napi_get_boolean(env, atomic_load(&e->keep_exited), &exited);
+    set_prop(env, o, "exited", exited);
+  }
   return o;
 }
 

@@ -18,6 +18,7 @@ void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
       if (attempt > 0) wait_quiet(e, s->cur_start + block, THP_BYTES);
       int err = save_thp(e, s, block, thp, true);
       if (err == EAGAIN) continue;
+      if (err == 0 && e->keep) track_log_written(&e->track, s->cur_start + block, THP_BYTES);
       if (err == 0) {
         if (read_ns != 0 && e->nlatency < MAX_LATENCY_SAMPLES) {
           uint64_t dt = mono_ns() - read_ns;
@@ -36,6 +37,7 @@ void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
       step_t st = unprotect_outcome(e, unprotect_checked(e, s->cur_start + off, unit), "ioctl(UFFDIO_WRITEPROTECT) of a saved page");
       if (st == STEP_RETRY) continue;
       if (st == STEP_UNREGISTERED) uffd_wake(e->uffd, s->cur_start + off, unit);
+      if (st == STEP_OK && e->keep) track_log_written(&e->track, s->cur_start + off, unit); /* logged once unprotected */
       return;
     }
     uint8_t *dst = reserve(e, npg, true);
@@ -64,6 +66,7 @@ void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
     }
     for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_SAVED;
     commit(e, s->t_start + off, npg, true);
+    if (e->keep) track_log_written(&e->track, s->cur_start + off, unit);
     atomic_fetch_add(&e->pages_fault, npg);
     if (read_ns != 0 && e->nlatency < MAX_LATENCY_SAMPLES) {
       uint64_t dt = mono_ns() - read_ns;
@@ -174,6 +177,7 @@ void handle_remap(engine_t *e, uint64_t from, uint64_t to, uint64_t len) {
 }
 
 void handle_message(engine_t *e, const struct uffd_msg *m, uint64_t read_ns) {
+  if (e->keep && m->event != UFFD_EVENT_PAGEFAULT) track_log_event(&e->track, m);
   switch (m->event) {
   case UFFD_EVENT_PAGEFAULT:
     atomic_fetch_add(&e->faults, 1);

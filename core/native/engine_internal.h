@@ -204,6 +204,14 @@ typedef struct {
   track_state_t track;      /* the log and the ranges (dirty_log.h) */
   _Atomic bool track_stop;
   bool tracking, track_stopped; /* guarded by pool_lock */
+  /* keep (engineRun): the target stays tracked after the window, for a keeper
+   * to take the context over (engine_keep.c). The sweep protects the pages it
+   * saved again instead of unprotecting them, every write fault after T is
+   * logged in `track`, and after the window the thread serves the context
+   * until engineTrackTake(stop). */
+  bool keep;
+  _Atomic bool keep_stop, keep_exited;
+  bool keep_stopped; /* guarded by pool_lock */
 
   pthread_t thread;
   bool thread_started;
@@ -280,6 +288,8 @@ bool is_marker_entry(uint64_t pm);
 bool entry_has_data(engine_t *e, uint64_t pm);
 int read_more(engine_t *e, bool wait);
 int unprotect_checked(engine_t *e, uint64_t cur_start, uint64_t len);
+/* The sweep's end of a saved range: unprotect it, or with keep protect it again (the same check). */
+int settle_checked(engine_t *e, uint64_t cur_start, uint64_t len);
 step_t copy_outcome(engine_t *e, int err, bool may_apply_events);
 step_t unprotect_outcome(engine_t *e, int err, const char *what);
 void wait_quiet(engine_t *e, uint64_t start, uint64_t len);
@@ -301,6 +311,8 @@ uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, 
 int sweep_thp(engine_t *e, segment_t *s, uint64_t block, int thp, int *wait_ms);
 int sweep_step(engine_t *e, int *wait_ms);
 void engine_main(engine_t *e);
+void keep_prepare(engine_t *e);
+void keep_main(engine_t *e);
 void *engine_thread(void *arg);
 void track_main(engine_t *e);
 

@@ -221,6 +221,19 @@ int unprotect_checked(engine_t *e, uint64_t cur_start, uint64_t len) {
   return err;
 }
 
+/* In keep mode a saved page stays protected, so that the first write after T
+ * reaches the log: protecting it again fails with EAGAIN on a pending event
+ * just as the unprotect does, which is what validates the copy. */
+int settle_checked(engine_t *e, uint64_t cur_start, uint64_t len) {
+  if (!e->keep) return unprotect_checked(e, cur_start, len);
+  int err = uffd_writeprotect(e->uffd, cur_start, len, true);
+  if (err == EAGAIN) {
+    atomic_fetch_add(&e->eagain, 1);
+    read_more(e, true);
+  }
+  return err;
+}
+
 /* A copy from the target (seg_copy's result). ESRCH, or any failure once the
  * mm is gone, is an exit or exec: the copy may be of a new image. Otherwise a
  * failure is re-checked after the events pending now (a page moved or unmapped

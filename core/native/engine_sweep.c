@@ -200,7 +200,7 @@ int sweep_step(engine_t *e, int *wait_ms) {
     }
   }
 
-  step_t st = unprotect_outcome(e, unprotect_checked(e, s->cur_start + off, len), "ioctl(UFFDIO_WRITEPROTECT) in the sweep");
+  step_t st = unprotect_outcome(e, settle_checked(e, s->cur_start + off, len), "ioctl(UFFDIO_WRITEPROTECT) in the sweep");
   if (st == STEP_RETRY || st == STEP_STOP) return SWEEP_PROGRESS;
   if (st == STEP_UNREGISTERED) {
     for (uint32_t i = 0; i < npg; i++) s->state[off / PG + i] = PAGE_LOST;
@@ -350,6 +350,7 @@ static void unregister_all(engine_t *e) {
  * every staged batch handed to the store. */
 void engine_main(engine_t *e) {
   find_thp_segments(e);
+  if (e->keep) keep_prepare(e);
   e->tokens_at = mono_us();
   e->tokens = SWEEP_CHUNK_BYTES;
   /* Shared files first, at once: a write by the target to a shmem page not
@@ -369,7 +370,7 @@ void engine_main(engine_t *e) {
     }
   }
   flush_current(e);
-  if (e->gone_reason < 0) unregister_all(e);
+  if (e->gone_reason < 0 && !e->keep) unregister_all(e);
   e->window_end_us = mono_us();
   stage_window_closed(e);
   post_message(e, MSG_WINDOW_CLOSED);
@@ -384,6 +385,7 @@ void engine_main(engine_t *e) {
   e->finished = true;
   post_message(e, MSG_DONE); /* allocated at start: the end is always reported */
   napi_release_threadsafe_function(e->tsfn, napi_tsfn_release);
+  if (e->keep) keep_main(e);
 }
 
 static engine_cmd_t next_command(engine_t *e) {

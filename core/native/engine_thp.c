@@ -82,7 +82,7 @@ int save_thp(engine_t *e, segment_t *s, uint64_t block, int thp, bool from_fault
   uint8_t *dst = n > 0 ? reserve(e, n, from_fault) : NULL;
   if (n > 0 && dst == NULL) return ENOBUFS;
   step_t st = copy_outcome(e, n > 0 ? thp_copy(e, s, block, need, dst) : 0, true);
-  if (st == STEP_OK) st = unprotect_outcome(e, unprotect_checked(e, s->cur_start + block, THP_BYTES), "ioctl(UFFDIO_WRITEPROTECT) of a huge page");
+  if (st == STEP_OK) st = unprotect_outcome(e, from_fault ? unprotect_checked(e, s->cur_start + block, THP_BYTES) : settle_checked(e, s->cur_start + block, THP_BYTES), "ioctl(UFFDIO_WRITEPROTECT) of a huge page");
   if (st == STEP_RETRY) return EAGAIN;
   if (st == STEP_STOP) return 0;
   if (st != STEP_OK) return -1; /* unreadable or unregistered: 4 KiB units decide page by page */

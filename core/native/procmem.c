@@ -1,5 +1,6 @@
 /* The target's memory and fds from outside: process_vm_readv, pidfd_open and
  * pidfd_getfd, close, and the device node a non-root target opens. */
+#include <sys/socket.h>
 #include "addon.h"
 #include "kernel_compat.h"
 #include "napi_util.h"
@@ -12,6 +13,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
@@ -67,6 +69,26 @@ static napi_value js_pidfd_getfd(napi_env env, napi_callback_info info) {
   return make_int(env, fd);
 }
 
+/* peerCredentials(fd) -> {pid, uid, gid}: SO_PEERCRED of a connected unix
+ * socket (Node has no API for it): who is on the other end of a keeper's
+ * control socket. */
+static napi_value js_peer_credentials(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  if (argc < 1 || !arg_int32(env, argv[0], &fd)) return throw_type(env, "peerCredentials(fd)");
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return throw_errno(env, errno, "getsockopt", "getsockopt(%d, SO_PEERCRED)", fd);
+  napi_value o;
+  NAPI_CALL(env, napi_create_object(env, &o));
+  set_prop(env, o, "pid", make_int(env, (int32_t)cred.pid));
+  set_prop(env, o, "uid", make_double(env, (double)cred.uid));
+  set_prop(env, o, "gid", make_double(env, (double)cred.gid));
+  return o;
+}
+
 static napi_value js_close_fd(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
@@ -116,6 +138,7 @@ void register_procmem_exports(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"pidfdOpen", NULL, js_pidfd_open, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"pidfdGetfd", NULL, js_pidfd_getfd, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"peerCredentials", NULL, js_peer_credentials, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"closeFd", NULL, js_close_fd, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"processVmRead", NULL, js_process_vm_read, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"mknodDevice", NULL, js_mknod_device, NULL, NULL, NULL, napi_default_jsproperty, NULL},
