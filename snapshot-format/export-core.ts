@@ -3,13 +3,14 @@
 // touched. Layout and notes: elf-core.ts; which regions carry content:
 // dumpPlan() below, after the kernel's default coredump_filter.
 //
-// The file is written region by region (a region's stored pages come from the
-// reader in address order, a run of them at a time), to a temporary name in
-// the destination's directory, 0600 whatever the umask, and renamed into place
-// only once complete: a failed or interrupted export leaves nothing.
-import { closeSync, fchmodSync, ftruncateSync, linkSync, lstatSync, openSync, readSync, renameSync, statSync, unlinkSync, write, writeSync } from 'node:fs';
-import { basename, dirname, join, resolve } from 'node:path';
+// The file is written region by region, a window of pages at a time (a
+// region's stored pages come from the reader in address order), through
+// core-file.ts: 0600 whatever the umask, under a temporary name renamed into
+// place only once complete, so a failed or interrupted export leaves nothing.
+import { closeSync, openSync, readSync, statSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { WpsnapError } from '../common/errors.js';
+import { CoreFile, type FileWriter } from './core-file.js';
 import {
   coreLayout,
   encodeHeaders,
@@ -77,7 +78,6 @@ export interface CoreExportResult {
 const CHUNK_PAGES = 256;
 const PAGE = BigInt(PAGE_SIZE);
 const ELF_MAGIC = Buffer.from('\x7fELF', 'latin1');
-const FILE_MODE = 0o600;
 
 type Checkpoint = () => Promise<void>;
 
@@ -122,8 +122,6 @@ export async function exportCore(store: SnapshotReader, snapshotRef: string, out
     throw new WpsnapError('SNAPSHOT_INCOMPLETE', `snapshot ${summary.id} is ${summary.state}, not complete; allow incomplete snapshots to export it anyway`);
   }
   const target = pickProcess(store.processes(summary.id), summary.id, options.pid);
-  const path = resolve(outPath);
-  checkDestination(path, options.force === true);
   const interrupted = (): WpsnapError => new WpsnapError('INTERRUPTED', `export of snapshot ${summary.id} to ${outPath} interrupted; nothing of it was left`);
   if (options.signal?.aborted === true) throw interrupted();
   const checkpoint: Checkpoint = async () => {
@@ -132,26 +130,14 @@ export async function exportCore(store: SnapshotReader, snapshotRef: string, out
     if (options.signal.aborted) throw interrupted();
   };
 
-  const temp = join(dirname(path), `.${basename(path)}.wpsnap-${process.pid}-${Date.now().toString(36)}.tmp`);
-  let fd: number;
+  const file = CoreFile.create(resolve(outPath), options.force === true, CHUNK_PAGES * PAGE_SIZE);
   try {
-    // O_EXCL: never write through something already there; the mode is fixed below whatever the umask.
-    fd = openSync(temp, 'wx', FILE_MODE);
-  } catch (error) {
-    throw ioError(error, `create ${temp}`);
-  }
-  let closed = false;
-  const out = new FileWriter(fd);
-  try {
-    fchmodSync(fd, FILE_MODE);
-    const written = await writeCore(store, target, options.all === true, out, checkpoint);
-    closeSync(fd);
-    closed = true;
-    publish(temp, path, options.force === true);
+    const written = await writeCore(store, target, options.all === true, file, checkpoint);
+    await file.commit();
     return {
       id: summary.id,
       pid: target.pid,
-      path,
+      path: file.path,
       bytes: written.bytes,
       segments: written.segments,
       threads: written.threads,
@@ -162,13 +148,7 @@ export async function exportCore(store: SnapshotReader, snapshotRef: string, out
       state: summary.state,
     };
   } catch (error) {
-    await out.settle(); // no write may still be on its way to this fd once it is closed
-    if (!closed) closeSync(fd);
-    try {
-      unlinkSync(temp);
-    } catch {
-      // already gone (or renamed into place: then the error came after)
-    }
+    await file.discard();
     throw error;
   }
 }
@@ -187,46 +167,6 @@ function pickProcess<P extends ProcessRecord>(processes: P[], id: number, pid: n
   throw new WpsnapError('PROCESS_AMBIGUOUS', `snapshot ${id} holds ${processes.length} processes (pids ${pids}): name one with --pid`);
 }
 
-/** The destination's directory must exist; an existing file there is replaced only with force; never a directory. */
-function checkDestination(path: string, force: boolean): void {
-  const parent = dirname(path);
-  let parentIsDir: boolean;
-  try {
-    parentIsDir = statSync(parent).isDirectory();
-  } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' || code === 'ENOTDIR') {
-      throw new WpsnapError('EXPORT_PARENT_MISSING', `cannot create ${path}: its directory ${parent} does not exist`);
-    }
-    throw ioError(error, `stat ${parent}`);
-  }
-  if (!parentIsDir) throw new WpsnapError('EXPORT_PARENT_MISSING', `cannot create ${path}: ${parent} is not a directory`);
-  let existing;
-  try {
-    existing = lstatSync(path);
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw ioError(error, `stat ${path}`);
-  }
-  if (existing.isDirectory()) throw new WpsnapError('EXPORT_NOT_A_FILE', `${path} is a directory: a core export writes a file`);
-  if (!force) throw new WpsnapError('EXPORT_EXISTS', `${path} exists: add --force to replace it`);
-}
-
-/** The finished temporary file takes its name: a rename with force; else a link, which fails if the name was taken meanwhile. */
-function publish(temp: string, path: string, force: boolean): void {
-  try {
-    if (force) {
-      renameSync(temp, path);
-      return;
-    }
-    linkSync(temp, path);
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'EEXIST') throw new WpsnapError('EXPORT_EXISTS', `${path} exists: add --force to replace it`);
-    throw ioError(error, `rename ${temp} to ${path}`);
-  }
-  unlinkSync(temp);
-}
-
 interface Written {
   bytes: number;
   segments: number;
@@ -240,10 +180,10 @@ async function writeCore(
   store: SnapshotReader,
   target: ProcessRecord & { processId: number },
   all: boolean,
-  out: FileWriter,
+  file: CoreFile,
   checkpoint: Checkpoint,
 ): Promise<Written> {
-  const fd = out.fd;
+  const out = file.writer;
   const regions = store.regions(target.processId);
   const lost = store.lost(target.processId);
   const threads = orderThreads(store.threads(target.processId), target.pid);
@@ -278,16 +218,12 @@ async function writeCore(
   const { headers, sectionHeader } = encodeHeaders(layout, segments, offset);
   let end = offset;
   if (sectionHeader !== null) {
-    writeAll(fd, sectionHeader, offset);
+    file.writeAt(sectionHeader, offset);
     end += sectionHeader.length;
   }
-  try {
-    ftruncateSync(fd, end); // trailing zero pages are holes: the file must still reach them
-  } catch (error) {
-    throw ioError(error, 'ftruncate the core file');
-  }
-  writeAll(fd, headers, 0);
-  writeAll(fd, notes, layout.notesOffset);
+  file.truncate(end); // trailing zero pages are holes: the file must still reach them
+  file.writeAt(headers, 0);
+  file.writeAt(notes, layout.notesOffset);
   return {
     bytes: end,
     segments: segments.length,
@@ -492,85 +428,6 @@ function startsElfOrExecutable(region: RegionRecord): boolean {
   }
 }
 
-/** Bytes of page data a core export lets wait in libuv's pool for their write. */
-const MAX_IN_FLIGHT = 32 * 2 ** 20;
-const CHUNK_BYTES = CHUNK_PAGES * PAGE_SIZE;
-
-/**
- * Positioned writes to the core file, done in libuv's thread pool while this
- * thread reads and decompresses the next pages; at most MAX_IN_FLIGHT bytes
- * wait at once (pace()). Its chunk buffers are reused once written. A failed
- * write is thrown by the next pace() or drain().
- */
-class FileWriter {
-  private readonly inFlight = new Set<Promise<void>>();
-  private readonly free: Buffer[] = [];
-  private bytes = 0;
-  private failure: unknown = null;
-
-  constructor(readonly fd: number) {}
-
-  get busy(): boolean {
-    return this.bytes > MAX_IN_FLIGHT || this.failure !== null;
-  }
-
-  /** A chunk buffer (CHUNK_BYTES) to fill, then pass to write() or give() back. */
-  take(): Buffer {
-    return this.free.pop() ?? Buffer.allocUnsafe(CHUNK_BYTES);
-  }
-
-  give(buf: Buffer): void {
-    this.free.push(buf);
-  }
-
-  /** Write buf[from, to) at `position`; buf comes back to take() once written. */
-  write(buf: Buffer, from: number, to: number, position: number): void {
-    const size = to - from;
-    this.bytes += size;
-    const tracked: Promise<void> = writeAllAsync(this.fd, buf.subarray(from, to), position)
-      .catch((error: unknown) => {
-        this.failure ??= error;
-      })
-      .finally(() => {
-        this.bytes -= size;
-        this.inFlight.delete(tracked);
-        this.free.push(buf);
-      });
-    this.inFlight.add(tracked);
-  }
-
-  /** Wait until no more than MAX_IN_FLIGHT bytes are in flight. */
-  async pace(): Promise<void> {
-    while (this.bytes > MAX_IN_FLIGHT && this.failure === null) await Promise.race(this.inFlight);
-    this.check();
-  }
-
-  /** Wait for every write. */
-  async drain(): Promise<void> {
-    await this.settle();
-    this.check();
-  }
-
-  /** Wait for every write, whatever became of them. */
-  async settle(): Promise<void> {
-    while (this.inFlight.size > 0) await Promise.all(this.inFlight);
-  }
-
-  private check(): void {
-    if (this.failure !== null) throw ioError(this.failure, 'write the core file');
-  }
-}
-
-/** write at `position` until every byte is written (a short write goes on with the rest). */
-async function writeAllAsync(fd: number, data: Buffer, position: number): Promise<void> {
-  let done = 0;
-  while (done < data.length) {
-    done += await new Promise<number>((resolve, reject) =>
-      write(fd, data, done, data.length - done, position + done, (error, written) => (error ? reject(error) : resolve(written))),
-    );
-  }
-}
-
 function overlaps(l: LostRange, region: RegionRecord): boolean {
   return l.address < region.end && l.address + BigInt(l.pages) * PAGE > region.start;
 }
@@ -591,15 +448,6 @@ function countLost(mask: Uint8Array, pages: number): number {
   let n = 0;
   for (let i = 0; i < pages; i++) n += mask[i] as number;
   return n;
-}
-
-function writeAll(fd: number, data: Buffer, position: number): void {
-  try {
-    let done = 0;
-    while (done < data.length) done += writeSync(fd, data, done, data.length - done, position + done);
-  } catch (error) {
-    throw ioError(error, 'write the core file');
-  }
 }
 
 function readAll(fd: number, into: Buffer, position: bigint): number {

@@ -6,7 +6,7 @@
 // the same answers. Then the filter, the file's mode and atomic creation, the
 // bad inputs, several processes, an interrupted export, and a core of a real
 // program (python3).
-import { spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -418,6 +418,23 @@ describe('export --format core of a process with known memory and call stacks', 
       expect(readdirSync(join(dir, 'interrupted'))).toEqual([]);
     } finally {
       await opened.close();
+    }
+  });
+
+  it('a failed export (the filesystem fills up: a real tmpfs) exits 1 in one line and leaves nothing', async () => {
+    const small = join(dir, 'small');
+    mkdirSync(small);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', small]);
+    try {
+      const out = join(small, 'x.core');
+      // --all: libc's text alone is more than the 256 KiB the filesystem has.
+      const run = await runCli(['export', 'fixture', '--format', 'core', '--all', '--out', out, '--store', store]);
+      expect(run.code).toBe(1);
+      expect(oneLine(run.stderr)).toBe('wpsnap: write the core file: write: ENOSPC');
+      expect(readdirSync(small)).toEqual([]);
+      expectUntouched(fixture.pid);
+    } finally {
+      execFileSync('umount', [small]);
     }
   });
 
