@@ -31,11 +31,11 @@ export const exportCommand = defineCommand({
       .option('format', { type: 'string', choices: ['raw', 'core'], default: 'raw', describe: 'output format' })
       .option('out', {
         type: 'string',
-        describe: 'raw: output directory (created; must be empty); core: output file (refused if it exists, unless --force)',
+        describe: 'raw: a new or empty directory; core: a new file',
         demandOption: 'export needs --out DIR',
       })
-      .option('pid', { type: 'string', describe: 'core: the process to export (needed when the snapshot holds several)', coerce: positiveInteger('a pid') })
-      .option('all', { type: 'boolean', default: false, describe: 'core: the content of every region, not only what the default coredump_filter keeps' })
+      .option('pid', { type: 'string', describe: 'core: the process (when the snapshot holds several)', coerce: positiveInteger('a pid') })
+      .option('all', { type: 'boolean', default: false, describe: "core: every region's content, unfiltered" })
       .option('force', { type: 'boolean', default: false, describe: 'core: replace an existing --out file' })
       .option('allow-incomplete', { type: 'boolean', default: false, describe: 'export an incomplete snapshot (unsaved pages read as zero)' }),
   async handler(args, ctx: CommandContext) {
