@@ -38,6 +38,8 @@ export interface CoreRun {
   coreDiskBytes: number;
   cpuUserMillis: number;
   cpuSysMillis: number;
+  /** The command's peak resident set (VmHWM), KiB: the export streams, it does not hold the core. */
+  peakRssKiB: number | null;
   /** The longest gap between two heartbeats of the target in the window, ms (null: no heartbeat answer). */
   heartbeatMaxGapMillis: number | null;
   /** The longest gap between two writes of the target's workload loop, ms. */
@@ -61,7 +63,10 @@ export interface ExportCoreResult {
   snapshot: { id: number; durationMillis: number; pauseMicros: number; bytesStored: number };
   warmup: CoreRun[];
   runs: CoreRun[];
-  summary: Record<CorePeer, { wallMillis: number | null; wallRange: [number, number] | null; heartbeatMaxGapMillis: number | null; tracedSamples: number; coreBytes: number | null }> & {
+  summary: Record<
+    CorePeer,
+    { wallMillis: number | null; wallRange: [number, number] | null; heartbeatMaxGapMillis: number | null; tracedSamples: number; coreBytes: number | null; peakRssKiB: number | null }
+  > & {
     /** gcore's median wall time / wpsnap's: above 1, the export is faster. */
     gcoreOverWpsnap: number | null;
   };
@@ -86,8 +91,8 @@ async function measure(peer: CorePeer, index: number, t: Faultlat, snapshotId: n
   const from = performance.now();
   const r =
     peer === 'wpsnap'
-      ? await runCommand(process.execPath, [cli, 'export', String(snapshotId), '--format', 'core', '--out', file, '--json', '--store', store], { timeoutMs: 600_000 })
-      : await runCommand('gcore', ['-o', prefix, String(t.pid)], { timeoutMs: 600_000 });
+      ? await runCommand(process.execPath, [cli, 'export', String(snapshotId), '--format', 'core', '--out', file, '--json', '--store', store], { timeoutMs: 600_000, sampleMemory: true })
+      : await runCommand('gcore', ['-o', prefix, String(t.pid)], { timeoutMs: 600_000, sampleMemory: true });
   const to = performance.now();
   sampler.stop();
   const report = await t.report();
@@ -115,6 +120,7 @@ async function measure(peer: CorePeer, index: number, t: Faultlat, snapshotId: n
     coreDiskBytes: st.blocks * 512,
     cpuUserMillis: r.cpuUserMillis,
     cpuSysMillis: r.cpuSysMillis,
+    peakRssKiB: r.vmHwmKiB ?? null,
     ...windowFigures(report),
     tracedSamples: traced,
     samples,
@@ -124,7 +130,7 @@ async function measure(peer: CorePeer, index: number, t: Faultlat, snapshotId: n
 }
 
 function describe(r: CoreRun): string {
-  return `${r.peer}: ${r.wallMillis.toFixed(0)} ms, core ${(r.coreBytes / 2 ** 20).toFixed(0)} MiB (${(r.coreDiskBytes / 2 ** 20).toFixed(0)} MiB on disk); target: heartbeat max gap ${r.heartbeatMaxGapMillis ?? '?'} ms, ${r.missedWrites ?? '?'} writes missed, ptrace-stopped in ${r.tracedSamples}/${r.samples} samples`;
+  return `${r.peer}: ${r.wallMillis.toFixed(0)} ms, peak RSS ${r.peakRssKiB === null ? '?' : (r.peakRssKiB / 1024).toFixed(0)} MiB, core ${(r.coreBytes / 2 ** 20).toFixed(0)} MiB (${(r.coreDiskBytes / 2 ** 20).toFixed(0)} MiB on disk); target: heartbeat max gap ${r.heartbeatMaxGapMillis ?? '?'} ms, ${r.missedWrites ?? '?'} writes missed, ptrace-stopped in ${r.tracedSamples}/${r.samples} samples`;
 }
 
 export async function runExportCore(options: { mib: number; runs: number; settleMs: number; cli: string }, command: string): Promise<ExportCoreResult> {
@@ -183,6 +189,7 @@ export async function runExportCore(options: { mib: number; runs: number; settle
         heartbeatMaxGapMillis: median(mine.map((r) => r.heartbeatMaxGapMillis)),
         tracedSamples: mine.reduce((n, r) => n + r.tracedSamples, 0),
         coreBytes: median(mine.map((r) => r.coreBytes)),
+        peakRssKiB: median(mine.map((r) => r.peakRssKiB)),
       };
     };
     const wpsnap = of('wpsnap');
@@ -214,12 +221,12 @@ export function printExportCoreTable(r: ExportCoreResult): void {
   const m = r.machine.atStart;
   w(`\nexport-core: a core file of a ${r.options.mib} MiB process (${m.nproc} CPUs, ${m.cpuModel}, kernel ${m.kernel})`);
   w(`snapshot ${r.snapshot.id} taken once: ${r.snapshot.durationMillis} ms, pause ${r.snapshot.pauseMicros} µs, ${(r.snapshot.bytesStored / 2 ** 20).toFixed(0)} MiB stored`);
-  w(`${'peer'.padEnd(8)}${'wall median'.padStart(14)}${'range'.padStart(20)}${'core'.padStart(12)}${'target heartbeat max gap'.padStart(28)}${'ptrace-stopped samples'.padStart(26)}`);
+  w(`${'peer'.padEnd(8)}${'wall median'.padStart(14)}${'range'.padStart(20)}${'core'.padStart(12)}${'peak RSS'.padStart(10)}${'target heartbeat max gap'.padStart(28)}${'ptrace-stopped samples'.padStart(26)}`);
   for (const peer of ['wpsnap', 'gcore'] as const) {
     const s = r.summary[peer];
     const range = s.wallRange === null ? '' : `${s.wallRange[0].toFixed(0)}–${s.wallRange[1].toFixed(0)} ms`;
     w(
-      `${peer.padEnd(8)}${`${s.wallMillis?.toFixed(0) ?? '?'} ms`.padStart(14)}${range.padStart(20)}${`${((s.coreBytes ?? 0) / 2 ** 20).toFixed(0)} MiB`.padStart(12)}${`${s.heartbeatMaxGapMillis ?? '?'} ms`.padStart(28)}${String(s.tracedSamples).padStart(26)}`,
+      `${peer.padEnd(8)}${`${s.wallMillis?.toFixed(0) ?? '?'} ms`.padStart(14)}${range.padStart(20)}${`${((s.coreBytes ?? 0) / 2 ** 20).toFixed(0)} MiB`.padStart(12)}${`${s.peakRssKiB === null ? '?' : (s.peakRssKiB / 1024).toFixed(0)} MiB`.padStart(10)}${`${s.heartbeatMaxGapMillis ?? '?'} ms`.padStart(28)}${String(s.tracedSamples).padStart(26)}`,
     );
   }
   w(`gcore / wpsnap export (wall, medians): ${r.summary.gcoreOverWpsnap ?? '?'}×`);

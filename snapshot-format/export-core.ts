@@ -83,9 +83,9 @@ type Checkpoint = () => Promise<void>;
 
 /** What of a region the core holds, the way the kernel's vma_dump_size() decides with coredump_filter 0x33. */
 export type DumpPlan =
-  /** Its whole content (zero pages as holes); a region that turns out to hold nothing gets p_filesz 0. */
+  /** Its whole content (zero pages as holes); without --all, one with no stored page and no file behind it gets p_filesz 0 (all zero at T). */
   | 'whole'
-  /** Whole if it was written (it has stored copy-on-write pages), else only its first page if that is an ELF header. */
+  /** Whole if it was written (it has stored copy-on-write pages), else only its first page if it maps offset 0 of an executable or ELF file. */
   | 'written-or-header'
   /** Nothing (p_filesz 0): gdb reads such addresses from the mapped file, or as zeros. */
   | 'none';
@@ -101,7 +101,8 @@ export function isFileBacked(region: RegionRecord): boolean {
  * shared mappings only of a file with no name left (memfd, SysV, MAP_SHARED
  * anonymous: "(deleted)"); anonymous private yes; a private file mapping if
  * it was written (the kernel's anon_vma: here, it has stored copy-on-write
- * pages), else its first page if it maps offset 0 of an ELF file. --all takes
+ * pages), else its first page if it maps offset 0 of an executable or ELF
+ * file (the kernel's ELF_HEADERS bit). --all takes
  * every region. A region not captured ('skipped') has no content to give.
  */
 export function dumpPlan(region: RegionRecord, all: boolean): DumpPlan {
@@ -338,8 +339,10 @@ async function writeRegion(
   const pages = store.pagesInRange(processId, region.start, region.end)[Symbol.iterator]();
   let next = pages.next();
   const fileBacked = region.capture === 'file-private' || region.capture === 'file-reference';
+  // The segment's pages: the whole region, its ELF header page, or none.
   let length: number;
-  if (!next.done || plan === 'whole') length = next.done && !fileBacked && !all ? 0 : pageCount;
+  if (!next.done) length = pageCount;
+  else if (plan === 'whole') length = fileBacked || all ? pageCount : 0; // nothing stored: the file's content, holes (--all), or nothing
   else {
     // A private file mapping never written since it was mapped: the kernel keeps only an ELF header page.
     const header = region.offset === 0n && region.perms[0] === 'r' && fileBacked && fileUnchanged(region) && startsElfOrExecutable(region);
