@@ -13,7 +13,11 @@
 //   generation   faultlat --workload cache --write-pct 1: `snapshot --name
 //                base` into a fresh store, 1 s, `snapshot --parent base`, then
 //                a plain `snapshot` into the same store (the same content
-//                dedup, no parent); walls from outside, where the time went
+//                dedup, no parent); walls from outside, where the time went;
+//                then the same with tracking kept between the two commands
+//                (`snapshot --name base --track`, 1 s, `snapshot --parent
+//                base`: incremental "tracked"), and the keeper's own memory
+//                and CPU over that second
 //
 // The bench builds nothing; it prints the tables and writes
 // bench/results/precopy-<UTC timestamp>.json.
@@ -150,6 +154,16 @@ export interface GenStep {
   pagesStored: number | null;
   /** The snapshot's instant (the end of its pause) estimated from outside: command end − durableMillis, ms from the run's start. */
   instantMs: number;
+  /** With --track: the keeper left tracking the target. */
+  keeperPid: number | null;
+}
+
+/** The keeper between `snapshot --track` and the next `--parent`: it serves the target's first writes and waits. */
+export interface KeeperCost {
+  rssKiB: number | null;
+  /** Its CPU (user + sys) over the wait, and the wait. */
+  cpuMillis: number | null;
+  overMillis: number;
 }
 
 export interface GenerationRun {
@@ -162,6 +176,10 @@ export interface GenerationRun {
   fullSameStore: Outcome<GenStep>;
   /** From the base's instant to the generation's. */
   sinceParentMillis: number | null;
+  /** In a fresh store: `snapshot --track`, then `--parent` of it (tracked), and the keeper meanwhile. */
+  trackedBase: Outcome<GenStep>;
+  tracked: Outcome<GenStep>;
+  keeper: KeeperCost | null;
 }
 
 interface TargetInfo {
@@ -184,14 +202,19 @@ export interface PrecopyResult {
   startedAt: string;
   wallMillis: number;
   command: string;
-  options: { runs: number; mib: number; cli: string; precopyWritePct: number; generationWritePct: number; maxPause: string };
+  options: { runs: number; mib: number; cli: string; precopyWritePct: number; generationWritePct: number; maxPause: string; only?: 'precopy' | 'generation' };
   machine: { atStart: MachineInfo; loadavgAtEnd: number[] };
   tree: { head: string | null; modified: string[] };
   cliAddon: string;
   precopy: TargetInfo & { runs: Array<{ index: number; order: PeerName[]; peers: Partial<Record<PeerName, Outcome<PeerResult>>> }> };
   generation: TargetInfo & { runs: GenerationRun[] };
   ratios: RatioLine[];
-  goals: { finalPauseMillis: { median: number | null; target: number; met: boolean }; generationWallMillis: { median: number | null; target: number; met: boolean } };
+  goals: {
+    finalPauseMillis: { median: number | null; target: number; met: boolean };
+    /** Compared (no tracking kept), and tracked (snapshot --track before it). */
+    generationWallMillis: { median: number | null; target: number; met: boolean };
+    trackedGenerationWallMillis: { median: number | null; target: number; met: boolean };
+  };
 }
 
 // ---- the target's view ------------------------------------------------------------
@@ -359,7 +382,19 @@ async function snapshotStep(cli: string, pid: number, db: string, extra: string[
     writtenUnchangedPages: num(doc['writtenUnchangedPages']),
     pagesStored: num(doc['pagesStored']),
     instantMs: round(end - (durable ?? 0), 1) as number,
+    keeperPid: num((doc['tracking'] as { keeperPid?: unknown } | undefined)?.keeperPid),
   };
+}
+
+/** utime + stime of a process, ms (clock ticks of 10 ms), or null once it is gone. */
+function cpuMillisOf(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return null;
+  }
 }
 
 async function generationRun(index: number, cli: string, t: Faultlat, dir: string): Promise<GenerationRun> {
@@ -382,7 +417,31 @@ async function generationRun(index: number, cli: string, t: Faultlat, dir: strin
     await sleep(SETTLE_MS);
     const fullSameStore = 'error' in base ? { error: 'no base' } : await attempt(() => snapshotStep(cli, t.pid, db, [], t0));
     const since = 'error' in base || 'error' in generation ? null : round(generation.instantMs - base.instantMs, 1);
-    return { index, startupMillis: round(v.wallMillis, 1) as number, base, generation, fullSameStore, sinceParentMillis: since };
+    await sleep(SETTLE_MS);
+    // Tracking kept between the commands: the generation reads only what was written since.
+    const trackedDb = join(scratch, 'tracked.db');
+    const trackedBase = await attempt(() => snapshotStep(cli, t.pid, trackedDb, ['--name', 'base', '--track'], t0));
+    let keeper: KeeperCost | null = null;
+    const keeperPid = 'error' in trackedBase ? null : trackedBase.keeperPid;
+    if (keeperPid !== null) {
+      const before = cpuMillisOf(keeperPid);
+      const waitStart = performance.now();
+      await sleep(GENERATION_WAIT_MS);
+      const after = cpuMillisOf(keeperPid);
+      keeper = {
+        rssKiB: procKiB(`/proc/${keeperPid}/status`, 'VmRSS'),
+        cpuMillis: before === null || after === null ? null : after - before,
+        overMillis: round(performance.now() - waitStart, 1) as number,
+      };
+    } else {
+      await sleep(GENERATION_WAIT_MS);
+    }
+    // Without --track the generation releases the keeper, which ends.
+    const tracked = 'error' in trackedBase ? { error: 'no base' } : await attempt(() => snapshotStep(cli, t.pid, trackedDb, ['--parent', 'base'], t0));
+    if (keeperPid !== null && isAlive(keeperPid)) {
+      await runCommand(process.execPath, [cli, 'untrack', String(t.pid)], { timeoutMs: 60_000 });
+    }
+    return { index, startupMillis: round(v.wallMillis, 1) as number, base, generation, fullSameStore, sinceParentMillis: since, trackedBase, tracked, keeper };
   } finally {
     rmSync(scratch, { recursive: true, force: true });
   }
@@ -465,7 +524,7 @@ export async function runPrecopy(o: PrecopyResult['options'], command: string): 
   const gen: PrecopyResult['generation'] = { args: [...common, '--write-pct', String(o.generationWritePct)], pid: null, fillMillis: null, writeRate: null, runs: [] };
   log(`tree ${tree.head ?? '?'}${tree.modified.length > 0 ? ` + modified: ${tree.modified.join(', ')}` : ''}; CLI ${o.cli}; scratch ${dir}`);
   try {
-    await withTarget(pc.args, pc, async (t) => {
+    if (o.only !== 'generation') await withTarget(pc.args, pc, async (t) => {
       for (let i = 0; i < o.runs; i++) {
         const rotated = PEERS.map((_, k) => PEERS[(k + i) % PEERS.length] as PeerName);
         const order = i % 2 === 1 ? rotated.reverse() : rotated;
@@ -485,7 +544,7 @@ export async function runPrecopy(o: PrecopyResult['options'], command: string): 
         }
       }
     });
-    await withTarget(gen.args, gen, async (t) => {
+    if (o.only !== 'precopy') await withTarget(gen.args, gen, async (t) => {
       for (let i = 0; i < o.runs; i++) {
         const r = await generationRun(i, o.cli, t, dir);
         gen.runs.push(r);
@@ -500,6 +559,7 @@ export async function runPrecopy(o: PrecopyResult['options'], command: string): 
   const partial = { precopy: pc, generation: gen };
   const finalPause = median(peerRuns(pc, 'precopy').map((p) => p.finalPauseMicros / 1e3));
   const genWall = median(genSteps(gen, 'generation').map((s) => s.wallMillis));
+  const trackedWall = median(genSteps(gen, 'tracked').map((s) => s.wallMillis));
   return {
     scenario: 'precopy',
     startedAt,
@@ -514,6 +574,7 @@ export async function runPrecopy(o: PrecopyResult['options'], command: string): 
     goals: {
       finalPauseMillis: { median: finalPause, target: GOALS.finalPauseMillis, met: finalPause !== null && finalPause <= GOALS.finalPauseMillis },
       generationWallMillis: { median: genWall, target: GOALS.generationWallMillis, met: genWall !== null && genWall <= GOALS.generationWallMillis },
+      trackedGenerationWallMillis: { median: trackedWall, target: GOALS.generationWallMillis, met: trackedWall !== null && trackedWall <= GOALS.generationWallMillis },
     },
   };
 }
@@ -531,10 +592,12 @@ function peerByRun<K extends PeerName>(pc: PrecopyResult['precopy'], peer: K): A
 }
 const peerRuns = <K extends PeerName>(pc: PrecopyResult['precopy'], peer: K): Array<PeerOf<K>> => peerByRun(pc, peer).filter((p): p is PeerOf<K> => p !== null);
 
-function genByRun(gen: PrecopyResult['generation'], step: 'base' | 'generation' | 'fullSameStore'): Array<GenStep | null> {
+type GenStepName = 'base' | 'generation' | 'fullSameStore' | 'trackedBase' | 'tracked';
+
+function genByRun(gen: PrecopyResult['generation'], step: GenStepName): Array<GenStep | null> {
   return gen.runs.map((r) => ('error' in r[step] ? null : (r[step] as GenStep)));
 }
-const genSteps = (gen: PrecopyResult['generation'], step: 'base' | 'generation' | 'fullSameStore'): GenStep[] => genByRun(gen, step).filter((s): s is GenStep => s !== null);
+const genSteps = (gen: PrecopyResult['generation'], step: GenStepName): GenStep[] => genByRun(gen, step).filter((s): s is GenStep => s !== null);
 
 function ratioLine<A, B>(name: string, a: Array<A | null>, num: (x: A) => number | null, b: Array<B | null>, den: (x: B) => number | null): RatioLine {
   const va = a.map((x) => (x === null ? null : num(x)));
@@ -552,6 +615,7 @@ function ratios(pc: PrecopyResult['precopy'], gen: PrecopyResult['generation']):
   const base = genByRun(gen, 'base');
   const child = genByRun(gen, 'generation');
   const same = genByRun(gen, 'fullSameStore');
+  const tracked = genByRun(gen, 'tracked');
   const wall = (x: GenStep): number => x.wallMillis;
   return [
     ratioLine('pre-copy final pause / 20 ms target', p, fin, goal, () => GOALS.finalPauseMillis),
@@ -566,6 +630,10 @@ function ratios(pc: PrecopyResult['precopy'], gen: PrecopyResult['generation']):
     ratioLine('--parent wall / full into the same store wall', child, wall, same, wall),
     ratioLine('--parent bytes stored / full (base) bytes stored', child, (x) => x.bytesStored, base, (x) => x.bytesStored),
     ratioLine('--parent pause / full (base) pause', child, (x) => x.pauseMicros, base, (x) => x.pauseMicros),
+    ratioLine('tracked --parent wall / 100 ms target', tracked, wall, goal, () => GOALS.generationWallMillis),
+    ratioLine('tracked --parent wall / compared --parent wall', tracked, wall, child, wall),
+    ratioLine('tracked --parent pause / compared --parent pause', tracked, (x) => x.pauseMicros, child, (x) => x.pauseMicros),
+    ratioLine('tracked --parent pages captured / compared', tracked, (x) => x.pagesSaved, child, (x) => x.pagesSaved),
   ];
 }
 
@@ -635,9 +703,15 @@ export function printPrecopyTables(r: PrecopyResult, out: NodeJS.WritableStream 
   const gen = r.generation;
   w(`\n2. An incremental generation (--parent base, ${GENERATION_WAIT_MS / 1000} s after the base command ended) against a full snapshot`);
   w(`   ${gen.error ? `FAILED: ${gen.error}` : rateLine(gen, r.options.generationWritePct)}`);
-  const steps = { base: genSteps(gen, 'base'), generation: genSteps(gen, 'generation'), fullSameStore: genSteps(gen, 'fullSameStore') };
-  const gcols = ['base', 'generation', 'fullSameStore'] as const;
-  const gName = { base: 'full (fresh store)', generation: '--parent base', fullSameStore: 'full, same store' };
+  const steps = {
+    base: genSteps(gen, 'base'),
+    generation: genSteps(gen, 'generation'),
+    fullSameStore: genSteps(gen, 'fullSameStore'),
+    trackedBase: genSteps(gen, 'trackedBase'),
+    tracked: genSteps(gen, 'tracked'),
+  };
+  const gcols = ['base', 'generation', 'fullSameStore', 'trackedBase', 'tracked'] as const;
+  const gName = { base: 'full (fresh store)', generation: '--parent base', fullSameStore: 'full, same store', trackedBase: 'full --track', tracked: '--parent base (tracked)' };
   w(`   ${''.padEnd(44)}${gcols.map((c) => gName[c].padEnd(36)).join('')}`);
   const grow = (label: string, get: (s: GenStep) => number | null, fmt: (v: number) => string): void =>
     w(`   ${label.padEnd(44)}${gcols.map((c) => cell(steps[c].map(get), fmt).padEnd(36)).join('')}`);
@@ -665,6 +739,9 @@ export function printPrecopyTables(r: PrecopyResult, out: NodeJS.WritableStream 
     return [...names].map((n) => `${n} ${ms(median(s.map((y) => y.threads?.[n]?.runMillis ?? null)) ?? 0)}`).join(', ');
   };
   w(`   CPU by thread of --parent (median): ${threads(steps.generation)}`);
+  w(`   CPU by thread of tracked --parent (median): ${threads(steps.tracked)}`);
+  const keepers = gen.runs.map((g) => g.keeper);
+  w(`   the keeper over the ${GENERATION_WAIT_MS / 1000} s between: RSS ${cell(keepers.map((k) => (k?.rssKiB == null ? null : k.rssKiB * 1024)), mib)}, CPU ${cell(keepers.map((k) => k?.cpuMillis ?? null), ms)} (10 ms ticks)`);
   for (const g of gen.runs) for (const k of gcols) if ('error' in g[k]) w(`     run ${g.index + 1} ${gName[k]}: FAILED ${(g[k] as { error: string }).error}`);
 
   w(`\nRatios: of the medians; run by run, median [min–max]`);
@@ -675,6 +752,8 @@ export function printPrecopyTables(r: PrecopyResult, out: NodeJS.WritableStream 
   const gl = r.goals;
   w(`\nGoals (issue 10): pre-copy final pause ≤ ${gl.finalPauseMillis.target} ms: ${gl.finalPauseMillis.median === null ? '–' : ms(gl.finalPauseMillis.median)}, ${gl.finalPauseMillis.met ? 'met' : 'NOT met'}`);
   w(`                  incremental generation ≤ ${gl.generationWallMillis.target} ms wall: ${gl.generationWallMillis.median === null ? '–' : ms(gl.generationWallMillis.median)}, ${gl.generationWallMillis.met ? 'met' : 'NOT met'}`);
+  const tg = gl.trackedGenerationWallMillis;
+  w(`                  tracked incremental generation ≤ ${tg.target} ms wall: ${tg.median === null ? '–' : ms(tg.median)}, ${tg.met ? 'met' : 'NOT met'}`);
   w(`Run took ${(r.wallMillis / 60_000).toFixed(1)} min; CLI addon: ${r.cliAddon}`);
 }
 
@@ -686,6 +765,7 @@ const USAGE = `usage: node dist/bench/run.js precopy [options]
   --cli PATH    the wpsnap CLI (default ${PRECOPY_DEFAULTS.cli}; its addon must have the dirty tracker)
   --out FILE    result JSON (default bench/results/precopy-<UTC timestamp>.json)
   --no-write    do not write a result file
+  --only WHAT   precopy or generation: run only that half
 Exit: 0 done (failed measurements are in the table), 1 failure, 2 usage, 3 unsupported here (not root, no gcore, a fixture, memory or disk missing, a stale addon).`;
 
 export async function precopyMain(argv: string[]): Promise<number> {
@@ -699,6 +779,7 @@ export async function precopyMain(argv: string[]): Promise<number> {
         cli: { type: 'string' },
         out: { type: 'string' },
         'no-write': { type: 'boolean' },
+        only: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     }).values;
@@ -722,9 +803,21 @@ export async function precopyMain(argv: string[]): Promise<number> {
     return 2;
   }
   const cli = values.cli === undefined ? join(repoRoot(), PRECOPY_DEFAULTS.cli) : resolve(values.cli);
+  if (values.only !== undefined && values.only !== 'precopy' && values.only !== 'generation') {
+    process.stderr.write(`--only must be precopy or generation\n${USAGE}\n`);
+    return 2;
+  }
   try {
     const result = await runPrecopy(
-      { runs, mib: size, cli, precopyWritePct: PRECOPY_DEFAULTS.precopyWritePct, generationWritePct: PRECOPY_DEFAULTS.generationWritePct, maxPause: MAX_PAUSE },
+      {
+        runs,
+        mib: size,
+        cli,
+        precopyWritePct: PRECOPY_DEFAULTS.precopyWritePct,
+        generationWritePct: PRECOPY_DEFAULTS.generationWritePct,
+        maxPause: MAX_PAUSE,
+        ...(values.only === undefined ? {} : { only: values.only }),
+      },
       `node dist/bench/run.js precopy ${argv.join(' ')}`.trim(),
     );
     printPrecopyTables(result);

@@ -156,25 +156,46 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
     faultPoint('mid-pre-protect');
     coveredNormal = protectWhileRunning(binding, uffd, coveredNormal, coveredNormal);
     if (inputs.holdMillis) await new Promise((resolve) => setTimeout(resolve, inputs.holdMillis));
-    const rounds: number[] = [];
-    let previous = Infinity;
-    for (let round = 0; round < MAX_ROUNDS; round++) {
-      const log = session.trackTake(false);
-      if (log.overflowed) break; // the pause protects everything again
-      // Unmapped or moved away: covered no more (a range mapped there later is new at T).
-      coveredNormal = subtract(coveredNormal, fromStartLenPairs(log.invalid));
-      const written = intersect(fromStartLenPairs(log.written), coveredNormal);
-      coveredNormal = protectWhileRunning(binding, uffd, written, coveredNormal);
-      rounds.push(written.length);
-      // Another round while the set still shrinks: each leaves the pause fewer ranges to protect.
-      if (written.length <= ROUNDS_DONE_RANGES || written.length >= previous) break;
-      previous = written.length;
-    }
+    const again = protectAgainInRounds(binding, uffd, session, coveredNormal);
+    coveredNormal = again.covered;
+    const rounds = again.rounds;
     return { uffd, method, attachStopMicros, attachBreakdownMicros, covered: coveredNormal, rounds };
   } catch (error) {
     closeQuietly(binding, uffd);
     throw fromNative(error, 'write-protect the target while it runs');
   }
+}
+
+/**
+ * Step 3: rounds while the target runs, each protecting again what it wrote
+ * since the last take, while that shrinks (at most MAX_ROUNDS). Returns what
+ * is still covered and the ranges protected per round; `onTaken` sees each
+ * log taken. A log that overflowed leaves nothing covered: the pause then
+ * protects everything.
+ */
+export function protectAgainInRounds(
+  binding: NativeBinding,
+  uffd: number,
+  session: EngineSession,
+  covered: Intervals,
+  onTaken?: (log: TrackLog) => void,
+): { covered: Intervals; rounds: number[] } {
+  const rounds: number[] = [];
+  let previous = Infinity;
+  for (let round = 0; round < MAX_ROUNDS; round++) {
+    const log = session.trackTake(false);
+    onTaken?.(log);
+    if (log.overflowed) return { covered: [], rounds };
+    // Unmapped or moved away: covered no more (a range mapped there later is new at T).
+    covered = subtract(covered, fromStartLenPairs(log.invalid));
+    const written = intersect(fromStartLenPairs(log.written), covered);
+    covered = protectWhileRunning(binding, uffd, written, covered);
+    rounds.push(written.length);
+    // Another round while the set still shrinks: each leaves the pause fewer ranges to protect.
+    if (written.length <= ROUNDS_DONE_RANGES || written.length >= previous) break;
+    previous = written.length;
+  }
+  return { covered, rounds };
 }
 
 /** More written ranges than this in the pause: protect the covered mappings whole instead (one call each). */

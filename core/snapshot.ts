@@ -22,7 +22,7 @@ import { RegionPlanner } from './regions.js';
 import { openStaging, residentBytes, type Staging, type StagingOptions } from './staging.js';
 import { preProtect, type PreProtection, type TrackLog } from './preprotect.js';
 import { encodeTracking, KeeperLink, logIntervals, startKeeper, takeOverTracking, type KeeperStatus, type TakenTracking, type TrackingState } from './keeper.js';
-import { adoptTracking, mergeLogs, trackedRanges, unwrittenSinceParent, withSaved } from './tracking-handover.js';
+import { adoptTracking, trackedRanges, unwrittenAtInstant, withSaved } from './tracking-handover.js';
 import { normalize, subtract, type Intervals } from './intervals.js';
 import { findSparse } from './sparse.js';
 import { refuseSelfFreeze } from './target-guard.js';
@@ -240,9 +240,14 @@ export async function snapshotProcess(
     const started = session;
     // A keeper's context (tracked target) stands in for pre-protection: no attach stop at all.
     if (keeper !== undefined) taken = await takeOverTracking(binding, pid, processRecord.startTimeTicks);
-    if (taken !== undefined) pre = adoptTracking(taken, session);
-    else if (options.preProtect ?? true) pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis });
-    const adopted = taken;
+    let unwrittenSoFar: Intervals = [];
+    if (taken !== undefined) {
+      const adopted = adoptTracking(binding, taken, session, parentKnown);
+      pre = adopted.protection;
+      unwrittenSoFar = adopted.unwrittenSoFar;
+    } else if (options.preProtect ?? true) {
+      pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis });
+    }
     let atInstant: TrackLog | undefined;
     let unwritten: Intervals = [];
     let keptRanges: BigUint64Array = new BigUint64Array(0);
@@ -260,7 +265,7 @@ export async function snapshotProcess(
       beforeResume: (uffd, plans) => {
         const regions = plans.flatMap((p) => (p.engine ? [p.engine] : []));
         keptRanges = trackedRanges(regions);
-        if (adopted !== undefined && parentKnown !== undefined && atInstant !== undefined) unwritten = unwrittenSinceParent(adopted, atInstant, parentKnown);
+        if (unwrittenSoFar.length > 0 && atInstant !== undefined) unwritten = unwrittenAtInstant(unwrittenSoFar, atInstant);
         started.prepareRun(uffd, unwritten.length === 0 ? regions : regions.map((r) => withSaved(r, unwritten)));
       },
       afterResume: () => started.go(),
@@ -272,8 +277,8 @@ export async function snapshotProcess(
               finalLog: () => {
                 const log = started.trackTake(true);
                 preFaults = log.faults;
-                atInstant = adopted === undefined ? log : mergeLogs(adopted, log);
-                return atInstant;
+                atInstant = log;
+                return log;
               },
             },
     });

@@ -6,10 +6,10 @@
 // as the new base.
 import type { UffdMethod } from './attach.js';
 import type { EngineSession } from './engine-session.js';
-import { fromStartLenPairs, intersect, normalize, subtract, toStartLenPairs, type Intervals } from './intervals.js';
+import { fromStartLenPairs, intersect, normalize, subtract, type Intervals } from './intervals.js';
 import type { TakenTracking } from './keeper.js';
-import type { EngineRegion } from './native/binding.js';
-import type { PreProtection, TrackLog } from './preprotect.js';
+import type { EngineRegion, NativeBinding } from './native/binding.js';
+import { protectAgainInRounds, protectWhileRunning, type PreProtection, type TrackLog } from './preprotect.js';
 
 /** EngineRegion.kind of a shared file or shared memory: written through an fd without a fault. */
 const KIND_SHARED_FILE = 1;
@@ -21,48 +21,80 @@ export function tripleIntervals(triples: BigUint64Array): Intervals {
   return normalize(out);
 }
 
+/** The adopted context as pre-protection, and what it says of the time since the base's instant. */
+export interface Adopted {
+  protection: PreProtection;
+  /**
+   * Before the pause: the pages a tracked generation may take from its parent
+   * unread if nothing else is written (covered since the parent's instant,
+   * never written, moved or unmapped, and held by the parent); empty when
+   * not a tracked generation.
+   */
+  unwrittenSoFar: Intervals;
+}
+
 /**
- * The keeper's context as the pause's pre-protection: what it covers stays
- * protected unless written, and the engine thread serves (and logs) the
- * target's faults from now on. No stop: the context was obtained at the base.
+ * The keeper's context as the pause's pre-protection, with no stop (the
+ * context was obtained at the base): the engine thread serves (and logs) the
+ * target's faults from now on; the pages written since the base, which the
+ * keeper let through, are protected again while the target runs, then
+ * rounds as in pre-protection, so that the pause protects again only what
+ * was written in the last few milliseconds. With `parentKnown` (a tracked
+ * generation), also what may be taken from the parent unread so far.
  */
-export function adoptTracking(taken: TakenTracking, session: EngineSession): PreProtection {
-  const triples = taken.tracking.ranges;
-  session.track(taken.uffd, triples);
-  return {
+export function adoptTracking(binding: NativeBinding, taken: TakenTracking, session: EngineSession, parentKnown: Intervals | undefined): Adopted {
+  const t = taken.tracking;
+  session.track(taken.uffd, t.ranges);
+  const everCovered = tripleIntervals(t.ranges);
+  const written: Intervals[] = [t.written];
+  const invalid: Intervals[] = [t.invalid];
+  let overflowed = t.overflowed;
+  let covered = overflowed ? [] : subtract(everCovered, t.invalid);
+  covered = protectWhileRunning(binding, taken.uffd, intersect(t.written, covered), covered);
+  const again = protectAgainInRounds(binding, taken.uffd, session, covered, (log) => {
+    written.push(fromStartLenPairs(log.written));
+    invalid.push(fromStartLenPairs(log.invalid));
+    overflowed ||= log.overflowed;
+  });
+  const protection: PreProtection = {
     uffd: taken.uffd,
-    method: taken.tracking.method as UffdMethod,
+    method: t.method as UffdMethod,
     attachStopMicros: 0,
     attachBreakdownMicros: { freeze: 0, inject: 0, thaw: 0 },
-    covered: taken.tracking.overflowed ? [] : subtract(tripleIntervals(triples), taken.tracking.invalid),
-    rounds: [],
+    covered: again.covered,
+    rounds: again.rounds,
   };
+  if (parentKnown === undefined || overflowed) return { protection, unwrittenSoFar: [] };
+  const changedSince = normalize([...written.flat(), ...invalid.flat()]);
+  return { protection, unwrittenSoFar: intersect(subtract(everCovered, changedSince), parentKnown) };
 }
 
-/** The keeper's log since the base and the engine's since the take-over, as one. */
-export function mergeLogs(taken: TakenTracking, log: TrackLog): TrackLog {
-  return {
-    written: BigUint64Array.from([...toStartLenPairs(taken.tracking.written), ...log.written]),
-    invalid: BigUint64Array.from([...toStartLenPairs(taken.tracking.invalid), ...log.invalid]),
-    overflowed: log.overflowed || taken.tracking.overflowed,
-    faults: log.faults,
-  };
+/** At the instant: what is still unwritten, given the last log (the writes of the last milliseconds). */
+export function unwrittenAtInstant(unwrittenSoFar: Intervals, finalLog: TrackLog): Intervals {
+  if (finalLog.overflowed) return [];
+  if (finalLog.written.length === 0 && finalLog.invalid.length === 0) return unwrittenSoFar;
+  return subtract(unwrittenSoFar, normalize([...fromStartLenPairs(finalLog.written), ...fromStartLenPairs(finalLog.invalid)]));
 }
 
-/**
- * The pages a tracked generation takes from its parent unread: covered by the
- * context since the parent's instant, never written, moved or unmapped since
- * (the log at this instant), and held by the parent (`parentKnown`).
- */
-export function unwrittenSinceParent(taken: TakenTracking, atInstant: TrackLog, parentKnown: Intervals): Intervals {
-  if (atInstant.overflowed) return [];
-  const covered = subtract(tripleIntervals(taken.tracking.ranges), normalize(fromStartLenPairs(atInstant.invalid)));
-  return intersect(subtract(covered, normalize(fromStartLenPairs(atInstant.written))), parentKnown);
+/** The index of the first interval of sorted `list` that ends after `address`. */
+function firstEndingAfter(list: Intervals, address: bigint): number {
+  let lo = 0;
+  let hi = list.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (list[mid]![1] <= address) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
-/** The region with `clean` pages marked saved (the engine neither reads nor stores them). */
+/** The region with `clean` pages (sorted, disjoint) marked saved: the engine neither reads nor stores them. In the pause: a binary search, not a scan. */
 export function withSaved(region: EngineRegion, clean: Intervals): EngineRegion {
-  const inside = intersect(clean, [[region.start, region.end]]);
+  const inside: Intervals = [];
+  for (let i = firstEndingAfter(clean, region.start); i < clean.length && clean[i]![0] < region.end; i++) {
+    const [s, e] = clean[i]!;
+    inside.push([s > region.start ? s : region.start, e < region.end ? e : region.end]);
+  }
   if (inside.length === 0) return region;
   return { ...region, savedRanges: BigUint64Array.from([...(region.savedRanges ?? []), ...inside.flat()]) };
 }

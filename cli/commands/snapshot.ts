@@ -44,7 +44,7 @@ export function summary(r: SnapshotResult): string[] {
   if (r.parent !== undefined) {
     const unchanged = r.writtenUnchangedPages == null ? '' : `, ${r.writtenUnchangedPages} written back unchanged`;
     lines.push(
-      `  generation of snapshot ${r.parent} (${r.incremental === 'compared' ? 'every page compared with it' : 'the pages written since it'}): ${r.changedPages} pages changed${unchanged}, ${r.pagesStored} stored`,
+      `  generation of snapshot ${r.parent} (${r.incremental === 'compared' ? 'not tracked since it: every page captured and compared with it' : `tracked since it: ${r.dirtyPages} pages written since read`}): ${r.changedPages} pages changed${unchanged}, ${r.pagesStored} stored`,
     );
   }
   if (r.tookOverFrom !== undefined) {
