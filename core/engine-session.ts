@@ -120,10 +120,14 @@ export class EngineSession {
     }, 100);
   }
 
-  /** Give the engine the protected regions: called in the pause, right before the resume. */
-  prepareRun(uffd: number, regions: EngineRegion[]): void {
+  /**
+   * Give the engine the protected regions: called in the pause, right before
+   * the resume. A tracked generation's pages identical to its parent's:
+   * parentPages (core/tracking-handover.ts).
+   */
+  prepareRun(uffd: number, regions: EngineRegion[], parentPages?: { unwritten: BigUint64Array; writtenAtInstant: BigUint64Array }): void {
     try {
-      this.binding.engineRun(this.handle, { uffd, regions, keep: this.options.keep === true });
+      this.binding.engineRun(this.handle, { uffd, regions, keep: this.options.keep === true, ...(parentPages ?? {}) });
     } catch (error) {
       throw fromNative(error, 'start the snapshot engine');
     }

@@ -22,7 +22,7 @@ import { RegionPlanner } from './regions.js';
 import { openStaging, residentBytes, type Staging, type StagingOptions } from './staging.js';
 import { preProtect, type PreProtection, type TrackLog } from './preprotect.js';
 import { encodeTracking, KeeperLink, logIntervals, startKeeper, takeOverTracking, type KeeperStatus, type TakenTracking, type TrackingState } from './keeper.js';
-import { adoptTracking, trackedRanges, unwrittenAtInstant, withSaved } from './tracking-handover.js';
+import { adoptTracking, trackedRanges, unwrittenAtInstant } from './tracking-handover.js';
 import { normalize, subtract, type Intervals } from './intervals.js';
 import { findSparse } from './sparse.js';
 import { refuseSelfFreeze } from './target-guard.js';
@@ -249,8 +249,8 @@ export async function snapshotProcess(
       pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis });
     }
     let atInstant: TrackLog | undefined;
-    let unwritten: Intervals = [];
-    let keptRanges: BigUint64Array = new BigUint64Array(0);
+    // Ready before the pause: in it, only the final log's few ranges are taken away (natively).
+    const unwrittenPairs = BigUint64Array.from(unwrittenSoFar.flat());
     faultPoint('before-freeze');
     const maxSharedCopyBytes = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
     paused = pause(binding, {
@@ -264,9 +264,12 @@ export async function snapshotProcess(
       maxPinnedCopyBytes: options.maxPinnedCopyBytes,
       beforeResume: (uffd, plans) => {
         const regions = plans.flatMap((p) => (p.engine ? [p.engine] : []));
-        keptRanges = trackedRanges(regions);
-        if (unwrittenSoFar.length > 0 && atInstant !== undefined) unwritten = unwrittenAtInstant(unwrittenSoFar, atInstant);
-        started.prepareRun(uffd, unwritten.length === 0 ? regions : regions.map((r) => withSaved(r, unwritten)));
+        const last = atInstant;
+        const parentPages =
+          unwrittenPairs.length === 0 || last === undefined || last.overflowed
+            ? undefined
+            : { unwritten: unwrittenPairs, writtenAtInstant: BigUint64Array.from([...last.written, ...last.invalid]) };
+        started.prepareRun(uffd, regions, parentPages);
       },
       afterResume: () => started.go(),
       pre:
@@ -285,6 +288,9 @@ export async function snapshotProcess(
     const longestStop = Math.max(paused.pauseMicros, pre?.attachStopMicros ?? 0);
     const resumedAt = performance.now();
     const instantAt = new Date().toISOString();
+    // What the engine took from the parent unread (as it did, natively, in the pause), and what a keeper will track.
+    const unwritten = atInstant === undefined ? [] : unwrittenAtInstant(unwrittenSoFar, atInstant);
+    const keptRanges = trackedRanges(paused.plans.flatMap((p) => (p.engine ? [p.engine] : [])));
     // Written since the parent: everything but what is taken from it unread.
     if (parentKnown !== undefined) writer.setDirty(processId, subtract(normalize(paused.plans.map((p): [bigint, bigint] => [p.record.start, p.record.end])), unwritten));
     targetCpu.before = targetClock.lap();

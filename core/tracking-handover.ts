@@ -76,29 +76,6 @@ export function unwrittenAtInstant(unwrittenSoFar: Intervals, finalLog: TrackLog
   return subtract(unwrittenSoFar, normalize([...fromStartLenPairs(finalLog.written), ...fromStartLenPairs(finalLog.invalid)]));
 }
 
-/** The index of the first interval of sorted `list` that ends after `address`. */
-function firstEndingAfter(list: Intervals, address: bigint): number {
-  let lo = 0;
-  let hi = list.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >> 1;
-    if (list[mid]![1] <= address) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-/** The region with `clean` pages (sorted, disjoint) marked saved: the engine neither reads nor stores them. In the pause: a binary search, not a scan. */
-export function withSaved(region: EngineRegion, clean: Intervals): EngineRegion {
-  const inside: Intervals = [];
-  for (let i = firstEndingAfter(clean, region.start); i < clean.length && clean[i]![0] < region.end; i++) {
-    const [s, e] = clean[i]!;
-    inside.push([s > region.start ? s : region.start, e < region.end ? e : region.end]);
-  }
-  if (inside.length === 0) return region;
-  return { ...region, savedRanges: BigUint64Array.from([...(region.savedRanges ?? []), ...inside.flat()]) };
-}
-
 /**
  * What the context covers after this snapshot, as [start, end, unit] triples
  * for the keeper: the engine's regions, less what no fault tells about (pages

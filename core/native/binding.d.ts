@@ -77,6 +77,12 @@ export interface EngineRunOptions {
    * until engineTrackTake(handle, true); the userfaultfd is then the caller's to hand over.
    */
   keep?: boolean;
+  /**
+   * A tracked generation: pages identical to the parent's, marked saved (neither read nor stored):
+   * `unwritten` [start, end) pairs, sorted, disjoint, less `writtenAtInstant` [start, len] pairs.
+   */
+  unwritten?: BigUint64Array;
+  writtenAtInstant?: BigUint64Array;
 }
 
 /** engineCreate and engineRun in one call (tests and tools that need no pause in between). */

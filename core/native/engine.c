@@ -293,8 +293,40 @@ static napi_value js_engine_create(napi_env env, napi_callback_info info) {
   return handle;
 }
 
+/* A tracked generation's pages identical to its parent's: `unwritten`
+ * ([start, end) pairs, sorted, disjoint: covered since the parent's instant
+ * and never written, as known before the pause), less `written` ([start,
+ * len] pairs, few: the writes of the pause's final log). Marked saved: the
+ * engine neither reads nor stores them; they read through the parent. Done
+ * here, in C, because it runs in the pause. */
+typedef struct {
+  const uint64_t *unwritten;
+  size_t nunwritten;
+  const uint64_t *written;
+  size_t nwritten;
+} parent_pages_t;
+
+static void mark_parent_pages(uint8_t *state, uint64_t start, uint64_t end, const parent_pages_t *pp) {
+  size_t lo = 0, hi = pp->nunwritten;
+  while (lo < hi) { /* the first range ending after start */
+    size_t mid = (lo + hi) / 2;
+    if (pp->unwritten[2 * mid + 1] <= start) lo = mid + 1;
+    else hi = mid;
+  }
+  for (size_t k = lo; k < pp->nunwritten && pp->unwritten[2 * k] < end; k++) {
+    uint64_t s0 = pp->unwritten[2 * k] < start ? start : pp->unwritten[2 * k];
+    uint64_t e0 = pp->unwritten[2 * k + 1] > end ? end : pp->unwritten[2 * k + 1];
+    if (s0 < e0 && !(s0 & (PG - 1)) && !(e0 & (PG - 1))) memset(state + (s0 - start) / PG, PAGE_SAVED, (e0 - s0) / PG);
+  }
+  for (size_t k = 0; k < pp->nwritten; k++) {
+    uint64_t ws = pp->written[2 * k] & ~(PG - 1), we = (pp->written[2 * k] + pp->written[2 * k + 1] + PG - 1) & ~(PG - 1);
+    uint64_t s0 = ws < start ? start : ws, e0 = we > end ? end : we;
+    if (s0 < e0) memset(state + (s0 - start) / PG, PAGE_UNSAVED, (e0 - s0) / PG);
+  }
+}
+
 /* The regions to save, as segments with their page states. */
-static napi_value parse_regions(napi_env env, engine_t *e, napi_value regions) {
+static napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const parent_pages_t *pp) {
   uint32_t nregions = 0;
   if (napi_get_array_length(env, regions, &nregions) != napi_ok) return throw_type(env, "engineRun: regions must be an array");
   e->state_blocks = calloc(nregions ? nregions : 1, sizeof(uint8_t *));
@@ -358,6 +390,7 @@ static napi_value parse_regions(napi_env env, engine_t *e, napi_value regions) {
         memset(state + (ss - start) / PG, PAGE_SAVED, (se - ss) / PG);
       }
     }
+    if (pp->nunwritten > 0) mark_parent_pages(state, start, end, pp);
     segment_t *s = seg_append(e);
     if (s == NULL) return throw_errno(env, ENOMEM, "realloc", "engine segments");
     *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,
@@ -418,7 +451,16 @@ static napi_value js_engine_run(napi_env env, napi_callback_info info) {
   e->uffd = uffd;
   napi_value kv;
   if (napi_get_named_property(env, argv[1], "keep", &kv) == napi_ok) arg_bool(env, kv, &e->keep);
-  napi_value failed = parse_regions(env, e, regions);
+  parent_pages_t pp = {0};
+  napi_value uv, wv;
+  napi_valuetype ut = napi_undefined, wt = napi_undefined;
+  if (napi_get_named_property(env, argv[1], "unwritten", &uv) == napi_ok) napi_typeof(env, uv, &ut);
+  if (napi_get_named_property(env, argv[1], "writtenAtInstant", &wv) == napi_ok) napi_typeof(env, wv, &wt);
+  if (ut != napi_undefined && !arg_u64_groups(env, uv, 2, &pp.unwritten, &pp.nunwritten))
+    return throw_type(env, "engineRun: unwritten must be a BigUint64Array of start, end pairs");
+  if (wt != napi_undefined && !arg_u64_groups(env, wv, 2, &pp.written, &pp.nwritten))
+    return throw_type(env, "engineRun: writtenAtInstant must be a BigUint64Array of start, len pairs");
+  napi_value failed = parse_regions(env, e, regions, &pp);
   if (failed != NULL) return failed;
   bool pending;
   if (napi_is_exception_pending(env, &pending) == napi_ok && pending) return NULL;
