@@ -5,6 +5,7 @@
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { exportCoreMain } from './export-core.js';
 import { impactMain } from './impact.js';
 import { log, repoRoot } from './lib.js';
 import { precopyMain } from './precopy.js';
@@ -15,6 +16,7 @@ const USAGE = `usage: node dist/bench/run.js [options]
        node dist/bench/run.js impact [options]   (the impact scenario: impact --help)
        node dist/bench/run.js track [options]    (dirty-tracking costs: track --help)
        node dist/bench/run.js precopy [options]  (pre-copy and incremental generations: precopy --help)
+       node dist/bench/run.js export-core [options]  (core export against gcore: export-core --help)
   --runs N          measured repetitions of every peer (default ${DEFAULTS.runs})
   --mib M           target size in MiB (default ${DEFAULTS.mib})
   --rate MBPS       --rate of the rate-limited wpsnap peer (default ${DEFAULTS.rateMBps})
@@ -47,6 +49,10 @@ async function main(): Promise<void> {
   }
   if (process.argv[2] === 'precopy') {
     process.exitCode = await precopyMain(process.argv.slice(3));
+    return;
+  }
+  if (process.argv[2] === 'export-core') {
+    process.exitCode = await exportCoreMain(process.argv.slice(3));
     return;
   }
   const { values } = parseArgs({

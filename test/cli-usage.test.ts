@@ -67,7 +67,7 @@ describe('a usage error changes nothing', () => {
     ['verify, unknown option', ['verify', '1', '--deep'], 'unknown option: --deep'],
     ['verify, extra argument', ['verify', '1', 'x'], 'unknown argument: x'],
     ['export, unknown option', ['export', '1', '--out', 'OUT', '--fromat', 'raw'], 'unknown option: --fromat'],
-    ['export, bad --format', ['export', '1', '--out', 'OUT', '--format', 'elf'], 'invalid value "elf" for --format (choices: "raw")'],
+    ['export, bad --format', ['export', '1', '--out', 'OUT', '--format', 'elf'], 'invalid value "elf" for --format (choices: "raw", "core")'],
     ['export, no --out', ['export', '1'], 'export needs --out DIR'],
     ['rm, unknown option', ['rm', '1', '--forse'], 'unknown option: --forse'],
     ['rm, extra argument', ['rm', '1', '2'], 'unknown argument: 2'],
@@ -96,7 +96,7 @@ describe('a usage error changes nothing', () => {
     const run = await runCli(['export', '1', '--out', join(dir, 'OUT'), '--format', 'elf', '--json', '--store', store]);
     expect(run.code).toBe(2);
     expect(run.stdout).toBe('');
-    expect(JSON.parse(oneLine(run.stderr))).toEqual({ error: { code: 'USAGE', message: 'invalid value "elf" for --format (choices: "raw")', exitCode: 2 } });
+    expect(JSON.parse(oneLine(run.stderr))).toEqual({ error: { code: 'USAGE', message: 'invalid value "elf" for --format (choices: "raw", "core")', exitCode: 2 } });
   });
 
   it('completion prints a completion script; export --help marks --out required', async () => {

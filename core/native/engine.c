@@ -460,6 +460,7 @@ static napi_value js_engine_run(napi_env env, napi_callback_info info) {
     return throw_type(env, "engineRun: unwritten must be a BigUint64Array of start, end pairs");
   if (wt != napi_undefined && !arg_u64_groups(env, wv, 2, &pp.written, &pp.nwritten))
     return throw_type(env, "engineRun: writtenAtInstant must be a BigUint64Array of start, len pairs");
+  e->parent_pages = pp.nunwritten > 0;
   napi_value failed = parse_regions(env, e, regions, &pp);
   if (failed != NULL) return failed;
   bool pending;

@@ -210,6 +210,9 @@ typedef struct {
    * logged in `track`, and after the window the thread serves the context
    * until engineTrackTake(stop). */
   bool keep;
+  /* A tracked generation: pages read from the parent were never saved by the
+   * engine and stay protected to the end of the window (engine.c). */
+  bool parent_pages;
   _Atomic bool keep_stop, keep_exited;
   bool keep_stopped; /* guarded by pool_lock */
 
