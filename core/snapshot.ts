@@ -213,7 +213,10 @@ export async function snapshotProcess(
     // Before the pause: nothing between the resume and the engine's start may
     // wait on a filesystem or on fresh memory (the target's first writes wait
     // for the engine).
-    staging = openStaging(store.stagingDir, options.staging ?? {}, residentBytes(pid));
+    // A tracked generation copies about what was written since its parent: a pool
+    // the target's size would only cost its touching (~0.3 s a GiB here).
+    const expectedBytes = parentKnown !== undefined && keeper !== undefined ? 2 * (keeper.writtenPages + 4096) * 4096 : Infinity;
+    staging = openStaging(store.stagingDir, options.staging ?? {}, Math.min(residentBytes(pid), expectedBytes));
     session = new EngineSession(binding, writer, {
       pid,
       pidfd,
