@@ -7,7 +7,7 @@
 // region's stored pages come from the reader in address order), through
 // core-file.ts: 0600 whatever the umask, under a temporary name renamed into
 // place only once complete, so a failed or interrupted export leaves nothing.
-import { closeSync, openSync, readSync, statSync } from 'node:fs';
+import { closeSync, openSync, statSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { WpsnapError } from '../common/errors.js';
 import { CoreFile, type FileWriter } from './core-file.js';
@@ -33,7 +33,7 @@ import {
   type LoadSegment,
   xstateForCore,
 } from './elf-core.js';
-import { ioError } from './export-dir.js';
+import { ioError, readAll } from './export-dir.js';
 import { fileUnchanged } from './export-raw.js';
 import { PAGE_SIZE, type LostRange, type ProcessRecord, type RegionRecord, type SnapshotState, type ThreadRecord } from './model.js';
 import type { SnapshotReader } from './reader.js';
@@ -453,12 +453,3 @@ function countLost(mask: Uint8Array, pages: number): number {
   return n;
 }
 
-function readAll(fd: number, into: Buffer, position: bigint): number {
-  let done = 0;
-  while (done < into.length) {
-    const got = readSync(fd, into, done, into.length - done, position + BigInt(done));
-    if (got === 0) break;
-    done += got;
-  }
-  return done;
-}

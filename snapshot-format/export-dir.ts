@@ -1,7 +1,7 @@
 // The directory a raw export writes into: private (0700 directories, 0600
 // files, whatever the umask), never created under a missing parent, and
 // emptied again (or removed, if the export created it) when the export fails.
-import { chmodSync, fchmodSync, mkdirSync, openSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, fchmodSync, mkdirSync, openSync, readdirSync, readSync, rmSync, statSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { WpsnapError, externalCode } from '../common/errors.js';
 
@@ -138,4 +138,15 @@ export function ioError(error: unknown, step: string, hint = ''): WpsnapError {
     ...(e.errno === undefined ? {} : { errno: Math.abs(e.errno) }),
     ...(e.syscall === undefined ? {} : { syscall: e.syscall }),
   });
+}
+
+/** pread until `into` is full or the file ends; returns the bytes read. */
+export function readAll(fd: number, into: Buffer, position: bigint): number {
+  let done = 0;
+  while (done < into.length) {
+    const got = readSync(fd, into, done, into.length - done, position + BigInt(done));
+    if (got === 0) break;
+    done += got;
+  }
+  return done;
 }

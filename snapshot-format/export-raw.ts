@@ -1,9 +1,9 @@
 // Raw export: one file per captured region holding what a read of each address
 // would have returned at T, plus manifest.json. Layout in FORMAT.md.
-import { closeSync, ftruncateSync, openSync, readFileSync, readSync, renameSync, statSync, writeSync } from 'node:fs';
+import { closeSync, ftruncateSync, openSync, readFileSync, renameSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { WpsnapError } from '../common/errors.js';
-import { ExportDir, ioError } from './export-dir.js';
+import { ExportDir, ioError, readAll } from './export-dir.js';
 import type { SnapshotReader } from './reader.js';
 import { formatAddress, PAGE_SIZE, type LostRange, type LostReason, type RegionCapture, type RegionRecord, type SnapshotState } from './model.js';
 
@@ -230,6 +230,8 @@ async function writeRegion(
   const stored = new Set<number>();
   for (const page of store.pagesInRange(processId, region.start, region.end)) {
     const index = Number((page.address - region.start) / PAGE);
+    // Stored, then listed lost (a shared file found changed after the copy): lost pages read as zeros.
+    if (isLost[index] === 1) continue;
     writeAll(fd, page.data, index * PAGE_SIZE);
     stored.add(index);
     if (++pagesStored % CHUNK_PAGES === 0) await checkpoint();
@@ -287,16 +289,6 @@ function lostMask(lost: LostRange[], region: RegionRecord, pageCount: number): U
 function writeAll(fd: number, data: Buffer, position: number): void {
   let done = 0;
   while (done < data.length) done += writeSync(fd, data, done, data.length - done, position + done);
-}
-
-function readAll(fd: number, into: Buffer, position: bigint): number {
-  let done = 0;
-  while (done < into.length) {
-    const got = readSync(fd, into, done, into.length - done, position + BigInt(done));
-    if (got === 0) break;
-    done += got;
-  }
-  return done;
 }
 
 /** Read a raw export's manifest (for tools and tests). */
