@@ -7,11 +7,10 @@ import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../store/store.js';
-import { decodeIndex, type IndexRow } from '../store/codec.js';
 import { killDetached } from './support/spawn.js';
+import { generationPages, pageWords, storedPages, within } from './support/generation-pages.js';
 import { PAGE, startWriter, type Writer } from './support/dirtywriter.js';
 import { CLI_JS, runCli } from './support/cli.js';
 
@@ -41,51 +40,9 @@ async function snapshot(w: Writer, name: string, ...more: string[]): Promise<Rec
   return JSON.parse(run.stdout) as Record<string, unknown>;
 }
 
-/** The first word of each page of [base, base + pages) as a snapshot reads it. */
-function words(ref: string, base: bigint, pages: number): bigint[] {
-  const s = Store.open(store, { readonly: true, onWarning: () => undefined });
-  try {
-    const p = s.processes(s.find(ref).id)[0]!;
-    return Array.from({ length: pages }, (_, i) => s.readPage(p.processId, base + BigInt(i) * PAGE).readBigUInt64LE(0));
-  } finally {
-    void s.close();
-  }
-}
-
-/** Page addresses a snapshot's process stores itself (its own page_index rows). */
-function ownPages(ref: string): bigint[] {
-  const db = new Database(store, { readonly: true });
-  try {
-    const id = /^\d+$/.test(ref) ? Number(ref) : (db.prepare('SELECT id FROM snapshots WHERE name = ?').get(ref) as { id: number }).id;
-    const rows = db
-      .prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id IN (SELECT id FROM processes WHERE snapshot_id = ?)')
-      .safeIntegers(true)
-      .all(id) as IndexRow[];
-    return rows.flatMap((r) => [...decodeIndex(r).addresses]).sort((a, b) => (a < b ? -1 : 1));
-  } finally {
-    db.close();
-  }
-}
-
-/** Pages a generation records as turned zero since its parent. */
-function zeroedPages(ref: string): bigint[] {
-  const db = new Database(store, { readonly: true });
-  try {
-    const rows = db
-      .prepare("SELECT ranges FROM generation_pages WHERE kind = 'zeroed' AND process_id IN (SELECT p.id FROM processes p JOIN snapshots s ON s.id = p.snapshot_id WHERE s.name = ?)")
-      .all(ref) as Array<{ ranges: Buffer }>;
-    const out: bigint[] = [];
-    for (const r of rows) {
-      const pairs = new BigUint64Array(r.ranges.buffer.slice(r.ranges.byteOffset, r.ranges.byteOffset + r.ranges.length));
-      for (let i = 0; i < pairs.length; i += 2) for (let k = 0n; k < pairs[i + 1]!; k++) out.push(pairs[i]! + k * PAGE);
-    }
-    return out;
-  } finally {
-    db.close();
-  }
-}
-
-const within = (pages: bigint[], base: bigint, n: number): bigint[] => pages.filter((p) => p >= base && p < base + BigInt(n) * PAGE);
+const words = (ref: string, base: bigint, pages: number): bigint[] => pageWords(store, ref, base, pages);
+const ownPages = (ref: string): bigint[] => storedPages(store, ref);
+const zeroedPages = (ref: string): bigint[] => generationPages(store, ref, 'zeroed');
 
 /** anon page i holds i+1 and shm page i holds 65+i after the fill; writes take 129, 130, … */
 const filledAnon = (n: number): bigint[] => Array.from({ length: n }, (_, i) => BigInt(i + 1));

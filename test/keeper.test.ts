@@ -8,11 +8,10 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import Database from 'better-sqlite3';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../store/store.js';
-import { decodeIndex, type IndexRow } from '../store/codec.js';
 import { killDetached } from './support/spawn.js';
+import { generationPages as recordedPages, pageWords, storedPages, within } from './support/generation-pages.js';
 import { PAGE, startWriter, type Writer } from './support/dirtywriter.js';
 import { runCli } from './support/cli.js';
 import { isAlive, sleep, uffdWpPages } from './support/proc.js';
@@ -65,48 +64,9 @@ async function status(): Promise<Array<Record<string, unknown>>> {
   return (JSON.parse(run.stdout) as { tracking: Array<Record<string, unknown>> }).tracking;
 }
 
-/** The first word of each page of [base, base + pages) as a snapshot reads it. */
-function words(ref: string, base: bigint, pages: number): bigint[] {
-  const s = Store.open(store, { readonly: true, onWarning: () => undefined });
-  try {
-    const p = s.processes(s.find(ref).id)[0]!;
-    return Array.from({ length: pages }, (_, i) => s.readPage(p.processId, base + BigInt(i) * PAGE).readBigUInt64LE(0));
-  } finally {
-    void s.close();
-  }
-}
-
-function generationPages(ref: string, kind: 'dirty' | 'zeroed'): bigint[] {
-  const db = new Database(store, { readonly: true });
-  try {
-    const rows = db
-      .prepare('SELECT ranges FROM generation_pages WHERE kind = ? AND process_id IN (SELECT p.id FROM processes p JOIN snapshots s ON s.id = p.snapshot_id WHERE s.name = ?)')
-      .all(kind, ref) as Array<{ ranges: Buffer }>;
-    const out: bigint[] = [];
-    for (const r of rows) {
-      const pairs = new BigUint64Array(r.ranges.buffer.slice(r.ranges.byteOffset, r.ranges.byteOffset + r.ranges.length));
-      for (let i = 0; i < pairs.length; i += 2) for (let k = 0n; k < pairs[i + 1]!; k++) out.push(pairs[i]! + k * PAGE);
-    }
-    return out.sort((a, b) => (a < b ? -1 : 1));
-  } finally {
-    db.close();
-  }
-}
-
-function ownPages(ref: string): bigint[] {
-  const db = new Database(store, { readonly: true });
-  try {
-    const rows = db
-      .prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id IN (SELECT p.id FROM processes p JOIN snapshots s ON s.id = p.snapshot_id WHERE s.name = ?)')
-      .safeIntegers(true)
-      .all(ref) as IndexRow[];
-    return rows.flatMap((r) => [...decodeIndex(r).addresses]).sort((a, b) => (a < b ? -1 : 1));
-  } finally {
-    db.close();
-  }
-}
-
-const within = (pages: bigint[], base: bigint, n: number): bigint[] => pages.filter((p) => p >= base && p < base + BigInt(n) * PAGE);
+const words = (ref: string, base: bigint, pages: number): bigint[] => pageWords(store, ref, base, pages);
+const ownPages = (ref: string): bigint[] => storedPages(store, ref);
+const generationPages = (ref: string, kind: 'dirty' | 'zeroed'): bigint[] => recordedPages(store, ref, kind);
 const pageList = (base: bigint, ...indices: number[]): bigint[] => indices.map((i) => base + BigInt(i) * PAGE);
 const filledAnon = (n: number): bigint[] => Array.from({ length: n }, (_, i) => BigInt(i + 1));
 const filledShm = (n: number): bigint[] => Array.from({ length: n }, (_, i) => BigInt(65 + i));
