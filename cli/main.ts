@@ -14,6 +14,7 @@ import { gcCommand } from './commands/gc.js';
 import { logCommand } from './commands/log.js';
 import { lsCommand } from './commands/ls.js';
 import { rmCommand } from './commands/rm.js';
+import { rollbackCommand } from './commands/rollback.js';
 import { showCommand } from './commands/show.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { precopyCommand } from './commands/precopy.js';
@@ -38,6 +39,7 @@ const COMMANDS: Array<CommandSpec<any>> = [
   diffCommand,
   verifyCommand,
   exportCommand,
+  rollbackCommand,
   rmCommand,
   logCommand,
   gcCommand,

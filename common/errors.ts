@@ -30,6 +30,8 @@ const CODE_CATEGORY = {
   PARENT_INVALID: 'usage',
   // rm of a snapshot other generations depend on, without --force.
   HAS_GENERATIONS: 'usage',
+  // A rollback that could not be done whole, refused before anything changed.
+  ROLLBACK_REFUSED: 'usage',
   // untrack of a process no keeper tracks.
   NOT_TRACKED: 'usage',
   // The process is tracked by a keeper: track/precopy cannot register it too.
@@ -54,6 +56,8 @@ const CODE_CATEGORY = {
   INTERRUPTED: 'interrupted',
   // Everything else that failed (exit 1).
   INTERNAL: 'failure',
+  // A rollback failed after it began changing the target (it is partly rolled back).
+  ROLLBACK_FAILED: 'failure',
   // A keeper did not start or answer as it must.
   KEEPER_FAILED: 'failure',
   DEMO_FAILED: 'failure',

@@ -3,11 +3,14 @@
 // docs/api.md.
 import { loadBinding } from './binding.js';
 import { DirtyTracker, type DirtyTrackerOptions } from './tracker.js';
+import { rollback as rollbackProcess, type RollbackOptions, type RollbackResult } from './rollback.js';
+import { Store } from '../store/store.js';
 
 export { DirtyTracker, TRACKER_KINDS } from './tracker.js';
 export type { DirtyRound, DirtyTrackerOptions, TrackedMapping, TrackerKind, UntrackedMapping } from './tracker.js';
 export type { Intervals } from './intervals.js';
 export { WpsnapError } from '../common/errors.js';
+export type { RollbackOptions, RollbackResult } from './rollback.js';
 
 /**
  * Start tracking the writes of process `pid` (root; a stop of a few
@@ -18,4 +21,19 @@ export { WpsnapError } from '../common/errors.js';
  */
 export function trackDirty(pid: number, options: Omit<DirtyTrackerOptions, 'attacher'> = {}): DirtyTracker {
   return DirtyTracker.start(loadBinding(), pid, options);
+}
+
+/**
+ * Roll the live process of snapshot `ref` (id or name) in the store at
+ * `storePath` back to the snapshot's instant, in place (root): layout,
+ * memory, every thread's registers; threads created since exit. Refuses,
+ * changing nothing, when it cannot be done whole.
+ */
+export async function rollback(storePath: string, ref: string, options: RollbackOptions = {}): Promise<RollbackResult> {
+  const store = Store.open(storePath, { readonly: true });
+  try {
+    return await rollbackProcess(loadBinding(), store, ref, options);
+  } finally {
+    await store.close();
+  }
 }

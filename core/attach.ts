@@ -94,7 +94,8 @@ function injectedFailure(what: string, result: number): WpsnapError {
   return new WpsnapError(externalCode(code, 'INTERNAL'), `${what} inside the target failed: ${code}`, { errno: -result, syscall: what.split('(')[0]! });
 }
 
-function inject(binding: NativeBinding, frozen: Frozen, insn: bigint, nr: number, args: Array<number | bigint>, what: string): number {
+/** Run one syscall inside the frozen target (from `insn`); its result, negative errno included. */
+export function inject(binding: NativeBinding, frozen: Frozen, insn: bigint, nr: number, args: Array<number | bigint>, what: string): number {
   try {
     // Registers are unsigned 64-bit: negative arguments (AT_FDCWD) go as two's complement.
     const registers = args.map((a) => (typeof a === 'number' && a < 0 ? BigInt.asUintN(64, BigInt(a)) : a));

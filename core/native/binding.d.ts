@@ -215,6 +215,12 @@ export interface NativeBinding {
   /** Run one syscall in a frozen thread (at insnAddress, a `syscall` instruction)
    *  and restore its registers; returns rax (negative errno as two's complement). */
   injectSyscall(handle: NativeHandle, insnAddress: bigint, nr: number, args: Array<number | bigint>): bigint;
+  /**
+   * A rollback: the frozen thread resumes with these registers (struct user_regs_struct, 216
+   * bytes; also after later injections) and takes this FP/vector state now (the XSAVE area
+   * if not empty, else the 512-byte fpregs).
+   */
+  setThreadState(handle: NativeHandle, tid: number, state: { regs: Buffer; fpregs: Buffer; xstate: Buffer }): void;
   /** Stack pointer of the thread injectSyscall uses. */
   injectionThreadRsp(handle: NativeHandle): bigint;
   /** ptrace(PTRACE_DETACH) every thread; idempotent. */

@@ -287,6 +287,42 @@ static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
   return make_bigint(env, rax);
 }
 
+/* setThreadState(h, tid, {regs, fpregs, xstate}): the frozen thread resumes
+ * with these registers (struct user_regs_struct, 216 bytes) and takes this
+ * FP/vector state (the XSAVE area if not empty, else the 512-byte fpregs). */
+static napi_value js_set_thread_state(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  client_t *c = argc >= 3 ? get_client(env, argv[0]) : NULL;
+  int32_t tid;
+  napi_value rv, fv, xv;
+  void *regs = NULL, *fpregs = NULL, *xstate = NULL;
+  size_t regs_len = 0, fpregs_len = 0, xstate_len = 0;
+  if (c == NULL || !arg_int32(env, argv[1], &tid) || napi_get_named_property(env, argv[2], "regs", &rv) != napi_ok ||
+      napi_get_named_property(env, argv[2], "fpregs", &fv) != napi_ok || napi_get_named_property(env, argv[2], "xstate", &xv) != napi_ok ||
+      !arg_buffer(env, rv, &regs, &regs_len) || !arg_buffer(env, fv, &fpregs, &fpregs_len) || !arg_buffer(env, xv, &xstate, &xstate_len))
+    return throw_type(env, "setThreadState(handle, tid, {regs, fpregs, xstate}: Buffers)");
+  if (regs_len != sizeof(struct user_regs_struct) || fpregs_len != sizeof(struct user_fpregs_struct) || xstate_len > XSTATE_MAX)
+    return throw_type(env, "setThreadState: regs must be a struct user_regs_struct (216 bytes), fpregs 512 bytes, xstate at most 8192");
+  if (c->thawed) return throw_errno(env, EINVAL, "ptrace", "setThreadState after thaw");
+  struct {
+    set_thread_request_t head;
+    uint8_t xstate[XSTATE_MAX];
+  } q;
+  memset(&q.head, 0, sizeof q.head);
+  q.head.tid = tid;
+  q.head.xstate_len = (uint32_t)xstate_len;
+  memcpy(&q.head.regs, regs, regs_len);
+  memcpy(&q.head.fpregs, fpregs, fpregs_len);
+  if (xstate_len > 0) memcpy(q.xstate, xstate, xstate_len);
+  reply_t r;
+  int err = request(c, OP_SET_THREAD, &q, (uint32_t)(sizeof q.head + xstate_len), &r);
+  if (err != 0) return throw_lost(env, err);
+  if (r.err != 0) return throw_reply(env, &r);
+  return NULL;
+}
+
 /* injectionThreadRsp(h) -> bigint: stack pointer of the thread injections run in. */
 static napi_value js_injection_rsp(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -344,6 +380,7 @@ void register_ptrace_exports(napi_env env, napi_value exports) {
       {"freeze", NULL, js_freeze, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"frozenThreads", NULL, js_frozen_threads, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"injectSyscall", NULL, js_inject_syscall, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"setThreadState", NULL, js_set_thread_state, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"injectionThreadRsp", NULL, js_injection_rsp, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"thaw", NULL, js_thaw, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"processVmWrite", NULL, js_process_vm_write, NULL, NULL, NULL, napi_default_jsproperty, NULL},

@@ -93,3 +93,36 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
   *rax = after.rax;
   return 0;
 }
+
+int tracer_set_thread(freeze_t *f, pid_t tid, const struct user_regs_struct *regs, const struct user_fpregs_struct *fpregs,
+                      const uint8_t *xstate, size_t xstate_len, tracer_error_t *error) {
+  thread_t *t = NULL;
+  for (size_t i = 0; i < f->count && t == NULL; i++)
+    if (f->threads[i].tid == tid) t = &f->threads[i];
+  if (f->thawed || t == NULL) {
+    set_error(error, "ptrace", "tid %d is not frozen", tid);
+    return ESRCH;
+  }
+  /* SAFETY: the thread is in a ptrace stop; it resumes with these registers
+   * at the detach (t->injected makes detach_all put them back once more). */
+  if (ptrace(PTRACE_SETREGS, tid, NULL, regs) != 0) {
+    int err = errno;
+    set_error(error, "ptrace", "ptrace(PTRACE_SETREGS) on tid %d", tid);
+    return err;
+  }
+  t->resume_regs = *regs;
+  t->injected = true;
+  if (xstate_len > 0) {
+    struct iovec iov = {.iov_base = (void *)xstate, .iov_len = xstate_len};
+    if (ptrace(PTRACE_SETREGSET, tid, (void *)NT_X86_XSTATE, &iov) != 0) {
+      int err = errno;
+      set_error(error, "ptrace", "ptrace(PTRACE_SETREGSET, NT_X86_XSTATE) on tid %d", tid);
+      return err;
+    }
+  } else if (ptrace(PTRACE_SETFPREGS, tid, NULL, fpregs) != 0) {
+    int err = errno;
+    set_error(error, "ptrace", "ptrace(PTRACE_SETFPREGS) on tid %d", tid);
+    return err;
+  }
+  return 0;
+}

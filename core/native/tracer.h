@@ -68,6 +68,11 @@ int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error);
 /* Run one syscall in a stopped thread, then put every register back as
  * captured. Returns 0 and the raw rax, or an errno. */
 int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6], uint64_t *rax, tracer_error_t *error);
+/* Give a stopped thread the registers it resumes with (also after later
+ * injections) and its FP/vector state (XSAVE area, or fpregs without one):
+ * a rollback. Returns 0 or an errno (ESRCH: no such thread frozen). */
+int tracer_set_thread(freeze_t *f, pid_t tid, const struct user_regs_struct *regs, const struct user_fpregs_struct *fpregs,
+                      const uint8_t *xstate, size_t xstate_len, tracer_error_t *error);
 /* Index in f->threads of the thread injections run in (the same one every time). */
 size_t tracer_injection_thread(const freeze_t *f);
 /* PTRACE_DETACH every thread, re-delivering signals that arrived while they were stopped. Idempotent. */

@@ -119,6 +119,17 @@ static int serve_inject(const inject_request_t *q) {
   return reply(0, NULL, &rax, sizeof rax);
 }
 
+static int serve_set_thread(const set_thread_request_t *q, const uint8_t *xstate) {
+  tracer_error_t error = {{0}, {0}};
+  if (frozen == NULL) {
+    snprintf(error.syscall, sizeof error.syscall, "ptrace");
+    snprintf(error.what, sizeof error.what, "set a thread's registers before freeze");
+    return reply(EINVAL, &error, NULL, 0);
+  }
+  int err = tracer_set_thread(frozen, q->tid, &q->regs, &q->fpregs, xstate, q->xstate_len, &error);
+  return reply(err, err != 0 ? &error : NULL, NULL, 0);
+}
+
 /* wpsnap is gone: close what it left open in the target, then let the target go. */
 static void abandon(void) {
   if (frozen == NULL) return;
@@ -155,6 +166,10 @@ int main(void) {
       freeze_request_t freeze;
       inject_request_t inject;
       thaw_request_t thaw;
+      struct {
+        set_thread_request_t head;
+        uint8_t xstate[XSTATE_MAX];
+      } set_thread;
     } payload;
     if (read_all(TRACER_FD, &q, sizeof q) != 0 || q.len > sizeof payload || read_all(TRACER_FD, &payload, q.len) != 0) break;
     int e = 0;
@@ -162,6 +177,9 @@ int main(void) {
       e = serve_freeze(&payload.freeze);
     } else if (q.op == OP_INJECT && q.len == sizeof payload.inject) {
       e = serve_inject(&payload.inject);
+    } else if (q.op == OP_SET_THREAD && q.len >= sizeof payload.set_thread.head &&
+               q.len == sizeof payload.set_thread.head + payload.set_thread.head.xstate_len) {
+      e = serve_set_thread(&payload.set_thread.head, payload.set_thread.xstate);
     } else if (q.op == OP_THREADS && frozen != NULL) {
       e = reply_threads();
     } else if (q.op == OP_THAW) {

@@ -11,7 +11,7 @@
 
 #define TRACER_FD 3
 
-enum { OP_FREEZE = 1, OP_INJECT = 2, OP_THAW = 3, OP_THREADS = 4 };
+enum { OP_FREEZE = 1, OP_INJECT = 2, OP_THAW = 3, OP_THREADS = 4, OP_SET_THREAD = 5 };
 
 typedef struct {
   uint32_t op;
@@ -49,6 +49,17 @@ typedef struct {
   struct user_fpregs_struct fpregs;
   uint32_t xstate_len;
 } thread_record_t;
+
+/* SET_THREAD (a rollback): the thread resumes with these registers, and
+ * takes this FP/vector state now (the XSAVE area when xstate_len > 0, else
+ * fpregs). The request is the fixed part followed by xstate_len bytes; the
+ * reply has no body. */
+typedef struct {
+  int32_t tid;
+  uint32_t xstate_len;
+  struct user_regs_struct regs;
+  struct user_fpregs_struct fpregs;
+} set_thread_request_t;
 
 /* INJECT's body: uint64_t rax. */
 

@@ -1,0 +1,128 @@
+// In-place rollback: a live process rolled back to a snapshot's instant
+// continues from its state at T (fixtures/dirtywriter: its counter restarts
+// from T's value, its pages read T's values, a mapping made since is gone, a
+// zapped page is back); what cannot be done whole is refused, changing
+// nothing.
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { Store } from '../store/store.js';
+import { killDetached, startDetached } from './support/spawn.js';
+import { startWriter, type Writer } from './support/dirtywriter.js';
+import { pageWords } from './support/generation-pages.js';
+import { runCli } from './support/cli.js';
+import { readMaps } from '../core/procfs.js';
+import { tracerPids } from './support/proc.js';
+
+let dir: string;
+let store: string;
+const cleanups: Array<() => void> = [];
+beforeEach(() => {
+  dir = mkdtempSync(join(tmpdir(), 'wpsnap-rollback-'));
+  store = join(dir, 'store.db');
+});
+afterEach(() => {
+  while (cleanups.length) cleanups.pop()!();
+  killDetached();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+async function writer(pages = 64): Promise<Writer> {
+  const w = await startWriter(pages);
+  cleanups.push(() => w.close());
+  return w;
+}
+
+async function cli(...argv: string[]): Promise<Record<string, unknown>> {
+  const run = await runCli([...argv, '--json', '--store', store]);
+  expect(run.stderr).toBe('');
+  expect(run.code).toBe(0);
+  return JSON.parse(run.stdout) as Record<string, unknown>;
+}
+
+const words = (ref: string, base: bigint, pages: number): bigint[] => pageWords(store, ref, base, pages);
+const filledAnon = (n: number): bigint[] => Array.from({ length: n }, (_, i) => BigInt(i + 1));
+const filledShm = (n: number): bigint[] => Array.from({ length: n }, (_, i) => BigInt(65 + i));
+
+describe('wpsnap rollback', () => {
+  it('puts memory, layout and the program counter back: the program continues from T', async () => {
+    const w = await writer();
+    await cli('snapshot', String(w.fixture.pid), '--name', 'base');
+    await w.send('write anon 3 5'); // 129, 130
+    await w.send('write shm 1'); // 131
+    await w.send('dontneed anon 10 1');
+    const mapped = BigInt((await w.send('map 4'))['addr'] as string); // 132..135
+    const result = await cli('rollback', 'base');
+    expect(result).toMatchObject({ id: 1, pid: w.fixture.pid, incremental: false, threadsRestored: 1, threadsExited: 0 });
+    expect(result['pagesWritten'] as number).toBeGreaterThanOrEqual(4); // anon 3, 5, 10, shm 1 (and the program's own data)
+    expect(result['mappingsRepaired'] as number).toBeGreaterThanOrEqual(1); // the mapping made since: unmapped
+    expect(result['warnings']).toEqual(expect.arrayContaining([expect.stringMatching(/^file descriptors opened or closed since T/)]));
+    expect(Object.values(tracerPids(w.fixture.pid)).every((t) => t === 0)).toBe(true);
+    expect(readMaps(w.fixture.pid).some((m) => m.start <= mapped && mapped < m.end)).toBe(false);
+    // The program runs on from T: its counter restarts at T's value (the next write takes 129 again).
+    await w.send('write anon 7');
+    await cli('snapshot', String(w.fixture.pid), '--name', 'after');
+    const anon = filledAnon(64);
+    anon[7] = 129n;
+    expect(words('after', w.anon, 64)).toEqual(anon);
+    expect(words('after', w.shm, 64)).toEqual(filledShm(64));
+  });
+
+  it('rolls back again and again to the same instant', async () => {
+    const w = await writer();
+    await cli('snapshot', String(w.fixture.pid), '--name', 'base');
+    for (let round = 0; round < 3; round++) {
+      await w.send('write anon 2 4 6');
+      await cli('rollback', 'base');
+    }
+    await w.send('write anon 1');
+    await cli('snapshot', String(w.fixture.pid), '--name', 'after');
+    const anon = filledAnon(64);
+    anon[1] = 129n;
+    expect(words('after', w.anon, 64)).toEqual(anon);
+  });
+
+  it('makes threads started since T exit, and refuses when a thread of T is gone', async () => {
+    const w = await writer();
+    await cli('snapshot', String(w.fixture.pid), '--name', 'one');
+    await w.send('thread');
+    await w.send('thread');
+    expect((await w.send('threads'))['count']).toBe(3);
+    const result = await cli('rollback', 'one');
+    expect(result).toMatchObject({ threadsRestored: 1, threadsExited: 2 });
+    expect((await w.send('threads'))['count']).toBe(1);
+    // A thread of T that exited since: refused, and nothing changed.
+    await w.send('thread');
+    await cli('snapshot', String(w.fixture.pid), '--name', 'two');
+    await w.send('write anon 3');
+    await w.send('endthreads');
+    const refused = await runCli(['rollback', 'two', '--store', store]);
+    expect(refused.code).toBe(2);
+    expect(refused.stderr).toMatch(new RegExp(`^wpsnap: pid ${w.fixture.pid}: thread \\d+ of T exited since; nothing changed\n$`));
+    await cli('snapshot', String(w.fixture.pid), '--name', 'after');
+    expect(words('after', w.anon, 4)).toEqual([1n, 2n, 3n, 129n]);
+  });
+
+  it('refuses, changing nothing: another program, a target that is gone, an incomplete snapshot', async () => {
+    const w = await writer();
+    await cli('snapshot', String(w.fixture.pid), '--name', 'base');
+    const other = await startDetached('sleeper');
+    const wrong = await runCli(['rollback', 'base', '--pid', String(other.pid), '--store', store]);
+    expect(wrong.code).toBe(2);
+    expect(wrong.stderr).toMatch(new RegExp(`^wpsnap: pid ${other.pid} runs .*sleeper, not .*dirtywriter as in snapshot 1: nothing changed\\n$`));
+    await w.send('write anon 3');
+    w.fixture.kill('SIGKILL');
+    await w.fixture.exited;
+    const gone = await runCli(['rollback', 'base', '--store', store]);
+    expect(gone.code).toBe(4);
+    expect(gone.stderr).toBe(`wpsnap: no process with pid ${w.fixture.pid}\n`);
+    const s = Store.open(store, { onWarning: () => undefined });
+    await s.beginSnapshot({ name: 'broken' }).abort('a test');
+    await s.close();
+    const incomplete = await runCli(['rollback', 'broken', '--store', store]);
+    expect(incomplete.code).toBe(2);
+    expect(incomplete.stderr).toBe('wpsnap: snapshot 2 is incomplete: only a complete snapshot can be rolled back to\n');
+  });
+});
+
