@@ -96,18 +96,19 @@ function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number): Pl
   const heapRange: Intervals = heapT && heapNow ? normalize([[heapT.start, heapT.end > heapNow.end ? heapT.end : heapNow.end]]) : [];
   const unmap = subtract(subtract(now, atT), heapRange);
   const missing = subtract(subtract(atT, now), heapRange);
+  // Parts of T's mappings missing now: re-created where they were private anonymous memory.
   const create: RegionRecord[] = [];
   for (const r of regions) {
-    if (intersect([[r.start, r.end]], missing).length === 0) continue;
-    const whole = intersect([[r.start, r.end]], missing);
+    const parts = intersect([[r.start, r.end]], missing);
+    if (parts.length === 0) continue;
     const anonymousPrivate = r.inode === 0 && r.perms[3] === 'p' && !SPECIAL.has(r.path) && r.capture !== 'skipped';
-    if (!anonymousPrivate || whole.length !== 1 || whole[0]![0] !== r.start || whole[0]![1] !== r.end) {
+    if (!anonymousPrivate) {
       throw new WpsnapError(
         'ROLLBACK_REFUSED',
-        `pid ${pid}: ${hex(r.start)}-${hex(r.end)} ${r.path || '(anonymous)'} (${r.perms}) was mapped at T and is not now, and only whole private anonymous mappings can be re-created: nothing changed`,
+        `pid ${pid}: ${hex(parts[0]![0])}-${hex(parts[0]![1])} of ${r.path || 'a mapping'} (${r.perms}) was mapped at T and is not now, and only private anonymous memory can be re-created: nothing changed`,
       );
     }
-    create.push(r);
+    for (const [start, end] of parts) create.push({ ...r, start, end });
   }
   const reprotect: RegionRecord[] = [];
   for (const r of regions) {

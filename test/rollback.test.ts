@@ -69,6 +69,31 @@ describe('wpsnap rollback', () => {
     expect(words('after', w.shm, 64)).toEqual(filledShm(64));
   });
 
+  it('repairs the layout: heap grown, memory unmapped and re-protected since T', async () => {
+    const w = await writer();
+    const heapAtT = readMaps(w.fixture.pid).find((m) => m.path === '[heap]');
+    await cli('snapshot', String(w.fixture.pid), '--name', 'base');
+    const grown = BigInt((await w.send('grow 40'))['addr'] as string); // the heap grows by 40 pages: 129..168
+    expect(readMaps(w.fixture.pid).find((m) => m.path === '[heap]')!.end).toBeGreaterThan(heapAtT?.end ?? 0n);
+    await w.send(`unmap 0x${(w.anon + 10n * 4096n).toString(16)} 6`); // a hole in the middle of anon
+    await w.send(`protect 0x${(w.anon + 30n * 4096n).toString(16)} 2 r`);
+    const result = await cli('rollback', 'base');
+    expect(result['mappingsRepaired'] as number).toBeGreaterThanOrEqual(3); // brk, the hole re-created, the protection
+    const maps = readMaps(w.fixture.pid);
+    expect(maps.find((m) => m.path === '[heap]')?.end).toBe(heapAtT?.end);
+    expect(maps.some((m) => m.start <= grown + 39n * 4096n && grown + 39n * 4096n < m.end && m.path !== '[heap]')).toBe(false);
+    const anonMaps = maps.filter((m) => m.start < w.anon + 64n * 4096n && w.anon < m.end);
+    expect(anonMaps.every((m) => m.perms === 'rw-p')).toBe(true);
+    expect(anonMaps.reduce((n, m) => n + ((m.end < w.anon + 64n * 4096n ? m.end : w.anon + 64n * 4096n) - (m.start > w.anon ? m.start : w.anon)), 0n)).toBe(64n * 4096n);
+    // The program runs on from T: its writes land, its counter restarts at T's value.
+    await w.send('write anon 12 31');
+    await cli('snapshot', String(w.fixture.pid), '--name', 'after');
+    const anon = filledAnon(64);
+    anon[12] = 129n;
+    anon[31] = 130n;
+    expect(words('after', w.anon, 64)).toEqual(anon);
+  });
+
   it('rolls back again and again to the same instant', async () => {
     const w = await writer();
     await cli('snapshot', String(w.fixture.pid), '--name', 'base');
