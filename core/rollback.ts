@@ -17,8 +17,13 @@ import { fileUnchanged } from '../snapshot-format/export-raw.js';
 import { PAGE_SIZE, type RegionRecord, type ThreadRecord } from '../snapshot-format/model.js';
 import type { Store } from '../store/store.js';
 import { findSyscallInstruction, freeze, inject, type Frozen } from './attach.js';
-import { intersect, normalize, subtract, type Intervals } from './intervals.js';
-import type { NativeBinding } from './native/binding.js';
+import { fromStartLenPairs, intersect, normalize, subtract, type Intervals } from './intervals.js';
+import { encodeTracking, takeOverTracking, type TakenTracking, type TrackingState } from './keeper.js';
+import { UFFDIO_REGISTER_MODE_WP } from './features.js';
+import { closeQuietly } from './pause.js';
+import { protectWhileRunning } from './preprotect.js';
+import { tripleIntervals } from './tracking-handover.js';
+import type { NativeBinding, NativeHandle } from './native/binding.js';
 import { assertProcessExists, readMaps, readProcessRecord, type MapsEntry } from './procfs.js';
 import { refuseSelfFreeze } from './target-guard.js';
 
@@ -47,12 +52,18 @@ const CANNOT_UNDO = [
 export interface RollbackOptions {
   /** Roll this live process back instead (the same program, started apart): default the snapshot's own process. */
   pid?: number;
+  /**
+   * Rewrite only the pages written since T (or since the last rollback), as
+   * logged by the tracking `snapshot --track` left (core/keeper.ts), and keep
+   * the tracking; its cost grows with the pages written, not the size.
+   */
+  incremental?: boolean;
 }
 
 export interface RollbackResult {
   id: number;
   pid: number;
-  incremental: false;
+  incremental: boolean;
   /** Pages whose content differed from T's, written back. */
   pagesWritten: number;
   /** Pages compared with T's. */
@@ -245,9 +256,93 @@ export async function rollback(binding: NativeBinding, store: Store, ref: string
     }
   }
   const threadsAtT: ThreadRecord[] = store.threads(proc.processId);
-  const tidsAtT = new Set(threadsAtT.map((t) => t.tid));
   const insn = findSyscallInstruction(binding, pid);
   const warnings = [...CANNOT_UNDO];
+  const tracked = options.incremental === true ? await takeTracking(binding, store, snap.id, pid, live.startTimeTicks) : undefined;
+  try {
+    return await rollbackStopped(binding, store, { snapId: snap.id, processId: proc.processId, pid, regions, threadsAtT, insn, warnings, tracked });
+  } catch (error) {
+    // Refused before anything changed: the tracking goes back to the keeper, with what we logged meanwhile.
+    if (tracked !== undefined && (error as WpsnapError).code === 'ROLLBACK_REFUSED') {
+      binding.trackerStop(tracked.reader);
+      const log = binding.trackerTake(tracked.reader);
+      const t = tracked.taken.tracking;
+      const back: TrackingState = {
+        ...t,
+        written: normalize([...t.written, ...fromStartLenPairs(log.written)]),
+        invalid: normalize([...t.invalid, ...fromStartLenPairs(log.invalid)]),
+        overflowed: t.overflowed || log.overflowed || log.forks > 0,
+      };
+      await tracked.taken.link.request({ op: 'adopt', ...encodeTracking(back) }).catch(() => undefined);
+    }
+    throw error;
+  } finally {
+    if (tracked !== undefined) {
+      binding.trackerStop(tracked.reader);
+      closeQuietly(binding, tracked.pidfd);
+      closeQuietly(binding, tracked.taken.uffd);
+      tracked.taken.link.close(); // handed back already, or the keeper ends and releases the target
+    }
+  }
+}
+
+/** The tracking taken over from the keeper, and our reader of the target's faults meanwhile. */
+interface Tracked {
+  taken: TakenTracking;
+  reader: NativeHandle;
+  pidfd: number;
+}
+
+/**
+ * --incremental: the keeper's context and its log since T, and a thread of
+ * ours serving (and logging) the target's faults until the freeze. Refused,
+ * the tracking handed back as it was, unless it runs since this very
+ * snapshot, in this store, and missed nothing.
+ */
+async function takeTracking(binding: NativeBinding, store: Store, snapId: number, pid: number, startTimeTicks: number): Promise<Tracked> {
+  const how = `take the snapshot with --track (wpsnap snapshot ${pid} --name base --track), then roll back to it`;
+  const taken = await takeOverTracking(binding, pid, startTimeTicks);
+  if (taken === undefined) throw new WpsnapError('NOT_TRACKED', `rollback --incremental needs the writes since T tracked, and pid ${pid} is not tracked: ${how}`);
+  const t = taken.tracking;
+  const refusal =
+    t.store !== store.path || t.base !== snapId
+      ? `pid ${pid} is tracked since snapshot ${t.base} of ${t.store}, not since snapshot ${snapId} of ${store.path}: ${how}`
+      : t.overflowed
+        ? `the tracking of pid ${pid} missed writes (a fork, or no memory for its log): roll back without --incremental`
+        : undefined;
+  if (refusal !== undefined) {
+    await taken.link.request({ op: 'adopt', ...encodeTracking(t) }).catch(() => undefined);
+    taken.link.close();
+    closeQuietly(binding, taken.uffd);
+    throw new WpsnapError('NOT_TRACKED', refusal);
+  }
+  let pidfd = -1;
+  try {
+    pidfd = binding.pidfdOpen(pid);
+    const reader = binding.trackerStart({ uffd: taken.uffd, pid, pidfd, ranges: t.ranges });
+    return { taken, reader, pidfd };
+  } catch (error) {
+    if (pidfd >= 0) closeQuietly(binding, pidfd);
+    closeQuietly(binding, taken.uffd);
+    taken.link.close();
+    throw fromNative(error, `serve the faults of pid ${pid}`);
+  }
+}
+
+interface StoppedInputs {
+  snapId: number;
+  processId: number;
+  pid: number;
+  regions: RegionRecord[];
+  threadsAtT: ThreadRecord[];
+  insn: bigint;
+  warnings: string[];
+  tracked: Tracked | undefined;
+}
+
+async function rollbackStopped(binding: NativeBinding, store: Store, inputs: StoppedInputs): Promise<RollbackResult> {
+  const { snapId, processId, pid, regions, threadsAtT, insn, warnings, tracked } = inputs;
+  const tidsAtT = new Set(threadsAtT.map((t) => t.tid));
   let threadsExited = 0;
   let frozen: Frozen | undefined;
   // Threads keep starting (a thread pool)? A few tries, then the rollback proper with none left.
@@ -262,14 +357,17 @@ export async function rollback(binding: NativeBinding, store: Store, ref: string
     if (candidate.threads.every((t) => tidsAtT.has(t.tid)) || attempt >= 3) frozen = candidate;
     else binding.thaw(candidate.handle);
   }
+  const stopped = frozen;
   let pagesWritten = 0;
   let pagesCompared = 0;
   let mappingsRepaired = 0;
+  let changedSinceT: Intervals | undefined;
+  let created: Intervals = [];
   try {
     // Every check first: a refusal changes nothing.
-    const frozenTids = new Set(frozen.threads.map((t) => t.tid));
+    const frozenTids = new Set(stopped.threads.map((t) => t.tid));
     const gone = threadsAtT.filter((t) => !frozenTids.has(t.tid));
-    const fresh = frozen.threads.filter((t) => !tidsAtT.has(t.tid));
+    const fresh = stopped.threads.filter((t) => !tidsAtT.has(t.tid));
     if (fresh.length > 0) {
       throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} keeps starting threads (${fresh.map((t) => t.tid).join(', ')}): they could not all be ended before the rollback; nothing else changed`);
     }
@@ -277,9 +375,11 @@ export async function rollback(binding: NativeBinding, store: Store, ref: string
       throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid}: thread${gone.length > 1 ? 's' : ''} ${gone.map((t) => t.tid).join(', ')} of T exited since; nothing changed`);
     }
     const plan = planLayout(regions, readMaps(pid), pid);
+    // Incremental: what was written (or zapped, moved, unmapped) since T, as logged up to the freeze.
+    if (tracked !== undefined) changedSinceT = loggedSinceT(binding, tracked);
     const call = (nr: number, args: Array<number | bigint>, what: string): void => {
-      const result = inject(binding, frozen, insn, nr, args, what);
-      if (result < 0 && !(nr === SYS_BRK)) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: ${what} failed in the target (errno ${-result}); it is stopped no more, partly rolled back`);
+      const result = inject(binding, stopped, insn, nr, args, what);
+      if (result < 0 && nr !== SYS_BRK) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: ${what} failed in the target (errno ${-result}); it is partly rolled back`);
     };
     if (plan.brk !== null) {
       call(SYS_BRK, [plan.brk.to], `brk(${hex(plan.brk.to)})`);
@@ -290,36 +390,25 @@ export async function rollback(binding: NativeBinding, store: Store, ref: string
       mappingsRepaired++;
     }
     for (const r of plan.create) {
-      const created = inject(binding, frozen, insn, SYS_MMAP, [r.start, r.end - r.start, protOf(r.perms) | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0], `mmap(${hex(r.start)})`);
-      if (BigInt.asUintN(64, BigInt(created)) !== r.start) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: mmap at ${hex(r.start)} failed in the target (${created}); it is partly rolled back`);
+      const at = inject(binding, stopped, insn, SYS_MMAP, [r.start, r.end - r.start, protOf(r.perms) | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0], `mmap(${hex(r.start)})`);
+      if (BigInt.asUintN(64, BigInt(at)) !== r.start) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: mmap at ${hex(r.start)} failed in the target (${at}); it is partly rolled back`);
       mappingsRepaired++;
     }
-    // Content: compared chunk by chunk, written back where it differs.
+    created = normalize(plan.create.map((r): [bigint, bigint] => [r.start, r.end]));
     const mem = openSync(`/proc/${pid}/mem`, 'r+');
     try {
-      const now = Buffer.alloc(CHUNK);
-      const then = Buffer.alloc(CHUNK);
-      for (const r of regions.filter(hasContent)) {
-        const content = new ContentAtT(store, proc.processId, r);
-        try {
-          for (let at = r.start; at < r.end; at += BigInt(CHUNK)) {
-            const len = Number(r.end - at < BigInt(CHUNK) ? r.end - at : BigInt(CHUNK));
-            const current = now.subarray(0, len);
-            const wanted = then.subarray(0, len);
-            readSync(mem, current, 0, len, at);
-            content.fill(at, wanted);
-            for (let off = 0; off < len; off += PAGE_SIZE) {
-              pagesCompared++;
-              const a = current.subarray(off, off + PAGE_SIZE);
-              const b = wanted.subarray(off, off + PAGE_SIZE);
-              if (a.equals(b)) continue;
-              writeSync(mem, b, 0, PAGE_SIZE, Number(at) + off); // user addresses are below 2^47: exact as numbers
-              pagesWritten++;
-            }
-          }
-        } finally {
-          content.close();
-        }
+      const withContent = regions.filter(hasContent);
+      if (changedSinceT !== undefined) {
+        // Only what changed since T (and what was re-created), written whole: its cost is what the target touched.
+        pagesWritten = pagesCompared = rewrite(mem, store, processId, withContent, normalize([...changedSinceT, ...created]));
+        // What the tracking does not see (shared memory, private file mappings' copies…) is compared whole.
+        const covered = tripleIntervals(tracked!.taken.tracking.ranges);
+        const untracked = withContent.flatMap((r) => subtract([[r.start, r.end]], normalize([...covered, ...created])).map(([start, end]) => ({ ...r, start, end, offset: r.offset + (start - r.start) })));
+        const compared = compareAndRewrite(mem, store, processId, untracked);
+        pagesWritten += compared.pagesWritten;
+        pagesCompared += compared.pagesCompared;
+      } else {
+        ({ pagesWritten, pagesCompared } = compareAndRewrite(mem, store, processId, withContent));
       }
     } finally {
       closeSync(mem);
@@ -332,16 +421,29 @@ export async function rollback(binding: NativeBinding, store: Store, ref: string
       mappingsRepaired++;
     }
     // Registers last: injections run in one of these threads and put its registers back after each.
-    for (const t of threadsAtT) binding.setThreadState(frozen.handle, t.tid, { regs: t.regs, fpregs: t.fpregs, xstate: t.xstate });
+    for (const t of threadsAtT) binding.setThreadState(stopped.handle, t.tid, { regs: t.regs, fpregs: t.fpregs, xstate: t.xstate });
+    // The tracking goes on from T again: what was rewritten is protected again, memory re-created is
+    // registered. Our reader stops first (it served the faults our own writes caused, a zapped page's
+    // marker): from here to the keeper's adopt, the target's faults wait in the context, unread.
+    if (tracked !== undefined) {
+      binding.trackerStop(tracked.reader);
+      rearm(binding, tracked, regions, created, changedSinceT);
+    }
   } finally {
-    binding.thaw(frozen.handle);
+    binding.thaw(stopped.handle);
   }
-  const micros = Number(process.hrtime.bigint() - frozen.frozenAt) / 1000;
+  const micros = Number(process.hrtime.bigint() - stopped.frozenAt) / 1000;
+  if (tracked !== undefined) {
+    const t = tracked.taken.tracking;
+    const again: TrackingState = { ...t, ranges: rearmedRanges(t.ranges, regions, created), written: [], invalid: [], overflowed: false };
+    await tracked.taken.link.request({ op: 'adopt', ...encodeTracking(again) });
+  }
   if (regions.some((r) => r.perms[3] === 's' && hasContent(r))) warnings.push('shared memory was written back: other processes that map it see its content at T too');
+  if (tracked !== undefined && changedSinceT === undefined) warnings.push('the tracking missed writes (a fork?): every page was compared instead');
   return {
-    id: snap.id,
+    id: snapId,
     pid,
-    incremental: false,
+    incremental: changedSinceT !== undefined,
     pagesWritten,
     pagesCompared,
     mappingsRepaired,
@@ -350,4 +452,93 @@ export async function rollback(binding: NativeBinding, store: Store, ref: string
     micros: Math.round(micros),
     warnings,
   };
+}
+
+/** The keeper's log since T and ours since the take-over, as one; undefined if either missed something. */
+function loggedSinceT(binding: NativeBinding, tracked: Tracked): Intervals | undefined {
+  const log = binding.trackerTake(tracked.reader);
+  const t = tracked.taken.tracking;
+  if (log.overflowed || log.forks > 0 || log.error !== undefined) return undefined;
+  return normalize([...t.written, ...t.invalid, ...fromStartLenPairs(log.written), ...fromStartLenPairs(log.invalid)]);
+}
+
+/** Full rollback: every page of `regions` compared with T's, written back where it differs. */
+function compareAndRewrite(mem: number, store: Store, processId: number, regions: RegionRecord[]): { pagesWritten: number; pagesCompared: number } {
+  let pagesWritten = 0;
+  let pagesCompared = 0;
+  const now = Buffer.alloc(CHUNK);
+  const then = Buffer.alloc(CHUNK);
+  for (const r of regions) {
+    const content = new ContentAtT(store, processId, r);
+    try {
+      for (let at = r.start; at < r.end; at += BigInt(CHUNK)) {
+        const len = Number(r.end - at < BigInt(CHUNK) ? r.end - at : BigInt(CHUNK));
+        const current = now.subarray(0, len);
+        const wanted = then.subarray(0, len);
+        readSync(mem, current, 0, len, at);
+        content.fill(at, wanted);
+        for (let off = 0; off < len; off += PAGE_SIZE) {
+          pagesCompared++;
+          const b = wanted.subarray(off, off + PAGE_SIZE);
+          if (current.subarray(off, off + PAGE_SIZE).equals(b)) continue;
+          writeSync(mem, b, 0, PAGE_SIZE, Number(at) + off); // user addresses are below 2^47: exact as numbers
+          pagesWritten++;
+        }
+      }
+    } finally {
+      content.close();
+    }
+  }
+  return { pagesWritten, pagesCompared };
+}
+
+/** Incremental rollback: T's content of `ranges` (inside `regions`) written back; returns the pages written. */
+function rewrite(mem: number, store: Store, processId: number, regions: RegionRecord[], ranges: Intervals): number {
+  let pages = 0;
+  const then = Buffer.alloc(CHUNK);
+  for (const r of regions) {
+    const content = new ContentAtT(store, processId, r);
+    try {
+      for (const [s, e] of intersect(ranges, [[r.start, r.end]])) {
+        for (let at = s; at < e; at += BigInt(CHUNK)) {
+          const len = Number(e - at < BigInt(CHUNK) ? e - at : BigInt(CHUNK));
+          const wanted = then.subarray(0, len);
+          content.fill(at, wanted);
+          writeSync(mem, wanted, 0, len, Number(at));
+          pages += len / PAGE_SIZE;
+        }
+      }
+    } finally {
+      content.close();
+    }
+  }
+  return pages;
+}
+
+/** What the context covers after the rollback: its ranges still mapped as at T, and the memory re-created. */
+function rearmedRanges(triples: BigUint64Array, regions: RegionRecord[], created: Intervals): BigUint64Array {
+  const atT = normalize(regions.map((r): [bigint, bigint] => [r.start, r.end]));
+  const out: bigint[] = [];
+  for (let i = 0; i + 2 < triples.length; i += 3) {
+    for (const [s, e] of intersect(subtract([[triples[i]!, triples[i + 1]!]], created), atT)) out.push(s, e, triples[i + 2]!);
+  }
+  for (const [s, e] of created) out.push(s, e, 4096n);
+  const sorted: Array<[bigint, bigint, bigint]> = [];
+  for (let i = 0; i < out.length; i += 3) sorted.push([out[i]!, out[i + 1]!, out[i + 2]!]);
+  sorted.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  return BigUint64Array.from(sorted.flat());
+}
+
+/**
+ * Protect again what the rollback rewrote (the target's next write to it is
+ * logged again), and register and protect the memory re-created (a new
+ * mapping is registered with no context). Past a few thousand ranges, the
+ * covered ranges are protected whole (one call instead of a TLB flush each).
+ */
+function rearm(binding: NativeBinding, tracked: Tracked, regions: RegionRecord[], created: Intervals, changedSinceT: Intervals | undefined): void {
+  const uffd = tracked.taken.uffd;
+  for (const [s, e] of created) binding.uffdRegister(uffd, s, e - s, UFFDIO_REGISTER_MODE_WP);
+  const covered = tripleIntervals(rearmedRanges(tracked.taken.tracking.ranges, regions, created));
+  const again = changedSinceT === undefined ? covered : intersect(normalize([...changedSinceT, ...created]), covered);
+  protectWhileRunning(binding, uffd, again.length > 2048 ? covered : again, covered);
 }

@@ -129,6 +129,53 @@ describe('wpsnap rollback', () => {
     expect(words('after', w.anon, 4)).toEqual([1n, 2n, 3n, 129n]);
   });
 
+  it('--incremental rewrites only the pages written since T, again and again, and keeps tracking', async () => {
+    const saved = process.env['WPSNAP_RUNTIME_DIR'];
+    process.env['WPSNAP_RUNTIME_DIR'] = join(dir, 'run');
+    cleanups.push(() => {
+      if (saved === undefined) delete process.env['WPSNAP_RUNTIME_DIR'];
+      else process.env['WPSNAP_RUNTIME_DIR'] = saved;
+    });
+    const w = await writer(1024);
+    const base = await cli('snapshot', String(w.fixture.pid), '--name', 'base', '--track');
+    const keeperPid = (base['tracking'] as { keeperPid: number }).keeperPid;
+    cleanups.push(() => void runCli(['untrack', String(w.fixture.pid)]));
+    for (let round = 0; round < 3; round++) {
+      await w.send('write anon 3 100 900');
+      await w.send('same anon 7');
+      await w.send('dontneed anon 50 2');
+      await w.send('write shm 5');
+      const r = await cli('rollback', 'base', '--incremental');
+      expect(r).toMatchObject({ incremental: true, threadsRestored: 1, threadsExited: 0 });
+      // Of the 1024 tracked anon pages only the 6 touched are rewritten (plus the program's own stack, heap, data);
+      // what no fault tells about (the 1024 shared pages, the libraries' private file mappings) is compared whole:
+      // had the anon pages been compared too, more than 2048 pages would have been.
+      expect(r['pagesWritten'] as number).toBeGreaterThanOrEqual(6 + 1);
+      expect(r['pagesCompared'] as number).toBeGreaterThan(1024);
+      expect(r['pagesCompared'] as number).toBeLessThan(2048);
+      // Still tracked since base, by the same keeper.
+      const status = JSON.parse((await runCli(['status', '--json'])).stdout) as { tracking: Array<Record<string, unknown>> };
+      expect(status.tracking).toEqual([expect.objectContaining({ keeperPid, base: base['id'], state: 'tracking' })]);
+    }
+    // Continues from T: the counter restarts (anon 1..1024, shm 1025..2048 at the fill; the next write takes 2049).
+    await w.send('write anon 9');
+    await cli('snapshot', String(w.fixture.pid), '--name', 'after');
+    const anon = filledAnon(1024);
+    anon[9] = 2049n;
+    expect(words('after', w.anon, 1024)).toEqual(anon);
+    expect(words('after', w.shm, 8)).toEqual([1025n, 1026n, 1027n, 1028n, 1029n, 1030n, 1031n, 1032n]);
+  });
+
+  it('--incremental without tracking is refused in one line saying how to get it', async () => {
+    const w = await writer();
+    await cli('snapshot', String(w.fixture.pid), '--name', 'base');
+    const run = await runCli(['rollback', 'base', '--incremental', '--store', store]);
+    expect(run.code).toBe(2);
+    expect(run.stderr).toBe(
+      `wpsnap: rollback --incremental needs the writes since T tracked, and pid ${w.fixture.pid} is not tracked: take the snapshot with --track (wpsnap snapshot ${w.fixture.pid} --name base --track), then roll back to it\n`,
+    );
+  });
+
   it('refuses, changing nothing: another program, a target that is gone, an incomplete snapshot', async () => {
     const w = await writer();
     await cli('snapshot', String(w.fixture.pid), '--name', 'base');
