@@ -9,6 +9,7 @@ import { exportCoreMain } from './export-core.js';
 import { impactMain } from './impact.js';
 import { log, repoRoot } from './lib.js';
 import { precopyMain } from './precopy.js';
+import { rollbackMain } from './rollback.js';
 import { trackMain } from './track.js';
 import { DEFAULTS, PEERS, printTable, runSnapshot1GiB, summarize, type PeerName, type Snapshot1GiBResult } from './snapshot-1gib.js';
 
@@ -17,6 +18,7 @@ const USAGE = `usage: node dist/bench/run.js [options]
        node dist/bench/run.js track [options]    (dirty-tracking costs: track --help)
        node dist/bench/run.js precopy [options]  (pre-copy and incremental generations: precopy --help)
        node dist/bench/run.js export-core [options]  (core export against gcore: export-core --help)
+       node dist/bench/run.js rollback [--runs N] [--mib M] [--touch P]  (rollback against a fork server)
   --runs N          measured repetitions of every peer (default ${DEFAULTS.runs})
   --mib M           target size in MiB (default ${DEFAULTS.mib})
   --rate MBPS       --rate of the rate-limited wpsnap peer (default ${DEFAULTS.rateMBps})
@@ -49,6 +51,10 @@ async function main(): Promise<void> {
   }
   if (process.argv[2] === 'precopy') {
     process.exitCode = await precopyMain(process.argv.slice(3));
+    return;
+  }
+  if (process.argv[2] === 'rollback') {
+    process.exitCode = await rollbackMain(process.argv.slice(3));
     return;
   }
   if (process.argv[2] === 'export-core') {

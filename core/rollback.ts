@@ -404,11 +404,11 @@ async function rollbackStopped(binding: NativeBinding, store: Store, inputs: Sto
         // What the tracking does not see (shared memory, private file mappings' copies…) is compared whole.
         const covered = tripleIntervals(tracked!.taken.tracking.ranges);
         const untracked = withContent.flatMap((r) => subtract([[r.start, r.end]], normalize([...covered, ...created])).map(([start, end]) => ({ ...r, start, end, offset: r.offset + (start - r.start) })));
-        const compared = compareAndRewrite(mem, store, processId, untracked);
+        const compared = compareAndRewrite(binding, pid, mem, store, processId, untracked);
         pagesWritten += compared.pagesWritten;
         pagesCompared += compared.pagesCompared;
       } else {
-        ({ pagesWritten, pagesCompared } = compareAndRewrite(mem, store, processId, withContent));
+        ({ pagesWritten, pagesCompared } = compareAndRewrite(binding, pid, mem, store, processId, withContent));
       }
     } finally {
       closeSync(mem);
@@ -462,8 +462,32 @@ function loggedSinceT(binding: NativeBinding, tracked: Tracked): Intervals | und
   return normalize([...t.written, ...t.invalid, ...fromStartLenPairs(log.written), ...fromStartLenPairs(log.invalid)]);
 }
 
+/** pagemap: the page is in the page cache (a private file page never copied on write), or swapped. */
+const PM_FILE = 1n << 61n;
+const PM_SWAP = 1n << 62n;
+const PM_PRESENT = 1n << 63n;
+
+/**
+ * Pages of a private file mapping that read the file's content now and at T,
+ * which need no comparing: no copy stored at T (it was the file's, the file
+ * unchanged since), and now still the page cache's page, or not there and
+ * not swapped (a read brings the file's in). Only copied-on-write pages are
+ * compared: a library's text and data are most of a small program's pages.
+ */
+function fileContentPages(binding: NativeBinding, pid: number, store: Store, processId: number, r: RegionRecord, at: bigint, len: number): Uint8Array {
+  const same = new Uint8Array(len / PAGE_SIZE);
+  if (r.capture !== 'file-private') return same;
+  const entries = binding.readPagemap(pid, at, len / PAGE_SIZE);
+  for (let i = 0; i < entries.length; i++) {
+    const e = entries[i]!;
+    same[i] = (e & PM_PRESENT) !== 0n ? ((e & PM_FILE) !== 0n ? 1 : 0) : (e & PM_SWAP) === 0n ? 1 : 0;
+  }
+  for (const page of store.pagesInRange(processId, at, at + BigInt(len))) same[Number((page.address - at) / BigInt(PAGE_SIZE))] = 0;
+  return same;
+}
+
 /** Full rollback: every page of `regions` compared with T's, written back where it differs. */
-function compareAndRewrite(mem: number, store: Store, processId: number, regions: RegionRecord[]): { pagesWritten: number; pagesCompared: number } {
+function compareAndRewrite(binding: NativeBinding, pid: number, mem: number, store: Store, processId: number, regions: RegionRecord[]): { pagesWritten: number; pagesCompared: number } {
   let pagesWritten = 0;
   let pagesCompared = 0;
   const now = Buffer.alloc(CHUNK);
@@ -473,11 +497,14 @@ function compareAndRewrite(mem: number, store: Store, processId: number, regions
     try {
       for (let at = r.start; at < r.end; at += BigInt(CHUNK)) {
         const len = Number(r.end - at < BigInt(CHUNK) ? r.end - at : BigInt(CHUNK));
+        const fromFile = fileContentPages(binding, pid, store, processId, r, at, len);
+        if (fromFile.every((x) => x === 1)) continue;
         const current = now.subarray(0, len);
         const wanted = then.subarray(0, len);
         readSync(mem, current, 0, len, at);
         content.fill(at, wanted);
         for (let off = 0; off < len; off += PAGE_SIZE) {
+          if (fromFile[off / PAGE_SIZE] === 1) continue;
           pagesCompared++;
           const b = wanted.subarray(off, off + PAGE_SIZE);
           if (current.subarray(off, off + PAGE_SIZE).equals(b)) continue;
