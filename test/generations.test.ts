@@ -4,34 +4,22 @@
 // snapshot uses, both atomic under kill -9. Real snapshots of
 // fixtures/dirtywriter, whose writes between two instants are known.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../store/store.js';
-import { killDetached } from './support/spawn.js';
+import { writerScope } from './support/writer-scope.js';
 import { generationPages, pageWords, storedPages, within } from './support/generation-pages.js';
-import { PAGE, startWriter, type Writer } from './support/dirtywriter.js';
+import { PAGE, type Writer } from './support/dirtywriter.js';
 import { CLI_JS, runCli } from './support/cli.js';
 
+const scope = writerScope('wpsnap-generations-');
+const { writer } = scope;
 let dir: string;
 let store: string;
-const cleanups: Array<() => void> = [];
 beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'wpsnap-generations-'));
-  store = join(dir, 'store.db');
+  ({ dir, store } = scope);
 });
-afterEach(() => {
-  while (cleanups.length) cleanups.pop()!();
-  killDetached();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-async function writer(pages = 64): Promise<Writer> {
-  const w = await startWriter(pages);
-  cleanups.push(() => w.close());
-  return w;
-}
 
 async function snapshot(w: Writer, name: string, ...more: string[]): Promise<Record<string, unknown>> {
   const run = await runCli(['snapshot', String(w.fixture.pid), '--json', '--store', store, '--name', name, ...more]);

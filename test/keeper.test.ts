@@ -5,55 +5,39 @@
 // exits ends its keeper; strangers are refused (SO_PEERCRED). Real snapshots
 // of fixtures/dirtywriter, whose writes between two instants are known.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../store/store.js';
-import { killDetached } from './support/spawn.js';
+import { writerScope } from './support/writer-scope.js';
 import { generationPages as recordedPages, pageWords, storedPages, within } from './support/generation-pages.js';
-import { PAGE, startWriter, type Writer } from './support/dirtywriter.js';
+import { PAGE, type Writer } from './support/dirtywriter.js';
 import { runCli } from './support/cli.js';
 import { isAlive, sleep, uffdWpPages } from './support/proc.js';
 import { launchFixture } from '../fixtures/launch.js';
 import { checkSnapshot, parseLayout } from '../fixtures/oracle.js';
 
+const scope = writerScope('wpsnap-keeper-');
+const { cleanups, writer, cli } = scope;
 let dir: string;
 let store: string;
 let runtime: string;
-const cleanups: Array<() => void> = [];
 const savedRuntime = process.env['WPSNAP_RUNTIME_DIR'];
 beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'wpsnap-keeper-'));
-  store = join(dir, 'store.db');
+  ({ dir, store } = scope);
   runtime = join(dir, 'run');
   process.env['WPSNAP_RUNTIME_DIR'] = runtime;
 });
+// Runs before the scope's own afterEach (vitest runs after-hooks last registered first), so the
+// targets are still there: keepers of this test's targets untracked, or ended with their target.
 afterEach(async () => {
-  while (cleanups.length) cleanups.pop()!();
-  // Keepers of this test's targets: untracked, or ended with their target.
   for (const name of existsSync(runtime) ? execFileSync('ls', [runtime], { encoding: 'utf8' }).split('\n') : []) {
     const m = /^(\d+)\.sock$/.exec(name);
     if (m) await runCli(['untrack', m[1]!]);
   }
-  killDetached();
   if (savedRuntime === undefined) delete process.env['WPSNAP_RUNTIME_DIR'];
   else process.env['WPSNAP_RUNTIME_DIR'] = savedRuntime;
-  rmSync(dir, { recursive: true, force: true });
 });
-
-async function writer(pages = 64): Promise<Writer> {
-  const w = await startWriter(pages);
-  cleanups.push(() => w.close());
-  return w;
-}
-
-async function cli(...argv: string[]): Promise<Record<string, unknown>> {
-  const run = await runCli([...argv, '--json', '--store', store]);
-  expect(run.stderr).toBe('');
-  expect(run.code).toBe(0);
-  return JSON.parse(run.stdout) as Record<string, unknown>;
-}
 
 const snapshot = (w: Writer, name: string, ...more: string[]): Promise<Record<string, unknown>> =>
   cli('snapshot', String(w.fixture.pid), '--name', name, ...more);

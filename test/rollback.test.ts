@@ -3,43 +3,23 @@
 // from T's value, its pages read T's values, a mapping made since is gone, a
 // zapped page is back); what cannot be done whole is refused, changing
 // nothing.
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../store/store.js';
-import { killDetached, startDetached } from './support/spawn.js';
-import { startWriter, type Writer } from './support/dirtywriter.js';
+import { startDetached } from './support/spawn.js';
+import { writerScope } from './support/writer-scope.js';
 import { pageWords } from './support/generation-pages.js';
 import { runCli } from './support/cli.js';
 import { readMaps } from '../core/procfs.js';
 import { tracerPids } from './support/proc.js';
 
+const scope = writerScope('wpsnap-rollback-');
+const { cleanups, writer, cli } = scope;
 let dir: string;
 let store: string;
-const cleanups: Array<() => void> = [];
 beforeEach(() => {
-  dir = mkdtempSync(join(tmpdir(), 'wpsnap-rollback-'));
-  store = join(dir, 'store.db');
+  ({ dir, store } = scope);
 });
-afterEach(() => {
-  while (cleanups.length) cleanups.pop()!();
-  killDetached();
-  rmSync(dir, { recursive: true, force: true });
-});
-
-async function writer(pages = 64): Promise<Writer> {
-  const w = await startWriter(pages);
-  cleanups.push(() => w.close());
-  return w;
-}
-
-async function cli(...argv: string[]): Promise<Record<string, unknown>> {
-  const run = await runCli([...argv, '--json', '--store', store]);
-  expect(run.stderr).toBe('');
-  expect(run.code).toBe(0);
-  return JSON.parse(run.stdout) as Record<string, unknown>;
-}
 
 const words = (ref: string, base: bigint, pages: number): bigint[] => pageWords(store, ref, base, pages);
 const filledAnon = (n: number): bigint[] => Array.from({ length: n }, (_, i) => BigInt(i + 1));
