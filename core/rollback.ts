@@ -93,7 +93,7 @@ interface Plan {
 }
 
 /** The layout repairs, or a refusal naming what cannot be repaired. */
-function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number): Plan {
+function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number, sameProcess: boolean): Plan {
   const atT = normalize(regions.map((r): [bigint, bigint] => [r.start, r.end]));
   const now = normalize(maps.map((m): [bigint, bigint] => [m.start, m.end]));
   const heapT = regions.find((r) => r.path === '[heap]');
@@ -125,7 +125,9 @@ function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number): Pl
   for (const r of regions) {
     if (SPECIAL.has(r.path)) continue;
     const differs = maps.some((m) => m.start < r.end && r.start < m.end && m.perms.slice(0, 3) !== r.perms.slice(0, 3));
-    const kindChanged = maps.some((m) => m.start < r.end && r.start < m.end && (m.inode !== r.inode || m.perms[3] !== r.perms[3]));
+    // Another process of the program (--pid) has its own shared memory objects, under the same names.
+    const sameObject = (m: MapsEntry): boolean => m.inode === r.inode || (!sameProcess && r.perms[3] === 's' && m.path === r.path);
+    const kindChanged = maps.some((m) => m.start < r.end && r.start < m.end && (!sameObject(m) || m.perms[3] !== r.perms[3]));
     if (kindChanged) {
       throw new WpsnapError(
         'ROLLBACK_REFUSED',
@@ -172,6 +174,22 @@ class ContentAtT {
   close(): void {
     if (this.fileFd !== undefined) closeSync(this.fileFd);
   }
+}
+
+/**
+ * T's threads as the target's: its own, or (--pid, another process of the
+ * program) the target's threads in the same order, main thread first; the
+ * target's threads beyond T's count are ended like threads started since T.
+ */
+function asThreadsOf(threads: ThreadRecord[], snapshotPid: number, pid: number): ThreadRecord[] {
+  if (pid === snapshotPid) return threads;
+  const order = (main: number) => (a: number, b: number) => (a === main ? -1 : b === main ? 1 : a - b);
+  const atT = [...threads].sort((a, b) => order(snapshotPid)(a.tid, b.tid));
+  const live = [...taskTids(pid)].sort(order(pid));
+  if (live.length < atT.length) {
+    throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} has ${live.length} thread${live.length === 1 ? '' : 's'}, and the process of the snapshot had ${atT.length} at T: nothing changed`);
+  }
+  return atT.map((t, i) => ({ ...t, tid: live[i]! }));
 }
 
 /** Threads created since T resume at a syscall instruction calling exit(0). */
@@ -255,12 +273,12 @@ export async function rollback(binding: NativeBinding, store: Store, ref: string
       throw new WpsnapError('ROLLBACK_REFUSED', `${r.file?.path ?? r.path} changed since snapshot ${snap.id}: its pages at T are not known; nothing changed`);
     }
   }
-  const threadsAtT: ThreadRecord[] = store.threads(proc.processId);
+  const threadsAtT: ThreadRecord[] = asThreadsOf(store.threads(proc.processId), proc.pid, pid);
   const insn = findSyscallInstruction(binding, pid);
   const warnings = [...CANNOT_UNDO];
   const tracked = options.incremental === true ? await takeTracking(binding, store, snap.id, pid, live.startTimeTicks) : undefined;
   try {
-    return await rollbackStopped(binding, store, { snapId: snap.id, processId: proc.processId, pid, regions, threadsAtT, insn, warnings, tracked });
+    return await rollbackStopped(binding, store, { snapId: snap.id, sameProcess: pid === proc.pid && live.startTimeTicks === proc.startTimeTicks, processId: proc.processId, pid, regions, threadsAtT, insn, warnings, tracked });
   } catch (error) {
     // Refused before anything changed: the tracking goes back to the keeper, with what we logged meanwhile.
     if (tracked !== undefined && (error as WpsnapError).code === 'ROLLBACK_REFUSED') {
@@ -331,6 +349,8 @@ async function takeTracking(binding: NativeBinding, store: Store, snapId: number
 
 interface StoppedInputs {
   snapId: number;
+  /** The snapshot's own process (not --pid of another). */
+  sameProcess: boolean;
   processId: number;
   pid: number;
   regions: RegionRecord[];
@@ -374,7 +394,7 @@ async function rollbackStopped(binding: NativeBinding, store: Store, inputs: Sto
     if (gone.length > 0) {
       throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid}: thread${gone.length > 1 ? 's' : ''} ${gone.map((t) => t.tid).join(', ')} of T exited since; nothing changed`);
     }
-    const plan = planLayout(regions, readMaps(pid), pid);
+    const plan = planLayout(regions, readMaps(pid), pid, inputs.sameProcess);
     // Incremental: what was written (or zapped, moved, unmapped) since T, as logged up to the freeze.
     if (tracked !== undefined) changedSinceT = loggedSinceT(binding, tracked);
     const call = (nr: number, args: Array<number | bigint>, what: string): void => {

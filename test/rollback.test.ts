@@ -3,13 +3,16 @@
 // from T's value, its pages read T's values, a mapping made since is gone, a
 // zapped page is back); what cannot be done whole is refused, changing
 // nothing.
+import { execFileSync } from 'node:child_process';
+import { closeSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../store/store.js';
 import { startDetached } from './support/spawn.js';
 import { writerScope } from './support/writer-scope.js';
 import { pageWords } from './support/generation-pages.js';
-import { runCli } from './support/cli.js';
+import { ROOT, runCli } from './support/cli.js';
+import { launchProgram } from '../fixtures/launch.js';
 import { readMaps } from '../core/procfs.js';
 import { tracerPids } from './support/proc.js';
 
@@ -144,6 +147,55 @@ describe('wpsnap rollback', () => {
     anon[9] = 2049n;
     expect(words('after', w.anon, 1024)).toEqual(anon);
     expect(words('after', w.shm, 8)).toEqual([1025n, 1026n, 1027n, 1028n, 1029n, 1030n, 1031n, 1032n]);
+  });
+
+  it('--pid: rolls another live process of the same program and layout to the snapshot\'s instant', async () => {
+    // Two dirtywriters with address-space randomization off: the same layout.
+    const start = async (): Promise<{ pid: number; anon: bigint; send: (c: string) => Promise<Record<string, unknown>> }> => {
+      const fifo = join(dir, `commands-${cleanups.length}`);
+      execFileSync('mkfifo', ['-m', '0600', fifo]);
+      const p = await launchProgram('/usr/bin/setarch', ['x86_64', '-R', join(ROOT, 'fixtures', 'build', 'dirtywriter'), '-p', '64', '-c', fifo]);
+      const fd = openSync(fifo, 'w');
+      cleanups.push(() => {
+        closeSync(fd);
+        p.kill();
+      });
+      const ready = JSON.parse(p.readyLine) as { anon: string };
+      return {
+        pid: p.pid,
+        anon: BigInt(ready.anon),
+        send: async (c) => {
+          writeSync(fd, `${c}\n`);
+          return JSON.parse((await p.nextLine())!) as Record<string, unknown>;
+        },
+      };
+    };
+    const a = await start();
+    const b = await start();
+    expect(b.anon).toBe(a.anon);
+    await a.send('write anon 3 4 5'); // 129, 130, 131 in a
+    await cli('snapshot', String(a.pid), '--name', 'a');
+    await b.send('write anon 60'); // 129 in b
+    await b.send('thread'); // b has a thread a had not
+    const result = await cli('rollback', 'a', '--pid', String(b.pid));
+    expect(result).toMatchObject({ pid: b.pid, threadsRestored: 1, threadsExited: 1 });
+    // b goes on as a would from T: its next write takes a's next counter value.
+    await b.send('write anon 7');
+    expect((await b.send('threads'))['count']).toBe(1);
+    await cli('snapshot', String(b.pid), '--name', 'b');
+    const anon = filledAnon(64);
+    anon[3] = 129n;
+    anon[4] = 130n;
+    anon[5] = 131n;
+    anon[7] = 132n;
+    expect(words('b', b.anon, 64)).toEqual(anon);
+    // a is untouched.
+    await cli('snapshot', String(a.pid), '--name', 'a2');
+    const aNow = filledAnon(64);
+    aNow[3] = 129n;
+    aNow[4] = 130n;
+    aNow[5] = 131n;
+    expect(words('a2', a.anon, 64)).toEqual(aNow);
   });
 
   it('--incremental without tracking is refused in one line saying how to get it', async () => {
