@@ -6,7 +6,8 @@
 //                 target writes P pages spread over its memory and is rolled
 //                 back with the library API (`rollback(store, 'base',
 //                 {incremental: true})`, in this process) — its wall, and the
-//                 target's stop (`micros`); also the same through the CLI
+//                 target's stop (`micros`); the same through a session that
+//                 keeps the store open (`rollbackSession`); and the CLI
 //   full          the same writes, rolled back without --incremental
 //   fork server   fixtures/forkserver: the AFL++ way, a parent at the saved
 //                 point forks a child per run that writes the same P pages
@@ -18,7 +19,7 @@ import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, writeFileSync, wri
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { rollback } from '../core/api.js';
+import { rollback, rollbackSession } from '../core/api.js';
 import { launchFixture } from '../fixtures/launch.js';
 import { log, machineInfo, median, minMax, repoRoot, runCommand } from './lib.js';
 
@@ -60,7 +61,7 @@ export async function rollbackMain(argv: string[]): Promise<number> {
   };
   const spread = Array.from({ length: touch }, (_, k) => Math.floor((k * pages) / touch));
   const writeTouched = (): Promise<void> => send(`write 0x${anon.toString(16)} ${spread.join(' ')}`);
-  const results: { incremental: Sample[]; incrementalCli: Sample[]; full: Sample[] } = { incremental: [], incrementalCli: [], full: [] };
+  const results: { incremental: Sample[]; session: Sample[]; incrementalCli: Sample[]; full: Sample[] } = { incremental: [], session: [], incrementalCli: [], full: [] };
   try {
     const base = await runCommand(process.execPath, [cli, 'snapshot', String(target.pid), '--name', 'base', '--track', '--json', '--store', store], { timeoutMs: 600_000 });
     if (base.code !== 0) throw new Error(`snapshot --track: ${base.stderr}`);
@@ -69,6 +70,17 @@ export async function rollbackMain(argv: string[]): Promise<number> {
       const t0 = performance.now();
       const r = await rollback(store, 'base', { incremental: true });
       results.incremental.push({ wallMillis: performance.now() - t0, stopMicros: r.micros, pagesWritten: r.pagesWritten, pagesCompared: r.pagesCompared });
+    }
+    const session = rollbackSession(store, 'base', { incremental: true });
+    try {
+      for (let i = 0; i < runs; i++) {
+        await writeTouched();
+        const t0 = performance.now();
+        const r = await session.rollback();
+        results.session.push({ wallMillis: performance.now() - t0, stopMicros: r.micros, pagesWritten: r.pagesWritten, pagesCompared: r.pagesCompared });
+      }
+    } finally {
+      await session.close();
     }
     for (let i = 0; i < Math.min(runs, 5); i++) {
       await writeTouched();
@@ -97,6 +109,7 @@ export async function rollbackMain(argv: string[]): Promise<number> {
     options: { runs, mib, touch },
     machine: machineInfo(),
     incremental: { wallMillis: summary(results.incremental.map((s) => s.wallMillis)), stopMicros: summary(results.incremental.map((s) => s.stopMicros)), pagesWritten: summary(results.incremental.map((s) => s.pagesWritten)), pagesCompared: summary(results.incremental.map((s) => s.pagesCompared)) },
+    session: { wallMillis: summary(results.session.map((s) => s.wallMillis)), stopMicros: summary(results.session.map((s) => s.stopMicros)) },
     incrementalCli: { wallMillis: summary(results.incrementalCli.map((s) => s.wallMillis)), stopMicros: summary(results.incrementalCli.map((s) => s.stopMicros)) },
     full: { wallMillis: summary(results.full.map((s) => s.wallMillis)), stopMicros: summary(results.full.map((s) => s.stopMicros)), pagesCompared: summary(results.full.map((s) => s.pagesCompared)) },
     forkServer: { runs: forkRuns, perRunMicros: fork.perRunMicros },
@@ -110,10 +123,13 @@ export async function rollbackMain(argv: string[]): Promise<number> {
     line('incremental, API: wall per rollback', doc.incremental.wallMillis, 'ms'),
     line('incremental, API: the target stopped', { median: doc.incremental.stopMicros.median === null ? null : doc.incremental.stopMicros.median / 1000, range: doc.incremental.stopMicros.range ? [doc.incremental.stopMicros.range[0] / 1000, doc.incremental.stopMicros.range[1] / 1000] : null }, 'ms'),
     line('incremental: pages rewritten or compared', doc.incremental.pagesCompared, 'pages'),
+    line('incremental, API session (store kept open): wall', doc.session.wallMillis, 'ms'),
+    line('incremental, API session: the target stopped', { median: doc.session.stopMicros.median === null ? null : doc.session.stopMicros.median / 1000, range: doc.session.stopMicros.range ? [doc.session.stopMicros.range[0] / 1000, doc.session.stopMicros.range[1] / 1000] : null }, 'ms'),
     line('incremental, CLI: wall per rollback', doc.incrementalCli.wallMillis, 'ms'),
     line('full (every page compared), API: wall', doc.full.wallMillis, 'ms'),
     `  ${'fork server: per run (fork, child writes, exit, wait)'.padEnd(46)} ${(fork.perRunMicros / 1000).toFixed(2)} ms (${forkRuns} runs)`,
     `  ${'incremental API wall / fork server per run'.padEnd(46)} ${doc.incremental.wallMillis.median === null ? '–' : (doc.incremental.wallMillis.median / (fork.perRunMicros / 1000)).toFixed(1)}×`,
+    `  ${'session wall / fork server per run'.padEnd(46)} ${doc.session.wallMillis.median === null ? '–' : (doc.session.wallMillis.median / (fork.perRunMicros / 1000)).toFixed(1)}×`,
   ];
   process.stdout.write(out.join('\n') + '\n');
   if (!values['no-write']) {

@@ -37,3 +37,25 @@ export async function rollback(storePath: string, ref: string, options: Rollback
     await store.close();
   }
 }
+
+/** Rollbacks to one snapshot again and again (a fuzzing loop): the store stays open between them. */
+export interface RollbackSession {
+  /** Roll the process back to the snapshot's instant (as `rollback`). */
+  rollback(): Promise<RollbackResult>;
+  close(): Promise<void>;
+}
+
+/**
+ * A session of rollbacks to snapshot `ref`: the store is opened once and its
+ * decompressed pages of T stay cached between rollbacks (a page of T is read
+ * from a compressed batch of 512: the first rollback that needs it pays for
+ * the batch, the next ones do not).
+ */
+export function rollbackSession(storePath: string, ref: string, options: RollbackOptions = {}): RollbackSession {
+  const store = Store.open(storePath, { readonly: true });
+  const binding = loadBinding();
+  return {
+    rollback: () => rollbackProcess(binding, store, ref, options),
+    close: () => store.close(),
+  };
+}

@@ -13,6 +13,7 @@ import { writerScope } from './support/writer-scope.js';
 import { pageWords } from './support/generation-pages.js';
 import { ROOT, runCli } from './support/cli.js';
 import { launchProgram } from '../fixtures/launch.js';
+import { rollbackSession } from '../core/api.js';
 import { readMaps } from '../core/procfs.js';
 import { tracerPids } from './support/proc.js';
 
@@ -196,6 +197,32 @@ describe('wpsnap rollback', () => {
     aNow[4] = 130n;
     aNow[5] = 131n;
     expect(words('a2', a.anon, 64)).toEqual(aNow);
+  });
+
+  it('a library session rolls back again and again, the store kept open', async () => {
+    const saved = process.env['WPSNAP_RUNTIME_DIR'];
+    process.env['WPSNAP_RUNTIME_DIR'] = join(dir, 'run');
+    cleanups.push(() => {
+      if (saved === undefined) delete process.env['WPSNAP_RUNTIME_DIR'];
+      else process.env['WPSNAP_RUNTIME_DIR'] = saved;
+    });
+    const w = await writer();
+    await cli('snapshot', String(w.fixture.pid), '--name', 'base', '--track');
+    cleanups.push(() => void runCli(['untrack', String(w.fixture.pid)]));
+    const session = rollbackSession(store, 'base', { incremental: true });
+    try {
+      for (let round = 0; round < 3; round++) {
+        await w.send('write anon 1 2 3');
+        expect(await session.rollback()).toMatchObject({ id: 1, pid: w.fixture.pid, incremental: true, threadsRestored: 1 });
+      }
+    } finally {
+      await session.close();
+    }
+    await w.send('write anon 4');
+    await cli('snapshot', String(w.fixture.pid), '--name', 'after');
+    const anon = filledAnon(64);
+    anon[4] = 129n;
+    expect(words('after', w.anon, 64)).toEqual(anon);
   });
 
   it('--incremental without tracking is refused in one line saying how to get it', async () => {
