@@ -17,6 +17,7 @@
         "core/native/engine_stage.c",
         "core/native/engine_track.c",
         "core/native/engine_keep.c",
+        "core/native/engine_regions.c",
         "core/native/dirty_log.c",
         "core/native/tracker.c",
         "core/native/engine_segments.c",

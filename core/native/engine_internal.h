@@ -314,6 +314,21 @@ uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, 
 int sweep_thp(engine_t *e, segment_t *s, uint64_t block, int thp, int *wait_ms);
 int sweep_step(engine_t *e, int *wait_ms);
 void engine_main(engine_t *e);
+/* A tracked generation's pages identical to its parent's: `unwritten`
+ * ([start, end) pairs, sorted, disjoint: covered since the parent's instant
+ * and never written, as known before the pause), less `written` ([start,
+ * len] pairs, few: the writes of the pause's final log). Marked saved: the
+ * engine neither reads nor stores them; they read through the parent. Done
+ * here, in C, because it runs in the pause. */
+typedef struct {
+  const uint64_t *unwritten;
+  size_t nunwritten;
+  const uint64_t *written;
+  size_t nwritten;
+} parent_pages_t;
+
+/* Parse engineRun's regions into segments (engine_regions.c); NULL, or the exception thrown. */
+napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const parent_pages_t *pp);
 void keep_prepare(engine_t *e);
 void keep_main(engine_t *e);
 void *engine_thread(void *arg);
