@@ -35,6 +35,7 @@ import {
   median,
   minMax,
   procKiB,
+  processCpuMillis,
   ratio,
   repoRoot,
   round,
@@ -386,16 +387,6 @@ async function snapshotStep(cli: string, pid: number, db: string, extra: string[
   };
 }
 
-/** utime + stime of a process, ms (clock ticks of 10 ms), or null once it is gone. */
-function cpuMillisOf(pid: number): number | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) * 10;
-  } catch {
-    return null;
-  }
-}
 
 async function generationRun(index: number, cli: string, t: Faultlat, dir: string): Promise<GenerationRun> {
   const scratch = mkdtempSync(join(dir, 'generation-'));
@@ -424,10 +415,10 @@ async function generationRun(index: number, cli: string, t: Faultlat, dir: strin
     let keeper: KeeperCost | null = null;
     const keeperPid = 'error' in trackedBase ? null : trackedBase.keeperPid;
     if (keeperPid !== null) {
-      const before = cpuMillisOf(keeperPid);
+      const before = processCpuMillis(keeperPid);
       const waitStart = performance.now();
       await sleep(GENERATION_WAIT_MS);
-      const after = cpuMillisOf(keeperPid);
+      const after = processCpuMillis(keeperPid);
       keeper = {
         rssKiB: procKiB(`/proc/${keeperPid}/status`, 'VmRSS'),
         cpuMillis: before === null || after === null ? null : after - before,

@@ -8,11 +8,12 @@
 import { chmodSync, readFileSync, unlinkSync } from 'node:fs';
 import { createServer, type Socket } from 'node:net';
 import { loadBinding } from './binding.js';
-import { intersect, normalize, pagesIn, subtract, type Intervals } from './intervals.js';
+import { intersect, normalize, pagesIn, subtract } from './intervals.js';
 import { KEEPER_UFFD_FD, KeeperLink, decodeTracking, encodeTracking, logIntervals, type KeeperStatus, type TrackingState, type Wire } from './keeper.js';
 import type { NativeHandle } from './native/binding.js';
 import { processStartTicks, writerAlive } from '../store/liveness.js';
 import { unprotectGradually } from './tracker.js';
+import { tripleIntervals } from './tracking-handover.js';
 
 /** How often the target's exit is looked for. The log is read only when asked
  * for: it holds one run per written page at most, and merging it every
@@ -36,11 +37,6 @@ let holder: Socket | undefined;
 let pidfd = -1;
 let ending = false;
 
-function tripleIntervals(triples: BigUint64Array): Intervals {
-  const out: Intervals = [];
-  for (let i = 0; i + 2 < triples.length; i += 3) out.push([triples[i]!, triples[i + 1]!]);
-  return normalize(out);
-}
 
 /** Fold what the tracker thread logged since the last take into `tracking`. */
 function takeLog(): { exited: boolean } {

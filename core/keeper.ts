@@ -52,18 +52,22 @@ export interface KeeperStatus {
   keeperRssBytes: number;
 }
 
-/** track and precopy need the target's ranges for a context of their own: refused while a keeper holds them. */
-export async function refuseIfTracked(pid: number, what: string): Promise<void> {
-  const link = await KeeperLink.connect(pid);
-  if (link === undefined) return;
-  let status: KeeperStatus | undefined;
+/** What the keeper of `pid` says of itself; undefined if there is none (or it ended while asked). */
+export async function keeperStatus(pid: number, dir = keeperDir(false)): Promise<KeeperStatus | undefined> {
+  const link = await KeeperLink.connect(pid, dir);
+  if (link === undefined) return undefined;
   try {
-    status = (await link.request({ op: 'status' })) as unknown as KeeperStatus;
+    return (await link.request({ op: 'status' })) as unknown as KeeperStatus;
   } catch {
-    // it ended meanwhile
+    return undefined; // it ended meanwhile
   } finally {
     link.close();
   }
+}
+
+/** track and precopy need the target's ranges for a context of their own: refused while a keeper holds them. */
+export async function refuseIfTracked(pid: number, what: string): Promise<void> {
+  const status = await keeperStatus(pid);
   if (status === undefined) return;
   throw new WpsnapError(
     'TRACKED_BY_KEEPER',
@@ -268,15 +272,8 @@ export async function listKeepers(): Promise<KeeperStatus[]> {
   }
   const out: KeeperStatus[] = [];
   for (const name of names.filter((n) => /^\d+\.sock$/.test(n)).sort((a, b) => parseInt(a) - parseInt(b))) {
-    const link = await KeeperLink.connect(parseInt(name), dir);
-    if (link === undefined) continue;
-    try {
-      out.push((await link.request({ op: 'status' })) as unknown as KeeperStatus);
-    } catch {
-      // It ended while we asked.
-    } finally {
-      link.close();
-    }
+    const status = await keeperStatus(parseInt(name), dir);
+    if (status !== undefined) out.push(status);
   }
   return out;
 }

@@ -11,10 +11,11 @@
 // the snapshot lost, a file a private mapping reads that changed since T.
 // What a rollback cannot undo (file descriptors, file offsets, children,
 // data sent) is listed in its warnings.
-import { closeSync, openSync, readdirSync, readSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readSync, writeSync } from 'node:fs';
 import { WpsnapError, fromNative } from '../common/errors.js';
 import { fileUnchanged } from '../snapshot-format/export-raw.js';
-import { PAGE_SIZE, type RegionRecord, type ThreadRecord } from '../snapshot-format/model.js';
+import { formatAddress, PAGE_SIZE, type RegionRecord, type ThreadRecord } from '../snapshot-format/model.js';
+import { readAll } from '../snapshot-format/export-dir.js';
 import type { Store } from '../store/store.js';
 import { findSyscallInstruction, freeze, inject, type Frozen } from './attach.js';
 import { fromStartLenPairs, intersect, normalize, subtract, type Intervals } from './intervals.js';
@@ -24,7 +25,7 @@ import { closeQuietly } from './pause.js';
 import { protectWhileRunning } from './preprotect.js';
 import { tripleIntervals } from './tracking-handover.js';
 import type { NativeBinding, NativeHandle } from './native/binding.js';
-import { assertProcessExists, readMaps, readProcessRecord, type MapsEntry } from './procfs.js';
+import { assertProcessExists, listThreads, readMaps, readProcessRecord, type MapsEntry } from './procfs.js';
 import { refuseSelfFreeze } from './target-guard.js';
 
 const SYS_MPROTECT = 10;
@@ -83,7 +84,6 @@ function protOf(perms: string): number {
   return (perms[0] === 'r' ? 1 : 0) | (perms[1] === 'w' ? 2 : 0) | (perms[2] === 'x' ? 4 : 0);
 }
 
-const hex = (a: bigint): string => `0x${a.toString(16)}`;
 
 interface Plan {
   brk: { from: bigint; to: bigint } | null;
@@ -116,7 +116,7 @@ function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number, sam
     if (!anonymousPrivate) {
       throw new WpsnapError(
         'ROLLBACK_REFUSED',
-        `pid ${pid}: ${hex(parts[0]![0])}-${hex(parts[0]![1])} of ${r.path || 'a mapping'} (${r.perms}) was mapped at T and is not now, and only private anonymous memory can be re-created: nothing changed`,
+        `pid ${pid}: ${formatAddress(parts[0]![0])}-${formatAddress(parts[0]![1])} of ${r.path || 'a mapping'} (${r.perms}) was mapped at T and is not now, and only private anonymous memory can be re-created: nothing changed`,
       );
     }
     for (const [start, end] of parts) create.push({ ...r, start, end });
@@ -131,7 +131,7 @@ function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number, sam
     if (kindChanged) {
       throw new WpsnapError(
         'ROLLBACK_REFUSED',
-        `pid ${pid}: ${hex(r.start)}-${hex(r.end)} holds another mapping than at T (${r.path || 'anonymous'}, ${r.perms}): nothing changed`,
+        `pid ${pid}: ${formatAddress(r.start)}-${formatAddress(r.end)} holds another mapping than at T (${r.path || 'anonymous'}, ${r.perms}): nothing changed`,
       );
     }
     if (differs) reprotect.push(r);
@@ -160,12 +160,7 @@ class ContentAtT {
       const fileEnd = BigInt(r.file.size);
       if (fileOffset < fileEnd) {
         const want = Number(fileEnd - fileOffset < BigInt(into.length) ? fileEnd - fileOffset : BigInt(into.length));
-        let done = 0;
-        while (done < want) {
-          const got = readSync(this.fileFd, into, done, want - done, fileOffset + BigInt(done));
-          if (got === 0) break;
-          done += got;
-        }
+        readAll(this.fileFd, into.subarray(0, want), fileOffset);
       }
     }
     for (const page of this.store.pagesInRange(this.processId, start, start + BigInt(into.length))) page.data.copy(into, Number(page.address - start));
@@ -202,7 +197,7 @@ function exitRegisters(regs: Buffer, insn: bigint): Buffer {
   return out;
 }
 
-const taskTids = (pid: number): Set<number> => new Set(readdirSync(`/proc/${pid}/task`).map(Number));
+const taskTids = (pid: number): Set<number> => new Set(listThreads(pid));
 
 /**
  * Make the threads created since T exit, before the rollback proper: each
@@ -402,16 +397,16 @@ async function rollbackStopped(binding: NativeBinding, store: Store, inputs: Sto
       if (result < 0 && nr !== SYS_BRK) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: ${what} failed in the target (errno ${-result}); it is partly rolled back`);
     };
     if (plan.brk !== null) {
-      call(SYS_BRK, [plan.brk.to], `brk(${hex(plan.brk.to)})`);
+      call(SYS_BRK, [plan.brk.to], `brk(${formatAddress(plan.brk.to)})`);
       mappingsRepaired++;
     }
     for (const [s, e] of plan.unmap) {
-      call(SYS_MUNMAP, [s, e - s], `munmap(${hex(s)}, ${e - s})`);
+      call(SYS_MUNMAP, [s, e - s], `munmap(${formatAddress(s)}, ${e - s})`);
       mappingsRepaired++;
     }
     for (const r of plan.create) {
-      const at = inject(binding, stopped, insn, SYS_MMAP, [r.start, r.end - r.start, protOf(r.perms) | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0], `mmap(${hex(r.start)})`);
-      if (BigInt.asUintN(64, BigInt(at)) !== r.start) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: mmap at ${hex(r.start)} failed in the target (${at}); it is partly rolled back`);
+      const at = inject(binding, stopped, insn, SYS_MMAP, [r.start, r.end - r.start, protOf(r.perms) | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0], `mmap(${formatAddress(r.start)})`);
+      if (BigInt.asUintN(64, BigInt(at)) !== r.start) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: mmap at ${formatAddress(r.start)} failed in the target (${at}); it is partly rolled back`);
       mappingsRepaired++;
     }
     created = normalize(plan.create.map((r): [bigint, bigint] => [r.start, r.end]));
@@ -434,10 +429,10 @@ async function rollbackStopped(binding: NativeBinding, store: Store, inputs: Sto
       closeSync(mem);
     }
     for (const r of plan.create.filter((c) => c.perms[1] !== 'w')) {
-      call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${hex(r.start)})`);
+      call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${formatAddress(r.start)})`);
     }
     for (const r of plan.reprotect) {
-      call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${hex(r.start)}, ${r.perms})`);
+      call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${formatAddress(r.start)}, ${r.perms})`);
       mappingsRepaired++;
     }
     // Registers last: injections run in one of these threads and put its registers back after each.

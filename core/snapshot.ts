@@ -21,7 +21,7 @@ import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
 import { openStaging, residentBytes, type Staging, type StagingOptions } from './staging.js';
 import { preProtect, type PreProtection, type TrackLog } from './preprotect.js';
-import { encodeTracking, KeeperLink, logIntervals, startKeeper, takeOverTracking, type KeeperStatus, type TakenTracking, type TrackingState } from './keeper.js';
+import { encodeTracking, keeperStatus, logIntervals, startKeeper, takeOverTracking, type TakenTracking, type TrackingState } from './keeper.js';
 import { adoptTracking, trackedRanges, unwrittenAtInstant } from './tracking-handover.js';
 import { normalize, subtract, type Intervals } from './intervals.js';
 import { findSparse } from './sparse.js';
@@ -147,17 +147,6 @@ export interface SnapshotResult {
   tookOverFrom?: { keeperPid: number; base: number; since: string };
 }
 
-/** Is `pid` tracked since a snapshot of this store? (A peek: the keeper goes on.) */
-async function keeperOf(pid: number): Promise<KeeperStatus | undefined> {
-  const link = await KeeperLink.connect(pid);
-  if (link === undefined) return undefined;
-  try {
-    return (await link.request({ op: 'status' })) as unknown as KeeperStatus;
-  } finally {
-    link.close();
-  }
-}
-
 export async function snapshotProcess(
   binding: NativeBinding,
   store: SnapshotTarget,
@@ -193,7 +182,7 @@ export async function snapshotProcess(
   try {
     attacher.prepare();
     // Tracked since the parent, in this store: a tracked generation reads only what was written since.
-    const keeper = await keeperOf(pid);
+    const keeper = await keeperStatus(pid); // a peek: the keeper goes on
     const parentRef = options.parent === undefined ? undefined : { ref: options.parent, pid, startTimeTicks: processRecord.startTimeTicks };
     let parentKnown: Intervals | undefined;
     if (parentRef !== undefined && keeper?.state === 'tracking' && keeper.store === store.path && store.parentContent !== undefined) {
