@@ -539,9 +539,11 @@ function rewrite(mem: number, store: Store, processId: number, regions: RegionRe
   let pages = 0;
   const then = Buffer.alloc(CHUNK);
   for (const r of regions) {
+    const inside = intersect(ranges, [[r.start, r.end]]);
+    if (inside.length === 0) continue; // most regions: no file to open, no query
     const content = new ContentAtT(store, processId, r);
     try {
-      for (const [s, e] of intersect(ranges, [[r.start, r.end]])) {
+      for (const [s, e] of inside) {
         for (let at = s; at < e; at += BigInt(CHUNK)) {
           const len = Number(e - at < BigInt(CHUNK) ? e - at : BigInt(CHUNK));
           const wanted = then.subarray(0, len);
