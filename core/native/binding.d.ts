@@ -224,6 +224,7 @@ export interface NativeBinding {
   /** Stack pointer of the thread injectSyscall uses. */
   injectionThreadRsp(handle: NativeHandle): bigint;
   /** ptrace(PTRACE_DETACH) every thread; idempotent. */
+  /** Detach every thread; the helper stays for the next freeze() when nothing is left to read from it. */
   thaw(handle: NativeHandle): void;
   /**
    * Create the engine before the pause (its staging pool, its stager thread, its fds on the target);

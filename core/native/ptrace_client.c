@@ -333,7 +333,8 @@ static napi_value js_injection_rsp(napi_env env, napi_callback_info info) {
   return make_bigint(env, c->injection.regs.rsp);
 }
 
-/* thaw(h): detach every thread. Idempotent. */
+/* thaw(h): detach every thread. Idempotent. A helper with nothing left to send
+ * stays, as the next freeze()'s (RELEASE). */
 static napi_value js_thaw(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
@@ -343,6 +344,17 @@ static napi_value js_thaw(napi_env env, napi_callback_info info) {
   if (c->thawed) return NULL;
   c->thawed = true;
   reply_t r;
+  if (c->have_threads) {
+    /* Nothing to receive after the thaw: the helper stays, for the next freeze (a rollback session's). */
+    int err = request(c, OP_RELEASE, NULL, 0, &r);
+    if (err == 0 && r.err == 0 && r.len == 0 && spare_sock < 0) {
+      spare_sock = c->sock;
+      c->sock = -1;
+    } else {
+      client_end(c);
+    }
+    return NULL;
+  }
   /* The records come after every thread is released, and are read when first asked for: outside the pause. */
   thaw_request_t q = {.with_threads = !c->have_threads};
   int err = request(c, OP_THAW, &q, sizeof q, &r); /* if the helper is gone, it thawed the target as it went */

@@ -191,6 +191,12 @@ int main(void) {
       }
       tracer_free(frozen);
       return 0;
+    } else if (q.op == OP_RELEASE) {
+      if (frozen != NULL) tracer_thaw(frozen);
+      tracer_free(frozen);
+      frozen = NULL;
+      nowned = 0;
+      e = reply(0, NULL, NULL, 0);
     } else {
       break;
     }

@@ -1,7 +1,10 @@
 /* wpsnap <-> wpsnap-tracer: requests and replies over a stream socket (the
  * tracer's fd 3), in host byte order. A reply answers every request; the
  * tracer exits after THAW's reply, or, when the socket closes (wpsnap died),
- * after closing in the target the fds it created there and thawing it. */
+ * after closing in the target the fds it created there and thawing it.
+ * RELEASE thaws as THAW does and keeps the tracer for the next FREEZE (a
+ * rollback session freezes its target again and again: no process to start
+ * each time). */
 #ifndef WPSNAP_TRACER_PROTOCOL_H
 #define WPSNAP_TRACER_PROTOCOL_H
 
@@ -11,7 +14,7 @@
 
 #define TRACER_FD 3
 
-enum { OP_FREEZE = 1, OP_INJECT = 2, OP_THAW = 3, OP_THREADS = 4, OP_SET_THREAD = 5 };
+enum { OP_FREEZE = 1, OP_INJECT = 2, OP_THAW = 3, OP_THREADS = 4, OP_SET_THREAD = 5, OP_RELEASE = 6 };
 
 typedef struct {
   uint32_t op;
