@@ -25,7 +25,8 @@
         "core/native/engine_fault.c",
         "core/native/engine_sweep.c",
         "core/native/fault_loop.c",
-        "core/native/constants.c"
+        "core/native/constants.c",
+        "core/native/memory_runs.c"
       ],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE", "-fvisibility=hidden"],
       "defines": ["NAPI_VERSION=8"],

@@ -3,7 +3,7 @@
 // docs/api.md.
 import { loadBinding } from './binding.js';
 import { DirtyTracker, type DirtyTrackerOptions } from './tracker.js';
-import { rollback as rollbackProcess, type RollbackOptions, type RollbackResult } from './rollback.js';
+import { InPlaceRollback, rollback as rollbackProcess, type RollbackOptions, type RollbackResult } from './rollback.js';
 import { Store } from '../store/store.js';
 
 export { DirtyTracker, TRACKER_KINDS } from './tracker.js';
@@ -38,24 +38,48 @@ export async function rollback(storePath: string, ref: string, options: Rollback
   }
 }
 
-/** Rollbacks to one snapshot again and again (a fuzzing loop): the store stays open between them. */
+/** Rollbacks to one snapshot again and again (a fuzzing loop): what does not change between them is done once. */
 export interface RollbackSession {
   /** Roll the process back to the snapshot's instant (as `rollback`). */
   rollback(): Promise<RollbackResult>;
+  /** End the session; with `incremental`, the tracking goes back to its keeper. */
   close(): Promise<void>;
 }
 
 /**
- * A session of rollbacks to snapshot `ref`: the store is opened once and its
- * decompressed pages of T stay cached between rollbacks (a page of T is read
- * from a compressed batch of 512: the first rollback that needs it pays for
- * the batch, the next ones do not).
+ * A session of rollbacks to snapshot `ref`. Opened at the first rollback and
+ * kept until close(): the store, its checks, T's threads and the content of
+ * T read so far, the target's memory file and the tracer helper; with
+ * `incremental`, the tracking itself, taken from its keeper once (it serves
+ * the target's faults meanwhile) and handed back at close(). A page the
+ * target wrote since T stays writable and is written back at every rollback
+ * (up to 8192 such pages; past that they are protected again), so a loop
+ * that touches the same pages costs no fault and no re-protection per run.
+ * If this process dies while the session is open, the keeper ends and the
+ * target runs on untracked.
  */
 export function rollbackSession(storePath: string, ref: string, options: RollbackOptions = {}): RollbackSession {
   const store = Store.open(storePath, { readonly: true });
   const binding = loadBinding();
+  let opened: Promise<InPlaceRollback> | undefined;
   return {
-    rollback: () => rollbackProcess(binding, store, ref, options),
-    close: () => store.close(),
+    rollback: async () => {
+      opened ??= InPlaceRollback.open(binding, store, ref, options);
+      let session: InPlaceRollback;
+      try {
+        session = await opened;
+      } catch (error) {
+        opened = undefined; // refused: the next call checks again
+        throw error;
+      }
+      return session.rollback();
+    },
+    close: async () => {
+      try {
+        if (opened !== undefined) await (await opened.catch(() => undefined))?.close();
+      } finally {
+        await store.close();
+      }
+    },
   };
 }

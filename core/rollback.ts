@@ -11,11 +11,10 @@
 // the snapshot lost, a file a private mapping reads that changed since T.
 // What a rollback cannot undo (file descriptors, file offsets, children,
 // data sent) is listed in its warnings.
-import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, openSync } from 'node:fs';
 import { WpsnapError, fromNative } from '../common/errors.js';
 import { fileUnchanged } from '../snapshot-format/export-raw.js';
-import { formatAddress, PAGE_SIZE, type RegionRecord, type ThreadRecord } from '../snapshot-format/model.js';
-import { readAll } from '../snapshot-format/export-dir.js';
+import { formatAddress, type RegionRecord, type ThreadRecord } from '../snapshot-format/model.js';
 import type { Store } from '../store/store.js';
 import { findSyscallInstruction, freeze, inject, type Frozen } from './attach.js';
 import { fromStartLenPairs, intersect, normalize, subtract, type Intervals } from './intervals.js';
@@ -25,7 +24,9 @@ import { closeQuietly } from './pause.js';
 import { protectWhileRunning } from './preprotect.js';
 import { tripleIntervals } from './tracking-handover.js';
 import type { NativeBinding, NativeHandle } from './native/binding.js';
-import { assertProcessExists, listThreads, readMaps, readProcessRecord, type MapsEntry } from './procfs.js';
+import { assertProcessExists, listThreads, parseMaps, readProc, readProcessRecord } from './procfs.js';
+import { compareAndRewrite, ContentCache, hasContent, type Rewrite } from './rollback-content.js';
+import { planLayout, protOf, type Plan } from './rollback-layout.js';
 import { refuseSelfFreeze } from './target-guard.js';
 
 const SYS_MPROTECT = 10;
@@ -38,10 +39,6 @@ const MAP_ANONYMOUS = 0x20;
 const MAP_FIXED_NOREPLACE = 0x100000;
 /** Offsets in struct user_regs_struct (x86_64). */
 const REG = { rax: 80, rip: 128, origRax: 120, rdi: 112 } as const;
-/** Mappings the kernel makes and no program changes. */
-const SPECIAL = new Set(['[vvar]', '[vvar_vclock]', '[vdso]', '[vsyscall]']);
-/** Bytes of the target read (and compared) at a time. */
-const CHUNK = 1 << 20;
 
 /** What a rollback cannot undo, always said. */
 const CANNOT_UNDO = [
@@ -59,6 +56,13 @@ export interface RollbackOptions {
    * the tracking; its cost grows with the pages written, not the size.
    */
   incremental?: boolean;
+  /**
+   * Incremental: how many pages written since T stay writable, written back
+   * at every rollback, before they are protected again (default 8192). A
+   * page left writable costs a 4 KiB copy per rollback; a page protected
+   * again, a UFFDIO_WRITEPROTECT now and a fault at the target's next write.
+   */
+  keepWritablePages?: number;
 }
 
 export interface RollbackResult {
@@ -77,98 +81,6 @@ export interface RollbackResult {
   /** How long the target was stopped for the rollback proper, µs (ending the threads started since T stops it briefly before). */
   micros: number;
   warnings: string[];
-}
-
-/** The protection bits of a maps/regions perms string. */
-function protOf(perms: string): number {
-  return (perms[0] === 'r' ? 1 : 0) | (perms[1] === 'w' ? 2 : 0) | (perms[2] === 'x' ? 4 : 0);
-}
-
-
-interface Plan {
-  brk: { from: bigint; to: bigint } | null;
-  unmap: Intervals;
-  create: RegionRecord[];
-  reprotect: RegionRecord[];
-}
-
-/** The layout repairs, or a refusal naming what cannot be repaired. */
-function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number, sameProcess: boolean): Plan {
-  const atT = normalize(regions.map((r): [bigint, bigint] => [r.start, r.end]));
-  const now = normalize(maps.map((m): [bigint, bigint] => [m.start, m.end]));
-  const heapT = regions.find((r) => r.path === '[heap]');
-  const heapNow = maps.find((m) => m.path === '[heap]');
-  let brk: Plan['brk'] = null;
-  if (heapT !== undefined && heapNow !== undefined && heapT.start === heapNow.start && heapT.end !== heapNow.end) {
-    brk = { from: heapNow.end, to: heapT.end };
-  } else if ((heapT === undefined) !== (heapNow === undefined) || (heapT && heapNow && heapT.start !== heapNow.start)) {
-    throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid}: its heap is not where it was at T (a different program, or brk was reset): nothing changed`);
-  }
-  const heapRange: Intervals = heapT && heapNow ? normalize([[heapT.start, heapT.end > heapNow.end ? heapT.end : heapNow.end]]) : [];
-  const unmap = subtract(subtract(now, atT), heapRange);
-  const missing = subtract(subtract(atT, now), heapRange);
-  // Parts of T's mappings missing now: re-created where they were private anonymous memory.
-  const create: RegionRecord[] = [];
-  for (const r of regions) {
-    const parts = intersect([[r.start, r.end]], missing);
-    if (parts.length === 0) continue;
-    const anonymousPrivate = r.inode === 0 && r.perms[3] === 'p' && !SPECIAL.has(r.path) && r.capture !== 'skipped';
-    if (!anonymousPrivate) {
-      throw new WpsnapError(
-        'ROLLBACK_REFUSED',
-        `pid ${pid}: ${formatAddress(parts[0]![0])}-${formatAddress(parts[0]![1])} of ${r.path || 'a mapping'} (${r.perms}) was mapped at T and is not now, and only private anonymous memory can be re-created: nothing changed`,
-      );
-    }
-    for (const [start, end] of parts) create.push({ ...r, start, end });
-  }
-  const reprotect: RegionRecord[] = [];
-  for (const r of regions) {
-    if (SPECIAL.has(r.path)) continue;
-    const differs = maps.some((m) => m.start < r.end && r.start < m.end && m.perms.slice(0, 3) !== r.perms.slice(0, 3));
-    // Another process of the program (--pid) has its own shared memory objects, under the same names.
-    const sameObject = (m: MapsEntry): boolean => m.inode === r.inode || (!sameProcess && r.perms[3] === 's' && m.path === r.path);
-    const kindChanged = maps.some((m) => m.start < r.end && r.start < m.end && (!sameObject(m) || m.perms[3] !== r.perms[3]));
-    if (kindChanged) {
-      throw new WpsnapError(
-        'ROLLBACK_REFUSED',
-        `pid ${pid}: ${formatAddress(r.start)}-${formatAddress(r.end)} holds another mapping than at T (${r.path || 'anonymous'}, ${r.perms}): nothing changed`,
-      );
-    }
-    if (differs) reprotect.push(r);
-  }
-  return { brk, unmap, create, reprotect };
-}
-
-/** A region's content at T, a chunk at a time: its stored pages, the file's (file-private), or zero. */
-class ContentAtT {
-  private fileFd: number | undefined;
-
-  constructor(
-    private readonly store: Store,
-    private readonly processId: number,
-    private readonly region: RegionRecord,
-  ) {
-    if (region.capture === 'file-private' && region.file !== undefined) this.fileFd = openSync(region.file.path, 'r');
-  }
-
-  /** T's content of [start, start + into.length) into `into`. */
-  fill(start: bigint, into: Buffer): void {
-    into.fill(0);
-    const r = this.region;
-    if (this.fileFd !== undefined && r.file !== undefined) {
-      const fileOffset = r.offset + (start - r.start);
-      const fileEnd = BigInt(r.file.size);
-      if (fileOffset < fileEnd) {
-        const want = Number(fileEnd - fileOffset < BigInt(into.length) ? fileEnd - fileOffset : BigInt(into.length));
-        readAll(this.fileFd, into.subarray(0, want), fileOffset);
-      }
-    }
-    for (const page of this.store.pagesInRange(this.processId, start, start + BigInt(into.length))) page.data.copy(into, Number(page.address - start));
-  }
-
-  close(): void {
-    if (this.fileFd !== undefined) closeSync(this.fileFd);
-  }
 }
 
 /**
@@ -232,71 +144,327 @@ async function endThreadsSinceT(binding: NativeBinding, pid: number, insn: bigin
   return ending.length;
 }
 
-/** Which regions' content is compared and written back. */
-function hasContent(r: RegionRecord): boolean {
-  return (r.capture === 'protected' || r.capture === 'copied' || r.capture === 'file-private') && r.perms[0] === 'r';
-}
+/**
+ * Rollbacks of one live process to one snapshot's instant: once (`rollback`)
+ * or again and again (`rollbackSession`, a fuzzing loop). What does not
+ * change between rollbacks is done once: the store's checks, T's threads and
+ * content (kept in memory as first read), the tracer helper (kept for the
+ * next freeze), the target's /proc/PID/mem, and, with --incremental, the
+ * tracking context itself, taken from the keeper once and handed back at
+ * close().
+ *
+ * Incremental: a page the target writes after T faults once, is logged and
+ * left writable; from then on every rollback writes T's content back to it
+ * (it stays "written since T", as the keeper's log says) instead of
+ * protecting it again (a UFFDIO_WRITEPROTECT and a TLB flush per range, and
+ * a fault at the next write, against a 4 KiB copy). Past keepWritablePages
+ * such pages, they are protected again.
+ */
+export class InPlaceRollback {
+  private readonly tidsAtT: Set<number>;
+  private readonly withContent: RegionRecord[];
+  private readonly content: ContentCache;
+  /** The maps at the end of the previous rollback, and the plan they give (nothing to repair, or what could not be). */
+  private layout: { text: string; plan: Plan } | undefined;
+  /** Incremental: pages of T's layout unprotected since T (written, zapped, re-created), rewritten at every rollback. */
+  private writable: Intervals = [];
+  /** Incremental: what the context covers, [start, end, unit] triples. */
+  private ranges: BigUint64Array;
+  /** The pages left writable with T's content, as last prepared (rebuilt when the writable pages change). */
+  private rewrite: { writable: Intervals; rewrite: Rewrite } | undefined;
+  /** What the tracking does not cover, compared whole at every rollback (rebuilt when the covered ranges change). */
+  private untracked: { ranges: BigUint64Array; parts: RegionRecord[] } | undefined;
+  /** A rollback failed half-way: the target is partly rolled back, and this session ends. */
+  private broken = false;
+  private closed = false;
 
-export async function rollback(binding: NativeBinding, store: Store, ref: string, options: RollbackOptions = {}): Promise<RollbackResult> {
-  const snap = store.find(ref);
-  if (snap.state !== 'complete') {
-    throw new WpsnapError('SNAPSHOT_INCOMPLETE', `snapshot ${snap.id} is ${snap.state}: only a complete snapshot can be rolled back to`);
+  private constructor(
+    private readonly binding: NativeBinding,
+    private readonly store: Store,
+    private readonly snapId: number,
+    private readonly processId: number,
+    private readonly pid: number,
+    private readonly startTimeTicks: number,
+    /** The snapshot's own process (not --pid of another). */
+    private readonly sameProcess: boolean,
+    private readonly regions: RegionRecord[],
+    private readonly threadsAtT: ThreadRecord[],
+    private readonly insn: bigint,
+    private readonly mem: number,
+    private readonly tracked: Tracked | undefined,
+    private readonly keepWritablePages: number,
+  ) {
+    this.tidsAtT = new Set(threadsAtT.map((t) => t.tid));
+    this.withContent = regions.filter(hasContent);
+    this.content = new ContentCache(store, processId);
+    this.ranges = tracked?.taken.tracking.ranges ?? new BigUint64Array(0);
+    if (tracked !== undefined) this.writable = normalize([...tracked.taken.tracking.written, ...tracked.taken.tracking.invalid]);
   }
-  const processes = store.processes(snap.id);
-  if (processes.length !== 1) {
-    throw new WpsnapError('ROLLBACK_REFUSED', `snapshot ${snap.id} holds ${processes.length} processes: rollback takes a snapshot of one`);
-  }
-  const proc = processes[0]!;
-  const pid = options.pid ?? proc.pid;
-  assertProcessExists(pid);
-  refuseSelfFreeze(pid);
-  const live = readProcessRecord(pid);
-  if (options.pid === undefined && live.startTimeTicks !== proc.startTimeTicks) {
-    throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} is not the process of snapshot ${snap.id} (the pid was reused): give --pid of a live process of ${proc.exe}`);
-  }
-  if (live.exe !== proc.exe) {
-    throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} runs ${live.exe}, not ${proc.exe} as in snapshot ${snap.id}: nothing changed`);
-  }
-  const lost = store.lost(proc.processId);
-  if (lost.length > 0) {
-    const pages = lost.reduce((n, l) => n + l.pages, 0);
-    throw new WpsnapError('ROLLBACK_REFUSED', `snapshot ${snap.id} lost ${pages} pages (wpsnap show ${snap.id}): a rollback would leave them as they are now; nothing changed`);
-  }
-  const regions = store.regions(proc.processId);
-  for (const r of regions) {
-    if (r.capture === 'file-private' && !fileUnchanged(r)) {
-      throw new WpsnapError('ROLLBACK_REFUSED', `${r.file?.path ?? r.path} changed since snapshot ${snap.id}: its pages at T are not known; nothing changed`);
+
+  /** Every check that does not need the target stopped, and (incremental) the tracking taken over. */
+  static async open(binding: NativeBinding, store: Store, ref: string, options: RollbackOptions = {}): Promise<InPlaceRollback> {
+    const snap = store.find(ref);
+    if (snap.state !== 'complete') {
+      throw new WpsnapError('SNAPSHOT_INCOMPLETE', `snapshot ${snap.id} is ${snap.state}: only a complete snapshot can be rolled back to`);
+    }
+    const processes = store.processes(snap.id);
+    if (processes.length !== 1) {
+      throw new WpsnapError('ROLLBACK_REFUSED', `snapshot ${snap.id} holds ${processes.length} processes: rollback takes a snapshot of one`);
+    }
+    const proc = processes[0]!;
+    const keep = options.keepWritablePages;
+    if (keep !== undefined && !(Number.isSafeInteger(keep) && keep >= 0)) throw new WpsnapError('USAGE', `keepWritablePages must be a whole number of pages, 0 or more (not ${keep})`);
+    const pid = options.pid ?? proc.pid;
+    assertProcessExists(pid);
+    refuseSelfFreeze(pid);
+    const live = readProcessRecord(pid);
+    if (options.pid === undefined && live.startTimeTicks !== proc.startTimeTicks) {
+      throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} is not the process of snapshot ${snap.id} (the pid was reused): give --pid of a live process of ${proc.exe}`);
+    }
+    if (live.exe !== proc.exe) {
+      throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} runs ${live.exe}, not ${proc.exe} as in snapshot ${snap.id}: nothing changed`);
+    }
+    const lost = store.lost(proc.processId);
+    if (lost.length > 0) {
+      const pages = lost.reduce((n, l) => n + l.pages, 0);
+      throw new WpsnapError('ROLLBACK_REFUSED', `snapshot ${snap.id} lost ${pages} pages (wpsnap show ${snap.id}): a rollback would leave them as they are now; nothing changed`);
+    }
+    const regions = store.regions(proc.processId);
+    for (const r of regions) {
+      if (r.capture === 'file-private' && !fileUnchanged(r)) {
+        throw new WpsnapError('ROLLBACK_REFUSED', `${r.file?.path ?? r.path} changed since snapshot ${snap.id}: its pages at T are not known; nothing changed`);
+      }
+    }
+    const threadsAtT = asThreadsOf(store.threads(proc.processId), proc.pid, pid);
+    const insn = findSyscallInstruction(binding, pid);
+    const sameProcess = pid === proc.pid && live.startTimeTicks === proc.startTimeTicks;
+    const mem = openSync(`/proc/${pid}/mem`, 'r+');
+    try {
+      const tracked = options.incremental === true ? await takeTracking(binding, store, snap.id, pid, live.startTimeTicks) : undefined;
+      return new InPlaceRollback(binding, store, snap.id, proc.processId, pid, live.startTimeTicks, sameProcess, regions, threadsAtT, insn, mem, tracked, options.keepWritablePages ?? KEEP_WRITABLE_PAGES);
+    } catch (error) {
+      closeSync(mem);
+      throw error;
     }
   }
-  const threadsAtT: ThreadRecord[] = asThreadsOf(store.threads(proc.processId), proc.pid, pid);
-  const insn = findSyscallInstruction(binding, pid);
-  const warnings = [...CANNOT_UNDO];
-  const tracked = options.incremental === true ? await takeTracking(binding, store, snap.id, pid, live.startTimeTicks) : undefined;
-  try {
-    return await rollbackStopped(binding, store, { snapId: snap.id, sameProcess: pid === proc.pid && live.startTimeTicks === proc.startTimeTicks, processId: proc.processId, pid, regions, threadsAtT, insn, warnings, tracked });
-  } catch (error) {
-    // Refused before anything changed: the tracking goes back to the keeper, with what we logged meanwhile.
-    if (tracked !== undefined && (error as WpsnapError).code === 'ROLLBACK_REFUSED') {
-      binding.trackerStop(tracked.reader);
-      const log = binding.trackerTake(tracked.reader);
-      const t = tracked.taken.tracking;
-      const back: TrackingState = {
-        ...t,
-        written: normalize([...t.written, ...fromStartLenPairs(log.written)]),
-        invalid: normalize([...t.invalid, ...fromStartLenPairs(log.invalid)]),
-        overflowed: t.overflowed || log.overflowed || log.forks > 0,
-      };
-      await tracked.taken.link.request({ op: 'adopt', ...encodeTracking(back) }).catch(() => undefined);
+
+  async rollback(): Promise<RollbackResult> {
+    const { binding, pid } = this;
+    if (this.closed) throw new WpsnapError('ROLLBACK_FAILED', `this rollback session of pid ${pid} is closed`);
+    if (this.broken) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid} was left partly rolled back by an earlier failure of this session: open a new one`);
+    assertProcessExists(pid);
+    if (readProcessRecord(pid).startTimeTicks !== this.startTimeTicks) {
+      throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} is another process than when this session began (the pid was reused): nothing changed`);
     }
-    throw error;
-  } finally {
-    if (tracked !== undefined) {
+    const { stopped, threadsExited } = await this.freezeThreadsOfT();
+    let result: Omit<RollbackResult, 'micros' | 'threadsExited'>;
+    try {
+      result = this.rollbackStopped(stopped);
+    } catch (error) {
+      if (!(error instanceof WpsnapError && error.code === 'ROLLBACK_REFUSED')) this.broken = true;
+      throw error;
+    } finally {
+      binding.thaw(stopped.handle);
+    }
+    const micros = Number(process.hrtime.bigint() - stopped.frozenAt) / 1000;
+    return { ...result, threadsExited, micros: Math.round(micros) };
+  }
+
+  /**
+   * End the session: with --incremental, the tracking goes back to the
+   * keeper (with what was logged meanwhile, and the pages left writable as
+   * written since T); after a failure half-way it does not, and the keeper
+   * ends, releasing the target.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    closeSync(this.mem);
+    const tracked = this.tracked;
+    if (tracked === undefined) return;
+    const { binding } = this;
+    try {
       binding.trackerStop(tracked.reader);
+      if (!this.broken) {
+        const log = binding.trackerTake(tracked.reader);
+        const t = tracked.taken.tracking;
+        const missed = log.overflowed || log.forks > 0 || log.error !== undefined;
+        const back: TrackingState = {
+          ...t,
+          ranges: this.ranges,
+          written: normalize([...this.writable, ...fromStartLenPairs(log.written)]),
+          invalid: fromStartLenPairs(log.invalid),
+          overflowed: missed,
+        };
+        await tracked.taken.link.request({ op: 'adopt', ...encodeTracking(back) }).catch(() => undefined);
+      }
+    } finally {
       closeQuietly(binding, tracked.pidfd);
       closeQuietly(binding, tracked.taken.uffd);
       tracked.taken.link.close(); // handed back already, or the keeper ends and releases the target
     }
   }
+
+  /**
+   * Every thread stopped, and only T's: threads started since T are made to
+   * exit first (a thread pool that keeps starting them: a few tries, then
+   * the rollback refuses).
+   */
+  private async freezeThreadsOfT(): Promise<{ stopped: Frozen; threadsExited: number }> {
+    const { binding, pid, insn, tidsAtT } = this;
+    let threadsExited = 0;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        threadsExited += await endThreadsSinceT(binding, pid, insn, tidsAtT);
+        binding.prepareFreeze();
+      } catch (error) {
+        throw error instanceof WpsnapError ? error : fromNative(error, `end the threads of pid ${pid} started since T`);
+      }
+      const candidate = freeze(binding, pid);
+      if (candidate.threads.every((t) => tidsAtT.has(t.tid)) || attempt >= 3) return { stopped: candidate, threadsExited };
+      binding.thaw(candidate.handle);
+    }
+  }
+
+  private rollbackStopped(stopped: Frozen): Omit<RollbackResult, 'micros' | 'threadsExited'> {
+    const { binding, pid, regions, threadsAtT, insn, tracked } = this;
+    // Every check first: a refusal changes nothing.
+    const frozenTids = new Set(stopped.threads.map((t) => t.tid));
+    const gone = threadsAtT.filter((t) => !frozenTids.has(t.tid));
+    const fresh = stopped.threads.filter((t) => !this.tidsAtT.has(t.tid));
+    if (fresh.length > 0) {
+      throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} keeps starting threads (${fresh.map((t) => t.tid).join(', ')}): they could not all be ended before the rollback; nothing else changed`);
+    }
+    if (gone.length > 0) {
+      throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid}: thread${gone.length > 1 ? 's' : ''} ${gone.map((t) => t.tid).join(', ')} of T exited since; nothing changed`);
+    }
+    const mapsText = readProc(pid, 'maps').toString('utf8');
+    const plan = this.layout !== undefined && this.layout.text === mapsText ? this.layout.plan : planLayout(regions, parseMaps(mapsText), pid, this.sameProcess);
+    // Incremental: what was written (or zapped, moved, unmapped) since the last take, as logged up to the freeze.
+    const logged = tracked !== undefined ? loggedSince(binding, tracked) : undefined;
+    const missed = tracked !== undefined && logged === undefined;
+    if (logged !== undefined && logged.length > 0) this.writable = normalize([...this.writable, ...logged]);
+
+    let mappingsRepaired = 0;
+    const call = (nr: number, args: Array<number | bigint>, what: string): void => {
+      const result = inject(binding, stopped, insn, nr, args, what);
+      if (result < 0 && nr !== SYS_BRK) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: ${what} failed in the target (errno ${-result}); it is partly rolled back`);
+    };
+    if (plan.brk !== null) {
+      call(SYS_BRK, [plan.brk.to], `brk(${formatAddress(plan.brk.to)})`);
+      mappingsRepaired++;
+    }
+    for (const [s, e] of plan.unmap) {
+      call(SYS_MUNMAP, [s, e - s], `munmap(${formatAddress(s)}, ${e - s})`);
+      mappingsRepaired++;
+    }
+    for (const r of plan.create) {
+      const at = inject(binding, stopped, insn, SYS_MMAP, [r.start, r.end - r.start, protOf(r.perms) | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0], `mmap(${formatAddress(r.start)})`);
+      if (BigInt.asUintN(64, BigInt(at)) !== r.start) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: mmap at ${formatAddress(r.start)} failed in the target (${at}); it is partly rolled back`);
+      mappingsRepaired++;
+    }
+    const created = normalize(plan.create.map((r): [bigint, bigint] => [r.start, r.end]));
+    if (tracked !== undefined && created.length > 0) {
+      // Memory re-created is registered with the context again (a new mapping has none), writable until protected.
+      for (const [s, e] of created) binding.uffdRegister(tracked.taken.uffd, s, e - s, UFFDIO_REGISTER_MODE_WP);
+      this.ranges = rearmedRanges(this.ranges, regions, created);
+      binding.trackerSetRanges(tracked.reader, this.ranges);
+      this.writable = normalize([...this.writable, ...created]);
+    }
+
+    let pagesWritten: number;
+    let pagesCompared: number;
+    if (tracked !== undefined && !missed) {
+      // Only what was written since T (and what was re-created), written whole: its cost is what the target touched.
+      if (this.rewrite?.writable !== this.writable) this.rewrite = { writable: this.writable, rewrite: this.content.prepareRewrite(this.withContent, this.writable) };
+      pagesWritten = pagesCompared = this.rewrite.rewrite.write(binding, pid, this.mem);
+      // What the tracking does not see (shared memory, private file mappings' copies…) is compared whole.
+      if (this.untracked?.ranges !== this.ranges) {
+        const covered = tripleIntervals(this.ranges);
+        const parts = this.withContent.flatMap((r) => subtract([[r.start, r.end]], covered).map(([start, end]) => ({ ...r, start, end, offset: r.offset + (start - r.start) })));
+        this.untracked = { ranges: this.ranges, parts };
+      }
+      const compared = this.content.compare(binding, pid, this.mem, this.untracked.parts);
+      pagesWritten += compared.pagesWritten;
+      pagesCompared += compared.pagesCompared;
+    } else {
+      ({ pagesWritten, pagesCompared } = compareAndRewrite(binding, pid, this.mem, this.store, this.processId, this.withContent));
+    }
+    for (const r of plan.create.filter((c) => c.perms[1] !== 'w')) {
+      call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${formatAddress(r.start)})`);
+    }
+    for (const r of plan.reprotect) {
+      call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${formatAddress(r.start)}, ${r.perms})`);
+      mappingsRepaired++;
+    }
+    // Registers last: injections run in one of these threads and put its registers back after each.
+    for (const t of threadsAtT) binding.setThreadState(stopped.handle, t.tid, { regs: t.regs, fpregs: t.fpregs, xstate: t.xstate });
+    if (tracked !== undefined && (missed || pageCount(this.writable) > this.keepWritablePages)) this.protectAgain(tracked, missed);
+    // The next rollback finds these maps unless the target changes them: then nothing to plan.
+    if (plan.brk !== null || plan.unmap.length > 0 || plan.create.length > 0 || plan.reprotect.length > 0) {
+      const text = readProc(pid, 'maps').toString('utf8');
+      this.layout = { text, plan: planLayout(regions, parseMaps(text), pid, this.sameProcess) };
+    } else {
+      this.layout = { text: mapsText, plan };
+    }
+    const warnings = [...CANNOT_UNDO];
+    if (regions.some((r) => r.perms[3] === 's' && hasContent(r))) warnings.push('shared memory was written back: other processes that map it see its content at T too');
+    if (missed) warnings.push('the tracking missed writes (a fork?): every page was compared instead');
+    return {
+      id: this.snapId,
+      pid,
+      incremental: tracked !== undefined && !missed,
+      pagesWritten,
+      pagesCompared,
+      mappingsRepaired,
+      threadsRestored: threadsAtT.length,
+      warnings,
+    };
+  }
+
+  /**
+   * Protect the pages left writable again (the target's next write to one is
+   * logged again): past keepWritablePages of them, or after the tracking
+   * missed writes (then every covered page). Ranges that would not take the
+   * protection stay writable, rewritten at every rollback.
+   */
+  private protectAgain(tracked: Tracked, everything: boolean): void {
+    const uffd = tracked.taken.uffd;
+    const covered = tripleIntervals(this.ranges);
+    const again = everything ? covered : intersect(this.writable, covered);
+    // A range unmapped and mapped again since T (a logged event) lost its registration: register it again.
+    for (const [s, e] of intersect(this.writable, covered)) {
+      try {
+        this.binding.uffdRegister(uffd, s, e - s, UFFDIO_REGISTER_MODE_WP);
+      } catch {
+        // not one mapping, or gone: it stays writable
+      }
+    }
+    const protectedNow = protectWhileRunning(this.binding, uffd, again.length > 2048 ? covered : again, covered);
+    this.writable = subtract(this.writable, intersect(again, protectedNow));
+  }
+}
+
+/** Pages a session leaves writable (rewritten at every rollback) before protecting them again, by default. */
+const KEEP_WRITABLE_PAGES = 8192;
+
+const pageCount = (intervals: Intervals): number => intervals.reduce((n, [s, e]) => n + Number((e - s) / 4096n), 0);
+
+/** Roll the live process back to snapshot `ref`, once. */
+export async function rollback(binding: NativeBinding, store: Store, ref: string, options: RollbackOptions = {}): Promise<RollbackResult> {
+  const once = await InPlaceRollback.open(binding, store, ref, options);
+  try {
+    return await once.rollback();
+  } finally {
+    await once.close();
+  }
+}
+
+/** What the tracking logged since the last take; undefined if it missed something. */
+function loggedSince(binding: NativeBinding, tracked: Tracked): Intervals | undefined {
+  const log = binding.trackerTake(tracked.reader);
+  if (log.overflowed || log.forks > 0 || log.error !== undefined) return undefined;
+  return normalize([...fromStartLenPairs(log.written), ...fromStartLenPairs(log.invalid)]);
 }
 
 /** The tracking taken over from the keeper, and our reader of the target's faults meanwhile. */
@@ -342,223 +510,6 @@ async function takeTracking(binding: NativeBinding, store: Store, snapId: number
   }
 }
 
-interface StoppedInputs {
-  snapId: number;
-  /** The snapshot's own process (not --pid of another). */
-  sameProcess: boolean;
-  processId: number;
-  pid: number;
-  regions: RegionRecord[];
-  threadsAtT: ThreadRecord[];
-  insn: bigint;
-  warnings: string[];
-  tracked: Tracked | undefined;
-}
-
-async function rollbackStopped(binding: NativeBinding, store: Store, inputs: StoppedInputs): Promise<RollbackResult> {
-  const { snapId, processId, pid, regions, threadsAtT, insn, warnings, tracked } = inputs;
-  const tidsAtT = new Set(threadsAtT.map((t) => t.tid));
-  let threadsExited = 0;
-  let frozen: Frozen | undefined;
-  // Threads keep starting (a thread pool)? A few tries, then the rollback proper with none left.
-  for (let attempt = 0; frozen === undefined; attempt++) {
-    try {
-      threadsExited += await endThreadsSinceT(binding, pid, insn, tidsAtT);
-      binding.prepareFreeze();
-    } catch (error) {
-      throw error instanceof WpsnapError ? error : fromNative(error, `end the threads of pid ${pid} started since T`);
-    }
-    const candidate = freeze(binding, pid);
-    if (candidate.threads.every((t) => tidsAtT.has(t.tid)) || attempt >= 3) frozen = candidate;
-    else binding.thaw(candidate.handle);
-  }
-  const stopped = frozen;
-  let pagesWritten = 0;
-  let pagesCompared = 0;
-  let mappingsRepaired = 0;
-  let changedSinceT: Intervals | undefined;
-  let created: Intervals = [];
-  try {
-    // Every check first: a refusal changes nothing.
-    const frozenTids = new Set(stopped.threads.map((t) => t.tid));
-    const gone = threadsAtT.filter((t) => !frozenTids.has(t.tid));
-    const fresh = stopped.threads.filter((t) => !tidsAtT.has(t.tid));
-    if (fresh.length > 0) {
-      throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} keeps starting threads (${fresh.map((t) => t.tid).join(', ')}): they could not all be ended before the rollback; nothing else changed`);
-    }
-    if (gone.length > 0) {
-      throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid}: thread${gone.length > 1 ? 's' : ''} ${gone.map((t) => t.tid).join(', ')} of T exited since; nothing changed`);
-    }
-    const plan = planLayout(regions, readMaps(pid), pid, inputs.sameProcess);
-    // Incremental: what was written (or zapped, moved, unmapped) since T, as logged up to the freeze.
-    if (tracked !== undefined) changedSinceT = loggedSinceT(binding, tracked);
-    const call = (nr: number, args: Array<number | bigint>, what: string): void => {
-      const result = inject(binding, stopped, insn, nr, args, what);
-      if (result < 0 && nr !== SYS_BRK) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: ${what} failed in the target (errno ${-result}); it is partly rolled back`);
-    };
-    if (plan.brk !== null) {
-      call(SYS_BRK, [plan.brk.to], `brk(${formatAddress(plan.brk.to)})`);
-      mappingsRepaired++;
-    }
-    for (const [s, e] of plan.unmap) {
-      call(SYS_MUNMAP, [s, e - s], `munmap(${formatAddress(s)}, ${e - s})`);
-      mappingsRepaired++;
-    }
-    for (const r of plan.create) {
-      const at = inject(binding, stopped, insn, SYS_MMAP, [r.start, r.end - r.start, protOf(r.perms) | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0], `mmap(${formatAddress(r.start)})`);
-      if (BigInt.asUintN(64, BigInt(at)) !== r.start) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: mmap at ${formatAddress(r.start)} failed in the target (${at}); it is partly rolled back`);
-      mappingsRepaired++;
-    }
-    created = normalize(plan.create.map((r): [bigint, bigint] => [r.start, r.end]));
-    const mem = openSync(`/proc/${pid}/mem`, 'r+');
-    try {
-      const withContent = regions.filter(hasContent);
-      if (changedSinceT !== undefined) {
-        // Only what changed since T (and what was re-created), written whole: its cost is what the target touched.
-        pagesWritten = pagesCompared = rewrite(mem, store, processId, withContent, normalize([...changedSinceT, ...created]));
-        // What the tracking does not see (shared memory, private file mappings' copies…) is compared whole.
-        const covered = tripleIntervals(tracked!.taken.tracking.ranges);
-        const untracked = withContent.flatMap((r) => subtract([[r.start, r.end]], normalize([...covered, ...created])).map(([start, end]) => ({ ...r, start, end, offset: r.offset + (start - r.start) })));
-        const compared = compareAndRewrite(binding, pid, mem, store, processId, untracked);
-        pagesWritten += compared.pagesWritten;
-        pagesCompared += compared.pagesCompared;
-      } else {
-        ({ pagesWritten, pagesCompared } = compareAndRewrite(binding, pid, mem, store, processId, withContent));
-      }
-    } finally {
-      closeSync(mem);
-    }
-    for (const r of plan.create.filter((c) => c.perms[1] !== 'w')) {
-      call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${formatAddress(r.start)})`);
-    }
-    for (const r of plan.reprotect) {
-      call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${formatAddress(r.start)}, ${r.perms})`);
-      mappingsRepaired++;
-    }
-    // Registers last: injections run in one of these threads and put its registers back after each.
-    for (const t of threadsAtT) binding.setThreadState(stopped.handle, t.tid, { regs: t.regs, fpregs: t.fpregs, xstate: t.xstate });
-    // The tracking goes on from T again: what was rewritten is protected again, memory re-created is
-    // registered. Our reader stops first (it served the faults our own writes caused, a zapped page's
-    // marker): from here to the keeper's adopt, the target's faults wait in the context, unread.
-    if (tracked !== undefined) {
-      binding.trackerStop(tracked.reader);
-      rearm(binding, tracked, regions, created, changedSinceT);
-    }
-  } finally {
-    binding.thaw(stopped.handle);
-  }
-  const micros = Number(process.hrtime.bigint() - stopped.frozenAt) / 1000;
-  if (tracked !== undefined) {
-    const t = tracked.taken.tracking;
-    const again: TrackingState = { ...t, ranges: rearmedRanges(t.ranges, regions, created), written: [], invalid: [], overflowed: false };
-    await tracked.taken.link.request({ op: 'adopt', ...encodeTracking(again) });
-  }
-  if (regions.some((r) => r.perms[3] === 's' && hasContent(r))) warnings.push('shared memory was written back: other processes that map it see its content at T too');
-  if (tracked !== undefined && changedSinceT === undefined) warnings.push('the tracking missed writes (a fork?): every page was compared instead');
-  return {
-    id: snapId,
-    pid,
-    incremental: changedSinceT !== undefined,
-    pagesWritten,
-    pagesCompared,
-    mappingsRepaired,
-    threadsRestored: threadsAtT.length,
-    threadsExited,
-    micros: Math.round(micros),
-    warnings,
-  };
-}
-
-/** The keeper's log since T and ours since the take-over, as one; undefined if either missed something. */
-function loggedSinceT(binding: NativeBinding, tracked: Tracked): Intervals | undefined {
-  const log = binding.trackerTake(tracked.reader);
-  const t = tracked.taken.tracking;
-  if (log.overflowed || log.forks > 0 || log.error !== undefined) return undefined;
-  return normalize([...t.written, ...t.invalid, ...fromStartLenPairs(log.written), ...fromStartLenPairs(log.invalid)]);
-}
-
-/** pagemap: the page is in the page cache (a private file page never copied on write), or swapped. */
-const PM_FILE = 1n << 61n;
-const PM_SWAP = 1n << 62n;
-const PM_PRESENT = 1n << 63n;
-
-/**
- * Pages of a private file mapping that read the file's content now and at T,
- * which need no comparing: no copy stored at T (it was the file's, the file
- * unchanged since), and now still the page cache's page, or not there and
- * not swapped (a read brings the file's in). Only copied-on-write pages are
- * compared: a library's text and data are most of a small program's pages.
- */
-function fileContentPages(binding: NativeBinding, pid: number, store: Store, processId: number, r: RegionRecord, at: bigint, len: number): Uint8Array {
-  const same = new Uint8Array(len / PAGE_SIZE);
-  if (r.capture !== 'file-private') return same;
-  const entries = binding.readPagemap(pid, at, len / PAGE_SIZE);
-  for (let i = 0; i < entries.length; i++) {
-    const e = entries[i]!;
-    same[i] = (e & PM_PRESENT) !== 0n ? ((e & PM_FILE) !== 0n ? 1 : 0) : (e & PM_SWAP) === 0n ? 1 : 0;
-  }
-  for (const page of store.pagesInRange(processId, at, at + BigInt(len))) same[Number((page.address - at) / BigInt(PAGE_SIZE))] = 0;
-  return same;
-}
-
-/** Full rollback: every page of `regions` compared with T's, written back where it differs. */
-function compareAndRewrite(binding: NativeBinding, pid: number, mem: number, store: Store, processId: number, regions: RegionRecord[]): { pagesWritten: number; pagesCompared: number } {
-  let pagesWritten = 0;
-  let pagesCompared = 0;
-  const now = Buffer.alloc(CHUNK);
-  const then = Buffer.alloc(CHUNK);
-  for (const r of regions) {
-    const content = new ContentAtT(store, processId, r);
-    try {
-      for (let at = r.start; at < r.end; at += BigInt(CHUNK)) {
-        const len = Number(r.end - at < BigInt(CHUNK) ? r.end - at : BigInt(CHUNK));
-        const fromFile = fileContentPages(binding, pid, store, processId, r, at, len);
-        if (fromFile.every((x) => x === 1)) continue;
-        const current = now.subarray(0, len);
-        const wanted = then.subarray(0, len);
-        readSync(mem, current, 0, len, at);
-        content.fill(at, wanted);
-        for (let off = 0; off < len; off += PAGE_SIZE) {
-          if (fromFile[off / PAGE_SIZE] === 1) continue;
-          pagesCompared++;
-          const b = wanted.subarray(off, off + PAGE_SIZE);
-          if (current.subarray(off, off + PAGE_SIZE).equals(b)) continue;
-          writeSync(mem, b, 0, PAGE_SIZE, Number(at) + off); // user addresses are below 2^47: exact as numbers
-          pagesWritten++;
-        }
-      }
-    } finally {
-      content.close();
-    }
-  }
-  return { pagesWritten, pagesCompared };
-}
-
-/** Incremental rollback: T's content of `ranges` (inside `regions`) written back; returns the pages written. */
-function rewrite(mem: number, store: Store, processId: number, regions: RegionRecord[], ranges: Intervals): number {
-  let pages = 0;
-  const then = Buffer.alloc(CHUNK);
-  for (const r of regions) {
-    const inside = intersect(ranges, [[r.start, r.end]]);
-    if (inside.length === 0) continue; // most regions: no file to open, no query
-    const content = new ContentAtT(store, processId, r);
-    try {
-      for (const [s, e] of inside) {
-        for (let at = s; at < e; at += BigInt(CHUNK)) {
-          const len = Number(e - at < BigInt(CHUNK) ? e - at : BigInt(CHUNK));
-          const wanted = then.subarray(0, len);
-          content.fill(at, wanted);
-          writeSync(mem, wanted, 0, len, Number(at));
-          pages += len / PAGE_SIZE;
-        }
-      }
-    } finally {
-      content.close();
-    }
-  }
-  return pages;
-}
-
 /** What the context covers after the rollback: its ranges still mapped as at T, and the memory re-created. */
 function rearmedRanges(triples: BigUint64Array, regions: RegionRecord[], created: Intervals): BigUint64Array {
   const atT = normalize(regions.map((r): [bigint, bigint] => [r.start, r.end]));
@@ -573,16 +524,3 @@ function rearmedRanges(triples: BigUint64Array, regions: RegionRecord[], created
   return BigUint64Array.from(sorted.flat());
 }
 
-/**
- * Protect again what the rollback rewrote (the target's next write to it is
- * logged again), and register and protect the memory re-created (a new
- * mapping is registered with no context). Past a few thousand ranges, the
- * covered ranges are protected whole (one call instead of a TLB flush each).
- */
-function rearm(binding: NativeBinding, tracked: Tracked, regions: RegionRecord[], created: Intervals, changedSinceT: Intervals | undefined): void {
-  const uffd = tracked.taken.uffd;
-  for (const [s, e] of created) binding.uffdRegister(uffd, s, e - s, UFFDIO_REGISTER_MODE_WP);
-  const covered = tripleIntervals(rearmedRanges(tracked.taken.tracking.ranges, regions, created));
-  const again = changedSinceT === undefined ? covered : intersect(normalize([...changedSinceT, ...created]), covered);
-  protectWhileRunning(binding, uffd, again.length > 2048 ? covered : again, covered);
-}

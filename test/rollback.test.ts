@@ -14,6 +14,7 @@ import { pageWords } from './support/generation-pages.js';
 import { ROOT, runCli } from './support/cli.js';
 import { launchProgram } from '../fixtures/launch.js';
 import { rollbackSession } from '../core/api.js';
+import { loadBinding } from '../core/binding.js';
 import { readMaps } from '../core/procfs.js';
 import { tracerPids } from './support/proc.js';
 
@@ -199,30 +200,59 @@ describe('wpsnap rollback', () => {
     expect(words('a2', a.anon, 64)).toEqual(aNow);
   });
 
-  it('a library session rolls back again and again, the store kept open', async () => {
+  it('a library session rolls back again and again: pages written since T stay writable and are written back each time, past keepWritablePages they are protected again', async () => {
     const saved = process.env['WPSNAP_RUNTIME_DIR'];
     process.env['WPSNAP_RUNTIME_DIR'] = join(dir, 'run');
     cleanups.push(() => {
       if (saved === undefined) delete process.env['WPSNAP_RUNTIME_DIR'];
       else process.env['WPSNAP_RUNTIME_DIR'] = saved;
     });
-    const w = await writer();
-    await cli('snapshot', String(w.fixture.pid), '--name', 'base', '--track');
+    const w = await writer(256);
+    const base = await cli('snapshot', String(w.fixture.pid), '--name', 'base', '--track');
     cleanups.push(() => void runCli(['untrack', String(w.fixture.pid)]));
-    const session = rollbackSession(store, 'base', { incremental: true });
+    // The target's anonymous pages, read live: between commands it waits for the next one, its memory still.
+    const binding = loadBinding();
+    const live = (): bigint[] => {
+      const bytes = binding.processVmRead(w.fixture.pid, w.anon, 256 * 4096);
+      return Array.from({ length: 256 }, (_, i) => bytes.readBigUInt64LE(i * 4096));
+    };
+    const atT = filledAnon(256);
+    const session = rollbackSession(store, 'base', { incremental: true, keepWritablePages: 64 });
     try {
-      for (let round = 0; round < 3; round++) {
-        await w.send('write anon 1 2 3');
-        expect(await session.rollback()).toMatchObject({ id: 1, pid: w.fixture.pid, incremental: true, threadsRestored: 1 });
-      }
+      await w.send('write anon 1 2 3');
+      const first = await session.rollback();
+      expect(first).toMatchObject({ id: 1, pid: w.fixture.pid, incremental: true, threadsRestored: 1, threadsExited: 0 });
+      expect(live()).toEqual(atT);
+      // Pages 1, 2 and 3 stay writable: written back again although not written this time, with page 10.
+      await w.send('write anon 1 10');
+      const second = await session.rollback();
+      expect(second.pagesWritten).toBeGreaterThanOrEqual(first.pagesWritten + 1);
+      expect(live()).toEqual(atT);
+      // 100 pages more: past 64 writable pages, all are protected again after being written back...
+      await w.send(`write anon ${Array.from({ length: 100 }, (_, i) => 100 + i).join(' ')}`);
+      const many = await session.rollback();
+      expect(many.pagesWritten).toBeGreaterThanOrEqual(second.pagesWritten + 100);
+      expect(live()).toEqual(atT);
+      // ...so that the next rollback, with nothing written meanwhile, writes none of them back,
+      const quiet = await session.rollback();
+      expect(quiet.pagesWritten).toBeLessThan(first.pagesWritten + 3);
+      expect(live()).toEqual(atT);
+      // and a write to one of them is logged again and undone.
+      await w.send('write anon 150 2');
+      await session.rollback();
+      expect(live()).toEqual(atT);
     } finally {
       await session.close();
     }
+    // Handed back to the keeper, tracking since base.
+    const status = JSON.parse((await runCli(['status', '--json'])).stdout) as { tracking: Array<Record<string, unknown>> };
+    expect(status.tracking).toEqual([expect.objectContaining({ base: base['id'], state: 'tracking' })]);
+    // The program runs on from T: its counter restarts (anon 1..256, shm 257..512; the next write takes 513).
     await w.send('write anon 4');
     await cli('snapshot', String(w.fixture.pid), '--name', 'after');
-    const anon = filledAnon(64);
-    anon[4] = 129n;
-    expect(words('after', w.anon, 64)).toEqual(anon);
+    const anon = filledAnon(256);
+    anon[4] = 513n;
+    expect(words('after', w.anon, 256)).toEqual(anon);
   });
 
   it('--incremental without tracking is refused in one line saying how to get it', async () => {

@@ -38,5 +38,6 @@ void register_ptrace_exports(napi_env env, napi_value exports);
 void register_engine_exports(napi_env env, napi_value exports);
 void register_tracker_exports(napi_env env, napi_value exports);
 void register_constants_exports(napi_env env, napi_value exports);
+void register_memory_runs_exports(napi_env env, napi_value exports);
 
 #endif

@@ -1,0 +1,102 @@
+/* readRuns / writeRuns: many runs of a stopped target's memory read or
+ * written in one process_vm_readv / process_vm_writev each (up to IOV_MAX
+ * runs a call), instead of a syscall per run: a rollback writes T's content
+ * back to a hundred scattered pages at every run of a fuzzing loop. A run the
+ * call cannot do (a read-only or PROT_NONE page: process_vm_*v honour the
+ * protection) is done through /proc/PID/mem, which does not (FOLL_FORCE). */
+#include "addon.h"
+#include "napi_util.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define RUNS_PER_CALL 1024 /* IOV_MAX */
+
+/* Run i: [runs[3i], +runs[3i+1]) of the target, at byte runs[3i+2] of data. */
+typedef struct {
+  const uint64_t *runs;
+  size_t count;
+  uint8_t *data;
+  size_t data_len;
+} runs_t;
+
+/* pread/pwrite of one run's remainder through /proc/PID/mem. */
+static int by_mem_file(int memfd, bool write_it, uint64_t address, uint8_t *data, size_t len) {
+  size_t done = 0;
+  while (done < len) {
+    ssize_t n = write_it ? pwrite(memfd, data + done, len - done, (off_t)(address + done)) : pread(memfd, data + done, len - done, (off_t)(address + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno == EIO ? EFAULT : errno;
+    if (n == 0) return EFAULT;
+    done += (size_t)n;
+  }
+  return 0;
+}
+
+static int transfer(pid_t pid, int memfd, bool write_it, const runs_t *r) {
+  struct iovec local[RUNS_PER_CALL], remote[RUNS_PER_CALL];
+  size_t next = 0;
+  while (next < r->count) {
+    size_t batch = r->count - next < RUNS_PER_CALL ? r->count - next : RUNS_PER_CALL;
+    size_t want = 0;
+    for (size_t i = 0; i < batch; i++) {
+      const uint64_t *run = r->runs + 3 * (next + i);
+      local[i] = (struct iovec){.iov_base = r->data + run[2], .iov_len = (size_t)run[1]};
+      remote[i] = (struct iovec){.iov_base = (void *)(uintptr_t)run[0], .iov_len = (size_t)run[1]};
+      want += (size_t)run[1];
+    }
+    ssize_t n = write_it ? process_vm_writev(pid, local, batch, remote, batch, 0) : process_vm_readv(pid, local, batch, remote, batch, 0);
+    if (n < 0 && errno == ESRCH) return ESRCH;
+    size_t done = n > 0 ? (size_t)n : 0;
+    if (done == want) {
+      next += batch;
+      continue;
+    }
+    /* Stopped in run k: finish it through the memory file, then go on with a call from k + 1. */
+    size_t k = 0;
+    while (k < batch && done >= remote[k].iov_len) done -= remote[k++].iov_len;
+    const uint64_t *run = r->runs + 3 * (next + k);
+    int err = by_mem_file(memfd, write_it, run[0] + done, r->data + run[2] + done, (size_t)run[1] - done);
+    if (err != 0) return err;
+    next += k + 1;
+  }
+  return 0;
+}
+
+/* readRuns(pid, memFd, runs, into) / writeRuns(pid, memFd, runs, data) */
+static napi_value runs_call(napi_env env, napi_callback_info info, bool write_it) {
+  size_t argc = 4;
+  napi_value argv[4];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pid, memfd;
+  runs_t r;
+  void *data;
+  const char *usage = write_it ? "writeRuns(pid, memFd, runs: BigUint64Array of [address, length, offset], data)" : "readRuns(pid, memFd, runs: BigUint64Array of [address, length, offset], into)";
+  if (argc < 4 || !arg_int32(env, argv[0], &pid) || !arg_int32(env, argv[1], &memfd) || !arg_u64_groups(env, argv[2], 3, &r.runs, &r.count) ||
+      !arg_buffer(env, argv[3], &data, &r.data_len))
+    return throw_type(env, usage);
+  r.data = data;
+  for (size_t i = 0; i < r.count; i++) {
+    const uint64_t *run = r.runs + 3 * i;
+    if (run[1] > SSIZE_MAX || run[2] > r.data_len || run[1] > r.data_len - run[2]) return throw_type(env, usage);
+  }
+  int err = transfer(pid, memfd, write_it, &r);
+  if (err != 0)
+    return throw_errno(env, err, write_it ? "process_vm_writev" : "process_vm_readv", "%s %zu runs of pid %d", write_it ? "write" : "read", r.count, pid);
+  return NULL;
+}
+
+static napi_value js_read_runs(napi_env env, napi_callback_info info) { return runs_call(env, info, false); }
+static napi_value js_write_runs(napi_env env, napi_callback_info info) { return runs_call(env, info, true); }
+
+void register_memory_runs_exports(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"readRuns", NULL, js_read_runs, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"writeRuns", NULL, js_write_runs, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}

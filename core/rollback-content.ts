@@ -1,0 +1,292 @@
+// A rollback's memory: T's content of the target's regions (stored pages,
+// the file's for private file mappings never copied, zeros), compared with
+// the target's and written back through /proc/PID/mem (which writes
+// read-only pages too).
+import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { PAGE_SIZE, type RegionRecord } from '../snapshot-format/model.js';
+import { readAll } from '../snapshot-format/export-dir.js';
+import type { Store } from '../store/store.js';
+import { intersect, type Intervals } from './intervals.js';
+import type { NativeBinding } from './native/binding.js';
+
+/** Bytes of the target read (and compared) at a time. */
+const CHUNK = 1 << 20;
+const PAGE = BigInt(PAGE_SIZE);
+
+/** The addon's transfers of many runs at once (core/native/memory_runs.c). */
+interface RunsBinding {
+  /** Runs [address, length, offset into `into`] of the target's memory, read. */
+  readRuns(pid: number, memFd: number, runs: BigUint64Array, into: Buffer): void;
+  /** Runs [address, length, offset into `data`] of the target's memory, written (read-only pages too). */
+  writeRuns(pid: number, memFd: number, runs: BigUint64Array, data: Buffer): void;
+}
+const runsOf = (binding: NativeBinding): RunsBinding => binding as unknown as RunsBinding;
+
+/** Which regions' content is compared and written back. */
+export function hasContent(r: RegionRecord): boolean {
+  return (r.capture === 'protected' || r.capture === 'copied' || r.capture === 'file-private') && r.perms[0] === 'r';
+}
+
+/** A region's content at T, a chunk at a time: its stored pages, the file's (file-private), or zero. */
+export class ContentAtT {
+  private fileFd: number | undefined;
+
+  constructor(
+    private readonly store: Store,
+    private readonly processId: number,
+    private readonly region: RegionRecord,
+  ) {
+    if (region.capture === 'file-private' && region.file !== undefined) this.fileFd = openSync(region.file.path, 'r');
+  }
+
+  /** T's content of [start, start + into.length) into `into`. */
+  fill(start: bigint, into: Buffer): void {
+    into.fill(0);
+    const r = this.region;
+    if (this.fileFd !== undefined && r.file !== undefined) {
+      const fileOffset = r.offset + (start - r.start);
+      const fileEnd = BigInt(r.file.size);
+      if (fileOffset < fileEnd) {
+        const want = Number(fileEnd - fileOffset < BigInt(into.length) ? fileEnd - fileOffset : BigInt(into.length));
+        readAll(this.fileFd, into.subarray(0, want), fileOffset);
+      }
+    }
+    for (const page of this.store.pagesInRange(this.processId, start, start + BigInt(into.length))) page.data.copy(into, Number(page.address - start));
+  }
+
+  close(): void {
+    if (this.fileFd !== undefined) closeSync(this.fileFd);
+  }
+}
+
+/** pagemap: the page is in the page cache (a private file page never copied on write), or swapped. */
+const PM_FILE = 1n << 61n;
+const PM_SWAP = 1n << 62n;
+const PM_PRESENT = 1n << 63n;
+
+/**
+ * Pages of a private file mapping that read the file's content now and at T,
+ * which need no comparing: no copy stored at T (it was the file's, the file
+ * unchanged since), and now still the page cache's page, or not there and
+ * not swapped (a read brings the file's in). Only copied-on-write pages are
+ * compared: a library's text and data are most of a small program's pages.
+ * `storedAtT` lists, per page of [at, at + len), whether T has a copy.
+ */
+function sameAsFile(binding: NativeBinding, pid: number, r: RegionRecord, at: bigint, len: number, storedAtT: (page: bigint) => boolean): Uint8Array {
+  const same = new Uint8Array(len / PAGE_SIZE);
+  if (r.capture !== 'file-private') return same;
+  const entries = binding.readPagemap(pid, at, len / PAGE_SIZE);
+  for (let i = 0; i < entries.length; i++) {
+    const e = entries[i]!;
+    same[i] = (e & PM_PRESENT) !== 0n ? ((e & PM_FILE) !== 0n ? 1 : 0) : (e & PM_SWAP) === 0n ? 1 : 0;
+    if (same[i] === 1 && storedAtT(at + BigInt(i) * PAGE)) same[i] = 0;
+  }
+  return same;
+}
+
+export interface Rewritten {
+  pagesWritten: number;
+  pagesCompared: number;
+}
+
+/** Full rollback: every page of `regions` compared with T's, written back where it differs. */
+export function compareAndRewrite(binding: NativeBinding, pid: number, mem: number, store: Store, processId: number, regions: RegionRecord[]): Rewritten {
+  let pagesWritten = 0;
+  let pagesCompared = 0;
+  const now = Buffer.alloc(CHUNK);
+  const then = Buffer.alloc(CHUNK);
+  for (const r of regions) {
+    const content = new ContentAtT(store, processId, r);
+    try {
+      for (let at = r.start; at < r.end; at += BigInt(CHUNK)) {
+        const len = Number(r.end - at < BigInt(CHUNK) ? r.end - at : BigInt(CHUNK));
+        const stored = new Set<bigint>();
+        if (r.capture === 'file-private') for (const page of store.pagesInRange(processId, at, at + BigInt(len))) stored.add(page.address);
+        const fromFile = sameAsFile(binding, pid, r, at, len, (page) => stored.has(page));
+        if (fromFile.every((x) => x === 1)) continue;
+        const current = now.subarray(0, len);
+        const wanted = then.subarray(0, len);
+        readSync(mem, current, 0, len, at);
+        content.fill(at, wanted);
+        for (let off = 0; off < len; off += PAGE_SIZE) {
+          if (fromFile[off / PAGE_SIZE] === 1) continue;
+          pagesCompared++;
+          const b = wanted.subarray(off, off + PAGE_SIZE);
+          if (current.subarray(off, off + PAGE_SIZE).equals(b)) continue;
+          writeSync(mem, b, 0, PAGE_SIZE, Number(at) + off); // user addresses are below 2^47: exact as numbers
+          pagesWritten++;
+        }
+      }
+    } finally {
+      content.close();
+    }
+  }
+  return { pagesWritten, pagesCompared };
+}
+
+/** T's content of some page runs, written back whole at every rollback. */
+export class Rewrite {
+  constructor(
+    /** [address, length, offset into data] triples. */
+    private readonly runs: BigUint64Array,
+    private readonly data: Buffer,
+  ) {}
+
+  get pages(): number {
+    return this.data.length / PAGE_SIZE;
+  }
+
+  /** Write it into the target's memory (`mem`: its /proc/PID/mem, for read-only pages); returns the pages written. */
+  write(binding: NativeBinding, pid: number, mem: number): number {
+    if (this.runs.length > 0) runsOf(binding).writeRuns(pid, mem, this.runs, this.data);
+    return this.pages;
+  }
+}
+
+/** A region part's content at T, kept: the whole part, and the pages T stored a copy of. */
+interface CachedPart {
+  region: RegionRecord;
+  content: Buffer;
+  stored: Set<bigint>;
+}
+
+/** T's content of the page at `address`, in one of `parts`. */
+function contentAt(parts: CachedPart[], address: bigint): Buffer {
+  const p = parts.find((c) => c.region.start <= address && address < c.region.end)!;
+  const off = Number(address - p.region.start);
+  return p.content.subarray(off, off + PAGE_SIZE);
+}
+
+/** Past this many bytes, a session keeps no copy of T's content of what no fault tells about (it is read from the store each time). */
+const UNTRACKED_CACHE_BYTES = 256 << 20;
+
+/**
+ * T's content, kept in memory for rollbacks again and again to one instant:
+ * the pages rewritten each time (read from the store once), and the whole of
+ * the small regions compared each time (what no fault tells about: private
+ * file mappings' copies, shared memory).
+ */
+export class ContentCache {
+  /** Page number → T's content of the page. */
+  private readonly pages = new Map<number, Buffer>();
+  /** "start-end" of a region part → T's content of the part, and the pages T stored. */
+  private readonly parts = new Map<string, CachedPart | null>();
+  private partBytes = 0;
+
+  constructor(
+    private readonly store: Store,
+    private readonly processId: number,
+  ) {}
+
+  /**
+   * T's content of `ranges` (inside `regions`), ready to be written back
+   * whole, again and again: a page is read from the store the first time only.
+   */
+  prepareRewrite(regions: RegionRecord[], ranges: Intervals): Rewrite {
+    const runs: bigint[] = [];
+    const chunks: Buffer[] = [];
+    let offset = 0;
+    for (const r of regions) {
+      const inside = intersect(ranges, [[r.start, r.end]]);
+      if (inside.length === 0) continue; // most regions
+      let content: ContentAtT | undefined;
+      try {
+        for (const [s, e] of inside) {
+          for (let at = s; at < e; at += PAGE) {
+            const n = Number(at / PAGE);
+            let page = this.pages.get(n);
+            if (page === undefined) {
+              content ??= new ContentAtT(this.store, this.processId, r);
+              page = Buffer.allocUnsafe(PAGE_SIZE);
+              content.fill(at, page);
+              this.pages.set(n, page);
+            }
+            chunks.push(page);
+          }
+          runs.push(s, e - s, BigInt(offset));
+          offset += Number(e - s);
+        }
+      } finally {
+        content?.close();
+      }
+    }
+    return new Rewrite(BigUint64Array.from(runs), Buffer.concat(chunks, offset));
+  }
+
+  /**
+   * Compare `parts` (regions or parts of regions, offsets adjusted) with T's
+   * and write back the pages that differ. Parts up to a quarter GiB in all
+   * are kept in memory after the first time. Of a private file mapping only
+   * the pages copied on write (or swapped) now, and those T had a copy of,
+   * are compared: the others read the file, unchanged since T.
+   */
+  compare(binding: NativeBinding, pid: number, mem: number, parts: RegionRecord[]): Rewritten {
+    const large: RegionRecord[] = [];
+    const cached: CachedPart[] = [];
+    for (const r of parts) {
+      const part = this.part(r);
+      if (part === null) large.push(r);
+      else cached.push(part);
+    }
+    // Every page to compare: its address, T's content, and (when already read) the target's now.
+    const pages: Array<{ address: bigint; wanted: Buffer; now: Buffer | undefined }> = [];
+    const filePrivate = cached.filter((p) => p.region.capture === 'file-private');
+    if (filePrivate.length > 0) {
+      const cow = binding.copyPrivatePages(pid, BigUint64Array.from(filePrivate.flatMap((p) => [p.region.start, p.region.end, 0n])));
+      const seen = new Set<bigint>();
+      cow.addresses.forEach((address, k) => {
+        seen.add(address);
+        pages.push({ address, wanted: contentAt(filePrivate, address), now: cow.data.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE) });
+      });
+      for (const p of filePrivate) for (const address of p.stored) if (!seen.has(address)) pages.push({ address, wanted: contentAt([p], address), now: undefined });
+    }
+    for (const p of cached) {
+      if (p.region.capture === 'file-private') continue;
+      for (let at = p.region.start; at < p.region.end; at += PAGE) pages.push({ address: at, wanted: contentAt([p], at), now: undefined });
+    }
+    // The pages not read yet, read in one call.
+    const unread = pages.filter((p) => p.now === undefined);
+    if (unread.length > 0) {
+      const into = Buffer.allocUnsafe(unread.length * PAGE_SIZE);
+      runsOf(binding).readRuns(pid, mem, BigUint64Array.from(unread.flatMap((p, k) => [p.address, PAGE, BigInt(k * PAGE_SIZE)])), into);
+      unread.forEach((p, k) => (p.now = into.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)));
+    }
+    const differing = pages.filter((p) => !p.now!.equals(p.wanted));
+    if (differing.length > 0) {
+      runsOf(binding).writeRuns(pid, mem, BigUint64Array.from(differing.flatMap((p, k) => [p.address, PAGE, BigInt(k * PAGE_SIZE)])), Buffer.concat(differing.map((p) => p.wanted)));
+    }
+    let pagesWritten = differing.length;
+    let pagesCompared = pages.length;
+    if (large.length > 0) {
+      const rest = compareAndRewrite(binding, pid, mem, this.store, this.processId, large);
+      pagesWritten += rest.pagesWritten;
+      pagesCompared += rest.pagesCompared;
+    }
+    return { pagesWritten, pagesCompared };
+  }
+
+  /** A part's content at T, read once; null past the budget. */
+  private part(r: RegionRecord): CachedPart | null {
+    const key = `${r.start}-${r.end}`;
+    const known = this.parts.get(key);
+    if (known !== undefined) return known;
+    const len = Number(r.end - r.start);
+    if (this.partBytes + len > UNTRACKED_CACHE_BYTES) {
+      this.parts.set(key, null);
+      return null;
+    }
+    const content = Buffer.alloc(len);
+    const reader = new ContentAtT(this.store, this.processId, r);
+    try {
+      reader.fill(r.start, content);
+    } finally {
+      reader.close();
+    }
+    const stored = new Set<bigint>();
+    for (const page of this.store.pagesInRange(this.processId, r.start, r.end)) stored.add(page.address);
+    this.partBytes += len;
+    const entry = { region: r, content, stored };
+    this.parts.set(key, entry);
+    return entry;
+  }
+}
