@@ -21,6 +21,8 @@ export interface FrozenThread {
   fpregs: Buffer;
   /** NT_X86_XSTATE regset. */
   xstate: Buffer;
+  /** Blocked signals at the freeze (PTRACE_GETSIGMASK): bit n-1 set when signal n is blocked. */
+  sigmask: bigint;
   /** The ptrace stop the thread was found in. */
   stop: 'interrupt' | 'signal' | 'syscall';
 }
@@ -218,9 +220,11 @@ export interface NativeBinding {
   /**
    * A rollback: the frozen thread resumes with these registers (struct user_regs_struct, 216
    * bytes; also after later injections) and takes this FP/vector state now (the XSAVE area
-   * if not empty, else the 512-byte fpregs).
+   * if not empty, else the 512-byte fpregs) and, when `sigmask` is given, this blocked signal
+   * mask (PTRACE_SETSIGMASK; the kernel drops SIGKILL and SIGSTOP from it). Without it the
+   * thread keeps the mask it has.
    */
-  setThreadState(handle: NativeHandle, tid: number, state: { regs: Buffer; fpregs: Buffer; xstate: Buffer }): void;
+  setThreadState(handle: NativeHandle, tid: number, state: { regs: Buffer; fpregs: Buffer; xstate: Buffer; sigmask?: bigint | undefined }): void;
   /** Stack pointer of the thread injectSyscall uses. */
   injectionThreadRsp(handle: NativeHandle): bigint;
   /** ptrace(PTRACE_DETACH) every thread; idempotent. */

@@ -225,7 +225,7 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
   return handle;
 }
 
-/* frozenThreads(h) -> [{tid, regs, fpregs, xstate, stop}] */
+/* frozenThreads(h) -> [{tid, regs, fpregs, xstate, sigmask, stop}] */
 static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
@@ -254,6 +254,7 @@ static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
     set_prop(env, o, "regs", make_buffer_copy(env, &t->regs, sizeof t->regs));
     set_prop(env, o, "fpregs", make_buffer_copy(env, &t->fpregs, sizeof t->fpregs));
     set_prop(env, o, "xstate", make_buffer_copy(env, c->threads[i].xstate, t->xstate_len));
+    set_prop(env, o, "sigmask", make_bigint(env, t->sigmask));
     set_prop(env, o, "stop", make_string(env, t->stop == STOP_INTERRUPT ? "interrupt" : t->stop == STOP_SIGNAL ? "signal" : "syscall"));
     napi_set_element(env, arr, (uint32_t)i, o);
   }
@@ -287,9 +288,11 @@ static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
   return make_bigint(env, rax);
 }
 
-/* setThreadState(h, tid, {regs, fpregs, xstate}): the frozen thread resumes
- * with these registers (struct user_regs_struct, 216 bytes) and takes this
- * FP/vector state (the XSAVE area if not empty, else the 512-byte fpregs). */
+/* setThreadState(h, tid, {regs, fpregs, xstate, sigmask?}): the frozen thread
+ * resumes with these registers (struct user_regs_struct, 216 bytes) and takes
+ * this FP/vector state (the XSAVE area if not empty, else the 512-byte
+ * fpregs) and, when sigmask (a bigint, 0 ..= 2^64-1) is given, this blocked
+ * signal mask. */
 static napi_value js_set_thread_state(napi_env env, napi_callback_info info) {
   size_t argc = 3;
   napi_value argv[3];
@@ -305,6 +308,13 @@ static napi_value js_set_thread_state(napi_env env, napi_callback_info info) {
     return throw_type(env, "setThreadState(handle, tid, {regs, fpregs, xstate}: Buffers)");
   if (regs_len != sizeof(struct user_regs_struct) || fpregs_len != sizeof(struct user_fpregs_struct) || xstate_len > XSTATE_MAX)
     return throw_type(env, "setThreadState: regs must be a struct user_regs_struct (216 bytes), fpregs 512 bytes, xstate at most 8192");
+  napi_value mv;
+  napi_valuetype mask_type = napi_undefined;
+  uint64_t sigmask = 0;
+  bool lossless = false;
+  if (napi_get_named_property(env, argv[2], "sigmask", &mv) != napi_ok || napi_typeof(env, mv, &mask_type) != napi_ok ||
+      (mask_type != napi_undefined && (mask_type != napi_bigint || napi_get_value_bigint_uint64(env, mv, &sigmask, &lossless) != napi_ok || !lossless)))
+    return throw_type(env, "setThreadState: sigmask must be a bigint from 0 to 2^64-1, or undefined");
   if (c->thawed) return throw_errno(env, EINVAL, "ptrace", "setThreadState after thaw");
   struct {
     set_thread_request_t head;
@@ -313,6 +323,8 @@ static napi_value js_set_thread_state(napi_env env, napi_callback_info info) {
   memset(&q.head, 0, sizeof q.head);
   q.head.tid = tid;
   q.head.xstate_len = (uint32_t)xstate_len;
+  q.head.has_sigmask = mask_type == napi_bigint;
+  q.head.sigmask = sigmask;
   memcpy(&q.head.regs, regs, regs_len);
   memcpy(&q.head.fpregs, fpregs, fpregs_len);
   if (xstate_len > 0) memcpy(q.xstate, xstate, xstate_len);

@@ -4,7 +4,8 @@
  * ptrace_x86_64.c (tracer_internal.h lists what each side gives the other).
  *
  * tracer_freeze   PTRACE_SEIZE + PTRACE_INTERRUPT every listed thread, then
- *                 collect the stops (in parallel) and each one's registers;
+ *                 collect the stops (in parallel) and each one's registers
+ *                 and blocked signal mask;
  *                 list again until nothing is new.
  * tracer_thaw     PTRACE_DETACH every thread, re-delivering signals that
  *                 arrived while they were stopped.
@@ -239,6 +240,12 @@ static int collect_stops(freeze_t *f, size_t first, char *what, size_t what_len)
     classify_stop(t, status);
     err = arch_capture_regs(t, xstate_cap(t));
     if (err != 0) snprintf(what, what_len, "ptrace(PTRACE_GETREGS) on tid %d", tid);
+    /* SAFETY: the thread is in a ptrace stop; GETSIGMASK reads its blocked
+     * set (8 bytes: the kernel refuses any other size) and changes nothing. */
+    if (err == 0 && ptrace(PTRACE_GETSIGMASK, tid, (void *)sizeof t->sigmask, &t->sigmask) != 0) {
+      err = errno;
+      snprintf(what, what_len, "ptrace(PTRACE_GETSIGMASK) on tid %d", tid);
+    }
     i++;
   }
   arm_wait_timeout(false);

@@ -95,7 +95,7 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
 }
 
 int tracer_set_thread(freeze_t *f, pid_t tid, const struct user_regs_struct *regs, const struct user_fpregs_struct *fpregs,
-                      const uint8_t *xstate, size_t xstate_len, tracer_error_t *error) {
+                      const uint8_t *xstate, size_t xstate_len, const uint64_t *sigmask, tracer_error_t *error) {
   thread_t *t = NULL;
   for (size_t i = 0; i < f->count && t == NULL; i++)
     if (f->threads[i].tid == tid) t = &f->threads[i];
@@ -122,6 +122,14 @@ int tracer_set_thread(freeze_t *f, pid_t tid, const struct user_regs_struct *reg
   } else if (ptrace(PTRACE_SETFPREGS, tid, NULL, fpregs) != 0) {
     int err = errno;
     set_error(error, "ptrace", "ptrace(PTRACE_SETFPREGS) on tid %d", tid);
+    return err;
+  }
+  /* SAFETY: the thread is in a ptrace stop; SETSIGMASK replaces its blocked
+   * set (the kernel drops SIGKILL and SIGSTOP from it) without delivering
+   * anything now; a signal it unblocks is delivered once it runs. */
+  if (sigmask != NULL && ptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof *sigmask, sigmask) != 0) {
+    int err = errno;
+    set_error(error, "ptrace", "ptrace(PTRACE_SETSIGMASK) on tid %d", tid);
     return err;
   }
   return 0;

@@ -34,6 +34,7 @@ typedef struct {
   struct user_regs_struct regs;          /* as captured at the freeze */
   struct user_regs_struct resume_regs;   /* what the thread must resume with */
   struct user_fpregs_struct fpregs;
+  uint64_t sigmask; /* blocked signals as captured at the freeze (PTRACE_GETSIGMASK), bit n-1 for signal n */
   uint8_t *xstate; /* XSAVE area: a slot of the prepared pool, or malloc'd (XSTATE_MAX) */
   size_t xstate_len;
   bool injected;
@@ -61,7 +62,8 @@ typedef struct {
 #define TRACER_POOL_THREADS 1024
 void tracer_prepare(void);
 /* PTRACE_SEIZE + PTRACE_INTERRUPT every thread, then collect the stops as
- * they come (waitpid(-1, __WALL)), capturing each thread's registers; list
+ * they come (waitpid(-1, __WALL)), capturing each thread's registers and
+ * blocked signal mask; list
  * /proc/PID/task again until it names no thread not yet stopped.
  * Returns 0 and *out, or an errno (nothing left stopped). */
 int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error);
@@ -69,10 +71,11 @@ int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error);
  * captured. Returns 0 and the raw rax, or an errno. */
 int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6], uint64_t *rax, tracer_error_t *error);
 /* Give a stopped thread the registers it resumes with (also after later
- * injections) and its FP/vector state (XSAVE area, or fpregs without one):
- * a rollback. Returns 0 or an errno (ESRCH: no such thread frozen). */
+ * injections), its FP/vector state (XSAVE area, or fpregs without one) and,
+ * when sigmask is not NULL, its blocked signal mask: a rollback. Returns 0 or
+ * an errno (ESRCH: no such thread frozen). */
 int tracer_set_thread(freeze_t *f, pid_t tid, const struct user_regs_struct *regs, const struct user_fpregs_struct *fpregs,
-                      const uint8_t *xstate, size_t xstate_len, tracer_error_t *error);
+                      const uint8_t *xstate, size_t xstate_len, const uint64_t *sigmask, tracer_error_t *error);
 /* Index in f->threads of the thread injections run in (the same one every time). */
 size_t tracer_injection_thread(const freeze_t *f);
 /* PTRACE_DETACH every thread, re-delivering signals that arrived while they were stopped. Idempotent. */

@@ -57,7 +57,8 @@ static size_t record_size(const thread_t *t) {
 }
 
 static char *put_record(char *p, const thread_t *t) {
-  thread_record_t rec = {.tid = t->tid, .stop = (int32_t)t->stop, .regs = t->regs, .fpregs = t->fpregs, .xstate_len = (uint32_t)t->xstate_len};
+  thread_record_t rec = {
+      .tid = t->tid, .stop = (int32_t)t->stop, .sigmask = t->sigmask, .regs = t->regs, .fpregs = t->fpregs, .xstate_len = (uint32_t)t->xstate_len};
   memcpy(p, &rec, sizeof rec);
   memcpy(p + sizeof rec, t->xstate, t->xstate_len);
   return p + record_size(t);
@@ -126,7 +127,7 @@ static int serve_set_thread(const set_thread_request_t *q, const uint8_t *xstate
     snprintf(error.what, sizeof error.what, "set a thread's registers before freeze");
     return reply(EINVAL, &error, NULL, 0);
   }
-  int err = tracer_set_thread(frozen, q->tid, &q->regs, &q->fpregs, xstate, q->xstate_len, &error);
+  int err = tracer_set_thread(frozen, q->tid, &q->regs, &q->fpregs, xstate, q->xstate_len, q->has_sigmask ? &q->sigmask : NULL, &error);
   return reply(err, err != 0 ? &error : NULL, NULL, 0);
 }
 
@@ -178,7 +179,7 @@ int main(void) {
     } else if (q.op == OP_INJECT && q.len == sizeof payload.inject) {
       e = serve_inject(&payload.inject);
     } else if (q.op == OP_SET_THREAD && q.len >= sizeof payload.set_thread.head &&
-               q.len == sizeof payload.set_thread.head + payload.set_thread.head.xstate_len) {
+               q.len == sizeof payload.set_thread.head + payload.set_thread.head.xstate_len && payload.set_thread.head.has_sigmask <= 1) {
       e = serve_set_thread(&payload.set_thread.head, payload.set_thread.xstate);
     } else if (q.op == OP_THREADS && frozen != NULL) {
       e = reply_threads();

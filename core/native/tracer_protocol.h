@@ -9,6 +9,7 @@
 #define WPSNAP_TRACER_PROTOCOL_H
 
 #include <errno.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <unistd.h>
 
@@ -47,7 +48,8 @@ typedef struct {
  * They are not sent during the pause unless asked for: 500 threads make 1.7 MB. */
 typedef struct {
   int32_t tid;
-  int32_t stop; /* stop_kind_t */
+  int32_t stop;     /* stop_kind_t */
+  uint64_t sigmask; /* blocked signals at the freeze, bit n-1 for signal n (at offset 8: no padding) */
   struct user_regs_struct regs;
   struct user_fpregs_struct fpregs;
   uint32_t xstate_len;
@@ -55,14 +57,22 @@ typedef struct {
 
 /* SET_THREAD (a rollback): the thread resumes with these registers, and
  * takes this FP/vector state now (the XSAVE area when xstate_len > 0, else
- * fpregs). The request is the fixed part followed by xstate_len bytes; the
- * reply has no body. */
+ * fpregs) and, when has_sigmask is 1, this blocked signal mask. The request
+ * is the fixed part followed by xstate_len bytes; the reply has no body. */
 typedef struct {
   int32_t tid;
   uint32_t xstate_len;
+  uint32_t has_sigmask; /* 1: set sigmask (PTRACE_SETSIGMASK); 0: the mask stays as it is */
+  uint32_t reserved;    /* 0; keeps sigmask and regs 8-byte aligned */
+  uint64_t sigmask;
   struct user_regs_struct regs;
   struct user_fpregs_struct fpregs;
 } set_thread_request_t;
+
+/* Records are copied with memcpy, but both sides build the same layout: no hidden padding before the 64-bit fields. */
+_Static_assert(offsetof(thread_record_t, sigmask) == 8 && offsetof(thread_record_t, regs) == 16, "thread_record_t layout");
+_Static_assert(offsetof(set_thread_request_t, sigmask) == 16 && offsetof(set_thread_request_t, regs) == 24, "set_thread_request_t layout");
+_Static_assert(sizeof(set_thread_request_t) % 8 == 0, "set_thread_request_t: the XSAVE area that follows stays 8-byte aligned");
 
 /* INJECT's body: uint64_t rax. */
 
