@@ -144,7 +144,7 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     inputs.afterResume?.();
     // Thread names are read after the resume: they are for recognising the
     // snapshot, and reading /proc per thread would lengthen the pause.
-    const threads: ThreadRecord[] = stopped.threads.map((t) => ({ tid: t.tid, name: threadName(pid, t.tid), regs: t.regs, fpregs: t.fpregs, xstate: t.xstate }));
+    const threads: ThreadRecord[] = stopped.threads.map((t) => ({ ...t, name: threadName(pid, t.tid) }));
     return {
       breakdown,
       pauseMicros,

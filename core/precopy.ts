@@ -299,7 +299,7 @@ export async function precopy(binding: NativeBinding, store: SnapshotTarget, pid
       // The rest needs the target no more.
       const batches = overlay(running, inStop);
       const finalDirty = normalize([...lastRound.dirty, ...last.dirty, ...before.fileCow, ...inStopWhat.fileCow]);
-      const threads: ThreadRecord[] = stopped.threads.map((t) => ({ tid: t.tid, name: threadName(pid, t.tid), regs: t.regs, fpregs: t.fpregs, xstate: t.xstate }));
+      const threads: ThreadRecord[] = stopped.threads.map((t) => ({ ...t, name: threadName(pid, t.tid) }));
       sink = begin(options.name);
       await storeRound(sink, pid, plans, batches, threads, finalDirty, { pauseMicros: finalPauseMicros, durationMillis: Math.round(finalPauseMicros / 1000) });
       generations.push(sink.id);

@@ -31,7 +31,7 @@ export function ptraceAttacher(binding: NativeBinding, pid: number, pidfd: numbe
       const syscallInsn = insn;
       const frozen = freeze(binding, pid);
       return {
-        threads: frozen.threads.map((t) => ({ tid: t.tid, regs: t.regs, fpregs: t.fpregs, xstate: t.xstate })),
+        threads: frozen.threads.map((t) => ({ tid: t.tid, regs: t.regs, fpregs: t.fpregs, xstate: t.xstate, sigmask: t.sigmask })),
         obtainUffd: () => injectUserfaultfd(binding, pid, frozen, syscallInsn, pidfd, deviceNode),
         resume: () => binding.thaw(frozen.handle),
       };

@@ -59,6 +59,11 @@ export interface ThreadRecord {
   fpregs: Buffer;
   /** NT_X86_XSTATE register set (variable size), empty if unavailable. */
   xstate: Buffer;
+  /**
+   * Blocked signals at T (PTRACE_GETSIGMASK; /proc's SigBlk): bit n-1 set when signal n is
+   * blocked, 0 ..= 2^64-1. Undefined: not recorded (a snapshot of a store before schema 5).
+   */
+  sigmask?: bigint;
 }
 
 export interface ProcessRecord {
@@ -207,6 +212,11 @@ export interface PageBatch {
 
 export function formatAddress(address: bigint): string {
   return `0x${address.toString(16)}`;
+}
+
+/** A signal mask as 0x and 16 hex digits (as /proc's SigBlk), or null when not recorded. */
+export function formatSigmask(mask: bigint | undefined): string | null {
+  return mask === undefined ? null : `0x${mask.toString(16).padStart(16, '0')}`;
 }
 
 export function parseAddress(text: string): bigint {

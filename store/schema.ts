@@ -193,11 +193,23 @@ CREATE INDEX generation_pages_by_process ON generation_pages (process_id, kind);
 }
 
 /**
+ * Version 5: each thread's blocked signal mask at T (`threads.sigmask`). A
+ * mask is 64 bits and SQLite's INTEGER a signed 64-bit one: the column holds
+ * the mask's two's complement (bit 63, SIGRTMAX, makes it negative), written
+ * and read as a BigInt (better-sqlite3's safeIntegers) and taken back with
+ * BigInt.asUintN(64), as region addresses are. A column only: rows from
+ * before hold NULL, "not recorded", never an empty mask.
+ */
+function migrateTo5(db: Database.Database): void {
+  db.exec('ALTER TABLE threads ADD COLUMN sigmask INTEGER;');
+}
+
+/**
  * MIGRATIONS[i] turns a version-i store into version i + 1; version 0 is an
  * empty database. To change the schema, append a function here: never edit
  * one that has shipped.
  */
-export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4];
+export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4, migrateTo5];
 
 /**
  * The oldest version a read-only open reads without upgrading, where no

@@ -264,9 +264,28 @@ export class Store implements SnapshotReader {
   }
 
   threads(processId: number): ThreadRecord[] {
-    return this.db
-      .prepare('SELECT tid, name, regs, fpregs, xstate FROM threads WHERE process_id = ? ORDER BY tid')
-      .all(processId) as ThreadRecord[];
+    // Every column (sigmask is absent before schema 5, on read-only media), as BigInts: the mask uses all 64 bits.
+    const rows = this.db
+      .prepare('SELECT * FROM threads WHERE process_id = ? ORDER BY tid')
+      .safeIntegers(true)
+      .all(processId) as Array<Record<string, unknown>>;
+    return rows.map((row) => ({
+      tid: Number(row['tid']),
+      name: row['name'] as string,
+      regs: row['regs'] as Buffer,
+      fpregs: row['fpregs'] as Buffer,
+      xstate: row['xstate'] as Buffer,
+      ...this.sigmask(row['sigmask'], row['tid']),
+    }));
+  }
+
+  /** The sigmask column as `{ sigmask }` (two's complement taken back to 0 ..= 2^64-1), or nothing if not recorded. */
+  private sigmask(column: unknown, tid: unknown): { sigmask?: bigint } {
+    if (column === null || column === undefined) return {};
+    if (typeof column !== 'bigint') {
+      throw new WpsnapError('STORE_CORRUPT', `${this.path}: threads.sigmask of tid ${String(tid)} is not an integer`);
+    }
+    return { sigmask: BigInt.asUintN(64, column) };
   }
 
   regions(processId: number): RegionRecord[] {

@@ -148,11 +148,25 @@ export class SnapshotWriter {
 
   addThreads(processId: number, threads: ThreadRecord[]): void {
     this.checkProcess(processId);
+    for (const t of threads) {
+      if (t.sigmask !== undefined && (t.sigmask < 0n || t.sigmask > U64_MAX)) {
+        throw new WpsnapError('INVALID_PROCESS', `process ${processId}, thread ${t.tid}: sigmask ${t.sigmask} is not a 64-bit signal mask`);
+      }
+    }
+    // sigmask only when known: the tests' stores of older schema versions lack the column.
+    const withMask = threads.some((t) => t.sigmask !== undefined);
     const insert = this.host.db.prepare(
-      'INSERT INTO threads (process_id, tid, name, regs, fpregs, xstate) VALUES (?, ?, ?, ?, ?, ?)',
+      withMask
+        ? 'INSERT INTO threads (process_id, tid, name, regs, fpregs, xstate, sigmask) VALUES (?, ?, ?, ?, ?, ?, ?)'
+        : 'INSERT INTO threads (process_id, tid, name, regs, fpregs, xstate) VALUES (?, ?, ?, ?, ?, ?)',
     );
     this.transaction(`add threads of process ${processId}`, () => {
-      for (const t of threads) insert.run(processId, t.tid, t.name, t.regs, t.fpregs, t.xstate);
+      for (const t of threads) {
+        const row: unknown[] = [processId, t.tid, t.name, t.regs, t.fpregs, t.xstate];
+        // Two's complement in SQLite's signed INTEGER: bit 63 (SIGRTMAX) makes it negative (schema.ts, version 5).
+        if (withMask) row.push(t.sigmask === undefined ? null : BigInt.asIntN(64, t.sigmask));
+        insert.run(...row);
+      }
     });
   }
 
