@@ -103,8 +103,8 @@ export interface PrStatus {
   ppid: number;
   pgrp: number;
   sid: number;
-  /** Blocked signals (pr_sighold), when known. */
-  sigHold?: bigint;
+  /** Blocked signals (pr_sighold, bit n-1: signal n); undefined (not recorded): 0. */
+  sigHold?: bigint | undefined;
   /** struct user_regs_struct, 216 bytes. */
   regs: Buffer;
   /** An NT_PRFPREG note follows. */
@@ -117,7 +117,7 @@ export function prStatus(s: PrStatus): Buffer {
   const b = Buffer.alloc(PRSTATUS_BYTES);
   b.writeInt32LE(s.signal, 0); // pr_info.si_signo (si_code, si_errno: 0)
   b.writeInt16LE(s.signal, 12); // pr_cursig
-  b.writeBigUInt64LE(s.sigHold ?? 0n, 24); // pr_sighold (pr_sigpend at 16: 0)
+  b.writeBigUInt64LE(s.sigHold ?? 0n, 24); // pr_sighold (pr_sigpend at 16: 0, pending signals are not recorded)
   b.writeInt32LE(s.tid, 32);
   b.writeInt32LE(s.ppid, 36);
   b.writeInt32LE(s.pgrp, 40);

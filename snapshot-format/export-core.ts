@@ -277,7 +277,7 @@ function processNotes(target: ProcessRecord, threads: ThreadRecord[], regions: R
     }
     const fpValid = t.fpregs.length === FPREGS_BYTES;
     // No signal made this core: pr_cursig and si_signo are 0 (gdb says no "terminated with signal").
-    notes.push({ name: 'CORE', type: NT_PRSTATUS, desc: prStatus({ signal: 0, tid: t.tid, ppid: target.ppid, pgrp: 0, sid: 0, regs, fpValid }) });
+    notes.push({ name: 'CORE', type: NT_PRSTATUS, desc: prStatus({ signal: 0, tid: t.tid, ppid: target.ppid, pgrp: 0, sid: 0, sigHold: t.sigmask, regs, fpValid }) });
     if (i === 0) notes.push(...processWide);
     else notes.push({ name: 'CORE', type: NT_SIGINFO, desc: sigInfo(0) });
     if (fpValid) notes.push({ name: 'CORE', type: NT_PRFPREG, desc: t.fpregs });

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { WpsnapError } from '../common/errors.js';
 import { ExportDir, ioError, readAll } from './export-dir.js';
 import type { SnapshotReader } from './reader.js';
-import { formatAddress, PAGE_SIZE, type LostRange, type LostReason, type RegionCapture, type RegionRecord, type SnapshotState } from './model.js';
+import { formatAddress, formatSigmask, PAGE_SIZE, type LostRange, type LostReason, type RegionCapture, type RegionRecord, type SnapshotState } from './model.js';
 
 export const RAW_EXPORT_FORMAT = 'wpsnap-raw-export';
 export const RAW_EXPORT_VERSION = 1;
@@ -39,13 +39,20 @@ export interface RawManifestRegion {
   lost: RawManifestLost[];
 }
 
+export interface RawManifestThread {
+  tid: number;
+  name: string;
+  /** Blocked signals at T as 0x and 16 hex digits (bit n-1: signal n), null when not recorded. */
+  sigmask: string | null;
+}
+
 export interface RawManifest {
   format: typeof RAW_EXPORT_FORMAT;
   version: number;
   snapshot: number;
   name: string | null;
   state: SnapshotState;
-  processes: Array<{ pid: number; regions: RawManifestRegion[] }>;
+  processes: Array<{ pid: number; threads: RawManifestThread[]; regions: RawManifestRegion[] }>;
 }
 
 export interface RawExportResult {
@@ -160,7 +167,8 @@ async function writeExport(
       for (const l of regionLost) result.lostPages += l.pages;
       regions.push(entry);
     }
-    manifest.processes.push({ pid: process.pid, regions });
+    const threads = store.threads(process.processId).map((t) => ({ tid: t.tid, name: t.name, sigmask: formatSigmask(t.sigmask) }));
+    manifest.processes.push({ pid: process.pid, threads, regions });
   }
   await checkpoint();
   // Written last, via rename: a directory without manifest.json is not an export.

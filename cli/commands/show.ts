@@ -1,3 +1,4 @@
+import { formatSigmask } from '../../snapshot-format/model.js';
 import { pcAndSp } from '../../snapshot-format/regs-x86_64.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, micros, millis, table } from '../format.js';
@@ -12,7 +13,8 @@ export const showCommand = defineCommand({
     try {
       const snap = store.find(args.snapshot);
       const processes = store.processes(snap.id).map((p) => {
-        const threads = store.threads(p.processId).map((t) => ({ tid: t.tid, name: t.name, ...pcAndSp(t) }));
+        // sigmask: the blocked signals at T, "0x…" (bit n-1: signal n), null when not recorded.
+        const threads = store.threads(p.processId).map((t) => ({ tid: t.tid, name: t.name, ...pcAndSp(t), sigmask: formatSigmask(t.sigmask) }));
         return {
           pid: p.pid,
           // Its pid in each PID namespace, ours first; null when not recorded.
@@ -58,7 +60,10 @@ export const showCommand = defineCommand({
         println(ctx.stdout, `  exe:     ${p.exe}`);
         println(ctx.stdout, `  cmdline: ${p.cmdline.map((a) => (/[\s"']/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
         println(ctx.stdout, `  threads (${p.threads.length}):`);
-        for (const t of p.threads) println(ctx.stdout, `    ${t.tid} ${t.name}  rip 0x${t.rip.toString(16)} rsp 0x${t.rsp.toString(16)}`);
+        for (const t of p.threads) {
+          const blocked = t.sigmask === null ? '' : ` blocked ${t.sigmask}`;
+          println(ctx.stdout, `    ${t.tid} ${t.name}  rip 0x${t.rip.toString(16)} rsp 0x${t.rsp.toString(16)}${blocked}`);
+        }
         println(ctx.stdout, `  regions (${p.regions.length}):`);
         const rows = p.regions.map((r) => [
           `    ${r.start.toString(16)}-${r.end.toString(16)}`,
