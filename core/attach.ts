@@ -205,18 +205,27 @@ export function injectUserfaultfd(
 }
 
 function openViaDevice(binding: NativeBinding, pid: number, frozen: Frozen, insn: bigint, node: DeviceNode, flags: number): number {
-  // The path goes below the injection thread's red zone, and the bytes there are put back.
-  const path = Buffer.from(node.targetPath + '\0');
-  const scratch = (binding.injectionThreadRsp(frozen.handle) - RED_ZONE - 512n) & ~15n;
-  const saved = binding.processVmRead(pid, scratch, path.length);
-  binding.processVmWrite(pid, scratch, path);
+  const devFd = openInTarget(binding, pid, frozen, insn, node.targetPath, O_RDWR | O_CLOEXEC);
+  if (devFd < 0) throw injectedFailure(`openat(${node.targetPath})`, devFd);
+  const uffd = inject(binding, frozen, insn, SYS_ioctl, [devFd, USERFAULTFD_IOC_NEW, flags], 'ioctl(USERFAULTFD_IOC_NEW)');
+  inject(binding, frozen, insn, SYS_close, [devFd], `close(${devFd})`);
+  if (uffd < 0) throw injectedFailure('ioctl(USERFAULTFD_IOC_NEW)', uffd);
+  return uffd;
+}
+
+/**
+ * openat(AT_FDCWD, path, flags) run inside the frozen target: the fd there, or
+ * a negative errno. The path goes below the injection thread's red zone, and
+ * the bytes there are put back.
+ */
+export function openInTarget(binding: NativeBinding, pid: number, frozen: Frozen, insn: bigint, path: string, flags: number): number {
+  const bytes = Buffer.from(path + '\0');
+  if (bytes.length > 4096) throw new WpsnapError('ENAMETOOLONG', `path too long to open in pid ${pid}: ${path.slice(0, 80)}…`);
+  const scratch = (binding.injectionThreadRsp(frozen.handle) - RED_ZONE - BigInt(bytes.length) - 512n) & ~15n;
+  const saved = binding.processVmRead(pid, scratch, bytes.length);
+  binding.processVmWrite(pid, scratch, bytes);
   try {
-    const devFd = inject(binding, frozen, insn, SYS_openat, [AT_FDCWD, scratch, O_RDWR | O_CLOEXEC], `openat(${node.targetPath})`);
-    if (devFd < 0) throw injectedFailure(`openat(${node.targetPath})`, devFd);
-    const uffd = inject(binding, frozen, insn, SYS_ioctl, [devFd, USERFAULTFD_IOC_NEW, flags], 'ioctl(USERFAULTFD_IOC_NEW)');
-    inject(binding, frozen, insn, SYS_close, [devFd], `close(${devFd})`);
-    if (uffd < 0) throw injectedFailure('ioctl(USERFAULTFD_IOC_NEW)', uffd);
-    return uffd;
+    return inject(binding, frozen, insn, SYS_openat, [AT_FDCWD, scratch, flags], `openat(${path})`);
   } finally {
     binding.processVmWrite(pid, scratch, saved);
   }

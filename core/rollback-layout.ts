@@ -1,6 +1,7 @@
 // A rollback's layout repairs: what differs between the mappings at T and the
 // target's now, as the calls that undo it (brk, munmap, mmap, mprotect), or a
 // refusal naming what cannot be undone, before anything changes.
+import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { WpsnapError } from '../common/errors.js';
 import { formatAddress, type RegionRecord } from '../snapshot-format/model.js';
 import { intersect, normalize, subtract, type Intervals } from './intervals.js';
@@ -14,16 +15,35 @@ export function protOf(perms: string): number {
   return (perms[0] === 'r' ? 1 : 0) | (perms[1] === 'w' ? 2 : 0) | (perms[2] === 'x' ? 4 : 0);
 }
 
+/**
+ * How a mapping of T removed since is made again in the target: private
+ * anonymous memory; shared anonymous memory nothing else maps any more (a
+ * new object, its content written back); a file opened by path in the
+ * target (unchanged since T: device, inode, size, mtime); or an fd the
+ * target still holds on the shared memory object (memfd, tmpfs, hugetlbfs).
+ */
+export type Recreate =
+  | { kind: 'anonymous' }
+  | { kind: 'shared-anonymous' }
+  | { kind: 'file'; path: string; writable: boolean }
+  | { kind: 'fd'; fd: number; writable: boolean };
+
+/** A part of a mapping of T to make again, and how. */
+export type Creation = RegionRecord & { how: Recreate };
 
 export interface Plan {
   brk: { from: bigint; to: bigint } | null;
   unmap: Intervals;
-  create: RegionRecord[];
+  create: Creation[];
   reprotect: RegionRecord[];
 }
 
-/** The layout repairs, or a refusal naming what cannot be repaired. */
-export function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number, sameProcess: boolean): Plan {
+/**
+ * The layout repairs, or a refusal naming what cannot be repaired.
+ * `recreate` says how a part of a mapping of T missing now is made again,
+ * or why it cannot be.
+ */
+export function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number, sameProcess: boolean, recreate: (part: RegionRecord) => Recreate | string): Plan {
   const atT = normalize(regions.map((r): [bigint, bigint] => [r.start, r.end]));
   const now = normalize(maps.map((m): [bigint, bigint] => [m.start, m.end]));
   const heapT = regions.find((r) => r.path === '[heap]');
@@ -37,19 +57,20 @@ export function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: numb
   const heapRange: Intervals = heapT && heapNow ? normalize([[heapT.start, heapT.end > heapNow.end ? heapT.end : heapNow.end]]) : [];
   const unmap = subtract(subtract(now, atT), heapRange);
   const missing = subtract(subtract(atT, now), heapRange);
-  // Parts of T's mappings missing now: re-created where they were private anonymous memory.
-  const create: RegionRecord[] = [];
+  // Parts of T's mappings missing now: made again, each the way it can be.
+  const create: Creation[] = [];
   for (const r of regions) {
-    const parts = intersect([[r.start, r.end]], missing);
-    if (parts.length === 0) continue;
-    const anonymousPrivate = r.inode === 0 && r.perms[3] === 'p' && !SPECIAL.has(r.path) && r.capture !== 'skipped';
-    if (!anonymousPrivate) {
-      throw new WpsnapError(
-        'ROLLBACK_REFUSED',
-        `pid ${pid}: ${formatAddress(parts[0]![0])}-${formatAddress(parts[0]![1])} of ${r.path || 'a mapping'} (${r.perms}) was mapped at T and is not now, and only private anonymous memory can be re-created: nothing changed`,
-      );
+    for (const [start, end] of intersect([[r.start, r.end]], missing)) {
+      const part: RegionRecord = { ...r, start, end, offset: r.offset + (start - r.start) };
+      const how = SPECIAL.has(r.path) || r.capture === 'skipped' ? 'the kernel makes it, not the program' : recreate(part);
+      if (typeof how === 'string') {
+        throw new WpsnapError(
+          'ROLLBACK_REFUSED',
+          `pid ${pid}: ${formatAddress(start)}-${formatAddress(end)} of ${r.path || 'anonymous memory'} (${r.perms}) was mapped at T and is not now, and cannot be mapped again: ${how}; nothing changed`,
+        );
+      }
+      create.push({ ...part, how });
     }
-    for (const [start, end] of parts) create.push({ ...r, start, end });
   }
   const reprotect: RegionRecord[] = [];
   for (const r of regions) {
@@ -69,3 +90,73 @@ export function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: numb
   return { brk, unmap, create, reprotect };
 }
 
+
+/** dev_t as stat returns it, from the "major:minor" (hex) of /proc/PID/maps. */
+function devOf(majorMinor: string): bigint {
+  const [major, minor] = majorMinor.split(':').map((x) => BigInt(Number.parseInt(x, 16))) as [bigint, bigint];
+  return (minor & 0xffn) | ((major & 0xfffn) << 8n) | ((minor & ~0xffn) << 12n) | ((major & ~0xfffn) << 32n);
+}
+
+/** The file at `path` in the target's root, if it is still the object of `r` (and, for a file reference, unchanged). */
+function sameFileAt(pid: number, path: string, r: RegionRecord): boolean {
+  try {
+    const st = statSync(`/proc/${pid}/root${path}`, { bigint: true });
+    if (st.ino !== BigInt(r.inode) || st.dev !== devOf(r.dev)) return false;
+    const f = r.file;
+    return f === undefined || (st.dev === BigInt(f.dev) && st.ino === BigInt(f.ino) && st.size === BigInt(f.size) && st.mtimeNs.toString() === f.mtimeNs);
+  } catch {
+    return false;
+  }
+}
+
+/** An fd the target holds on the object of mapping `r` (device, inode), and whether it was opened for writing. */
+function fdOnObject(pid: number, r: RegionRecord): { fd: number; writable: boolean } | undefined {
+  let names: string[];
+  try {
+    names = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return undefined;
+  }
+  let readOnly: { fd: number; writable: boolean } | undefined;
+  for (const name of names) {
+    try {
+      const st = statSync(`/proc/${pid}/fd/${name}`, { bigint: true });
+      if (st.ino !== BigInt(r.inode) || st.dev !== devOf(r.dev)) continue;
+      const flags = Number.parseInt(/^flags:\s+([0-7]+)/m.exec(readFileSync(`/proc/${pid}/fdinfo/${name}`, 'utf8'))?.[1] ?? '0', 8);
+      const found = { fd: Number(name), writable: (flags & 3) === 2 };
+      if (found.writable) return found;
+      readOnly ??= found;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return readOnly;
+}
+
+/**
+ * How a part of mapping `r` of T, missing from pid now, can be mapped again
+ * (Recreate), or why it cannot. `mapsNow`: the target's mappings now.
+ */
+export function howToRecreate(pid: number, r: RegionRecord, mapsNow: MapsEntry[]): Recreate | string {
+  const shared = r.perms[3] === 's';
+  const path = r.path.replace(/ \(deleted\)$/, '');
+  const deleted = path !== r.path;
+  if (r.inode === 0) return shared ? 'shared memory of unknown origin' : { kind: 'anonymous' };
+  if (r.capture === 'file-private' || r.capture === 'file-reference') {
+    if (r.capture === 'file-reference' && r.perms[1] === 'w') return 'its writes went to the file, whose content at T is not known';
+    if (deleted) return `its file ${path} was deleted`;
+    if (r.file === undefined || !sameFileAt(pid, path, r)) return `its file ${path} changed since T`;
+    return { kind: 'file', path, writable: false };
+  }
+  if (r.capture !== 'protected') return 'its content at T was not kept whole';
+  if (path.startsWith('/SYSV')) return 'a System V shared memory segment is not attached again by a rollback';
+  // Shared memory (memfd, tmpfs, hugetlbfs, shared anonymous): the same object, through an fd the process holds, or its path.
+  const held = fdOnObject(pid, r);
+  // A shared page's content at T is written back through the mapping, made writable for that (a private one is copied on write).
+  const needsWrite = shared;
+  if (held !== undefined && (held.writable || !needsWrite)) return { kind: 'fd', ...held };
+  if (!deleted && sameFileAt(pid, path, r)) return { kind: 'file', path, writable: needsWrite };
+  if (shared && path === '/dev/zero' && !mapsNow.some((m) => m.inode === r.inode)) return { kind: 'shared-anonymous' };
+  if (held !== undefined) return `the only fd pid ${pid} holds on it (${held.fd}) is read-only`;
+  return mapsNow.some((m) => m.inode === r.inode) ? 'other parts of it are still mapped, and the process holds no fd on it' : 'the process holds no fd on it any more';
+}

@@ -1,13 +1,16 @@
 // Roll a live process back to a snapshot, in place: every thread stopped; the
 // layout compared with the snapshot's and repaired with syscalls injected into
-// the target (mappings created since T unmapped, anonymous ones removed since
-// re-created, brk and protections restored); every page whose content differs
-// from T's written back through /proc/PID/mem (which writes read-only pages
-// too); every thread's registers and FP/vector state put back; threads
-// created since T made to exit; then every thread resumes, at T.
+// the target (mappings created since T unmapped; mappings removed since mapped
+// again at their addresses, with their protections, flags and offsets:
+// anonymous memory, files opened again by path, shared memory through an fd
+// the process holds; brk and protections restored); every page whose content
+// differs from T's written back (process_vm_writev, and /proc/PID/mem for
+// pages that are not writable); every thread's registers and FP/vector state
+// put back; threads created since T made to exit; then every thread resumes,
+// at T.
 //
 // Everything that could make it refuse is checked before anything changes:
-// a thread of T that is gone, a mapping of T that cannot be re-created, pages
+// a thread of T that is gone, a mapping of T that cannot be made again, pages
 // the snapshot lost, a file a private mapping reads that changed since T.
 // What a rollback cannot undo (file descriptors, file offsets, children,
 // data sent) is listed in its warnings.
@@ -16,7 +19,7 @@ import { WpsnapError, fromNative } from '../common/errors.js';
 import { fileUnchanged } from '../snapshot-format/export-raw.js';
 import { formatAddress, type RegionRecord, type ThreadRecord } from '../snapshot-format/model.js';
 import type { Store } from '../store/store.js';
-import { findSyscallInstruction, freeze, inject, type Frozen } from './attach.js';
+import { findSyscallInstruction, freeze, inject, openInTarget, type Frozen } from './attach.js';
 import { fromStartLenPairs, intersect, normalize, subtract, type Intervals } from './intervals.js';
 import { encodeTracking, takeOverTracking, type TakenTracking, type TrackingState } from './keeper.js';
 import { UFFDIO_REGISTER_MODE_WP } from './features.js';
@@ -26,7 +29,7 @@ import { tripleIntervals } from './tracking-handover.js';
 import type { NativeBinding, NativeHandle } from './native/binding.js';
 import { assertProcessExists, listThreads, parseMaps, readProc, readProcessRecord } from './procfs.js';
 import { compareAndRewrite, ContentCache, hasContent, type Rewrite } from './rollback-content.js';
-import { planLayout, protOf, type Plan } from './rollback-layout.js';
+import { howToRecreate, planLayout, protOf, type Creation, type Plan } from './rollback-layout.js';
 import { refuseSelfFreeze } from './target-guard.js';
 
 const SYS_MPROTECT = 10;
@@ -34,6 +37,12 @@ const SYS_MMAP = 9;
 const SYS_MUNMAP = 11;
 const SYS_BRK = 12;
 const SYS_EXIT = 60;
+const SYS_CLOSE = 3;
+const PROT_WRITE = 2;
+const O_RDONLY = 0;
+const O_RDWR = 2;
+const O_CLOEXEC = 0o2000000;
+const MAP_SHARED = 0x01;
 const MAP_PRIVATE = 0x02;
 const MAP_ANONYMOUS = 0x20;
 const MAP_FIXED_NOREPLACE = 0x100000;
@@ -339,7 +348,7 @@ export class InPlaceRollback {
       throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid}: thread${gone.length > 1 ? 's' : ''} ${gone.map((t) => t.tid).join(', ')} of T exited since; nothing changed`);
     }
     const mapsText = readProc(pid, 'maps').toString('utf8');
-    const plan = this.layout !== undefined && this.layout.text === mapsText ? this.layout.plan : planLayout(regions, parseMaps(mapsText), pid, this.sameProcess);
+    const plan = this.layout !== undefined && this.layout.text === mapsText ? this.layout.plan : this.planFor(mapsText);
     // Incremental: what was written (or zapped, moved, unmapped) since the last take, as logged up to the freeze.
     const logged = tracked !== undefined ? loggedSince(binding, tracked) : undefined;
     const missed = tracked !== undefined && logged === undefined;
@@ -358,18 +367,19 @@ export class InPlaceRollback {
       call(SYS_MUNMAP, [s, e - s], `munmap(${formatAddress(s)}, ${e - s})`);
       mappingsRepaired++;
     }
-    for (const r of plan.create) {
-      const at = inject(binding, stopped, insn, SYS_MMAP, [r.start, r.end - r.start, protOf(r.perms) | 2, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0], `mmap(${formatAddress(r.start)})`);
-      if (BigInt.asUintN(64, BigInt(at)) !== r.start) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: mmap at ${formatAddress(r.start)} failed in the target (${at}); it is partly rolled back`);
+    for (const c of plan.create) {
+      mapAgain(binding, stopped, pid, insn, c);
       mappingsRepaired++;
     }
     const created = normalize(plan.create.map((r): [bigint, bigint] => [r.start, r.end]));
     if (tracked !== undefined && created.length > 0) {
-      // Memory re-created is registered with the context again (a new mapping has none), writable until protected.
-      for (const [s, e] of created) binding.uffdRegister(tracked.taken.uffd, s, e - s, UFFDIO_REGISTER_MODE_WP);
-      this.ranges = rearmedRanges(this.ranges, regions, created);
+      // Anonymous memory re-created is registered with the context again (a new mapping has none), writable
+      // until protected; what is re-created otherwise is not tracked (no fault tells of its writes): compared whole.
+      const anonymous = normalize(plan.create.filter((c) => c.how.kind === 'anonymous').map((r): [bigint, bigint] => [r.start, r.end]));
+      for (const [s, e] of anonymous) binding.uffdRegister(tracked.taken.uffd, s, e - s, UFFDIO_REGISTER_MODE_WP);
+      this.ranges = rearmedRanges(this.ranges, regions, created, anonymous);
       binding.trackerSetRanges(tracked.reader, this.ranges);
-      this.writable = normalize([...this.writable, ...created]);
+      this.writable = normalize([...this.writable, ...anonymous]);
     }
 
     let pagesWritten: number;
@@ -403,13 +413,16 @@ export class InPlaceRollback {
     // The next rollback finds these maps unless the target changes them: then nothing to plan.
     if (plan.brk !== null || plan.unmap.length > 0 || plan.create.length > 0 || plan.reprotect.length > 0) {
       const text = readProc(pid, 'maps').toString('utf8');
-      this.layout = { text, plan: planLayout(regions, parseMaps(text), pid, this.sameProcess) };
+      this.layout = { text, plan: this.planFor(text) };
     } else {
       this.layout = { text: mapsText, plan };
     }
     const warnings = [...CANNOT_UNDO];
     if (regions.some((r) => r.perms[3] === 's' && hasContent(r))) warnings.push('shared memory was written back: other processes that map it see its content at T too');
     if (missed) warnings.push('the tracking missed writes (a fork?): every page was compared instead');
+    for (const c of plan.create.filter((x) => x.how.kind === 'shared-anonymous')) {
+      warnings.push(`${formatAddress(c.start)}-${formatAddress(c.end)}, shared anonymous memory unmapped since T, was mapped again as new memory with its content at T: processes that shared it with pid ${pid} no longer do`);
+    }
     return {
       id: this.snapId,
       pid,
@@ -420,6 +433,12 @@ export class InPlaceRollback {
       threadsRestored: threadsAtT.length,
       warnings,
     };
+  }
+
+  /** The layout repairs for the target's maps `text`. */
+  private planFor(text: string): Plan {
+    const now = parseMaps(text);
+    return planLayout(this.regions, now, this.pid, this.sameProcess, (part) => howToRecreate(this.pid, part, now));
   }
 
   /**
@@ -457,6 +476,32 @@ export async function rollback(binding: NativeBinding, store: Store, ref: string
     return await once.rollback();
   } finally {
     await once.close();
+  }
+}
+
+/** Map part `c` of a mapping of T again, at its address, as planned (rollback-layout's Recreate). */
+function mapAgain(binding: NativeBinding, stopped: Frozen, pid: number, insn: bigint, c: Creation): void {
+  const where = `${formatAddress(c.start)}-${formatAddress(c.end)} (${c.path || 'anonymous'})`;
+  const failed = (what: string, errno: number): WpsnapError => new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: ${what} for ${where} failed in the target (errno ${errno}); it is partly rolled back`);
+  const shared = c.perms[3] === 's';
+  // Writable while its content is written back (then protected as at T), unless it is a shared mapping
+  // whose content is the file's: that one is mapped as it was.
+  const writable = c.how.kind === 'anonymous' || c.how.kind === 'shared-anonymous' || !shared || c.how.writable;
+  const prot = protOf(c.perms) | (writable ? PROT_WRITE : 0);
+  const flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED_NOREPLACE;
+  const map = (extra: number, fd: number, offset: bigint): void => {
+    const at = inject(binding, stopped, insn, SYS_MMAP, [c.start, c.end - c.start, prot, flags | extra, fd, offset], `mmap(${formatAddress(c.start)})`);
+    if (BigInt.asUintN(64, BigInt(at)) !== c.start) throw failed('mmap', at < 0 ? -at : 0);
+  };
+  const how = c.how;
+  if (how.kind === 'anonymous' || how.kind === 'shared-anonymous') return map(MAP_ANONYMOUS, -1, 0n);
+  if (how.kind === 'fd') return map(0, how.fd, c.offset);
+  const fd = openInTarget(binding, pid, stopped, insn, how.path, (how.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+  if (fd < 0) throw failed(`openat(${how.path})`, -fd);
+  try {
+    map(0, fd, c.offset);
+  } finally {
+    inject(binding, stopped, insn, SYS_CLOSE, [fd], `close(${fd})`);
   }
 }
 
@@ -510,14 +555,14 @@ async function takeTracking(binding: NativeBinding, store: Store, snapId: number
   }
 }
 
-/** What the context covers after the rollback: its ranges still mapped as at T, and the memory re-created. */
-function rearmedRanges(triples: BigUint64Array, regions: RegionRecord[], created: Intervals): BigUint64Array {
+/** What the context covers after the rollback: its ranges still mapped as at T (not re-created), and the anonymous memory re-created. */
+function rearmedRanges(triples: BigUint64Array, regions: RegionRecord[], created: Intervals, registered: Intervals): BigUint64Array {
   const atT = normalize(regions.map((r): [bigint, bigint] => [r.start, r.end]));
   const out: bigint[] = [];
   for (let i = 0; i + 2 < triples.length; i += 3) {
     for (const [s, e] of intersect(subtract([[triples[i]!, triples[i + 1]!]], created), atT)) out.push(s, e, triples[i + 2]!);
   }
-  for (const [s, e] of created) out.push(s, e, 4096n);
+  for (const [s, e] of registered) out.push(s, e, 4096n);
   const sorted: Array<[bigint, bigint, bigint]> = [];
   for (let i = 0; i < out.length; i += 3) sorted.push([out[i]!, out[i + 1]!, out[i + 2]!]);
   sorted.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));

@@ -4,7 +4,7 @@
 // zapped page is back); what cannot be done whole is refused, changing
 // nothing.
 import { execFileSync } from 'node:child_process';
-import { closeSync, openSync, writeSync } from 'node:fs';
+import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../store/store.js';
@@ -79,6 +79,56 @@ describe('wpsnap rollback', () => {
     expect(words('after', w.anon, 64)).toEqual(anon);
   });
 
+  it('maps again the file and shared mappings unmapped since T: a private file mapping with its copied page, a shared file mapping, a memfd', async () => {
+    const w = await writer();
+    const file = join(dir, 'data.bin');
+    const data = Buffer.alloc(4 * 4096);
+    for (let i = 0; i < 4; i++) data.writeBigUInt64LE(BigInt(1000 + i), i * 4096);
+    writeFileSync(file, data, { mode: 0o600 });
+    const privateMap = BigInt((await w.send(`mapfile ${file} private`))['addr'] as string); // page 0 copied: 129
+    const sharedMap = BigInt((await w.send(`mapfile ${file} shared`))['addr'] as string);
+    await cli('snapshot', String(w.fixture.pid), '--name', 'base');
+    const mapsAtT = readMaps(w.fixture.pid);
+    await w.send(`unmap 0x${privateMap.toString(16)} 4`);
+    await w.send(`unmap 0x${sharedMap.toString(16)} 2`);
+    await w.send(`unmap 0x${w.shm.toString(16)} 64`);
+    const result = await cli('rollback', 'base');
+    expect(result['mappingsRepaired'] as number).toBeGreaterThanOrEqual(3);
+    const mapsNow = readMaps(w.fixture.pid);
+    // Mapped again from a new open of the file, a part does not merge with the rest (another struct file): compared coalesced.
+    const described = (maps: typeof mapsNow, from: bigint, to: bigint): string[] => {
+      const out: Array<{ start: bigint; end: bigint; perms: string; offset: bigint; inode: number; path: string }> = [];
+      for (const m of maps.filter((x) => x.start < to && from < x.end)) {
+        const last = out[out.length - 1];
+        if (last && last.end === m.start && last.perms === m.perms && last.inode === m.inode && last.path === m.path && last.offset + (last.end - last.start) === m.offset) last.end = m.end;
+        else out.push({ ...m });
+      }
+      return out.map((m) => `${m.start}-${m.end} ${m.perms} ${m.offset} ${m.inode} ${m.path}`);
+    };
+    for (const [from, pages] of [[privateMap, 4n], [sharedMap, 4n], [w.shm, 64n]] as const) {
+      expect(described(mapsNow, from, from + pages * 4096n)).toEqual(described(mapsAtT, from, from + pages * 4096n));
+    }
+    const binding = loadBinding();
+    const word = (address: bigint): bigint => binding.processVmRead(w.fixture.pid, address, 8).readBigUInt64LE(0);
+    expect([0, 1, 2, 3].map((i) => word(privateMap + BigInt(i) * 4096n))).toEqual([129n, 1001n, 1002n, 1003n]);
+    expect([0, 1, 2, 3].map((i) => word(sharedMap + BigInt(i) * 4096n))).toEqual([1000n, 1001n, 1002n, 1003n]);
+    expect(words('base', w.shm, 64)).toEqual(filledShm(64));
+    expect(Array.from({ length: 64 }, (_, i) => word(w.shm + BigInt(i) * 4096n))).toEqual(filledShm(64));
+    // The program runs on from T, through the memfd mapped again too (its next value is 130).
+    await w.send('write shm 3');
+    expect(word(w.shm + 3n * 4096n)).toBe(130n);
+    // A memfd the process no longer holds an fd on cannot be mapped again: refused, nothing changed.
+    await w.send('closeshm');
+    await cli('snapshot', String(w.fixture.pid), '--name', 'two');
+    await w.send(`unmap 0x${w.shm.toString(16)} 64`);
+    await w.send('write anon 2');
+    const refused = await runCli(['rollback', 'two', '--store', store]);
+    expect(refused.code).toBe(2);
+    expect(refused.stderr).toMatch(/^wpsnap: pid \d+: 0x[0-9a-f]+-0x[0-9a-f]+ of \/memfd:dirtywriter-shm \(deleted\) \(rw-s\) was mapped at T and is not now, and cannot be mapped again: the process holds no fd on it any more; nothing changed\n$/);
+    expect(readMaps(w.fixture.pid).some((m) => m.start < w.shm + 4096n && w.shm < m.end)).toBe(false);
+    expect(word(w.anon + 2n * 4096n)).toBe(131n);
+  });
+
   it('rolls back again and again to the same instant', async () => {
     const w = await writer();
     await cli('snapshot', String(w.fixture.pid), '--name', 'base');
@@ -130,6 +180,7 @@ describe('wpsnap rollback', () => {
       await w.send('same anon 7');
       await w.send('dontneed anon 50 2');
       await w.send('write shm 5');
+      await w.send(`unmap 0x${w.shm.toString(16)} 4`); // mapped again from the memfd's fd, untracked: compared
       const r = await cli('rollback', 'base', '--incremental');
       expect(r).toMatchObject({ incremental: true, threadsRestored: 1, threadsExited: 0 });
       // Of the 1024 tracked anon pages only the 6 touched are rewritten (plus the program's own stack, heap, data);
