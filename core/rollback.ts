@@ -53,7 +53,7 @@ const REG = { rax: 80, rip: 128, origRax: 120, rdi: 112 } as const;
 const CANNOT_UNDO = [
   'file descriptors opened or closed since T, and file offsets, are as they are now',
   'child processes started since T, and data sent or received on pipes and sockets, are not undone',
-  'signal masks and pending signals are as they are now (snapshots do not record them yet)',
+  'signals pending now stay pending (signals pending at T are not recorded)',
 ];
 
 export interface RollbackOptions {
@@ -408,7 +408,7 @@ export class InPlaceRollback {
       mappingsRepaired++;
     }
     // Registers last: injections run in one of these threads and put its registers back after each.
-    for (const t of threadsAtT) binding.setThreadState(stopped.handle, t.tid, { regs: t.regs, fpregs: t.fpregs, xstate: t.xstate });
+    for (const t of threadsAtT) binding.setThreadState(stopped.handle, t.tid, { regs: t.regs, fpregs: t.fpregs, xstate: t.xstate, sigmask: t.sigmask });
     if (tracked !== undefined && (missed || pageCount(this.writable) > this.keepWritablePages)) this.protectAgain(tracked, missed);
     // The next rollback finds these maps unless the target changes them: then nothing to plan.
     if (plan.brk !== null || plan.unmap.length > 0 || plan.create.length > 0 || plan.reprotect.length > 0) {
@@ -420,6 +420,7 @@ export class InPlaceRollback {
     const warnings = [...CANNOT_UNDO];
     if (regions.some((r) => r.perms[3] === 's' && hasContent(r))) warnings.push('shared memory was written back: other processes that map it see its content at T too');
     if (missed) warnings.push('the tracking missed writes (a fork?): every page was compared instead');
+    if (threadsAtT.some((t) => t.sigmask === undefined)) warnings.push('signal masks are as they are now: this snapshot was taken before wpsnap recorded them');
     for (const c of plan.create.filter((x) => x.how.kind === 'shared-anonymous')) {
       warnings.push(`${formatAddress(c.start)}-${formatAddress(c.end)}, shared anonymous memory unmapped since T, was mapped again as new memory with its content at T: processes that shared it with pid ${pid} no longer do`);
     }

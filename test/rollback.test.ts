@@ -4,7 +4,7 @@
 // zapped page is back); what cannot be done whole is refused, changing
 // nothing.
 import { execFileSync } from 'node:child_process';
-import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { Store } from '../store/store.js';
@@ -33,7 +33,11 @@ const filledShm = (n: number): bigint[] => Array.from({ length: n }, (_, i) => B
 describe('wpsnap rollback', () => {
   it('puts memory, layout and the program counter back: the program continues from T', async () => {
     const w = await writer();
+    const blocked = (): string => /^SigBlk:\s+([0-9a-f]+)$/m.exec(readFileSync(`/proc/${w.fixture.pid}/status`, 'utf8'))![1]!;
+    const maskAtT = blocked();
     await cli('snapshot', String(w.fixture.pid), '--name', 'base');
+    await w.send('block 10'); // SIGUSR1 blocked since T
+    expect(blocked()).not.toBe(maskAtT);
     await w.send('write anon 3 5'); // 129, 130
     await w.send('write shm 1'); // 131
     await w.send('dontneed anon 10 1');
@@ -45,6 +49,7 @@ describe('wpsnap rollback', () => {
     expect(result['warnings']).toEqual(expect.arrayContaining([expect.stringMatching(/^file descriptors opened or closed since T/)]));
     expect(Object.values(tracerPids(w.fixture.pid)).every((t) => t === 0)).toBe(true);
     expect(readMaps(w.fixture.pid).some((m) => m.start <= mapped && mapped < m.end)).toBe(false);
+    expect(blocked()).toBe(maskAtT); // the signal mask of T
     // The program runs on from T: its counter restarts at T's value (the next write takes 129 again).
     await w.send('write anon 7');
     await cli('snapshot', String(w.fixture.pid), '--name', 'after');
