@@ -13,14 +13,6 @@ import type { NativeBinding } from './native/binding.js';
 const CHUNK = 1 << 20;
 const PAGE = BigInt(PAGE_SIZE);
 
-/** The addon's transfers of many runs at once (core/native/memory_runs.c). */
-interface RunsBinding {
-  /** Runs [address, length, offset into `into`] of the target's memory, read. */
-  readRuns(pid: number, memFd: number, runs: BigUint64Array, into: Buffer): void;
-  /** Runs [address, length, offset into `data`] of the target's memory, written (read-only pages too). */
-  writeRuns(pid: number, memFd: number, runs: BigUint64Array, data: Buffer): void;
-}
-const runsOf = (binding: NativeBinding): RunsBinding => binding as unknown as RunsBinding;
 
 /** Which regions' content is compared and written back. */
 export function hasContent(r: RegionRecord): boolean {
@@ -138,7 +130,7 @@ export class Rewrite {
 
   /** Write it into the target's memory (`mem`: its /proc/PID/mem, for read-only pages); returns the pages written. */
   write(binding: NativeBinding, pid: number, mem: number): number {
-    if (this.runs.length > 0) runsOf(binding).writeRuns(pid, mem, this.runs, this.data);
+    if (this.runs.length > 0) binding.writeRuns(pid, mem, this.runs, this.data);
     return this.pages;
   }
 }
@@ -248,12 +240,12 @@ export class ContentCache {
     const unread = pages.filter((p) => p.now === undefined);
     if (unread.length > 0) {
       const into = Buffer.allocUnsafe(unread.length * PAGE_SIZE);
-      runsOf(binding).readRuns(pid, mem, BigUint64Array.from(unread.flatMap((p, k) => [p.address, PAGE, BigInt(k * PAGE_SIZE)])), into);
+      binding.readRuns(pid, mem, BigUint64Array.from(unread.flatMap((p, k) => [p.address, PAGE, BigInt(k * PAGE_SIZE)])), into);
       unread.forEach((p, k) => (p.now = into.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)));
     }
     const differing = pages.filter((p) => !p.now!.equals(p.wanted));
     if (differing.length > 0) {
-      runsOf(binding).writeRuns(pid, mem, BigUint64Array.from(differing.flatMap((p, k) => [p.address, PAGE, BigInt(k * PAGE_SIZE)])), Buffer.concat(differing.map((p) => p.wanted)));
+      binding.writeRuns(pid, mem, BigUint64Array.from(differing.flatMap((p, k) => [p.address, PAGE, BigInt(k * PAGE_SIZE)])), Buffer.concat(differing.map((p) => p.wanted)));
     }
     let pagesWritten = differing.length;
     let pagesCompared = pages.length;

@@ -311,6 +311,31 @@ describe('wpsnap rollback', () => {
     expect(words('after', w.anon, 256)).toEqual(anon);
   });
 
+  it('readRuns/writeRuns move many runs in one call, through /proc/PID/mem where a page is not writable or readable', async () => {
+    const w = await writer();
+    await w.send(`protect 0x${(w.anon + 5n * 4096n).toString(16)} 2 r`);
+    await w.send(`protect 0x${(w.anon + 9n * 4096n).toString(16)} 1 none`);
+    const binding = loadBinding();
+    const mem = openSync(`/proc/${w.fixture.pid}/mem`, 'r+');
+    cleanups.push(() => closeSync(mem));
+    // Runs: page 1, pages 4-6 (5 and 6 read-only), page 9 (no access), pages 20-21; data in another order.
+    const runs: Array<[number, number]> = [[1, 1], [4, 3], [9, 1], [20, 2]];
+    let offset = 0;
+    const triples = BigUint64Array.from(runs.flatMap(([page, n]) => {
+      const t = [w.anon + BigInt(page) * 4096n, BigInt(n * 4096), BigInt(offset)];
+      offset += n * 4096;
+      return t;
+    }));
+    const data = Buffer.alloc(offset);
+    for (let i = 0; i < offset / 4096; i++) data.writeBigUInt64LE(BigInt(7000 + i), i * 4096);
+    binding.writeRuns(w.fixture.pid, mem, triples, data);
+    const back = Buffer.alloc(offset);
+    binding.readRuns(w.fixture.pid, mem, triples, back);
+    expect(back.equals(data)).toBe(true);
+    const bytes = binding.processVmRead(w.fixture.pid, w.anon, 4096); // page 0 untouched
+    expect(bytes.readBigUInt64LE(0)).toBe(1n);
+  });
+
   it('--incremental without tracking is refused in one line saying how to get it', async () => {
     const w = await writer();
     await cli('snapshot', String(w.fixture.pid), '--name', 'base');

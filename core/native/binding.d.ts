@@ -188,6 +188,14 @@ export interface NativeBinding {
   processVmRead(pid: number, address: bigint, length: number): Buffer;
   /** process_vm_writev(2). */
   processVmWrite(pid: number, address: bigint, data: Buffer): void;
+  /**
+   * Runs of the target's memory read into `into`, many per call (process_vm_readv, up to 1024 runs a
+   * call; a run it cannot read is read through `memFd`, the target's /proc/PID/mem). Each run is
+   * [address, length, offset into into] (triples).
+   */
+  readRuns(pid: number, memFd: number, runs: BigUint64Array, into: Buffer): void;
+  /** Runs [address, length, offset into data] written into the target, as readRuns reads (read-only pages through memFd). */
+  writeRuns(pid: number, memFd: number, runs: BigUint64Array, data: Buffer): void;
   /** mknod(2) of a character device (S_IFCHR | mode). */
   mknodDevice(path: string, mode: number, rdev: number): void;
   /** Raw /proc/PID/pagemap entries. */
