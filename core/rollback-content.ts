@@ -2,7 +2,7 @@
 // the file's for private file mappings never copied, zeros), compared with
 // the target's and written back through /proc/PID/mem (which writes
 // read-only pages too).
-import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, openSync } from 'node:fs';
 import { PAGE_SIZE, type RegionRecord } from '../snapshot-format/model.js';
 import { readAll } from '../snapshot-format/export-dir.js';
 import type { Store } from '../store/store.js';
@@ -10,7 +10,7 @@ import { intersect, type Intervals } from './intervals.js';
 import type { NativeBinding } from './native/binding.js';
 
 /** Bytes of the target read (and compared) at a time. */
-const CHUNK = 1 << 20;
+const CHUNK = 4 << 20;
 const PAGE = BigInt(PAGE_SIZE);
 
 
@@ -31,8 +31,8 @@ export class ContentAtT {
     if (region.capture === 'file-private' && region.file !== undefined) this.fileFd = openSync(region.file.path, 'r');
   }
 
-  /** T's content of [start, start + into.length) into `into`. */
-  fill(start: bigint, into: Buffer): void {
+  /** T's content of [start, start + into.length) into `into`; `stored[i]` set for each page T stored. */
+  fill(start: bigint, into: Buffer, stored?: Uint8Array): void {
     into.fill(0);
     const r = this.region;
     if (this.fileFd !== undefined && r.file !== undefined) {
@@ -43,7 +43,7 @@ export class ContentAtT {
         readAll(this.fileFd, into.subarray(0, want), fileOffset);
       }
     }
-    for (const page of this.store.pagesInRange(this.processId, start, start + BigInt(into.length))) page.data.copy(into, Number(page.address - start));
+    this.store.readRangeInto(this.processId, start, into, stored);
   }
 
   close(): void {
@@ -81,33 +81,44 @@ export interface Rewritten {
   pagesCompared: number;
 }
 
-/** Full rollback: every page of `regions` compared with T's, written back where it differs. */
+/**
+ * Full rollback: every page of `regions` compared with T's, written back
+ * where it differs. A chunk at a time: the target's pages read in one call,
+ * T's filled from the store without a Buffer per page, compared natively,
+ * and those that differ written in one call.
+ */
 export function compareAndRewrite(binding: NativeBinding, pid: number, mem: number, store: Store, processId: number, regions: RegionRecord[]): Rewritten {
   let pagesWritten = 0;
   let pagesCompared = 0;
-  const now = Buffer.alloc(CHUNK);
-  const then = Buffer.alloc(CHUNK);
+  const now = Buffer.allocUnsafe(CHUNK);
+  const then = Buffer.allocUnsafe(CHUNK);
+  const stored = new Uint8Array(CHUNK / PAGE_SIZE);
   for (const r of regions) {
     const content = new ContentAtT(store, processId, r);
     try {
       for (let at = r.start; at < r.end; at += BigInt(CHUNK)) {
         const len = Number(r.end - at < BigInt(CHUNK) ? r.end - at : BigInt(CHUNK));
-        const stored = new Set<bigint>();
-        if (r.capture === 'file-private') for (const page of store.pagesInRange(processId, at, at + BigInt(len))) stored.add(page.address);
-        const fromFile = sameAsFile(binding, pid, r, at, len, (page) => stored.has(page));
-        if (fromFile.every((x) => x === 1)) continue;
-        const current = now.subarray(0, len);
+        const pages = len / PAGE_SIZE;
         const wanted = then.subarray(0, len);
-        readSync(mem, current, 0, len, at);
-        content.fill(at, wanted);
-        for (let off = 0; off < len; off += PAGE_SIZE) {
-          if (fromFile[off / PAGE_SIZE] === 1) continue;
-          pagesCompared++;
-          const b = wanted.subarray(off, off + PAGE_SIZE);
-          if (current.subarray(off, off + PAGE_SIZE).equals(b)) continue;
-          writeSync(mem, b, 0, PAGE_SIZE, Number(at) + off); // user addresses are below 2^47: exact as numbers
-          pagesWritten++;
-        }
+        stored.fill(0);
+        content.fill(at, wanted, stored);
+        const skip = sameAsFile(binding, pid, r, at, len, (page) => stored[Number((page - at) / PAGE)] === 1);
+        let toCompare = pages;
+        for (let i = 0; i < pages; i++) toCompare -= skip[i]!;
+        if (toCompare === 0) continue;
+        const current = now.subarray(0, len);
+        binding.readRuns(pid, mem, BigUint64Array.of(at, BigInt(len), 0n), current);
+        pagesCompared += toCompare;
+        const differing = binding.differingPages(current, wanted, skip);
+        if (differing.length === 0) continue;
+        const runs = new BigUint64Array(differing.length * 3);
+        differing.forEach((i, k) => {
+          runs[3 * k] = at + BigInt(i) * PAGE;
+          runs[3 * k + 1] = PAGE;
+          runs[3 * k + 2] = BigInt(i * PAGE_SIZE);
+        });
+        binding.writeRuns(pid, mem, runs, wanted);
+        pagesWritten += differing.length;
       }
     } finally {
       content.close();

@@ -54,6 +54,27 @@ export class PageReader {
     }
   }
 
+  /**
+   * Copy the stored pages of [start, start + into.length) into `into` at
+   * their offsets (bytes of pages not stored are left as they are), without
+   * a Buffer per page; `stored[i]` is set to 1 for each page i stored.
+   * Returns how many pages were stored.
+   */
+  readRangeInto(processId: number, start: bigint, into: Buffer, stored?: Uint8Array): number {
+    const index = this.processIndex(processId);
+    const end = start + BigInt(into.length);
+    let n = 0;
+    for (let i = lowerBound(index.addresses, start); i < index.addresses.length; i++) {
+      const address = index.addresses[i] as bigint;
+      if (address >= end) break;
+      const page = Number(address - start) / PAGE_SIZE;
+      this.contentPage(index.cids[i] as number).copy(into, page * PAGE_SIZE);
+      if (stored !== undefined) stored[page] = 1;
+      n++;
+    }
+    return n;
+  }
+
   /** The page at `address`: its stored content, or zeros if none is stored. */
   readPage(processId: number, address: bigint): Buffer {
     if ((address & PAGE_MASK) !== 0n) {

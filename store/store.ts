@@ -337,6 +337,15 @@ export class Store implements SnapshotReader {
     return this.reader.pagesInRange(processId, start, end);
   }
 
+  /**
+   * The stored pages of a process in [start, start + into.length), copied into
+   * `into` at their offsets (other bytes untouched), and marked in `stored`;
+   * pagesInRange() without a Buffer per page. Returns the pages stored.
+   */
+  readRangeInto(processId: number, start: bigint, into: Buffer, stored?: Uint8Array): number {
+    return this.reader.readRangeInto(processId, start, into, stored);
+  }
+
   /** Every stored page of a process: addresses ascending and their content ids (equal ids, equal content). */
   pageIndex(processId: number): DecodedIndex {
     return this.reader.index(processId);

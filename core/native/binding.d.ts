@@ -196,6 +196,8 @@ export interface NativeBinding {
   readRuns(pid: number, memFd: number, runs: BigUint64Array, into: Buffer): void;
   /** Runs [address, length, offset into data] written into the target, as readRuns reads (read-only pages through memFd). */
   writeRuns(pid: number, memFd: number, runs: BigUint64Array, data: Buffer): void;
+  /** Indices of the 4 KiB pages where `a` and `b` (same length) differ; pages with skip[i] set are left out. */
+  differingPages(a: Buffer, b: Buffer, skip?: Uint8Array): Uint32Array;
   /** mknod(2) of a character device (S_IFCHR | mode). */
   mknodDevice(path: string, mode: number, rdev: number): void;
   /** Raw /proc/PID/pagemap entries. */

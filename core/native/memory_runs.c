@@ -11,6 +11,8 @@
 #include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -90,6 +92,41 @@ static napi_value runs_call(napi_env env, napi_callback_info info, bool write_it
   return NULL;
 }
 
+/* differingPages(a, b, skip?) -> Uint32Array: the indices of the 4 KiB pages
+ * where two buffers of the same length differ (memcmp), those with skip[i]
+ * set left out: a full rollback compares a GiB a page at a time. */
+static napi_value js_differing_pages(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  void *a, *b, *skip = NULL;
+  size_t alen, blen, skip_len = 0;
+  bool has_skip = false;
+  if (argc >= 3) {
+    napi_valuetype t;
+    NAPI_CALL(env, napi_typeof(env, argv[2], &t));
+    has_skip = t != napi_undefined && t != napi_null;
+  }
+  if (argc < 2 || !arg_buffer(env, argv[0], &a, &alen) || !arg_buffer(env, argv[1], &b, &blen) || alen != blen || alen % 4096 != 0 ||
+      (has_skip && (!arg_buffer(env, argv[2], &skip, &skip_len) || skip_len < alen / 4096)))
+    return throw_type(env, "differingPages(a, b, skip?): two buffers of the same whole number of pages, and a byte per page");
+  size_t pages = alen / 4096, count = 0;
+  uint32_t *found = malloc((pages ? pages : 1) * sizeof *found);
+  if (found == NULL) return throw_errno(env, ENOMEM, "malloc", "differingPages");
+  for (size_t i = 0; i < pages; i++) {
+    if (has_skip && ((uint8_t *)skip)[i]) continue;
+    if (memcmp((uint8_t *)a + i * 4096, (uint8_t *)b + i * 4096, 4096) != 0) found[count++] = (uint32_t)i;
+  }
+  void *data;
+  napi_value ab, arr;
+  napi_status st = napi_create_arraybuffer(env, count * sizeof *found, &data, &ab);
+  if (st == napi_ok) memcpy(data, found, count * sizeof *found);
+  free(found);
+  NAPI_CALL(env, st);
+  NAPI_CALL(env, napi_create_typedarray(env, napi_uint32_array, count, ab, 0, &arr));
+  return arr;
+}
+
 static napi_value js_read_runs(napi_env env, napi_callback_info info) { return runs_call(env, info, false); }
 static napi_value js_write_runs(napi_env env, napi_callback_info info) { return runs_call(env, info, true); }
 
@@ -97,6 +134,7 @@ void register_memory_runs_exports(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"readRuns", NULL, js_read_runs, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"writeRuns", NULL, js_write_runs, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"differingPages", NULL, js_differing_pages, NULL, NULL, NULL, napi_default_jsproperty, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
 }
