@@ -83,46 +83,65 @@ export interface Rewritten {
 
 /**
  * Full rollback: every page of `regions` compared with T's, written back
- * where it differs. A chunk at a time: the target's pages read in one call,
- * T's filled from the store without a Buffer per page, compared natively,
- * and those that differ written in one call.
+ * where it differs. A chunk at a time: the target's pages read in one call
+ * (on another thread, while T's content of the chunk is filled from the
+ * store without a Buffer per page), compared natively, and those that
+ * differ written in one call.
  */
-export function compareAndRewrite(binding: NativeBinding, pid: number, mem: number, store: Store, processId: number, regions: RegionRecord[]): Rewritten {
-  let pagesWritten = 0;
-  let pagesCompared = 0;
-  const now = Buffer.allocUnsafe(CHUNK);
+export async function compareAndRewrite(binding: NativeBinding, pid: number, mem: number, store: Store, processId: number, regions: RegionRecord[]): Promise<Rewritten> {
+  const chunks: Array<{ region: RegionRecord; at: bigint; len: number }> = [];
+  for (const region of regions) {
+    for (let at = region.start; at < region.end; at += BigInt(CHUNK)) chunks.push({ region, at, len: Number(region.end - at < BigInt(CHUNK) ? region.end - at : BigInt(CHUNK)) });
+  }
+  // Private file mappings are read only where a page differs from the file (pagemap first): never ahead.
+  const readAhead = (k: number): Promise<void> | undefined => {
+    const c = chunks[k];
+    if (c === undefined || c.region.capture === 'file-private') return undefined;
+    return binding.readRunsAsync(pid, mem, BigUint64Array.of(c.at, BigInt(c.len), 0n), nowBuffers[k % 2]!.subarray(0, c.len));
+  };
+  const nowBuffers = [Buffer.allocUnsafe(CHUNK), Buffer.allocUnsafe(CHUNK)];
   const then = Buffer.allocUnsafe(CHUNK);
   const stored = new Uint8Array(CHUNK / PAGE_SIZE);
-  for (const r of regions) {
-    const content = new ContentAtT(store, processId, r);
-    try {
-      for (let at = r.start; at < r.end; at += BigInt(CHUNK)) {
-        const len = Number(r.end - at < BigInt(CHUNK) ? r.end - at : BigInt(CHUNK));
-        const pages = len / PAGE_SIZE;
-        const wanted = then.subarray(0, len);
-        stored.fill(0);
-        content.fill(at, wanted, stored);
-        const skip = sameAsFile(binding, pid, r, at, len, (page) => stored[Number((page - at) / PAGE)] === 1);
-        let toCompare = pages;
-        for (let i = 0; i < pages; i++) toCompare -= skip[i]!;
-        if (toCompare === 0) continue;
-        const current = now.subarray(0, len);
-        binding.readRuns(pid, mem, BigUint64Array.of(at, BigInt(len), 0n), current);
-        pagesCompared += toCompare;
-        const differing = binding.differingPages(current, wanted, skip);
-        if (differing.length === 0) continue;
-        const runs = new BigUint64Array(differing.length * 3);
-        differing.forEach((i, k) => {
-          runs[3 * k] = at + BigInt(i) * PAGE;
-          runs[3 * k + 1] = PAGE;
-          runs[3 * k + 2] = BigInt(i * PAGE_SIZE);
-        });
-        binding.writeRuns(pid, mem, runs, wanted);
-        pagesWritten += differing.length;
+  const contents = new Map<RegionRecord, ContentAtT>();
+  let pagesWritten = 0;
+  let pagesCompared = 0;
+  let reading = readAhead(0);
+  try {
+    for (let k = 0; k < chunks.length; k++) {
+      const { region: r, at, len } = chunks[k]!;
+      let content = contents.get(r);
+      if (content === undefined) {
+        for (const c of contents.values()) c.close(); // one region at a time
+        contents.clear();
+        content = new ContentAtT(store, processId, r);
+        contents.set(r, content);
       }
-    } finally {
-      content.close();
+      const wanted = then.subarray(0, len);
+      stored.fill(0);
+      content.fill(at, wanted, stored);
+      const skip = sameAsFile(binding, pid, r, at, len, (page) => stored[Number((page - at) / PAGE)] === 1);
+      let toCompare = len / PAGE_SIZE;
+      for (let i = 0; i < len / PAGE_SIZE; i++) toCompare -= skip[i]!;
+      const current = nowBuffers[k % 2]!.subarray(0, len);
+      if (reading !== undefined) await reading;
+      else if (toCompare > 0) binding.readRuns(pid, mem, BigUint64Array.of(at, BigInt(len), 0n), current);
+      reading = readAhead(k + 1);
+      if (toCompare === 0) continue;
+      pagesCompared += toCompare;
+      const differing = binding.differingPages(current, wanted, skip);
+      if (differing.length === 0) continue;
+      const runs = new BigUint64Array(differing.length * 3);
+      differing.forEach((i, n) => {
+        runs[3 * n] = at + BigInt(i) * PAGE;
+        runs[3 * n + 1] = PAGE;
+        runs[3 * n + 2] = BigInt(i * PAGE_SIZE);
+      });
+      binding.writeRuns(pid, mem, runs, wanted);
+      pagesWritten += differing.length;
     }
+  } finally {
+    await reading?.catch(() => undefined); // never leave a read into our buffers running
+    for (const c of contents.values()) c.close();
   }
   return { pagesWritten, pagesCompared };
 }
@@ -223,7 +242,7 @@ export class ContentCache {
    * the pages copied on write (or swapped) now, and those T had a copy of,
    * are compared: the others read the file, unchanged since T.
    */
-  compare(binding: NativeBinding, pid: number, mem: number, parts: RegionRecord[]): Rewritten {
+  async compare(binding: NativeBinding, pid: number, mem: number, parts: RegionRecord[]): Promise<Rewritten> {
     const large: RegionRecord[] = [];
     const cached: CachedPart[] = [];
     for (const r of parts) {
@@ -261,7 +280,7 @@ export class ContentCache {
     let pagesWritten = differing.length;
     let pagesCompared = pages.length;
     if (large.length > 0) {
-      const rest = compareAndRewrite(binding, pid, mem, this.store, this.processId, large);
+      const rest = await compareAndRewrite(binding, pid, mem, this.store, this.processId, large);
       pagesWritten += rest.pagesWritten;
       pagesCompared += rest.pagesCompared;
     }

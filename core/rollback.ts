@@ -268,7 +268,7 @@ export class InPlaceRollback {
     const { stopped, threadsExited } = await this.freezeThreadsOfT();
     let result: Omit<RollbackResult, 'micros' | 'threadsExited'>;
     try {
-      result = this.rollbackStopped(stopped);
+      result = await this.rollbackStopped(stopped);
     } catch (error) {
       if (!(error instanceof WpsnapError && error.code === 'ROLLBACK_REFUSED')) this.broken = true;
       throw error;
@@ -335,7 +335,7 @@ export class InPlaceRollback {
     }
   }
 
-  private rollbackStopped(stopped: Frozen): Omit<RollbackResult, 'micros' | 'threadsExited'> {
+  private async rollbackStopped(stopped: Frozen): Promise<Omit<RollbackResult, 'micros' | 'threadsExited'>> {
     const { binding, pid, regions, threadsAtT, insn, tracked } = this;
     // Every check first: a refusal changes nothing.
     const frozenTids = new Set(stopped.threads.map((t) => t.tid));
@@ -394,11 +394,11 @@ export class InPlaceRollback {
         const parts = this.withContent.flatMap((r) => subtract([[r.start, r.end]], covered).map(([start, end]) => ({ ...r, start, end, offset: r.offset + (start - r.start) })));
         this.untracked = { ranges: this.ranges, parts };
       }
-      const compared = this.content.compare(binding, pid, this.mem, this.untracked.parts);
+      const compared = await this.content.compare(binding, pid, this.mem, this.untracked.parts);
       pagesWritten += compared.pagesWritten;
       pagesCompared += compared.pagesCompared;
     } else {
-      ({ pagesWritten, pagesCompared } = compareAndRewrite(binding, pid, this.mem, this.store, this.processId, this.withContent));
+      ({ pagesWritten, pagesCompared } = await compareAndRewrite(binding, pid, this.mem, this.store, this.processId, this.withContent));
     }
     for (const r of plan.create.filter((c) => c.perms[1] !== 'w')) {
       call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${formatAddress(r.start)})`);

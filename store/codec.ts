@@ -136,8 +136,8 @@ export function checkBlobRow(row: BlobRow): void {
 
 let dctx: ZstdBinding.DCtx | undefined;
 
-/** The blob's pages, decompressed: exactly pages × PAGE_SIZE bytes. */
-export function decodeBlob(row: BlobRow): Buffer {
+/** The blob's pages, decompressed: exactly pages × PAGE_SIZE bytes (into `reuse` when it is that size). */
+export function decodeBlob(row: BlobRow, reuse?: Buffer): Buffer {
   checkBlobRow(row);
   const size = row.pages * PAGE_SIZE;
   if (row.codec === CODEC_RAW) return row.data;
@@ -148,7 +148,7 @@ export function decodeBlob(row: BlobRow): Buffer {
     throw new CorruptError(`zstd blob ${row.id}: ${(error as Error).message}`);
   }
   if (declared !== size) throw new CorruptError(`zstd blob ${row.id} declares ${declared} bytes, expected ${size}`);
-  const out = Buffer.allocUnsafe(size);
+  const out = reuse !== undefined && reuse.length === size ? reuse : Buffer.allocUnsafe(size);
   dctx ??= new zstd.DCtx();
   let got: number;
   try {

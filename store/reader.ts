@@ -14,6 +14,12 @@ const PAGE_MASK = BigInt(PAGE_SIZE - 1);
 
 export class PageReader {
   private readonly blobCache = new Map<number, Buffer>();
+  /**
+   * Blobs decompressed for readRangeInto, which only copies out of them: no
+   * view of one is ever handed out, so an evicted one's buffer takes the next
+   * (a GiB read is 4096 blobs: no garbage to collect).
+   */
+  private readonly copyBlobs = new Map<number, Buffer>();
   /** Resolved indexes by process id (a generation's includes what it takes from its parents). */
   private readonly indexCache = new Map<number, { key: string; index: DecodedIndex }>();
   private readonly zeroedRanges: Database.Statement | undefined;
@@ -61,16 +67,30 @@ export class PageReader {
    * Returns how many pages were stored.
    */
   readRangeInto(processId: number, start: bigint, into: Buffer, stored?: Uint8Array): number {
-    const index = this.processIndex(processId);
+    const { addresses, cids } = this.processIndex(processId);
     const end = start + BigInt(into.length);
+    const page = BigInt(PAGE_SIZE);
     let n = 0;
-    for (let i = lowerBound(index.addresses, start); i < index.addresses.length; i++) {
-      const address = index.addresses[i] as bigint;
-      if (address >= end) break;
-      const page = Number(address - start) / PAGE_SIZE;
-      this.contentPage(index.cids[i] as number).copy(into, page * PAGE_SIZE);
-      if (stored !== undefined) stored[page] = 1;
-      n++;
+    // A run at a time: pages at consecutive addresses stored one after another in one blob (a sweep's), one copy.
+    for (let i = lowerBound(addresses, start); i < addresses.length && (addresses[i] as bigint) < end; ) {
+      const cid = cids[i] as number;
+      const blobId = blobOfContent(cid);
+      let j = i + 1;
+      let next = (addresses[i] as bigint) + page;
+      while (j < addresses.length && addresses[j] === next && next < end && cids[j] === cid + (j - i) && blobOfContent(cids[j] as number) === blobId) {
+        j++;
+        next += page;
+      }
+      const pages = this.blobToCopy(blobId);
+      const first = indexInBlob(cid);
+      if ((first + (j - i)) * PAGE_SIZE > pages.length) {
+        throw new WpsnapError('STORE_CORRUPT', `${this.path}: content ${cid + (j - i) - 1} is beyond the end of blob ${blobId}`);
+      }
+      const at = Number((addresses[i] as bigint) - start) / PAGE_SIZE;
+      pages.copy(into, at * PAGE_SIZE, first * PAGE_SIZE, (first + (j - i)) * PAGE_SIZE);
+      if (stored !== undefined) stored.fill(1, at, at + (j - i));
+      n += j - i;
+      i = j;
     }
     return n;
   }
@@ -111,6 +131,7 @@ export class PageReader {
   /** Forget a deleted blob. */
   forgetBlob(blobId: number): void {
     this.blobCache.delete(blobId);
+    this.copyBlobs.delete(blobId);
   }
 
   /** All index entries of a process in address order (cached until the process gets new rows). */
@@ -215,25 +236,50 @@ export class PageReader {
   /** One page of content: a view into a cached decompressed blob, not to be modified. */
   private contentPage(cid: number): Buffer {
     const blobId = blobOfContent(cid);
-    let pages = this.blobCache.get(blobId);
-    if (pages === undefined) {
-      const row = this.blob.get(blobId) as BlobRow | undefined;
-      if (row === undefined) throw new WpsnapError('STORE_CORRUPT', `${this.path}: blob ${blobId} is missing`);
-      try {
-        pages = decodeBlob(row);
-      } catch (error) {
-        if (error instanceof CorruptError) throw new WpsnapError('STORE_CORRUPT', `${this.path}: ${error.message}`);
-        throw error;
-      }
-      if (this.blobCache.size >= BLOB_CACHE) this.blobCache.delete(this.blobCache.keys().next().value as number);
-    } else {
-      this.blobCache.delete(blobId); // re-inserted below: most recently used last
-    }
-    this.blobCache.set(blobId, pages);
+    const pages = this.blobPages(blobId);
     const index = indexInBlob(cid);
     if ((index + 1) * PAGE_SIZE > pages.length) {
       throw new WpsnapError('STORE_CORRUPT', `${this.path}: content ${cid} is beyond the end of blob ${blobId}`);
     }
     return pages.subarray(index * PAGE_SIZE, (index + 1) * PAGE_SIZE);
+  }
+
+  /** A blob's pages to copy from: cached already, or decompressed into a recycled buffer. */
+  private blobToCopy(blobId: number): Buffer {
+    const known = this.blobCache.get(blobId) ?? this.copyBlobs.get(blobId);
+    if (known !== undefined) return known;
+    let recycled: Buffer | undefined;
+    if (this.copyBlobs.size >= BLOB_CACHE) {
+      const oldest = this.copyBlobs.keys().next().value as number;
+      recycled = this.copyBlobs.get(oldest);
+      this.copyBlobs.delete(oldest);
+    }
+    const pages = this.decodeRow(blobId, recycled);
+    this.copyBlobs.set(blobId, pages);
+    return pages;
+  }
+
+  private decodeRow(blobId: number, reuse?: Buffer): Buffer {
+    const row = this.blob.get(blobId) as BlobRow | undefined;
+    if (row === undefined) throw new WpsnapError('STORE_CORRUPT', `${this.path}: blob ${blobId} is missing`);
+    try {
+      return decodeBlob(row, reuse);
+    } catch (error) {
+      if (error instanceof CorruptError) throw new WpsnapError('STORE_CORRUPT', `${this.path}: ${error.message}`);
+      throw error;
+    }
+  }
+
+  /** A blob's pages, decompressed (LRU cache): not to be modified. */
+  private blobPages(blobId: number): Buffer {
+    let pages = this.blobCache.get(blobId);
+    if (pages === undefined) {
+      pages = this.decodeRow(blobId);
+      if (this.blobCache.size >= BLOB_CACHE) this.blobCache.delete(this.blobCache.keys().next().value as number);
+    } else {
+      this.blobCache.delete(blobId); // re-inserted below: most recently used last
+    }
+    this.blobCache.set(blobId, pages);
+    return pages;
   }
 }

@@ -194,6 +194,8 @@ export interface NativeBinding {
    * [address, length, offset into into] (triples).
    */
   readRuns(pid: number, memFd: number, runs: BigUint64Array, into: Buffer): void;
+  /** readRuns on a thread of libuv's pool: `runs` and `into` must stay untouched until it settles. */
+  readRunsAsync(pid: number, memFd: number, runs: BigUint64Array, into: Buffer): Promise<void>;
   /** Runs [address, length, offset into data] written into the target, as readRuns reads (read-only pages through memFd). */
   writeRuns(pid: number, memFd: number, runs: BigUint64Array, data: Buffer): void;
   /** Indices of the 4 KiB pages where `a` and `b` (same length) differ; pages with skip[i] set are left out. */

@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -127,6 +128,79 @@ static napi_value js_differing_pages(napi_env env, napi_callback_info info) {
   return arr;
 }
 
+/* readRunsAsync(pid, memFd, runs, into) -> Promise<void>: readRuns on a
+ * thread of libuv's pool, so that a rollback reads the target's next chunk
+ * while it fills T's content of this one from the store. The runs and the
+ * buffer are held (references) until it settles. */
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref runs_ref, into_ref;
+  pid_t pid;
+  int memfd;
+  runs_t r;
+  int err;
+} async_read_t;
+
+static void async_read_execute(napi_env env, void *data) {
+  async_read_t *a = data;
+  a->err = transfer(a->pid, a->memfd, false, &a->r);
+}
+
+static void async_read_complete(napi_env env, napi_status status, void *data) {
+  async_read_t *a = data;
+  if (status == napi_ok && a->err == 0) {
+    napi_value undefined;
+    napi_get_undefined(env, &undefined);
+    napi_resolve_deferred(env, a->deferred, undefined);
+  } else {
+    napi_value message, error;
+    char text[160];
+    snprintf(text, sizeof text, "process_vm_readv: read %zu runs of pid %d: %s", a->r.count, a->pid, errno_name(a->err ? a->err : EINTR));
+    napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &message);
+    napi_create_error(env, NULL, message, &error);
+    napi_value code;
+    napi_create_string_utf8(env, errno_name(a->err ? a->err : EINTR), NAPI_AUTO_LENGTH, &code);
+    napi_set_named_property(env, error, "code", code);
+    napi_reject_deferred(env, a->deferred, error);
+  }
+  napi_delete_reference(env, a->runs_ref);
+  napi_delete_reference(env, a->into_ref);
+  napi_delete_async_work(env, a->work);
+  free(a);
+}
+
+static napi_value js_read_runs_async(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pid, memfd;
+  runs_t r;
+  void *data;
+  const char *usage = "readRunsAsync(pid, memFd, runs: BigUint64Array of [address, length, offset], into)";
+  if (argc < 4 || !arg_int32(env, argv[0], &pid) || !arg_int32(env, argv[1], &memfd) || !arg_u64_groups(env, argv[2], 3, &r.runs, &r.count) ||
+      !arg_buffer(env, argv[3], &data, &r.data_len))
+    return throw_type(env, usage);
+  r.data = data;
+  for (size_t i = 0; i < r.count; i++) {
+    const uint64_t *run = r.runs + 3 * i;
+    if (run[1] > SSIZE_MAX || run[2] > r.data_len || run[1] > r.data_len - run[2]) return throw_type(env, usage);
+  }
+  async_read_t *a = calloc(1, sizeof *a);
+  if (a == NULL) return throw_errno(env, ENOMEM, "calloc", "readRunsAsync");
+  a->pid = pid;
+  a->memfd = memfd;
+  a->r = r;
+  napi_value promise, name;
+  NAPI_CALL(env, napi_create_promise(env, &a->deferred, &promise));
+  NAPI_CALL(env, napi_create_reference(env, argv[2], 1, &a->runs_ref));
+  NAPI_CALL(env, napi_create_reference(env, argv[3], 1, &a->into_ref));
+  NAPI_CALL(env, napi_create_string_utf8(env, "wpsnap:readRuns", NAPI_AUTO_LENGTH, &name));
+  NAPI_CALL(env, napi_create_async_work(env, NULL, name, async_read_execute, async_read_complete, a, &a->work));
+  NAPI_CALL(env, napi_queue_async_work(env, a->work));
+  return promise;
+}
+
 static napi_value js_read_runs(napi_env env, napi_callback_info info) { return runs_call(env, info, false); }
 static napi_value js_write_runs(napi_env env, napi_callback_info info) { return runs_call(env, info, true); }
 
@@ -134,6 +208,7 @@ void register_memory_runs_exports(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"readRuns", NULL, js_read_runs, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"writeRuns", NULL, js_write_runs, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"readRunsAsync", NULL, js_read_runs_async, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"differingPages", NULL, js_differing_pages, NULL, NULL, NULL, napi_default_jsproperty, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
