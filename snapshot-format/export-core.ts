@@ -336,7 +336,7 @@ async function writeRegion(
 ): Promise<{ filesz: number; fileChangedPages: number }> {
   if (plan === 'none') return { filesz: 0, fileChangedPages: 0 };
   const pageCount = isLost.length;
-  const pages = store.pagesInRange(processId, region.start, region.end)[Symbol.iterator]();
+  const pages = store.pageViewsInRange(processId, region.start, region.end)[Symbol.iterator](); // each copied before the next step
   let next = pages.next();
   const fileBacked = region.capture === 'file-private' || region.capture === 'file-reference';
   // The segment's pages: the whole region, its ELF header page, or none.

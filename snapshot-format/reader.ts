@@ -12,6 +12,8 @@ export interface SnapshotReader {
   lost(processId: number): LostRange[];
   /** The stored pages of [start, end), in address order (pages not stored were zero at T, or are listed lost). */
   pagesInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }>;
+  /** As pagesInRange, but each `data` is a view valid only until the next step: copy it before (no Buffer per page). */
+  pageViewsInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }>;
   /** One page's content at T (zeros if not stored). */
   readPage(processId: number, address: bigint): Buffer;
 }

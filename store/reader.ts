@@ -95,6 +95,16 @@ export class PageReader {
     return n;
   }
 
+  /** As pagesInRange, each `data` a view into a cached blob, valid until the next step (a later read may evict the blob). */
+  *pageViewsInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }> {
+    const index = this.processIndex(processId);
+    for (let i = lowerBound(index.addresses, start); i < index.addresses.length; i++) {
+      const address = index.addresses[i] as bigint;
+      if (address >= end) break;
+      yield { address, data: this.contentPage(index.cids[i] as number) };
+    }
+  }
+
   /** The page at `address`: its stored content, or zeros if none is stored. */
   readPage(processId: number, address: bigint): Buffer {
     if ((address & PAGE_MASK) !== 0n) {

@@ -337,6 +337,11 @@ export class Store implements SnapshotReader {
     return this.reader.pagesInRange(processId, start, end);
   }
 
+  /** pagesInRange() with each `data` a view valid only until the next step (copy it before): no Buffer per page. */
+  pageViewsInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }> {
+    return this.reader.pageViewsInRange(processId, start, end);
+  }
+
   /**
    * The stored pages of a process in [start, start + into.length), copied into
    * `into` at their offsets (other bytes untouched), and marked in `stored`;

@@ -408,9 +408,10 @@ describe('export --format core of a process with known memory and call stacks', 
         regions: (id) => opened.regions(id),
         lost: (id) => opened.lost(id),
         readPage: (id, address) => opened.readPage(id, address),
-        pagesInRange: (id, start, end) => {
+        pagesInRange: (id, start, end) => opened.pagesInRange(id, start, end),
+        pageViewsInRange: (id, start, end) => {
           if (++ranges === 3) controller.abort();
-          return opened.pagesInRange(id, start, end);
+          return opened.pageViewsInRange(id, start, end);
         },
       };
       await expect(exportCore(reader, 'fixture', out, { signal: controller.signal })).rejects.toMatchObject({ code: 'INTERRUPTED' });
