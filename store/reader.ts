@@ -15,8 +15,9 @@ const PAGE_MASK = BigInt(PAGE_SIZE - 1);
 export class PageReader {
   private readonly blobCache = new Map<number, Buffer>();
   /**
-   * Blobs decompressed for readRangeInto, which only copies out of them: no
-   * view of one is ever handed out, so an evicted one's buffer takes the next
+   * Blobs decompressed for readRangeInto and pageViewsInRange, whose callers
+   * copy out of them at once: no view of one outlives the next step, so an
+   * evicted one's buffer takes the next
    * (a GiB read is 4096 blobs: no garbage to collect).
    */
   private readonly copyBlobs = new Map<number, Buffer>();
@@ -95,13 +96,17 @@ export class PageReader {
     return n;
   }
 
-  /** As pagesInRange, each `data` a view into a cached blob, valid until the next step (a later read may evict the blob). */
+  /** As pagesInRange, each `data` a view into a blob decompressed for copying, valid until the next step (its buffer is recycled later). */
   *pageViewsInRange(processId: number, start: bigint, end: bigint): Iterable<{ address: bigint; data: Buffer }> {
     const index = this.processIndex(processId);
     for (let i = lowerBound(index.addresses, start); i < index.addresses.length; i++) {
       const address = index.addresses[i] as bigint;
       if (address >= end) break;
-      yield { address, data: this.contentPage(index.cids[i] as number) };
+      const cid = index.cids[i] as number;
+      const pages = this.blobToCopy(blobOfContent(cid));
+      const at = indexInBlob(cid) * PAGE_SIZE;
+      if (at + PAGE_SIZE > pages.length) throw new WpsnapError('STORE_CORRUPT', `${this.path}: content ${cid} is beyond the end of blob ${blobOfContent(cid)}`);
+      yield { address, data: pages.subarray(at, at + PAGE_SIZE) };
     }
   }
 
