@@ -16,13 +16,16 @@ export function protOf(perms: string): number {
 }
 
 /**
- * How a mapping of T removed since is made again in the target: private
+ * How a mapping of T removed since is made again in the target: what is
+ * left of it just before grown over it (mremap in place, any kind); private
  * anonymous memory; shared anonymous memory nothing else maps any more (a
  * new object, its content written back); a file opened by path in the
  * target (unchanged since T: device, inode, size, mtime); or an fd the
  * target still holds on the shared memory object (memfd, tmpfs, hugetlbfs).
  */
 export type Recreate =
+  /** mremap in place of the mapping left just before it, over it. */
+  | { kind: 'grow'; from: bigint; length: bigint }
   | { kind: 'anonymous' }
   | { kind: 'shared-anonymous' }
   | { kind: 'file'; path: string; writable: boolean }
@@ -41,13 +44,27 @@ export interface Plan {
 /**
  * The layout repairs, or a refusal naming what cannot be repaired.
  * `recreate` says how a part of a mapping of T missing now is made again,
- * or why it cannot be.
+ * or why it cannot be; `mustStayMapped`: what may not be unmapped even for a
+ * moment (the threads' rseq areas).
  */
-export function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: number, sameProcess: boolean, recreate: (part: RegionRecord) => Recreate | string): Plan {
+export function planLayout(
+  regions: RegionRecord[],
+  maps: MapsEntry[],
+  pid: number,
+  sameProcess: boolean,
+  recreate: (part: RegionRecord) => Recreate | string,
+  mustStayMapped: Intervals = [],
+): Plan {
   const atT = normalize(regions.map((r): [bigint, bigint] => [r.start, r.end]));
   const now = normalize(maps.map((m): [bigint, bigint] => [m.start, m.end]));
-  const heapT = regions.find((r) => r.path === '[heap]');
-  const heapNow = maps.find((m) => m.path === '[heap]');
+  // The heap may be several mappings (a part registered with a userfaultfd, or protected, apart): its extent.
+  const heapOf = (xs: Array<{ start: bigint; end: bigint; path: string }>): { start: bigint; end: bigint } | undefined => {
+    const parts = xs.filter((x) => x.path === '[heap]');
+    if (parts.length === 0) return undefined;
+    return { start: parts.reduce((a, x) => (x.start < a ? x.start : a), parts[0]!.start), end: parts.reduce((a, x) => (x.end > a ? x.end : a), parts[0]!.end) };
+  };
+  const heapT = heapOf(regions);
+  const heapNow = heapOf(maps);
   let brk: Plan['brk'] = null;
   if (heapT !== undefined && heapNow !== undefined && heapT.start === heapNow.start && heapT.end !== heapNow.end) {
     brk = { from: heapNow.end, to: heapT.end };
@@ -55,23 +72,48 @@ export function planLayout(regions: RegionRecord[], maps: MapsEntry[], pid: numb
     throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid}: its heap is not where it was at T (a different program, or brk was reset): nothing changed`);
   }
   const heapRange: Intervals = heapT && heapNow ? normalize([[heapT.start, heapT.end > heapNow.end ? heapT.end : heapNow.end]]) : [];
-  const unmap = subtract(subtract(now, atT), heapRange);
+  let unmap = subtract(subtract(now, atT), heapRange);
   const missing = subtract(subtract(atT, now), heapRange);
-  // Parts of T's mappings missing now: made again, each the way it can be.
+  // Parts of T's mappings missing now: made again, each the way it can be, as one mapping
+  // with the rest where possible: a part mapped alone stays a mapping of its own (the kernel
+  // does not merge it with the rest), and an mremap the program does across it, as it could
+  // at T, would fail. A part that follows what is left of its mapping grows that mapping over
+  // it (mremap in place), which the kernel merges with the rest beyond.
   const create: Creation[] = [];
+  const unmapAlso: Intervals = [];
+  const refuse = (r: RegionRecord, [start, end]: [bigint, bigint], why: string): never => {
+    throw new WpsnapError(
+      'ROLLBACK_REFUSED',
+      `pid ${pid}: ${formatAddress(start)}-${formatAddress(end)} of ${r.path || 'anonymous memory'} (${r.perms}) was mapped at T and is not now, and cannot be mapped again: ${why}; nothing changed`,
+    );
+  };
   for (const r of regions) {
-    for (const [start, end] of intersect([[r.start, r.end]], missing)) {
+    const gone = intersect([[r.start, r.end]], missing);
+    const movable = r.path !== '[heap]' && !SPECIAL.has(r.path) && r.capture !== 'skipped';
+    // Where the mapping of T is several mappings now with nothing between them to tell them apart
+    // (spans moved in, mapped again, left of an mremap), the kernel did not merge them and will not.
+    const pieces = maps.filter((m) => m.start < r.end && r.start < m.end).sort((a, b) => (a.start < b.start ? -1 : 1));
+    const split = pieces.some((m, i) => i > 0 && pieces[i - 1]!.end === m.start && pieces[i - 1]!.perms === m.perms);
+    // Made again whole, as one mapping, unless the kernel writes in what is there now (a thread's rseq
+    // area: unmapped even for a moment, the thread gets SIGSEGV): then only what is missing is made again.
+    if (movable && (gone.length > 0 || split) && pieces.length > 0 && intersect([[r.start, r.end]], mustStayMapped).length === 0) {
+      const how = recreate(r);
+      if (typeof how === 'string') refuse(r, gone[0] ?? [r.start, r.end], how);
+      unmapAlso.push(...intersect([[r.start, r.end]], now));
+      create.push({ ...r, how: how as Recreate });
+      continue;
+    }
+    // A part that follows what is left of its mapping grows that mapping over it (mremap in place),
+    // which the kernel merges with the rest beyond.
+    for (const [start, end] of gone) {
       const part: RegionRecord = { ...r, start, end, offset: r.offset + (start - r.start) };
-      const how = SPECIAL.has(r.path) || r.capture === 'skipped' ? 'the kernel makes it, not the program' : recreate(part);
-      if (typeof how === 'string') {
-        throw new WpsnapError(
-          'ROLLBACK_REFUSED',
-          `pid ${pid}: ${formatAddress(start)}-${formatAddress(end)} of ${r.path || 'anonymous memory'} (${r.perms}) was mapped at T and is not now, and cannot be mapped again: ${how}; nothing changed`,
-        );
-      }
-      create.push({ ...part, how });
+      const before = r.path === '[heap]' ? undefined : maps.find((m) => m.end === start && m.start >= r.start && m.inode === r.inode && m.perms[3] === r.perms[3] && (r.inode === 0 || m.offset + (m.end - m.start) === part.offset));
+      const how: Recreate | string = !movable ? 'the kernel makes it, not the program' : before !== undefined ? { kind: 'grow', from: before.start, length: before.end - before.start } : recreate(part);
+      if (typeof how === 'string') refuse(r, [start, end], how);
+      create.push({ ...part, how: how as Recreate });
     }
   }
+  unmap = normalize([...unmap, ...unmapAlso]);
   const reprotect: RegionRecord[] = [];
   for (const r of regions) {
     if (SPECIAL.has(r.path)) continue;

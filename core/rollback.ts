@@ -36,6 +36,7 @@ const SYS_MPROTECT = 10;
 const SYS_MMAP = 9;
 const SYS_MUNMAP = 11;
 const SYS_BRK = 12;
+const SYS_MREMAP = 25;
 const SYS_EXIT = 60;
 const SYS_CLOSE = 3;
 const PROT_WRITE = 2;
@@ -207,7 +208,8 @@ export class InPlaceRollback {
     this.withContent = regions.filter(hasContent);
     this.content = new ContentCache(store, processId);
     this.ranges = tracked?.taken.tracking.ranges ?? new BigUint64Array(0);
-    if (tracked !== undefined) this.writable = normalize([...tracked.taken.tracking.written, ...tracked.taken.tracking.invalid]);
+    // Only what the context covers: the rest (shared memory…) is compared whole at every rollback anyway.
+    if (tracked !== undefined) this.writable = intersect(normalize([...tracked.taken.tracking.written, ...tracked.taken.tracking.invalid]), tripleIntervals(this.ranges));
   }
 
   /** Every check that does not need the target stopped, and (incremental) the tracking taken over. */
@@ -348,19 +350,20 @@ export class InPlaceRollback {
       throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid}: thread${gone.length > 1 ? 's' : ''} ${gone.map((t) => t.tid).join(', ')} of T exited since; nothing changed`);
     }
     const mapsText = readProc(pid, 'maps').toString('utf8');
-    const plan = this.layout !== undefined && this.layout.text === mapsText ? this.layout.plan : this.planFor(mapsText);
+    const plan = this.layout !== undefined && this.layout.text === mapsText ? this.layout.plan : this.planFor(mapsText, stopped);
     // Incremental: what was written (or zapped, moved, unmapped) since the last take, as logged up to the freeze.
     const logged = tracked !== undefined ? loggedSince(binding, tracked) : undefined;
     const missed = tracked !== undefined && logged === undefined;
-    if (logged !== undefined && logged.length > 0) this.writable = normalize([...this.writable, ...logged]);
+    if (logged !== undefined && logged.length > 0) this.writable = normalize([...this.writable, ...intersect(logged, tripleIntervals(this.ranges))]);
 
     let mappingsRepaired = 0;
     const call = (nr: number, args: Array<number | bigint>, what: string): void => {
       const result = inject(binding, stopped, insn, nr, args, what);
-      if (result < 0 && nr !== SYS_BRK) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: ${what} failed in the target (errno ${-result}); it is partly rolled back`);
+      if (result < 0) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: ${what} failed in the target (errno ${-result}); it is partly rolled back`);
     };
     if (plan.brk !== null) {
-      call(SYS_BRK, [plan.brk.to], `brk(${formatAddress(plan.brk.to)})`);
+      const got = inject(binding, stopped, insn, SYS_BRK, [plan.brk.to], `brk(${formatAddress(plan.brk.to)})`);
+      if (BigInt.asUintN(64, BigInt(got)) !== plan.brk.to) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: brk(${formatAddress(plan.brk.to)}) failed in the target (the break is at ${formatAddress(BigInt.asUintN(64, BigInt(got)))}); it is partly rolled back`);
       mappingsRepaired++;
     }
     for (const [s, e] of plan.unmap) {
@@ -371,11 +374,13 @@ export class InPlaceRollback {
       mapAgain(binding, stopped, pid, insn, c);
       mappingsRepaired++;
     }
-    const created = normalize(plan.create.map((r): [bigint, bigint] => [r.start, r.end]));
+    // The heap grown back to T's break is new memory too (zeros), as anonymous memory mapped again.
+    const heapGrown: Intervals = plan.brk !== null && plan.brk.to > plan.brk.from ? [[plan.brk.from, plan.brk.to]] : [];
+    const created = normalize([...plan.create.map((r): [bigint, bigint] => [r.start, r.end]), ...heapGrown]);
     if (tracked !== undefined && created.length > 0) {
       // Anonymous memory re-created is registered with the context again (a new mapping has none), writable
       // until protected; what is re-created otherwise is not tracked (no fault tells of its writes): compared whole.
-      const anonymous = normalize(plan.create.filter((c) => c.how.kind === 'anonymous').map((r): [bigint, bigint] => [r.start, r.end]));
+      const anonymous = normalize([...plan.create.filter((c) => c.how.kind === 'anonymous' || (c.how.kind === 'grow' && c.inode === 0)).map((r): [bigint, bigint] => [r.start, r.end]), ...heapGrown]);
       for (const [s, e] of anonymous) binding.uffdRegister(tracked.taken.uffd, s, e - s, UFFDIO_REGISTER_MODE_WP);
       this.ranges = rearmedRanges(this.ranges, regions, created, anonymous);
       binding.trackerSetRanges(tracked.reader, this.ranges);
@@ -413,7 +418,7 @@ export class InPlaceRollback {
     // The next rollback finds these maps unless the target changes them: then nothing to plan.
     if (plan.brk !== null || plan.unmap.length > 0 || plan.create.length > 0 || plan.reprotect.length > 0) {
       const text = readProc(pid, 'maps').toString('utf8');
-      this.layout = { text, plan: this.planFor(text) };
+      this.layout = { text, plan: this.planFor(text, stopped) };
     } else {
       this.layout = { text: mapsText, plan };
     }
@@ -436,10 +441,11 @@ export class InPlaceRollback {
     };
   }
 
-  /** The layout repairs for the target's maps `text`. */
-  private planFor(text: string): Plan {
+  /** The layout repairs for the target's maps `text`, its threads stopped as `stopped`. */
+  private planFor(text: string, stopped: Frozen): Plan {
     const now = parseMaps(text);
-    return planLayout(this.regions, now, this.pid, this.sameProcess, (part) => howToRecreate(this.pid, part, now));
+    const rseq = normalize(stopped.threads.filter((t) => t.rseqArea !== undefined).map((t): [bigint, bigint] => [t.rseqArea!, t.rseqArea! + BigInt(t.rseqSize ?? 32)]));
+    return planLayout(this.regions, now, this.pid, this.sameProcess, (part) => howToRecreate(this.pid, part, now), rseq);
   }
 
   /**
@@ -487,7 +493,7 @@ function mapAgain(binding: NativeBinding, stopped: Frozen, pid: number, insn: bi
   const shared = c.perms[3] === 's';
   // Writable while its content is written back (then protected as at T), unless it is a shared mapping
   // whose content is the file's: that one is mapped as it was.
-  const writable = c.how.kind === 'anonymous' || c.how.kind === 'shared-anonymous' || !shared || c.how.writable;
+  const writable = c.how.kind === 'anonymous' || c.how.kind === 'shared-anonymous' || c.how.kind === 'grow' || !shared || c.how.writable;
   const prot = protOf(c.perms) | (writable ? PROT_WRITE : 0);
   const flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED_NOREPLACE;
   const map = (extra: number, fd: number, offset: bigint): void => {
@@ -495,6 +501,11 @@ function mapAgain(binding: NativeBinding, stopped: Frozen, pid: number, insn: bi
     if (BigInt.asUintN(64, BigInt(at)) !== c.start) throw failed('mmap', at < 0 ? -at : 0);
   };
   const how = c.how;
+  if (how.kind === 'grow') {
+    const at = inject(binding, stopped, insn, SYS_MREMAP, [how.from, how.length, how.length + (c.end - c.start), 0], `mremap(${formatAddress(how.from)})`);
+    if (BigInt.asUintN(64, BigInt(at)) !== how.from) throw failed('mremap', at < 0 ? -at : 0);
+    return;
+  }
   if (how.kind === 'anonymous' || how.kind === 'shared-anonymous') return map(MAP_ANONYMOUS, -1, 0n);
   if (how.kind === 'fd') return map(0, how.fd, c.offset);
   const fd = openInTarget(binding, pid, stopped, insn, how.path, (how.writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);

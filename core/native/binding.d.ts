@@ -23,6 +23,12 @@ export interface FrozenThread {
   xstate: Buffer;
   /** Blocked signals at the freeze (PTRACE_GETSIGMASK): bit n-1 set when signal n is blocked. */
   sigmask: bigint;
+  /**
+   * The thread's registered rseq area (where the kernel writes its cpu id when it runs), when
+   * the records were read before the thaw (undefined after it, or when none is registered).
+   */
+  rseqArea?: bigint;
+  rseqSize?: number;
   /** The ptrace stop the thread was found in. */
   stop: 'interrupt' | 'signal' | 'syscall';
 }

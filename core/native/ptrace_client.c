@@ -255,6 +255,10 @@ static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
     set_prop(env, o, "fpregs", make_buffer_copy(env, &t->fpregs, sizeof t->fpregs));
     set_prop(env, o, "xstate", make_buffer_copy(env, c->threads[i].xstate, t->xstate_len));
     set_prop(env, o, "sigmask", make_bigint(env, t->sigmask));
+    if (t->rseq_area != 0) {
+      set_prop(env, o, "rseqArea", make_bigint(env, t->rseq_area));
+      set_prop(env, o, "rseqSize", make_int(env, t->rseq_size));
+    }
     set_prop(env, o, "stop", make_string(env, t->stop == STOP_INTERRUPT ? "interrupt" : t->stop == STOP_SIGNAL ? "signal" : "syscall"));
     napi_set_element(env, arr, (uint32_t)i, o);
   }

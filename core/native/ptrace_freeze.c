@@ -311,6 +311,9 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
  * arrives meanwhile is held back (with its siginfo) and given back at the
  * detach (redeliver). */
 int run_to_syscall_stop(thread_t *t) {
+  /* A fault the thread takes again and again (SIGSEGV from the kernel when
+   * its rseq area is not mapped, say) would loop here forever: give up. */
+  int same = 0, last = 0;
   for (;;) {
     if (ptrace(PTRACE_SYSCALL, t->tid, NULL, NULL) != 0) return errno;
     int status = 0;
@@ -318,6 +321,9 @@ int run_to_syscall_stop(thread_t *t) {
     if (err != 0) return err;
     int sig = WSTOPSIG(status);
     if (sig == (SIGTRAP | 0x80)) return 0;
+    same = sig == last ? same + 1 : 0;
+    last = sig;
+    if (same >= 64 && (sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE)) return EFAULT;
     if (((status >> 16) & 0xff) == 0 && sig != SIGTRAP && t->nrequeue < MAX_REQUEUE) {
       int k = t->nrequeue++;
       t->requeue[k] = sig;

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/ptrace.h>
 
 #define SYS_CLOSE 3
 #define SYS_IOCTL 16
@@ -56,9 +57,25 @@ static size_t record_size(const thread_t *t) {
   return sizeof(thread_record_t) + t->xstate_len;
 }
 
+/* PTRACE_GET_RSEQ_CONFIGURATION (Linux 5.13; the headers here are older). */
+#define WPSNAP_PTRACE_GET_RSEQ_CONFIGURATION 0x420f
+struct wpsnap_rseq_configuration {
+  uint64_t rseq_abi_pointer;
+  uint32_t rseq_abi_size, signature, flags, pad;
+};
+
 static char *put_record(char *p, const thread_t *t) {
   thread_record_t rec = {
       .tid = t->tid, .stop = (int32_t)t->stop, .sigmask = t->sigmask, .regs = t->regs, .fpregs = t->fpregs, .xstate_len = (uint32_t)t->xstate_len};
+  /* Where the kernel writes the thread's rseq area (a rollback must not unmap it even for a moment);
+   * asked while the thread is still stopped (after a thaw it is not asked). */
+  struct wpsnap_rseq_configuration rseq;
+  if (frozen != NULL && !frozen->thawed &&
+      ptrace((enum __ptrace_request)WPSNAP_PTRACE_GET_RSEQ_CONFIGURATION, t->tid, (void *)sizeof rseq, &rseq) == (long)sizeof rseq &&
+      rseq.rseq_abi_pointer != 0) {
+    rec.rseq_area = rseq.rseq_abi_pointer;
+    rec.rseq_size = rseq.rseq_abi_size;
+  }
   memcpy(p, &rec, sizeof rec);
   memcpy(p + sizeof rec, t->xstate, t->xstate_len);
   return p + record_size(t);

@@ -53,6 +53,8 @@ typedef struct {
   struct user_regs_struct regs;
   struct user_fpregs_struct fpregs;
   uint32_t xstate_len;
+  uint32_t rseq_size; /* the thread's registered rseq area (PTRACE_GET_RSEQ_CONFIGURATION) while frozen; 0: none, or not asked */
+  uint64_t rseq_area;
 } thread_record_t;
 
 /* SET_THREAD (a rollback): the thread resumes with these registers, and
