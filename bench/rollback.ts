@@ -12,6 +12,9 @@
 //   fork server   fixtures/forkserver: the AFL++ way, a parent at the saved
 //                 point forks a child per run that writes the same P pages
 //                 of the same M MiB and exits
+//   full-mib G    (optional) a second dirtywriter of G MiB, every 10th page
+//                 written between full rollbacks (3 runs), against a fork
+//                 server run writing the same 10% of G MiB
 //
 // Prints a table and writes bench/results/rollback-<UTC timestamp>.json.
 import { execFileSync } from 'node:child_process';
@@ -33,7 +36,7 @@ interface Sample {
 const summary = (xs: number[]): { median: number | null; range: [number, number] | null } => ({ median: median(xs), range: minMax(xs) });
 
 export async function rollbackMain(argv: string[]): Promise<number> {
-  const { values } = parseArgs({ args: argv, options: { runs: { type: 'string' }, mib: { type: 'string' }, touch: { type: 'string' }, 'no-write': { type: 'boolean' } } });
+  const { values } = parseArgs({ args: argv, options: { runs: { type: 'string' }, mib: { type: 'string' }, touch: { type: 'string' }, 'full-mib': { type: 'string' }, 'no-write': { type: 'boolean' } } });
   const runs = Number(values.runs ?? 20);
   const mib = Number(values.mib ?? 64);
   const touch = Number(values.touch ?? 100);
@@ -100,6 +103,33 @@ export async function rollbackMain(argv: string[]): Promise<number> {
     closeSync(commands);
     target.kill();
   }
+  const fullMib = values['full-mib'] === undefined ? undefined : Number(values['full-mib']);
+  const bigFull: Sample[] = [];
+  let bigFork: { perRunMicros: number } | undefined;
+  if (fullMib !== undefined) {
+    if (!Number.isInteger(fullMib) || fullMib <= 0) throw new Error('--full-mib: a whole number of MiB');
+    const bigPages = (fullMib * 1024 * 1024) / 4096;
+    const bigFifo = join(dir, 'commands-big');
+    execFileSync('mkfifo', ['-m', '0600', bigFifo]);
+    const big = await launchFixture('dirtywriter', ['-p', String(bigPages), '-s', '1', '-c', bigFifo]);
+    const bigCommands = openSync(bigFifo, 'w');
+    try {
+      const snap = await runCommand(process.execPath, [cli, 'snapshot', String(big.pid), '--name', 'big', '--json', '--store', store], { timeoutMs: 600_000 });
+      if (snap.code !== 0) throw new Error(`snapshot: ${snap.stderr}`);
+      for (let i = 0; i < 3; i++) {
+        writeSync(bigCommands, 'writeevery anon 10\n');
+        const reply = await big.nextLine();
+        if (reply === null || !reply.includes('"ok":true')) throw new Error(`dirtywriter: writeevery: ${reply}`);
+        const t0 = performance.now();
+        const r = await rollback(store, 'big');
+        bigFull.push({ wallMillis: performance.now() - t0, stopMicros: r.micros, pagesWritten: r.pagesWritten, pagesCompared: r.pagesCompared });
+      }
+    } finally {
+      closeSync(bigCommands);
+      big.kill();
+    }
+    bigFork = JSON.parse(execFileSync(join(root, 'fixtures', 'build', 'forkserver'), ['--pages', String(bigPages), '--touch', String(bigPages / 10), '--runs', '10'], { encoding: 'utf8' })) as { perRunMicros: number };
+  }
   const forkRuns = Math.max(100, runs * 10);
   const fork = JSON.parse(execFileSync(join(root, 'fixtures', 'build', 'forkserver'), ['--pages', String(pages), '--touch', String(touch), '--runs', String(forkRuns)], { encoding: 'utf8' })) as { perRunMicros: number };
   rmSync(dir, { recursive: true, force: true });
@@ -113,6 +143,7 @@ export async function rollbackMain(argv: string[]): Promise<number> {
     incrementalCli: { wallMillis: summary(results.incrementalCli.map((s) => s.wallMillis)), stopMicros: summary(results.incrementalCli.map((s) => s.stopMicros)) },
     full: { wallMillis: summary(results.full.map((s) => s.wallMillis)), stopMicros: summary(results.full.map((s) => s.stopMicros)), pagesCompared: summary(results.full.map((s) => s.pagesCompared)) },
     forkServer: { runs: forkRuns, perRunMicros: fork.perRunMicros },
+    fullLarge: fullMib === undefined ? null : { mib: fullMib, wallMillis: summary(bigFull.map((s) => s.wallMillis)), stopMicros: summary(bigFull.map((s) => s.stopMicros)), pagesWritten: summary(bigFull.map((s) => s.pagesWritten)), samples: bigFull, forkServerPerRunMicros: bigFork?.perRunMicros ?? null },
     samples: results,
   };
   const f = (v: number | null, d = 1): string => (v === null ? '–' : v.toFixed(d));
@@ -131,6 +162,11 @@ export async function rollbackMain(argv: string[]): Promise<number> {
     `  ${'incremental API wall / fork server per run'.padEnd(46)} ${doc.incremental.wallMillis.median === null ? '–' : (doc.incremental.wallMillis.median / (fork.perRunMicros / 1000)).toFixed(1)}×`,
     `  ${'session wall / fork server per run'.padEnd(46)} ${doc.session.wallMillis.median === null ? '–' : (doc.session.wallMillis.median / (fork.perRunMicros / 1000)).toFixed(1)}×`,
   ];
+  if (doc.fullLarge !== null) {
+    out.push(line(`full rollback of ${doc.fullLarge.mib} MiB, 10% written: wall`, doc.fullLarge.wallMillis, 'ms'));
+    out.push(`  ${'  pages written back'.padEnd(46)} ${doc.fullLarge.pagesWritten.median ?? '–'}`);
+    if (bigFork !== undefined) out.push(`  ${`fork server, ${doc.fullLarge.mib} MiB, 10% written: per run`.padEnd(46)} ${(bigFork.perRunMicros / 1000).toFixed(1)} ms`);
+  }
   process.stdout.write(out.join('\n') + '\n');
   if (!values['no-write']) {
     const file = join(root, 'bench', 'results', `rollback-${started.replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z')}.json`);
