@@ -70,6 +70,20 @@ static int transfer(pid_t pid, int memfd, bool write_it, const runs_t *r) {
   return 0;
 }
 
+/* (pid, memFd, runs, buffer): every run inside the buffer. */
+static bool parse_runs(napi_env env, napi_value *argv, int32_t *pid, int32_t *memfd, runs_t *r) {
+  void *data;
+  if (!arg_int32(env, argv[0], pid) || !arg_int32(env, argv[1], memfd) || !arg_u64_groups(env, argv[2], 3, &r->runs, &r->count) ||
+      !arg_buffer(env, argv[3], &data, &r->data_len))
+    return false;
+  r->data = data;
+  for (size_t i = 0; i < r->count; i++) {
+    const uint64_t *run = r->runs + 3 * i;
+    if (run[1] > SSIZE_MAX || run[2] > r->data_len || run[1] > r->data_len - run[2]) return false;
+  }
+  return true;
+}
+
 /* readRuns(pid, memFd, runs, into) / writeRuns(pid, memFd, runs, data) */
 static napi_value runs_call(napi_env env, napi_callback_info info, bool write_it) {
   size_t argc = 4;
@@ -77,16 +91,8 @@ static napi_value runs_call(napi_env env, napi_callback_info info, bool write_it
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t pid, memfd;
   runs_t r;
-  void *data;
-  const char *usage = write_it ? "writeRuns(pid, memFd, runs: BigUint64Array of [address, length, offset], data)" : "readRuns(pid, memFd, runs: BigUint64Array of [address, length, offset], into)";
-  if (argc < 4 || !arg_int32(env, argv[0], &pid) || !arg_int32(env, argv[1], &memfd) || !arg_u64_groups(env, argv[2], 3, &r.runs, &r.count) ||
-      !arg_buffer(env, argv[3], &data, &r.data_len))
-    return throw_type(env, usage);
-  r.data = data;
-  for (size_t i = 0; i < r.count; i++) {
-    const uint64_t *run = r.runs + 3 * i;
-    if (run[1] > SSIZE_MAX || run[2] > r.data_len || run[1] > r.data_len - run[2]) return throw_type(env, usage);
-  }
+  if (argc < 4 || !parse_runs(env, argv, &pid, &memfd, &r))
+    return throw_type(env, write_it ? "writeRuns(pid, memFd, runs: BigUint64Array of [address, length, offset], data)" : "readRuns(pid, memFd, runs: BigUint64Array of [address, length, offset], into)");
   int err = transfer(pid, memfd, write_it, &r);
   if (err != 0)
     return throw_errno(env, err, write_it ? "process_vm_writev" : "process_vm_readv", "%s %zu runs of pid %d", write_it ? "write" : "read", r.count, pid);
@@ -176,16 +182,7 @@ static napi_value js_read_runs_async(napi_env env, napi_callback_info info) {
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t pid, memfd;
   runs_t r;
-  void *data;
-  const char *usage = "readRunsAsync(pid, memFd, runs: BigUint64Array of [address, length, offset], into)";
-  if (argc < 4 || !arg_int32(env, argv[0], &pid) || !arg_int32(env, argv[1], &memfd) || !arg_u64_groups(env, argv[2], 3, &r.runs, &r.count) ||
-      !arg_buffer(env, argv[3], &data, &r.data_len))
-    return throw_type(env, usage);
-  r.data = data;
-  for (size_t i = 0; i < r.count; i++) {
-    const uint64_t *run = r.runs + 3 * i;
-    if (run[1] > SSIZE_MAX || run[2] > r.data_len || run[1] > r.data_len - run[2]) return throw_type(env, usage);
-  }
+  if (argc < 4 || !parse_runs(env, argv, &pid, &memfd, &r)) return throw_type(env, "readRunsAsync(pid, memFd, runs: BigUint64Array of [address, length, offset], into)");
   async_read_t *a = calloc(1, sizeof *a);
   if (a == NULL) return throw_errno(env, ENOMEM, "calloc", "readRunsAsync");
   a->pid = pid;
