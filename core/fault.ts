@@ -22,6 +22,15 @@ export const FAULT_POINTS = [
 export type FaultPoint = (typeof FAULT_POINTS)[number];
 
 /**
+ * Points of a rollback (mid-inject above is one too): with the layout
+ * repaired and no content written yet, and with the rewritten pages written
+ * and nothing else. A rollback killed there leaves the target partly rolled
+ * back (documented), but running, untraced and unprotected.
+ */
+export const ROLLBACK_FAULT_POINTS = ['rollback-after-layout', 'rollback-mid-content'] as const;
+export type RollbackFaultPoint = (typeof ROLLBACK_FAULT_POINTS)[number];
+
+/**
  * WPSNAP_FAULT=<point> values that make an operation fail instead of killing
  * wpsnap. engine-alloc (checked in engine.c): once two batches are posted, the
  * batch a write fault needs cannot be allocated (ENOMEM, as under memory
@@ -33,6 +42,6 @@ export type FaultPoint = (typeof FAULT_POINTS)[number];
  */
 export const FAILURE_POINTS = ['engine-alloc', 'engine-vanish'] as const;
 
-export function faultPoint(point: FaultPoint): void {
+export function faultPoint(point: FaultPoint | RollbackFaultPoint): void {
   if (process.env['WPSNAP_FAULT'] === point) process.kill(process.pid, 'SIGKILL');
 }

@@ -24,6 +24,7 @@ import { fromStartLenPairs, intersect, normalize, subtract, type Intervals } fro
 import { encodeTracking, takeOverTracking, type TakenTracking, type TrackingState } from './keeper.js';
 import { UFFDIO_REGISTER_MODE_WP } from './features.js';
 import { closeQuietly } from './pause.js';
+import { faultPoint } from './fault.js';
 import { protectWhileRunning } from './preprotect.js';
 import { tripleIntervals } from './tracking-handover.js';
 import type { NativeBinding, NativeHandle } from './native/binding.js';
@@ -387,12 +388,14 @@ export class InPlaceRollback {
       this.writable = normalize([...this.writable, ...anonymous]);
     }
 
+    faultPoint('rollback-after-layout');
     let pagesWritten: number;
     let pagesCompared: number;
     if (tracked !== undefined && !missed) {
       // Only what was written since T (and what was re-created), written whole: its cost is what the target touched.
       if (this.rewrite?.writable !== this.writable) this.rewrite = { writable: this.writable, rewrite: this.content.prepareRewrite(this.withContent, this.writable) };
       pagesWritten = pagesCompared = this.rewrite.rewrite.write(binding, pid, this.mem);
+      faultPoint('rollback-mid-content');
       // What the tracking does not see (shared memory, private file mappings' copies…) is compared whole.
       if (this.untracked?.ranges !== this.ranges) {
         const covered = tripleIntervals(this.ranges);

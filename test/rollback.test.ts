@@ -11,12 +11,13 @@ import { Store } from '../store/store.js';
 import { startDetached } from './support/spawn.js';
 import { writerScope } from './support/writer-scope.js';
 import { pageWords } from './support/generation-pages.js';
-import { ROOT, runCli } from './support/cli.js';
+import { ROOT, runCli, runCliProcess } from './support/cli.js';
 import { launchProgram } from '../fixtures/launch.js';
 import { rollbackSession } from '../core/api.js';
 import { loadBinding } from '../core/binding.js';
 import { readMaps } from '../core/procfs.js';
-import { tracerPids } from './support/proc.js';
+import { tracerPids, uffdWpPages, untraced } from './support/proc.js';
+import { ROLLBACK_FAULT_POINTS } from '../core/fault.js';
 
 const scope = writerScope('wpsnap-rollback-');
 const { cleanups, writer, cli } = scope;
@@ -27,6 +28,17 @@ beforeEach(() => {
 });
 
 const words = (ref: string, base: bigint, pages: number): bigint[] => pageWords(store, ref, base, pages);
+
+/** `wpsnap status --json`'s tracking entries for pid, once its keeper (if any) has ended: up to 5 s. */
+async function waitForStatus(pid: number): Promise<unknown[]> {
+  let tracking: Array<{ pid: number }> = [];
+  for (let waited = 0; waited < 5000; waited += 50) {
+    tracking = (JSON.parse((await runCli(['status', '--json'])).stdout) as { tracking: Array<{ pid: number }> }).tracking.filter((t) => t.pid === pid);
+    if (tracking.length === 0) break;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return tracking;
+}
 const filledAnon = (n: number): bigint[] => Array.from({ length: n }, (_, i) => BigInt(i + 1));
 const filledShm = (n: number): bigint[] => Array.from({ length: n }, (_, i) => BigInt(65 + i));
 
@@ -334,6 +346,30 @@ describe('wpsnap rollback', () => {
     expect(back.equals(data)).toBe(true);
     const bytes = binding.processVmRead(w.fixture.pid, w.anon, 4096); // page 0 untouched
     expect(bytes.readBigUInt64LE(0)).toBe(1n);
+  });
+
+  it.each(['mid-inject', ...ROLLBACK_FAULT_POINTS])('a rollback --incremental killed at %s leaves the target running, untraced, unprotected and untracked', async (point) => {
+    const saved = process.env['WPSNAP_RUNTIME_DIR'];
+    process.env['WPSNAP_RUNTIME_DIR'] = join(dir, 'run');
+    cleanups.push(() => {
+      if (saved === undefined) delete process.env['WPSNAP_RUNTIME_DIR'];
+      else process.env['WPSNAP_RUNTIME_DIR'] = saved;
+    });
+    const w = await writer();
+    await cli('snapshot', String(w.fixture.pid), '--name', 'base', '--track');
+    cleanups.push(() => void runCli(['untrack', String(w.fixture.pid)]));
+    await w.send('write anon 1 2 3');
+    await w.send('map 4'); // a mapping to unmap: an injected call
+    const killed = await runCliProcess(['rollback', 'base', '--incremental', '--store', store], { WPSNAP_FAULT: point, WPSNAP_RUNTIME_DIR: join(dir, 'run') });
+    expect(killed.signal).toBe('SIGKILL');
+    // The tracer helper saw wpsnap die and let every thread go; the keeper saw its context's holder die and ended.
+    await untraced(w.fixture.pid);
+    expect(Object.values(tracerPids(w.fixture.pid)).every((t) => t === 0)).toBe(true);
+    const status = await waitForStatus(w.fixture.pid);
+    expect(status).toEqual([]);
+    expect(uffdWpPages(w.fixture.pid, w.anon, 64)).toBe(0);
+    // Running: its next command is answered, and its write lands.
+    expect(await w.send('write anon 9')).toMatchObject({ ok: true });
   });
 
   it('--incremental without tracking is refused in one line saying how to get it', async () => {
