@@ -43,11 +43,11 @@ export function findSyscallInstruction(binding: NativeBinding, pid: number): big
   throw new WpsnapError('NO_SYSCALL_INSN', `no syscall instruction in the [vdso] of pid ${pid}`);
 }
 
-export function freeze(binding: NativeBinding, pid: number): Frozen {
+export function freeze(binding: NativeBinding, pid: number, options: { withThreads?: boolean } = {}): Frozen {
   const frozenAt = process.hrtime.bigint();
   let handle: NativeHandle;
   try {
-    handle = binding.freeze(pid);
+    handle = options.withThreads === true ? binding.freeze(pid, true) : binding.freeze(pid);
   } catch (error) {
     const wrapped = fromNative(error, `freeze pid ${pid}`);
     if (wrapped.code === 'EPERM') {

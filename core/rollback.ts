@@ -332,7 +332,7 @@ export class InPlaceRollback {
       } catch (error) {
         throw error instanceof WpsnapError ? error : fromNative(error, `end the threads of pid ${pid} started since T`);
       }
-      const candidate = freeze(binding, pid);
+      const candidate = freeze(binding, pid, { withThreads: true }); // its threads are checked at once
       if (candidate.threads.every((t) => tidsAtT.has(t.tid)) || attempt >= 3) return { stopped: candidate, threadsExited };
       binding.thaw(candidate.handle);
     }
@@ -415,8 +415,6 @@ export class InPlaceRollback {
       call(SYS_MPROTECT, [r.start, r.end - r.start, protOf(r.perms)], `mprotect(${formatAddress(r.start)}, ${r.perms})`);
       mappingsRepaired++;
     }
-    // Registers last: injections run in one of these threads and put its registers back after each.
-    for (const t of threadsAtT) binding.setThreadState(stopped.handle, t.tid, { regs: t.regs, fpregs: t.fpregs, xstate: t.xstate, sigmask: t.sigmask });
     if (tracked !== undefined && (missed || pageCount(this.writable) > this.keepWritablePages)) this.protectAgain(tracked, missed);
     // The next rollback finds these maps unless the target changes them: then nothing to plan.
     if (plan.brk !== null || plan.unmap.length > 0 || plan.create.length > 0 || plan.reprotect.length > 0) {
@@ -424,6 +422,13 @@ export class InPlaceRollback {
       this.layout = { text, plan: this.planFor(text, stopped) };
     } else {
       this.layout = { text: mapsText, plan };
+    }
+    // Registers last (injections run in one of these threads and put its registers back after each),
+    // and the thaw with them, in one round trip to the tracer.
+    try {
+      binding.setThreadsAndThaw(stopped.handle, threadsAtT.map((t) => ({ tid: t.tid, regs: t.regs, fpregs: t.fpregs, xstate: t.xstate, sigmask: t.sigmask })));
+    } catch (error) {
+      throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid}: its threads' registers could not all be put back (${(error as Error).message}); it is partly rolled back`);
     }
     const warnings = [...CANNOT_UNDO];
     if (regions.some((r) => r.perms[3] === 's' && hasContent(r))) warnings.push('shared memory was written back: other processes that map it see its content at T too');

@@ -506,6 +506,34 @@ describe('attach: freeze and inject', () => {
   }, 15_000);
 });
 
+describe('attach: one round trip for a freeze with its records, and for the threads\' states with the thaw', () => {
+  it('freeze(withThreads) gives every record with it; setThreadsAndThaw sets every listed thread, thaws even when one fails, and the helper serves the next freeze', async () => {
+    const { f, ready, pid } = await startRegcheck(['--threads', '2']);
+    try {
+      const frozen = freeze(B, pid, { withThreads: true });
+      expect(frozen.threads.map((t) => t.tid).sort((a, b) => a - b)).toEqual(taskTids(pid));
+      for (const t of frozen.threads) checkRegcheckThread(t, ready);
+      const helper = tracerPids(pid)[pid];
+      // Every thread as it was, plus one that is not frozen: set and thawed all the same, the failure thrown after.
+      const states = frozen.threads.map((t) => ({ tid: t.tid, regs: t.regs, fpregs: t.fpregs, xstate: t.xstate, sigmask: t.sigmask }));
+      expect(() => B.setThreadsAndThaw(frozen.handle, [...states, { ...states[0]!, tid: 999_999_999 }])).toThrow(/999999999|ESRCH|no such/i);
+      await untraced(pid);
+      expectNoneStoppedOrTraced(pid);
+      // The same helper freezes again (kept by the thaw), and the registers are still regcheck's.
+      const again = freeze(B, pid, { withThreads: true });
+      try {
+        expect(tracerPids(pid)[pid]).toBe(helper);
+        for (const t of again.threads) checkRegcheckThread(t, ready);
+      } finally {
+        B.setThreadsAndThaw(again.handle, []);
+      }
+      expectNoneStoppedOrTraced(pid);
+    } finally {
+      f.kill();
+    }
+  });
+});
+
 describe('attach: refusals and failures', () => {
   /** fixtures/build/holdtrace seizes tids of pid and holds them until its stdin closes. */
   async function holdTrace(pid: number, tids: number[]): Promise<{ release: () => Promise<void> }> {

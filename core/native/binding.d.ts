@@ -227,7 +227,8 @@ export interface NativeBinding {
   /** pread the data (non-hole) pages of a shared file range, labelled with their mapped addresses. */
   copyFilePages(fd: number, fileOffset: bigint, length: bigint, address: bigint): { addresses: BigUint64Array; data: Buffer };
   /** ptrace(PTRACE_SEIZE + PTRACE_INTERRUPT) every thread and wait for the stops. */
-  freeze(pid: number): NativeHandle;
+  /** withThreads: every thread's record comes with the freeze's reply (one round trip instead of two). */
+  freeze(pid: number, withThreads?: boolean): NativeHandle;
   /** Start the tracer helper (wpsnap_tracer) now, so that the next freeze() does not spend the pause on it. */
   prepareFreeze(): void;
   /** Registers of every frozen thread, as captured at the freeze. */
@@ -243,6 +244,11 @@ export interface NativeBinding {
    * thread keeps the mask it has.
    */
   setThreadState(handle: NativeHandle, tid: number, state: { regs: Buffer; fpregs: Buffer; xstate: Buffer; sigmask?: bigint | undefined }): void;
+  /**
+   * Every listed thread's state (as setThreadState), then the thaw, in one round trip; the thaw happens
+   * whatever a thread's answer, and the first failure is thrown after it. The records must have been read.
+   */
+  setThreadsAndThaw(handle: NativeHandle, states: Array<{ tid: number; regs: Buffer; fpregs: Buffer; xstate: Buffer; sigmask?: bigint | undefined }>): void;
   /** Stack pointer of the thread injectSyscall uses. */
   injectionThreadRsp(handle: NativeHandle): bigint;
   /** ptrace(PTRACE_DETACH) every thread; idempotent. */

@@ -112,6 +112,14 @@ static int request(client_t *c, uint32_t op, const void *payload, uint32_t len, 
   return err;
 }
 
+/* Send a request without waiting for its reply (pipelined: the replies are read in order later). */
+static int send_only(client_t *c, uint32_t op, const void *payload, uint32_t len) {
+  request_t q = {.op = op, .len = len};
+  int err = write_all(c->sock, &q, sizeof q);
+  if (err == 0 && len > 0) err = write_all(c->sock, payload, len);
+  return err;
+}
+
 static napi_value throw_reply(napi_env env, const reply_t *r) {
   char syscall_name[sizeof r->syscall + 1], what[sizeof r->what + 1];
   snprintf(syscall_name, sizeof syscall_name, "%s", r->syscall);
@@ -184,11 +192,12 @@ static napi_value js_prepare_freeze(napi_env env, napi_callback_info info) {
 
 /* freeze(pid) -> handle */
 static napi_value js_freeze(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
+  size_t argc = 2;
+  napi_value argv[2];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t pid;
-  if (argc < 1 || !arg_int32(env, argv[0], &pid) || pid <= 0) return throw_type(env, "freeze(pid)");
+  bool with_threads = false;
+  if (argc < 1 || !arg_int32(env, argv[0], &pid) || pid <= 0 || (argc >= 2 && !arg_bool(env, argv[1], &with_threads))) return throw_type(env, "freeze(pid, withThreads?)");
   int sock = spare_sock;
   spare_sock = -1;
   if (sock < 0) {
@@ -201,7 +210,10 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
   int err;
   freeze_request_t q = {.pid = pid};
   reply_t r;
-  err = request(c, OP_FREEZE, &q, sizeof q, &r);
+  /* withThreads: THREADS goes right behind FREEZE, its reply read right after FREEZE's: one round trip. */
+  err = send_only(c, OP_FREEZE, &q, sizeof q);
+  if (err == 0 && with_threads) err = send_only(c, OP_THREADS, NULL, 0);
+  if (err == 0) err = read_all(c->sock, &r, sizeof r);
   if (err != 0 || r.err != 0) {
     client_end(c);
     client_free(c);
@@ -215,6 +227,12 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
   char xstate[XSTATE_MAX]; /* the injection thread's: not needed here, all come with the records */
   if (err == 0) err = read_all(c->sock, xstate, rest);
   c->count = head[0];
+  if (err == 0 && with_threads) {
+    reply_t t;
+    err = read_all(c->sock, &t, sizeof t);
+    if (err == 0 && t.err != 0) err = t.err;
+    if (err == 0) err = read_threads(c, t.len);
+  }
   if (err != 0) {
     client_end(c);
     client_free(c);
@@ -297,45 +315,115 @@ static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
  * this FP/vector state (the XSAVE area if not empty, else the 512-byte
  * fpregs) and, when sigmask (a bigint, 0 ..= 2^64-1) is given, this blocked
  * signal mask. */
+typedef struct {
+  set_thread_request_t head;
+  uint8_t xstate[XSTATE_MAX];
+} set_thread_t;
+
+/* A SET_THREAD request from (tid, {regs, fpregs, xstate, sigmask?}); its length in *len, or NULL after throwing. */
+static bool build_set_thread(napi_env env, napi_value tid_value, napi_value state, set_thread_t *q, uint32_t *len) {
+  int32_t tid;
+  napi_value rv, fv, xv;
+  void *regs = NULL, *fpregs = NULL, *xstate = NULL;
+  size_t regs_len = 0, fpregs_len = 0, xstate_len = 0;
+  if (!arg_int32(env, tid_value, &tid) || napi_get_named_property(env, state, "regs", &rv) != napi_ok ||
+      napi_get_named_property(env, state, "fpregs", &fv) != napi_ok || napi_get_named_property(env, state, "xstate", &xv) != napi_ok ||
+      !arg_buffer(env, rv, &regs, &regs_len) || !arg_buffer(env, fv, &fpregs, &fpregs_len) || !arg_buffer(env, xv, &xstate, &xstate_len)) {
+    throw_type(env, "setThreadState(handle, tid, {regs, fpregs, xstate}: Buffers)");
+    return false;
+  }
+  if (regs_len != sizeof(struct user_regs_struct) || fpregs_len != sizeof(struct user_fpregs_struct) || xstate_len > XSTATE_MAX) {
+    throw_type(env, "setThreadState: regs must be a struct user_regs_struct (216 bytes), fpregs 512 bytes, xstate at most 8192");
+    return false;
+  }
+  napi_value mv;
+  napi_valuetype mask_type = napi_undefined;
+  uint64_t sigmask = 0;
+  bool lossless = false;
+  if (napi_get_named_property(env, state, "sigmask", &mv) != napi_ok || napi_typeof(env, mv, &mask_type) != napi_ok ||
+      (mask_type != napi_undefined && (mask_type != napi_bigint || napi_get_value_bigint_uint64(env, mv, &sigmask, &lossless) != napi_ok || !lossless))) {
+    throw_type(env, "setThreadState: sigmask must be a bigint from 0 to 2^64-1, or undefined");
+    return false;
+  }
+  memset(&q->head, 0, sizeof q->head);
+  q->head.tid = tid;
+  q->head.xstate_len = (uint32_t)xstate_len;
+  q->head.has_sigmask = mask_type == napi_bigint;
+  q->head.sigmask = sigmask;
+  memcpy(&q->head.regs, regs, regs_len);
+  memcpy(&q->head.fpregs, fpregs, fpregs_len);
+  if (xstate_len > 0) memcpy(q->xstate, xstate, xstate_len);
+  *len = (uint32_t)(sizeof q->head + xstate_len);
+  return true;
+}
+
 static napi_value js_set_thread_state(napi_env env, napi_callback_info info) {
   size_t argc = 3;
   napi_value argv[3];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   client_t *c = argc >= 3 ? get_client(env, argv[0]) : NULL;
-  int32_t tid;
-  napi_value rv, fv, xv;
-  void *regs = NULL, *fpregs = NULL, *xstate = NULL;
-  size_t regs_len = 0, fpregs_len = 0, xstate_len = 0;
-  if (c == NULL || !arg_int32(env, argv[1], &tid) || napi_get_named_property(env, argv[2], "regs", &rv) != napi_ok ||
-      napi_get_named_property(env, argv[2], "fpregs", &fv) != napi_ok || napi_get_named_property(env, argv[2], "xstate", &xv) != napi_ok ||
-      !arg_buffer(env, rv, &regs, &regs_len) || !arg_buffer(env, fv, &fpregs, &fpregs_len) || !arg_buffer(env, xv, &xstate, &xstate_len))
-    return throw_type(env, "setThreadState(handle, tid, {regs, fpregs, xstate}: Buffers)");
-  if (regs_len != sizeof(struct user_regs_struct) || fpregs_len != sizeof(struct user_fpregs_struct) || xstate_len > XSTATE_MAX)
-    return throw_type(env, "setThreadState: regs must be a struct user_regs_struct (216 bytes), fpregs 512 bytes, xstate at most 8192");
-  napi_value mv;
-  napi_valuetype mask_type = napi_undefined;
-  uint64_t sigmask = 0;
-  bool lossless = false;
-  if (napi_get_named_property(env, argv[2], "sigmask", &mv) != napi_ok || napi_typeof(env, mv, &mask_type) != napi_ok ||
-      (mask_type != napi_undefined && (mask_type != napi_bigint || napi_get_value_bigint_uint64(env, mv, &sigmask, &lossless) != napi_ok || !lossless)))
-    return throw_type(env, "setThreadState: sigmask must be a bigint from 0 to 2^64-1, or undefined");
+  if (c == NULL) return throw_type(env, "setThreadState(handle, tid, {regs, fpregs, xstate}: Buffers)");
+  static set_thread_t q;
+  uint32_t len;
+  if (!build_set_thread(env, argv[1], argv[2], &q, &len)) return NULL;
   if (c->thawed) return throw_errno(env, EINVAL, "ptrace", "setThreadState after thaw");
-  struct {
-    set_thread_request_t head;
-    uint8_t xstate[XSTATE_MAX];
-  } q;
-  memset(&q.head, 0, sizeof q.head);
-  q.head.tid = tid;
-  q.head.xstate_len = (uint32_t)xstate_len;
-  q.head.has_sigmask = mask_type == napi_bigint;
-  q.head.sigmask = sigmask;
-  memcpy(&q.head.regs, regs, regs_len);
-  memcpy(&q.head.fpregs, fpregs, fpregs_len);
-  if (xstate_len > 0) memcpy(q.xstate, xstate, xstate_len);
   reply_t r;
-  int err = request(c, OP_SET_THREAD, &q, (uint32_t)(sizeof q.head + xstate_len), &r);
+  int err = request(c, OP_SET_THREAD, &q, len, &r);
   if (err != 0) return throw_lost(env, err);
   if (r.err != 0) return throw_reply(env, &r);
+  return NULL;
+}
+
+/* setThreadsAndThaw(h, [{tid, regs, fpregs, xstate, sigmask?}]): every thread's
+ * state, then the thaw (the helper kept for the next freeze), in one round
+ * trip: the requests go out together and their replies are read after. The
+ * thaw happens whatever a SET_THREAD answered; the first failure is thrown
+ * after it. The records must have been read (frozenThreads, or freeze's
+ * withThreads). */
+static napi_value js_set_threads_and_thaw(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  client_t *c = argc >= 2 ? get_client(env, argv[0]) : NULL;
+  bool is_array = false;
+  if (c == NULL || napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array) return throw_type(env, "setThreadsAndThaw(handle, [{tid, regs, fpregs, xstate, sigmask?}])");
+  if (c->thawed || !c->have_threads) return throw_errno(env, EINVAL, "ptrace", "setThreadsAndThaw: after thaw, or before the records were read");
+  uint32_t n;
+  NAPI_CALL(env, napi_get_array_length(env, argv[1], &n));
+  static set_thread_t q;
+  int err = 0;
+  for (uint32_t i = 0; i < n && err == 0; i++) {
+    napi_value state, tid;
+    NAPI_CALL(env, napi_get_element(env, argv[1], i, &state));
+    NAPI_CALL(env, napi_get_named_property(env, state, "tid", &tid));
+    uint32_t len;
+    if (!build_set_thread(env, tid, state, &q, &len)) {
+      n = i; /* what was sent is answered below; the thaw still happens */
+      break;
+    }
+    err = send_only(c, OP_SET_THREAD, &q, len);
+  }
+  bool threw = false;
+  napi_is_exception_pending(env, &threw);
+  c->thawed = true;
+  if (err == 0) err = send_only(c, OP_RELEASE, NULL, 0);
+  reply_t first_failure = {0};
+  for (uint32_t i = 0; i < n && err == 0; i++) {
+    reply_t r;
+    err = read_all(c->sock, &r, sizeof r);
+    if (err == 0 && r.err != 0 && first_failure.err == 0) first_failure = r;
+  }
+  reply_t released;
+  if (err == 0) err = read_all(c->sock, &released, sizeof released);
+  if (err == 0 && released.err == 0 && released.len == 0 && spare_sock < 0) {
+    spare_sock = c->sock;
+    c->sock = -1;
+  } else {
+    client_end(c); /* if the helper is gone, it thawed the target as it went */
+  }
+  if (threw) return NULL;
+  if (err != 0) return throw_lost(env, err);
+  if (first_failure.err != 0) return throw_reply(env, &first_failure);
   return NULL;
 }
 
@@ -409,6 +497,7 @@ void register_ptrace_exports(napi_env env, napi_value exports) {
       {"frozenThreads", NULL, js_frozen_threads, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"injectSyscall", NULL, js_inject_syscall, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"setThreadState", NULL, js_set_thread_state, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"setThreadsAndThaw", NULL, js_set_threads_and_thaw, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"injectionThreadRsp", NULL, js_injection_rsp, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"thaw", NULL, js_thaw, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"processVmWrite", NULL, js_process_vm_write, NULL, NULL, NULL, napi_default_jsproperty, NULL},
