@@ -1,6 +1,6 @@
 // Reading what /proc says about a process: maps, identity, threads.
-import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
-import type { ProcessRecord } from '../snapshot-format/model.js';
+import { readFileSync, readdirSync, readlinkSync, statSync, type BigIntStats } from 'node:fs';
+import type { FdKind, FdRecord, MmFields, ProcessRecord, ProcessState, RlimitRecord } from '../snapshot-format/model.js';
 import { WpsnapError, externalCode } from '../common/errors.js';
 
 export interface MapsEntry {
@@ -193,5 +193,147 @@ export function cpuClock(pid: number): { lap: () => number } {
       wall = nowWall;
       return Math.round(used * 1000) / 1000;
     },
+  };
+}
+
+/** Errors of a /proc/PID/fd/N read that mean the fd closed meanwhile. */
+const FD_GONE = new Set(['ENOENT', 'ESRCH', 'EBADF']);
+
+function fdGone(error: unknown): boolean {
+  return FD_GONE.has((error as NodeJS.ErrnoException).code ?? '');
+}
+
+/** The kind of an fd from its link text and the stat through it. */
+export function fdKind(target: string, mode: number): FdKind {
+  const type = mode & 0o170000;
+  if (target.startsWith('pipe:') || type === 0o010000) return 'pipe';
+  if (target.startsWith('socket:') || type === 0o140000) return 'socket';
+  if (target.startsWith('anon_inode:')) {
+    const name = target.slice('anon_inode:'.length).replace(/^\[(.*)\]$/, '$1');
+    if (name === 'eventfd') return 'eventfd';
+    if (name === 'timerfd') return 'timerfd';
+    if (name === 'signalfd') return 'signalfd';
+    if (name === 'eventpoll') return 'epoll';
+    return 'anon';
+  }
+  if (target.startsWith('/memfd:')) return 'memfd';
+  if (type === 0o040000) return 'directory';
+  if (type === 0o100000) return 'file';
+  if (type === 0o020000 || type === 0o060000) return 'device';
+  return 'other';
+}
+
+/** One fd of /proc/PID/fd; undefined when it closed (or was replaced) while being read. */
+function readFd(pid: number, fd: number): FdRecord | undefined {
+  // An fd closed and reopened between the reads shows another inode in fdinfo than in the stat: read again.
+  for (let attempt = 0; attempt < 3; attempt++) {
+    let target: string;
+    let st: BigIntStats;
+    let info: string;
+    try {
+      target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+      st = statSync(`/proc/${pid}/fd/${fd}`, { bigint: true });
+      info = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
+    } catch (error) {
+      if (fdGone(error)) return undefined;
+      throw new WpsnapError(externalCode((error as NodeJS.ErrnoException).code, 'EIO'), `read fd ${fd} of process ${pid}: ${(error as Error).message}`);
+    }
+    const field = (key: string): string | undefined => new RegExp(`^${key}:\\s*(\\S+)`, 'm').exec(info)?.[1];
+    const ino = field('ino');
+    if (ino !== undefined && BigInt(ino) !== st.ino) continue;
+    const mode = Number(st.mode);
+    const kind = fdKind(target, mode);
+    const regular = (mode & 0o170000) === 0o100000;
+    return {
+      fd,
+      kind,
+      target,
+      pos: BigInt(field('pos') ?? '0').toString(),
+      flags: parseInt(field('flags') ?? '0', 8),
+      mntId: Number(field('mnt_id') ?? '0'),
+      dev: Number(st.dev),
+      ino: Number(st.ino),
+      mode,
+      ...(regular ? { size: Number(st.size), mtimeNs: st.mtimeNs.toString() } : {}),
+    };
+  }
+  return undefined;
+}
+
+/** Every line of /proc/PID/limits after the header ("%-25s %-20s %-20s %-10s" per line). */
+export function parseLimits(text: string): RlimitRecord[] {
+  const value = (v: string | undefined): string | null => (v === undefined || v === 'unlimited' ? null : BigInt(v).toString());
+  return text
+    .split('\n')
+    .slice(1)
+    .filter((line) => line.trim() !== '')
+    .map((line) => {
+      const [soft, hard, units] = line.slice(25).trim().split(/\s+/);
+      return { name: line.slice(0, 25).trim(), soft: value(soft), hard: value(hard), units: units ?? '' };
+    });
+}
+
+/** Fields 26-28 and 45-51 of /proc/PID/stat (man 5 proc numbering, pid is 1), as decimal strings. */
+export function parseMmFields(stat: string): MmFields {
+  // comm may contain spaces and parentheses: field 3 starts after the last ')'.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).trimEnd().split(' ');
+  const at = (n: number): string => BigInt(fields[n - 3] ?? '0').toString();
+  return {
+    startCode: at(26),
+    endCode: at(27),
+    startStack: at(28),
+    startData: at(45),
+    endData: at(46),
+    startBrk: at(47),
+    argStart: at(48),
+    argEnd: at(49),
+    envStart: at(50),
+    envEnd: at(51),
+  };
+}
+
+/**
+ * The process state a restore will need (ProcessState, issue 13), all from
+ * /proc. Nothing here needs the target stopped: it is read before the pause,
+ * which would otherwise grow by a readlink, a stat and an fdinfo read per fd.
+ * What a running target can change between this read and T (an fd opened or
+ * closed, a file offset, its umask or limits) is as it was just before T.
+ */
+export function readProcessState(pid: number): ProcessState {
+  const status = readProc(pid, 'status').toString('utf8');
+  const line = (key: string): string => new RegExp(`^${key}:[ \\t]*(.*)$`, 'm').exec(status)?.[1]?.trim() ?? '';
+  const numbers = (key: string): number[] => line(key).split(/\s+/).filter((v) => v !== '').map(Number);
+  const link = (name: string): string => {
+    try {
+      return readlinkSync(`/proc/${pid}/${name}`);
+    } catch {
+      return '';
+    }
+  };
+  let entries: number[];
+  try {
+    entries = readdirSync(`/proc/${pid}/fd`).map(Number).sort((a, b) => a - b);
+  } catch (error) {
+    readProc(pid, 'stat'); // TARGET_NOT_FOUND when it is gone
+    throw new WpsnapError(externalCode((error as NodeJS.ErrnoException).code, 'EIO'), `list /proc/${pid}/fd: ${(error as Error).message}`);
+  }
+  const fds = entries.flatMap((fd) => readFd(pid, fd) ?? []);
+  let exe: ProcessState['exe'] = null;
+  try {
+    const st = statSync(`/proc/${pid}/exe`, { bigint: true });
+    exe = { path: link('exe'), dev: Number(st.dev), ino: Number(st.ino), size: Number(st.size), mtimeNs: st.mtimeNs.toString() };
+  } catch {
+    exe = null;
+  }
+  return {
+    fds,
+    cwd: link('cwd'),
+    root: link('root'),
+    umask: parseInt(line('Umask') || '0', 8),
+    credentials: { uid: numbers('Uid'), gid: numbers('Gid'), groups: numbers('Groups') },
+    personality: parseInt(readProc(pid, 'personality').toString('utf8').trim(), 16),
+    rlimits: parseLimits(readProc(pid, 'limits').toString('utf8')),
+    mm: parseMmFields(readProc(pid, 'stat').toString('utf8')),
+    exe,
   };
 }

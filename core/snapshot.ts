@@ -15,7 +15,7 @@ import { closeQuietly, pause, type PauseBreakdown, type PauseOutcome } from './p
 import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
-import { assertProcessExists, cpuClock, readProcessRecord } from './procfs.js';
+import { assertProcessExists, cpuClock, readProcessRecord, readProcessState } from './procfs.js';
 import { setStorePriority, type StorePriority } from '../store/priority.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
@@ -157,7 +157,8 @@ export async function snapshotProcess(
   refuseSelfFreeze(pid);
   requireFeatures(binding);
   const startedAt = Date.now();
-  const processRecord = readProcessRecord(pid);
+  // The state a restore will need (fds, cwd, limits, …): read now, before the pause, never in it (readProcessState says why).
+  const processRecord = { ...readProcessRecord(pid), state: readProcessState(pid) };
   const targetClock = cpuClock(pid);
   const targetCpu = { before: 0, window: 0, compressing: 0 };
   const priority = options.priority ?? 'normal';

@@ -5,7 +5,17 @@ import { join } from 'node:path';
 import { WpsnapError } from '../common/errors.js';
 import { ExportDir, ioError, readAll } from './export-dir.js';
 import type { SnapshotReader } from './reader.js';
-import { formatAddress, formatSigmask, PAGE_SIZE, type LostRange, type LostReason, type RegionCapture, type RegionRecord, type SnapshotState } from './model.js';
+import {
+  formatAddress,
+  formatSigmask,
+  PAGE_SIZE,
+  type LostRange,
+  type LostReason,
+  type ProcessState,
+  type RegionCapture,
+  type RegionRecord,
+  type SnapshotState,
+} from './model.js';
 
 export const RAW_EXPORT_FORMAT = 'wpsnap-raw-export';
 export const RAW_EXPORT_VERSION = 1;
@@ -52,7 +62,13 @@ export interface RawManifest {
   snapshot: number;
   name: string | null;
   state: SnapshotState;
-  processes: Array<{ pid: number; threads: RawManifestThread[]; regions: RawManifestRegion[] }>;
+  processes: Array<{
+    pid: number;
+    threads: RawManifestThread[];
+    regions: RawManifestRegion[];
+    /** The process state a restore will need (FORMAT.md, "The process state"), null when not recorded. */
+    state: ProcessState | null;
+  }>;
 }
 
 export interface RawExportResult {
@@ -168,7 +184,7 @@ async function writeExport(
       regions.push(entry);
     }
     const threads = store.threads(process.processId).map((t) => ({ tid: t.tid, name: t.name, sigmask: formatSigmask(t.sigmask) }));
-    manifest.processes.push({ pid: process.pid, threads, regions });
+    manifest.processes.push({ pid: process.pid, threads, regions, state: store.processState?.(process.processId) ?? null });
   }
   await checkpoint();
   // Written last, via rename: a directory without manifest.json is not an export.

@@ -84,6 +84,99 @@ export interface ProcessRecord {
   /** Its pid in each PID namespace it is in, outermost (wpsnap's) first: NSpid
    * of /proc/PID/status. Absent when not recorded (stores before schema 3). */
   nsPids?: number[];
+  /** What a restore will need besides memory and threads (schema 6), read from
+   * /proc just before the pause. Written with the process; a store gives it
+   * back through Store.processState(processId), never in processes(). */
+  state?: ProcessState;
+}
+
+/** What an fd refers to, from its /proc/PID/fd link and a stat through it. */
+export type FdKind =
+  | 'file'
+  | 'directory'
+  | 'pipe'
+  | 'socket'
+  | 'eventfd'
+  | 'timerfd'
+  | 'signalfd'
+  | 'epoll'
+  | 'memfd'
+  /** A character or block device. */
+  | 'device'
+  /** Another anon_inode:… (pidfd, inotify, userfaultfd, io_uring, …). */
+  | 'anon'
+  | 'other';
+
+/** One open file descriptor of the process. */
+export interface FdRecord {
+  fd: number;
+  kind: FdKind;
+  /** readlink /proc/PID/fd/N: a path, or a pseudo-path such as "pipe:[1234]", "anon_inode:[eventfd]". */
+  target: string;
+  /** pos of /proc/PID/fdinfo/N: the file offset, as a decimal string (up to 2^63-1). */
+  pos: string;
+  /** flags of /proc/PID/fdinfo/N (octal there): the open flags, O_CLOEXEC included. */
+  flags: number;
+  /** mnt_id of /proc/PID/fdinfo/N: the mount it was opened on (/proc/PID/mountinfo). */
+  mntId: number;
+  /** stat through /proc/PID/fd/N. */
+  dev: number;
+  ino: number;
+  /** st_mode: file type and permission bits. */
+  mode: number;
+  /** Regular files (memfds included) only: st_size and st_mtime (ns since the epoch, a decimal string). */
+  size?: number;
+  mtimeNs?: string;
+}
+
+/** One line of /proc/PID/limits. Values are decimal strings (up to 2^64-2); null is "unlimited". */
+export interface RlimitRecord {
+  /** As /proc shows it, e.g. "Max open files". */
+  name: string;
+  soft: string | null;
+  hard: string | null;
+  /** "bytes", "files", …; "" when /proc shows none. */
+  units: string;
+}
+
+/** Address-space fields of /proc/PID/stat (man 5 proc), decimal strings. */
+export interface MmFields {
+  /** Fields 26-28. */
+  startCode: string;
+  endCode: string;
+  startStack: string;
+  /** Fields 45-51. */
+  startData: string;
+  endData: string;
+  startBrk: string;
+  argStart: string;
+  argEnd: string;
+  envStart: string;
+  envEnd: string;
+}
+
+/**
+ * The process state a restore will need besides memory, threads and
+ * registers (issue 13), stored as one JSON document per process (FORMAT.md,
+ * "process_state"). Read from /proc just before the pause.
+ */
+export interface ProcessState {
+  /** Every entry of /proc/PID/fd, by fd number; one that closed while being read is left out. */
+  fds: FdRecord[];
+  /** readlink /proc/PID/cwd and /proc/PID/root. */
+  cwd: string;
+  root: string;
+  /** Umask of /proc/PID/status (e.g. 0o027 = 23). */
+  umask: number;
+  /** Uid and Gid of /proc/PID/status: [real, effective, saved, filesystem]; Groups: supplementary groups. */
+  credentials: { uid: number[]; gid: number[]; groups: number[] };
+  /** /proc/PID/personality (hex there). */
+  personality: number;
+  /** Every line of /proc/PID/limits, in its order. */
+  rlimits: RlimitRecord[];
+  mm: MmFields;
+  /** stat /proc/PID/exe (the file, through the link); null when it cannot be read (no mm, or gone). */
+  exe: { path: string; dev: number; ino: number; size: number; mtimeNs: string } | null;
 }
 
 /** Why a page's content at T is not in the snapshot. */

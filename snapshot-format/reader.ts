@@ -1,6 +1,6 @@
 // What a reader of snapshots offers, whatever keeps them: the store implements
 // it, and every exporter takes it (so the format layer depends on no store).
-import type { LostRange, ProcessRecord, RegionRecord, SnapshotSummary, ThreadRecord } from './model.js';
+import type { LostRange, ProcessRecord, ProcessState, RegionRecord, SnapshotSummary, ThreadRecord } from './model.js';
 
 export interface SnapshotReader {
   /** A snapshot by id or name; throws SNAPSHOT_NOT_FOUND. */
@@ -8,6 +8,8 @@ export interface SnapshotReader {
   list(): SnapshotSummary[];
   processes(snapshotId: number): Array<ProcessRecord & { processId: number }>;
   threads(processId: number): ThreadRecord[];
+  /** The process state recorded with the process (schema 6), undefined when none was. Optional: a reader without it records none. */
+  processState?(processId: number): ProcessState | undefined;
   regions(processId: number): RegionRecord[];
   lost(processId: number): LostRange[];
   /** The stored pages of [start, end), in address order (pages not stored were zero at T, or are listed lost). */

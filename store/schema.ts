@@ -205,16 +205,34 @@ function migrateTo5(db: Database.Database): void {
 }
 
 /**
+ * Version 6: the process state a restore will need besides memory, threads
+ * and registers (issue 13): open fds, cwd and root, umask, credentials,
+ * personality, rlimits, the mm fields of /proc/PID/stat and the executable's
+ * identity, as one JSON document per process (ProcessState of
+ * snapshot-format/model.ts; FORMAT.md lists its fields). A table of its own,
+ * one row per process: a process of an older snapshot has no row, "not
+ * recorded", never an empty state.
+ */
+function migrateTo6(db: Database.Database): void {
+  db.exec(`
+CREATE TABLE process_state (
+  process_id INTEGER PRIMARY KEY REFERENCES processes(id) ON DELETE CASCADE,
+  state      TEXT NOT NULL
+);
+`);
+}
+
+/**
  * MIGRATIONS[i] turns a version-i store into version i + 1; version 0 is an
  * empty database. To change the schema, append a function here: never edit
  * one that has shipped.
  */
-export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4, migrateTo5];
+export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4, migrateTo5, migrateTo6];
 
 /**
  * The oldest version a read-only open reads without upgrading, where no
- * upgrade is possible (read-only media): every later step only adds columns,
- * which readers take as not recorded when absent.
+ * upgrade is possible (read-only media): every later step only adds columns
+ * or tables, which readers take as not recorded when absent.
  */
 export const OLDEST_READABLE_VERSION = 2;
 

@@ -9,6 +9,7 @@ import type {
   LostRange,
   LostReason,
   ProcessRecord,
+  ProcessState,
   RegionCapture,
   RegionRecord,
   SnapshotState,
@@ -261,6 +262,28 @@ export class Store implements SnapshotReader {
       throw new WpsnapError('STORE_CORRUPT', `${this.path}: processes.ns_pids ${JSON.stringify(column)} is not a list of pids`);
     }
     return { nsPids: nsPids as number[] };
+  }
+
+  /**
+   * The process state recorded with the process (schema 6), or undefined when
+   * none was: a snapshot from before, or from a writer that read none (a
+   * store of an older schema on read-only media has no table at all).
+   */
+  processState(processId: number): ProcessState | undefined {
+    const hasTable = this.db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'process_state'").get();
+    if (hasTable === undefined) return undefined;
+    const row = this.db.prepare('SELECT state FROM process_state WHERE process_id = ?').get(processId) as { state: string } | undefined;
+    if (row === undefined) return undefined;
+    let state: unknown;
+    try {
+      state = JSON.parse(row.state);
+    } catch {
+      state = undefined;
+    }
+    if (typeof state !== 'object' || state === null || !Array.isArray((state as { fds?: unknown }).fds)) {
+      throw new WpsnapError('STORE_CORRUPT', `${this.path}: process_state of process ${processId} is not a process state document`);
+    }
+    return state as ProcessState;
   }
 
   threads(processId: number): ThreadRecord[] {

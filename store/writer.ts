@@ -108,10 +108,17 @@ export class SnapshotWriter {
     };
     const columns = Object.keys(values);
     try {
-      const info = this.host.db
-        .prepare(`INSERT INTO processes (${columns.join(', ')}) VALUES (${columns.map((c) => `@${c}`).join(', ')})`)
-        .run(values);
-      const processId = Number(info.lastInsertRowid);
+      const processId = this.host.db.transaction(() => {
+        const info = this.host.db
+          .prepare(`INSERT INTO processes (${columns.join(', ')}) VALUES (${columns.map((c) => `@${c}`).join(', ')})`)
+          .run(values);
+        const id = Number(info.lastInsertRowid);
+        // Only when recorded: the tests' stores of older schema versions lack the table (schema.ts, version 6).
+        if (p.state !== undefined) {
+          this.host.db.prepare('INSERT INTO process_state (process_id, state) VALUES (?, ?)').run(id, JSON.stringify(p.state));
+        }
+        return id;
+      })();
       this.processIds.add(processId);
       const parent = this.host.parentProcess(p.pid);
       if (parent !== undefined) {

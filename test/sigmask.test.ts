@@ -194,9 +194,9 @@ describe('stores of schema 4', () => {
 
     const v5 = Store.open(path);
     try {
-      expect(MIGRATIONS).toHaveLength(5);
+      expect(MIGRATIONS).toHaveLength(6);
       const db = (v5 as unknown as { db: Database.Database }).db;
-      expect((db.prepare("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string }).value).toBe('5');
+      expect((db.prepare("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string }).value).toBe('6');
       const before = v5.threads(v5.processes(v5.find('old').id)[0]!.processId);
       expect(before.map((t) => t.tid)).toEqual([4242, 4243]);
       for (const t of before) {

@@ -29,6 +29,8 @@ export const showCommand = defineCommand({
           threads,
           regions: store.regions(p.processId),
           lost: store.lost(p.processId),
+          // What a restore will need (fds, cwd, umask, limits, …; FORMAT.md, "process_state"); null when not recorded.
+          state: store.processState(p.processId) ?? null,
         };
       });
       if (args.json) {
@@ -59,6 +61,15 @@ export const showCommand = defineCommand({
         }
         println(ctx.stdout, `  exe:     ${p.exe}`);
         println(ctx.stdout, `  cmdline: ${p.cmdline.map((a) => (/[\s"']/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
+        if (p.state === null) {
+          println(ctx.stdout, '  state:   not recorded');
+        } else {
+          const kinds = new Map<string, number>();
+          for (const fd of p.state.fds) kinds.set(fd.kind, (kinds.get(fd.kind) ?? 0) + 1);
+          const byKind = [...kinds].map(([kind, n]) => `${n} ${kind}`).join(', ');
+          println(ctx.stdout, `  fds (${p.state.fds.length}): ${byKind === '' ? 'none' : byKind}`);
+          println(ctx.stdout, `  cwd:     ${p.state.cwd}, umask ${p.state.umask.toString(8).padStart(4, '0')}`);
+        }
         println(ctx.stdout, `  threads (${p.threads.length}):`);
         for (const t of p.threads) {
           const blocked = t.sigmask === null ? '' : ` blocked ${t.sigmask}`;
