@@ -3,7 +3,7 @@
 // an attacher (core/pause.ts, core/ptrace-attacher.ts), then the engine run
 // (core/engine-session.ts) into the store, ending in its final commit.
 import { closeSync } from 'node:fs';
-import type { LostRange, RegionRecord } from '../snapshot-format/model.js';
+import type { LostRange, ProcessState, RegionRecord } from '../snapshot-format/model.js';
 import type { UffdMethod } from './attach.js';
 import type { Attacher } from './attacher.js';
 import { EngineSession, type EngineProgress } from './engine-session.js';
@@ -158,7 +158,16 @@ export async function snapshotProcess(
   requireFeatures(binding);
   const startedAt = Date.now();
   // The state a restore will need (fds, cwd, limits, …): read now, before the pause, never in it (readProcessState says why).
-  const processRecord = { ...readProcessRecord(pid), state: readProcessState(pid) };
+  // What cannot be read (an fd on a filesystem that fails a stat…) costs the record, never the snapshot.
+  let stateWarning: string | undefined;
+  let state: ProcessState | undefined;
+  try {
+    state = readProcessState(pid);
+  } catch (error) {
+    if (error instanceof WpsnapError && error.code === 'TARGET_NOT_FOUND') throw error;
+    stateWarning = `the process state (fds, cwd, limits…) was not recorded: ${(error as Error).message}`;
+  }
+  const processRecord = { ...readProcessRecord(pid), ...(state === undefined ? {} : { state }) };
   const targetClock = cpuClock(pid);
   const targetCpu = { before: 0, window: 0, compressing: 0 };
   const priority = options.priority ?? 'normal';
@@ -278,6 +287,7 @@ export async function snapshotProcess(
               },
             },
     });
+    if (stateWarning !== undefined) paused.warnings.push(stateWarning);
     const longestStop = Math.max(paused.pauseMicros, pre?.attachStopMicros ?? 0);
     const resumedAt = performance.now();
     const instantAt = new Date().toISOString();
