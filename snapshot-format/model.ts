@@ -127,6 +127,63 @@ export interface FdRecord {
   /** Regular files (memfds included) only: st_size and st_mtime (ns since the epoch, a decimal string). */
   size?: number;
   mtimeNs?: string;
+  // The kind's details a restore needs, from /proc/PID/fdinfo/N (sockets:
+  // /proc/PID/net/*). Each is present only on its kind, and left out when it
+  // cannot be read.
+  /** epoll: one entry per registered fd ("tfd:" lines). */
+  epoll?: EpollTarget[];
+  /** eventfd: "eventfd-count:" (hex there), as a decimal string. */
+  eventfd?: { count: string };
+  timerfd?: TimerfdState;
+  /** signalfd: "sigmask:" as 0x and 16 hex digits (as formatSigmask). */
+  signalfd?: { sigmask: string };
+  socket?: SocketState;
+}
+
+/** One fd registered in an epoll fd: a "tfd:" line of its fdinfo. */
+export interface EpollTarget {
+  /** The registered fd number (in the target's table). */
+  fd: number;
+  /** The event mask (hex there) as the kernel holds it: EPOLLERR|EPOLLHUP are always added. */
+  events: number;
+  /** epoll_event.data (hex there, 64 bits) as a decimal string. */
+  data: string;
+}
+
+/** A second and nanosecond pair of a timerfd's fdinfo, e.g. "(6, 994027858)". */
+export interface Timespec {
+  sec: number;
+  nsec: number;
+}
+
+/** A timerfd's fdinfo. */
+export interface TimerfdState {
+  /** "clockid:": CLOCK_REALTIME 0, CLOCK_MONOTONIC 1, CLOCK_BOOTTIME 7, … */
+  clockid: number;
+  /** "ticks:": expirations not yet read, decimal string. */
+  ticks: string;
+  /** "settime flags:" (octal there): TFD_TIMER_ABSTIME 1, TFD_TIMER_CANCEL_ON_SET 2. */
+  settimeFlags: number;
+  /** "it_value:": time left until the next expiration (0, 0 when disarmed). */
+  value: Timespec;
+  /** "it_interval:": the period (0, 0 for a one-shot timer). */
+  interval: Timespec;
+}
+
+/** A socket as /proc/PID/net/{unix,tcp,tcp6,udp,udp6} shows it (found by inode). */
+export interface SocketState {
+  family: 'unix' | 'inet' | 'inet6';
+  type: 'stream' | 'dgram' | 'seqpacket';
+  /**
+   * 'listen', 'connected' (unix SS_CONNECTED, TCP/UDP ESTABLISHED),
+   * 'unconnected' (unix SS_UNCONNECTED, TCP/UDP CLOSE), otherwise the state's
+   * name in lower case ('connecting', 'syn_sent', 'time_wait', …).
+   */
+  state: string;
+  /** unix: the bound path ("@…" abstract, "" unbound); inet: "a.b.c.d:port"; inet6: "[addr]:port". */
+  local: string;
+  /** inet, inet6: the peer, when it has one (a port other than 0). */
+  remote?: string;
 }
 
 /** One line of /proc/PID/limits. Values are decimal strings (up to 2^64-2); null is "unlimited". */

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseLimits, parseMmFields } from '../core/procfs.js';
+import { parseFdDetails, parseLimits, parseMmFields, parseNetInet, parseNetUnix } from '../core/procfs.js';
 import { readRawManifest } from '../snapshot-format/export-raw.js';
 import type { FdRecord, ProcessState } from '../snapshot-format/model.js';
 import { MIGRATIONS, Store } from '../store/index.js';
@@ -35,6 +35,7 @@ interface FixtureFds {
   epoll: number;
   socket: number;
   memfd: number;
+  tcp: number;
 }
 
 let dir: string;
@@ -131,6 +132,41 @@ describe('a snapshot records the process state a restore will need', () => {
     expect(w.ino).toBe(r.ino);
     expect(r.flags & O_ACCMODE).toBe(0);
     expect(w.flags & O_ACCMODE).toBe(O_WRONLY);
+  });
+
+  it('the epoll fd lists the eventfd with its events and data; the eventfd its count; the signalfd its mask', () => {
+    const EPOLLIN = 0x1;
+    const EPOLLERR = 0x8;
+    const EPOLLHUP = 0x10;
+    const EPOLLET = 0x80000000;
+    // The kernel adds EPOLLERR|EPOLLHUP to every registration.
+    expect(fd(fds.epoll).epoll).toEqual([{ fd: fds.eventfd, events: (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLET) >>> 0, data: 0x1122334455667788n.toString() }]);
+    expect(fd(fds.eventfd).eventfd).toEqual({ count: '5' });
+    const SIGUSR1 = 10;
+    const SIGUSR2 = 12;
+    const mask = (1n << BigInt(SIGUSR1 - 1)) | (1n << BigInt(SIGUSR2 - 1));
+    expect(fd(fds.signalfd).signalfd).toEqual({ sigmask: `0x${mask.toString(16).padStart(16, '0')}` });
+    expect(fd(fds.signalfd).signalfd!.sigmask).toBe('0x0000000000000a00');
+    // Details belong to their kind only.
+    for (const n of [fds.file, fds.pipe_r, fds.memfd]) {
+      for (const key of ['epoll', 'eventfd', 'timerfd', 'signalfd', 'socket']) expect(fd(n)).not.toHaveProperty(key);
+    }
+  });
+
+  it('the timerfd: CLOCK_MONOTONIC, every 7 s, at most 7 s to go', () => {
+    const timer = fd(fds.timerfd).timerfd!;
+    expect(timer).toMatchObject({ clockid: 1, settimeFlags: 0, interval: { sec: 7, nsec: 0 } });
+    expect(timer.ticks).toMatch(/^\d+$/);
+    expect(timer.value.sec).toBeLessThanOrEqual(7);
+    expect(timer.value.sec * 1e9 + timer.value.nsec).toBeGreaterThan(0);
+    expect(timer.value.nsec).toBeLessThan(1e9);
+  });
+
+  it('the sockets: the unix one listening on "sock", the TCP one on 127.0.0.1 and its port', () => {
+    expect(fd(fds.socket).socket).toEqual({ family: 'unix', type: 'stream', state: 'listen', local: 'sock' });
+    const port = fixture.ready['tcp_port'] as number;
+    expect(port).toBeGreaterThan(0);
+    expect(fd(fds.tcp).socket).toEqual({ family: 'inet', type: 'stream', state: 'listen', local: `127.0.0.1:${port}` });
   });
 
   it('cwd, root, umask 027, RLIMIT_NOFILE soft 512, credentials, personality', () => {
@@ -251,6 +287,71 @@ describe('stores of schema 5', () => {
 });
 
 describe('parsing /proc', () => {
+  it('fdinfo details: epoll, eventfd (hex count), signalfd, timerfd; missing lines leave the detail out', () => {
+    const head = 'pos:\t0\nflags:\t02\nmnt_id:\t17\nino:\t1038\n';
+    expect(
+      parseFdDetails('epoll', `${head}tfd:        4 events: 80000019 data: 1122334455667788  pos:0 ino:40e sdev:10\ntfd:       12 events:       19 data:                5  pos:0 ino:40f sdev:10\n`),
+    ).toEqual({
+      epoll: [
+        { fd: 4, events: 0x80000019, data: '1234605616436508552' },
+        { fd: 12, events: 0x19, data: '5' },
+      ],
+    });
+    expect(parseFdDetails('epoll', head)).toEqual({ epoll: [] });
+    expect(parseFdDetails('eventfd', `${head}eventfd-count:               1f\neventfd-id: 1\n`)).toEqual({ eventfd: { count: '31' } });
+    expect(parseFdDetails('eventfd', head)).toEqual({});
+    expect(parseFdDetails('signalfd', `${head}sigmask:\t0000000000000a00\n`)).toEqual({ signalfd: { sigmask: '0x0000000000000a00' } });
+    const timer = `${head}clockid: 0\nticks: 3\nsettime flags: 01\nit_value: (6, 994027858)\nit_interval: (7, 0)\n`;
+    expect(parseFdDetails('timerfd', timer)).toEqual({
+      timerfd: { clockid: 0, ticks: '3', settimeFlags: 1, value: { sec: 6, nsec: 994027858 }, interval: { sec: 7, nsec: 0 } },
+    });
+    expect(parseFdDetails('timerfd', timer.replace(/^it_interval.*$/m, ''))).toEqual({});
+    expect(parseFdDetails('file', `${head}sigmask:\t1\n`)).toEqual({});
+  });
+
+  it('/proc/net/unix: type, listen from the flags, state from St, the path (abstract with @, none when unbound)', () => {
+    const text = [
+      'Num       RefCount Protocol Flags    Type St Inode Path',
+      '0000000000000000: 00000002 00000000 00010000 0001 01 41001 /run/a b.sock',
+      '0000000000000000: 00000003 00000000 00000000 0001 03 41002',
+      '0000000000000000: 00000002 00000000 00000000 0002 01 41003 @abstract',
+      '0000000000000000: 00000002 00000000 00000000 0005 01 41004 sock',
+      '',
+    ].join('\n');
+    expect([...parseNetUnix(text)]).toEqual([
+      ['41001', { family: 'unix', type: 'stream', state: 'listen', local: '/run/a b.sock' }],
+      ['41002', { family: 'unix', type: 'stream', state: 'connected', local: '' }],
+      ['41003', { family: 'unix', type: 'dgram', state: 'unconnected', local: '@abstract' }],
+      ['41004', { family: 'unix', type: 'seqpacket', state: 'unconnected', local: 'sock' }],
+    ]);
+  });
+
+  it('/proc/net/tcp and tcp6: little-endian words decoded, ports in hex, the peer when connected, inode 0 skipped', () => {
+    const tcp = [
+      '  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode',
+      '   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 5001 1 0000000000000000 100 0 0 10 0',
+      '   1: 0201A8C0:D431 0101A8C0:01BB 01 00000000:00000000 00:00000000 00000000  1000        0 5002 1 0000000000000000 20 4 30 10 -1',
+      '   2: 0100007F:D432 0100007F:1F90 06 00000000:00000000 03:00000F5E 00000000     0        0 0 3 0000000000000000',
+      '',
+    ].join('\n');
+    expect([...parseNetInet(tcp, 'inet', 'stream')]).toEqual([
+      ['5001', { family: 'inet', type: 'stream', state: 'listen', local: '127.0.0.1:8080' }],
+      ['5002', { family: 'inet', type: 'stream', state: 'connected', local: '192.168.1.2:54321', remote: '192.168.1.1:443' }],
+    ]);
+    const tcp6 = [
+      '  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode',
+      '   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 6001 1 0000000000000000 100 0 0 10 0',
+      '   1: 0000000000000000FFFF00000100007F:0035 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 6002 2 0000000000000000 0',
+      '   2: B80D0120000000000000000001000000:0016 B80D0120000000000000000002000000:C350 01 00000000:00000000 00:00000000 00000000     0        0 6003 2 0000000000000000 0',
+      '',
+    ].join('\n');
+    expect([...parseNetInet(tcp6, 'inet6', 'dgram')]).toEqual([
+      ['6001', { family: 'inet6', type: 'dgram', state: 'listen', local: '[::1]:8080' }],
+      ['6002', { family: 'inet6', type: 'dgram', state: 'unconnected', local: '[::ffff:7f00:1]:53' }],
+      ['6003', { family: 'inet6', type: 'dgram', state: 'connected', local: '[2001:db8::1]:22', remote: '[2001:db8::2]:50000' }],
+    ]);
+  });
+
   it('mm fields by man 5 proc numbering, whatever the comm holds', () => {
     // Field n holds n; comm (field 2) has spaces and parentheses.
     const fields = Array.from({ length: 52 }, (_, i) => String(i + 1));
