@@ -15,7 +15,8 @@ import { closeQuietly, pause, type PauseBreakdown, type PauseOutcome } from './p
 import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
-import { assertProcessExists, cpuClock, readProcessRecord, readProcessState } from './procfs.js';
+import { assertProcessExists, cpuClock, readProcessRecord } from './procfs.js';
+import { readProcessState } from './process-state.js';
 import { setStorePriority, type StorePriority } from '../store/priority.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseFdDetails, parseLimits, parseMmFields, parseNetInet, parseNetUnix } from '../core/procfs.js';
+import { parseFdDetails, parseLimits, parseMmFields, parseNetInet, parseNetUnix } from '../core/process-state.js';
 import { readRawManifest } from '../snapshot-format/export-raw.js';
 import type { FdRecord, ProcessState } from '../snapshot-format/model.js';
 import { MIGRATIONS, Store } from '../store/index.js';
