@@ -117,6 +117,12 @@ function bootTimeSeconds(): number {
 /** Clock ticks per second for /proc/PID/stat times (USER_HZ, 100 on Linux x86_64). */
 const USER_HZ = 100;
 
+/** Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot (with the pid, its identity). */
+export function readStartTimeTicks(pid: number): number {
+  const stat = readProc(pid, 'stat').toString('utf8');
+  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]);
+}
+
 export function readProcessRecord(pid: number): ProcessRecord {
   const stat = readProc(pid, 'stat').toString('utf8');
   // comm may contain spaces and parentheses: fields start after the last ')'.

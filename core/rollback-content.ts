@@ -1,7 +1,7 @@
 // A rollback's memory: T's content of the target's regions (stored pages,
 // the file's for private file mappings never copied, zeros), compared with
-// the target's and written back through /proc/PID/mem (which writes
-// read-only pages too).
+// the target's and written back in batches (process_vm_writev, and
+// /proc/PID/mem for pages that are not writable).
 import { closeSync, openSync } from 'node:fs';
 import { PAGE_SIZE, type RegionRecord } from '../snapshot-format/model.js';
 import { readAll } from '../snapshot-format/export-dir.js';
@@ -13,6 +13,16 @@ import type { NativeBinding } from './native/binding.js';
 const CHUNK = 4 << 20;
 const PAGE = BigInt(PAGE_SIZE);
 
+/** Runs of one page each, [address, 4096, offset] triples, the k-th page at offset k × 4096 of its buffer. */
+function pageRuns(addresses: bigint[]): BigUint64Array {
+  const runs = new BigUint64Array(addresses.length * 3);
+  addresses.forEach((address, k) => {
+    runs[3 * k] = address;
+    runs[3 * k + 1] = PAGE;
+    runs[3 * k + 2] = BigInt(k * PAGE_SIZE);
+  });
+  return runs;
+}
 
 /** Which regions' content is compared and written back. */
 export function hasContent(r: RegionRecord): boolean {
@@ -26,7 +36,7 @@ export class ContentAtT {
   constructor(
     private readonly store: Store,
     private readonly processId: number,
-    private readonly region: RegionRecord,
+    readonly region: RegionRecord,
   ) {
     if (region.capture === 'file-private' && region.file !== undefined) this.fileFd = openSync(region.file.path, 'r');
   }
@@ -102,19 +112,16 @@ export async function compareAndRewrite(binding: NativeBinding, pid: number, mem
   const nowBuffers = [Buffer.allocUnsafe(CHUNK), Buffer.allocUnsafe(CHUNK)];
   const then = Buffer.allocUnsafe(CHUNK);
   const stored = new Uint8Array(CHUNK / PAGE_SIZE);
-  const contents = new Map<RegionRecord, ContentAtT>();
+  let content: ContentAtT | undefined; // of one region at a time
   let pagesWritten = 0;
   let pagesCompared = 0;
   let reading = readAhead(0);
   try {
     for (let k = 0; k < chunks.length; k++) {
       const { region: r, at, len } = chunks[k]!;
-      let content = contents.get(r);
-      if (content === undefined) {
-        for (const c of contents.values()) c.close(); // one region at a time
-        contents.clear();
+      if (content?.region !== r) {
+        content?.close();
         content = new ContentAtT(store, processId, r);
-        contents.set(r, content);
       }
       const wanted = then.subarray(0, len);
       stored.fill(0);
@@ -131,17 +138,13 @@ export async function compareAndRewrite(binding: NativeBinding, pid: number, mem
       const differing = binding.differingPages(current, wanted, skip);
       if (differing.length === 0) continue;
       const runs = new BigUint64Array(differing.length * 3);
-      differing.forEach((i, n) => {
-        runs[3 * n] = at + BigInt(i) * PAGE;
-        runs[3 * n + 1] = PAGE;
-        runs[3 * n + 2] = BigInt(i * PAGE_SIZE);
-      });
+      differing.forEach((i, n) => runs.set([at + BigInt(i) * PAGE, PAGE, BigInt(i * PAGE_SIZE)], 3 * n)); // from `wanted` at the page's own offset
       binding.writeRuns(pid, mem, runs, wanted);
       pagesWritten += differing.length;
     }
   } finally {
     await reading?.catch(() => undefined); // never leave a read into our buffers running
-    for (const c of contents.values()) c.close();
+    content?.close();
   }
   return { pagesWritten, pagesCompared };
 }
@@ -214,17 +217,18 @@ export class ContentCache {
       let content: ContentAtT | undefined;
       try {
         for (const [s, e] of inside) {
-          for (let at = s; at < e; at += PAGE) {
-            const n = Number(at / PAGE);
-            let page = this.pages.get(n);
-            if (page === undefined) {
-              content ??= new ContentAtT(this.store, this.processId, r);
-              page = Buffer.allocUnsafe(PAGE_SIZE);
-              content.fill(at, page);
-              this.pages.set(n, page);
-            }
-            chunks.push(page);
+          // A run with a page not read yet is read whole, in one fill; its pages are kept.
+          const first = Number(s / PAGE);
+          const count = Number((e - s) / PAGE);
+          let missing = false;
+          for (let i = 0; i < count && !missing; i++) missing = !this.pages.has(first + i);
+          if (missing) {
+            content ??= new ContentAtT(this.store, this.processId, r);
+            const run = Buffer.allocUnsafe(count * PAGE_SIZE);
+            content.fill(s, run);
+            for (let i = 0; i < count; i++) if (!this.pages.has(first + i)) this.pages.set(first + i, run.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
           }
+          for (let i = 0; i < count; i++) chunks.push(this.pages.get(first + i)!);
           runs.push(s, e - s, BigInt(offset));
           offset += Number(e - s);
         }
@@ -270,12 +274,12 @@ export class ContentCache {
     const unread = pages.filter((p) => p.now === undefined);
     if (unread.length > 0) {
       const into = Buffer.allocUnsafe(unread.length * PAGE_SIZE);
-      binding.readRuns(pid, mem, BigUint64Array.from(unread.flatMap((p, k) => [p.address, PAGE, BigInt(k * PAGE_SIZE)])), into);
+      binding.readRuns(pid, mem, pageRuns(unread.map((p) => p.address)), into);
       unread.forEach((p, k) => (p.now = into.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE)));
     }
     const differing = pages.filter((p) => !p.now!.equals(p.wanted));
     if (differing.length > 0) {
-      binding.writeRuns(pid, mem, BigUint64Array.from(differing.flatMap((p, k) => [p.address, PAGE, BigInt(k * PAGE_SIZE)])), Buffer.concat(differing.map((p) => p.wanted)));
+      binding.writeRuns(pid, mem, pageRuns(differing.map((p) => p.address)), Buffer.concat(differing.map((p) => p.wanted)));
     }
     let pagesWritten = differing.length;
     let pagesCompared = pages.length;
@@ -298,14 +302,15 @@ export class ContentCache {
       return null;
     }
     const content = Buffer.alloc(len);
+    const storedMask = new Uint8Array(len / PAGE_SIZE);
     const reader = new ContentAtT(this.store, this.processId, r);
     try {
-      reader.fill(r.start, content);
+      reader.fill(r.start, content, storedMask);
     } finally {
       reader.close();
     }
     const stored = new Set<bigint>();
-    for (const page of this.store.pagesInRange(this.processId, r.start, r.end)) stored.add(page.address);
+    storedMask.forEach((isStored, i) => isStored === 1 && stored.add(r.start + BigInt(i) * PAGE));
     this.partBytes += len;
     const entry = { region: r, content, stored };
     this.parts.set(key, entry);

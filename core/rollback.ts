@@ -25,21 +25,16 @@ import { encodeTracking, takeOverTracking, type TakenTracking, type TrackingStat
 import { UFFDIO_REGISTER_MODE_WP } from './features.js';
 import { closeQuietly } from './pause.js';
 import { faultPoint } from './fault.js';
+import { SYSCALL } from './constants.js';
 import { protectWhileRunning } from './preprotect.js';
 import { tripleIntervals } from './tracking-handover.js';
 import type { NativeBinding, NativeHandle } from './native/binding.js';
-import { assertProcessExists, listThreads, parseMaps, readProc, readProcessRecord } from './procfs.js';
+import { assertProcessExists, listThreads, parseMaps, readProc, readProcessRecord, readStartTimeTicks } from './procfs.js';
 import { compareAndRewrite, ContentCache, hasContent, type Rewrite } from './rollback-content.js';
 import { howToRecreate, planLayout, protOf, type Creation, type Plan } from './rollback-layout.js';
 import { refuseSelfFreeze } from './target-guard.js';
 
-const SYS_MPROTECT = 10;
-const SYS_MMAP = 9;
-const SYS_MUNMAP = 11;
-const SYS_BRK = 12;
-const SYS_MREMAP = 25;
-const SYS_EXIT = 60;
-const SYS_CLOSE = 3;
+const { mprotect: SYS_MPROTECT, mmap: SYS_MMAP, munmap: SYS_MUNMAP, brk: SYS_BRK, mremap: SYS_MREMAP, exit: SYS_EXIT, close: SYS_CLOSE } = SYSCALL;
 const PROT_WRITE = 2;
 const O_RDONLY = 0;
 const O_RDWR = 2;
@@ -265,7 +260,8 @@ export class InPlaceRollback {
     if (this.closed) throw new WpsnapError('ROLLBACK_FAILED', `this rollback session of pid ${pid} is closed`);
     if (this.broken) throw new WpsnapError('ROLLBACK_FAILED', `pid ${pid} was left partly rolled back by an earlier failure of this session: open a new one`);
     assertProcessExists(pid);
-    if (readProcessRecord(pid).startTimeTicks !== this.startTimeTicks) {
+    // Only its identity, at every rollback: not the whole record (exe, cmdline, auxv…).
+    if (readStartTimeTicks(pid) !== this.startTimeTicks) {
       throw new WpsnapError('ROLLBACK_REFUSED', `pid ${pid} is another process than when this session began (the pid was reused): nothing changed`);
     }
     const { stopped, threadsExited } = await this.freezeThreadsOfT();
