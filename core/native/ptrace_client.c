@@ -179,6 +179,18 @@ static int spawn_helper(const char **what) {
 /* A helper started ahead by prepareFreeze(), for the next freeze(). */
 static int spare_sock = -1;
 
+/* After RELEASE (its reply, or NULL if none came): a helper that released the
+ * target becomes the spare for the next freeze; otherwise the connection ends
+ * (if the helper is gone, it thawed the target as it went). */
+static void keep_or_end(client_t *c, const reply_t *released) {
+  if (released != NULL && released->err == 0 && released->len == 0 && spare_sock < 0) {
+    spare_sock = c->sock;
+    c->sock = -1;
+  } else {
+    client_end(c);
+  }
+}
+
 /* prepareFreeze(): start the tracer helper now, so that the next freeze()
  * does not spend the target's pause starting a process. */
 static napi_value js_prepare_freeze(napi_env env, napi_callback_info info) {
@@ -415,12 +427,7 @@ static napi_value js_set_threads_and_thaw(napi_env env, napi_callback_info info)
   }
   reply_t released;
   if (err == 0) err = read_all(c->sock, &released, sizeof released);
-  if (err == 0 && released.err == 0 && released.len == 0 && spare_sock < 0) {
-    spare_sock = c->sock;
-    c->sock = -1;
-  } else {
-    client_end(c); /* if the helper is gone, it thawed the target as it went */
-  }
+  keep_or_end(c, err == 0 ? &released : NULL);
   if (threw) return NULL;
   if (err != 0) return throw_lost(env, err);
   if (first_failure.err != 0) return throw_reply(env, &first_failure);
@@ -451,12 +458,7 @@ static napi_value js_thaw(napi_env env, napi_callback_info info) {
   if (c->have_threads) {
     /* Nothing to receive after the thaw: the helper stays, for the next freeze (a rollback session's). */
     int err = request(c, OP_RELEASE, NULL, 0, &r);
-    if (err == 0 && r.err == 0 && r.len == 0 && spare_sock < 0) {
-      spare_sock = c->sock;
-      c->sock = -1;
-    } else {
-      client_end(c);
-    }
+    keep_or_end(c, err == 0 ? &r : NULL);
     return NULL;
   }
   /* The records come after every thread is released, and are read when first asked for: outside the pause. */
