@@ -10,6 +10,13 @@ export const SYSCALL = {
   userfaultfd: 323,
   pidfd_open: 434,
   pidfd_getfd: 438,
+  // a rollback's layout repairs, and the exit of threads started since T
+  mmap: 9,
+  mprotect: 10,
+  munmap: 11,
+  brk: 12,
+  mremap: 25,
+  exit: 60,
 } as const;
 
 /** _IO(0xAA, 0x00) from linux/userfaultfd.h (6.1+): a new context from /dev/userfaultfd. */

@@ -35,6 +35,8 @@ void register_constants_exports(napi_env env, napi_value exports) {
   static const named_t syscalls[] = {
       {"ioctl", SYS_ioctl},           {"close", SYS_close},         {"openat", SYS_openat},
       {"userfaultfd", __NR_userfaultfd}, {"pidfd_open", __NR_pidfd_open}, {"pidfd_getfd", __NR_pidfd_getfd},
+      {"mmap", SYS_mmap},             {"mprotect", SYS_mprotect},   {"munmap", SYS_munmap},
+      {"brk", SYS_brk},               {"mremap", SYS_mremap},       {"exit", SYS_exit},
   };
   static const named_t features[] = {
       {"PAGEFAULT_FLAG_WP", UFFD_FEATURE_PAGEFAULT_FLAG_WP}, {"EVENT_FORK", UFFD_FEATURE_EVENT_FORK},
