@@ -26,7 +26,10 @@
         "core/native/engine_sweep.c",
         "core/native/fault_loop.c",
         "core/native/constants.c",
-        "core/native/memory_runs.c"
+        "core/native/memory_runs.c",
+        "core/native/lazy_server.c",
+        "core/native/lazy_state.c",
+        "core/native/lazy_fill.c"
       ],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE", "-fvisibility=hidden"],
       "defines": ["NAPI_VERSION=8"],

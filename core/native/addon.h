@@ -39,5 +39,6 @@ void register_engine_exports(napi_env env, napi_value exports);
 void register_tracker_exports(napi_env env, napi_value exports);
 void register_constants_exports(napi_env env, napi_value exports);
 void register_memory_runs_exports(napi_env env, napi_value exports);
+void register_lazy_server_exports(napi_env env, napi_value exports);
 
 #endif
