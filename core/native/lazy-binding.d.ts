@@ -65,6 +65,8 @@ export interface LazyServerStats {
   liveContexts: number;
   /** Non-cooperative events read (fork, remap, remove, unmap). */
   events: number;
+  /** Times a fill's ioctl met EAGAIN (the target's mm changing) and waited for the server thread to read the events. */
+  fillWaits: number;
   /** Unsettled pages summed over live contexts. */
   unsettledPages: number;
   /** Every page of every context is settled. */

@@ -12,7 +12,7 @@
 #include <time.h>
 
 #define MAX_RUN (256 * LZ_PAGE) /* one fill ioctl: the server thread gets the lock between two */
-#define EAGAIN_WAITS 5000       /* ~5 s of 1 ms waits for the server to read pending events */
+#define EAGAIN_NS 5000000000ull /* a page still EAGAIN after 5 s of waiting for the server to read events: an error */
 
 /* Fill T pages [t, t + len) in every context where they are unsettled: with
  * data (COPY) or zeros (data NULL: ZEROPAGE). Returns 0 or an errno with *what set. */
@@ -23,7 +23,7 @@ static int fill(lz_server_t *s, uint64_t t, const uint8_t *data, uint64_t len, u
   pthread_mutex_lock(&st->mu);
   for (unsigned ci = 0; ci < st->nctxs && result == 0; ci++) {
     uint64_t pos = t;
-    unsigned waits = 0;
+    uint64_t stuck_since = 0; /* the first EAGAIN of the current run (0: none) */
     uint64_t a, cur, n;
     while (!st->ctxs[ci]->dead && lz_next_run(st, st->ctxs[ci], pos, end, MAX_RUN, &a, &cur, &n)) {
       int fd = st->ctxs[ci]->fd, rc;
@@ -51,12 +51,15 @@ static int fill(lz_server_t *s, uint64_t t, const uint8_t *data, uint64_t len, u
       } else if (err == EAGAIN) {
         /* The mm is changing: an event is queued or about to be. Wait (lock
          * released) until the server thread has read one, 1 ms at most, then retry. */
-        if (++waits > EAGAIN_WAITS) {
+        uint64_t now = lz_now_ns();
+        if (stuck_since == 0) stuck_since = now;
+        if (now - stuck_since > EAGAIN_NS) {
           result = EAGAIN;
           *what = data ? "ioctl(UFFDIO_COPY): the target's mm kept changing" : "ioctl(UFFDIO_ZEROPAGE): the target's mm kept changing";
           *where = cur;
           break;
         }
+        st->fill_waits++;
         uint64_t seq = st->read_seq;
         struct timespec until;
         clock_gettime(CLOCK_REALTIME, &until);
@@ -79,6 +82,7 @@ static int fill(lz_server_t *s, uint64_t t, const uint8_t *data, uint64_t len, u
         *where = cur;
         break;
       }
+      stuck_since = 0;
       lz_yield_to_server(s);
     }
   }
@@ -195,6 +199,7 @@ napi_value lz_js_stats(napi_env env, napi_callback_info info) {
   set_prop(env, o, "contexts", make_int(env, c.nctxs));
   set_prop(env, o, "liveContexts", make_int(env, live));
   set_prop(env, o, "events", make_int(env, (int64_t)c.events));
+  set_prop(env, o, "fillWaits", make_int(env, (int64_t)c.fill_waits));
   set_prop(env, o, "unsettledPages", make_int(env, (int64_t)unsettled));
   napi_get_boolean(env, unsettled == 0, &b);
   set_prop(env, o, "settled", b);

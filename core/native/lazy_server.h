@@ -81,6 +81,7 @@ typedef struct {
   size_t nreport, reportcap;
   /* statistics */
   uint64_t faults, on_demand, prefetched, zeroed, events, gone;
+  uint64_t fill_waits; /* a fill's ioctl met EAGAIN (the mm changing) and waited for the server's read */
   uint64_t *lat_ns; /* service times, a ring of LZ_LAT_CAP */
   size_t nlat;
   char err[256]; /* the first error the server thread met, for JS ('' if none) */
