@@ -279,6 +279,26 @@ describe('lazy page server', () => {
     binding.lazyServerFinish(s.handle);
   });
 
+  it('a child that lives on is served by the background pass too: fills reach both contexts, the child never faults', async () => {
+    const t = await target(32);
+    const s = serve(t);
+    expect((await t.read(0, 4)).values).toEqual(range(0, 4));
+    await t.send(`dontneed ${t.at(9).slice(2)} 1`);
+    await t.send(`spawn ${t.at(0).slice(2)} 20`); // the child waits
+    expect(binding.lazyServerStats(s.handle)).toMatchObject({ contexts: 2, liveContexts: 2 });
+    // Pending: what either context lacks (both lack 4..8, 10..31).
+    expect(Array.from(binding.lazyServerPending(s.handle, t.addr, t.addr + 32n * PAGE))).toEqual([t.addr + 4n * PAGE, 5n * PAGE, t.addr + 10n * PAGE, 22n * PAGE]);
+    expect(s.background()).toBe(2 * (32 - 4 - 1));
+    expect(binding.lazyServerStats(s.handle)).toMatchObject({ settled: true, pagesPrefetched: 54 });
+    const child = await t.send('reap');
+    expect(child.values).toEqual([...range(0, 9), '0x0', ...range(10, 22)]);
+    expect(child.uniform).toBe(true);
+    expect(s.faults.map(s.pageIndex)).toEqual([0, 1, 2, 3]);
+    expect(binding.lazyServerStats(s.handle)).toMatchObject({ faults: 5, pagesZeroed: 1 }); // the child's page 9
+    binding.lazyServerFinish(s.handle);
+    expect((await t.read(0, 32)).values).toEqual([...range(0, 9), '0x0', ...range(10, 22)]);
+  });
+
   it('zero fills count as fills; a vma grown by mremap reads zero beyond T, and finish releases all of it', async () => {
     const t = await target(16);
     const s = serve(t);
@@ -347,6 +367,7 @@ describe('lazy page server', () => {
     expect(binding.lazyServerStats(s.handle)).toMatchObject({ exited: true, settled: true, liveContexts: 0 });
     binding.lazyServerStop(s.handle);
     binding.lazyServerStop(s.handle);
+    expect(() => binding.lazyServerFill(s.handle, t.addr, Buffer.alloc(4096))).toThrow(expect.objectContaining({ code: 'EBADF' }));
   });
 
   it('measures the fault service time as the target sees it', async () => {

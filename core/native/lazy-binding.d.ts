@@ -96,6 +96,7 @@ export interface LazyServerBinding {
    * never filled. Waits (≤ ~5 s, then EAGAIN) while the target's mm changes
    * until the server thread has read the pending events. Returns the pages
    * filled now, summed over contexts (counted as on demand or prefetched).
+   * Throws EBADF once the server has ended (lazyServerFinish/Stop).
    */
   lazyServerFill(handle: NativeHandle, tAddress: bigint, data: Buffer): number;
   /** As lazyServerFill, with pages that are zero at T (UFFDIO_ZEROPAGE). */

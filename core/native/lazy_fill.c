@@ -102,6 +102,7 @@ napi_value lz_js_fill(napi_env env, napi_callback_info info) {
   size_t len;
   if (s == NULL || !arg_uint64(env, argv[1], &t) || !arg_buffer(env, argv[2], &data, &len) || t % LZ_PAGE || len % LZ_PAGE)
     return throw_type(env, "lazyServerFill(handle, tAddress: page-aligned bigint, data: Buffer of whole pages)");
+  if (!s->started) return throw_errno(env, EBADF, "lazyServerFill", "lazyServerFill: the server has ended (finish or stop)");
   uint64_t filled = 0, where = 0;
   const char *what = NULL;
   int err = len ? fill(s, t, data, len, &filled, &what, &where) : 0;
@@ -117,6 +118,7 @@ napi_value lz_js_zero(napi_env env, napi_callback_info info) {
   uint64_t t, len;
   if (s == NULL || !arg_uint64(env, argv[1], &t) || !arg_uint64(env, argv[2], &len) || t % LZ_PAGE || len % LZ_PAGE)
     return throw_type(env, "lazyServerZero(handle, tAddress: page-aligned bigint, length: whole pages)");
+  if (!s->started) return throw_errno(env, EBADF, "lazyServerZero", "lazyServerZero: the server has ended (finish or stop)");
   uint64_t filled = 0, where = 0;
   const char *what = NULL;
   int err = len ? fill(s, t, NULL, len, &filled, &what, &where) : 0;
