@@ -49,9 +49,9 @@ class Touch {
       else this.lines.push(j);
     });
   }
-  static async start(pages: number): Promise<Touch> {
+  static async start(pages: number, ...args: string[]): Promise<Touch> {
     buildFixtures();
-    const t = new Touch(spawn(join(FIXTURES_BUILD_DIR, 'lazytouch'), [String(pages)]));
+    const t = new Touch(spawn(join(FIXTURES_BUILD_DIR, 'lazytouch'), [String(pages), ...args]));
     const ready = await t.next();
     t.pid = ready['pid'] as number;
     t.uffd = ready['uffd'] as number;
@@ -108,16 +108,17 @@ afterEach(() => {
   while (cleanups.length) cleanups.pop()!();
 });
 
-async function target(pages: number): Promise<Touch> {
-  const t = await Touch.start(pages);
+async function target(pages: number, ...args: string[]): Promise<Touch> {
+  const t = await Touch.start(pages, ...args);
   cleanups.push(() => t.kill());
   return t;
 }
 
 /** Take the fixture's userfaultfd and serve it: faults are answered with T's content unless autoFill is false. */
-function serve(t: Touch, autoFill = true): Served {
+function serve(t: Touch, autoFill = true, prepare?: (uffd: number) => void): Served {
   const pidfd = binding.pidfdOpen(t.pid);
   const uffd = binding.pidfdGetfd(pidfd, t.uffd);
+  prepare?.(uffd);
   const end = t.addr + BigInt(t.pages) * PAGE;
   const pageIndex = (a: bigint): number => Number((a - t.addr) / PAGE);
   const image = tPages(0, t.pages); // T's memory, as a store would hand it over
@@ -169,6 +170,22 @@ const until = async (cond: () => boolean, ms = 5000): Promise<void> => {
 describe('lazy page server', () => {
   it('exports the features the caller must request', () => {
     expect(binding.lazyUffdFeatures).toBe(0x4en);
+  });
+
+  it('lazyUffdApi sets up a context the target created without its API call', async () => {
+    const t = await target(8, 'noapi');
+    let api: { features: bigint; ioctls: bigint } | undefined;
+    const s = serve(t, true, (uffd) => {
+      api = binding.lazyUffdApi(uffd);
+      expect(() => binding.lazyUffdApi(uffd)).toThrow(expect.objectContaining({ code: 'EINVAL' })); // once per context
+    });
+    expect(api!.features & binding.lazyUffdFeatures).toBe(binding.lazyUffdFeatures);
+    await t.send('register');
+    expect((await t.read(0, 8)).values).toEqual(range(0, 8));
+    const child = await t.send(`fork ${t.at(0).slice(2)} 8`);
+    expect(child.values).toEqual(range(0, 8));
+    expect(binding.lazyServerStats(s.handle)).toMatchObject({ contexts: 2, pagesOnDemand: 8, settled: true });
+    binding.lazyServerFinish(s.handle);
   });
 
   it('fills touched pages on demand, the rest in the background, then unregisters on finish', async () => {
