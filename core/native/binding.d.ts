@@ -29,6 +29,16 @@ export interface FrozenThread {
    */
   rseqArea?: bigint;
   rseqSize?: number;
+  /** The signature the rseq area was registered with (glibc's RSEQ_SIG is 0x53053053 on x86_64); with rseqArea. */
+  rseqSignature?: number;
+  /** get_robust_list(tid) at the freeze: the head the thread registered (0n: none) and its length. */
+  robustList?: { head: bigint; len: number };
+  /**
+   * The thread's clear_child_tid (set_tid_address, CLONE_CHILD_CLEARTID), 0n when none: only with
+   * freeze's `tidAddresses`, and not for a thread found in a signal-delivery stop (or whose stack
+   * could not be read).
+   */
+  clearChildTid?: bigint;
   /** The ptrace stop the thread was found in. */
   stop: 'interrupt' | 'signal' | 'syscall';
 }
@@ -228,7 +238,13 @@ export interface NativeBinding {
   copyFilePages(fd: number, fileOffset: bigint, length: bigint, address: bigint): { addresses: BigUint64Array; data: Buffer };
   /** ptrace(PTRACE_SEIZE + PTRACE_INTERRUPT) every thread and wait for the stops. */
   /** withThreads: every thread's record comes with the freeze's reply (one round trip instead of two). */
-  freeze(pid: number, withThreads?: boolean): NativeHandle;
+  /**
+   * options.tidAddresses: while every thread is stopped, inject prctl(PR_GET_TID_ADDRESS) into each
+   * (onto its stack below the red zone, the bytes put back) for FrozenThread.clearChildTid: it
+   * lengthens the pause. options.syscallInsn: the `syscall` instruction for that (default: one found
+   * in the target's [vdso]).
+   */
+  freeze(pid: number, withThreads?: boolean, options?: { tidAddresses?: boolean; syscallInsn?: bigint }): NativeHandle;
   /** Start the tracer helper (wpsnap_tracer) now, so that the next freeze() does not spend the pause on it. */
   prepareFreeze(): void;
   /** Registers of every frozen thread, as captured at the freeze. */
@@ -236,6 +252,27 @@ export interface NativeBinding {
   /** Run one syscall in a frozen thread (at insnAddress, a `syscall` instruction)
    *  and restore its registers; returns rax (negative errno as two's complement). */
   injectSyscall(handle: NativeHandle, insnAddress: bigint, nr: number, args: Array<number | bigint>): bigint;
+  /**
+   * injectSyscall in the frozen thread tid (ESRCH if it is not frozen, EBUSY if it was found in a
+   * signal-delivery stop): it resumes after the thaw exactly as if never stopped (a blocking call
+   * restarts, or returns EINTR to a handler, as it would have).
+   */
+  injectSyscallInThread(handle: NativeHandle, tid: number, insnAddress: bigint, nr: number, args: Array<number | bigint>): bigint;
+  /**
+   * clone3(cloneArgsAddress, cloneArgsSize) injected into the injection thread, with PTRACE_O_TRACECLONE
+   * for that call: the new thread is stopped from birth (it never runs user code before the caller
+   * sets its registers), joins the frozen threads (frozenThreads lists it, setThreadState and
+   * injectSyscallInThread work on it, thaw detaches it) and starts with the injection thread's
+   * registers as clone3 left them. The caller writes struct clone_args into the target first.
+   * Returns the new tid as this process sees it, or clone3's negative errno (no thread added).
+   */
+  cloneThread(handle: NativeHandle, insnAddress: bigint, cloneArgsAddress: bigint, cloneArgsSize: number): number;
+  /**
+   * From now on, if this process dies (the helper's socket closes) before thaw, the helper
+   * SIGKILLs the target instead of thawing it (a process under construction never runs half
+   * built). thaw and setThreadsAndThaw still thaw it.
+   */
+  doomOnAbandon(handle: NativeHandle): void;
   /**
    * A rollback: the frozen thread resumes with these registers (struct user_regs_struct, 216
    * bytes; also after later injections) and takes this FP/vector state now (the XSAVE area

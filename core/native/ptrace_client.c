@@ -1,4 +1,5 @@
-/* freeze / frozenThreads / injectSyscall / injectionThreadRsp / thaw: the
+/* freeze / frozenThreads / injectSyscall(InThread) / cloneThread /
+ * doomOnAbandon / injectionThreadRsp / thaw: the
  * tracer (tracer.h) runs in wpsnap-tracer, a helper process started by
  * prepareFreeze() (or by freeze() itself) and ended by thaw(); these
  * functions send it requests (tracer_protocol.h) and wait for its replies.
@@ -24,6 +25,12 @@
 #include <unistd.h>
 
 extern char **environ;
+
+/* size_t argc and napi_value argv[n] of the current call (argc: how many were passed, at most n). */
+#define CALL_ARGS(n)        \
+  size_t argc = (n);        \
+  napi_value argv[(n)];     \
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL))
 
 typedef struct {
   thread_record_t rec;
@@ -202,14 +209,34 @@ static napi_value js_prepare_freeze(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* freeze(pid) -> handle */
+/* freeze's options ({tidAddresses?: boolean, syscallInsn?: bigint}) into q; false after throwing. */
+static bool freeze_options(napi_env env, napi_value options, freeze_with_request_t *q) {
+  napi_valuetype type = napi_undefined, vt = napi_undefined;
+  napi_value v;
+  bool tid_addresses = false;
+  if (napi_typeof(env, options, &type) == napi_ok && type == napi_undefined) return true;
+  if (type != napi_object || napi_get_named_property(env, options, "tidAddresses", &v) != napi_ok || napi_typeof(env, v, &vt) != napi_ok ||
+      (vt != napi_undefined && !arg_bool(env, v, &tid_addresses)) || napi_get_named_property(env, options, "syscallInsn", &v) != napi_ok ||
+      napi_typeof(env, v, &vt) != napi_ok || (vt != napi_undefined && !arg_uint64(env, v, &q->insn))) {
+    throw_type(env, "freeze(pid, withThreads?, {tidAddresses?: boolean, syscallInsn?: bigint}?)");
+    return false;
+  }
+  if (tid_addresses) q->flags |= FREEZE_TID_ADDRESSES;
+  return true;
+}
+
+/* freeze(pid, withThreads?, options?) -> handle */
 static napi_value js_freeze(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  CALL_ARGS(3);
   int32_t pid;
   bool with_threads = false;
-  if (argc < 1 || !arg_int32(env, argv[0], &pid) || pid <= 0 || (argc >= 2 && !arg_bool(env, argv[1], &with_threads))) return throw_type(env, "freeze(pid, withThreads?)");
+  freeze_with_request_t with = {0};
+  napi_valuetype wt = napi_undefined;
+  if (argc >= 2) napi_typeof(env, argv[1], &wt);
+  if (argc < 1 || !arg_int32(env, argv[0], &pid) || pid <= 0 || (wt != napi_undefined && !arg_bool(env, argv[1], &with_threads)))
+    return throw_type(env, "freeze(pid, withThreads?, options?)");
+  if (argc >= 3 && !freeze_options(env, argv[2], &with)) return NULL;
+  with.pid = pid;
   int sock = spare_sock;
   spare_sock = -1;
   if (sock < 0) {
@@ -218,20 +245,21 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
     if (sock < 0) return throw_errno(env, -sock, "posix_spawn", "%s", what);
   }
   client_t *c = calloc(1, sizeof *c);
+  if (c == NULL) {
+    close(sock);
+    return throw_errno(env, ENOMEM, "calloc", "freeze: memory for the handle");
+  }
   c->sock = sock;
   int err;
   freeze_request_t q = {.pid = pid};
-  reply_t r;
-  /* withThreads: THREADS goes right behind FREEZE, its reply read right after FREEZE's: one round trip. */
-  err = send_only(c, OP_FREEZE, &q, sizeof q);
+  reply_t r = {0};
+  /* withThreads: THREADS goes right behind FREEZE, its reply read right after FREEZE's: one round trip.
+   * A plain FREEZE without options (a helper of an older build answers it too). */
+  err = with.flags == 0 ? send_only(c, OP_FREEZE, &q, sizeof q) : send_only(c, OP_FREEZE_WITH, &with, sizeof with);
   if (err == 0 && with_threads) err = send_only(c, OP_THREADS, NULL, 0);
   if (err == 0) err = read_all(c->sock, &r, sizeof r);
-  if (err != 0 || r.err != 0) {
-    client_end(c);
-    client_free(c);
-    return err != 0 ? throw_lost(env, err) : throw_reply(env, &r);
-  }
   uint32_t head[2] = {0, 0}; /* count, injection thread */
+  if (err != 0 || r.err != 0) goto failed;
   err = r.len >= sizeof head + sizeof c->injection ? read_all(c->sock, head, sizeof head) : EPROTO;
   if (err == 0) err = read_all(c->sock, &c->injection, sizeof c->injection);
   uint32_t rest = r.len - (uint32_t)(sizeof head + sizeof c->injection);
@@ -245,21 +273,20 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
     if (err == 0 && t.err != 0) err = t.err;
     if (err == 0) err = read_threads(c, t.len);
   }
-  if (err != 0) {
-    client_end(c);
-    client_free(c);
-    return throw_lost(env, err);
+  if (err == 0) {
+    napi_value handle;
+    NAPI_CALL(env, make_handle(env, c, client_finalize, HANDLE_FREEZE, &handle));
+    return handle;
   }
-  napi_value handle;
-  NAPI_CALL(env, make_handle(env, c, client_finalize, HANDLE_FREEZE, &handle));
-  return handle;
+failed:
+  client_end(c);
+  client_free(c);
+  return err != 0 ? throw_lost(env, err) : throw_reply(env, &r);
 }
 
 /* frozenThreads(h) -> [{tid, regs, fpregs, xstate, sigmask, stop}] */
 static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  CALL_ARGS(1);
   client_t *c = argc ? get_client(env, argv[0]) : NULL;
   if (c == NULL) return throw_type(env, "frozenThreads(handle)");
   if (!c->have_threads && c->thawed) {
@@ -288,38 +315,114 @@ static napi_value js_frozen_threads(napi_env env, napi_callback_info info) {
     if (t->rseq_area != 0) {
       set_prop(env, o, "rseqArea", make_bigint(env, t->rseq_area));
       set_prop(env, o, "rseqSize", make_int(env, t->rseq_size));
+      set_prop(env, o, "rseqSignature", make_int(env, t->rseq_signature));
     }
+    if (t->flags & RECORD_ROBUST_LIST) {
+      napi_value robust;
+      NAPI_CALL(env, napi_create_object(env, &robust));
+      set_prop(env, robust, "head", make_bigint(env, t->robust_list_head));
+      set_prop(env, robust, "len", make_int(env, (int32_t)t->robust_list_len));
+      set_prop(env, o, "robustList", robust);
+    }
+    if (t->flags & RECORD_CLEAR_CHILD_TID) set_prop(env, o, "clearChildTid", make_bigint(env, t->clear_child_tid));
     set_prop(env, o, "stop", make_string(env, t->stop == STOP_INTERRUPT ? "interrupt" : t->stop == STOP_SIGNAL ? "signal" : "syscall"));
     napi_set_element(env, arr, (uint32_t)i, o);
   }
   return arr;
 }
 
-/* injectSyscall(h, insnAddress, nr, args[]) -> bigint (raw rax, two's complement) */
-static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  client_t *c = argc >= 4 ? get_client(env, argv[0]) : NULL;
-  inject_request_t q = {0};
-  if (c == NULL || !arg_uint64(env, argv[1], &q.insn) || !arg_uint64(env, argv[2], &q.nr))
-    return throw_type(env, "injectSyscall(handle, insnAddress, nr, args)");
+/* A request before the thaw whose reply has no body. */
+static napi_value no_body_request(napi_env env, client_t *c, uint32_t op, const void *q, uint32_t len, const char *name) {
+  if (c->thawed) return throw_errno(env, EINVAL, "ptrace", "%s after thaw", name);
+  reply_t r;
+  int err = request(c, op, q, len, &r);
+  if (err != 0) return throw_lost(env, err);
+  return r.err != 0 ? throw_reply(env, &r) : NULL;
+}
+
+/* (insnAddress, nr, args[]) of an injection into q; false after throwing. */
+static bool inject_args(napi_env env, const napi_value argv[3], inject_request_t *q, const char *usage) {
   uint32_t nargs = 0;
-  napi_get_array_length(env, argv[3], &nargs);
+  bool is_array = false;
+  if (!arg_uint64(env, argv[0], &q->insn) || !arg_uint64(env, argv[1], &q->nr) || napi_is_array(env, argv[2], &is_array) != napi_ok || !is_array) {
+    throw_type(env, usage);
+    return false;
+  }
+  napi_get_array_length(env, argv[2], &nargs);
   for (uint32_t i = 0; i < nargs && i < 6; i++) {
     napi_value v;
-    napi_get_element(env, argv[3], i, &v);
-    if (!arg_uint64(env, v, &q.args[i])) return throw_type(env, "injectSyscall: arguments must be numbers or bigints");
+    napi_get_element(env, argv[2], i, &v);
+    if (!arg_uint64(env, v, &q->args[i])) {
+      throw_type(env, "injectSyscall: arguments must be numbers or bigints");
+      return false;
+    }
   }
-  if (c->thawed) return throw_errno(env, EINVAL, "ptrace", "injectSyscall after thaw");
+  return true;
+}
+
+/* Send an injection (INJECT, INJECT_THREAD or CLONE_THREAD) and read its 8-byte answer. */
+static napi_value inject_request(napi_env env, client_t *c, uint32_t op, const void *q, uint32_t len, const char *name) {
+  if (c->thawed) return throw_errno(env, EINVAL, "ptrace", "%s after thaw", name);
   reply_t r;
-  int err = request(c, OP_INJECT, &q, sizeof q, &r);
+  int err = request(c, op, q, len, &r);
   if (err != 0) return throw_lost(env, err);
   if (r.err != 0) return throw_reply(env, &r);
   uint64_t rax = 0;
-  err = read_all(c->sock, &rax, sizeof rax);
+  err = r.len == sizeof rax ? read_all(c->sock, &rax, sizeof rax) : EPROTO;
   if (err != 0) return throw_lost(env, err);
-  return make_bigint(env, rax);
+  if (op != OP_CLONE_THREAD) return make_bigint(env, rax);
+  int64_t tid = (int64_t)rax;
+  if (tid > 0 && c->have_threads) {
+    /* A new frozen thread: the records read so far miss it; they are read again when asked for. */
+    free(c->records);
+    free(c->threads);
+    c->records = NULL;
+    c->threads = NULL;
+    c->have_threads = false;
+  }
+  if (tid > 0) c->count++;
+  return make_int(env, (int32_t)tid);
+}
+
+/* injectSyscall(h, insnAddress, nr, args[]) -> bigint (raw rax, two's complement) */
+static napi_value js_inject_syscall(napi_env env, napi_callback_info info) {
+  CALL_ARGS(4);
+  client_t *c = argc >= 4 ? get_client(env, argv[0]) : NULL;
+  inject_request_t q = {0};
+  if (c == NULL) return throw_type(env, "injectSyscall(handle, insnAddress, nr, args)");
+  if (!inject_args(env, argv + 1, &q, "injectSyscall(handle, insnAddress, nr, args)")) return NULL;
+  return inject_request(env, c, OP_INJECT, &q, sizeof q, "injectSyscall");
+}
+
+/* injectSyscallInThread(h, tid, insnAddress, nr, args[]) -> bigint */
+static napi_value js_inject_syscall_in_thread(napi_env env, napi_callback_info info) {
+  CALL_ARGS(5);
+  const char *usage = "injectSyscallInThread(handle, tid, insnAddress, nr, args)";
+  client_t *c = argc >= 5 ? get_client(env, argv[0]) : NULL;
+  inject_thread_request_t q = {0};
+  if (c == NULL || !arg_int32(env, argv[1], &q.tid) || q.tid <= 0) return throw_type(env, usage);
+  if (!inject_args(env, argv + 2, &q.call, usage)) return NULL;
+  return inject_request(env, c, OP_INJECT_THREAD, &q, sizeof q, "injectSyscallInThread");
+}
+
+/* cloneThread(h, insnAddress, cloneArgsAddress, cloneArgsSize) -> new tid, or clone3's -errno */
+static napi_value js_clone_thread(napi_env env, napi_callback_info info) {
+  CALL_ARGS(4);
+  client_t *c = argc >= 4 ? get_client(env, argv[0]) : NULL;
+  clone_thread_request_t q = {0};
+  int32_t size = 0;
+  if (c == NULL || !arg_uint64(env, argv[1], &q.insn) || !arg_uint64(env, argv[2], &q.args) || !arg_int32(env, argv[3], &size) || size <= 0)
+    return throw_type(env, "cloneThread(handle, insnAddress, cloneArgsAddress: bigint, cloneArgsSize: number)");
+  q.size = (uint64_t)size;
+  return inject_request(env, c, OP_CLONE_THREAD, &q, sizeof q, "cloneThread");
+}
+
+/* doomOnAbandon(h): if this process dies before thaw, the helper SIGKILLs the target. */
+static napi_value js_doom_on_abandon(napi_env env, napi_callback_info info) {
+  CALL_ARGS(1);
+  client_t *c = argc ? get_client(env, argv[0]) : NULL;
+  if (c == NULL) return throw_type(env, "doomOnAbandon(handle)");
+  return no_body_request(env, c, OP_DOOM, NULL, 0, "doomOnAbandon");
 }
 
 /* setThreadState(h, tid, {regs, fpregs, xstate, sigmask?}): the frozen thread
@@ -370,20 +473,13 @@ static bool build_set_thread(napi_env env, napi_value tid_value, napi_value stat
 }
 
 static napi_value js_set_thread_state(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  CALL_ARGS(3);
   client_t *c = argc >= 3 ? get_client(env, argv[0]) : NULL;
   if (c == NULL) return throw_type(env, "setThreadState(handle, tid, {regs, fpregs, xstate}: Buffers)");
   static set_thread_t q;
   uint32_t len;
   if (!build_set_thread(env, argv[1], argv[2], &q, &len)) return NULL;
-  if (c->thawed) return throw_errno(env, EINVAL, "ptrace", "setThreadState after thaw");
-  reply_t r;
-  int err = request(c, OP_SET_THREAD, &q, len, &r);
-  if (err != 0) return throw_lost(env, err);
-  if (r.err != 0) return throw_reply(env, &r);
-  return NULL;
+  return no_body_request(env, c, OP_SET_THREAD, &q, len, "setThreadState");
 }
 
 /* setThreadsAndThaw(h, [{tid, regs, fpregs, xstate, sigmask?}]): every thread's
@@ -393,9 +489,7 @@ static napi_value js_set_thread_state(napi_env env, napi_callback_info info) {
  * after it. The records must have been read (frozenThreads, or freeze's
  * withThreads). */
 static napi_value js_set_threads_and_thaw(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  CALL_ARGS(2);
   client_t *c = argc >= 2 ? get_client(env, argv[0]) : NULL;
   bool is_array = false;
   if (c == NULL || napi_is_array(env, argv[1], &is_array) != napi_ok || !is_array) return throw_type(env, "setThreadsAndThaw(handle, [{tid, regs, fpregs, xstate, sigmask?}])");
@@ -436,9 +530,7 @@ static napi_value js_set_threads_and_thaw(napi_env env, napi_callback_info info)
 
 /* injectionThreadRsp(h) -> bigint: stack pointer of the thread injections run in. */
 static napi_value js_injection_rsp(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  CALL_ARGS(1);
   client_t *c = argc ? get_client(env, argv[0]) : NULL;
   if (c == NULL || c->thawed || c->count == 0) return throw_type(env, "injectionThreadRsp(handle)");
   return make_bigint(env, c->injection.regs.rsp);
@@ -447,9 +539,7 @@ static napi_value js_injection_rsp(napi_env env, napi_callback_info info) {
 /* thaw(h): detach every thread. Idempotent. A helper with nothing left to send
  * stays, as the next freeze()'s (RELEASE). */
 static napi_value js_thaw(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  CALL_ARGS(1);
   client_t *c = argc ? get_client(env, argv[0]) : NULL;
   if (c == NULL) return throw_type(env, "thaw(handle)");
   if (c->thawed) return NULL;
@@ -474,9 +564,7 @@ static napi_value js_thaw(napi_env env, napi_callback_info info) {
 
 /* processVmWrite(pid, address, buffer) */
 static napi_value js_process_vm_write(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  CALL_ARGS(3);
   int32_t pid;
   uint64_t addr;
   void *data;
@@ -498,6 +586,9 @@ void register_ptrace_exports(napi_env env, napi_value exports) {
       {"freeze", NULL, js_freeze, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"frozenThreads", NULL, js_frozen_threads, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"injectSyscall", NULL, js_inject_syscall, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"injectSyscallInThread", NULL, js_inject_syscall_in_thread, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"cloneThread", NULL, js_clone_thread, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+      {"doomOnAbandon", NULL, js_doom_on_abandon, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"setThreadState", NULL, js_set_thread_state, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"setThreadsAndThaw", NULL, js_set_threads_and_thaw, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"injectionThreadRsp", NULL, js_injection_rsp, NULL, NULL, NULL, napi_default_jsproperty, NULL},

@@ -82,6 +82,12 @@ static thread_t *find_thread(freeze_t *f, pid_t tid) {
   return NULL;
 }
 
+thread_t *tracer_thread(freeze_t *f, pid_t tid, tracer_error_t *error) {
+  thread_t *t = f->thawed ? NULL : find_thread(f, tid);
+  if (t == NULL) set_error(error, "ptrace", "tid %d is not frozen", tid);
+  return t;
+}
+
 /* Put the first signal held back during an injection where it would have
  * been: the thread, its registers already restored, is resumed just far
  * enough to stop for that signal's delivery (re-raised with tgkill), and the
@@ -215,6 +221,32 @@ static void drop_thread(freeze_t *f, size_t i) {
   f->threads[i] = f->threads[--f->count];
 }
 
+/* A thread's stop, just collected: its kind, registers, blocked signal mask
+ * and robust list. 0 or an errno (what names the failing call). */
+static int capture_stopped(thread_t *t, int status, char *what, size_t what_len) {
+  t->stopped = true;
+  classify_stop(t, status);
+  int err = arch_capture_regs(t, xstate_cap(t));
+  if (err != 0) {
+    snprintf(what, what_len, "ptrace(PTRACE_GETREGS) on tid %d", t->tid);
+    return err;
+  }
+  /* SAFETY: the thread is in a ptrace stop; GETSIGMASK reads its blocked
+   * set (8 bytes: the kernel refuses any other size) and changes nothing. */
+  if (ptrace(PTRACE_GETSIGMASK, t->tid, (void *)sizeof t->sigmask, &t->sigmask) != 0) {
+    snprintf(what, what_len, "ptrace(PTRACE_GETSIGMASK) on tid %d", t->tid);
+    return errno;
+  }
+  /* get_robust_list(tid): a read of the thread's task (ptrace read access,
+   * which a tracer has); no value when it fails. */
+  void *head = NULL;
+  size_t len = 0;
+  t->has_robust_list = syscall(SYS_get_robust_list, t->tid, &head, &len) == 0;
+  t->robust_list_head = (uint64_t)(uintptr_t)head;
+  t->robust_list_len = len;
+  return 0;
+}
+
 /* Collect the stops of threads first.. (all interrupted already, they stop
  * in parallel), capturing each one's registers at once. A blocking
  * waitpid(tid) costs O(1) in the kernel and wakes only for that tid;
@@ -236,16 +268,7 @@ static int collect_stops(freeze_t *f, size_t first, char *what, size_t what_len)
       drop_thread(f, i); /* the last record moves to i */
       continue;
     }
-    t->stopped = true;
-    classify_stop(t, status);
-    err = arch_capture_regs(t, xstate_cap(t));
-    if (err != 0) snprintf(what, what_len, "ptrace(PTRACE_GETREGS) on tid %d", tid);
-    /* SAFETY: the thread is in a ptrace stop; GETSIGMASK reads its blocked
-     * set (8 bytes: the kernel refuses any other size) and changes nothing. */
-    if (err == 0 && ptrace(PTRACE_GETSIGMASK, tid, (void *)sizeof t->sigmask, &t->sigmask) != 0) {
-      err = errno;
-      snprintf(what, what_len, "ptrace(PTRACE_GETSIGMASK) on tid %d", tid);
-    }
+    err = capture_stopped(t, status, what, what_len);
     i++;
   }
   arm_wait_timeout(false);
@@ -310,7 +333,7 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
 /* Resume with PTRACE_SYSCALL until the next syscall stop. A signal that
  * arrives meanwhile is held back (with its siginfo) and given back at the
  * detach (redeliver). */
-int run_to_syscall_stop(thread_t *t) {
+int run_to_syscall_stop(thread_t *t, pid_t *cloned) {
   /* A fault the thread takes again and again (SIGSEGV from the kernel when
    * its rseq area is not mapped, say) would loop here forever: give up. */
   int same = 0, last = 0;
@@ -321,6 +344,11 @@ int run_to_syscall_stop(thread_t *t) {
     if (err != 0) return err;
     int sig = WSTOPSIG(status);
     if (sig == (SIGTRAP | 0x80)) return 0;
+    if (cloned != NULL && status >> 8 == (SIGTRAP | (PTRACE_EVENT_CLONE << 8))) {
+      unsigned long msg = 0;
+      /* SAFETY: in a PTRACE_EVENT_CLONE stop the event message is the new thread's tid. */
+      if (ptrace(PTRACE_GETEVENTMSG, t->tid, NULL, &msg) == 0) *cloned = (pid_t)msg;
+    }
     same = sig == last ? same + 1 : 0;
     last = sig;
     if (same >= 64 && (sig == SIGSEGV || sig == SIGBUS || sig == SIGILL || sig == SIGFPE)) return EFAULT;
@@ -349,6 +377,8 @@ void tracer_free(freeze_t *f) {
   free(f);
 }
 
+static size_t choose_injection_thread(const freeze_t *f);
+
 int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error) {
   freeze_t *f = calloc(1, sizeof *f);
   if (f == NULL) return ENOMEM;
@@ -375,6 +405,7 @@ int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error) {
     set_error(error, "ptrace", "freeze pid %d: no thread could be stopped", pid);
     return ESRCH;
   }
+  f->injection_tid = f->threads[choose_injection_thread(f)].tid;
   *out = f;
   return 0;
 }
@@ -382,7 +413,7 @@ int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error) {
 /* The thread injections run in: one in an interrupt stop that is not the
  * leader, by preference (the leader's tid is the process id, which a
  * parent's waitpid(pid) could also collect). */
-size_t tracer_injection_thread(const freeze_t *f) {
+static size_t choose_injection_thread(const freeze_t *f) {
   size_t chosen = f->count;
   for (size_t i = 0; i < f->count; i++) {
     const thread_t *c = &f->threads[i];
@@ -390,6 +421,12 @@ size_t tracer_injection_thread(const freeze_t *f) {
     if (chosen == f->count || (f->threads[chosen].tid == f->pid && c->tid != f->pid)) chosen = i;
   }
   return chosen != f->count ? chosen : 0;
+}
+
+size_t tracer_injection_thread(const freeze_t *f) {
+  for (size_t i = 0; i < f->count; i++)
+    if (f->threads[i].tid == f->injection_tid) return i;
+  return 0;
 }
 
 void tracer_thaw(freeze_t *f) {
@@ -413,12 +450,18 @@ static int seccomp_mode(pid_t pid) {
 /* PTRACE_O_SUSPEND_SECCOMP on (or off again) for a stopped thread. Turning
  * it on fails without CAP_SYS_ADMIN or CONFIG_CHECKPOINT_RESTORE; that
  * matters only if the process is under seccomp, and then nothing is injected. */
-int suspend_seccomp(freeze_t *f, thread_t *t, bool on, tracer_error_t *error) {
-  long options = PTRACE_O_TRACESYSGOOD | (on ? PTRACE_O_SUSPEND_SECCOMP : 0);
+int suspend_seccomp(freeze_t *f, thread_t *t, bool on, long extra_options, tracer_error_t *error) {
+  long options = PTRACE_O_TRACESYSGOOD | extra_options | (on ? PTRACE_O_SUSPEND_SECCOMP : 0);
   if (ptrace(PTRACE_SETOPTIONS, t->tid, NULL, (void *)options) == 0 || !on) return 0;
   int err = errno;
   int mode = seccomp_mode(f->pid);
-  if (mode == 0) return 0;
+  if (mode == 0) {
+    /* Nothing to suspend; the extra options (PTRACE_O_TRACECLONE) are still needed. */
+    if (extra_options == 0 || ptrace(PTRACE_SETOPTIONS, t->tid, NULL, (void *)(options & ~(long)PTRACE_O_SUSPEND_SECCOMP)) == 0) return 0;
+    err = errno;
+    set_error(error, "ptrace", "ptrace(PTRACE_SETOPTIONS, 0x%lx) on tid %d", options & ~(long)PTRACE_O_SUSPEND_SECCOMP, t->tid);
+    return err;
+  }
   set_error(error, "ptrace",
             "pid %d runs under seccomp (%s mode) and its filter cannot be suspended for the injected call "
             "(PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN)",
@@ -426,3 +469,57 @@ int suspend_seccomp(freeze_t *f, thread_t *t, bool on, tracer_error_t *error) {
   return err == EINVAL ? EPERM : err;
 }
 
+
+int adopt_thread(freeze_t *f, pid_t tid, tracer_error_t *error) {
+  int status = 0;
+  int err = wait_stop(tid, &status);
+  if (err != 0) {
+    set_error(error, "waitpid", "waitpid(tid %d) for the first stop of the new thread", tid);
+    return err;
+  }
+  /* SAFETY: the new thread is in its first stop; it inherited its parent's
+   * options (PTRACE_O_TRACECLONE, PTRACE_O_SUSPEND_SECCOMP): it gets the freeze's own. */
+  ptrace(PTRACE_SETOPTIONS, tid, NULL, (void *)(long)PTRACE_O_TRACESYSGOOD);
+  thread_t *t = add_thread(f, tid);
+  if (t == NULL) {
+    set_error(error, "ptrace", "memory for the registers of the new thread %d", tid);
+    return ENOMEM;
+  }
+  char what[128] = "";
+  err = capture_stopped(t, status, what, sizeof what);
+  if (err != 0) set_error(error, "ptrace", "%s", what);
+  return err;
+}
+
+#define SYS_CLONE3_ 435
+
+int tracer_clone_thread(freeze_t *f, uint64_t insn, uint64_t args, uint64_t size, int64_t *result, tracer_error_t *error) {
+  if (f->thawed || f->count == 0) {
+    set_error(error, "ptrace", "clone a thread after thaw");
+    return EINVAL;
+  }
+  thread_t *t = &f->threads[tracer_injection_thread(f)];
+  uint64_t call[6] = {args, size}, rax = 0;
+  pid_t cloned = 0;
+  /* PTRACE_O_TRACECLONE for this call only: the kernel attaches the new
+   * thread to this tracer before it runs, and it starts in a
+   * PTRACE_EVENT_STOP (a seized tracer's auto-attach), never in user code. */
+  int err = inject_in(f, t, insn, SYS_CLONE3_, call, PTRACE_O_TRACECLONE, &cloned, &rax, error);
+  if (err != 0) {
+    /* A thread created before the failure is still born stopped, and ours: keep it. */
+    if (cloned > 0) adopt_thread(f, cloned, error);
+    return err;
+  }
+  if ((int64_t)rax < 0) {
+    *result = (int64_t)rax;
+    return 0;
+  }
+  if (cloned <= 0) {
+    set_error(error, "ptrace", "clone3 returned %lld in tid %d without a PTRACE_EVENT_CLONE stop", (long long)rax, t->tid);
+    return EPROTO;
+  }
+  err = adopt_thread(f, cloned, error);
+  if (err != 0) return err;
+  *result = cloned;
+  return 0;
+}

@@ -3,14 +3,19 @@
  *
  * tracer_inject   run one syscall in a stopped thread, then put every
  *                 register back as captured: on detach the kernel restarts
- *                 an interrupted syscall itself. */
+ *                 an interrupted syscall itself.
+ * tracer_read_tid_addresses
+ *                 each thread's clear_child_tid, by an injected
+ *                 prctl(PR_GET_TID_ADDRESS) onto its own stack. */
 #include "tracer.h"
 #include "tracer_internal.h"
 
 #include <cpuid.h>
 #include <elf.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ptrace.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -36,12 +41,12 @@ size_t arch_xstate_size(void) {
   return __get_cpuid_count(0xd, 0, &eax, &ebx, &ecx, &edx) ? ecx : 0;
 }
 
-int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6], uint64_t *rax, tracer_error_t *error) {
+int inject_in(freeze_t *f, thread_t *t, uint64_t insn, uint64_t nr, const uint64_t args[6], long extra_options, pid_t *cloned,
+              uint64_t *rax, tracer_error_t *error) {
   if (f->thawed || f->count == 0) {
     set_error(error, "ptrace", "inject a syscall after thaw");
     return EINVAL;
   }
-  thread_t *t = &f->threads[tracer_injection_thread(f)];
   /* Resume with the registers exactly as captured, orig_rax and a restart code
    * in rax included: PTRACE_DETACH (or the tracer's death) sets TIF_SIGPENDING
    * (__ptrace_unlink -> ptrace_signal_wake_up), so on its way out the kernel
@@ -54,7 +59,7 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
   /* A seccomp filter may refuse the injected call, or kill the process for
    * it (systemd's SystemCallFilter= does by default): suspend it for the
    * injection, in this stopped thread only. */
-  int err = suspend_seccomp(f, t, true, error);
+  int err = suspend_seccomp(f, t, true, extra_options, error);
   if (err != 0) return err;
 
   struct user_regs_struct inj = t->resume_regs;
@@ -71,6 +76,7 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
    * resumes with. t->injected makes detach_all restore resume_regs. */
   if (ptrace(PTRACE_SETREGS, t->tid, NULL, &inj) != 0) {
     err = errno;
+    suspend_seccomp(f, t, false, 0, error);
     set_error(error, "ptrace", "ptrace(PTRACE_SETREGS) on tid %d", t->tid);
     return err;
   }
@@ -79,12 +85,12 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
    * must not leave them in the target). */
   const char *stall = getenv("WPSNAP_TRACER_STALL_US");
   if (stall != NULL) usleep((useconds_t)atoi(stall));
-  err = run_to_syscall_stop(t); /* entry */
-  if (err == 0) err = run_to_syscall_stop(t); /* exit */
+  err = run_to_syscall_stop(t, NULL); /* entry */
+  if (err == 0) err = run_to_syscall_stop(t, cloned); /* exit (a clone's event stop comes between) */
   struct user_regs_struct after;
   if (err == 0 && ptrace(PTRACE_GETREGS, t->tid, NULL, &after) != 0) err = errno;
   if (err == 0 && ptrace(PTRACE_SETREGS, t->tid, NULL, &t->resume_regs) != 0) err = errno;
-  if (err == 0) suspend_seccomp(f, t, false, error);
+  if (err == 0) suspend_seccomp(f, t, false, 0, error);
   if (err != 0) {
     set_error(error, "ptrace", "inject syscall %llu into tid %d", (unsigned long long)nr, t->tid);
     return err;
@@ -94,15 +100,69 @@ int tracer_inject(freeze_t *f, uint64_t insn, uint64_t nr, const uint64_t args[6
   return 0;
 }
 
+int tracer_inject(freeze_t *f, thread_t *t, uint64_t insn, uint64_t nr, const uint64_t args[6], uint64_t *rax, tracer_error_t *error) {
+  return inject_in(f, t, insn, nr, args, 0, NULL, rax, error);
+}
+
+/* A `syscall` instruction (0f 05) in the target's [vdso], or 0. */
+static uint64_t vdso_syscall_insn(pid_t pid) {
+  char path[64], line[512];
+  snprintf(path, sizeof path, "/proc/%d/maps", pid);
+  FILE *fp = fopen(path, "re");
+  if (fp == NULL) return 0;
+  unsigned long long start = 0, end = 0;
+  bool found = false;
+  while (!found && fgets(line, sizeof line, fp) != NULL)
+    found = strstr(line, "[vdso]") != NULL && sscanf(line, "%llx-%llx", &start, &end) == 2;
+  fclose(fp);
+  if (!found || end <= start || end - start > 64 * 1024) return 0;
+  static uint8_t code[64 * 1024];
+  struct iovec local = {.iov_base = code, .iov_len = end - start};
+  struct iovec remote = {.iov_base = (void *)(uintptr_t)start, .iov_len = end - start};
+  ssize_t n = process_vm_readv(pid, &local, 1, &remote, 1, 0);
+  for (ssize_t i = 0; i + 1 < n; i++)
+    if (code[i] == 0x0f && code[i + 1] == 0x05) return start + (uint64_t)i;
+  return 0;
+}
+
+#define RED_ZONE 128
+#define SYS_PRCTL 157
+#define PR_GET_TID_ADDRESS_ 40
+
+void tracer_read_tid_addresses(freeze_t *f, uint64_t insn) {
+  if (insn == 0) insn = vdso_syscall_insn(f->pid);
+  if (insn == 0) return;
+  for (size_t i = 0; i < f->count; i++) {
+    thread_t *t = &f->threads[i];
+    if (t->stop == STOP_SIGNAL) continue; /* an injection would discard its signal */
+    /* 8 bytes below the red zone: the thread's own stack, which it does not use while stopped. */
+    uint64_t scratch = (t->regs.rsp - RED_ZONE - 8) & ~(uint64_t)7;
+    uint64_t saved, value = 0, rax = 0;
+    struct iovec local = {.iov_base = &saved, .iov_len = sizeof saved};
+    struct iovec remote = {.iov_base = (void *)(uintptr_t)scratch, .iov_len = sizeof saved};
+    /* SAFETY: reads 8 bytes of the stopped thread's stack; nothing changes. */
+    if (process_vm_readv(f->pid, &local, 1, &remote, 1, 0) != (ssize_t)sizeof saved) continue;
+    stop_kind_t stop = t->stop;
+    uint64_t args[6] = {PR_GET_TID_ADDRESS_, scratch};
+    tracer_error_t ignored;
+    int err = tracer_inject(f, t, insn, SYS_PRCTL, args, &rax, &ignored);
+    t->stop = stop; /* a syscall-exit stop detaches as its interrupt stop did: the record keeps the stop it was found in */
+    if (err != 0 || rax != 0) continue;
+    local.iov_base = &value;
+    bool read = process_vm_readv(f->pid, &local, 1, &remote, 1, 0) == (ssize_t)sizeof value;
+    /* SAFETY: puts back the 8 bytes prctl wrote over. */
+    local.iov_base = &saved;
+    process_vm_writev(f->pid, &local, 1, &remote, 1, 0);
+    if (!read) continue;
+    t->clear_child_tid = value;
+    t->has_clear_child_tid = true;
+  }
+}
+
 int tracer_set_thread(freeze_t *f, pid_t tid, const struct user_regs_struct *regs, const struct user_fpregs_struct *fpregs,
                       const uint8_t *xstate, size_t xstate_len, const uint64_t *sigmask, tracer_error_t *error) {
-  thread_t *t = NULL;
-  for (size_t i = 0; i < f->count && t == NULL; i++)
-    if (f->threads[i].tid == tid) t = &f->threads[i];
-  if (f->thawed || t == NULL) {
-    set_error(error, "ptrace", "tid %d is not frozen", tid);
-    return ESRCH;
-  }
+  thread_t *t = tracer_thread(f, tid, error);
+  if (t == NULL) return ESRCH;
   /* SAFETY: the thread is in a ptrace stop; it resumes with these registers
    * at the detach (t->injected makes detach_all put them back once more). */
   if (ptrace(PTRACE_SETREGS, tid, NULL, regs) != 0) {

@@ -16,10 +16,19 @@ size_t arch_xstate_size(void);
 /* Generic part. */
 /* Wait for tid's next ptrace stop (bounded by the freeze's timeout); 0 or an errno. */
 int wait_stop(pid_t tid, int *status);
-/* Resume with PTRACE_SYSCALL until the next syscall stop, holding back signals. */
-int run_to_syscall_stop(thread_t *t);
-/* PTRACE_O_SUSPEND_SECCOMP on or off for a stopped thread of f. */
-int suspend_seccomp(freeze_t *f, thread_t *t, bool on, tracer_error_t *error);
+/* Resume with PTRACE_SYSCALL until the next syscall stop, holding back
+ * signals; a PTRACE_EVENT_CLONE stop on the way puts the new tid in *cloned
+ * (when not NULL). */
+int run_to_syscall_stop(thread_t *t, pid_t *cloned);
+/* PTRACE_O_SUSPEND_SECCOMP on or off for a stopped thread of f, with
+ * PTRACE_O_TRACESYSGOOD and the extra options given (0 when off). */
+int suspend_seccomp(freeze_t *f, thread_t *t, bool on, long extra_options, tracer_error_t *error);
+/* A thread born stopped (its tracer auto-attached it): wait for its first
+ * stop, capture it, and add it to f. 0 or an errno. */
+int adopt_thread(freeze_t *f, pid_t tid, tracer_error_t *error);
+/* Run syscall nr in t (the body of tracer_inject); extra_options and cloned as above. */
+int inject_in(freeze_t *f, thread_t *t, uint64_t insn, uint64_t nr, const uint64_t args[6], long extra_options, pid_t *cloned,
+              uint64_t *rax, tracer_error_t *error);
 void set_error(tracer_error_t *error, const char *syscall_name, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 #endif

@@ -30,6 +30,8 @@ static int64_t owned[MAX_OWNED];
 static int nowned;
 /* The syscall instruction wpsnap's injections use: abandon() closes the fds with it. */
 static uint64_t syscall_insn;
+/* DOOM: the target is SIGKILLed, not thawed, if wpsnap goes before THAW/RELEASE. */
+static bool doomed;
 
 static int reply(int32_t err, const tracer_error_t *error, const void *body, uint32_t len) {
   reply_t r = {.err = err, .len = len};
@@ -75,6 +77,16 @@ static char *put_record(char *p, const thread_t *t) {
       rseq.rseq_abi_pointer != 0) {
     rec.rseq_area = rseq.rseq_abi_pointer;
     rec.rseq_size = rseq.rseq_abi_size;
+    rec.rseq_signature = rseq.signature;
+  }
+  if (t->has_robust_list) {
+    rec.flags |= RECORD_ROBUST_LIST;
+    rec.robust_list_head = t->robust_list_head;
+    rec.robust_list_len = t->robust_list_len;
+  }
+  if (t->has_clear_child_tid) {
+    rec.flags |= RECORD_CLEAR_CHILD_TID;
+    rec.clear_child_tid = t->clear_child_tid;
   }
   memcpy(p, &rec, sizeof rec);
   memcpy(p + sizeof rec, t->xstate, t->xstate_len);
@@ -105,7 +117,7 @@ static int reply_threads(void) {
   return e;
 }
 
-static int serve_freeze(const freeze_request_t *q) {
+static int serve_freeze(const freeze_with_request_t *q) {
   tracer_error_t error = {{0}, {0}};
   if (frozen != NULL) {
     snprintf(error.syscall, sizeof error.syscall, "ptrace");
@@ -114,6 +126,7 @@ static int serve_freeze(const freeze_request_t *q) {
   }
   int err = tracer_freeze(q->pid, &frozen, &error);
   if (err != 0) return reply(err, &error, NULL, 0);
+  if (q->flags & FREEZE_TID_ADDRESSES) tracer_read_tid_addresses(frozen, q->insn);
   size_t chosen = tracer_injection_thread(frozen);
   char body[2 * sizeof(uint32_t) + sizeof(thread_record_t) + XSTATE_MAX];
   uint32_t head[2] = {(uint32_t)frozen->count, (uint32_t)chosen};
@@ -122,16 +135,25 @@ static int serve_freeze(const freeze_request_t *q) {
   return reply(0, NULL, body, (uint32_t)(end - body));
 }
 
-static int serve_inject(const inject_request_t *q) {
+/* INJECT (tid 0: into the injection thread) and INJECT_THREAD. */
+static int serve_inject(pid_t tid, const inject_request_t *q) {
   tracer_error_t error = {{0}, {0}};
   if (frozen == NULL) {
     snprintf(error.syscall, sizeof error.syscall, "ptrace");
     snprintf(error.what, sizeof error.what, "inject a syscall before freeze");
     return reply(EINVAL, &error, NULL, 0);
   }
+  thread_t *t = tid == 0 ? &frozen->threads[tracer_injection_thread(frozen)] : tracer_thread(frozen, tid, &error);
+  if (t == NULL) return reply(ESRCH, &error, NULL, 0);
+  if (tid != 0 && t->stop == STOP_SIGNAL) {
+    snprintf(error.syscall, sizeof error.syscall, "ptrace");
+    snprintf(error.what, sizeof error.what, "tid %d is in a signal-delivery stop (signal %d): an injected call would discard the signal", tid,
+             t->deliver_sig);
+    return reply(EBUSY, &error, NULL, 0);
+  }
   uint64_t rax = 0;
   syscall_insn = q->insn;
-  int err = tracer_inject(frozen, q->insn, q->nr, q->args, &rax, &error);
+  int err = tracer_inject(frozen, t, q->insn, q->nr, q->args, &rax, &error);
   if (err != 0) return reply(err, &error, NULL, 0);
   track_fds(q, rax);
   return reply(0, NULL, &rax, sizeof rax);
@@ -148,13 +170,35 @@ static int serve_set_thread(const set_thread_request_t *q, const uint8_t *xstate
   return reply(err, err != 0 ? &error : NULL, NULL, 0);
 }
 
-/* wpsnap is gone: close what it left open in the target, then let the target go. */
+static int serve_clone(const clone_thread_request_t *q) {
+  tracer_error_t error = {{0}, {0}};
+  if (frozen == NULL) {
+    snprintf(error.syscall, sizeof error.syscall, "ptrace");
+    snprintf(error.what, sizeof error.what, "clone a thread before freeze");
+    return reply(EINVAL, &error, NULL, 0);
+  }
+  int64_t result = 0;
+  syscall_insn = q->insn;
+  int err = tracer_clone_thread(frozen, q->insn, q->args, q->size, &result, &error);
+  if (err != 0) return reply(err, &error, NULL, 0);
+  return reply(0, NULL, &result, sizeof result);
+}
+
+/* wpsnap is gone: close what it left open in the target, then let the target
+ * go; or, doomed, end it: a process under construction never runs half-built. */
 static void abandon(void) {
   if (frozen == NULL) return;
+  if (doomed && !frozen->thawed) {
+    /* SAFETY: SIGKILL reaches the stopped threads as they are (a traced
+     * thread is woken for it and dies without returning to user mode);
+     * our exit then detaches what is left. */
+    kill(frozen->pid, SIGKILL);
+    return;
+  }
   tracer_error_t ignored;
   for (int i = 0; i < nowned; i++) {
     uint64_t args[6] = {(uint64_t)owned[i]}, rax;
-    tracer_inject(frozen, syscall_insn, SYS_CLOSE, args, &rax, &ignored);
+    tracer_inject(frozen, &frozen->threads[tracer_injection_thread(frozen)], syscall_insn, SYS_CLOSE, args, &rax, &ignored);
   }
   tracer_thaw(frozen);
 }
@@ -182,7 +226,10 @@ int main(void) {
     request_t q;
     union {
       freeze_request_t freeze;
+      freeze_with_request_t freeze_with;
       inject_request_t inject;
+      inject_thread_request_t inject_thread;
+      clone_thread_request_t clone;
       thaw_request_t thaw;
       struct {
         set_thread_request_t head;
@@ -192,9 +239,20 @@ int main(void) {
     if (read_all(TRACER_FD, &q, sizeof q) != 0 || q.len > sizeof payload || read_all(TRACER_FD, &payload, q.len) != 0) break;
     int e = 0;
     if (q.op == OP_FREEZE && q.len == sizeof payload.freeze) {
-      e = serve_freeze(&payload.freeze);
+      freeze_with_request_t plain = {.pid = payload.freeze.pid};
+      e = serve_freeze(&plain);
+    } else if (q.op == OP_FREEZE_WITH && q.len == sizeof payload.freeze_with) {
+      e = serve_freeze(&payload.freeze_with);
     } else if (q.op == OP_INJECT && q.len == sizeof payload.inject) {
-      e = serve_inject(&payload.inject);
+      e = serve_inject(0, &payload.inject);
+    } else if (q.op == OP_INJECT_THREAD && q.len == sizeof payload.inject_thread && payload.inject_thread.tid > 0) {
+      e = serve_inject(payload.inject_thread.tid, &payload.inject_thread.call);
+    } else if (q.op == OP_CLONE_THREAD && q.len == sizeof payload.clone) {
+      e = serve_clone(&payload.clone);
+    } else if (q.op == OP_DOOM && q.len == 0) {
+      doomed = frozen != NULL;
+      tracer_error_t error = {"ptrace", "doomOnAbandon before freeze"};
+      e = frozen != NULL ? reply(0, NULL, NULL, 0) : reply(EINVAL, &error, NULL, 0);
     } else if (q.op == OP_SET_THREAD && q.len >= sizeof payload.set_thread.head &&
                q.len == sizeof payload.set_thread.head + payload.set_thread.head.xstate_len && payload.set_thread.head.has_sigmask <= 1) {
       e = serve_set_thread(&payload.set_thread.head, payload.set_thread.xstate);
@@ -214,6 +272,7 @@ int main(void) {
       tracer_free(frozen);
       frozen = NULL;
       nowned = 0;
+      doomed = false;
       e = reply(0, NULL, NULL, 0);
     } else {
       break;
