@@ -15,6 +15,7 @@ import { logCommand } from './commands/log.js';
 import { lsCommand } from './commands/ls.js';
 import { rmCommand } from './commands/rm.js';
 import { rollbackCommand } from './commands/rollback.js';
+import { restoreCommand } from './commands/restore.js';
 import { showCommand } from './commands/show.js';
 import { snapshotCommand } from './commands/snapshot.js';
 import { precopyCommand } from './commands/precopy.js';
@@ -40,6 +41,7 @@ const COMMANDS: Array<CommandSpec<any>> = [
   verifyCommand,
   exportCommand,
   rollbackCommand,
+  restoreCommand,
   rmCommand,
   logCommand,
   gcCommand,

@@ -32,6 +32,7 @@ const CODE_CATEGORY = {
   HAS_GENERATIONS: 'usage',
   // A rollback that could not be done whole, refused before anything changed.
   ROLLBACK_REFUSED: 'usage',
+  RESTORE_REFUSED: 'usage',
   // untrack of a process no keeper tracks.
   NOT_TRACKED: 'usage',
   // The process is tracked by a keeper: track/precopy cannot register it too.
@@ -58,6 +59,7 @@ const CODE_CATEGORY = {
   INTERNAL: 'failure',
   // A rollback failed after it began changing the target (it is partly rolled back).
   ROLLBACK_FAILED: 'failure',
+  RESTORE_FAILED: 'failure',
   // A keeper did not start or answer as it must.
   KEEPER_FAILED: 'failure',
   DEMO_FAILED: 'failure',

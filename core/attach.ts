@@ -7,6 +7,7 @@ import type { FrozenThread, NativeBinding, NativeHandle } from './native/binding
 import { SYSCALL, USERFAULTFD_IOC_NEW } from './constants.js';
 import { WpsnapError, fromNative, externalCode } from '../common/errors.js';
 import { readIds, readMaps } from './procfs.js';
+import type { SignalAction } from '../snapshot-format/model.js';
 
 const { ioctl: SYS_ioctl, close: SYS_close, userfaultfd: SYS_userfaultfd, openat: SYS_openat } = SYSCALL;
 const AT_FDCWD = -100;
@@ -43,11 +44,17 @@ export function findSyscallInstruction(binding: NativeBinding, pid: number): big
   throw new WpsnapError('NO_SYSCALL_INSN', `no syscall instruction in the [vdso] of pid ${pid}`);
 }
 
-export function freeze(binding: NativeBinding, pid: number, options: { withThreads?: boolean } = {}): Frozen {
+export function freeze(binding: NativeBinding, pid: number, options: { withThreads?: boolean; tidAddresses?: { syscallInsn: bigint } } = {}): Frozen {
   const frozenAt = process.hrtime.bigint();
   let handle: NativeHandle;
   try {
-    handle = options.withThreads === true ? binding.freeze(pid, true) : binding.freeze(pid);
+    const withThreads = options.withThreads === true;
+    handle =
+      options.tidAddresses !== undefined
+        ? binding.freeze(pid, withThreads, { tidAddresses: true, syscallInsn: options.tidAddresses.syscallInsn })
+        : withThreads
+          ? binding.freeze(pid, true)
+          : binding.freeze(pid);
   } catch (error) {
     const wrapped = fromNative(error, `freeze pid ${pid}`);
     if (wrapped.code === 'EPERM') {
@@ -226,6 +233,35 @@ export function openInTarget(binding: NativeBinding, pid: number, frozen: Frozen
   binding.processVmWrite(pid, scratch, bytes);
   try {
     return inject(binding, frozen, insn, SYS_openat, [AT_FDCWD, scratch, flags], `openat(${path})`);
+  } finally {
+    binding.processVmWrite(pid, scratch, saved);
+  }
+}
+
+/** struct kernel_sigaction (x86_64): handler, flags, restorer, mask. */
+const SIGACTION_BYTES = 32;
+
+/**
+ * rt_sigaction(sig, NULL, &old, 8) for each signal, run inside the frozen
+ * target: its dispositions (a restore sets them again). The answers go below
+ * the injection thread's red zone, and the bytes there are put back.
+ */
+export function readSignalActions(binding: NativeBinding, pid: number, frozen: Frozen, insn: bigint, signals: number[]): SignalAction[] {
+  if (signals.length === 0) return [];
+  const bytes = SIGACTION_BYTES * signals.length;
+  const scratch = (binding.injectionThreadRsp(frozen.handle) - RED_ZONE - BigInt(bytes) - 512n) & ~15n;
+  const saved = binding.processVmRead(pid, scratch, bytes);
+  try {
+    signals.forEach((signal, i) => {
+      const result = inject(binding, frozen, insn, SYSCALL.rt_sigaction, [signal, 0, scratch + BigInt(i * SIGACTION_BYTES), 8], `rt_sigaction(${signal})`);
+      if (result < 0) throw injectedFailure(`rt_sigaction(${signal})`, result);
+    });
+    const read = binding.processVmRead(pid, scratch, bytes);
+    return signals.map((signal, i) => {
+      const at = i * SIGACTION_BYTES;
+      const field = (k: number): string => read.readBigUInt64LE(at + 8 * k).toString();
+      return { signal, handler: field(0), flags: field(1), restorer: field(2), mask: field(3) };
+    });
   } finally {
     binding.processVmWrite(pid, scratch, saved);
   }

@@ -2,7 +2,7 @@
 // wpsnap. Today's way is ptrace injection (core/ptrace-attacher.ts); a
 // cooperative agent passing its fd over SCM_RIGHTS is another. The pause
 // (core/pause.ts) only talks to this interface.
-import type { ThreadRecord } from '../snapshot-format/model.js';
+import type { SignalAction, ThreadRecord } from '../snapshot-format/model.js';
 import type { UffdMethod } from './attach.js';
 
 /** Registers of one thread as captured when the target was stopped (its name is read after the resume). */
@@ -26,6 +26,11 @@ export interface StoppedTarget {
    * target keeps no copy, so if wpsnap dies the kernel releases it), before UFFDIO_API.
    */
   obtainUffd(): { fd: number; method: UffdMethod };
+  /**
+   * The dispositions of these signals (rt_sigaction(2) read inside the target), for a restore;
+   * absent where the attach cannot run code in the target.
+   */
+  readSignalActions?(signals: number[]): SignalAction[];
   /** Let the target run on; idempotent. */
   resume(): void;
 }

@@ -21,6 +21,11 @@ export function tracerHelperPath(): string {
   return join(dirname(nativeAddonPath()), 'wpsnap_tracer');
 }
 
+/** The process a restore becomes (core/native/restorer_main.c), built next to the addon. */
+export function restorerPath(): string {
+  return join(dirname(nativeAddonPath()), 'wpsnap_restorer');
+}
+
 export function loadBinding(): NativeBinding {
   if (cached) return cached;
   if (process.platform !== 'linux' || process.arch !== 'x64') {

@@ -17,6 +17,18 @@ export const SYSCALL = {
   brk: 12,
   mremap: 25,
   exit: 60,
+  // a restore's building of the new process (core/restore-memory.ts, core/restore.ts)
+  prctl: 157,
+  set_tid_address: 218,
+  set_robust_list: 273,
+  rseq: 334,
+  rt_sigaction: 13,
+  setresuid: 117,
+  setresgid: 119,
+  setgroups: 116,
+  memfd_create: 319,
+  ftruncate: 77,
+  clone3: 435,
 } as const;
 
 /** _IO(0xAA, 0x00) from linux/userfaultfd.h (6.1+): a new context from /dev/userfaultfd. */

@@ -1,9 +1,9 @@
 // Everything that happens while the target is stopped: obtain its
 // userfaultfd, plan its mappings again, register and write-protect them, copy
 // what uffd-wp cannot protect, resume. T is this whole pause.
-import type { LostRange, PageBatch, ThreadRecord } from '../snapshot-format/model.js';
+import type { LostRange, PageBatch, SignalAction, ThreadRecord } from '../snapshot-format/model.js';
 import type { UffdMethod } from './attach.js';
-import type { Attacher } from './attacher.js';
+import type { Attacher, StoppedTarget } from './attacher.js';
 import { fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
 import { UFFD_FEATURES_FOR_SNAPSHOT } from './features.js';
@@ -49,6 +49,16 @@ export interface PauseInputs {
   /** The target's bulk was protected while it ran (core/preprotect.ts): its userfaultfd, and the
    * final log of what it wrote since, taken once it is stopped. */
   pre?: { protection: PreProtection; finalLog: () => TrackLog } | undefined;
+  /** What a restore needs that changes under a running program, read in the pause (after the protection). */
+  forRestore?: { signals: number[]; pipes: number[]; pidfd: number } | undefined;
+}
+
+/** What the pause read for a restore; `warning` says what could not be read. */
+export interface ReadForRestore {
+  signals?: SignalAction[];
+  /** Hex bytes held by each pipe, by the fd of its read end. */
+  pipeBytes: Map<number, string>;
+  warning?: string;
 }
 
 export interface PauseOutcome {
@@ -66,6 +76,7 @@ export interface PauseOutcome {
   sparseRegions: number;
   /** With pre-protection: written ranges protected again in the pause (-1: everything, the log overflowed). */
   writtenAtInstant: number | null;
+  forRestore?: ReadForRestore;
 }
 
 /** close(2), ignoring an fd already closed. */
@@ -114,6 +125,8 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
         throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
       }
     }
+    // Before any protection: the injected rt_sigaction writes its answer into the target's memory.
+    const forRestore = inputs.forRestore === undefined ? undefined : readForRestore(binding, stopped, inputs.forRestore);
     breakdown.inject = lap();
     const plans = planner.plan(planner.readMaps());
     breakdown.plan = lap();
@@ -157,6 +170,7 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
       warnings: pinned.warnings,
       sparseRegions: protection.sparseRegions,
       writtenAtInstant,
+      ...(forRestore === undefined ? {} : { forRestore }),
     };
   } catch (error) {
     // Closing the only reference releases every registration and protection.
@@ -164,4 +178,24 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     stopped.resume();
     throw error;
   }
+}
+
+/** Signal dispositions (by the attacher, in the target) and self-pipes' bytes (tee of a copy of their read end); failures are a warning. */
+function readForRestore(binding: NativeBinding, stopped: StoppedTarget, what: { signals: number[]; pipes: number[]; pidfd: number }): ReadForRestore {
+  const out: ReadForRestore = { pipeBytes: new Map() };
+  const problems: string[] = [];
+  try {
+    if (stopped.readSignalActions !== undefined) out.signals = stopped.readSignalActions(what.signals);
+  } catch (error) {
+    problems.push(`signal dispositions: ${(error as Error).message}`);
+  }
+  for (const fd of what.pipes) {
+    try {
+      out.pipeBytes.set(fd, (binding as NativeBinding & { peekPipe(pidfd: number, fd: number): Buffer }).peekPipe(what.pidfd, fd).toString('hex'));
+    } catch (error) {
+      problems.push(`the bytes of the pipe at fd ${fd}: ${(error as Error).message}`);
+    }
+  }
+  if (problems.length > 0) out.warning = `not recorded for a restore: ${problems.join('; ')}`;
+  return out;
 }

@@ -54,7 +54,8 @@ export function parseFdDetails(kind: FdKind, info: string): FdDetails {
     }
     case 'eventfd': {
       const count = field('eventfd-count');
-      return count === undefined ? {} : { eventfd: { count: hex(count).toString() } };
+      const semaphore = field('eventfd-semaphore', '[01]');
+      return count === undefined ? {} : { eventfd: { count: hex(count).toString(), ...(semaphore === undefined ? {} : { semaphore: semaphore === '1' }) } };
     }
     case 'signalfd': {
       const mask = field('sigmask');
@@ -288,4 +289,29 @@ export function readProcessState(pid: number): ProcessState {
     mm: parseMmFields(readProc(pid, 'stat').toString('utf8')),
     exe,
   };
+}
+
+/** Signals whose disposition is not the default (SigIgn | SigCgt of /proc/PID/status), ascending. */
+export function nonDefaultSignals(pid: number): number[] {
+  const status = readProc(pid, 'status').toString('utf8');
+  const mask = (key: string): bigint => BigInt(`0x${new RegExp(`^${key}:\\s*([0-9a-f]+)`, 'm').exec(status)?.[1] ?? '0'}`);
+  const set = mask('SigIgn') | mask('SigCgt');
+  const signals: number[] = [];
+  for (let s = 1; s <= 64; s++) if ((set >> BigInt(s - 1)) & 1n) signals.push(s);
+  return signals;
+}
+
+/** The read end of every pipe both ends of which the process holds (a self-pipe): its bytes are read in the pause. */
+export function selfPipeReadEnds(state: ProcessState): number[] {
+  const O_ACCMODE = 3;
+  const O_WRONLY = 1;
+  const ends = new Map<number, { read?: number; write?: number }>();
+  for (const f of state.fds) {
+    if (f.kind !== 'pipe') continue;
+    const e = ends.get(f.ino) ?? {};
+    if ((f.flags & O_ACCMODE) === O_WRONLY) e.write ??= f.fd;
+    else e.read ??= f.fd;
+    ends.set(f.ino, e);
+  }
+  return [...ends.values()].flatMap((e) => (e.read !== undefined && e.write !== undefined ? [e.read] : []));
 }

@@ -2,6 +2,7 @@
 // runs userfaultfd() inside the target from a `syscall` instruction of its
 // vDSO, and wpsnap takes the fd with pidfd_getfd (core/attach.ts).
 import {
+  readSignalActions,
   findSyscallInstruction,
   freeze,
   injectUserfaultfd,
@@ -29,10 +30,21 @@ export function ptraceAttacher(binding: NativeBinding, pid: number, pidfd: numbe
     stop(): StoppedTarget {
       if (insn === undefined) throw new Error('ptraceAttacher: stop() before prepare()');
       const syscallInsn = insn;
-      const frozen = freeze(binding, pid);
+      // Each thread's clear_child_tid (for a restore) is read inside it while every thread is stopped.
+      const frozen = freeze(binding, pid, { tidAddresses: { syscallInsn } });
       return {
-        threads: frozen.threads.map((t) => ({ tid: t.tid, regs: t.regs, fpregs: t.fpregs, xstate: t.xstate, sigmask: t.sigmask })),
+        threads: frozen.threads.map((t) => ({
+          tid: t.tid,
+          regs: t.regs,
+          fpregs: t.fpregs,
+          xstate: t.xstate,
+          sigmask: t.sigmask,
+          ...(t.clearChildTid === undefined ? {} : { clearChildTid: t.clearChildTid }),
+          ...(t.robustList === undefined ? {} : { robustList: t.robustList }),
+          ...(t.rseqArea === undefined ? {} : { rseq: { area: t.rseqArea, size: t.rseqSize ?? 32, signature: t.rseqSignature ?? 0 } }),
+        })),
         obtainUffd: () => injectUserfaultfd(binding, pid, frozen, syscallInsn, pidfd, deviceNode),
+        readSignalActions: (signals) => readSignalActions(binding, pid, frozen, syscallInsn, signals),
         resume: () => binding.thaw(frozen.handle),
       };
     },

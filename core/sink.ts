@@ -1,7 +1,7 @@
 // Where a snapshot goes, as the controller sees it: the interface the
 // pipeline writes through. The store implements it (Store.beginSnapshot and
 // SnapshotWriter); the controller imports no store code.
-import type { LostRange, PageBatch, ProcessRecord, RegionRecord, SnapshotStats, ThreadRecord } from '../snapshot-format/model.js';
+import type { LostRange, PageBatch, ProcessRecord, ProcessState, RegionRecord, SnapshotStats, ThreadRecord } from '../snapshot-format/model.js';
 
 /** The stats the controller measures; the sink adds the page counts. */
 export type MeasuredStats = Omit<SnapshotStats, 'pagesSaved' | 'zeroPages' | 'pagesNew' | 'bytesRaw' | 'bytesStored'>;
@@ -10,6 +10,8 @@ export interface SnapshotSink {
   readonly id: number;
   addProcess(process: ProcessRecord): number;
   addThreads(processId: number, threads: ThreadRecord[]): void;
+  /** The process state again, completed with what the pause read (signal dispositions, pipe contents). */
+  setProcessState(processId: number, state: ProcessState): void;
   addRegions(processId: number, regions: RegionRecord[]): void;
   addLost(processId: number, lost: LostRange[]): void;
   /** Resolves once the batch is stored; its memory may then be reused. */

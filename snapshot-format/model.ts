@@ -64,6 +64,14 @@ export interface ThreadRecord {
    * blocked, 0 ..= 2^64-1. Undefined: not recorded (a snapshot of a store before schema 5).
    */
   sigmask?: bigint;
+  /**
+   * What a restore gives the thread again (schema 7; undefined when not recorded): the address the
+   * kernel clears and futex-wakes at its exit (set_tid_address), its robust futex list
+   * (set_robust_list) and its registered rseq area with the signature its abort handlers carry.
+   */
+  clearChildTid?: bigint;
+  robustList?: { head: bigint; len: number };
+  rseq?: { area: bigint; size: number; signature: number };
 }
 
 export interface ProcessRecord {
@@ -132,8 +140,10 @@ export interface FdRecord {
   // cannot be read.
   /** epoll: one entry per registered fd ("tfd:" lines). */
   epoll?: EpollTarget[];
-  /** eventfd: "eventfd-count:" (hex there), as a decimal string. */
-  eventfd?: { count: string };
+  /** eventfd: "eventfd-count:" (hex there), as a decimal string, and "eventfd-semaphore:" (EFD_SEMAPHORE) where the kernel shows it. */
+  eventfd?: { count: string; semaphore?: boolean };
+  /** pipe, on its read end: the bytes it held at T, as hex (read during the pause without consuming them), when both ends are the process's. */
+  pipeBytes?: string;
   timerfd?: TimerfdState;
   /** signalfd: "sigmask:" as 0x and 16 hex digits (as formatSigmask). */
   signalfd?: { sigmask: string };
@@ -234,6 +244,20 @@ export interface ProcessState {
   mm: MmFields;
   /** stat /proc/PID/exe (the file, through the link); null when it cannot be read (no mm, or gone). */
   exe: { path: string; dev: number; ino: number; size: number; mtimeNs: string } | null;
+  /**
+   * Signal dispositions at T other than the default, by signal number (read in the pause; absent
+   * when not recorded): the handler (1: SIG_IGN), sa_flags, sa_restorer and sa_mask, as decimal strings.
+   */
+  signals?: SignalAction[];
+}
+
+/** One signal's disposition (struct kernel_sigaction of rt_sigaction(2), x86_64). */
+export interface SignalAction {
+  signal: number;
+  handler: string;
+  flags: string;
+  restorer: string;
+  mask: string;
 }
 
 /** Why a page's content at T is not in the snapshot. */

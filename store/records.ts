@@ -81,7 +81,23 @@ export class RecordReader {
       fpregs: row['fpregs'] as Buffer,
       xstate: row['xstate'] as Buffer,
       ...this.sigmask(row['sigmask'], row['tid']),
+      ...this.kernelState(row['kernel_state'], row['tid']),
     }));
+  }
+
+  /** threads.kernel_state (schema 7) as ThreadRecord fields; nothing when not recorded. */
+  private kernelState(column: unknown, tid: unknown): Pick<ThreadRecord, 'clearChildTid' | 'robustList' | 'rseq'> {
+    if (column === null || column === undefined) return {};
+    try {
+      const k = JSON.parse(column as string) as { clearChildTid?: string; robustList?: { head: string; len: number }; rseq?: { area: string; size: number; signature: number } };
+      return {
+        ...(k.clearChildTid === undefined ? {} : { clearChildTid: BigInt(k.clearChildTid) }),
+        ...(k.robustList === undefined ? {} : { robustList: { head: BigInt(k.robustList.head), len: k.robustList.len } }),
+        ...(k.rseq === undefined ? {} : { rseq: { area: BigInt(k.rseq.area), size: k.rseq.size, signature: k.rseq.signature } }),
+      };
+    } catch {
+      throw new WpsnapError('STORE_CORRUPT', `${this.path}: threads.kernel_state of tid ${String(tid)} is not a thread state document`);
+    }
   }
 
   /** The sigmask column as `{ sigmask }` (two's complement taken back to 0 ..= 2^64-1), or nothing if not recorded. */

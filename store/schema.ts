@@ -223,11 +223,20 @@ CREATE TABLE process_state (
 }
 
 /**
+ * Version 7: what a restore gives each thread again besides its registers
+ * (threads.kernel_state, JSON): clear_child_tid, the robust futex list and
+ * the rseq registration, addresses as decimal strings. NULL: not recorded.
+ */
+function migrateTo7(db: Database.Database): void {
+  db.exec('ALTER TABLE threads ADD COLUMN kernel_state TEXT;');
+}
+
+/**
  * MIGRATIONS[i] turns a version-i store into version i + 1; version 0 is an
  * empty database. To change the schema, append a function here: never edit
  * one that has shipped.
  */
-export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4, migrateTo5, migrateTo6];
+export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4, migrateTo5, migrateTo6, migrateTo7];
 
 /**
  * The oldest version a read-only open reads without upgrading, where no

@@ -9,6 +9,7 @@ import {
   type LostRange,
   type PageBatch,
   type ProcessRecord,
+  type ProcessState,
   type RegionRecord,
   type GenerationStats,
   type SnapshotStats,
@@ -61,6 +62,16 @@ function sortedUnion(chunks: BigUint64Array[]): BigUint64Array {
 }
 
 const LOST_REASON_SET: ReadonlySet<string> = new Set(LOST_REASONS);
+
+/** threads.kernel_state (schema.ts, version 7): the JSON of what is recorded, or null. */
+function kernelState(t: ThreadRecord): string | null {
+  if (t.clearChildTid === undefined && t.robustList === undefined && t.rseq === undefined) return null;
+  return JSON.stringify({
+    ...(t.clearChildTid === undefined ? {} : { clearChildTid: t.clearChildTid.toString() }),
+    ...(t.robustList === undefined ? {} : { robustList: { head: t.robustList.head.toString(), len: t.robustList.len } }),
+    ...(t.rseq === undefined ? {} : { rseq: { area: t.rseq.area.toString(), size: t.rseq.size, signature: t.rseq.signature } }),
+  });
+}
 
 export class SnapshotWriter {
   readonly counters: WriterCounters = { pagesSaved: 0, zeroPages: 0, pagesNew: 0, bytesRaw: 0, bytesStored: 0 };
@@ -153,6 +164,13 @@ export class SnapshotWriter {
     });
   }
 
+  setProcessState(processId: number, state: ProcessState): void {
+    this.checkProcess(processId);
+    this.transaction(`record the state of process ${processId}`, () => {
+      this.host.db.prepare('INSERT INTO process_state (process_id, state) VALUES (?, ?) ON CONFLICT (process_id) DO UPDATE SET state = excluded.state').run(processId, JSON.stringify(state));
+    });
+  }
+
   addThreads(processId: number, threads: ThreadRecord[]): void {
     this.checkProcess(processId);
     for (const t of threads) {
@@ -160,18 +178,17 @@ export class SnapshotWriter {
         throw new WpsnapError('INVALID_PROCESS', `process ${processId}, thread ${t.tid}: sigmask ${t.sigmask} is not a 64-bit signal mask`);
       }
     }
-    // sigmask only when known: the tests' stores of older schema versions lack the column.
+    // sigmask and kernel_state only when known: the tests' stores of older schema versions lack the columns.
     const withMask = threads.some((t) => t.sigmask !== undefined);
-    const insert = this.host.db.prepare(
-      withMask
-        ? 'INSERT INTO threads (process_id, tid, name, regs, fpregs, xstate, sigmask) VALUES (?, ?, ?, ?, ?, ?, ?)'
-        : 'INSERT INTO threads (process_id, tid, name, regs, fpregs, xstate) VALUES (?, ?, ?, ?, ?, ?)',
-    );
+    const withKernel = threads.some((t) => kernelState(t) !== null);
+    const columns = ['process_id', 'tid', 'name', 'regs', 'fpregs', 'xstate', ...(withMask ? ['sigmask'] : []), ...(withKernel ? ['kernel_state'] : [])];
+    const insert = this.host.db.prepare(`INSERT INTO threads (${columns.join(', ')}) VALUES (${columns.map(() => '?').join(', ')})`);
     this.transaction(`add threads of process ${processId}`, () => {
       for (const t of threads) {
         const row: unknown[] = [processId, t.tid, t.name, t.regs, t.fpregs, t.xstate];
         // Two's complement in SQLite's signed INTEGER: bit 63 (SIGRTMAX) makes it negative (schema.ts, version 5).
         if (withMask) row.push(t.sigmask === undefined ? null : BigInt.asIntN(64, t.sigmask));
+        if (withKernel) row.push(kernelState(t));
         insert.run(...row);
       }
     });

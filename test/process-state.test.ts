@@ -248,7 +248,7 @@ describe('stores of schema 5', () => {
     try {
       expect(MIGRATIONS).toHaveLength(6);
       const db = (v6 as unknown as { db: Database.Database }).db;
-      expect((db.prepare("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string }).value).toBe('6');
+      expect((db.prepare("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string }).value).toBe('7');
       expect(v6.processState(oldProcess)).toBeUndefined();
 
       // A new process with a state round-trips; deleting its snapshot drops the row.

@@ -37,6 +37,10 @@ void register_constants_exports(napi_env env, napi_value exports) {
       {"userfaultfd", __NR_userfaultfd}, {"pidfd_open", __NR_pidfd_open}, {"pidfd_getfd", __NR_pidfd_getfd},
       {"mmap", SYS_mmap},             {"mprotect", SYS_mprotect},   {"munmap", SYS_munmap},
       {"brk", SYS_brk},               {"mremap", SYS_mremap},       {"exit", SYS_exit},
+      {"prctl", SYS_prctl},           {"set_tid_address", SYS_set_tid_address},
+      {"set_robust_list", SYS_set_robust_list}, {"rseq", SYS_rseq},  {"rt_sigaction", SYS_rt_sigaction},
+      {"setresuid", SYS_setresuid},   {"setresgid", SYS_setresgid}, {"setgroups", SYS_setgroups},
+      {"memfd_create", SYS_memfd_create}, {"ftruncate", SYS_ftruncate}, {"clone3", SYS_clone3},
   };
   static const named_t features[] = {
       {"PAGEFAULT_FLAG_WP", UFFD_FEATURE_PAGEFAULT_FLAG_WP}, {"EVENT_FORK", UFFD_FEATURE_EVENT_FORK},

@@ -1,0 +1,64 @@
+/* peekPipe: the bytes a target's pipe holds, read without taking them (a
+ * snapshot records a self-pipe's content for a restore, during the pause):
+ * a copy of the target's read end (pidfd_getfd), tee(2) into a pipe of our
+ * own (tee duplicates, it does not consume), read from ours. */
+#include "addon.h"
+#include "napi_util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+static napi_value js_peek_pipe(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pidfd, target_fd;
+  if (argc < 2 || !arg_int32(env, argv[0], &pidfd) || !arg_int32(env, argv[1], &target_fd)) return throw_type(env, "peekPipe(pidfd, fd)");
+  int fd = pidfd_getfd_call(pidfd, target_fd);
+  if (fd < 0) return throw_errno(env, errno, "pidfd_getfd", "pidfd_getfd(fd %d)", target_fd);
+  int held = 0;
+  if (ioctl(fd, FIONREAD, &held) != 0) {
+    int err = errno;
+    close(fd);
+    return throw_errno(env, err, "ioctl", "ioctl(FIONREAD) on the pipe at fd %d", target_fd);
+  }
+  if (held <= 0) {
+    close(fd);
+    return make_buffer_copy(env, "", 0);
+  }
+  int copy[2];
+  if (pipe2(copy, O_CLOEXEC | O_NONBLOCK) != 0) {
+    int err = errno;
+    close(fd);
+    return throw_errno(env, err, "pipe2", "a pipe to copy fd %d into", target_fd);
+  }
+  if (held > 65536) fcntl(copy[1], F_SETPIPE_SZ, held);
+  char *data = malloc((size_t)held);
+  ssize_t got = data == NULL ? -1 : tee(fd, copy[1], (size_t)held, SPLICE_F_NONBLOCK);
+  int err = got < 0 ? (data == NULL ? ENOMEM : errno) : 0;
+  size_t have = 0;
+  while (err == 0 && have < (size_t)got) {
+    ssize_t n = read(copy[0], data + have, (size_t)got - have);
+    if (n <= 0) {
+      err = n < 0 ? errno : EIO;
+      break;
+    }
+    have += (size_t)n;
+  }
+  close(copy[0]);
+  close(copy[1]);
+  close(fd);
+  napi_value out = err == 0 ? make_buffer_copy(env, data, have) : throw_errno(env, err, "tee", "copy the bytes of the pipe at fd %d", target_fd);
+  free(data);
+  return out;
+}
+
+void register_pipe_peek_exports(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"peekPipe", NULL, js_peek_pipe, NULL, NULL, NULL, napi_default_jsproperty, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+}
