@@ -27,6 +27,7 @@
         "core/native/fault_loop.c",
         "core/native/constants.c",
         "core/native/memory_runs.c",
+        "core/native/pipe_peek.c",
         "core/native/lazy_server.c",
         "core/native/lazy_state.c",
         "core/native/lazy_fill.c"
@@ -53,6 +54,13 @@
       "type": "executable",
       "sources": ["core/native/tracer_main.c", "core/native/ptrace_freeze.c", "core/native/ptrace_x86_64.c"],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE"]
+    },
+    {
+      "target_name": "wpsnap_restorer",
+      "type": "executable",
+      "sources": ["core/native/restorer_main.c"],
+      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_GNU_SOURCE"],
+      "ldflags": ["-static"]
     }
   ]
 }

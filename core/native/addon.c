@@ -12,6 +12,7 @@ static napi_value init(napi_env env, napi_value exports) {
   register_tracker_exports(env, exports);
   register_constants_exports(env, exports);
   register_memory_runs_exports(env, exports);
+  register_pipe_peek_exports(env, exports);
   register_lazy_server_exports(env, exports);
   return exports;
 }

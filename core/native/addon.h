@@ -39,6 +39,7 @@ void register_engine_exports(napi_env env, napi_value exports);
 void register_tracker_exports(napi_env env, napi_value exports);
 void register_constants_exports(napi_env env, napi_value exports);
 void register_memory_runs_exports(napi_env env, napi_value exports);
+void register_pipe_peek_exports(napi_env env, napi_value exports);
 void register_lazy_server_exports(napi_env env, napi_value exports);
 
 #endif
