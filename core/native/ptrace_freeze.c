@@ -9,6 +9,9 @@
  *                 list again until nothing is new.
  * tracer_thaw     PTRACE_DETACH every thread, re-delivering signals that
  *                 arrived while they were stopped.
+ * tracer_clone_thread
+ *                 clone3 injected with PTRACE_O_TRACECLONE: the new thread
+ *                 is adopted in its first stop, before it runs.
  * No PTRACE_O_EXITKILL: if the tracer dies the kernel detaches and the target runs on. */
 #include "tracer.h"
 #include "tracer_internal.h"
@@ -334,11 +337,16 @@ static int seize_new_threads(freeze_t *f, char *what, size_t what_len) {
  * arrives meanwhile is held back (with its siginfo) and given back at the
  * detach (redeliver). */
 int run_to_syscall_stop(thread_t *t, pid_t *cloned) {
+  if (ptrace(PTRACE_SYSCALL, t->tid, NULL, NULL) != 0) return errno;
+  return await_syscall_stop(t, cloned);
+}
+
+int await_syscall_stop(thread_t *t, pid_t *cloned) {
   /* A fault the thread takes again and again (SIGSEGV from the kernel when
    * its rseq area is not mapped, say) would loop here forever: give up. */
   int same = 0, last = 0;
-  for (;;) {
-    if (ptrace(PTRACE_SYSCALL, t->tid, NULL, NULL) != 0) return errno;
+  for (bool resumed = true;; resumed = ptrace(PTRACE_SYSCALL, t->tid, NULL, NULL) == 0) {
+    if (!resumed) return errno;
     int status = 0;
     int err = wait_stop(t->tid, &status);
     if (err != 0) return err;

@@ -104,8 +104,7 @@ int tracer_inject(freeze_t *f, thread_t *t, uint64_t insn, uint64_t nr, const ui
   return inject_in(f, t, insn, nr, args, 0, NULL, rax, error);
 }
 
-/* A `syscall` instruction (0f 05) in the target's [vdso], or 0. */
-static uint64_t vdso_syscall_insn(pid_t pid) {
+uint64_t tracer_syscall_insn(pid_t pid) {
   char path[64], line[512];
   snprintf(path, sizeof path, "/proc/%d/maps", pid);
   FILE *fp = fopen(path, "re");
@@ -129,34 +128,72 @@ static uint64_t vdso_syscall_insn(pid_t pid) {
 #define SYS_PRCTL 157
 #define PR_GET_TID_ADDRESS_ 40
 
+/* A thread of tracer_read_tid_addresses' batch. */
+typedef struct {
+  thread_t *t;
+  uint64_t scratch, saved;
+  stop_kind_t stop;
+  bool ok;
+} tid_probe_t;
+
 void tracer_read_tid_addresses(freeze_t *f, uint64_t insn) {
-  if (insn == 0) insn = vdso_syscall_insn(f->pid);
-  if (insn == 0) return;
+  tid_probe_t *probes = insn != 0 && !f->thawed ? calloc(f->count, sizeof *probes) : NULL;
+  if (probes == NULL) return;
+  tracer_error_t ignored;
+  size_t n = 0;
   for (size_t i = 0; i < f->count; i++) {
     thread_t *t = &f->threads[i];
-    if (t->stop == STOP_SIGNAL) continue; /* an injection would discard its signal */
+    if (t->stop == STOP_SIGNAL) continue; /* PTRACE_SYSCALL would discard its signal */
     /* 8 bytes below the red zone: the thread's own stack, which it does not use while stopped. */
-    uint64_t scratch = (t->regs.rsp - RED_ZONE - 8) & ~(uint64_t)7;
-    uint64_t saved, value = 0, rax = 0;
-    struct iovec local = {.iov_base = &saved, .iov_len = sizeof saved};
-    struct iovec remote = {.iov_base = (void *)(uintptr_t)scratch, .iov_len = sizeof saved};
+    tid_probe_t *p = &probes[n];
+    p->scratch = (t->regs.rsp - RED_ZONE - 8) & ~(uint64_t)7;
+    struct iovec local = {.iov_base = &p->saved, .iov_len = 8}, remote = {.iov_base = (void *)(uintptr_t)p->scratch, .iov_len = 8};
     /* SAFETY: reads 8 bytes of the stopped thread's stack; nothing changes. */
-    if (process_vm_readv(f->pid, &local, 1, &remote, 1, 0) != (ssize_t)sizeof saved) continue;
-    stop_kind_t stop = t->stop;
-    uint64_t args[6] = {PR_GET_TID_ADDRESS_, scratch};
-    tracer_error_t ignored;
-    int err = tracer_inject(f, t, insn, SYS_PRCTL, args, &rax, &ignored);
-    t->stop = stop; /* a syscall-exit stop detaches as its interrupt stop did: the record keeps the stop it was found in */
-    if (err != 0 || rax != 0) continue;
-    local.iov_base = &value;
-    bool read = process_vm_readv(f->pid, &local, 1, &remote, 1, 0) == (ssize_t)sizeof value;
-    /* SAFETY: puts back the 8 bytes prctl wrote over. */
-    local.iov_base = &saved;
-    process_vm_writev(f->pid, &local, 1, &remote, 1, 0);
-    if (!read) continue;
-    t->clear_child_tid = value;
-    t->has_clear_child_tid = true;
+    if (process_vm_readv(f->pid, &local, 1, &remote, 1, 0) != 8) continue;
+    if (!t->injected) t->resume_regs = t->regs;
+    if (suspend_seccomp(f, t, true, 0, &ignored) != 0) continue;
+    struct user_regs_struct inj = t->resume_regs;
+    inj.rip = insn;
+    inj.rax = SYS_PRCTL;
+    inj.orig_rax = (unsigned long long)-1;
+    inj.rdi = PR_GET_TID_ADDRESS_;
+    inj.rsi = p->scratch;
+    /* SAFETY: as in inject_in: the thread is stopped, t->injected makes detach_all restore resume_regs. */
+    if (ptrace(PTRACE_SETREGS, t->tid, NULL, &inj) != 0) {
+      suspend_seccomp(f, t, false, 0, &ignored);
+      continue;
+    }
+    t->injected = true;
+    *p = (tid_probe_t){.t = t, .scratch = p->scratch, .saved = p->saved, .stop = t->stop, .ok = true};
+    n++;
   }
+  /* Every thread runs its prctl at once (entry stops, then exit stops): the
+   * tracer's round trips to each thread overlap instead of adding up. */
+  for (int phase = 0; phase < 2; phase++) {
+    for (size_t i = 0; i < n; i++)
+      if (probes[i].ok && ptrace(PTRACE_SYSCALL, probes[i].t->tid, NULL, NULL) != 0) probes[i].ok = false;
+    for (size_t i = 0; i < n; i++)
+      if (probes[i].ok && await_syscall_stop(probes[i].t, NULL) != 0) probes[i].ok = false;
+  }
+  for (size_t i = 0; i < n; i++) {
+    tid_probe_t *p = &probes[i];
+    thread_t *t = p->t;
+    struct user_regs_struct after;
+    bool called = p->ok && ptrace(PTRACE_GETREGS, t->tid, NULL, &after) == 0 && after.rax == 0;
+    /* SAFETY: the thread is in the exit stop of its prctl (when ok); detach_all sets these again anyway. */
+    ptrace(PTRACE_SETREGS, t->tid, NULL, &t->resume_regs);
+    suspend_seccomp(f, t, false, 0, &ignored);
+    t->stop = p->stop; /* a syscall-exit stop detaches as its interrupt stop did: the record keeps the stop it was found in */
+    uint64_t value = 0;
+    struct iovec local = {.iov_base = &value, .iov_len = 8}, remote = {.iov_base = (void *)(uintptr_t)p->scratch, .iov_len = 8};
+    bool read = called && process_vm_readv(f->pid, &local, 1, &remote, 1, 0) == 8;
+    /* SAFETY: puts back the 8 bytes prctl wrote over (unchanged if it did not run). */
+    local.iov_base = &p->saved;
+    process_vm_writev(f->pid, &local, 1, &remote, 1, 0);
+    t->clear_child_tid = value;
+    t->has_clear_child_tid = read;
+  }
+  free(probes);
 }
 
 int tracer_set_thread(freeze_t *f, pid_t tid, const struct user_regs_struct *regs, const struct user_fpregs_struct *fpregs,

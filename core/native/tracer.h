@@ -74,11 +74,13 @@ void tracer_prepare(void);
  * /proc/PID/task again until it names no thread not yet stopped.
  * Returns 0 and *out, or an errno (nothing left stopped). */
 int tracer_freeze(pid_t pid, freeze_t **out, tracer_error_t *error);
+/* A `syscall` instruction (0f 05) in the [vdso] of pid, or 0 (read before the pause). */
+uint64_t tracer_syscall_insn(pid_t pid);
 /* After tracer_freeze: each thread's clear_child_tid, read by injecting
- * prctl(PR_GET_TID_ADDRESS, scratch) into it (scratch 8 bytes below its red
- * zone, put back after), at insn (0: a `syscall` found in the [vdso]).
- * A thread in a signal-delivery stop, or whose stack cannot be read, gets
- * no value. Failures leave values out; they never fail the freeze. */
+ * prctl(PR_GET_TID_ADDRESS, scratch) into it at insn (scratch: 8 bytes
+ * below its red zone, put back after), into every thread at once. A thread
+ * in a signal-delivery stop, or whose stack cannot be read, gets no value.
+ * Failures leave values out; they never fail the freeze. */
 void tracer_read_tid_addresses(freeze_t *f, uint64_t insn);
 /* The frozen thread tid, or NULL (ESRCH and *error set). */
 thread_t *tracer_thread(freeze_t *f, pid_t tid, tracer_error_t *error);

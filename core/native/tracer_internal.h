@@ -20,6 +20,8 @@ int wait_stop(pid_t tid, int *status);
  * signals; a PTRACE_EVENT_CLONE stop on the way puts the new tid in *cloned
  * (when not NULL). */
 int run_to_syscall_stop(thread_t *t, pid_t *cloned);
+/* The same, for a thread already resumed with PTRACE_SYSCALL (several run at once). */
+int await_syscall_stop(thread_t *t, pid_t *cloned);
 /* PTRACE_O_SUSPEND_SECCOMP on or off for a stopped thread of f, with
  * PTRACE_O_TRACESYSGOOD and the extra options given (0 when off). */
 int suspend_seccomp(freeze_t *f, thread_t *t, bool on, long extra_options, tracer_error_t *error);

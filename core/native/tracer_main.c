@@ -124,9 +124,11 @@ static int serve_freeze(const freeze_with_request_t *q) {
     snprintf(error.what, sizeof error.what, "this tracer has already frozen pid %d", frozen->pid);
     return reply(EBUSY, &error, NULL, 0);
   }
+  /* Before the pause: the instruction the freeze's injections use. */
+  uint64_t insn = (q->flags & FREEZE_TID_ADDRESSES) && q->insn == 0 ? tracer_syscall_insn(q->pid) : q->insn;
   int err = tracer_freeze(q->pid, &frozen, &error);
   if (err != 0) return reply(err, &error, NULL, 0);
-  if (q->flags & FREEZE_TID_ADDRESSES) tracer_read_tid_addresses(frozen, q->insn);
+  if (q->flags & FREEZE_TID_ADDRESSES) tracer_read_tid_addresses(frozen, insn);
   size_t chosen = tracer_injection_thread(frozen);
   char body[2 * sizeof(uint32_t) + sizeof(thread_record_t) + XSTATE_MAX];
   uint32_t head[2] = {(uint32_t)frozen->count, (uint32_t)chosen};
