@@ -191,7 +191,7 @@ function readForRestore(binding: NativeBinding, stopped: StoppedTarget, what: { 
   }
   for (const fd of what.pipes) {
     try {
-      out.pipeBytes.set(fd, (binding as NativeBinding & { peekPipe(pidfd: number, fd: number): Buffer }).peekPipe(what.pidfd, fd).toString('hex'));
+      out.pipeBytes.set(fd, binding.peekPipe(what.pidfd, fd).toString('hex'));
     } catch (error) {
       problems.push(`the bytes of the pipe at fd ${fd}: ${(error as Error).message}`);
     }

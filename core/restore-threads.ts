@@ -97,9 +97,8 @@ export class ThreadSetup {
     return [];
   }
 
-  /** Per thread: clear_child_tid (main; the others got it at clone), robust list, rseq, name, then credentials. */
+  /** Per thread: clear_child_tid (main; the others got it at clone), robust list, rseq (its area must be in: the kernel writes it), name. */
   perThreadState(): void {
-    const { credentials } = this.plan.state;
     for (const t of this.plan.threads) {
       const tid = this.tids.get(t.tid)!;
       if (t === this.main) this.call(tid, SYSCALL.set_tid_address, [t.clearChildTid ?? 0n], 'set_tid_address');
@@ -108,7 +107,11 @@ export class ThreadSetup {
       const name = scratchWrite(this.b, AT.name, Buffer.from(t.name.slice(0, 15) + '\0'));
       this.call(tid, SYSCALL.prctl, [PR_SET_NAME, name, 0, 0, 0], 'prctl(PR_SET_NAME)');
     }
-    // Credentials last: they drop the capabilities the steps above need.
+  }
+
+  /** Every thread's credentials of T: last, they drop the capabilities the steps before need. */
+  credentials(): void {
+    const { credentials } = this.plan.state;
     const groups = Buffer.alloc(4 * credentials.groups.length);
     credentials.groups.forEach((g, i) => groups.writeUInt32LE(g, 4 * i));
     const groupsAt = scratchWrite(this.b, AT.groups, groups.length > 0 ? groups : Buffer.alloc(4));

@@ -29,6 +29,8 @@ import { clearAndMoveSpecials, mapRegions, setMmFields, writeContent, type Build
 import { planRestore, type FdFate, type RestoreOptions, type RestorePlan, type StdioChoice } from './restore-plan.js';
 import { ThreadSetup } from './restore-threads.js';
 
+const UFFDIO_REGISTER_MODE_MISSING = 1n;
+
 export type { RestoreOptions, RestorePlan, FdFate, StdioChoice } from './restore-plan.js';
 
 export interface RestoreResult {
@@ -47,52 +49,60 @@ export interface RestoreResult {
   threads: number;
 }
 
-/** The guardian's control socket, read a line at a time. */
+/**
+ * The control socket to the restorer's processes, read a line at a time.
+ * The launcher, the guardian and the process write to it independently: a
+ * line is taken by its first word, in whatever order they came.
+ */
 class Control {
   private buffer = '';
-  private waiting: Array<(line: string | null) => void> = [];
+  private lines: string[] = [];
+  private waiting: Array<() => void> = [];
   private ended = false;
 
   constructor(readonly socket: Socket) {
     socket.setEncoding('utf8');
     socket.on('data', (chunk: string) => {
       this.buffer += chunk;
-      this.flush();
+      let nl: number;
+      while ((nl = this.buffer.indexOf('\n')) >= 0) {
+        this.lines.push(this.buffer.slice(0, nl));
+        this.buffer = this.buffer.slice(nl + 1);
+      }
+      this.notify();
     });
     const end = (): void => {
       this.ended = true;
-      this.flush();
+      this.notify();
     };
     socket.on('end', end);
     socket.on('close', end);
     socket.on('error', end);
   }
 
-  private flush(): void {
-    for (;;) {
-      const nl = this.buffer.indexOf('\n');
-      if (nl < 0 || this.waiting.length === 0) break;
-      const line = this.buffer.slice(0, nl);
-      this.buffer = this.buffer.slice(nl + 1);
-      this.waiting.shift()!(line);
-    }
-    if (this.ended) for (const w of this.waiting.splice(0)) w(null);
+  private notify(): void {
+    for (const w of this.waiting.splice(0)) w();
   }
 
-  /** The next line; an "error …" line, the end or the timeout throw. */
+  /** The first line starting with `expect`; an "error …" line, the end or the timeout throw. */
   async line(expect: string, timeoutMs = 10_000): Promise<string> {
-    const line = await new Promise<string | null>((resolve) => {
-      const timer = setTimeout(() => resolve(`error the restorer did not say "${expect}" within ${timeoutMs / 1000} s`), timeoutMs);
-      this.waiting.push((l) => {
-        clearTimeout(timer);
-        resolve(l);
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const error = this.lines.find((l) => l.startsWith('error '));
+      if (error !== undefined) throw new WpsnapError('RESTORE_FAILED', error.slice('error '.length));
+      const at = this.lines.findIndex((l) => l === expect || l.startsWith(`${expect} `));
+      if (at >= 0) return this.lines.splice(at, 1)[0]!;
+      if (this.ended) throw new WpsnapError('RESTORE_FAILED', `the restorer ended before saying "${expect}"`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new WpsnapError('RESTORE_FAILED', `the restorer did not say "${expect}" within ${timeoutMs / 1000} s`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.waiting.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
       });
-      this.flush();
-    });
-    if (line === null) throw new WpsnapError('RESTORE_FAILED', `the restorer ended before saying "${expect}"`);
-    if (line.startsWith('error ')) throw new WpsnapError('RESTORE_FAILED', line.slice('error '.length));
-    if (!line.startsWith(expect)) throw new WpsnapError('RESTORE_FAILED', `the restorer said "${line}", not "${expect}"`);
-    return line;
+    }
   }
 
   send(text: string): void {
@@ -170,6 +180,17 @@ export interface BuiltProcess {
  */
 export async function buildProcess(binding: NativeBinding, store: Store, plan: RestorePlan, options: RestoreOptions, lazy: boolean): Promise<BuiltProcess> {
   const nsPid = options.newIds === true ? 0 : plan.process.pid;
+  const stored = store.pageIndex(plan.processId).addresses;
+  const storedIn = (_: number, r: { start: bigint; end: bigint }): boolean => {
+    let lo = 0;
+    let hi = stored.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (stored[mid]! < r.start) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo < stored.length && stored[lo]! < r.end;
+  };
   const { child, control } = startRestorer(options.stdio ?? 'null');
   let pid = 0;
   let frozen: Frozen | undefined;
@@ -186,15 +207,29 @@ export async function buildProcess(binding: NativeBinding, store: Store, plan: R
     const b: Builder = { binding, pid, frozen, insn: 0n, scratch: 0n };
     clearAndMoveSpecials(b, plan.regions);
     mapRegions(b, plan);
-    const eager = lazy ? plan.regions.filter((r) => !isAnonymousPrivate(r)) : plan.regions;
+    const eager = lazy ? plan.regions.filter((r) => !isAnonymousPrivate(r) || !storedIn(plan.processId, r)) : plan.regions;
     const written = writeContent(b, store, plan.processId, eager);
     setMmFields(b, plan);
     const threads = new ThreadSetup(b, plan, nsPid !== 0);
     const warnings = threads.create();
     warnings.push(...threads.setSignalActions());
-    let lazyPart: BuiltProcess['lazy'];
-    if (lazy) lazyPart = { uffd: await takeUserfaultfd(b, control), regions: plan.regions.filter(isAnonymousPrivate) };
+    if (lazy) {
+      // Registering a thread's rseq area makes the kernel write it: its pages must hold T's content first.
+      const rseqPages = plan.threads.flatMap((t) => (t.rseq === undefined || t.rseq.area === 0n ? [] : [t.rseq.area & ~4095n, (t.rseq.area + BigInt(t.rseq.size) - 1n) & ~4095n]));
+      const pages = [...new Set(rseqPages)].map((start) => ({ ...plan.regions[0]!, start, end: start + 4096n, path: '', capture: 'protected' as const }));
+      written.pages += writeContent(b, store, plan.processId, pages).pages;
+    }
     threads.perThreadState();
+    let lazyPart: BuiltProcess['lazy'];
+    if (lazy) {
+      // Missing pages of anonymous private memory the snapshot stored: served on first touch once it runs.
+      const regions = plan.regions.filter((r) => isAnonymousPrivate(r) && storedIn(plan.processId, r));
+      const uffd = await takeUserfaultfd(b, control);
+      lazyPart = { uffd, regions };
+      binding.lazyUffdApi(uffd);
+      for (const r of regions) binding.uffdRegister(uffd, r.start, r.end - r.start, UFFDIO_REGISTER_MODE_MISSING);
+    }
+    threads.credentials();
     inject(binding, frozen, b.insn, SYSCALL.close, [controlFd], `close(${controlFd})`);
     inject(binding, frozen, b.insn, SYSCALL.munmap, [b.scratch, BigInt(1 << 20)], 'munmap(scratch)');
     warnings.push(...threads.thaw());
