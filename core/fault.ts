@@ -31,6 +31,16 @@ export const ROLLBACK_FAULT_POINTS = ['rollback-after-layout', 'rollback-mid-con
 export type RollbackFaultPoint = (typeof ROLLBACK_FAULT_POINTS)[number];
 
 /**
+ * Points of a restore (mid-inject above is one too): the restorer frozen,
+ * half its memory written, every thread created, and (lazy) while pages are
+ * being served. A restore killed at any of them leaves no process behind:
+ * the tracer kills the half-built one, the guardian the one whose pages are
+ * missing.
+ */
+export const RESTORE_FAULT_POINTS = ['restore-after-freeze', 'restore-mid-memory', 'restore-after-threads', 'restore-lazy-serving'] as const;
+export type RestoreFaultPoint = (typeof RESTORE_FAULT_POINTS)[number];
+
+/**
  * WPSNAP_FAULT=<point> values that make an operation fail instead of killing
  * wpsnap. engine-alloc (checked in engine.c): once two batches are posted, the
  * batch a write fault needs cannot be allocated (ENOMEM, as under memory
@@ -42,6 +52,6 @@ export type RollbackFaultPoint = (typeof ROLLBACK_FAULT_POINTS)[number];
  */
 export const FAILURE_POINTS = ['engine-alloc', 'engine-vanish'] as const;
 
-export function faultPoint(point: FaultPoint | RollbackFaultPoint): void {
+export function faultPoint(point: FaultPoint | RollbackFaultPoint | RestoreFaultPoint): void {
   if (process.env['WPSNAP_FAULT'] === point) process.kill(process.pid, 'SIGKILL');
 }

@@ -14,6 +14,7 @@ import type { Store } from '../store/store.js';
 import type { NativeBinding, NativeHandle } from './native/binding.js';
 import type { LazyServerStats } from './native/lazy-binding.js';
 import { buildProcess, type RestoreResult } from './restore.js';
+import { faultPoint } from './fault.js';
 import { planRestore, type RestoreOptions } from './restore-plan.js';
 
 /** Pages read and copied in per fill: a fault brings its neighbours (the store decompresses whole blobs anyway). */
@@ -103,6 +104,7 @@ export async function servePages(binding: NativeBinding, store: Store, target: S
         serveFaults();
         const end = start + BigInt(BACKGROUND_CHUNK) < r.end ? start + BigInt(BACKGROUND_CHUNK) : r.end;
         const pending = binding.lazyServerPending(handle, start, end);
+        if (pending.length > 0) faultPoint('restore-lazy-serving');
         if (pending.length > 0) fill(pending[0]!, pending[pending.length - 2]! + pending[pending.length - 1]!);
         await new Promise<void>((resolve) => setImmediate(resolve));
       }

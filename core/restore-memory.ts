@@ -11,6 +11,7 @@ import { formatAddress, type RegionRecord } from '../snapshot-format/model.js';
 import type { Store } from '../store/store.js';
 import { findSyscallInstruction, inject, type Frozen } from './attach.js';
 import { SYSCALL } from './constants.js';
+import { faultPoint } from './fault.js';
 import type { NativeBinding } from './native/binding.js';
 import { readMaps } from './procfs.js';
 import { protOf } from './rollback-layout.js';
@@ -194,6 +195,7 @@ export function writeContent(b: Builder, store: Store, processId: number, region
           i = j;
         }
         b.binding.writeRuns(b.pid, mem, BigUint64Array.from(runs), into);
+        if (pages > 0) faultPoint('restore-mid-memory');
       }
     }
   } finally {

@@ -23,6 +23,7 @@ import { WpsnapError, fromNative } from '../common/errors.js';
 import type { Store } from '../store/store.js';
 import { freeze, inject, type Frozen } from './attach.js';
 import { restorerPath } from './binding.js';
+import { faultPoint } from './fault.js';
 import { SYSCALL } from './constants.js';
 import type { NativeBinding } from './native/binding.js';
 import { clearAndMoveSpecials, mapRegions, setMmFields, writeContent, type Builder, isAnonymousPrivate } from './restore-memory.js';
@@ -204,6 +205,7 @@ export async function buildProcess(binding: NativeBinding, store: Store, plan: R
     binding.prepareFreeze();
     frozen = freeze(binding, pid);
     binding.doomOnAbandon(frozen.handle);
+    faultPoint('restore-after-freeze');
     const b: Builder = { binding, pid, frozen, insn: 0n, scratch: 0n };
     clearAndMoveSpecials(b, plan.regions);
     mapRegions(b, plan);
@@ -212,6 +214,7 @@ export async function buildProcess(binding: NativeBinding, store: Store, plan: R
     setMmFields(b, plan);
     const threads = new ThreadSetup(b, plan, nsPid !== 0);
     const warnings = threads.create();
+    faultPoint('restore-after-threads');
     warnings.push(...threads.setSignalActions());
     if (lazy) {
       // Registering a thread's rseq area makes the kernel write it: its pages must hold T's content first.
