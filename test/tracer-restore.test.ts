@@ -71,9 +71,21 @@ afterEach(() => {
 const reg = (regs: Buffer, name: keyof typeof REG): bigint => regs.readBigUInt64LE(REG[name]);
 const signed = (v: bigint): bigint => BigInt.asIntN(64, v);
 
+/** Each thread's syscall once settled: main in sigwait, sleeper in clock_nanosleep, reader in read, custom in pause. */
+const SETTLED: Record<FixtureThread['name'], number> = { main: SYS.rt_sigtimedwait, sleeper: SYS.clock_nanosleep, reader: SYS.read, custom: SYS.pause };
+
+/** Until every thread of tidaddr is blocked in its syscall (/proc/PID/task/TID/syscall): the ready line comes just before. */
+async function settled(ready: Ready): Promise<void> {
+  const blocked = (t: FixtureThread): boolean => readFileSync(`/proc/${ready.pid}/task/${t.tid}/syscall`, 'utf8').split(' ')[0] === String(SETTLED[t.name]);
+  for (let waited = 0; waited < 5000 && !ready.threads.every(blocked); waited += 5) await sleep(5);
+  expect(ready.threads.filter((t) => !blocked(t)).map((t) => t.name)).toEqual([]);
+}
+
 async function startTidaddr(): Promise<{ f: DetachedFixture; ready: Ready }> {
   const f = await startDetached('tidaddr');
-  return { f, ready: f.ready as unknown as Ready };
+  const ready = f.ready as unknown as Ready;
+  await settled(ready);
+  return { f, ready };
 }
 
 function thread(ready: Ready, name: FixtureThread['name']): FixtureThread {
