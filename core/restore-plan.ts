@@ -273,6 +273,6 @@ export function planRestore(store: Store, ref: string, options: RestoreOptions =
   lines.push(`cwd ${hex(state.cwd)}`, `root ${hex(state.root)}`, `umask ${state.umask}`, `personality ${state.personality}`);
   for (const [resource, limit] of state.rlimits.entries()) lines.push(`rlimit ${resource} ${limit.soft ?? 'inf'} ${limit.hard ?? 'inf'}`);
   if (options.newIds === true) warnings.push(`restored with new ids (--new-ids): the process is not pid ${proc.pid} any more; what it kept of its pid or tids (lock files, /proc paths, tgkill) may break`);
-  if (process.getuid?.() !== 0) refusals.push('restore needs root (a new PID namespace, PR_SET_MM and the process\'s credentials)');
+  if (process.getuid?.() !== 0) refusals.unshift('restore needs root (a new PID namespace, PR_SET_MM and the process\'s credentials)');
   return { snapshotId: snap.id, processId: proc.processId, process: proc, state, regions, threads, fds: fdPlan.fds, lines, refusals, warnings };
 }
