@@ -54,6 +54,8 @@ const AF = { unix: 1, inet: 2, inet6: 10 } as const;
 const SOCK = { stream: 1, dgram: 2, seqpacket: 5 } as const;
 /** The restorer's socket option bits: SO_REUSEADDR. */
 const OPT_REUSEADDR = 1;
+/** IPV6_V6ONLY. */
+const OPT_V6ONLY = 4;
 
 const hex = (s: string | Buffer): string => (typeof s === 'string' ? Buffer.from(s) : s).toString('hex');
 
@@ -184,7 +186,9 @@ function planFds(state: ProcessState, options: RestoreOptions): { fds: FdFate[];
           if (s.state === 'listen' && port !== undefined && inUse.has(`${s.family} ${port}`)) {
             unsupported(f, `${s.local} is in use now (the original still runs?)`);
           } else {
-            const options = s.family === 'unix' ? 0 : OPT_REUSEADDR;
+            // Two wildcard sockets on one port, inet and inet6: the inet6 one was IPV6_V6ONLY, or the kernel would have refused the pair.
+            const v6only = s.family === 'inet6' && state.fds.some((o) => o.socket?.family === 'inet' && o.socket.type === s.type && o.socket.local.endsWith(`:${port}`));
+            const options = (s.family === 'unix' ? 0 : OPT_REUSEADDR) | (v6only ? OPT_V6ONLY : 0);
             done(f, `socket ${f.fd} ${f.flags} ${AF[s.family]} ${SOCK[s.type]} ${s.state === 'listen' ? 1 : 0} ${hex(s.local)} ${options}`, `${s.family} ${s.type} ${s.state === 'listen' ? 'listening on' : 'bound to'} ${s.local || '(unbound)'}`);
           }
         } else if (f.fd <= 2) {

@@ -303,6 +303,8 @@ static void make_socket(char **w, int n) {
   int family = (int)num(w[3]), type = (int)num(w[4]);
   bool listening = num(w[5]) != 0;
   char *text = unhex(w[6], NULL);
+  char shown[300];
+  snprintf(shown, sizeof shown, "%s", text);
   unsigned long long options = num(w[7]);
   int fd = socket(family, type | SOCK_CLOEXEC | (int)(flags & O_NONBLOCK), 0);
   if (fd < 0) fail("fd %d: socket: %s", want, strerror(errno));
@@ -351,10 +353,10 @@ static void make_socket(char **w, int n) {
       remove_stale_unix(&a.un, len);
       if (bind(fd, (struct sockaddr *)&a, len) == 0) goto bound;
     }
-    fail("fd %d: bind %s: %s", want, text, strerror(errno));
+    fail("fd %d: bind %s: %s", want, shown, strerror(errno));
   }
 bound:
-  if (listening && listen(fd, SOMAXCONN) != 0) fail("fd %d: listen on %s: %s", want, text, strerror(errno));
+  if (listening && listen(fd, SOMAXCONN) != 0) fail("fd %d: listen on %s: %s", want, shown, strerror(errno));
   place(fd, want, flags);
 }
 
