@@ -109,7 +109,7 @@ function regionRefusal(r: RegionRecord): string | undefined {
 }
 
 /** Each fd's fate and its restorer line. */
-function planFds(state: ProcessState, options: RestoreOptions): { fds: FdFate[]; lines: string[]; refusals: string[]; warnings: string[] } {
+function planFds(state: ProcessState, pid: number, options: RestoreOptions): { fds: FdFate[]; lines: string[]; refusals: string[]; warnings: string[] } {
   const fds: FdFate[] = [];
   const lines: string[] = [];
   const refusals: string[] = [];
@@ -139,6 +139,7 @@ function planFds(state: ProcessState, options: RestoreOptions): { fds: FdFate[];
     done(f, `stdio ${f.fd} ${which} ${f.flags}`, `${what}: connected to --stdio ${options.stdio === undefined || options.stdio === 'null' ? 'null' : options.stdio === 'inherit' ? 'inherit' : 'file'}`);
   };
   const pipesDone = new Set<number>();
+  const ownProc = new RegExp(`^/proc/${pid}(?=/|$)`);
   for (const f of state.fds) {
     if (skip.has(f.fd)) {
       fds.push({ fd: f.fd, kind: f.kind, restored: false, note: 'closed (--skip-fd)' });
@@ -152,6 +153,10 @@ function planFds(state: ProcessState, options: RestoreOptions): { fds: FdFate[];
           unsupported(f, 'its file was deleted');
         } else if (f.kind === 'device' && f.fd <= 2 && /^\/dev\/(pts\/|tty)/.test(f.target)) {
           toStdio(f, 'a terminal');
+        } else if (ownProc.test(f.target)) {
+          // Its own /proc files (/proc/PID/status…): the same files of the restored process, which is PID in its namespace.
+          const path = f.target.replace(ownProc, '/proc/self');
+          done(f, `file ${f.fd} ${f.flags} ${f.pos} 0 0 ${hex(path)}`, `${f.target}: its own, opened again as ${path} at offset ${f.pos}`);
         } else if (!sameFile(f.target, f.dev, f.ino)) {
           unsupported(f, `${f.target} is not the file it was at T (gone, or another device or inode)`);
         } else {
@@ -270,7 +275,7 @@ export function planRestore(store: Store, ref: string, options: RestoreOptions =
     if (why !== undefined) refusals.push(why);
   }
   const threads = store.threads(proc.processId);
-  const fdPlan = planFds(state, options);
+  const fdPlan = planFds(state, proc.pid, options);
   refusals.push(...fdPlan.refusals);
   warnings.push(...fdPlan.warnings);
   const lines = [...fdPlan.lines];
