@@ -10,6 +10,7 @@ import { impactMain } from './impact.js';
 import { log, repoRoot } from './lib.js';
 import { precopyMain } from './precopy.js';
 import { rollbackMain } from './rollback.js';
+import { restoreMain } from './restore.js';
 import { trackMain } from './track.js';
 import { DEFAULTS, PEERS, printTable, runSnapshot1GiB, summarize, type PeerName, type Snapshot1GiBResult } from './snapshot-1gib.js';
 
@@ -19,6 +20,7 @@ const USAGE = `usage: node dist/bench/run.js [options]
        node dist/bench/run.js precopy [options]  (pre-copy and incremental generations: precopy --help)
        node dist/bench/run.js export-core [options]  (core export against gcore: export-core --help)
        node dist/bench/run.js rollback [--runs N] [--mib M] [--touch P]  (rollback against a fork server)
+       node dist/bench/run.js restore [--runs N] [--mib M]  (restore, eager and lazy, against starting afresh)
   --runs N          measured repetitions of every peer (default ${DEFAULTS.runs})
   --mib M           target size in MiB (default ${DEFAULTS.mib})
   --rate MBPS       --rate of the rate-limited wpsnap peer (default ${DEFAULTS.rateMBps})
@@ -43,6 +45,10 @@ function positive(name: string, v: string | undefined, fallback: number): number
 async function main(): Promise<void> {
   if (process.argv[2] === 'impact') {
     process.exitCode = await impactMain(process.argv.slice(3));
+    return;
+  }
+  if (process.argv[2] === 'restore') {
+    process.exitCode = await restoreMain(process.argv.slice(3));
     return;
   }
   if (process.argv[2] === 'track') {

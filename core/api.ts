@@ -3,6 +3,8 @@
 // docs/api.md.
 import { loadBinding } from './binding.js';
 import { DirtyTracker, type DirtyTrackerOptions } from './tracker.js';
+import { restore as restoreProcess, type RestoreOptions, type RestoreResult } from './restore.js';
+import { restoreLazy as restoreLazyProcess, type LazyOptions, type LazyRestoreResult } from './restore-lazy.js';
 import { InPlaceRollback, rollback as rollbackProcess, type RollbackOptions, type RollbackResult } from './rollback.js';
 import { Store } from '../store/store.js';
 
@@ -11,6 +13,8 @@ export type { DirtyRound, DirtyTrackerOptions, TrackedMapping, TrackerKind, Untr
 export type { Intervals } from './intervals.js';
 export { WpsnapError } from '../common/errors.js';
 export type { RollbackOptions, RollbackResult } from './rollback.js';
+export type { RestoreOptions, RestoreResult, FdFate, StdioChoice } from './restore.js';
+export type { LazyOptions, LazyRestoreResult, LazyFigures } from './restore-lazy.js';
 
 /**
  * Start tracking the writes of process `pid` (root; a stop of a few
@@ -82,4 +86,24 @@ export function rollbackSession(storePath: string, ref: string, options: Rollbac
       }
     },
   };
+}
+
+/** Run snapshot `ref` of the store at storePath again as a new process (as `wpsnap restore`); resolves once it runs. */
+export async function restore(storePath: string, ref: string, options: RestoreOptions = {}): Promise<RestoreResult> {
+  const store = Store.open(storePath, { readonly: true });
+  try {
+    return await restoreProcess(loadBinding(), store, ref, options);
+  } finally {
+    await store.close();
+  }
+}
+
+/** restore --lazy: resolves once every page is in (or, with detach, once a background process serves them). */
+export async function restoreLazy(storePath: string, ref: string, options: LazyOptions = {}): Promise<LazyRestoreResult> {
+  const store = Store.open(storePath, { readonly: true });
+  try {
+    return await restoreLazyProcess(loadBinding(), store, ref, options);
+  } finally {
+    await store.close();
+  }
 }

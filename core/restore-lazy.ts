@@ -132,7 +132,14 @@ export async function servePages(binding: NativeBinding, store: Store, target: S
 }
 
 /** Restore lazily; resolves once every page is in (or, detached, once the background server took over). */
-export async function restoreLazy(binding: NativeBinding, store: Store, ref: string, options: RestoreOptions & { detach?: boolean } = {}): Promise<LazyRestoreResult> {
+export interface LazyOptions extends RestoreOptions {
+  /** Hand the serving to a background process and return at once. */
+  detach?: boolean;
+  /** Called once the process runs, pages still missing (benchmarks: touch them now). */
+  onRunning?: (pid: number) => void;
+}
+
+export async function restoreLazy(binding: NativeBinding, store: Store, ref: string, options: LazyOptions = {}): Promise<LazyRestoreResult> {
   const started = performance.now();
   const plan = planRestore(store, ref, options);
   if (plan.refusals.length > 0) {
@@ -143,6 +150,7 @@ export async function restoreLazy(binding: NativeBinding, store: Store, ref: str
   const firstInstructionMillis = Math.round(performance.now() - started);
   const lazy = built.lazy!;
   built.control.send('commit-lazy\n');
+  options.onRunning?.(built.pid);
   const base = {
     id: plan.snapshotId,
     pid: built.pid,
