@@ -1,7 +1,8 @@
 // Everything that happens while the target is stopped: obtain its
 // userfaultfd, plan its mappings again, register and write-protect them, copy
 // what uffd-wp cannot protect, resume. T is this whole pause.
-import type { LostRange, PageBatch, SignalAction, ThreadRecord } from '../snapshot-format/model.js';
+import type { FdRecord, LostRange, PageBatch, SignalAction, ThreadRecord } from '../snapshot-format/model.js';
+import { refreshFds, selfPipeReadEnds } from './process-state.js';
 import type { UffdMethod } from './attach.js';
 import type { Attacher, StoppedTarget } from './attacher.js';
 import { fromNative } from '../common/errors.js';
@@ -50,14 +51,14 @@ export interface PauseInputs {
    * final log of what it wrote since, taken once it is stopped. */
   pre?: { protection: PreProtection; finalLog: () => TrackLog } | undefined;
   /** What a restore needs that changes under a running program, read in the pause (after the protection). */
-  forRestore?: { signals: number[]; pipes: number[]; pidfd: number } | undefined;
+  forRestore?: { signals: number[]; fds: FdRecord[]; pidfd: number } | undefined;
 }
 
 /** What the pause read for a restore; `warning` says what could not be read. */
 export interface ReadForRestore {
   signals?: SignalAction[];
-  /** Hex bytes held by each pipe, by the fd of its read end. */
-  pipeBytes: Map<number, string>;
+  /** The fd table at T (core/process-state.ts refreshFds), self-pipes' bytes in their read ends' records. */
+  fds: FdRecord[];
   warning?: string;
 }
 
@@ -126,7 +127,7 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
       }
     }
     // Before any protection: the injected rt_sigaction writes its answer into the target's memory.
-    const forRestore = inputs.forRestore === undefined ? undefined : readForRestore(binding, stopped, inputs.forRestore);
+    const forRestore = inputs.forRestore === undefined ? undefined : readForRestore(binding, pid, stopped, inputs.forRestore);
     breakdown.inject = lap();
     const plans = planner.plan(planner.readMaps());
     breakdown.plan = lap();
@@ -180,22 +181,30 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
   }
 }
 
-/** Signal dispositions (by the attacher, in the target) and self-pipes' bytes (tee of a copy of their read end); failures are a warning. */
-function readForRestore(binding: NativeBinding, stopped: StoppedTarget, what: { signals: number[]; pipes: number[]; pidfd: number }): ReadForRestore {
-  const out: ReadForRestore = { pipeBytes: new Map() };
+/** Signal dispositions (by the attacher, in the target), the fd table at T and self-pipes' bytes (tee of a copy of their read end); failures are a warning. */
+function readForRestore(binding: NativeBinding, pid: number, stopped: StoppedTarget, what: { signals: number[]; fds: FdRecord[]; pidfd: number }): ReadForRestore {
+  const out: ReadForRestore = { fds: what.fds };
   const problems: string[] = [];
   try {
     if (stopped.readSignalActions !== undefined) out.signals = stopped.readSignalActions(what.signals);
   } catch (error) {
     problems.push(`signal dispositions: ${(error as Error).message}`);
   }
-  for (const fd of what.pipes) {
-    try {
-      out.pipeBytes.set(fd, binding.peekPipe(what.pidfd, fd).toString('hex'));
-    } catch (error) {
-      problems.push(`the bytes of the pipe at fd ${fd}: ${(error as Error).message}`);
-    }
+  try {
+    out.fds = refreshFds(pid, what.fds);
+  } catch (error) {
+    problems.push(`the fd table at T: ${(error as Error).message}`);
   }
+  const pipes = new Set(selfPipeReadEnds(out.fds));
+  out.fds = out.fds.map((f) => {
+    if (!pipes.has(f.fd)) return f;
+    try {
+      return { ...f, pipeBytes: binding.peekPipe(what.pidfd, f.fd).toString('hex') };
+    } catch (error) {
+      problems.push(`the bytes of the pipe at fd ${f.fd}: ${(error as Error).message}`);
+      return f;
+    }
+  });
   if (problems.length > 0) out.warning = `not recorded for a restore: ${problems.join('; ')}`;
   return out;
 }

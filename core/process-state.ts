@@ -302,11 +302,11 @@ export function nonDefaultSignals(pid: number): number[] {
 }
 
 /** The read end of every pipe both ends of which the process holds (a self-pipe): its bytes are read in the pause. */
-export function selfPipeReadEnds(state: ProcessState): number[] {
+export function selfPipeReadEnds(fds: FdRecord[]): number[] {
   const O_ACCMODE = 3;
   const O_WRONLY = 1;
   const ends = new Map<number, { read?: number; write?: number }>();
-  for (const f of state.fds) {
+  for (const f of fds) {
     if (f.kind !== 'pipe') continue;
     const e = ends.get(f.ino) ?? {};
     if ((f.flags & O_ACCMODE) === O_WRONLY) e.write ??= f.fd;
@@ -314,4 +314,49 @@ export function selfPipeReadEnds(state: ProcessState): number[] {
     ends.set(f.ino, e);
   }
   return [...ends.values()].flatMap((e) => (e.read !== undefined && e.write !== undefined ? [e.read] : []));
+}
+
+/**
+ * The fd table again, in the pause: the program opens and closes fds and
+ * moves file offsets while it runs, so the list read before the pause is
+ * brought to T. One readdir; an fd whose link text changed, or that is new,
+ * is read whole; regular files and directories get their offset and flags
+ * again (an fdinfo read each); the rest is kept from before.
+ */
+export function refreshFds(pid: number, before: FdRecord[]): FdRecord[] {
+  let entries: number[];
+  try {
+    entries = readdirSync(`/proc/${pid}/fd`).map(Number).sort((a, b) => a - b);
+  } catch {
+    return before;
+  }
+  const known = new Map(before.map((f) => [f.fd, f]));
+  const sockets = socketLookup(pid);
+  const out: FdRecord[] = [];
+  for (const fd of entries) {
+    const old = known.get(fd);
+    let target: string;
+    try {
+      target = readlinkSync(`/proc/${pid}/fd/${fd}`);
+    } catch {
+      continue; // closed meanwhile
+    }
+    if (old === undefined || old.target !== target) {
+      const fresh = readFd(pid, fd, sockets);
+      if (fresh !== undefined) out.push(fresh);
+      continue;
+    }
+    if (old.kind === 'file' || old.kind === 'directory' || old.kind === 'device') {
+      try {
+        const info = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
+        const field = (key: string): string | undefined => new RegExp(`^${key}:\\s*(\\S+)`, 'm').exec(info)?.[1];
+        out.push({ ...old, pos: BigInt(field('pos') ?? old.pos).toString(), flags: parseInt(field('flags') ?? old.flags.toString(8), 8) });
+      } catch {
+        // closed meanwhile
+      }
+      continue;
+    }
+    out.push(old);
+  }
+  return out;
 }

@@ -16,7 +16,7 @@ import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
 import { assertProcessExists, cpuClock, readProcessRecord } from './procfs.js';
-import { nonDefaultSignals, readProcessState, selfPipeReadEnds } from './process-state.js';
+import { nonDefaultSignals, readProcessState } from './process-state.js';
 import { setStorePriority, type StorePriority } from '../store/priority.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
@@ -257,7 +257,7 @@ export async function snapshotProcess(
     faultPoint('before-freeze');
     const maxSharedCopyBytes = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
     // Read now, so that the pause only injects for the signals that have a disposition of their own.
-    const forRestore = state === undefined ? undefined : { signals: nonDefaultSignals(pid), pipes: selfPipeReadEnds(state), pidfd };
+    const forRestore = state === undefined ? undefined : { signals: nonDefaultSignals(pid), fds: state.fds, pidfd };
     paused = pause(binding, {
       pid,
       attacher,
@@ -294,7 +294,7 @@ export async function snapshotProcess(
     if (stateWarning !== undefined) paused.warnings.push(stateWarning);
     if (state !== undefined && paused.forRestore !== undefined) {
       const read = paused.forRestore;
-      const completed = { ...state, fds: state.fds.map((f) => (read.pipeBytes.has(f.fd) ? { ...f, pipeBytes: read.pipeBytes.get(f.fd)! } : f)), ...(read.signals === undefined ? {} : { signals: read.signals }) };
+      const completed = { ...state, fds: read.fds, ...(read.signals === undefined ? {} : { signals: read.signals }) };
       writer.setProcessState(processId, completed);
       if (read.warning !== undefined) paused.warnings.push(read.warning);
     }

@@ -141,7 +141,7 @@ describe('a snapshot records the process state a restore will need', () => {
     const EPOLLET = 0x80000000;
     // The kernel adds EPOLLERR|EPOLLHUP to every registration.
     expect(fd(fds.epoll).epoll).toEqual([{ fd: fds.eventfd, events: (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLET) >>> 0, data: 0x1122334455667788n.toString() }]);
-    expect(fd(fds.eventfd).eventfd).toEqual({ count: '5' });
+    expect(fd(fds.eventfd).eventfd).toEqual({ count: '5', semaphore: false });
     const SIGUSR1 = 10;
     const SIGUSR2 = 12;
     const mask = (1n << BigInt(SIGUSR1 - 1)) | (1n << BigInt(SIGUSR2 - 1));
