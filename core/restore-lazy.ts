@@ -15,7 +15,7 @@ import type { NativeBinding, NativeHandle } from './native/binding.js';
 import type { LazyServerStats } from './native/lazy-binding.js';
 import { buildProcess, type RestoreResult } from './restore.js';
 import { faultPoint } from './fault.js';
-import { planRestore, type RestoreOptions } from './restore-plan.js';
+import { restorablePlan, type RestoreOptions } from './restore-plan.js';
 
 /** Pages read and copied in per fill: a fault brings its neighbours (the store decompresses whole blobs anyway). */
 const FAULT_CHUNK = 64 * 1024;
@@ -141,11 +141,7 @@ export interface LazyOptions extends RestoreOptions {
 
 export async function restoreLazy(binding: NativeBinding, store: Store, ref: string, options: LazyOptions = {}): Promise<LazyRestoreResult> {
   const started = performance.now();
-  const plan = planRestore(store, ref, options);
-  if (plan.refusals.length > 0) {
-    const more = plan.refusals.length > 1 ? ` (and ${plan.refusals.length - 1} more: wpsnap restore --dry-run)` : '';
-    throw new WpsnapError('RESTORE_REFUSED', `snapshot ${plan.snapshotId} cannot be restored: ${plan.refusals[0]}${more}`);
-  }
+  const plan = restorablePlan(store, ref, options);
   const built = await buildProcess(binding, store, plan, options, true);
   const firstInstructionMillis = Math.round(performance.now() - started);
   const lazy = built.lazy!;

@@ -285,3 +285,13 @@ export function planRestore(store: Store, ref: string, options: RestoreOptions =
   if (process.getuid?.() !== 0) refusals.unshift('restore needs root (a new PID namespace, PR_SET_MM and the process\'s credentials)');
   return { snapshotId: snap.id, processId: proc.processId, process: proc, state, regions, threads, fds: fdPlan.fds, lines, refusals, warnings };
 }
+
+/** planRestore, and its first refusal thrown (RESTORE_REFUSED) when there is one. */
+export function restorablePlan(store: Store, ref: string, options: RestoreOptions): RestorePlan {
+  const plan = planRestore(store, ref, options);
+  if (plan.refusals.length > 0) {
+    const more = plan.refusals.length > 1 ? ` (and ${plan.refusals.length - 1} more: wpsnap restore --dry-run)` : '';
+    throw new WpsnapError('RESTORE_REFUSED', `snapshot ${plan.snapshotId} cannot be restored: ${plan.refusals[0]}${more}`);
+  }
+  return plan;
+}

@@ -27,7 +27,7 @@ import { faultPoint } from './fault.js';
 import { SYSCALL } from './constants.js';
 import type { NativeBinding } from './native/binding.js';
 import { clearAndMoveSpecials, mapRegions, setMmFields, writeContent, type Builder, isAnonymousPrivate } from './restore-memory.js';
-import { planRestore, type FdFate, type RestoreOptions, type RestorePlan, type StdioChoice } from './restore-plan.js';
+import { restorablePlan, type FdFate, type RestoreOptions, type RestorePlan, type StdioChoice } from './restore-plan.js';
 import { ThreadSetup } from './restore-threads.js';
 
 const UFFDIO_REGISTER_MODE_MISSING = 1n;
@@ -140,11 +140,7 @@ function startRestorer(choice: StdioChoice): { child: ChildProcess; control: Con
 /** Restore a snapshot as a new process; resolves once it runs. */
 export async function restore(binding: NativeBinding, store: Store, ref: string, options: RestoreOptions = {}): Promise<RestoreResult> {
   const started = performance.now();
-  const plan = planRestore(store, ref, options);
-  if (plan.refusals.length > 0) {
-    const more = plan.refusals.length > 1 ? ` (and ${plan.refusals.length - 1} more: wpsnap restore --dry-run)` : '';
-    throw new WpsnapError('RESTORE_REFUSED', `snapshot ${plan.snapshotId} cannot be restored: ${plan.refusals[0]}${more}`);
-  }
+  const plan = restorablePlan(store, ref, options);
   if (options.lazy === true) throw new WpsnapError('USAGE', 'use restoreLazy for a lazy restore');
   const built = await buildProcess(binding, store, plan, options, false);
   built.control.send('commit\n');

@@ -102,16 +102,22 @@ function expectFaithfulReport(report: Record<string, unknown>, pid: number, work
   expect(report['gen'] as number).toBeGreaterThanOrEqual(2);
 }
 
+/** Snapshot the fixture as "t", kill it, restore it with these options: the result, the restored pid and its stdio file. */
+async function snapshotKillRestore(f: DetachedFixture, ...options: string[]): Promise<{ result: Record<string, unknown>; pid: number; out: string }> {
+  await cli('snapshot', String(f.pid), '--name', 't');
+  f.kill('SIGKILL');
+  await f.exited;
+  const out = join(dir, 'out.txt');
+  const result = await cli('restore', 't', '--stdio', out, ...options);
+  const pid = result['pid'] as number;
+  started.push(pid);
+  return { result, pid, out };
+}
+
 describe('wpsnap restore', () => {
   it('runs the snapshot again at its pid and tids in a new PID namespace, with its fds, cwd, umask, limits and signal dispositions', async () => {
     const { f, work, worker, port, sigCgt, sigIgn } = await restorable();
-    await cli('snapshot', String(f.pid), '--name', 't');
-    f.kill('SIGKILL');
-    await f.exited;
-    const out = join(dir, 'out.txt');
-    const result = await cli('restore', 't', '--stdio', out);
-    const pid = result['pid'] as number;
-    started.push(pid);
+    const { result, pid, out } = await snapshotKillRestore(f);
     expect(result).toMatchObject({ id: 1, nsPid: f.pid, pidNamespace: true, threads: 2 });
     expect(pid).not.toBe(f.pid);
     expect(nsPids(pid)).toEqual([pid, f.pid]);
@@ -131,13 +137,7 @@ describe('wpsnap restore', () => {
 
   it('--lazy: it runs at once, its memory served on first touch and in the background, every page exact', async () => {
     const { f, work, worker } = await restorable(16384);
-    await cli('snapshot', String(f.pid), '--name', 't');
-    f.kill('SIGKILL');
-    await f.exited;
-    const out = join(dir, 'out.txt');
-    const result = await cli('restore', 't', '--lazy', '--stdio', out);
-    const pid = result['pid'] as number;
-    started.push(pid);
+    const { result, pid, out } = await snapshotKillRestore(f, '--lazy');
     const lazy = result['lazy'] as Record<string, number>;
     expect(lazy['pagesOnDemand']! + lazy['pagesPrefetched']!).toBeGreaterThanOrEqual(16384);
     expect(lazy['allInMillis']).toBeGreaterThanOrEqual(lazy['firstInstructionMillis']!);
@@ -148,13 +148,7 @@ describe('wpsnap restore', () => {
 
   it('--new-ids: no namespace, a new pid, and a warning', async () => {
     const { f, work } = await restorable();
-    await cli('snapshot', String(f.pid), '--name', 't');
-    f.kill('SIGKILL');
-    await f.exited;
-    const out = join(dir, 'out.txt');
-    const result = await cli('restore', 't', '--new-ids', '--stdio', out);
-    const pid = result['pid'] as number;
-    started.push(pid);
+    const { result, pid, out } = await snapshotKillRestore(f, '--new-ids');
     expect(result).toMatchObject({ nsPid: pid, pidNamespace: false });
     expect(result['warnings']).toEqual(expect.arrayContaining([expect.stringMatching(/--new-ids/)]));
     expect(nsPids(pid)).toEqual([pid]);
@@ -165,13 +159,7 @@ describe('wpsnap restore', () => {
 
   it('restarts every interrupted syscall as the kernel would have (sleeper), and says which thread gets EINTR instead', async () => {
     const f = await startDetached('sleeper');
-    await cli('snapshot', String(f.pid), '--name', 't');
-    f.kill('SIGKILL');
-    await f.exited;
-    const out = join(dir, 'out.txt');
-    const result = await cli('restore', 't', '--stdio', out);
-    const pid = result['pid'] as number;
-    started.push(pid);
+    const { result, pid, out } = await snapshotKillRestore(f);
     await sleep(500);
     process.kill(pid, 'SIGTERM');
     const done = await lineOf(out, 'done');
