@@ -142,6 +142,7 @@ export interface LazyOptions extends RestoreOptions {
 export async function restoreLazy(binding: NativeBinding, store: Store, ref: string, options: LazyOptions = {}): Promise<LazyRestoreResult> {
   const started = performance.now();
   const plan = restorablePlan(store, ref, options);
+  const planMillis = performance.now() - started;
   const built = await buildProcess(binding, store, plan, options, true);
   const firstInstructionMillis = Math.round(performance.now() - started);
   const lazy = built.lazy!;
@@ -157,6 +158,7 @@ export async function restoreLazy(binding: NativeBinding, store: Store, ref: str
     warnings: [...plan.warnings, ...built.warnings],
     pagesWritten: built.pagesWritten,
     threads: plan.threads.length,
+    phasesMillis: { plan: planMillis, ...built.phasesMillis },
   };
   if (options.detach === true) {
     // The server gets the userfaultfd as its fd 3 and the guardian's control socket as its fd 4.

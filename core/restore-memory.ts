@@ -169,39 +169,59 @@ export function mapRegions(b: Builder, plan: RestorePlan): void {
   }
 }
 
-/** Regions whose stored pages are written now (all of them, eagerly; lazily, all but anonymous private memory). */
-export function writeContent(b: Builder, store: Store, processId: number, regions: RegionRecord[]): { pages: number; bytes: number } {
-  const mem = openSync(`/proc/${b.pid}/mem`, 'r+');
+/** Stored pages of T to write: runs [address, length, offset in data] (triples) and their bytes. */
+export interface ContentChunk {
+  runs: BigUint64Array;
+  data: Buffer;
+  pages: number;
+}
+
+/**
+ * The stored pages of these regions, a chunk (up to 4 MiB of address space)
+ * at a time; `data` is reused from one chunk to the next unless `keep`.
+ * fromRows: read without decoding the process's whole page index (a few
+ * pages of a snapshot with no parent; store.readRangeIntoFromRows).
+ */
+export function* storedContent(store: Store, processId: number, regions: RegionRecord[], options: { fromRows?: boolean; keep?: boolean } = {}): Iterable<ContentChunk> {
   const buffer = Buffer.allocUnsafe(CHUNK);
+  for (const r of regions) {
+    if (SPECIAL_REGIONS.has(r.path) || r.capture === 'file-reference' || r.capture === 'skipped') continue;
+    for (let start = r.start; start < r.end; start += BigInt(CHUNK)) {
+      const length = Number(r.end - start < BigInt(CHUNK) ? r.end - start : BigInt(CHUNK));
+      const into = options.keep === true ? Buffer.allocUnsafe(length) : buffer.subarray(0, length);
+      const stored = new Uint8Array(length / 4096);
+      const found = (options.fromRows === true ? store.readRangeIntoFromRows(processId, start, into, stored) : undefined) ?? store.readRangeInto(processId, start, into, stored);
+      if (found === 0) continue;
+      const runs: bigint[] = [];
+      for (let i = 0; i < stored.length; ) {
+        if (!stored[i]) {
+          i++;
+          continue;
+        }
+        let j = i;
+        while (j < stored.length && stored[j]) j++;
+        runs.push(start + BigInt(i * 4096), BigInt((j - i) * 4096), BigInt(i * 4096));
+        i = j;
+      }
+      yield { runs: BigUint64Array.from(runs), data: into, pages: found };
+    }
+  }
+}
+
+/** Chunks of T's content written into the process (process_vm_writev; /proc/PID/mem where not writable). */
+export function writeContent(b: Builder, chunks: Iterable<ContentChunk>): { pages: number } {
+  const mem = openSync(`/proc/${b.pid}/mem`, 'r+');
   let pages = 0;
   try {
-    for (const r of regions) {
-      if (SPECIAL_REGIONS.has(r.path) || r.capture === 'file-reference' || r.capture === 'skipped') continue;
-      for (let start = r.start; start < r.end; start += BigInt(CHUNK)) {
-        const length = Number(r.end - start < BigInt(CHUNK) ? r.end - start : BigInt(CHUNK));
-        const into = buffer.subarray(0, length);
-        const stored = new Uint8Array(length / 4096);
-        if (store.readRangeInto(processId, start, into, stored) === 0) continue;
-        const runs: bigint[] = [];
-        for (let i = 0; i < stored.length; ) {
-          if (!stored[i]) {
-            i++;
-            continue;
-          }
-          let j = i;
-          while (j < stored.length && stored[j]) j++;
-          runs.push(start + BigInt(i * 4096), BigInt((j - i) * 4096), BigInt(i * 4096));
-          pages += j - i;
-          i = j;
-        }
-        b.binding.writeRuns(b.pid, mem, BigUint64Array.from(runs), into);
-        if (pages > 0) faultPoint('restore-mid-memory');
-      }
+    for (const chunk of chunks) {
+      b.binding.writeRuns(b.pid, mem, chunk.runs, chunk.data);
+      pages += chunk.pages;
+      faultPoint('restore-mid-memory');
     }
   } finally {
     closeSync(mem);
   }
-  return { pages, bytes: pages * 4096 };
+  return { pages };
 }
 
 /** The heap's end at T: brk (page-aligned; the kernel keeps no finer trace in /proc). */

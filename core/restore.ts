@@ -21,16 +21,30 @@ import { closeSync, openSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { WpsnapError, fromNative } from '../common/errors.js';
 import type { Store } from '../store/store.js';
+import type { RegionRecord } from '../snapshot-format/model.js';
 import { freeze, inject, type Frozen } from './attach.js';
 import { restorerPath } from './binding.js';
 import { faultPoint } from './fault.js';
+import { stopwatch } from './pause.js';
 import { SYSCALL } from './constants.js';
 import type { NativeBinding } from './native/binding.js';
-import { clearAndMoveSpecials, mapRegions, setMmFields, writeContent, type Builder, isAnonymousPrivate } from './restore-memory.js';
+import { clearAndMoveSpecials, mapRegions, setMmFields, storedContent, writeContent, type Builder, isAnonymousPrivate } from './restore-memory.js';
 import { restorablePlan, type FdFate, type RestoreOptions, type RestorePlan, type StdioChoice } from './restore-plan.js';
 import { ThreadSetup } from './restore-threads.js';
 
 const UFFDIO_REGISTER_MODE_MISSING = 1n;
+
+/**
+ * The pages holding each thread's rseq area: registering it makes the kernel write it, so a lazy restore
+ * writes them before (their region is served by the page server otherwise).
+ */
+function rseqPages(plan: RestorePlan): RegionRecord[] {
+  const pages = plan.threads.flatMap((t) => (t.rseq === undefined || t.rseq.area === 0n ? [] : [t.rseq.area & ~4095n, (t.rseq.area + BigInt(t.rseq.size) - 1n) & ~4095n]));
+  return [...new Set(pages)].map((start) => ({ ...plan.regions[0]!, start, end: start + 4096n, path: '', capture: 'protected' as const }));
+}
+
+/** What a lazy restore serves on first touch: readable anonymous private memory (the rest is written before the process runs). */
+const isLazy = (r: RegionRecord): boolean => isAnonymousPrivate(r) && r.perms[0] === 'r' && r.capture === 'protected';
 
 export type { RestoreOptions, RestorePlan, FdFate, StdioChoice } from './restore-plan.js';
 
@@ -48,6 +62,8 @@ export interface RestoreResult {
   /** Pages written before it ran. */
   pagesWritten: number;
   threads: number;
+  /** Where the time until it ran went, ms (the plan, the store's page index, the restorer making the process and its fds, layout, memory, threads, thaw). */
+  phasesMillis: Record<string, number>;
 }
 
 /**
@@ -110,6 +126,11 @@ class Control {
     this.socket.write(text);
   }
 
+  /** Send and wait until it is written (before synchronous work that would hold it back). */
+  sendNow(text: string): Promise<void> {
+    return new Promise((resolve, reject) => this.socket.write(text, (error) => (error ? reject(error) : resolve())));
+  }
+
   end(): void {
     this.socket.end();
   }
@@ -141,6 +162,7 @@ function startRestorer(choice: StdioChoice): { child: ChildProcess; control: Con
 export async function restore(binding: NativeBinding, store: Store, ref: string, options: RestoreOptions = {}): Promise<RestoreResult> {
   const started = performance.now();
   const plan = restorablePlan(store, ref, options);
+  const planMillis = performance.now() - started;
   if (options.lazy === true) throw new WpsnapError('USAGE', 'use restoreLazy for a lazy restore');
   const built = await buildProcess(binding, store, plan, options, false);
   built.control.send('commit\n');
@@ -155,6 +177,7 @@ export async function restore(binding: NativeBinding, store: Store, ref: string,
     warnings: [...plan.warnings, ...built.warnings],
     pagesWritten: built.pagesWritten,
     threads: plan.threads.length,
+    phasesMillis: { plan: planMillis, ...built.phasesMillis },
   };
 }
 
@@ -165,6 +188,8 @@ export interface BuiltProcess {
   control: Control;
   pagesWritten: number;
   warnings: string[];
+  /** Where the time until it ran went, ms: page index, restorer (process and fds), layout, memory, threads, thaw. */
+  phasesMillis: Record<string, number>;
   /** Lazy: the regions left for the page server, and the userfaultfd the guardian also holds. */
   lazy?: { uffd: number; regions: RestorePlan['regions'] };
 }
@@ -177,52 +202,44 @@ export interface BuiltProcess {
  */
 export async function buildProcess(binding: NativeBinding, store: Store, plan: RestorePlan, options: RestoreOptions, lazy: boolean): Promise<BuiltProcess> {
   const nsPid = options.newIds === true ? 0 : plan.process.pid;
-  const stored = store.pageIndex(plan.processId).addresses;
-  const storedIn = (_: number, r: { start: bigint; end: bigint }): boolean => {
-    let lo = 0;
-    let hi = stored.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >>> 1;
-      if (stored[mid]! < r.start) lo = mid + 1;
-      else hi = mid;
-    }
-    return lo < stored.length && stored[lo]! < r.end;
-  };
+  const watch = stopwatch();
+  const lap = (): number => Math.round(watch.lap() / 100) / 10;
+  const phases: Record<string, number> = {};
+  binding.prepareFreeze();
   const { child, control } = startRestorer(options.stdio ?? 'null');
   let pid = 0;
   let frozen: Frozen | undefined;
   let thawed = false;
   try {
-    control.send([`ns ${nsPid}`, ...plan.lines, 'go', ''].join('\n'));
+    await control.sendNow([`ns ${nsPid}`, ...plan.lines, 'go', ''].join('\n'));
+    // Lazy: what is written before the process runs is read now, while the restorer makes the process and its
+    // fds, without decoding the store's whole page index (for a large process that takes longer than the rest).
+    const early = lazy ? [...storedContent(store, plan.processId, [...plan.regions.filter((r) => !isLazy(r)), ...rseqPages(plan)], { fromRows: true, keep: true })] : undefined;
+    phases['read'] = lap();
     const pids = (await control.line('pids')).split(' ');
     const guardianPid = Number(pids[1]);
     pid = Number(pids[2]);
     const controlFd = Number((await control.line('ready')).split(' ')[1]);
-    binding.prepareFreeze();
+    phases['restorer'] = lap();
     frozen = freeze(binding, pid);
     binding.doomOnAbandon(frozen.handle);
     faultPoint('restore-after-freeze');
     const b: Builder = { binding, pid, frozen, insn: 0n, scratch: 0n };
     clearAndMoveSpecials(b, plan.regions);
     mapRegions(b, plan);
-    const eager = lazy ? plan.regions.filter((r) => !isAnonymousPrivate(r) || !storedIn(plan.processId, r)) : plan.regions;
-    const written = writeContent(b, store, plan.processId, eager);
+    phases['layout'] = lap();
+    const written = writeContent(b, early ?? storedContent(store, plan.processId, plan.regions));
+    phases['memory'] = lap();
     setMmFields(b, plan);
     const threads = new ThreadSetup(b, plan, nsPid !== 0);
     const warnings = threads.create();
     faultPoint('restore-after-threads');
     warnings.push(...threads.setSignalActions());
-    if (lazy) {
-      // Registering a thread's rseq area makes the kernel write it: its pages must hold T's content first.
-      const rseqPages = plan.threads.flatMap((t) => (t.rseq === undefined || t.rseq.area === 0n ? [] : [t.rseq.area & ~4095n, (t.rseq.area + BigInt(t.rseq.size) - 1n) & ~4095n]));
-      const pages = [...new Set(rseqPages)].map((start) => ({ ...plan.regions[0]!, start, end: start + 4096n, path: '', capture: 'protected' as const }));
-      written.pages += writeContent(b, store, plan.processId, pages).pages;
-    }
     threads.perThreadState();
     let lazyPart: BuiltProcess['lazy'];
     if (lazy) {
       // Missing pages of anonymous private memory the snapshot stored: served on first touch once it runs.
-      const regions = plan.regions.filter((r) => isAnonymousPrivate(r) && storedIn(plan.processId, r));
+      const regions = plan.regions.filter(isLazy);
       const uffd = await takeUserfaultfd(b, control);
       lazyPart = { uffd, regions };
       binding.lazyUffdApi(uffd);
@@ -231,9 +248,11 @@ export async function buildProcess(binding: NativeBinding, store: Store, plan: R
     threads.credentials();
     inject(binding, frozen, b.insn, SYSCALL.close, [controlFd], `close(${controlFd})`);
     inject(binding, frozen, b.insn, SYSCALL.munmap, [b.scratch, BigInt(1 << 20)], 'munmap(scratch)');
+    phases['threads'] = lap();
     warnings.push(...threads.thaw());
     thawed = true;
-    return { pid, nsPid: nsPid || pid, guardianPid, control, pagesWritten: written.pages, warnings, ...(lazyPart ? { lazy: lazyPart } : {}) };
+    phases['thaw'] = lap();
+    return { pid, nsPid: nsPid || pid, guardianPid, control, pagesWritten: written.pages, warnings, phasesMillis: phases, ...(lazyPart ? { lazy: lazyPart } : {}) };
   } catch (error) {
     // Never half-built: the process goes (the tracer's doom kills it if we die instead).
     if (pid > 0) {

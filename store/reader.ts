@@ -3,7 +3,7 @@
 import type Database from 'better-sqlite3';
 import { WpsnapError } from '../common/errors.js';
 import { PAGE_SIZE } from '../snapshot-format/model.js';
-import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, lowerBound, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
+import { blobOfContent, CorruptError, decodeBlob, decodeIndex, indexInBlob, lowerBound, MAX_ADDRESS, type BlobRow, type DecodedIndex, type IndexRow } from './codec.js';
 import { HASH_BYTES } from './worker-pool.js';
 import { decodePageRuns, indicesWithin, lostRanges, regionRanges, sortedRanges } from './page-ranges.js';
 
@@ -25,6 +25,9 @@ export class PageReader {
   private readonly indexCache = new Map<number, { key: string; index: DecodedIndex }>();
   private readonly zeroedRanges: Database.Statement | undefined;
   private readonly rowsOfProcess: Database.Statement;
+  private readonly rowsAcross: Database.Statement;
+  /** Index rows decoded by readRangeIntoFromRows, by row id (rows are never rewritten: a new snapshot adds rows). */
+  private readonly rowCache = new Map<bigint, DecodedIndex>();
   private readonly indexVersion: Database.Statement;
   private readonly blob: Database.Statement;
   private readonly hashes: Database.Statement;
@@ -35,6 +38,9 @@ export class PageReader {
   ) {
     this.rowsOfProcess = db
       .prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id = ? ORDER BY first_address')
+      .safeIntegers(true);
+    this.rowsAcross = db
+      .prepare('SELECT id, first_address, last_address, count, entries FROM page_index WHERE process_id = ? AND first_address < ? AND last_address >= ?')
       .safeIntegers(true);
     const generations = db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'generation_pages'").get() !== undefined;
     // What a cached index depends on, in one query per process read: its own rows and (schema 4) its parent's process.
@@ -92,6 +98,39 @@ export class PageReader {
       if (stored !== undefined) stored.fill(1, at, at + (j - i));
       n += j - i;
       i = j;
+    }
+    return n;
+  }
+
+  /**
+   * readRangeInto for a process with no parent, without decoding its whole
+   * index: only the rows whose span crosses the range (a restore writes a few
+   * pages before the process runs; the whole index of a large process takes
+   * longer than the rest of it). A generation reads through its parents:
+   * undefined, use readRangeInto.
+   */
+  readRangeIntoFromRows(processId: number, start: bigint, into: Buffer, stored?: Uint8Array): number | undefined {
+    const version = this.indexVersion.get({ id: processId }) as { parent: number | null };
+    if (version.parent !== null) return undefined;
+    const end = start + BigInt(into.length);
+    let n = 0;
+    // SQLite integers are signed 64-bit: no page is stored above MAX_ADDRESS ([vsyscall] is never stored).
+    const below = end > MAX_ADDRESS ? MAX_ADDRESS : end;
+    for (const row of this.rowsAcross.all(processId, below, start) as Array<IndexRow & { id: bigint }>) {
+      // Rows of fault-time batches span much of the address space: decoded once for all the ranges asked for.
+      let decoded = this.rowCache.get(row.id);
+      if (decoded === undefined) {
+        if (this.rowCache.size >= 256) this.rowCache.clear();
+        decoded = this.decode(row, processId);
+        this.rowCache.set(row.id, decoded);
+      }
+      const { addresses, cids } = decoded;
+      for (let i = lowerBound(addresses, start); i < addresses.length && (addresses[i] as bigint) < end; i++) {
+        const at = Number((addresses[i] as bigint) - start) / PAGE_SIZE;
+        this.contentPage(cids[i] as number).copy(into, at * PAGE_SIZE);
+        if (stored !== undefined) stored[at] = 1;
+        n++;
+      }
     }
     return n;
   }

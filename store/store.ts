@@ -275,6 +275,11 @@ export class Store implements SnapshotReader {
     return this.reader.readRangeInto(processId, start, into, stored);
   }
 
+  /** readRangeInto decoding only the index rows that cross the range; undefined for a generation (use readRangeInto). */
+  readRangeIntoFromRows(processId: number, start: bigint, into: Buffer, stored?: Uint8Array): number | undefined {
+    return this.reader.readRangeIntoFromRows(processId, start, into, stored);
+  }
+
   /** Every stored page of a process: addresses ascending and their content ids (equal ids, equal content). */
   pageIndex(processId: number): DecodedIndex {
     return this.reader.index(processId);
