@@ -7,7 +7,8 @@
 // every page is in, the registration stays (the process blocks on a missing
 // page rather than read zero) and the guardian kills the process.
 import { spawn } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { packageRoot } from '../common/package-root.js';
 import { WpsnapError } from '../common/errors.js';
 import type { RegionRecord } from '../snapshot-format/model.js';
 import type { Store } from '../store/store.js';
@@ -131,6 +132,11 @@ export async function servePages(binding: NativeBinding, store: Store, target: S
   }
 }
 
+/** The background server's entry point, built (also when this module runs from source, as in the tests). */
+function serverMainPath(): string {
+  return join(packageRoot(), 'dist', 'core', 'restore-lazy-main.js');
+}
+
 /** Restore lazily; resolves once every page is in (or, detached, once the background server took over). */
 export interface LazyOptions extends RestoreOptions {
   /** Hand the serving to a background process and return at once. */
@@ -162,7 +168,7 @@ export async function restoreLazy(binding: NativeBinding, store: Store, ref: str
   };
   if (options.detach === true) {
     // The server gets the userfaultfd as its fd 3 and the guardian's control socket as its fd 4.
-    const server = spawn(process.execPath, [fileURLToPath(new URL('./restore-lazy-main.js', import.meta.url)), store.path, String(plan.processId), String(built.pid), JSON.stringify(lazy.regions.map((r) => [r.start.toString(), r.end.toString()]))], {
+    const server = spawn(process.execPath, [serverMainPath(), store.path, String(plan.processId), String(built.pid), JSON.stringify(lazy.regions.map((r) => [r.start.toString(), r.end.toString()]))], {
       stdio: ['ignore', 'ignore', 'inherit', lazy.uffd, built.control.socket],
       detached: true,
     });

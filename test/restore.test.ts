@@ -171,6 +171,31 @@ describe('wpsnap restore', () => {
     }
   });
 
+  it.each([[], ['--lazy']])('the point-in-time oracle workload restored (%s) passes its own self-check and keeps writing', async (...mode: string[]) => {
+    const f = await startDetached('pagewriter', ['--threads', '2', '--pages', '4096', '--memfd-pages', '1024', '--kernel-pages', '256', '--untouched-mib', '64', '--self-check-on-exit']);
+    await sleep(200);
+    const { result, pid, out } = await snapshotKillRestore(f, ...mode);
+    expect(result['warnings']).not.toEqual(expect.arrayContaining([expect.stringMatching(/gets EINTR/)]));
+    await sleep(700);
+    process.kill(pid, 'SIGTERM');
+    const done = await lineOf(out, 'done');
+    expect(done).toMatchObject({ errors: 0, selfCheck: 'ok' });
+    expect((done['counters'] as number[]).every((c) => c > 4096)).toBe(true); // writing on from T
+  });
+
+  it('--lazy --detach returns at once; a background process serves the pages and exits', async () => {
+    const { f, work, worker } = await restorable(16384);
+    const { result, pid, out } = await snapshotKillRestore(f, '--lazy', '--detach');
+    const lazy = result['lazy'] as Record<string, unknown>;
+    expect(lazy['allInMillis']).toBeNull();
+    const server = lazy['serverPid'] as number;
+    started.push(server);
+    for (let waited = 0; existsSync(`/proc/${server}`) && status(server, 'State').startsWith('Z') === false && waited < 20_000; waited += 50) await sleep(50);
+    expect(existsSync(`/proc/${server}`) && !status(server, 'State').startsWith('Z')).toBe(false);
+    process.kill(pid, 'SIGUSR1');
+    expectFaithfulReport(await lineOf(out, 'report'), f.pid, worker, work);
+  });
+
   it('--new-ids: no namespace, a new pid, and a warning', async () => {
     const { f, work } = await restorable();
     const { result, pid, out } = await snapshotKillRestore(f, '--new-ids');
