@@ -102,6 +102,7 @@ function metrics(): Array<[string, Getter]> {
       [`${name}.lostPages`, (r) => get(r)?.lostPages],
       [`${name}.pause.freezeMicros`, (r) => get(r)?.pauseBreakdownMicros?.['freeze']],
       [`${name}.pause.injectMicros`, (r) => get(r)?.pauseBreakdownMicros?.['inject']],
+      [`${name}.pause.restoreStateMicros`, (r) => get(r)?.pauseBreakdownMicros?.['restoreState']],
       [`${name}.pause.planMicros`, (r) => get(r)?.pauseBreakdownMicros?.['plan']],
       [`${name}.pause.protectMicros`, (r) => get(r)?.pauseBreakdownMicros?.['protect']],
       [`${name}.pause.copyMicros`, (r) => get(r)?.pauseBreakdownMicros?.['copy']],

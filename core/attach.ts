@@ -266,3 +266,33 @@ export function readSignalActions(binding: NativeBinding, pid: number, frozen: F
     binding.processVmWrite(pid, scratch, saved);
   }
 }
+
+/** Offset of rsp in struct user_regs_struct (x86_64). */
+const RSP_OFFSET = 152;
+const PR_GET_TID_ADDRESS = 40;
+
+/**
+ * prctl(PR_GET_TID_ADDRESS) run inside each of these frozen threads: its
+ * clear_child_tid (a restore gives it again). The answer goes below the
+ * thread's red zone, and the bytes there are put back. A thread that cannot
+ * run it (a signal-delivery stop) is left out.
+ */
+export function readTidAddresses(binding: NativeBinding, pid: number, frozen: Frozen, insn: bigint, tids: number[]): Map<number, bigint> {
+  const out = new Map<number, bigint>();
+  const byTid = new Map(frozen.threads.map((t) => [t.tid, t]));
+  for (const tid of tids) {
+    const t = byTid.get(tid);
+    if (t === undefined) continue;
+    const scratch = (t.regs.readBigUInt64LE(RSP_OFFSET) - RED_ZONE - 64n) & ~15n;
+    const saved = binding.processVmRead(pid, scratch, 8);
+    try {
+      const raw = BigInt.asIntN(64, binding.injectSyscallInThread(frozen.handle, tid, insn, SYSCALL.prctl, [PR_GET_TID_ADDRESS, scratch, 0, 0, 0]));
+      if (raw === 0n) out.set(tid, binding.processVmRead(pid, scratch, 8).readBigUInt64LE(0));
+    } catch {
+      // a thread that cannot run it: left out
+    } finally {
+      binding.processVmWrite(pid, scratch, saved);
+    }
+  }
+  return out;
+}

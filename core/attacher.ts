@@ -11,8 +11,11 @@ export type StoppedThread = Omit<ThreadRecord, 'name'>;
 export interface Attacher {
   /** Work done before the pause so it does not lengthen it (start a helper, find what to inject). */
   prepare(): void;
-  /** Stop every thread of the target: the pause starts here. */
-  stop(): StoppedTarget;
+  /**
+   * Stop every thread of the target: the pause starts here. tidAddresses: each thread's
+   * clear_child_tid read while they are all stopped (a call run inside every thread: costly).
+   */
+  stop(options?: { tidAddresses?: boolean }): StoppedTarget;
   /** After a stop was resumed: make the next stop as quick as the first (prepare() did that for the first). */
   rearm(): void;
   /** Undo what prepare() set up outside the target (idempotent). */
@@ -31,6 +34,8 @@ export interface StoppedTarget {
    * absent where the attach cannot run code in the target.
    */
   readSignalActions?(signals: number[]): SignalAction[];
+  /** The clear_child_tid of these threads (prctl(PR_GET_TID_ADDRESS) run inside each), for a restore. */
+  readTidAddresses?(tids: number[]): Map<number, bigint>;
   /** Let the target run on; idempotent. */
   resume(): void;
 }

@@ -2,7 +2,7 @@
 // userfaultfd, plan its mappings again, register and write-protect them, copy
 // what uffd-wp cannot protect, resume. T is this whole pause.
 import type { FdRecord, LostRange, PageBatch, SignalAction, ThreadRecord } from '../snapshot-format/model.js';
-import { refreshFds, selfPipeReadEnds } from './process-state.js';
+import { nonDefaultSignalSets, refreshFds, selfPipeReadEnds } from './process-state.js';
 import type { UffdMethod } from './attach.js';
 import type { Attacher, StoppedTarget } from './attacher.js';
 import { fromNative } from '../common/errors.js';
@@ -11,16 +11,18 @@ import { UFFD_FEATURES_FOR_SNAPSHOT } from './features.js';
 import type { NativeBinding } from './native/binding.js';
 import { copyInPause } from './paused-copy.js';
 import { findPinned, savePinned, type PinSources } from './pinned.js';
-import { threadName } from './procfs.js';
+import { listThreads, threadName } from './procfs.js';
 import { registerRegions, writeProtectAll } from './protect.js';
 import type { RegionPlan, RegionPlanner } from './regions.js';
 import { protectionRanges, type SparseIntervals } from './sparse.js';
-import { rangesAtInstant, type PreProtection, type TrackLog } from './preprotect.js';
+import { rangesAtInstant, type EarlyRestoreState, type PreProtection, type TrackLog } from './preprotect.js';
 
 /** Where the pause went, in microseconds. */
 export interface PauseBreakdown {
   freeze: number;
   inject: number;
+  /** What a restore needs that changes under a running program: signal dispositions, the fd table, self-pipes' bytes. */
+  restoreState: number;
   plan: number;
   protect: number;
   copy: number;
@@ -51,12 +53,15 @@ export interface PauseInputs {
    * final log of what it wrote since, taken once it is stopped. */
   pre?: { protection: PreProtection; finalLog: () => TrackLog } | undefined;
   /** What a restore needs that changes under a running program, read in the pause (after the protection). */
-  forRestore?: { signals: number[]; fds: FdRecord[]; pidfd: number } | undefined;
+  /** early: what the attach stop read (core/preprotect.ts); only what changed since is read in the pause. */
+  forRestore?: { fds: FdRecord[]; pidfd: number; early?: EarlyRestoreState } | undefined;
 }
 
 /** What the pause read for a restore; `warning` says what could not be read. */
 export interface ReadForRestore {
   signals?: SignalAction[];
+  /** clear_child_tid of the threads the attach stop read it for, and of those created since (read now). */
+  tidAddresses?: Map<number, bigint>;
   /** The fd table at T (core/process-state.ts refreshFds), self-pipes' bytes in their read ends' records. */
   fds: FdRecord[];
   warning?: string;
@@ -107,8 +112,9 @@ export function stopwatch(): { lap: () => number; total: () => number } {
 export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome {
   const { pid, attacher, planner } = inputs;
   const { lap, total } = stopwatch();
-  const stopped = attacher.stop();
-  const breakdown: PauseBreakdown = { freeze: lap(), inject: 0, plan: 0, protect: 0, copy: 0, engine: 0, thaw: 0 };
+  // Each thread's clear_child_tid costs a call run in every thread: in the pause only when the attach stop did not read it.
+  const stopped = attacher.stop({ tidAddresses: inputs.forRestore !== undefined && inputs.forRestore.early === undefined });
+  const breakdown: PauseBreakdown = { freeze: lap(), inject: 0, restoreState: 0, plan: 0, protect: 0, copy: 0, engine: 0, thaw: 0 };
   const pre = inputs.pre;
   // The userfaultfd obtained here is this function's to close on failure; a pre-protection's is its owner's.
   let uffd = pre?.protection.uffd ?? -1;
@@ -126,9 +132,10 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
         throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
       }
     }
+    breakdown.inject = lap();
     // Before any protection: the injected rt_sigaction writes its answer into the target's memory.
     const forRestore = inputs.forRestore === undefined ? undefined : readForRestore(binding, pid, stopped, inputs.forRestore);
-    breakdown.inject = lap();
+    breakdown.restoreState = lap();
     const plans = planner.plan(planner.readMaps());
     breakdown.plan = lap();
     const registered = registerRegions(binding, uffd, plans, inputs.maxSharedCopyBytes);
@@ -158,7 +165,12 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     inputs.afterResume?.();
     // Thread names are read after the resume: they are for recognising the
     // snapshot, and reading /proc per thread would lengthen the pause.
-    const threads: ThreadRecord[] = stopped.threads.map((t) => ({ ...t, name: threadName(pid, t.tid) }));
+    const known = forRestore?.tidAddresses;
+    const threads: ThreadRecord[] = stopped.threads.map((t) => ({
+      ...t,
+      name: threadName(pid, t.tid),
+      ...(t.clearChildTid === undefined && known?.has(t.tid) === true ? { clearChildTid: known.get(t.tid)! } : {}),
+    }));
     return {
       breakdown,
       pauseMicros,
@@ -181,14 +193,30 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
   }
 }
 
-/** Signal dispositions (by the attacher, in the target), the fd table at T and self-pipes' bytes (tee of a copy of their read end); failures are a warning. */
-function readForRestore(binding: NativeBinding, pid: number, stopped: StoppedTarget, what: { signals: number[]; fds: FdRecord[]; pidfd: number }): ReadForRestore {
+/**
+ * Signal dispositions (by the attacher, in the target, unless the attach stop read them and they hold),
+ * clear_child_tid of threads created since the attach stop, the fd table at T and self-pipes' bytes (tee of a
+ * copy of their read end); failures are a warning.
+ */
+function readForRestore(binding: NativeBinding, pid: number, stopped: StoppedTarget, what: { fds: FdRecord[]; pidfd: number; early?: EarlyRestoreState }): ReadForRestore {
   const out: ReadForRestore = { fds: what.fds };
   const problems: string[] = [];
+  const early = what.early;
   try {
-    if (stopped.readSignalActions !== undefined) out.signals = stopped.readSignalActions(what.signals);
+    // The dispositions the attach stop read hold at T unless the sets of ignored and caught signals changed since.
+    const { sets, signals } = nonDefaultSignalSets(pid);
+    if (early?.signals !== undefined && early.signalSets === sets) out.signals = early.signals;
+    else if (stopped.readSignalActions !== undefined) out.signals = stopped.readSignalActions(signals);
   } catch (error) {
     problems.push(`signal dispositions: ${(error as Error).message}`);
+  }
+  if (early !== undefined) {
+    try {
+      const created = listThreads(pid).filter((tid) => !early.tidAddresses.has(tid));
+      out.tidAddresses = new Map([...early.tidAddresses, ...(created.length > 0 ? (stopped.readTidAddresses?.(created) ?? []) : [])]);
+    } catch (error) {
+      problems.push(`the threads' clear_child_tid: ${(error as Error).message}`);
+    }
   }
   try {
     out.fds = refreshFds(pid, what.fds);

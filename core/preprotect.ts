@@ -16,7 +16,9 @@
 //    the rounds converge, that falls back to protecting whole mappings: the
 //    pause is then what it was without pre-protection.
 import type { UffdMethod } from './attach.js';
-import type { Attacher } from './attacher.js';
+import type { Attacher, StoppedTarget } from './attacher.js';
+import type { SignalAction } from '../snapshot-format/model.js';
+import { nonDefaultSignalSets } from './process-state.js';
 import type { EngineSession } from './engine-session.js';
 import { fromNative } from '../common/errors.js';
 import { faultPoint } from './fault.js';
@@ -48,6 +50,19 @@ export interface PreProtection {
   covered: Intervals;
   /** Written ranges protected again per round, while running. */
   rounds: number[];
+  /**
+   * What a restore needs that costs a call run inside the target, read at the attach stop so that
+   * the pause at T does not (core/pause.ts checks at T that it still holds).
+   */
+  forRestore?: EarlyRestoreState;
+}
+
+/** Signal dispositions and each thread's clear_child_tid, read at the attach stop. */
+export interface EarlyRestoreState {
+  /** SigIgn and SigCgt of /proc/PID/status when they were read: the pause reads them again. */
+  signalSets: string;
+  signals?: SignalAction[];
+  tidAddresses: Map<number, bigint>;
 }
 
 /** What the pre-phase recorded since its last round: to protect again in the pause. */
@@ -112,17 +127,34 @@ export interface PreProtectInputs {
   session: EngineSession;
   /** Keep the target pre-protected this long before the rounds (tests: a hostile target changes its mappings meanwhile). */
   holdMillis?: number | undefined;
+  /** Read what a restore needs at the attach stop (EarlyRestoreState). */
+  forRestore?: boolean;
 }
 
 /**
  * Steps 1–3. On failure the userfaultfd is closed (which drops every
  * registration and protection) and the target runs on.
  */
+/** Signal dispositions and clear_child_tids at the attach stop; what cannot be read is left to the pause. */
+function readEarly(pid: number, stopped: StoppedTarget): EarlyRestoreState {
+  const { sets, signals } = nonDefaultSignalSets(pid);
+  let actions: SignalAction[] | undefined;
+  try {
+    actions = stopped.readSignalActions?.(signals);
+  } catch {
+    actions = undefined; // read again in the pause
+  }
+  const tidAddresses = new Map<number, bigint>();
+  for (const t of stopped.threads) if (t.clearChildTid !== undefined) tidAddresses.set(t.tid, t.clearChildTid);
+  return { signalSets: sets, ...(actions === undefined ? {} : { signals: actions }), tidAddresses };
+}
+
 export async function preProtect(binding: NativeBinding, inputs: PreProtectInputs): Promise<PreProtection> {
   const { pid, attacher, session } = inputs;
   const { lap, total } = stopwatch();
-  const stopped = attacher.stop();
+  const stopped = attacher.stop({ tidAddresses: inputs.forRestore === true });
   const attachBreakdownMicros = { freeze: lap(), inject: 0, thaw: 0 };
+  let forRestore: EarlyRestoreState | undefined;
   let uffd = -1;
   let method: UffdMethod;
   try {
@@ -136,6 +168,7 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
     stopped.resume();
     throw fromNative(error, 'obtain the target userfaultfd');
   }
+  if (inputs.forRestore === true) forRestore = readEarly(pid, stopped);
   attachBreakdownMicros.inject = lap();
   stopped.resume();
   attachBreakdownMicros.thaw = lap();
@@ -159,7 +192,7 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
     const again = protectAgainInRounds(binding, uffd, session, coveredNormal);
     coveredNormal = again.covered;
     const rounds = again.rounds;
-    return { uffd, method, attachStopMicros, attachBreakdownMicros, covered: coveredNormal, rounds };
+    return { uffd, method, attachStopMicros, attachBreakdownMicros, covered: coveredNormal, rounds, ...(forRestore === undefined ? {} : { forRestore }) };
   } catch (error) {
     closeQuietly(binding, uffd);
     throw fromNative(error, 'write-protect the target while it runs');

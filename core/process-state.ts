@@ -291,14 +291,18 @@ export function readProcessState(pid: number): ProcessState {
   };
 }
 
-/** Signals whose disposition is not the default (SigIgn | SigCgt of /proc/PID/status), ascending. */
-export function nonDefaultSignals(pid: number): number[] {
+/** Signals whose disposition is not the default (SigIgn | SigCgt of /proc/PID/status), ascending, and the two sets as read. */
+export function nonDefaultSignalSets(pid: number): { sets: string; signals: number[] } {
   const status = readProc(pid, 'status').toString('utf8');
-  const mask = (key: string): bigint => BigInt(`0x${new RegExp(`^${key}:\\s*([0-9a-f]+)`, 'm').exec(status)?.[1] ?? '0'}`);
-  const set = mask('SigIgn') | mask('SigCgt');
+  const hex = (key: string): string => new RegExp(`^${key}:\\s*([0-9a-f]+)`, 'm').exec(status)?.[1] ?? '0';
+  const set = BigInt(`0x${hex('SigIgn')}`) | BigInt(`0x${hex('SigCgt')}`);
   const signals: number[] = [];
   for (let s = 1; s <= 64; s++) if ((set >> BigInt(s - 1)) & 1n) signals.push(s);
-  return signals;
+  return { sets: `${hex('SigIgn')}/${hex('SigCgt')}`, signals };
+}
+
+export function nonDefaultSignals(pid: number): number[] {
+  return nonDefaultSignalSets(pid).signals;
 }
 
 /** The read end of every pipe both ends of which the process holds (a self-pipe): its bytes are read in the pause. */
@@ -359,4 +363,24 @@ export function refreshFds(pid: number, before: FdRecord[]): FdRecord[] {
     out.push(old);
   }
   return out;
+}
+
+/**
+ * The options of every socket a restore may re-create (bound or listening),
+ * read through a copy of its fd (`socketOptions`, pidfd_getfd + getsockopt):
+ * before the pause, as the rest of the state; one that cannot be read is left
+ * without (a restore then sets what it can infer).
+ */
+export function withSocketOptions(fds: FdRecord[], options: (fd: number) => { reuseAddr: number; reusePort: number; keepAlive: number; v6Only?: number; noDelay?: number }): FdRecord[] {
+  return fds.map((f) => {
+    if (f.socket === undefined || f.socket.state === 'connected') return f;
+    try {
+      const o = options(f.fd);
+      const flag = (v: number | undefined): boolean | undefined => (v === undefined || v < 0 ? undefined : v === 1);
+      const read = { reuseAddr: o.reuseAddr === 1, reusePort: o.reusePort === 1, keepAlive: o.keepAlive === 1, ...(flag(o.v6Only) === undefined ? {} : { v6Only: flag(o.v6Only)! }), ...(flag(o.noDelay) === undefined ? {} : { noDelay: flag(o.noDelay)! }) };
+      return { ...f, socket: { ...f.socket, options: read } };
+    } catch {
+      return f;
+    }
+  });
 }

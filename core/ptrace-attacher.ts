@@ -3,6 +3,7 @@
 // vDSO, and wpsnap takes the fd with pidfd_getfd (core/attach.ts).
 import {
   readSignalActions,
+  readTidAddresses,
   findSyscallInstruction,
   freeze,
   injectUserfaultfd,
@@ -27,11 +28,10 @@ export function ptraceAttacher(binding: NativeBinding, pid: number, pidfd: numbe
         throw fromNative(error, 'start the tracer helper');
       }
     },
-    stop(): StoppedTarget {
+    stop(options: { tidAddresses?: boolean } = {}): StoppedTarget {
       if (insn === undefined) throw new Error('ptraceAttacher: stop() before prepare()');
       const syscallInsn = insn;
-      // Each thread's clear_child_tid (for a restore) is read inside it while every thread is stopped.
-      const frozen = freeze(binding, pid, { tidAddresses: { syscallInsn } });
+      const frozen = freeze(binding, pid, options.tidAddresses === true ? { tidAddresses: { syscallInsn } } : {});
       return {
         threads: frozen.threads.map((t) => ({
           tid: t.tid,
@@ -45,6 +45,7 @@ export function ptraceAttacher(binding: NativeBinding, pid: number, pidfd: numbe
         })),
         obtainUffd: () => injectUserfaultfd(binding, pid, frozen, syscallInsn, pidfd, deviceNode),
         readSignalActions: (signals) => readSignalActions(binding, pid, frozen, syscallInsn, signals),
+        readTidAddresses: (tids) => readTidAddresses(binding, pid, frozen, syscallInsn, tids),
         resume: () => binding.thaw(frozen.handle),
       };
     },

@@ -54,8 +54,12 @@ const AF = { unix: 1, inet: 2, inet6: 10 } as const;
 const SOCK = { stream: 1, dgram: 2, seqpacket: 5 } as const;
 /** The restorer's socket option bits: SO_REUSEADDR. */
 const OPT_REUSEADDR = 1;
+const OPT_REUSEPORT = 2;
 /** IPV6_V6ONLY. */
 const OPT_V6ONLY = 4;
+const OPT_KEEPALIVE = 8;
+/** TCP_NODELAY (accepted connections inherit it from their listener). */
+const OPT_NODELAY = 16;
 
 const hex = (s: string | Buffer): string => (typeof s === 'string' ? Buffer.from(s) : s).toString('hex');
 
@@ -193,7 +197,12 @@ function planFds(state: ProcessState, pid: number, options: RestoreOptions): { f
           } else {
             // Two wildcard sockets on one port, inet and inet6: the inet6 one was IPV6_V6ONLY, or the kernel would have refused the pair.
             const v6only = s.family === 'inet6' && state.fds.some((o) => o.socket?.family === 'inet' && o.socket.type === s.type && o.socket.local.endsWith(`:${port}`));
-            const options = (s.family === 'unix' ? 0 : OPT_REUSEADDR) | (v6only ? OPT_V6ONLY : 0);
+            // As recorded; for a snapshot from before wpsnap read them, SO_REUSEADDR (what servers set) and the inference above.
+            const o = s.options;
+            const options =
+              o !== undefined
+                ? (o.reuseAddr ? OPT_REUSEADDR : 0) | (o.reusePort ? OPT_REUSEPORT : 0) | (o.v6Only === true ? OPT_V6ONLY : 0) | (o.keepAlive ? OPT_KEEPALIVE : 0) | (o.noDelay === true ? OPT_NODELAY : 0)
+                : (s.family === 'unix' ? 0 : OPT_REUSEADDR) | (v6only ? OPT_V6ONLY : 0);
             done(f, `socket ${f.fd} ${f.flags} ${AF[s.family]} ${SOCK[s.type]} ${s.state === 'listen' ? 1 : 0} ${hex(s.local)} ${options}`, `${s.family} ${s.type} ${s.state === 'listen' ? 'listening on' : 'bound to'} ${s.local || '(unbound)'}`);
           }
         } else if (f.fd <= 2) {

@@ -16,7 +16,7 @@ import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
 import { assertProcessExists, cpuClock, readProcessRecord } from './procfs.js';
-import { nonDefaultSignals, readProcessState } from './process-state.js';
+import { readProcessState, withSocketOptions } from './process-state.js';
 import { setStorePriority, type StorePriority } from '../store/priority.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner } from './regions.js';
@@ -179,6 +179,8 @@ export async function snapshotProcess(
   } catch (error) {
     throw fromNative(error, `pidfd_open(${pid})`);
   }
+  // Socket options (a restore sets them again): through a copy of each socket's fd, before the pause.
+  if (state !== undefined) state = { ...state, fds: withSocketOptions(state.fds, (fd) => binding.socketOptions(pidfd, fd)) };
   const attacher: Attacher = (options.attacher ?? ptraceAttacher)(binding, pid, pidfd);
   let writer: SnapshotSink | undefined;
   let paused: PauseOutcome | undefined;
@@ -249,7 +251,7 @@ export async function snapshotProcess(
       pre = adopted.protection;
       unwrittenSoFar = adopted.unwrittenSoFar;
     } else if (options.preProtect ?? true) {
-      pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis });
+      pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis, forRestore: state !== undefined });
     }
     let atInstant: TrackLog | undefined;
     // Ready before the pause: in it, only the final log's few ranges are taken away (natively).
@@ -257,7 +259,7 @@ export async function snapshotProcess(
     faultPoint('before-freeze');
     const maxSharedCopyBytes = options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY;
     // Read now, so that the pause only injects for the signals that have a disposition of their own.
-    const forRestore = state === undefined ? undefined : { signals: nonDefaultSignals(pid), fds: state.fds, pidfd };
+    const forRestore = state === undefined ? undefined : { fds: state.fds, pidfd, ...(pre?.forRestore === undefined ? {} : { early: pre.forRestore }) };
     paused = pause(binding, {
       pid,
       attacher,

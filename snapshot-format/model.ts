@@ -194,6 +194,8 @@ export interface SocketState {
   local: string;
   /** inet, inet6: the peer, when it has one (a port other than 0). */
   remote?: string;
+  /** Options a restore sets again (getsockopt through a copy of the fd, just before the pause): 1 on, 0 off. Absent: not read. */
+  options?: { reuseAddr: boolean; reusePort: boolean; keepAlive: boolean; v6Only?: boolean; noDelay?: boolean };
 }
 
 /** One line of /proc/PID/limits. Values are decimal strings (up to 2^64-2); null is "unlimited". */

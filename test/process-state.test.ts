@@ -163,10 +163,12 @@ describe('a snapshot records the process state a restore will need', () => {
   });
 
   it('the sockets: the unix one listening on "sock", the TCP one on 127.0.0.1 and its port', () => {
-    expect(fd(fds.socket).socket).toEqual({ family: 'unix', type: 'stream', state: 'listen', local: 'sock' });
+    // Options read through a copy of the fd (fdstate sets none): a restore sets them again.
+    const off = { reuseAddr: false, reusePort: false, keepAlive: false };
+    expect(fd(fds.socket).socket).toEqual({ family: 'unix', type: 'stream', state: 'listen', local: 'sock', options: off });
     const port = fixture.ready['tcp_port'] as number;
     expect(port).toBeGreaterThan(0);
-    expect(fd(fds.tcp).socket).toEqual({ family: 'inet', type: 'stream', state: 'listen', local: `127.0.0.1:${port}` });
+    expect(fd(fds.tcp).socket).toEqual({ family: 'inet', type: 'stream', state: 'listen', local: `127.0.0.1:${port}`, options: { ...off, noDelay: false } });
   });
 
   it('cwd, root, umask 027, RLIMIT_NOFILE soft 512, credentials, personality', () => {

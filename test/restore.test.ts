@@ -96,6 +96,7 @@ function expectFaithfulReport(report: Record<string, unknown>, pid: number, work
     nofile: 512,
     cwd: work,
     reset: 'ECONNRESET',
+    nodelay: 1, // a socket option recorded at T and set again
     bad: 0,
     joined: true,
   });

@@ -91,7 +91,7 @@ describe('the pause of a snapshot that never completed', () => {
       const [snap] = listed.snapshots;
       expect(snap).toMatchObject({ state: 'incomplete', stats: null });
       expect(snap!.pauseMicros).toBeGreaterThan(0);
-      expect(Object.keys(snap!.pauseBreakdownMicros).sort()).toEqual(['copy', 'engine', 'freeze', 'inject', 'plan', 'protect', 'thaw']);
+      expect(Object.keys(snap!.pauseBreakdownMicros).sort()).toEqual(['copy', 'engine', 'freeze', 'inject', 'plan', 'protect', 'restoreState', 'thaw']);
 
       const table = (await runCli(['ls', '--store', store])).stdout.split('\n');
       expect(table[0]).toMatch(/PAUSE/);

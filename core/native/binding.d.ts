@@ -174,6 +174,11 @@ export interface NativeBinding extends LazyServerBinding {
    * the end (pidfd_getfd) tee'd into a pipe of this process (pipe_peek.c).
    */
   peekPipe(pidfd: number, fd: number): Buffer;
+  /**
+   * The options of the target's socket at `fd` a restore sets again (getsockopt on a copy taken with
+   * pidfd_getfd): 1 or 0 each, -1 when the kernel would not say; v6Only for inet6, noDelay for TCP.
+   */
+  socketOptions(pidfd: number, fd: number): { reuseAddr: number; reusePort: number; keepAlive: number; v6Only?: number; noDelay?: number };
   readonly constants: NativeConstants;
   /** ioctl(UFFDIO_API): enable features on a new context. */
   uffdApi(fd: number, features: bigint): UffdApiResult;

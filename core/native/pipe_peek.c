@@ -1,4 +1,7 @@
-/* peekPipe: the bytes a target's pipe holds, read without taking them (a
+/* socketOptions: the options of a target's socket a restore sets again (a
+ * copy of the fd taken with pidfd_getfd, getsockopt on it, closed).
+ *
+ * peekPipe: the bytes a target's pipe holds, read without taking them (a
  * snapshot records a self-pipe's content for a restore, during the pause):
  * a copy of the target's read end (pidfd_getfd), tee(2) into a pipe of our
  * own (tee duplicates, it does not consume), read from ours. */
@@ -8,7 +11,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 static napi_value js_peek_pipe(napi_env env, napi_callback_info info) {
@@ -56,8 +62,36 @@ static napi_value js_peek_pipe(napi_env env, napi_callback_info info) {
   return out;
 }
 
+static int int_option(int fd, int level, int name) {
+  int value = 0;
+  socklen_t len = sizeof value;
+  return getsockopt(fd, level, name, &value, &len) == 0 ? value : -1;
+}
+
+static napi_value js_socket_options(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t pidfd, target_fd;
+  if (argc < 2 || !arg_int32(env, argv[0], &pidfd) || !arg_int32(env, argv[1], &target_fd)) return throw_type(env, "socketOptions(pidfd, fd)");
+  int fd = pidfd_getfd_call(pidfd, target_fd);
+  if (fd < 0) return throw_errno(env, errno, "pidfd_getfd", "pidfd_getfd(fd %d)", target_fd);
+  int domain = int_option(fd, SOL_SOCKET, SO_DOMAIN);
+  int type = int_option(fd, SOL_SOCKET, SO_TYPE);
+  napi_value out;
+  napi_create_object(env, &out);
+  set_prop(env, out, "reuseAddr", make_int(env, int_option(fd, SOL_SOCKET, SO_REUSEADDR)));
+  set_prop(env, out, "reusePort", make_int(env, int_option(fd, SOL_SOCKET, SO_REUSEPORT)));
+  set_prop(env, out, "keepAlive", make_int(env, int_option(fd, SOL_SOCKET, SO_KEEPALIVE)));
+  if (domain == AF_INET6) set_prop(env, out, "v6Only", make_int(env, int_option(fd, IPPROTO_IPV6, IPV6_V6ONLY)));
+  if ((domain == AF_INET || domain == AF_INET6) && type == SOCK_STREAM) set_prop(env, out, "noDelay", make_int(env, int_option(fd, IPPROTO_TCP, TCP_NODELAY)));
+  close(fd);
+  return out;
+}
+
 void register_pipe_peek_exports(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
+      {"socketOptions", NULL, js_socket_options, NULL, NULL, NULL, napi_default_jsproperty, NULL},
       {"peekPipe", NULL, js_peek_pipe, NULL, NULL, NULL, napi_default_jsproperty, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -60,6 +60,7 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <linux/sched.h>
 #include <unistd.h>
@@ -296,7 +297,8 @@ static void remove_stale_unix(const struct sockaddr_un *a, socklen_t len) {
   close(probe);
 }
 
-/* socket FD FLAGS FAMILY TYPE LISTEN(0|1) HEXADDR OPTIONS: bound (and listening) at its address of T. */
+/* socket FD FLAGS FAMILY TYPE LISTEN(0|1) HEXADDR OPTIONS: bound (and listening) at its address of T;
+ * OPTIONS bits: 1 SO_REUSEADDR, 2 SO_REUSEPORT, 4 IPV6_V6ONLY, 8 SO_KEEPALIVE, 16 TCP_NODELAY. */
 static void make_socket(char **w, int n) {
   if (n != 8) fail("bad socket line");
   int want = (int)num(w[1]);
@@ -313,6 +315,8 @@ static void make_socket(char **w, int n) {
   if ((options & 1) && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0) fail("fd %d: SO_REUSEADDR: %s", want, strerror(errno));
   if ((options & 2) && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0) fail("fd %d: SO_REUSEPORT: %s", want, strerror(errno));
   if ((options & 4) && family == AF_INET6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) != 0) fail("fd %d: IPV6_V6ONLY: %s", want, strerror(errno));
+  if ((options & 8) && setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0) fail("fd %d: SO_KEEPALIVE: %s", want, strerror(errno));
+  if ((options & 16) && type == SOCK_STREAM && family != AF_UNIX && setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0) fail("fd %d: TCP_NODELAY: %s", want, strerror(errno));
   union {
     struct sockaddr_un un;
     struct sockaddr_in in;
