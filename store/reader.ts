@@ -39,8 +39,10 @@ export class PageReader {
     this.rowsOfProcess = db
       .prepare('SELECT first_address, last_address, count, entries FROM page_index WHERE process_id = ? ORDER BY first_address')
       .safeIntegers(true);
+    // The span index (schema 8) answers from the index alone; SQLite would pick the address index and read every row.
+    const spanIndex = db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'index' AND name = 'page_index_span'").get() !== undefined;
     this.rowsAcross = db
-      .prepare('SELECT id, first_address, last_address, count, entries FROM page_index WHERE process_id = ? AND first_address < ? AND last_address >= ?')
+      .prepare(`SELECT id, first_address, last_address, count, entries FROM page_index ${spanIndex ? 'INDEXED BY page_index_span ' : ''}WHERE process_id = ? AND first_address < ? AND last_address >= ?`)
       .safeIntegers(true);
     const generations = db.prepare("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'generation_pages'").get() !== undefined;
     // What a cached index depends on, in one query per process read: its own rows and (schema 4) its parent's process.

@@ -232,11 +232,21 @@ function migrateTo7(db: Database.Database): void {
 }
 
 /**
+ * Version 8: an index on each page_index row's span (process_id,
+ * first_address, last_address): the rows that cross a range are found in the
+ * index alone, without reading every row of the process (a lazy restore reads
+ * a few pages before the process runs; the table scan took 28 ms at 1 GiB).
+ */
+function migrateTo8(db: Database.Database): void {
+  db.exec('CREATE INDEX page_index_span ON page_index (process_id, first_address, last_address);');
+}
+
+/**
  * MIGRATIONS[i] turns a version-i store into version i + 1; version 0 is an
  * empty database. To change the schema, append a function here: never edit
  * one that has shipped.
  */
-export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4, migrateTo5, migrateTo6, migrateTo7];
+export const MIGRATIONS: readonly Migration[] = [migrateTo1, migrateTo2, migrateTo3, migrateTo4, migrateTo5, migrateTo6, migrateTo7, migrateTo8];
 
 /**
  * The oldest version a read-only open reads without upgrading, where no

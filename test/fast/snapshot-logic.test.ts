@@ -103,7 +103,7 @@ describe('a snapshot through a scripted kernel', () => {
     const expected = regions.reduce((sum, g) => sum + Math.min(3, Number((g.end - g.start) / 4096n)), 0);
     expect(r.pagesSaved).toBe(expected);
     expect(kernel.calls.released).toHaveLength(regions.length);
-    expect(Object.keys(r.pauseBreakdownMicros).sort()).toEqual(['copy', 'engine', 'freeze', 'inject', 'plan', 'protect', 'thaw']);
+    expect(Object.keys(r.pauseBreakdownMicros).sort()).toEqual(['copy', 'engine', 'freeze', 'inject', 'plan', 'protect', 'restoreState', 'thaw']);
     // The userfaultfd is closed once every page is saved.
     expect(kernel.calls.closed).toContain(FAKE_UFFD);
   });
