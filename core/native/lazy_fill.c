@@ -5,6 +5,7 @@
 #include "napi_util.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -92,39 +93,32 @@ static int fill(lz_server_t *s, uint64_t t, const uint8_t *data, uint64_t len, u
   return result;
 }
 
-napi_value lz_js_fill(napi_env env, napi_callback_info info) {
+/* lazyServerFill (data: a Buffer of whole pages) and lazyServerZero (a length): the same path, zero without data. */
+static napi_value fill_or_zero(napi_env env, napi_callback_info info, bool zero) {
+  const char *name = zero ? "lazyServerZero" : "lazyServerFill";
   size_t argc = 3;
   napi_value argv[3];
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   lz_server_t *s = argc >= 3 ? lz_get_server(env, argv[0]) : NULL;
-  uint64_t t;
-  void *data;
-  size_t len;
-  if (s == NULL || !arg_uint64(env, argv[1], &t) || !arg_buffer(env, argv[2], &data, &len) || t % LZ_PAGE || len % LZ_PAGE)
-    return throw_type(env, "lazyServerFill(handle, tAddress: page-aligned bigint, data: Buffer of whole pages)");
-  if (!s->started) return throw_errno(env, EBADF, "lazyServerFill", "lazyServerFill: the server has ended (finish or stop)");
+  uint64_t t, len = 0;
+  void *data = NULL;
+  size_t data_len = 0;
+  bool ok = s != NULL && arg_uint64(env, argv[1], &t) && (zero ? arg_uint64(env, argv[2], &len) : arg_buffer(env, argv[2], &data, &data_len));
+  if (!zero) len = data_len;
+  if (!ok || t % LZ_PAGE || len % LZ_PAGE)
+    return throw_type(env, zero ? "lazyServerZero(handle, tAddress: page-aligned bigint, length: whole pages)"
+                                : "lazyServerFill(handle, tAddress: page-aligned bigint, data: Buffer of whole pages)");
+  if (!s->started) return throw_errno(env, EBADF, name, "%s: the server has ended (finish or stop)", name);
   uint64_t filled = 0, where = 0;
   const char *what = NULL;
-  int err = len ? fill(s, t, data, len, &filled, &what, &where) : 0;
+  int err = len ? fill(s, t, zero ? NULL : data, len, &filled, &what, &where) : 0;
   if (err != 0) return throw_errno(env, err, "ioctl", "%s at 0x%llx", what, (unsigned long long)where);
   return make_int(env, (int64_t)filled);
 }
 
-napi_value lz_js_zero(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  lz_server_t *s = argc >= 3 ? lz_get_server(env, argv[0]) : NULL;
-  uint64_t t, len;
-  if (s == NULL || !arg_uint64(env, argv[1], &t) || !arg_uint64(env, argv[2], &len) || t % LZ_PAGE || len % LZ_PAGE)
-    return throw_type(env, "lazyServerZero(handle, tAddress: page-aligned bigint, length: whole pages)");
-  if (!s->started) return throw_errno(env, EBADF, "lazyServerZero", "lazyServerZero: the server has ended (finish or stop)");
-  uint64_t filled = 0, where = 0;
-  const char *what = NULL;
-  int err = len ? fill(s, t, NULL, len, &filled, &what, &where) : 0;
-  if (err != 0) return throw_errno(env, err, "ioctl", "%s at 0x%llx", what, (unsigned long long)where);
-  return make_int(env, (int64_t)filled);
-}
+napi_value lz_js_fill(napi_env env, napi_callback_info info) { return fill_or_zero(env, info, false); }
+
+napi_value lz_js_zero(napi_env env, napi_callback_info info) { return fill_or_zero(env, info, true); }
 
 napi_value lz_js_pending(napi_env env, napi_callback_info info) {
   size_t argc = 3;

@@ -17,14 +17,25 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-static napi_value js_peek_pipe(napi_env env, napi_callback_info info) {
+/* The (pidfd, fd) arguments: a copy of the target's fd in this process, or -1 with a JS exception pending. */
+static int target_fd_copy(napi_env env, napi_callback_info info, const char *usage, int32_t *target_fd) {
   size_t argc = 2;
   napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  int32_t pidfd, target_fd;
-  if (argc < 2 || !arg_int32(env, argv[0], &pidfd) || !arg_int32(env, argv[1], &target_fd)) return throw_type(env, "peekPipe(pidfd, fd)");
-  int fd = pidfd_getfd_call(pidfd, target_fd);
-  if (fd < 0) return throw_errno(env, errno, "pidfd_getfd", "pidfd_getfd(fd %d)", target_fd);
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return -1;
+  int32_t pidfd;
+  if (argc < 2 || !arg_int32(env, argv[0], &pidfd) || !arg_int32(env, argv[1], target_fd)) {
+    throw_type(env, usage);
+    return -1;
+  }
+  int fd = pidfd_getfd_call(pidfd, *target_fd);
+  if (fd < 0) throw_errno(env, errno, "pidfd_getfd", "pidfd_getfd(fd %d)", *target_fd);
+  return fd;
+}
+
+static napi_value js_peek_pipe(napi_env env, napi_callback_info info) {
+  int32_t target_fd;
+  int fd = target_fd_copy(env, info, "peekPipe(pidfd, fd)", &target_fd);
+  if (fd < 0) return NULL;
   int held = 0;
   if (ioctl(fd, FIONREAD, &held) != 0) {
     int err = errno;
@@ -69,13 +80,9 @@ static int int_option(int fd, int level, int name) {
 }
 
 static napi_value js_socket_options(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  int32_t pidfd, target_fd;
-  if (argc < 2 || !arg_int32(env, argv[0], &pidfd) || !arg_int32(env, argv[1], &target_fd)) return throw_type(env, "socketOptions(pidfd, fd)");
-  int fd = pidfd_getfd_call(pidfd, target_fd);
-  if (fd < 0) return throw_errno(env, errno, "pidfd_getfd", "pidfd_getfd(fd %d)", target_fd);
+  int32_t target_fd;
+  int fd = target_fd_copy(env, info, "socketOptions(pidfd, fd)", &target_fd);
+  if (fd < 0) return NULL;
   int domain = int_option(fd, SOL_SOCKET, SO_DOMAIN);
   int type = int_option(fd, SOL_SOCKET, SO_TYPE);
   napi_value out;
