@@ -90,7 +90,17 @@ export function clearAndMoveSpecials(b: Builder, regions: RegionRecord[]): void 
   if (vdso === undefined) throw new WpsnapError('RESTORE_FAILED', 'the restorer has no [vdso] to inject from');
   const insnOffset = findSyscallInstruction(b.binding, b.pid) - vdso.start;
   b.insn = vdso.start + insnOffset;
-  for (const m of own) if (!SPECIAL_REGIONS.has(m.path)) call(b, SYSCALL.munmap, [m.start, m.end - m.start], `munmap(${formatAddress(m.start)})`);
+  // Everything below and above the special mappings in two calls (the restorer's text, data, heap, stack);
+  // a mapping between them (none in practice) on its own.
+  const specials = own.filter((m) => SPECIAL_REGIONS.has(m.path) && m.path !== '[vsyscall]');
+  const low = specials.reduce((x, m) => (m.start < x ? m.start : x), vdso.start);
+  const high = specials.reduce((x, m) => (m.end > x ? m.end : x), vdso.end);
+  const userTop = 0x7ffffffff000n;
+  if (low > 0x10000n) call(b, SYSCALL.munmap, [0x10000n, low - 0x10000n], 'munmap(below the vDSO)');
+  if (high < userTop) call(b, SYSCALL.munmap, [high, userTop - high], 'munmap(above the vDSO)');
+  for (const m of own) {
+    if (!SPECIAL_REGIONS.has(m.path) && m.start >= low && m.end <= high) call(b, SYSCALL.munmap, [m.start, m.end - m.start], `munmap(${formatAddress(m.start)})`);
+  }
   // T's special mappings, where they are now: moved through a free place first if their targets overlap.
   const moves = own
     .filter((m) => SPECIAL_REGIONS.has(m.path) && m.path !== '[vsyscall]')
@@ -125,7 +135,8 @@ export function isAnonymousPrivate(r: RegionRecord): boolean {
 export function mapRegions(b: Builder, plan: RestorePlan): void {
   const memfds = new Map<number, number>(); // inode -> fd in the process (re-created at its number, or made here)
   for (const f of plan.state.fds) if (f.kind === 'memfd' && plan.fds.some((x) => x.fd === f.fd && x.restored)) memfds.set(f.ino, f.fd);
-  const made: number[] = [];
+  const made: number[] = []; // fds opened here, closed once everything is mapped
+  const opened = new Map<string, number>();
   try {
     for (const r of plan.regions) {
       if (SPECIAL_REGIONS.has(r.path)) continue;
@@ -154,13 +165,15 @@ export function mapRegions(b: Builder, plan: RestorePlan): void {
       } else if (shared && (r.path === '' || r.path.startsWith('/dev/zero'))) {
         at = call(b, SYSCALL.mmap, [r.start, len, prot, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0], where);
       } else {
+        // A file is opened once for all its mappings (a library has four or five): fewer injected calls.
         const path = r.file?.path ?? r.path;
-        const fd = openIn(b, path, O_RDONLY);
-        try {
-          at = call(b, SYSCALL.mmap, [r.start, len, prot, (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED_NOREPLACE, fd, r.offset], where);
-        } finally {
-          call(b, SYSCALL.close, [fd], `close(${fd})`);
+        let fd = opened.get(path);
+        if (fd === undefined) {
+          fd = openIn(b, path, O_RDONLY);
+          opened.set(path, fd);
+          made.push(fd);
         }
+        at = call(b, SYSCALL.mmap, [r.start, len, prot, (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_FIXED_NOREPLACE, fd, r.offset], where);
       }
       if (at !== r.start) throw new WpsnapError('RESTORE_FAILED', `${where} mapped at ${formatAddress(at)}`);
     }
