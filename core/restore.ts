@@ -210,6 +210,7 @@ export async function buildProcess(binding: NativeBinding, store: Store, plan: R
   let pid = 0;
   let frozen: Frozen | undefined;
   let thawed = false;
+  let uffdTaken = -1;
   try {
     await control.sendNow([`ns ${nsPid}`, ...plan.lines, 'go', ''].join('\n'));
     // Lazy: what is written before the process runs is read now, while the restorer makes the process and its
@@ -238,9 +239,10 @@ export async function buildProcess(binding: NativeBinding, store: Store, plan: R
     threads.perThreadState();
     let lazyPart: BuiltProcess['lazy'];
     if (lazy) {
-      // Missing pages of anonymous private memory the snapshot stored: served on first touch once it runs.
+      // Readable anonymous private memory: its pages missing, served on first touch once it runs.
       const regions = plan.regions.filter(isLazy);
       const uffd = await takeUserfaultfd(b, control);
+      uffdTaken = uffd;
       lazyPart = { uffd, regions };
       binding.lazyUffdApi(uffd);
       for (const r of regions) binding.uffdRegister(uffd, r.start, r.end - r.start, UFFDIO_REGISTER_MODE_MISSING);
@@ -269,6 +271,7 @@ export async function buildProcess(binding: NativeBinding, store: Store, plan: R
         // the tracer ends with the process
       }
     }
+    if (uffdTaken >= 0) binding.closeFd(uffdTaken);
     control.end();
     child.kill('SIGKILL');
     throw error instanceof WpsnapError ? error : fromNative(error, 'restore');
