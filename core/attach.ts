@@ -228,11 +228,22 @@ function openViaDevice(binding: NativeBinding, pid: number, frozen: Frozen, insn
 export function openInTarget(binding: NativeBinding, pid: number, frozen: Frozen, insn: bigint, path: string, flags: number): number {
   const bytes = Buffer.from(path + '\0');
   if (bytes.length > 4096) throw new WpsnapError('ENAMETOOLONG', `path too long to open in pid ${pid}: ${path.slice(0, 80)}…`);
-  const scratch = (binding.injectionThreadRsp(frozen.handle) - RED_ZONE - BigInt(bytes.length) - 512n) & ~15n;
-  const saved = binding.processVmRead(pid, scratch, bytes.length);
-  binding.processVmWrite(pid, scratch, bytes);
-  try {
+  return belowRedZone(binding, pid, binding.injectionThreadRsp(frozen.handle), bytes.length, 512n, (scratch) => {
+    binding.processVmWrite(pid, scratch, bytes);
     return inject(binding, frozen, insn, SYS_openat, [AT_FDCWD, scratch, flags], `openat(${path})`);
+  });
+}
+
+/**
+ * Run `use` with `bytes` bytes of a stopped thread's stack below its red zone
+ * (and `margin` more), 16-byte aligned, as scratch memory for an injected
+ * call; the bytes there are put back afterwards, whatever happens.
+ */
+function belowRedZone<T>(binding: NativeBinding, pid: number, rsp: bigint, bytes: number, margin: bigint, use: (scratch: bigint) => T): T {
+  const scratch = (rsp - RED_ZONE - BigInt(bytes) - margin) & ~15n;
+  const saved = binding.processVmRead(pid, scratch, bytes);
+  try {
+    return use(scratch);
   } finally {
     binding.processVmWrite(pid, scratch, saved);
   }
@@ -249,9 +260,7 @@ const SIGACTION_BYTES = 32;
 export function readSignalActions(binding: NativeBinding, pid: number, frozen: Frozen, insn: bigint, signals: number[]): SignalAction[] {
   if (signals.length === 0) return [];
   const bytes = SIGACTION_BYTES * signals.length;
-  const scratch = (binding.injectionThreadRsp(frozen.handle) - RED_ZONE - BigInt(bytes) - 512n) & ~15n;
-  const saved = binding.processVmRead(pid, scratch, bytes);
-  try {
+  return belowRedZone(binding, pid, binding.injectionThreadRsp(frozen.handle), bytes, 512n, (scratch) => {
     signals.forEach((signal, i) => {
       const result = inject(binding, frozen, insn, SYSCALL.rt_sigaction, [signal, 0, scratch + BigInt(i * SIGACTION_BYTES), 8], `rt_sigaction(${signal})`);
       if (result < 0) throw injectedFailure(`rt_sigaction(${signal})`, result);
@@ -262,9 +271,7 @@ export function readSignalActions(binding: NativeBinding, pid: number, frozen: F
       const field = (k: number): string => read.readBigUInt64LE(at + 8 * k).toString();
       return { signal, handler: field(0), flags: field(1), restorer: field(2), mask: field(3) };
     });
-  } finally {
-    binding.processVmWrite(pid, scratch, saved);
-  }
+  });
 }
 
 /** Offset of rsp in struct user_regs_struct (x86_64). */
@@ -283,16 +290,14 @@ export function readTidAddresses(binding: NativeBinding, pid: number, frozen: Fr
   for (const tid of tids) {
     const t = byTid.get(tid);
     if (t === undefined) continue;
-    const scratch = (t.regs.readBigUInt64LE(RSP_OFFSET) - RED_ZONE - 64n) & ~15n;
-    const saved = binding.processVmRead(pid, scratch, 8);
-    try {
-      const raw = BigInt.asIntN(64, binding.injectSyscallInThread(frozen.handle, tid, insn, SYSCALL.prctl, [PR_GET_TID_ADDRESS, scratch, 0, 0, 0]));
-      if (raw === 0n) out.set(tid, binding.processVmRead(pid, scratch, 8).readBigUInt64LE(0));
-    } catch {
-      // a thread that cannot run it: left out
-    } finally {
-      binding.processVmWrite(pid, scratch, saved);
-    }
+    belowRedZone(binding, pid, t.regs.readBigUInt64LE(RSP_OFFSET), 8, 56n, (scratch) => {
+      try {
+        const raw = BigInt.asIntN(64, binding.injectSyscallInThread(frozen.handle, tid, insn, SYSCALL.prctl, [PR_GET_TID_ADDRESS, scratch, 0, 0, 0]));
+        if (raw === 0n) out.set(tid, binding.processVmRead(pid, scratch, 8).readBigUInt64LE(0));
+      } catch {
+        // a thread that cannot run it: left out
+      }
+    });
   }
   return out;
 }

@@ -174,6 +174,11 @@ function fdDetails(kind: FdKind, target: string, info: string, sockets: SocketLo
   }
 }
 
+/** A field of /proc/PID/fdinfo/N ("pos:", "flags:", …): its first word, or undefined. */
+function fdinfoField(info: string, key: string): string | undefined {
+  return new RegExp(`^${key}:\\s*(\\S+)`, 'm').exec(info)?.[1];
+}
+
 /** One fd of /proc/PID/fd; undefined when it closed (or was replaced) while being read. */
 function readFd(pid: number, fd: number, sockets: SocketLookup): FdRecord | undefined {
   // An fd closed and reopened between the reads shows another inode in fdinfo than in the stat: read again.
@@ -189,7 +194,7 @@ function readFd(pid: number, fd: number, sockets: SocketLookup): FdRecord | unde
       if (fdGone(error)) return undefined;
       throw new WpsnapError(externalCode((error as NodeJS.ErrnoException).code, 'EIO'), `read fd ${fd} of process ${pid}: ${(error as Error).message}`);
     }
-    const field = (key: string): string | undefined => new RegExp(`^${key}:\\s*(\\S+)`, 'm').exec(info)?.[1];
+    const field = (key: string): string | undefined => fdinfoField(info, key);
     const ino = field('ino');
     if (ino !== undefined && BigInt(ino) !== st.ino) continue;
     const mode = Number(st.mode);
@@ -301,10 +306,6 @@ export function nonDefaultSignalSets(pid: number): { sets: string; signals: numb
   return { sets: `${hex('SigIgn')}/${hex('SigCgt')}`, signals };
 }
 
-export function nonDefaultSignals(pid: number): number[] {
-  return nonDefaultSignalSets(pid).signals;
-}
-
 /** The read end of every pipe both ends of which the process holds (a self-pipe): its bytes are read in the pause. */
 export function selfPipeReadEnds(fds: FdRecord[]): number[] {
   const O_ACCMODE = 3;
@@ -353,7 +354,7 @@ export function refreshFds(pid: number, before: FdRecord[]): FdRecord[] {
     if (old.kind === 'file' || old.kind === 'directory' || old.kind === 'device') {
       try {
         const info = readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8');
-        const field = (key: string): string | undefined => new RegExp(`^${key}:\\s*(\\S+)`, 'm').exec(info)?.[1];
+        const field = (key: string): string | undefined => fdinfoField(info, key);
         out.push({ ...old, pos: BigInt(field('pos') ?? old.pos).toString(), flags: parseInt(field('flags') ?? old.flags.toString(8), 8) });
       } catch {
         // closed meanwhile
