@@ -132,29 +132,36 @@ export interface PreProtectInputs {
 }
 
 /**
+ * The signal dispositions, while the target is stopped at the attach (calls
+ * run inside it); what cannot be read is left to the pause.
+ */
+function readEarlySignals(pid: number, stopped: StoppedTarget): Pick<EarlyRestoreState, 'signalSets' | 'signals'> {
+  const { sets, signals } = nonDefaultSignalSets(pid);
+  try {
+    const actions = stopped.readSignalActions?.(signals);
+    return { signalSets: sets, ...(actions === undefined ? {} : { signals: actions }) };
+  } catch {
+    return { signalSets: sets }; // read again in the pause
+  }
+}
+
+/** Each thread's clear_child_tid, read in the attach stop, from the thread records: taken after the resume. */
+function earlyTidAddresses(stopped: StoppedTarget): Map<number, bigint> {
+  const tidAddresses = new Map<number, bigint>();
+  for (const t of stopped.threads) if (t.clearChildTid !== undefined) tidAddresses.set(t.tid, t.clearChildTid);
+  return tidAddresses;
+}
+
+/**
  * Steps 1–3. On failure the userfaultfd is closed (which drops every
  * registration and protection) and the target runs on.
  */
-/** Signal dispositions and clear_child_tids at the attach stop; what cannot be read is left to the pause. */
-function readEarly(pid: number, stopped: StoppedTarget): EarlyRestoreState {
-  const { sets, signals } = nonDefaultSignalSets(pid);
-  let actions: SignalAction[] | undefined;
-  try {
-    actions = stopped.readSignalActions?.(signals);
-  } catch {
-    actions = undefined; // read again in the pause
-  }
-  const tidAddresses = new Map<number, bigint>();
-  for (const t of stopped.threads) if (t.clearChildTid !== undefined) tidAddresses.set(t.tid, t.clearChildTid);
-  return { signalSets: sets, ...(actions === undefined ? {} : { signals: actions }), tidAddresses };
-}
-
 export async function preProtect(binding: NativeBinding, inputs: PreProtectInputs): Promise<PreProtection> {
   const { pid, attacher, session } = inputs;
   const { lap, total } = stopwatch();
   const stopped = attacher.stop({ tidAddresses: inputs.forRestore === true });
   const attachBreakdownMicros = { freeze: lap(), inject: 0, thaw: 0 };
-  let forRestore: EarlyRestoreState | undefined;
+  let earlySignals: Pick<EarlyRestoreState, 'signalSets' | 'signals'> | undefined;
   let uffd = -1;
   let method: UffdMethod;
   try {
@@ -168,11 +175,13 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
     stopped.resume();
     throw fromNative(error, 'obtain the target userfaultfd');
   }
-  if (inputs.forRestore === true) forRestore = readEarly(pid, stopped);
+  if (inputs.forRestore === true) earlySignals = readEarlySignals(pid, stopped);
   attachBreakdownMicros.inject = lap();
   stopped.resume();
   attachBreakdownMicros.thaw = lap();
   const attachStopMicros = total();
+  // The thread records (with their clear_child_tid) come with the thaw's reply, not during the stop.
+  const forRestore: EarlyRestoreState | undefined = earlySignals === undefined ? undefined : { ...earlySignals, tidAddresses: earlyTidAddresses(stopped) };
   attacher.rearm();
   try {
     const covered: Intervals = [];
