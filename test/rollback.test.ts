@@ -367,6 +367,8 @@ describe('wpsnap rollback', () => {
     expect(Object.values(tracerPids(w.fixture.pid)).every((t) => t === 0)).toBe(true);
     const status = await waitForStatus(w.fixture.pid);
     expect(status).toEqual([]);
+    // The keeper's socket goes before the keeper does; the kernel clears the protection once its last fd closes.
+    for (let waited = 0; uffdWpPages(w.fixture.pid, w.anon, 64) !== 0 && waited < 3000; waited += 50) await new Promise((resolve) => setTimeout(resolve, 50));
     expect(uffdWpPages(w.fixture.pid, w.anon, 64)).toBe(0);
     // Running: its next command is answered, and its write lands.
     expect(await w.send('write anon 9')).toMatchObject({ ok: true });
