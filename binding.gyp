@@ -30,7 +30,9 @@
         "core/native/pipe_peek.c",
         "core/native/lazy_server.c",
         "core/native/lazy_state.c",
-        "core/native/lazy_fill.c"
+        "core/native/lazy_fill.c",
+        "core/native/agent_socket.c",
+        "core/native/engine_group.c"
       ],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE", "-fvisibility=hidden"],
       "defines": ["NAPI_VERSION=8"],
@@ -61,6 +63,14 @@
       "sources": ["core/native/restorer_main.c"],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_GNU_SOURCE"],
       "ldflags": ["-static"]
+    },
+    {
+      "target_name": "wpsnap_agent",
+      "product_name": "libwpsnap-agent",
+      "type": "shared_library",
+      "sources": ["agent/wpsnap_agent.c"],
+      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-D_FORTIFY_SOURCE=2", "-D_GNU_SOURCE", "-fPIC", "-pthread"],
+      "ldflags": ["-pthread"]
     }
   ]
 }

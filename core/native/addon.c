@@ -14,6 +14,8 @@ static napi_value init(napi_env env, napi_value exports) {
   register_memory_runs_exports(env, exports);
   register_pipe_peek_exports(env, exports);
   register_lazy_server_exports(env, exports);
+  register_agent_socket_exports(env, exports);
+  register_engine_group_exports(env, exports);
   return exports;
 }
 

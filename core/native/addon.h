@@ -41,5 +41,7 @@ void register_constants_exports(napi_env env, napi_value exports);
 void register_memory_runs_exports(napi_env env, napi_value exports);
 void register_pipe_peek_exports(napi_env env, napi_value exports);
 void register_lazy_server_exports(napi_env env, napi_value exports);
+void register_agent_socket_exports(napi_env env, napi_value exports);
+void register_engine_group_exports(napi_env env, napi_value exports);
 
 #endif

@@ -1,0 +1,1 @@
+/* The cooperative agent (placeholder until the agent lands). */
