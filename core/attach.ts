@@ -18,7 +18,8 @@ const RED_ZONE = 128n;
 const EPERM = 1;
 
 /** How the userfaultfd was created inside the target. */
-export type UffdMethod = 'syscall' | 'dev-userfaultfd';
+/** How the userfaultfd was obtained: injected userfaultfd(2), injected open of /dev/userfaultfd, or passed by a cooperative agent (SCM_RIGHTS). */
+export type UffdMethod = 'syscall' | 'dev-userfaultfd' | 'agent';
 
 export interface Frozen {
   readonly handle: NativeHandle;

@@ -1,5 +1,6 @@
 // Types of every export of the native addon (build/Release/wpsnap_native.node).
 import type { RegionKind } from '../constants.js';
+import type { AgentSocketBinding } from './agent-binding.js';
 import type { LazyServerBinding } from './lazy-binding.js';
 
 // Each throws an Error with `code` (errno name), `errno` and `syscall` on failure.
@@ -168,7 +169,7 @@ export interface NativeConstants {
   readonly faultPoints: readonly string[];
 }
 
-export interface NativeBinding extends LazyServerBinding {
+export interface NativeBinding extends LazyServerBinding, AgentSocketBinding {
   /**
    * The bytes the target's pipe (read end at `fd`) holds, read without taking them: a copy of
    * the end (pidfd_getfd) tee'd into a pipe of this process (pipe_peek.c).
