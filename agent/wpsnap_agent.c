@@ -1,1 +1,553 @@
-/* The cooperative agent (placeholder until the agent lands). */
+/* The cooperative agent (protocol: snapshot-format/AGENT-PROTOCOL.md).
+ *
+ * One service thread connects to the controller's socket and serves it. On
+ * FREEZE it holds every other thread of the process in a signal handler that
+ * records the thread's registers from its ucontext and waits on a futex, then
+ * passes a fresh userfaultfd and the registers to the controller and closes
+ * its own copy of the fd. THAW (or the connection's end) opens the futex.
+ *
+ * While threads are held the service thread uses no lock the held threads
+ * might hold: no malloc, no stdio, no opendir (mmap and raw syscalls only). */
+#include "wpsnap_agent.h"
+
+#include <cpuid.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#define RETRY_NS (200 * 1000000L)
+#define DEFAULT_FREEZE_MS 2000u
+#define MAX_THREADS 1024
+#define ARCH_GET_FS_ 0x1003
+#define ARCH_GET_GS_ 0x1004
+
+/* One held thread's record, written by its own signal handler. */
+typedef struct {
+  pid_t tid;
+  _Atomic int held;
+  bool self; /* the service thread: records and returns at once */
+  uint32_t xstate_len;
+  uint64_t sigmask;
+  uint64_t regs[27];
+  uint8_t fpregs[512];
+  uint8_t *xstate; /* xstate_cap bytes */
+} slot_t;
+
+/* One FREEZE: its slots, and the gate the held threads wait on. */
+typedef struct {
+  _Atomic uint32_t gate; /* 0 closed, 1 open */
+  _Atomic uint32_t held_count;
+  size_t count, cap;
+  slot_t *slots;
+  size_t bytes; /* of this mapping */
+} round_t;
+
+static char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+static int freeze_signal;
+static size_t xstate_cap;
+static pid_t own_pid;
+static _Atomic(round_t *) current_round;
+static _Atomic int handlers_inside;
+static atomic_flag started = ATOMIC_FLAG_INIT;
+
+static long futex(_Atomic uint32_t *word, int op, uint32_t val, const struct timespec *timeout) {
+  return syscall(SYS_futex, (uint32_t *)word, op | FUTEX_PRIVATE_FLAG, val, timeout, NULL, 0);
+}
+
+static pid_t gettid_raw(void) { return (pid_t)syscall(SYS_gettid); }
+
+static uint64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void capture(slot_t *s, const ucontext_t *uc) {
+  const greg_t *g = uc->uc_mcontext.gregs;
+  uint64_t csgsfs = (uint64_t)g[REG_CSGSFS];
+  uint64_t fs_base = 0, gs_base = 0;
+  syscall(SYS_arch_prctl, ARCH_GET_FS_, &fs_base);
+  syscall(SYS_arch_prctl, ARCH_GET_GS_, &gs_base);
+  uint16_t ds, es, fs, gs;
+  __asm__ volatile("mov %%ds, %0; mov %%es, %1; mov %%fs, %2; mov %%gs, %3" : "=r"(ds), "=r"(es), "=r"(fs), "=r"(gs));
+  /* struct user_regs_struct order (snapshot-format/regs-x86_64.ts). orig_rax
+   * is -1: the kernel already applied any syscall restart to rax/rip before
+   * it delivered the signal, so these registers resume as they are. */
+  uint64_t r[27] = {
+      (uint64_t)g[REG_R15], (uint64_t)g[REG_R14], (uint64_t)g[REG_R13], (uint64_t)g[REG_R12], (uint64_t)g[REG_RBP],
+      (uint64_t)g[REG_RBX], (uint64_t)g[REG_R11], (uint64_t)g[REG_R10], (uint64_t)g[REG_R9],  (uint64_t)g[REG_R8],
+      (uint64_t)g[REG_RAX], (uint64_t)g[REG_RCX], (uint64_t)g[REG_RDX], (uint64_t)g[REG_RSI], (uint64_t)g[REG_RDI],
+      UINT64_MAX,           (uint64_t)g[REG_RIP], csgsfs & 0xffff,      (uint64_t)g[REG_EFL], (uint64_t)g[REG_RSP],
+      (csgsfs >> 48) & 0xffff, fs_base, gs_base, ds, es, fs, gs,
+  };
+  memcpy(s->regs, r, sizeof r);
+  memcpy(&s->sigmask, &uc->uc_sigmask, sizeof s->sigmask);
+  s->xstate_len = 0;
+  const uint8_t *fp = (const uint8_t *)uc->uc_mcontext.fpregs;
+  if (fp == NULL) return;
+  memcpy(s->fpregs, fp, sizeof s->fpregs);
+  /* The kernel marks a full XSAVE frame in the FXSAVE area's software bytes
+   * (struct _fpx_sw_bytes at 464: magic1, extended_size, xfeatures, xstate_size). */
+  uint32_t magic1, xstate_size;
+  memcpy(&magic1, fp + 464, 4);
+  memcpy(&xstate_size, fp + 464 + 16, 4);
+  if (magic1 == FP_XSTATE_MAGIC1 && xstate_size >= 576 && xstate_size <= xstate_cap) {
+    memcpy(s->xstate, fp, xstate_size);
+    s->xstate_len = xstate_size;
+  }
+}
+
+/* Async-signal-safe: raw syscalls and atomics only. */
+static void on_freeze_signal(int sig, siginfo_t *si, void *ucv) {
+  (void)sig;
+  int saved_errno = errno;
+  atomic_fetch_add(&handlers_inside, 1);
+  round_t *r = atomic_load(&current_round);
+  if (r != NULL && si->si_code == SI_TKILL && si->si_pid == own_pid) {
+    pid_t tid = gettid_raw();
+    slot_t *s = NULL;
+    for (size_t i = 0; i < r->count && s == NULL; i++)
+      if (r->slots[i].tid == tid) s = &r->slots[i];
+    if (s != NULL && atomic_load(&s->held) == 0) {
+      bool self = s->self; /* read before held: the service thread may reorder the slots after */
+      capture(s, (const ucontext_t *)ucv);
+      atomic_store(&s->held, 1);
+      atomic_fetch_add(&r->held_count, 1);
+      futex(&r->held_count, FUTEX_WAKE, 1, NULL);
+      if (!self)
+        while (atomic_load(&r->gate) == 0) futex(&r->gate, FUTEX_WAIT, 0, NULL);
+    }
+  }
+  atomic_fetch_sub(&handlers_inside, 1);
+  errno = saved_errno;
+}
+
+static int install_handler(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_sigaction = on_freeze_signal;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+  /* Nothing else runs in a held thread until it is released. */
+  sigfillset(&sa.sa_mask);
+  return sigaction(freeze_signal, &sa, NULL) == 0 ? 0 : errno;
+}
+
+/* ---- the socket ---- */
+
+static int send_all(int fd, const void *buf, size_t len, int pass_fd) {
+  const uint8_t *p = buf;
+  while (len > 0) {
+    struct iovec iov = {.iov_base = (void *)p, .iov_len = len};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    union {
+      char buf[CMSG_SPACE(sizeof(int))];
+      struct cmsghdr align;
+    } control;
+    if (pass_fd >= 0) {
+      memset(&control, 0, sizeof control);
+      msg.msg_control = control.buf;
+      msg.msg_controllen = sizeof control.buf;
+      struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int));
+      memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+    }
+    ssize_t n = sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return n < 0 ? errno : EPIPE;
+    pass_fd = -1; /* the fd went with the first byte */
+    p += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+static int send_message(int fd, uint16_t op, const void *payload, uint32_t length, int pass_fd) {
+  struct wpsnap_agent_header h = {.magic = WPSNAP_AGENT_MAGIC, .version = WPSNAP_AGENT_VERSION, .op = op, .length = length};
+  int err = send_all(fd, &h, sizeof h, pass_fd);
+  return err == 0 && length > 0 ? send_all(fd, payload, length, -1) : err;
+}
+
+static int send_error(int fd, int err, const char *what) {
+  struct {
+    struct wpsnap_agent_error e;
+    char text[200];
+  } m = {.e = {.err = err}};
+  size_t n = strnlen(what, sizeof m.text);
+  memcpy(m.text, what, n);
+  return send_message(fd, WPSNAP_AGENT_ERROR, &m, (uint32_t)(sizeof m.e + n), -1);
+}
+
+static int recv_all(int fd, void *buf, size_t len) {
+  uint8_t *p = buf;
+  while (len > 0) {
+    ssize_t n = recv(fd, p, len, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return n < 0 ? errno : ECONNRESET;
+    p += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+/* The next request; its payload (at most cap bytes kept, the rest skipped). */
+static int recv_message(int fd, struct wpsnap_agent_header *h, void *payload, size_t cap) {
+  int err = recv_all(fd, h, sizeof *h);
+  if (err != 0) return err;
+  if (h->magic != WPSNAP_AGENT_MAGIC || h->version != WPSNAP_AGENT_VERSION || h->length > WPSNAP_AGENT_MAX_PAYLOAD) return EPROTO;
+  uint8_t skip[256];
+  for (uint32_t left = h->length; left > 0;) {
+    size_t n = left < sizeof skip ? left : sizeof skip;
+    bool keep = h->length - left + n <= cap;
+    err = recv_all(fd, keep ? (uint8_t *)payload + (h->length - left) : skip, n);
+    if (err != 0) return err;
+    left -= (uint32_t)n;
+  }
+  return 0;
+}
+
+/* ---- FREEZE ---- */
+
+static round_t *round_create(size_t cap) {
+  size_t slot_bytes = sizeof(slot_t) + ((xstate_cap + 63) & ~(size_t)63);
+  size_t bytes = sizeof(round_t) + cap * slot_bytes;
+  /* mmap, not malloc: a held thread may hold malloc's lock. */
+  void *m = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return NULL;
+  round_t *r = m;
+  r->cap = cap;
+  r->bytes = bytes;
+  r->slots = (slot_t *)(r + 1);
+  uint8_t *xs = (uint8_t *)(r->slots + cap);
+  for (size_t i = 0; i < cap; i++) r->slots[i].xstate = xs + i * (slot_bytes - sizeof(slot_t));
+  return r;
+}
+
+/* Open the gate, wait until no handler runs any more, unmap the round. */
+static void round_release(round_t *r) {
+  if (r == NULL) return;
+  atomic_store(&r->gate, 1);
+  futex(&r->gate, FUTEX_WAKE, INT32_MAX, NULL);
+  atomic_store(&current_round, NULL);
+  struct timespec tick = {0, 100000};
+  while (atomic_load(&handlers_inside) > 0) nanosleep(&tick, NULL);
+  munmap(r, r->bytes);
+}
+
+static bool round_has(const round_t *r, pid_t tid) {
+  for (size_t i = 0; i < r->count; i++)
+    if (r->slots[i].tid == tid) return true;
+  return false;
+}
+
+/* Signal every thread of /proc/self/task not signalled yet; how many were new (-errno on failure). */
+static long signal_new_threads(round_t *r) {
+  static char buf[8192]; /* the service thread's only */
+  int dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir < 0) return -errno;
+  long added = 0;
+  for (;;) {
+    long n = syscall(SYS_getdents64, dir, buf, sizeof buf);
+    if (n <= 0) {
+      if (n < 0) added = -errno;
+      break;
+    }
+    for (long off = 0; off < n;) {
+      struct {
+        uint64_t ino;
+        int64_t off;
+        unsigned short reclen;
+        unsigned char type;
+        char name[];
+      } *d = (void *)(buf + off);
+      off += d->reclen;
+      pid_t tid = 0;
+      for (const char *c = d->name; *c >= '0' && *c <= '9'; c++) tid = tid * 10 + (*c - '0');
+      if (tid <= 0 || round_has(r, tid)) continue;
+      if (r->count == r->cap) {
+        close(dir);
+        return -EOVERFLOW;
+      }
+      slot_t *s = &r->slots[r->count++];
+      s->tid = tid;
+      s->self = tid == gettid_raw();
+      /* SAFETY: tgkill to a thread of this process; the handler only records and waits. */
+      if (syscall(SYS_tgkill, own_pid, tid, freeze_signal) != 0) {
+        r->count--; /* it exited meanwhile */
+        continue;
+      }
+      added++;
+    }
+  }
+  close(dir);
+  return added;
+}
+
+/* Whether /proc/self/task/<tid> still exists. */
+static bool thread_alive(pid_t tid) {
+  char path[48] = "/proc/self/task/";
+  char digits[12];
+  int n = 0;
+  do digits[n++] = (char)('0' + tid % 10);
+  while ((tid /= 10) > 0 && n < 11);
+  size_t len = strlen(path);
+  while (n > 0) path[len++] = digits[--n];
+  path[len] = '\0';
+  return access(path, F_OK) == 0;
+}
+
+/* Wait until every slot is held (drop the ones whose thread exited); 0 or ETIMEDOUT. */
+static int wait_held(round_t *r, uint64_t deadline) {
+  for (;;) {
+    uint32_t seen = atomic_load(&r->held_count);
+    size_t held = 0;
+    for (size_t i = 0; i < r->count; i++) held += atomic_load(&r->slots[i].held) != 0;
+    if (held == r->count) return 0;
+    uint64_t now = now_ms();
+    if (now >= deadline) {
+      /* A thread that exited after its tgkill never arrives: forget it. */
+      size_t kept = 0;
+      for (size_t i = 0; i < r->count; i++)
+        if (atomic_load(&r->slots[i].held) != 0 || thread_alive(r->slots[i].tid)) kept++;
+      return kept == held ? 0 : ETIMEDOUT;
+    }
+    struct timespec ts = {0, 5 * 1000000L};
+    futex(&r->held_count, FUTEX_WAIT, seen, &ts);
+  }
+}
+
+/* Hold every thread; the round, or NULL with *err set (every thread released). */
+static round_t *freeze_all(uint32_t timeout_ms, int *err, const char **what) {
+  *err = install_handler();
+  *what = "sigaction";
+  if (*err != 0) return NULL;
+  round_t *r = round_create(MAX_THREADS);
+  *what = "mmap";
+  if (r == NULL) {
+    *err = ENOMEM;
+    return NULL;
+  }
+  atomic_store(&current_round, r);
+  uint64_t deadline = now_ms() + (timeout_ms == 0 ? DEFAULT_FREEZE_MS : timeout_ms);
+  /* Threads created meanwhile are caught by the next listing: stop once one finds none new. */
+  for (;;) {
+    long added = signal_new_threads(r);
+    *what = "list /proc/self/task";
+    if (added < 0) {
+      *err = (int)-added;
+      break;
+    }
+    *what = "hold every thread (one blocks the agent's signal?)";
+    *err = wait_held(r, deadline);
+    if (*err != 0 || added == 0) break;
+  }
+  if (*err == 0) {
+    /* Only the held ones are records: drop slots of threads that exited. */
+    size_t kept = 0;
+    for (size_t i = 0; i < r->count; i++)
+      if (atomic_load(&r->slots[i].held) != 0) {
+        if (kept != i) {
+          r->slots[kept].tid = r->slots[i].tid;
+          r->slots[kept].self = r->slots[i].self;
+          r->slots[kept].xstate_len = r->slots[i].xstate_len;
+          r->slots[kept].sigmask = r->slots[i].sigmask;
+          memcpy(r->slots[kept].regs, r->slots[i].regs, sizeof r->slots[i].regs);
+          memcpy(r->slots[kept].fpregs, r->slots[i].fpregs, sizeof r->slots[i].fpregs);
+          memcpy(r->slots[kept].xstate, r->slots[i].xstate, r->slots[i].xstate_len);
+        }
+        kept++;
+      }
+    r->count = kept;
+    return r;
+  }
+  round_release(r);
+  return NULL;
+}
+
+/* FROZEN with the records and a new userfaultfd, whose copy here is closed at once. */
+static int send_frozen(int sock, round_t *r) {
+  size_t bytes = sizeof(struct wpsnap_agent_frozen);
+  for (size_t i = 0; i < r->count; i++)
+    bytes += sizeof(struct wpsnap_agent_thread) + WPSNAP_AGENT_REGS_BYTES + WPSNAP_AGENT_FPREGS_BYTES + ((r->slots[i].xstate_len + 7u) & ~7u);
+  if (bytes > WPSNAP_AGENT_MAX_PAYLOAD) return send_error(sock, EOVERFLOW, "too many threads for one message");
+  uint8_t *msg = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (msg == MAP_FAILED) return send_error(sock, ENOMEM, "mmap");
+  struct wpsnap_agent_frozen head = {.threads = (uint32_t)r->count};
+  size_t at = 0;
+  memcpy(msg, &head, sizeof head);
+  at += sizeof head;
+  for (size_t i = 0; i < r->count; i++) {
+    const slot_t *s = &r->slots[i];
+    struct wpsnap_agent_thread t = {.tid = (uint32_t)s->tid, .xstate_len = s->xstate_len, .sigmask = s->sigmask};
+    memcpy(msg + at, &t, sizeof t);
+    at += sizeof t;
+    memcpy(msg + at, s->regs, WPSNAP_AGENT_REGS_BYTES);
+    at += WPSNAP_AGENT_REGS_BYTES;
+    memcpy(msg + at, s->fpregs, WPSNAP_AGENT_FPREGS_BYTES);
+    at += WPSNAP_AGENT_FPREGS_BYTES;
+    memcpy(msg + at, s->xstate, s->xstate_len);
+    at += (s->xstate_len + 7u) & ~7u; /* the padding is the mapping's zeros */
+  }
+  /* The controller needs write-protect, so no UFFD_USER_MODE_ONLY: a process
+   * that may not create one says so in an ERROR. */
+  int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+  int err = uffd < 0 ? send_error(sock, errno, "userfaultfd(O_CLOEXEC|O_NONBLOCK)") : send_message(sock, WPSNAP_AGENT_FROZEN, msg, (uint32_t)bytes, uffd);
+  /* The controller must hold the only reference: if it dies, the kernel drops the protection. */
+  if (uffd >= 0) close(uffd);
+  munmap(msg, bytes);
+  return err != 0 ? err : uffd < 0 ? -1 : 0;
+}
+
+/* Wait for THAW; anything else, or the connection's end, also releases. 0: THAW came. */
+static int hold_until_thaw(int sock) {
+  struct wpsnap_agent_header h;
+  uint8_t ignored[64];
+  int err = recv_message(sock, &h, ignored, sizeof ignored);
+  if (err != 0) return err;
+  return h.op == WPSNAP_AGENT_THAW ? 0 : EPROTO;
+}
+
+/* ---- the service thread ---- */
+
+static void sleep_retry(void) {
+  struct timespec ts = {0, RETRY_NS};
+  nanosleep(&ts, NULL);
+}
+
+/* A server's socket file: a new server makes a new one. */
+typedef struct {
+  ino_t ino;
+  struct timespec ctime;
+} socket_id_t;
+
+static bool same_socket(const socket_id_t *a, const struct stat *st) {
+  return a->ino == st->st_ino && a->ctime.tv_sec == st->st_ctim.tv_sec && a->ctime.tv_nsec == st->st_ctim.tv_nsec;
+}
+
+/* Connect to a server of this user (or root) whose socket is not `avoid` (the one just served). */
+static int connect_server(const socket_id_t *avoid, socket_id_t *id) {
+  struct stat st;
+  if (stat(socket_path, &st) != 0 || !S_ISSOCK(st.st_mode) || same_socket(avoid, &st)) return -1;
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  struct sockaddr_un addr = {.sun_family = AF_UNIX};
+  memcpy(addr.sun_path, socket_path, strlen(socket_path));
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  /* Our memory goes to whoever listens: only to a server of our own user or root. */
+  if (connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
+      (cred.uid != geteuid() && cred.uid != 0)) {
+    close(fd);
+    return -1;
+  }
+  /* Let the controller read this process's memory under Yama (EINVAL: no Yama). */
+  prctl(PR_SET_PTRACER, (unsigned long)cred.pid, 0, 0, 0);
+  *id = (socket_id_t){.ino = st.st_ino, .ctime = st.st_ctim};
+  return fd;
+}
+
+/* One connection: HELLO, then requests until DONE (true) or the connection ends (false). */
+static bool serve(int sock) {
+  struct wpsnap_agent_hello hello = {.pid = (uint32_t)own_pid};
+#ifdef WPSNAP_AGENT_LINKED
+  hello.flags = WPSNAP_AGENT_HELLO_LINKED;
+#endif
+  prctl(PR_GET_NAME, hello.comm, 0, 0, 0);
+  if (send_message(sock, WPSNAP_AGENT_HELLO, &hello, sizeof hello, -1) != 0) return false;
+  for (;;) {
+    struct wpsnap_agent_header h;
+    struct wpsnap_agent_freeze req = {0};
+    if (recv_message(sock, &h, &req, sizeof req) != 0) return false;
+    if (h.op == WPSNAP_AGENT_DONE) return true;
+    if (h.op == WPSNAP_AGENT_THAW) continue; /* nothing held */
+    if (h.op != WPSNAP_AGENT_FREEZE) return false;
+    int err;
+    const char *what;
+    round_t *r = freeze_all(req.timeout_ms, &err, &what);
+    if (r == NULL) {
+      if (send_error(sock, err, what) != 0) return false;
+      continue;
+    }
+    int sent = send_frozen(sock, r);
+    /* Held until THAW, or released at once when the controller is gone or confused. */
+    int thawed = sent == 0 ? hold_until_thaw(sock) : sent;
+    round_release(r);
+    if (thawed > 0) return false;
+  }
+}
+
+static void *service_main(void *unused) {
+  (void)unused;
+  sigset_t own;
+  sigemptyset(&own);
+  sigaddset(&own, freeze_signal);
+  pthread_sigmask(SIG_UNBLOCK, &own, NULL);
+  socket_id_t served = {0}, id = {0};
+  for (;;) {
+    int sock = connect_server(&served, &id);
+    if (sock < 0) {
+      sleep_retry();
+      continue;
+    }
+    /* After DONE, wait for another server rather than joining this one's next round. */
+    served = serve(sock) ? id : (socket_id_t){0};
+    close(sock);
+  }
+  return NULL;
+}
+
+static int pick_signal(void) {
+  const char *env = getenv("WPSNAP_AGENT_SIGNAL");
+  int sig = env != NULL ? atoi(env) : 0;
+  return sig >= SIGRTMIN && sig <= SIGRTMAX ? sig : SIGRTMAX - 3;
+}
+
+static size_t xsave_size(void) {
+  unsigned eax, ebx, ecx = 0, edx;
+  /* CPUID 0xD ecx: the XSAVE area of every feature the CPU has, an upper bound of a signal frame's. */
+  return __get_cpuid_count(0xd, 0, &eax, &ebx, &ecx, &edx) ? ecx : 0;
+}
+
+int wpsnap_agent_start(const char *path) {
+  if (path == NULL || path[0] == '\0' || strlen(path) >= sizeof socket_path) return path == NULL || path[0] == '\0' ? 0 : ENAMETOOLONG;
+  if (atomic_flag_test_and_set(&started)) return 0;
+  memcpy(socket_path, path, strlen(path) + 1);
+  freeze_signal = pick_signal();
+  xstate_cap = xsave_size();
+  own_pid = getpid();
+  /* The service thread takes none of the program's signals, only its own. */
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  pthread_t thread;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  int err = pthread_create(&thread, &attr, service_main, NULL);
+  pthread_attr_destroy(&attr);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (err == 0) pthread_setname_np(thread, "wpsnap-agent");
+  return err;
+}
+
+#ifndef WPSNAP_AGENT_LINKED
+/* Preloaded: start when the program loads, if WPSNAP_SOCKET names a socket. */
+__attribute__((constructor)) static void agent_preload(void) { wpsnap_agent_start(getenv("WPSNAP_SOCKET")); }
+#endif
