@@ -1,11 +1,12 @@
 // `npm run bench` → node dist/bench/run.js [options]: runs the snapshot-1gib
 // scenario, prints its table and writes its JSON file under bench/results/.
 // `node dist/bench/run.js impact [options]` runs the impact scenario instead
-// (bench/impact.ts; its own options, see --help there).
+// (bench/impact.ts; its own options, see --help there); likewise restore, group, …
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { exportCoreMain } from './export-core.js';
+import { groupMain } from './group.js';
 import { impactMain } from './impact.js';
 import { log, repoRoot } from './lib.js';
 import { precopyMain } from './precopy.js';
@@ -21,6 +22,7 @@ const USAGE = `usage: node dist/bench/run.js [options]
        node dist/bench/run.js export-core [options]  (core export against gcore: export-core --help)
        node dist/bench/run.js rollback [--runs N] [--mib M] [--touch P]  (rollback against a fork server)
        node dist/bench/run.js restore [--runs N] [--mib M]  (restore, eager and lazy, against starting afresh)
+       node dist/bench/run.js group [--runs N] [--mib M]  (a process group's snapshot against each member's fork: group --help)
   --runs N          measured repetitions of every peer (default ${DEFAULTS.runs})
   --mib M           target size in MiB (default ${DEFAULTS.mib})
   --rate MBPS       --rate of the rate-limited wpsnap peer (default ${DEFAULTS.rateMBps})
@@ -49,6 +51,10 @@ async function main(): Promise<void> {
   }
   if (process.argv[2] === 'restore') {
     process.exitCode = await restoreMain(process.argv.slice(3));
+    return;
+  }
+  if (process.argv[2] === 'group') {
+    process.exitCode = await groupMain(process.argv.slice(3));
     return;
   }
   if (process.argv[2] === 'track') {
