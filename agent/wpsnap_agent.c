@@ -56,6 +56,8 @@ typedef struct {
   size_t count, cap;
   slot_t *slots;
   size_t bytes; /* of this mapping */
+  void *reply;  /* the FROZEN message, unmapped with the round: not while the controller plans */
+  size_t reply_bytes;
 } round_t;
 
 static char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -248,6 +250,7 @@ static void round_release(round_t *r) {
   atomic_store(&current_round, NULL);
   struct timespec tick = {0, 100000};
   while (atomic_load(&handlers_inside) > 0) nanosleep(&tick, NULL);
+  if (r->reply != NULL) munmap(r->reply, r->reply_bytes);
   munmap(r, r->bytes);
 }
 
@@ -381,7 +384,9 @@ static round_t *freeze_all(uint32_t timeout_ms, int *err, const char **what) {
   return NULL;
 }
 
-/* FROZEN with the records and a new userfaultfd, whose copy here is closed at once. */
+/* FROZEN with the records and a new userfaultfd, whose copy here is closed at
+ * once. Nothing is unmapped until the thaw: the controller is reading the
+ * address space meanwhile. */
 static int send_frozen(int sock, round_t *r) {
   size_t bytes = sizeof(struct wpsnap_agent_frozen);
   for (size_t i = 0; i < r->count; i++)
@@ -389,6 +394,8 @@ static int send_frozen(int sock, round_t *r) {
   if (bytes > WPSNAP_AGENT_MAX_PAYLOAD) return send_error(sock, EOVERFLOW, "too many threads for one message");
   uint8_t *msg = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (msg == MAP_FAILED) return send_error(sock, ENOMEM, "mmap");
+  r->reply = msg;
+  r->reply_bytes = bytes;
   struct wpsnap_agent_frozen head = {.threads = (uint32_t)r->count};
   size_t at = 0;
   memcpy(msg, &head, sizeof head);
@@ -411,7 +418,6 @@ static int send_frozen(int sock, round_t *r) {
   int err = uffd < 0 ? send_error(sock, errno, "userfaultfd(O_CLOEXEC|O_NONBLOCK)") : send_message(sock, WPSNAP_AGENT_FROZEN, msg, (uint32_t)bytes, uffd);
   /* The controller must hold the only reference: if it dies, the kernel drops the protection. */
   if (uffd >= 0) close(uffd);
-  munmap(msg, bytes);
   return err != 0 ? err : uffd < 0 ? -1 : 0;
 }
 
