@@ -24,7 +24,7 @@
 import { createHash } from 'node:crypto';
 import { closeSync, mkdirSync, mkdtempSync, openSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import type * as ZstdBinding from 'zstd-napi/binding.js';
@@ -68,7 +68,16 @@ export interface GroupSnapshotResult {
   shared: { objects: number; pagesAliased: number };
   lostPages: Array<{ pid: number; address: string; pages: number; reason: string }>;
   warnings: string[];
-  processes: Array<{ pid: number; threads: number; pagesSaved: number; faults: number; exited: boolean; uffdMethod: string }>;
+  processes: Array<{
+    pid: number;
+    threads: number;
+    pagesSaved: number;
+    faults: number;
+    exited: boolean;
+    uffdMethod: string;
+    /** Its own stop before the group's pause, to pre-protect its memory (null without). */
+    attachStopMicros?: number | null;
+  }>;
 }
 
 type SnapshotGroup = (binding: NativeBinding, store: Store, members: Array<{ pid: number }>, options: { name?: string }) => Promise<GroupSnapshotResult>;
@@ -132,6 +141,8 @@ export interface StoreSize {
 
 export interface GroupRun {
   index: number;
+  /** The machine's load average when the run began (the machine is shared). */
+  loadavg: number[];
   order: Array<'wpsnap' | 'fork'>;
   wpsnap: {
     wallMillis: number;
@@ -358,6 +369,10 @@ export function summarizeGroup(runs: GroupRun[]) {
   return {
     pauseMicros: pause,
     pauseBreakdownMicros: breakdown,
+    attachStopMaxMicros: stat(w.map((x) => Math.max(...x.result.processes.map((p) => p.attachStopMicros ?? 0)))),
+    attachStopSumMicros: stat(w.map((x) => x.result.processes.reduce((n, p) => n + (p.attachStopMicros ?? 0), 0))),
+    faults: stat(w.map((x) => x.result.processes.reduce((n, p) => n + p.faults, 0))),
+    loadavg1: stat(runs.map((r) => r.loadavg[0] ?? NaN)),
     protectWindowMillis: stat(w.map((x) => x.result.protectWindowMillis)),
     durationMillis: stat(w.map((x) => x.result.durationMillis)),
     wallMillis: stat(w.map((x) => x.wallMillis)),
@@ -412,14 +427,16 @@ function printSummary(g: ReturnType<typeof summarizeGroup>, runs: number, file: 
   const lines = [
     `process group, ${runs} runs: medians [ranges]`,
     `  group pause (wpsnap)               ${fmt(g.pauseMicros, 1000, 2)} ms   (goal ≤ 15 ms)`,
-    `    breakdown (ms)                   ${Object.entries(g.pauseBreakdownMicros).map(([k, v]) => `${k} ${fmt(v, 1000, 2)}`).join(', ')}`,
+    `    breakdown, summed over members   ${Object.entries(g.pauseBreakdownMicros).map(([k, v]) => `${k} ${fmt(v, 1000, 2)}`).join(', ')}`,
     `  fork() of each member: sum         ${fmt(g.forkSumMicros, 1000, 2)} ms`,
     `                         max         ${fmt(g.forkMaxMicros, 1000, 2)} ms`,
     `  pause / fork sum                   ${g.pauseOverForkSum.ofMedians ?? '-'} of medians, ${fmt(g.pauseOverForkSum.runByRun, 1, 3)} run by run`,
     `  pause / fork max                   ${g.pauseOverForkMax.ofMedians ?? '-'} of medians, ${fmt(g.pauseOverForkMax.runByRun, 1, 3)} run by run`,
-    `  protection window                  ${fmt(g.protectWindowMillis, 1, 0)} ms`,
+    `  members' attach stops before it    max ${fmt(g.attachStopMaxMicros, 1000, 2)} ms, sum ${fmt(g.attachStopSumMicros, 1000, 2)} ms (pre-protection)`,
+    `  protection window                  ${fmt(g.protectWindowMillis, 1, 0)} ms, ${fmt(g.faults, 1, 0)} write faults`,
     `  snapshot duration                  ${fmt(g.durationMillis, 1, 0)} ms`,
     `  lost pages per run                 ${g.lostPages.join(', ')}`,
+    `  load average (1 min) at run start  ${fmt(g.loadavg1, 1, 2)}`,
   ];
   if (g.store !== null) {
     lines.push(
@@ -505,6 +522,7 @@ export async function groupMain(argv: string[]): Promise<number> {
     }
     for (let i = 0; i < o.runs; i++) {
       const order: GroupRun['order'] = i % 2 === 0 ? ['fork', 'wpsnap'] : ['wpsnap', 'fork'];
+      const startLoad = loadavg().map((x) => round(x, 2) as number);
       let wpsnap: GroupRun['wpsnap'] | undefined;
       let fork: GroupRun['fork'] | undefined;
       for (const which of order) {
@@ -512,7 +530,7 @@ export async function groupMain(argv: string[]): Promise<number> {
         else wpsnap = await measureWpsnap(snapshotGroup, target, `run-${i}`, !values['no-reference']);
         await sleep(o.settleMs);
       }
-      const run: GroupRun = { index: i, order, wpsnap: wpsnap!, fork: fork! };
+      const run: GroupRun = { index: i, loadavg: startLoad, order, wpsnap: wpsnap!, fork: fork! };
       runs.push(run);
       log(
         `run ${i + 1}/${o.runs}: pause ${(run.wpsnap.result.pauseMicros / 1000).toFixed(2)} ms, fork sum ${(run.fork.sumMicros / 1000).toFixed(2)} ms / max ${(run.fork.maxMicros / 1000).toFixed(2)} ms` +
