@@ -7,6 +7,8 @@ import { restore as restoreProcess, type RestoreOptions, type RestoreResult } fr
 import { restoreLazy as restoreLazyProcess, type LazyOptions, type LazyRestoreResult } from './restore-lazy.js';
 import { InPlaceRollback, rollback as rollbackProcess, type RollbackOptions, type RollbackResult } from './rollback.js';
 import { Store } from '../store/store.js';
+import { snapshotGroup, type GroupSnapshotOptions, type GroupSnapshotResult } from './group.js';
+import { resolveGroup, type GroupSelection } from './group-members.js';
 
 export { DirtyTracker, TRACKER_KINDS } from './tracker.js';
 export type { DirtyRound, DirtyTrackerOptions, TrackedMapping, TrackerKind, UntrackedMapping } from './tracker.js';
@@ -15,6 +17,23 @@ export { WpsnapError } from '../common/errors.js';
 export type { RollbackOptions, RollbackResult } from './rollback.js';
 export type { RestoreOptions, RestoreResult, FdFate, StdioChoice } from './restore.js';
 export type { LazyOptions, LazyRestoreResult, LazyFigures } from './restore-lazy.js';
+export type { GroupSnapshotOptions, GroupSnapshotResult, GroupProcessResult, GroupProgress } from './group.js';
+export type { GroupSelection } from './group-members.js';
+
+/**
+ * Snapshot several processes at one instant (root) into the store at
+ * `storePath`: pids, a process tree, a cgroup. Every member is stopped before
+ * any is protected; memory they share is saved once and indexed for each.
+ */
+export async function snapshotProcesses(storePath: string, selection: GroupSelection, options: GroupSnapshotOptions = {}): Promise<GroupSnapshotResult> {
+  const members = resolveGroup(selection).map((pid) => ({ pid }));
+  const store = Store.open(storePath);
+  try {
+    return await snapshotGroup(loadBinding(), store, members, options);
+  } finally {
+    await store.close();
+  }
+}
 
 /**
  * Start tracking the writes of process `pid` (root; a stop of a few

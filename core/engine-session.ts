@@ -125,9 +125,14 @@ export class EngineSession {
    * the resume. A tracked generation's pages identical to its parent's:
    * parentPages (core/tracking-handover.ts).
    */
-  prepareRun(uffd: number, regions: EngineRegion[], parentPages?: { unwritten: BigUint64Array; writtenAtInstant: BigUint64Array }): void {
+  prepareRun(
+    uffd: number,
+    regions: EngineRegion[],
+    parentPages?: { unwritten: BigUint64Array; writtenAtInstant: BigUint64Array },
+    group?: NativeHandle,
+  ): void {
     try {
-      this.binding.engineRun(this.handle, { uffd, regions, keep: this.options.keep === true, ...(parentPages ?? {}) });
+      this.binding.engineRun(this.handle, { uffd, regions, keep: this.options.keep === true, ...(parentPages ?? {}), ...(group === undefined ? {} : { group }) });
     } catch (error) {
       throw fromNative(error, 'start the snapshot engine');
     }

@@ -110,24 +110,71 @@ export function stopwatch(): { lap: () => number; total: () => number } {
 }
 
 export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome {
-  const { pid, attacher, planner } = inputs;
-  const { lap, total } = stopwatch();
-  // Each thread's clear_child_tid costs a call run in every thread: in the pause only when the attach stop did not read it.
-  const stopped = attacher.stop({ tidAddresses: inputs.forRestore !== undefined && inputs.forRestore.early === undefined });
-  const breakdown: PauseBreakdown = { freeze: lap(), inject: 0, restoreState: 0, plan: 0, protect: 0, copy: 0, engine: 0, thaw: 0 };
-  const pre = inputs.pre;
-  // The userfaultfd obtained here is this function's to close on failure; a pre-protection's is its owner's.
-  let uffd = pre?.protection.uffd ?? -1;
-  let method: UffdMethod = pre?.protection.method ?? 'syscall';
+  const target = new TargetPause(binding, inputs);
+  target.stop();
   try {
+    target.protect();
+    target.startEngine();
+  } catch (error) {
+    target.abandon();
+    throw error;
+  }
+  return target.resume();
+}
+
+/**
+ * One target's pause in three steps, so that a group (core/group.ts) can stop
+ * every member before it protects any, and resume them only once all are
+ * protected: stop() freezes it, protect() obtains its userfaultfd, plans,
+ * registers, protects and copies, startEngine() calls beforeResume (a group
+ * first learns every member's shared objects), resume() lets it run and
+ * starts the engine. On a failure between stop() and resume(), abandon()
+ * releases it.
+ */
+export class TargetPause {
+  private readonly clock = stopwatch();
+  private stopped: StoppedTarget | undefined;
+  readonly breakdown: PauseBreakdown = { freeze: 0, inject: 0, restoreState: 0, plan: 0, protect: 0, copy: 0, engine: 0, thaw: 0 };
+  /** The userfaultfd obtained in the pause is this pause's to close on failure; a pre-protection's is its owner's. */
+  uffd: number;
+  method: UffdMethod;
+  private protectedState:
+    | { plans: RegionPlan[]; forRestore: ReadForRestore | undefined; pausedPages: PageBatch[]; pinned: ReturnType<typeof savePinned>; sparseRegions: number; writtenAtInstant: number | null }
+    | undefined;
+
+  constructor(
+    private readonly binding: NativeBinding,
+    private readonly inputs: PauseInputs,
+  ) {
+    this.uffd = inputs.pre?.protection.uffd ?? -1;
+    this.method = inputs.pre?.protection.method ?? 'syscall';
+  }
+
+  /** Freeze every thread: the pause starts. */
+  stop(): void {
+    const inputs = this.inputs;
+    this.clock.lap(); // in a group, the members stopped before this one are not its freeze
+    // Each thread's clear_child_tid costs a call run in every thread: in the pause only when the attach stop did not read it.
+    this.stopped = inputs.attacher.stop({ tidAddresses: inputs.forRestore !== undefined && inputs.forRestore.early === undefined });
+    this.breakdown.freeze = this.clock.lap();
     faultPoint('after-freeze');
+  }
+
+  /** Everything up to the resume; the target stays stopped. */
+  protect(): void {
+    const { binding, inputs, breakdown } = this;
+    const { pid, planner } = inputs;
+    const stopped = this.stopped!;
+    const { lap } = this.clock;
+    lap(); // in a group, the time other members took is not this one's
+    const pre = inputs.pre;
     if (pre === undefined) {
       const obtained = stopped.obtainUffd();
-      uffd = obtained.fd;
-      method = obtained.method;
+      this.uffd = obtained.fd;
+      this.method = obtained.method;
       faultPoint('after-inject');
       try {
-        binding.uffdApi(uffd, UFFD_FEATURES_FOR_SNAPSHOT);
+        binding.uffdApi(this.uffd, UFFD_FEATURES_FOR_SNAPSHOT);
       } catch (error) {
         throw fromNative(error, 'ioctl(UFFDIO_API) on the target userfaultfd');
       }
@@ -138,7 +185,7 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     breakdown.restoreState = lap();
     const plans = planner.plan(planner.readMaps());
     breakdown.plan = lap();
-    const registered = registerRegions(binding, uffd, plans, inputs.maxSharedCopyBytes);
+    const registered = registerRegions(binding, this.uffd, plans, inputs.maxSharedCopyBytes);
     const protection = protectionRanges(binding, pid, registered, inputs.sparse);
     let writtenAtInstant: number | null = null;
     if (pre !== undefined) {
@@ -147,7 +194,7 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
       protection.ranges = atInstant.ranges;
       writtenAtInstant = atInstant.written;
     }
-    writeProtectAll(binding, uffd, protection.ranges);
+    writeProtectAll(binding, this.uffd, protection.ranges);
     breakdown.protect = lap();
     faultPoint('after-protect');
     const pausedPages = copyInPause(binding, pid, plans, inputs.copyBuffer);
@@ -155,41 +202,62 @@ export function pause(binding: NativeBinding, inputs: PauseInputs): PauseOutcome
     const pinned = savePinned(binding, pid, registered, findPinned(pid, inputs.pinSources), inputs.maxPinnedCopyBytes);
     if (pinned.pages) pausedPages.push(pinned.pages);
     breakdown.copy = lap();
-    inputs.beforeResume?.(uffd, plans);
-    breakdown.engine = lap();
+    this.protectedState = { plans, forRestore, pausedPages, pinned, sparseRegions: protection.sparseRegions, writtenAtInstant };
+  }
+
+  /** The plans made in the pause (after protect()). */
+  get plans(): RegionPlan[] {
+    return this.protectedState!.plans;
+  }
+
+  /** Give the engine its regions (beforeResume): last before the resume. */
+  startEngine(): void {
+    this.clock.lap();
+    this.inputs.beforeResume?.(this.uffd, this.protectedState!.plans);
+    this.breakdown.engine = this.clock.lap();
+  }
+
+  /** Let the target run and start its engine; what the pause found. */
+  resume(): PauseOutcome {
+    const { inputs, breakdown } = this;
+    const stopped = this.stopped!;
+    const done = this.protectedState!;
+    this.clock.lap();
     stopped.resume();
-    breakdown.thaw = lap();
-    const pauseMicros = total();
+    breakdown.thaw = this.clock.lap();
+    const pauseMicros = this.clock.total();
     // Woken after the resume, not before: woken in the pause, the engine
     // thread preempted the pause's own thread for milliseconds.
     inputs.afterResume?.();
     // Thread names are read after the resume: they are for recognising the
     // snapshot, and reading /proc per thread would lengthen the pause.
-    const known = forRestore?.tidAddresses;
+    const known = done.forRestore?.tidAddresses;
     const threads: ThreadRecord[] = stopped.threads.map((t) => ({
       ...t,
-      name: threadName(pid, t.tid),
+      name: threadName(inputs.pid, t.tid),
       ...(t.clearChildTid === undefined && known?.has(t.tid) === true ? { clearChildTid: known.get(t.tid)! } : {}),
     }));
     return {
       breakdown,
       pauseMicros,
-      uffd,
-      method,
-      plans,
+      uffd: this.uffd,
+      method: this.method,
+      plans: done.plans,
       threads,
-      pausedPages,
-      pinnedLost: pinned.lost,
-      warnings: pinned.warnings,
-      sparseRegions: protection.sparseRegions,
-      writtenAtInstant,
-      ...(forRestore === undefined ? {} : { forRestore }),
+      pausedPages: done.pausedPages,
+      pinnedLost: done.pinned.lost,
+      warnings: done.pinned.warnings,
+      sparseRegions: done.sparseRegions,
+      writtenAtInstant: done.writtenAtInstant,
+      ...(done.forRestore === undefined ? {} : { forRestore: done.forRestore }),
     };
-  } catch (error) {
+  }
+
+  /** After a failure between stop() and resume(): drop what this pause obtained and let the target run. */
+  abandon(): void {
     // Closing the only reference releases every registration and protection.
-    if (uffd >= 0 && pre === undefined) closeQuietly(binding, uffd);
-    stopped.resume();
-    throw error;
+    if (this.uffd >= 0 && this.inputs.pre === undefined) closeQuietly(this.binding, this.uffd);
+    this.stopped?.resume();
   }
 }
 

@@ -145,11 +145,11 @@ export function planRegionWithoutFile(pid: number, m: MapsEntry, fsCache: Map<st
   return plan;
 }
 
-/** For each of these files ("dev inode" as in maps), the other processes that map it writable. */
-function writersOfFiles(pid: number, files: Set<string>): Map<string, number[]> {
+/** For each of these files ("dev inode" as in maps), the other processes (outside `group`) that map it writable. */
+function writersOfFiles(pid: number, files: Set<string>, group: ReadonlySet<number>): Map<string, number[]> {
   const found = new Map<string, number[]>();
   for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry) || Number(entry) === pid) continue;
+    if (!/^\d+$/.test(entry) || Number(entry) === pid || group.has(Number(entry))) continue;
     let text: string;
     try {
       text = readFileSync(`/proc/${entry}/maps`, 'utf8');
@@ -169,6 +169,48 @@ function writersOfFiles(pid: number, files: Set<string>): Map<string, number[]> 
   return found;
 }
 
+/** A stat's st_dev as maps prints it ("major:minor" in hex, at least two digits each). */
+function mapsDev(dev: bigint): string {
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  return `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}`;
+}
+
+/**
+ * Of these files ("dev inode" as in maps), those some process (any, the
+ * target included) holds an fd on that may write it: a write through an fd
+ * does not fault, so only such a file needs its times proven. A file opened
+ * for writing after this read is not seen (docs/design.md says so).
+ */
+export function filesWithFdWriters(files: Set<string>): Set<string> {
+  const inodes = new Set([...files].map((f) => f.split(' ')[1]));
+  const writable = new Set<string>();
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    let fds: string[];
+    try {
+      fds = readdirSync(`/proc/${entry}/fd`);
+    } catch {
+      continue; // exited meanwhile, or not ours to read
+    }
+    for (const fd of fds) {
+      try {
+        // fdinfo names the inode: only a candidate is stat'ed (for its device) and its open mode read.
+        const info = readFileSync(`/proc/${entry}/fdinfo/${fd}`, 'utf8');
+        const ino = /^ino:\s*(\d+)$/m.exec(info)?.[1];
+        if (ino === undefined || !inodes.has(ino)) continue;
+        const st = statSync(`/proc/${entry}/fd/${fd}`, { bigint: true });
+        const key = `${mapsDev(st.dev)} ${st.ino}`;
+        const flags = Number.parseInt(/^flags:\s*([0-7]+)$/m.exec(info)?.[1] ?? '2', 8);
+        if (files.has(key) && (flags & 3) !== 0) writable.add(key);
+      } catch {
+        // closed meanwhile
+      }
+    }
+  }
+  return writable;
+}
+
 /**
  * Plans made while the target still runs (statfs, stat and opening shared
  * files take milliseconds): inside the pause only mappings that changed since
@@ -181,7 +223,11 @@ export class RegionPlanner {
   private readonly early = new Map<MapsEntry, RegionPlan>();
   private readonly reader: MapsReader;
 
-  constructor(private readonly pid: number) {
+  /** group: the pids snapshotted together with this one (their mappings of a shared file are not "other writers"). */
+  constructor(
+    private readonly pid: number,
+    private readonly group: ReadonlySet<number> = new Set(),
+  ) {
     this.reader = new MapsReader(pid);
   }
 
@@ -195,10 +241,14 @@ export class RegionPlanner {
     for (const m of maps) this.early.set(m, planRegion(this.pid, m, this.fsCache));
     const shared = [...this.early.values()].filter((p) => p.openedFd !== undefined);
     if (shared.length === 0) return;
-    const others = writersOfFiles(this.pid, new Set(shared.map((p) => `${p.record.dev} ${p.record.inode}`)));
+    const files = new Set(shared.map((p) => `${p.record.dev} ${p.record.inode}`));
+    const others = writersOfFiles(this.pid, files, this.group);
+    const fdWritten = filesWithFdWriters(files);
     for (const plan of shared) {
-      const pids = others.get(`${plan.record.dev} ${plan.record.inode}`);
+      const key = `${plan.record.dev} ${plan.record.inode}`;
+      const pids = others.get(key);
       if (pids) plan.sharedWith = pids;
+      if (plan.engine !== undefined && !fdWritten.has(key)) plan.engine.noFdWriters = true;
     }
   }
 

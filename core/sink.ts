@@ -21,6 +21,11 @@ export interface SnapshotSink {
   countZeroPages(pages: number): void;
   /** A 'tracked' generation: the pages of this process written since the parent's instant (only they were captured). */
   setDirty(processId: number, ranges: Array<[bigint, bigint]>): void;
+  /**
+   * A process group: once every page is stored, index each shared file's pages for every member that maps
+   * them (files: per file, each member's mapping and the file page it starts at). Returns the entries added.
+   */
+  shareAcross?(files: Array<Array<{ processId: number; start: bigint; end: bigint; firstPage: number }>>): Promise<number>;
   /** The final commit: only now is the snapshot complete. */
   complete(stats: MeasuredStats): Promise<SnapshotStats>;
   /** Record it incomplete, with the reason. */

@@ -452,9 +452,11 @@ export async function snapshotProcess(
  * After the pause: run the engine while the metadata and the pages copied in
  * the pause are stored, release the target, and record what was lost. Throws
  * (after recording the snapshot as incomplete) if the engine failed or was
- * interrupted.
+ * interrupted; with memberOfGroup, a target that exited or called exec is not
+ * a failure (its unsaved pages are lost with that reason, `exited` says so):
+ * the group's other members go on.
  */
-async function saveInBackground(
+export async function saveInBackground(
   binding: NativeBinding,
   writer: SnapshotSink,
   processId: number,
@@ -463,7 +465,8 @@ async function saveInBackground(
   stopEngine: AbortController,
   pid: number,
   keepUffd: boolean,
-): Promise<{ stats: EngineFinalStats; lost: LostRange[] }> {
+  memberOfGroup = false,
+): Promise<{ stats: EngineFinalStats; lost: LostRange[]; exited: boolean }> {
   // The engine runs since the pause: the target's first writes to protected
   // pages wait for it. The metadata and the pages copied in the pause are
   // stored meanwhile (the first batch also starts the store's workers).
@@ -488,7 +491,9 @@ async function saveInBackground(
   if (!keepUffd) closeQuietly(binding, paused.uffd);
   const engineLost: LostRange[] = stats.lost.map((l) => ({ address: l.address, pages: l.pages, reason: l.reason as LostRange['reason'] }));
   if (engineLost.length > 0) writer.addLost(processId, engineLost);
-  if (stats.error) {
+  // ESRCH is the engine's "the target exited or called exec" (engine_segments.c target_gone).
+  const exited = stats.error !== undefined && stats.error.errno === 3;
+  if (stats.error && !(memberOfGroup && exited && !stats.stopped)) {
     const error = fromNative(stats.error, `snapshot of pid ${pid}`);
     await writer.abort(error.message);
     throw error;
@@ -497,7 +502,7 @@ async function saveInBackground(
     await writer.abort('interrupted');
     throw new WpsnapError('INTERRUPTED', `snapshot of pid ${pid} interrupted; recorded as incomplete`);
   }
-  return { stats, lost: [...initialLost, ...engineLost] };
+  return { stats, lost: [...initialLost, ...engineLost], exited };
 }
 
 /**

@@ -20,6 +20,7 @@ import { encodePageRuns, indicesWithin, lostRanges, regionRanges } from './page-
 
 const U64_MAX = (1n << 64n) - 1n;
 import type { PageSink } from './page-sink.js';
+import { shareAcrossProcesses, type SharedMapping } from './shared-pages.js';
 
 export type WriterStats = Omit<SnapshotStats, 'pagesSaved' | 'zeroPages' | 'pagesNew' | 'bytesRaw' | 'bytesStored'>;
 
@@ -276,6 +277,23 @@ export class SnapshotWriter {
     this.transaction(`add lost pages of process ${processId}`, () => {
       for (const l of lost) insert.run(processId, l.address, l.pages, l.reason);
     });
+  }
+
+  /**
+   * A group's shared files (store/shared-pages.ts): once every batch in flight
+   * is stored, each member's mapping gets the pages and lost ranges another
+   * member holds for the same file pages. Returns the index entries added.
+   */
+  async shareAcross(files: SharedMapping[][]): Promise<number> {
+    this.checkOpen();
+    for (const m of files.flat()) this.checkProcess(m.processId);
+    await this.drain();
+    if (this.failure !== undefined) throw this.failure;
+    let added = 0;
+    this.transaction('index shared pages for every process that maps them', () => {
+      added = shareAcrossProcesses(this.host.db, files);
+    });
+    return added;
   }
 
   /**

@@ -6,6 +6,8 @@ import { bytes, micros, millis } from '../format.js';
 import { defineCommand } from './types.js';
 import { numberOption, positiveInteger } from '../args.js';
 import { STORE_PRIORITIES, type StorePriority } from '../../store/priority.js';
+import { resolveGroup } from '../../core/group-members.js';
+import { runGroupSnapshot } from './snapshot-group.js';
 
 /**
  * The percentage counts pages with data only: zero pages are found in bulk
@@ -66,11 +68,18 @@ export function summary(r: SnapshotResult): string[] {
 }
 
 export const snapshotCommand = defineCommand({
-  command: 'snapshot <pid>',
-  describe: 'Snapshot the memory of a running process; it is stopped only while its memory is write-protected',
+  command: 'snapshot [pid..]',
+  describe: 'Snapshot the memory of running processes (one, or several at one instant); they are stopped only while their memory is write-protected',
   builder: (y) =>
     y
-      .positional('pid', { type: 'string', describe: 'process to snapshot', demandOption: true, coerce: positiveInteger('a pid') })
+      .positional('pid', {
+        type: 'string',
+        array: true,
+        describe: 'process(es) to snapshot; several are snapshotted at one instant, their shared memory saved once',
+        coerce: (raw: string[]) => raw.map(positiveInteger('a pid')),
+      })
+      .option('tree', { type: 'boolean', default: false, describe: 'also every descendant of the named processes (one instant for all)' })
+      .option('cgroup', { type: 'string', describe: 'every process of this cgroup v2 directory (e.g. /sys/fs/cgroup/app), one instant for all' })
       .option('name', {
         type: 'string',
         describe: 'a unique name to refer to the snapshot by',
@@ -122,12 +131,36 @@ export const snapshotCommand = defineCommand({
         describe: 'MiB of memory for copied pages waiting for the store (default: the target\'s resident size, at most a quarter of the available memory and 4 GiB)',
       }),
   async handler(args, ctx: CommandContext) {
+    const named = args.pid ?? [];
+    const asGroup = named.length > 1 || args.tree || args.cgroup !== undefined;
+    if (!asGroup && named.length === 0) throw usageError('name the process to snapshot: wpsnap snapshot <pid> (or several pids, --tree, --cgroup DIR)');
+    if (asGroup && (args.parent !== undefined || args.track)) throw usageError('--parent and --track take one process: a group snapshot (several pids, --tree, --cgroup) has no generations yet');
+    // Members are read before the store is opened: a bad pid or cgroup costs nothing.
+    const members = asGroup ? resolveGroup({ pids: args.tree ? [] : named, ...(args.tree ? { tree: named } : {}), ...(args.cgroup === undefined ? {} : { cgroup: args.cgroup }) }) : named;
     const binding = ctx.binding();
     const store = await ctx.openStore(args.store);
-    const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: `protecting pid ${args.pid} (the pause)` }).start() : null;
+    const pid = members[0]!;
+    const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: asGroup ? `stopping ${members.length} processes (the pause)` : `protecting pid ${pid} (the pause)` }).start() : null;
     let lastLine = 0;
     try {
-      const result = await snapshotProcess(binding, store, args.pid, {
+      if (asGroup) {
+        await runGroupSnapshot(ctx, binding, store, members.map((m) => ({ pid: m })), {
+          ...(args.name === undefined ? {} : { name: args.name }),
+          ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6, rateMBps: args.rate }),
+          ...(args.maxSharedCopy === undefined ? {} : { maxSharedCopyBytes: args.maxSharedCopy * 1024 * 1024 }),
+          preProtect: args.preProtect,
+          priority: args.priority ?? defaultPriority(process.env['WPSNAP_PRIORITY']),
+          staging: {
+            dir: args.stagingDir,
+            maxBytes: args.stagingMax === undefined ? undefined : args.stagingMax * 1024 * 1024,
+            memoryBytes: args.stagingMemory === undefined ? undefined : args.stagingMemory * 1024 * 1024,
+          },
+          signal: ctx.signal,
+          json: args.json,
+        }, spinner);
+        return;
+      }
+      const result = await snapshotProcess(binding, store, pid, {
         ...(args.name === undefined ? {} : { name: args.name }),
         ...(args.parent === undefined ? {} : { parent: args.parent }),
         ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6 }),
@@ -143,10 +176,10 @@ export const snapshotCommand = defineCommand({
         signal: ctx.signal,
         onProgress: (p) => {
           if (spinner) {
-            spinner.text = `pid ${args.pid}: ${progressLine(p, args.rate)}`;
+            spinner.text = `pid ${pid}: ${progressLine(p, args.rate)}`;
           } else if (!args.json && p.elapsedMillis - lastLine >= 1000) {
             lastLine = p.elapsedMillis;
-            println(ctx.stderr, `pid ${args.pid}: ${progressLine(p, args.rate)}`);
+            println(ctx.stderr, `pid ${pid}: ${progressLine(p, args.rate)}`);
           }
         },
       });

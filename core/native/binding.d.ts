@@ -64,6 +64,10 @@ export interface EngineRegion {
   zeroRanges?: BigUint64Array;
   /** [start, end, …] of pages settled during the pause (copied then, or listed lost): never copied by the engine. */
   savedRanges?: BigUint64Array;
+  /** kind 1: no process held a writable fd on the file at T, so only mappings write it and they fault: no times proof. */
+  noFdWriters?: boolean;
+  /** kind 1, in a group (engineRun's group): the page states are the group's for this file, shared with the other members' engines. */
+  groupShared?: boolean;
 }
 
 /** What engineCreate needs: everything but the userfaultfd and the regions, known before the pause. */
@@ -103,6 +107,8 @@ export interface EngineRunOptions {
    */
   unwritten?: BigUint64Array;
   writtenAtInstant?: BigUint64Array;
+  /** A member of a process group (groupCreate): its groupShared regions' page states are the group's. */
+  group?: NativeHandle;
 }
 
 /** engineCreate and engineRun in one call (tests and tools that need no pause in between). */
@@ -258,7 +264,7 @@ export interface NativeBinding extends LazyServerBinding, AgentSocketBinding {
    */
   freeze(pid: number, withThreads?: boolean, options?: { tidAddresses?: boolean; syscallInsn?: bigint }): NativeHandle;
   /** Start the tracer helper (wpsnap_tracer) now, so that the next freeze() does not spend the pause on it. */
-  prepareFreeze(): void;
+  prepareFreeze(count?: number): void;
   /** Registers of every frozen thread, as captured at the freeze. */
   frozenThreads(handle: NativeHandle): FrozenThread[];
   /** Run one syscall in a frozen thread (at insnAddress, a `syscall` instruction)
@@ -310,6 +316,13 @@ export interface NativeBinding extends LazyServerBinding, AgentSocketBinding {
   engineCreate(options: EngineCreateOptions, onMessage: (message: EngineMessage) => void): NativeHandle;
   /** Give the engine the protected regions (in the pause, right before the resume). */
   engineRun(handle: NativeHandle, options: EngineRunOptions): void;
+  /**
+   * A process group's shared files (st_dev, st_ino, pages spanned in any member's mapping), every page
+   * unsaved: the members' engines (engineRun's group) copy each page of them once (engine_group.c).
+   */
+  groupCreate(objects: Array<{ dev: bigint; ino: bigint; pages: number }>): NativeHandle;
+  /** Once every engine is done: the pages of the group's shared files no engine saved nor lost, [first, end) page pairs. */
+  groupUnsaved(handle: NativeHandle): Array<{ dev: bigint; ino: bigint; pages: BigUint64Array }>;
   /** Start the snapshot: the engine thread serves faults and sweeps from now on (right after the resume). */
   engineGo(handle: NativeHandle): void;
   /** End an engine that never ran; a no-op once it ran. */

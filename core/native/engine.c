@@ -161,6 +161,7 @@ static void engine_free(engine_t *e) {
   if (e->wake_fd >= 0) close(e->wake_fd);
   track_state_free(&e->track);
   pthread_mutex_destroy(&e->pool_lock);
+  group_unref(e->group);
   free(e);
 }
 
@@ -341,8 +342,16 @@ static napi_value js_engine_run(napi_env env, napi_callback_info info) {
   if (!prop_int32(env, argv[1], "uffd", &uffd) || napi_get_named_property(env, argv[1], "regions", &regions) != napi_ok)
     return throw_type(env, "engineRun: uffd and regions are required");
   e->uffd = uffd;
-  napi_value kv;
+  napi_value kv, gv;
+  napi_valuetype gt = napi_undefined;
   if (napi_get_named_property(env, argv[1], "keep", &kv) == napi_ok) arg_bool(env, kv, &e->keep);
+  if (napi_get_named_property(env, argv[1], "group", &gv) == napi_ok) napi_typeof(env, gv, &gt);
+  if (gt != napi_undefined) {
+    engine_group_t *g = group_of(env, gv);
+    if (g == NULL || e->keep) return throw_type(env, "engineRun: group must be a groupCreate handle (and a group's engine keeps nothing)");
+    if (e->group == NULL) group_ref(g);
+    e->group = g;
+  }
   parent_pages_t pp = {0};
   napi_value uv, wv;
   napi_valuetype ut = napi_undefined, wt = napi_undefined;

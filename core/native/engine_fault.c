@@ -176,7 +176,16 @@ void handle_remap(engine_t *e, uint64_t from, uint64_t to, uint64_t len) {
   }
 }
 
+static void handle_message_locked(engine_t *e, const struct uffd_msg *m, uint64_t read_ns);
+
+/* In a group every message is handled under the group's lock (engine_group.c). */
 void handle_message(engine_t *e, const struct uffd_msg *m, uint64_t read_ns) {
+  group_enter(e);
+  handle_message_locked(e, m, read_ns);
+  group_leave(e);
+}
+
+static void handle_message_locked(engine_t *e, const struct uffd_msg *m, uint64_t read_ns) {
   if (e->keep && m->event != UFFD_EVENT_PAGEFAULT) track_log_event(&e->track, m);
   switch (m->event) {
   case UFFD_EVENT_PAGEFAULT:
@@ -196,14 +205,17 @@ void handle_message(engine_t *e, const struct uffd_msg *m, uint64_t read_ns) {
     handle_remap(e, m->arg.remap.from, m->arg.remap.to, m->arg.remap.len);
     break;
   case UFFD_EVENT_FORK:
-    /* The fork waits for this read, but the read completes it: from now on
-     * the child can write the shared memory without faulting here. Unsaved
-     * shared pages therefore have no instant T any more: list them lost.
-     * Closing the child's context releases the child. */
+    /* The child inherits the protection under its own context (the fork's
+     * ufd): its writes to the shared memory wait on that context until it is
+     * closed, and then go through without a fault here. So every unsaved
+     * shared page is saved now, from the file, and only then is the child's
+     * context closed (which releases the child); what cannot be saved is
+     * lost, never stored wrong. */
     atomic_fetch_add(&e->events, 1);
     for (size_t si = 0; si < e->nsegs; si++) {
       segment_t *s = &e->segs[si];
-      if (s->kind != KIND_FILE) continue;
+      if (s->kind != KIND_FILE || s->gone) continue;
+      save_file_now(e, s);
       lose_unsaved(e, s, LOST_SHARED);
     }
     close((int)m->arg.fork.ufd);

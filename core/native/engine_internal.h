@@ -64,6 +64,8 @@ typedef struct {
   bool may_thp;       /* anonymous, and held PMD-mapped huge pages at the start (see thp_block) */
   bool gone;          /* unmapped: its old address range belongs to other mappings now */
   bool whole_tried;   /* KIND_FILE: save_file_whole ran for this file */
+  bool no_fd_writers; /* KIND_FILE: no process held a writable fd on it at T: only mappings write it, and they fault */
+  bool group_shared;  /* KIND_FILE: state points into the group's object (engine_group.c), shared with other members' engines */
   uint8_t *state;     /* one byte per 4 KiB page of this piece */
 } segment_t;
 
@@ -118,8 +120,11 @@ extern const char *const zero_reason_names[ZERO_REASON_COUNT];
 /* pages_with_data(): an unsaved page gone without an event (listed lost, not zero). */
 #define WHY_VANISHED 0xff
 
+typedef struct engine_group engine_group_t;
+
 typedef struct {
   pid_t pid;
+  engine_group_t *group; /* a member of a process group's snapshot: its shared objects' states and lock (engine_group.c) */
   int uffd;
   int pidfd;
   int pagemap_fd;
@@ -329,6 +334,15 @@ typedef struct {
 
 /* Parse engineRun's regions into segments (engine_regions.c); NULL, or the exception thrown. */
 napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const parent_pages_t *pp);
+/* engine_group.c: a process group's shared objects. */
+void group_ref(engine_group_t *g);
+void group_unref(engine_group_t *g);
+void group_enter(engine_t *e); /* the group's lock, around anything that reads or changes page states; no-op outside a group */
+void group_leave(engine_t *e);
+uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages);
+engine_group_t *group_of(napi_env env, napi_value v);
+/* Every unsaved page of a shared-file segment, copied (pread) and proven now, in batch-sized runs (engine_segments.c). */
+void save_file_now(engine_t *e, segment_t *s);
 void keep_prepare(engine_t *e);
 void keep_main(engine_t *e);
 void *engine_thread(void *arg);

@@ -41,6 +41,10 @@ napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const pa
     prop_int32(env, r, "kind", &kind);
     prop_int32(env, r, "fd", &fd);
     prop_uint64(env, r, "fileOffset", &file_off);
+    bool no_fd_writers = false, shared = false;
+    napi_value bv;
+    if (napi_get_named_property(env, r, "noFdWriters", &bv) == napi_ok) arg_bool(env, bv, &no_fd_writers);
+    if (napi_get_named_property(env, r, "groupShared", &bv) == napi_ok) arg_bool(env, bv, &shared);
     /* A shared file's pages are proven against its times at T: required. */
     uint64_t ctime_ns = 0, mtime_ns = 0;
     struct stat fst = {0};
@@ -52,9 +56,17 @@ napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const pa
     if (page_size < 4096 || (page_size & (page_size - 1)) || page_size > (2 << 20))
       return throw_type(env, "engineRun: pageSize must be 4096..2097152, a power of two");
     uint64_t npages = (end - start) / PG;
-    uint8_t *state = calloc(npages, 1);
-    if (state == NULL) return throw_errno(env, ENOMEM, "calloc", "page states of a %llu-page region", (unsigned long long)npages);
-    e->state_blocks[e->nblocks++] = state;
+    uint8_t *state;
+    shared = shared && kind == KIND_FILE;
+    if (shared) { /* the group's states of this object, shared with the other members' engines */
+      if (e->group == NULL || (file_off & (PG - 1)) ||
+          (state = group_states(e->group, (uint64_t)fst.st_dev, (uint64_t)fst.st_ino, file_off / PG, npages)) == NULL)
+        return throw_type(env, "engineRun: a groupShared region needs the run's group, holding its file and every page it maps");
+    } else {
+      state = calloc(npages, 1);
+      if (state == NULL) return throw_errno(env, ENOMEM, "calloc", "page states of a %llu-page region", (unsigned long long)npages);
+      e->state_blocks[e->nblocks++] = state;
+    }
     /* zeroRanges: pages known to be never touched at T that were left
      * unprotected (sparse reservations): zero, and never to be read. */
     napi_value zv;
@@ -92,7 +104,10 @@ napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const pa
     if (s == NULL) return throw_errno(env, ENOMEM, "realloc", "engine segments");
     *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,
                      .fd = fd, .file_off = file_off, .file_dev = (uint64_t)fst.st_dev, .file_ino = (uint64_t)fst.st_ino,
-                     .ctime_ns_at_t = ctime_ns, .mtime_ns_at_t = mtime_ns, .hugetlb = hugetlb, .state = state};
+                     .ctime_ns_at_t = ctime_ns, .mtime_ns_at_t = mtime_ns, .hugetlb = hugetlb, .state = state,
+                     .no_fd_writers = no_fd_writers && kind == KIND_FILE, .group_shared = shared,
+                     /* without fd writers no proof is needed, so neither is the whole-file copy made for one */
+                     .whole_tried = no_fd_writers && kind == KIND_FILE};
     e->total_pages += npages;
   }
   return NULL;

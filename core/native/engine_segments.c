@@ -58,6 +58,9 @@ void seg_split(engine_t *e, size_t i, uint64_t off) {
 uint64_t ts_ns(struct timespec t) { return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec; }
 
 bool file_unchanged_since_t(segment_t *s) {
+  /* Only an fd writes a file without a fault (a write through a mapping after
+   * its unprotect sets the times too, and would fail the proof for nothing). */
+  if (s->no_fd_writers) return true;
   (void)lseek(s->fd, 0, SEEK_DATA); /* a barrier only: waits for a change holding the inode lock */
   struct stat st;
   if (fstat(s->fd, &st) != 0) return false;
@@ -181,6 +184,32 @@ void save_file_whole(engine_t *e, segment_t *first) {
     }
   }
   free(buf);
+}
+
+void save_file_now(engine_t *e, segment_t *s) {
+  for (uint64_t o = 0; o < s->len && !e->fatal_err;) {
+    if (s->state[o / PG] != PAGE_UNSAVED) {
+      o += PG;
+      continue;
+    }
+    uint64_t end = o;
+    while (end < s->len && end - o < 64 * PG && s->state[end / PG] == PAGE_UNSAVED) end += PG;
+    uint32_t npg = (uint32_t)((end - o) / PG);
+    uint8_t *dst = reserve(e, npg, true);
+    if (dst == NULL) return; /* the engine has failed (no batch memory) */
+    if (seg_copy(e, s, o, end - o, dst) != 0) {
+      memset(s->state + o / PG, PAGE_LOST, npg);
+      add_lost(e, s->t_start + o, npg, LOST_READ_FAILED);
+    } else if (!file_unchanged_since_t(s)) {
+      lose_file(e, s);
+      return;
+    } else {
+      memset(s->state + o / PG, PAGE_SAVED, npg);
+      commit(e, s->t_start + o, npg, true);
+      atomic_fetch_add(&e->pages_fault, npg);
+    }
+    o = end;
+  }
 }
 
 bool is_zero_page_entry(engine_t *e, uint64_t pm) {

@@ -276,7 +276,9 @@ static loop_work_t sweep_work(void *owner, int *wait_ms) {
    * heartbeat thread runnable for 60 ms to seconds at 8 GiB, perf sched).
    * Faults and the wait for them keep ENGINE_NICE (engine_nice below). */
   if (e->sweep_nice) engine_nice(e, SWEEP_NICE);
+  group_enter(e);
   int r = sweep_step(e, wait_ms);
+  group_leave(e);
   if (r == SWEEP_PROGRESS) return LOOP_PROGRESS;
   engine_nice(e, ENGINE_NICE);
   if (r == SWEEP_DONE) {
@@ -372,16 +374,23 @@ void engine_main(engine_t *e) {
    * us (do_shared_fault calls fault_dirty_shared_page first), just as a write
    * through an fd does: the sooner the whole file is proven, the fewer such
    * writes can make it unprovable. */
+  group_enter(e);
   for (size_t i = 0; i < e->nsegs && !e->fatal_err; i++)
     if (e->segs[i].kind == KIND_FILE && !e->segs[i].whole_tried) save_file_whole(e, &e->segs[i]);
+  group_leave(e);
   if (!e->fatal_err) fault_loop_run(&e->loop);
   if (!e->sweep_done) {
-    /* Stopped early: whatever is unsaved is not in the snapshot. */
+    /* Stopped early: whatever is unsaved is not in the snapshot. A group's
+     * shared pages stay unsaved for the other members' engines (a member's
+     * exit does not change them); what none saves is listed lost at the end
+     * (groupUnsaved). */
     int reason = e->gone_reason >= 0 ? e->gone_reason : LOST_INTERRUPTED;
+    group_enter(e);
     for (size_t i = 0; i < e->nsegs; i++) {
       segment_t *s = &e->segs[i];
-      lose_unsaved(e, s, reason);
+      if (!s->group_shared) lose_unsaved(e, s, reason);
     }
+    group_leave(e);
   }
   flush_current(e);
   if (e->gone_reason < 0 && !e->keep) unregister_all(e);

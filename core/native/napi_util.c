@@ -147,6 +147,7 @@ static const napi_type_tag HANDLE_TAGS[] = {
     [HANDLE_ENGINE] = {0x77707370656e6731ULL, 0x9b1e5c3a2f4d6e01ULL},
     [HANDLE_FREEZE] = {0x77707370667a7231ULL, 0x9b1e5c3a2f4d6e02ULL},
     [HANDLE_TRACKER] = {0x7770737074726b31ULL, 0x9b1e5c3a2f4d6e03ULL},
+    [HANDLE_GROUP] = {0x7770737067727031ULL, 0x9b1e5c3a2f4d6e04ULL},
 };
 
 napi_status make_handle(napi_env env, void *data, napi_finalize finalize, handle_kind_t kind, napi_value *out) {

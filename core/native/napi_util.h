@@ -33,10 +33,16 @@ bool arg_u64_groups(napi_env env, napi_value v, size_t group, const uint64_t **d
 bool prop_uint64(napi_env env, napi_value obj, const char *name, uint64_t *out);
 bool prop_int32(napi_env env, napi_value obj, const char *name, int32_t *out);
 
+/* size_t argc and napi_value argv[n] of the current call (argc: how many were passed, at most n). */
+#define CALL_ARGS(n)        \
+  size_t argc = (n);        \
+  napi_value argv[(n)];     \
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL))
+
 /* Native handles are externals tagged with their kind (napi_type_tag_object),
  * so that a handle of one kind passed where another is expected is refused,
  * not reinterpreted. */
-typedef enum { HANDLE_ENGINE = 1, HANDLE_FREEZE = 2, HANDLE_TRACKER = 3 } handle_kind_t;
+typedef enum { HANDLE_ENGINE = 1, HANDLE_FREEZE = 2, HANDLE_TRACKER = 3, HANDLE_GROUP = 4 } handle_kind_t;
 /* An external wrapping data, tagged as kind; finalize runs when JS drops it. */
 napi_status make_handle(napi_env env, void *data, napi_finalize finalize, handle_kind_t kind, napi_value *out);
 /* The data of a handle of this kind, or NULL if v is not one (another kind, or not a handle). */

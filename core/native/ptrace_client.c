@@ -1,10 +1,7 @@
-/* freeze / frozenThreads / injectSyscall(InThread) / cloneThread /
- * doomOnAbandon / injectionThreadRsp / thaw: the
- * tracer (tracer.h) runs in wpsnap-tracer, a helper process started by
- * prepareFreeze() (or by freeze() itself) and ended by thaw(); these
- * functions send it requests (tracer_protocol.h) and wait for its replies.
- * If wpsnap dies, the helper sees the socket close and puts the target back
- * as it was. */
+/* freeze / frozenThreads / injectSyscall(InThread) / cloneThread / doomOnAbandon / injectionThreadRsp / thaw:
+ * the tracer (tracer.h) runs in wpsnap-tracer, a helper process started by prepareFreeze() (or by freeze()
+ * itself) and ended by thaw(); these functions send it requests (tracer_protocol.h) and wait for its
+ * replies. If wpsnap dies, the helper sees the socket close and puts the target back as it was. */
 #include "addon.h"
 #include "constants.h"
 #include "napi_util.h"
@@ -25,12 +22,6 @@
 #include <unistd.h>
 
 extern char **environ;
-
-/* size_t argc and napi_value argv[n] of the current call (argc: how many were passed, at most n). */
-#define CALL_ARGS(n)        \
-  size_t argc = (n);        \
-  napi_value argv[(n)];     \
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL))
 
 typedef struct {
   thread_record_t rec;
@@ -183,29 +174,36 @@ static int spawn_helper(const char **what) {
   return pair[0];
 }
 
-/* A helper started ahead by prepareFreeze(), for the next freeze(). */
-static int spare_sock = -1;
+/* Helpers started ahead by prepareFreeze(n), one per freeze to come (a group freezes every member); a
+ * helper that released its target is kept while fewer than the last n wait. */
+#define MAX_SPARES 64
+static int spares[MAX_SPARES], nspares, spares_wanted = 1;
 
 /* After RELEASE (its reply, or NULL if none came): a helper that released the
  * target becomes the spare for the next freeze; otherwise the connection ends
  * (if the helper is gone, it thawed the target as it went). */
 static void keep_or_end(client_t *c, const reply_t *released) {
-  if (released != NULL && released->err == 0 && released->len == 0 && spare_sock < 0) {
-    spare_sock = c->sock;
+  if (released != NULL && released->err == 0 && released->len == 0 && nspares < spares_wanted) {
+    spares[nspares++] = c->sock;
     c->sock = -1;
   } else {
     client_end(c);
   }
 }
 
-/* prepareFreeze(): start the tracer helper now, so that the next freeze()
- * does not spend the target's pause starting a process. */
+/* prepareFreeze(n = 1): start tracer helpers now, until n wait, so that the
+ * next n freeze() calls do not spend a pause starting a process. */
 static napi_value js_prepare_freeze(napi_env env, napi_callback_info info) {
-  if (spare_sock >= 0) return NULL;
-  const char *what = "";
-  int sock = spawn_helper(&what);
-  if (sock < 0) return throw_errno(env, -sock, "posix_spawn", "%s", what);
-  spare_sock = sock;
+  CALL_ARGS(1);
+  int32_t wanted = 1;
+  if (argc >= 1 && !arg_int32(env, argv[0], &wanted)) return throw_type(env, "prepareFreeze(count?)");
+  spares_wanted = wanted < 1 ? 1 : wanted > MAX_SPARES ? MAX_SPARES : wanted;
+  while (nspares < wanted && nspares < MAX_SPARES) {
+    const char *what = "";
+    int sock = spawn_helper(&what);
+    if (sock < 0) return throw_errno(env, -sock, "posix_spawn", "%s", what);
+    spares[nspares++] = sock;
+  }
   return NULL;
 }
 
@@ -237,8 +235,7 @@ static napi_value js_freeze(napi_env env, napi_callback_info info) {
     return throw_type(env, "freeze(pid, withThreads?, options?)");
   if (argc >= 3 && !freeze_options(env, argv[2], &with)) return NULL;
   with.pid = pid;
-  int sock = spare_sock;
-  spare_sock = -1;
+  int sock = nspares > 0 ? spares[--nspares] : -1;
   if (sock < 0) {
     const char *what = "";
     sock = spawn_helper(&what);

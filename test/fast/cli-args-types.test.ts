@@ -16,7 +16,9 @@ type ArgsOf<C> = C extends CommandSpec<infer A> ? ArgumentsCamelCase<A> : never;
 
 describe('command argument types', () => {
   it('are inferred from the options each command defines', () => {
-    expectTypeOf<ArgsOf<typeof snapshotCommand>['pid']>().toEqualTypeOf<number>();
+    expectTypeOf<ArgsOf<typeof snapshotCommand>['pid']>().toEqualTypeOf<number[] | undefined>();
+    expectTypeOf<ArgsOf<typeof snapshotCommand>['tree']>().toEqualTypeOf<boolean>();
+    expectTypeOf<ArgsOf<typeof snapshotCommand>['cgroup']>().toEqualTypeOf<string | undefined>();
     expectTypeOf<ArgsOf<typeof snapshotCommand>['rate']>().toEqualTypeOf<number | undefined>();
     expectTypeOf<ArgsOf<typeof snapshotCommand>['maxSharedCopy']>().toEqualTypeOf<number | undefined>();
     expectTypeOf<ArgsOf<typeof snapshotCommand>['name']>().toEqualTypeOf<string | undefined>();
@@ -30,6 +32,6 @@ describe('command argument types', () => {
     expectTypeOf<ArgsOf<typeof lsCommand>['store']>().toEqualTypeOf<string | undefined>();
     // An option a command does not define is only yargs' catch-all unknown.
     expectTypeOf<ArgsOf<typeof lsCommand>['pid']>().toEqualTypeOf<unknown>();
-    expect(snapshotCommand.command).toBe('snapshot <pid>');
+    expect(snapshotCommand.command).toBe('snapshot [pid..]');
   });
 });
