@@ -129,6 +129,10 @@ if (isEntryPoint()) {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  // A reader that stopped reading (`wpsnap show | head`) costs the rest of the output, never the command.
+  for (const stream of [process.stdout, process.stderr]) stream.on('error', (error: NodeJS.ErrnoException) => {
+    if (error.code !== 'EPIPE') throw error;
+  });
   const code = await main(process.argv.slice(2), defaultContext(controller.signal));
   // process.exit() does not wait for a pipe to drain: a large --json document
   // to a slow reader would be cut off. Flush stdout and stderr first.
