@@ -76,7 +76,10 @@ describe('a usage error changes nothing', () => {
     ['demo, unknown option', ['demo', '--mibs', '4'], 'unknown option: --mibs'],
     ['demo, bad --mib', ['demo', '--mib', 'abc'], '--mib must be a positive number of MiB, not "abc"'],
     ['snapshot, not a pid', ['snapshot', 'abc'], 'not a pid: "abc"'],
-    ['snapshot, no pid', ['snapshot'], 'missing <pid>: wpsnap snapshot <pid>'],
+    ['snapshot, no pid', ['snapshot'], 'name the process to snapshot: wpsnap snapshot <pid> (or several pids, --tree, --cgroup DIR)'],
+    ['snapshot, a group with --parent', ['snapshot', 'PID', '1', '--parent', '1'], '--parent and --track take one process: a group snapshot (several pids, --tree, --cgroup) has no generations yet'],
+    ['snapshot, --cgroup not a cgroup', ['snapshot', '--cgroup', '/tmp'], '--cgroup /tmp: not a cgroup v2 directory (mounted at /sys/fs/cgroup)'],
+    ['snapshot, --cgroup missing', ['snapshot', '--cgroup', '/sys/fs/cgroup/wpsnap-no-such-group'], '--cgroup /sys/fs/cgroup/wpsnap-no-such-group: no such cgroup'],
   ];
   it.each(cases)('%s: exit 2, one line naming it, store and target untouched', async (_name, argv, message) => {
     const out = join(dir, 'OUT');
