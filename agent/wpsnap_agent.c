@@ -55,9 +55,8 @@ typedef struct {
   _Atomic uint32_t held_count;
   size_t count, cap;
   slot_t *slots;
-  size_t bytes; /* of this mapping */
-  void *reply;  /* the FROZEN message, unmapped with the round: not while the controller plans */
-  size_t reply_bytes;
+  uint8_t *reply; /* the FROZEN message, reply_cap bytes */
+  size_t reply_cap;
 } round_t;
 
 static char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -227,31 +226,45 @@ static int recv_message(int fd, struct wpsnap_agent_header *h, void *payload, si
 
 /* ---- FREEZE ---- */
 
-static round_t *round_create(size_t cap) {
+/* The one round, mapped once when the agent starts and never unmapped: an
+ * unmap after a thaw would take pages the controller has not saved yet (a
+ * snapshot would list them lost), and mmap, not malloc, because a held thread
+ * may hold malloc's lock. The pages a round never touches stay unpopulated. */
+static round_t *round_map(size_t cap) {
   size_t slot_bytes = sizeof(slot_t) + ((xstate_cap + 63) & ~(size_t)63);
-  size_t bytes = sizeof(round_t) + cap * slot_bytes;
-  /* mmap, not malloc: a held thread may hold malloc's lock. */
-  void *m = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  size_t record_bytes = sizeof(struct wpsnap_agent_thread) + WPSNAP_AGENT_REGS_BYTES + WPSNAP_AGENT_FPREGS_BYTES + ((xstate_cap + 7) & ~(size_t)7);
+  size_t reply_cap = sizeof(struct wpsnap_agent_frozen) + cap * record_bytes;
+  size_t bytes = sizeof(round_t) + cap * slot_bytes + reply_cap;
+  void *m = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED) return NULL;
   round_t *r = m;
   r->cap = cap;
-  r->bytes = bytes;
   r->slots = (slot_t *)(r + 1);
   uint8_t *xs = (uint8_t *)(r->slots + cap);
   for (size_t i = 0; i < cap; i++) r->slots[i].xstate = xs + i * (slot_bytes - sizeof(slot_t));
+  r->reply = xs + cap * (slot_bytes - sizeof(slot_t));
+  r->reply_cap = reply_cap;
   return r;
 }
 
-/* Open the gate, wait until no handler runs any more, unmap the round. */
+static void round_begin(round_t *r) {
+  for (size_t i = 0; i < r->count; i++) {
+    r->slots[i].tid = 0;
+    atomic_store(&r->slots[i].held, 0);
+  }
+  r->count = 0;
+  atomic_store(&r->gate, 0);
+  atomic_store(&r->held_count, 0);
+  atomic_store(&current_round, r);
+}
+
+/* Open the gate and wait until no handler runs any more. */
 static void round_release(round_t *r) {
-  if (r == NULL) return;
   atomic_store(&r->gate, 1);
   futex(&r->gate, FUTEX_WAKE, INT32_MAX, NULL);
   atomic_store(&current_round, NULL);
   struct timespec tick = {0, 100000};
   while (atomic_load(&handlers_inside) > 0) nanosleep(&tick, NULL);
-  if (r->reply != NULL) munmap(r->reply, r->reply_bytes);
-  munmap(r, r->bytes);
 }
 
 static bool round_has(const round_t *r, pid_t tid) {
@@ -336,72 +349,39 @@ static int wait_held(round_t *r, uint64_t deadline) {
   }
 }
 
-/* Hold every thread; the round, or NULL with *err set (every thread released). */
-static round_t *freeze_all(uint32_t timeout_ms, int *err, const char **what) {
-  *err = install_handler();
+/* Hold every thread: 0, or an errno and what failed (every thread released). */
+static int freeze_all(round_t *r, uint32_t timeout_ms, const char **what) {
   *what = "sigaction";
-  if (*err != 0) return NULL;
-  round_t *r = round_create(MAX_THREADS);
-  *what = "mmap";
-  if (r == NULL) {
-    *err = ENOMEM;
-    return NULL;
-  }
-  atomic_store(&current_round, r);
+  int err = install_handler();
+  if (err != 0) return err;
+  round_begin(r);
   uint64_t deadline = now_ms() + (timeout_ms == 0 ? DEFAULT_FREEZE_MS : timeout_ms);
   /* Threads created meanwhile are caught by the next listing: stop once one finds none new. */
   for (;;) {
     long added = signal_new_threads(r);
     *what = "list /proc/self/task";
     if (added < 0) {
-      *err = (int)-added;
+      err = (int)-added;
       break;
     }
     *what = "hold every thread (one blocks the agent's signal?)";
-    *err = wait_held(r, deadline);
-    if (*err != 0 || added == 0) break;
+    err = wait_held(r, deadline);
+    if (err != 0 || added == 0) break;
   }
-  if (*err == 0) {
-    /* Only the held ones are records: drop slots of threads that exited. */
-    size_t kept = 0;
-    for (size_t i = 0; i < r->count; i++)
-      if (atomic_load(&r->slots[i].held) != 0) {
-        if (kept != i) {
-          r->slots[kept].tid = r->slots[i].tid;
-          r->slots[kept].self = r->slots[i].self;
-          r->slots[kept].xstate_len = r->slots[i].xstate_len;
-          r->slots[kept].sigmask = r->slots[i].sigmask;
-          memcpy(r->slots[kept].regs, r->slots[i].regs, sizeof r->slots[i].regs);
-          memcpy(r->slots[kept].fpregs, r->slots[i].fpregs, sizeof r->slots[i].fpregs);
-          memcpy(r->slots[kept].xstate, r->slots[i].xstate, r->slots[i].xstate_len);
-        }
-        kept++;
-      }
-    r->count = kept;
-    return r;
-  }
-  round_release(r);
-  return NULL;
+  if (err != 0) round_release(r);
+  return err;
 }
 
-/* FROZEN with the records and a new userfaultfd, whose copy here is closed at
- * once. Nothing is unmapped until the thaw: the controller is reading the
- * address space meanwhile. */
+/* FROZEN with the records of the held threads and a new userfaultfd, whose
+ * copy here is closed at once. */
 static int send_frozen(int sock, round_t *r) {
-  size_t bytes = sizeof(struct wpsnap_agent_frozen);
-  for (size_t i = 0; i < r->count; i++)
-    bytes += sizeof(struct wpsnap_agent_thread) + WPSNAP_AGENT_REGS_BYTES + WPSNAP_AGENT_FPREGS_BYTES + ((r->slots[i].xstate_len + 7u) & ~7u);
-  if (bytes > WPSNAP_AGENT_MAX_PAYLOAD) return send_error(sock, EOVERFLOW, "too many threads for one message");
-  uint8_t *msg = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (msg == MAP_FAILED) return send_error(sock, ENOMEM, "mmap");
-  r->reply = msg;
-  r->reply_bytes = bytes;
-  struct wpsnap_agent_frozen head = {.threads = (uint32_t)r->count};
-  size_t at = 0;
-  memcpy(msg, &head, sizeof head);
-  at += sizeof head;
+  uint8_t *msg = r->reply;
+  size_t at = sizeof(struct wpsnap_agent_frozen);
+  uint32_t held = 0;
   for (size_t i = 0; i < r->count; i++) {
     const slot_t *s = &r->slots[i];
+    if (atomic_load(&s->held) == 0) continue; /* its thread exited before the handler ran */
+    held++;
     struct wpsnap_agent_thread t = {.tid = (uint32_t)s->tid, .xstate_len = s->xstate_len, .sigmask = s->sigmask};
     memcpy(msg + at, &t, sizeof t);
     at += sizeof t;
@@ -410,12 +390,17 @@ static int send_frozen(int sock, round_t *r) {
     memcpy(msg + at, s->fpregs, WPSNAP_AGENT_FPREGS_BYTES);
     at += WPSNAP_AGENT_FPREGS_BYTES;
     memcpy(msg + at, s->xstate, s->xstate_len);
-    at += (s->xstate_len + 7u) & ~7u; /* the padding is the mapping's zeros */
+    size_t padded = (s->xstate_len + 7u) & ~7u;
+    memset(msg + at + s->xstate_len, 0, padded - s->xstate_len);
+    at += padded;
   }
+  struct wpsnap_agent_frozen head = {.threads = held};
+  memcpy(msg, &head, sizeof head);
+  if (at > WPSNAP_AGENT_MAX_PAYLOAD) return send_error(sock, EOVERFLOW, "too many threads for one message");
   /* The controller needs write-protect, so no UFFD_USER_MODE_ONLY: a process
    * that may not create one says so in an ERROR. */
   int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-  int err = uffd < 0 ? send_error(sock, errno, "userfaultfd(O_CLOEXEC|O_NONBLOCK)") : send_message(sock, WPSNAP_AGENT_FROZEN, msg, (uint32_t)bytes, uffd);
+  int err = uffd < 0 ? send_error(sock, errno, "userfaultfd(O_CLOEXEC|O_NONBLOCK)") : send_message(sock, WPSNAP_AGENT_FROZEN, msg, (uint32_t)at, uffd);
   /* The controller must hold the only reference: if it dies, the kernel drops the protection. */
   if (uffd >= 0) close(uffd);
   return err != 0 ? err : uffd < 0 ? -1 : 0;
@@ -470,12 +455,19 @@ static int connect_server(const socket_id_t *avoid, socket_id_t *id) {
 }
 
 /* One connection: HELLO, then requests until DONE (true) or the connection ends (false). */
-static bool serve(int sock) {
+static bool serve(int sock, round_t *r) {
   struct wpsnap_agent_hello hello = {.pid = (uint32_t)own_pid};
 #ifdef WPSNAP_AGENT_LINKED
   hello.flags = WPSNAP_AGENT_HELLO_LINKED;
 #endif
-  prctl(PR_GET_NAME, hello.comm, 0, 0, 0);
+  /* The process's name (its main thread's), not this thread's. */
+  int comm = open("/proc/self/comm", O_RDONLY | O_CLOEXEC);
+  if (comm >= 0) {
+    ssize_t n = read(comm, hello.comm, sizeof hello.comm);
+    for (ssize_t i = 0; i < n; i++)
+      if (hello.comm[i] == '\n') hello.comm[i] = '\0';
+    close(comm);
+  }
   if (send_message(sock, WPSNAP_AGENT_HELLO, &hello, sizeof hello, -1) != 0) return false;
   for (;;) {
     struct wpsnap_agent_header h;
@@ -484,10 +476,9 @@ static bool serve(int sock) {
     if (h.op == WPSNAP_AGENT_DONE) return true;
     if (h.op == WPSNAP_AGENT_THAW) continue; /* nothing held */
     if (h.op != WPSNAP_AGENT_FREEZE) return false;
-    int err;
     const char *what;
-    round_t *r = freeze_all(req.timeout_ms, &err, &what);
-    if (r == NULL) {
+    int err = freeze_all(r, req.timeout_ms, &what);
+    if (err != 0) {
       if (send_error(sock, err, what) != 0) return false;
       continue;
     }
@@ -505,6 +496,8 @@ static void *service_main(void *unused) {
   sigemptyset(&own);
   sigaddset(&own, freeze_signal);
   pthread_sigmask(SIG_UNBLOCK, &own, NULL);
+  round_t *r;
+  while ((r = round_map(MAX_THREADS)) == NULL) sleep_retry();
   socket_id_t served = {0}, id = {0};
   for (;;) {
     int sock = connect_server(&served, &id);
@@ -513,7 +506,7 @@ static void *service_main(void *unused) {
       continue;
     }
     /* After DONE, wait for another server rather than joining this one's next round. */
-    served = serve(sock) ? id : (socket_id_t){0};
+    served = serve(sock, r) ? id : (socket_id_t){0};
     close(sock);
   }
   return NULL;
