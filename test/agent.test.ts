@@ -7,7 +7,9 @@ import { mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { AGENT_FREEZE_TIMEOUT_MS } from '../core/agent-attacher.js';
 import { AgentServer, type AgentMember } from '../core/agent-server.js';
+import { WpsnapError } from '../common/errors.js';
 import { loadBinding } from '../core/binding.js';
 import { mix64 } from '../core/demo/oracle.js';
 import { snapshotProcess } from '../core/snapshot.js';
@@ -349,6 +351,60 @@ setInterval(() => {}, 1000);
     const server = listen(path);
     const member = await joinOne(server);
     expect(member.pid).toBe(app.pid);
+  });
+
+  it('a thread that blocks the agent signal fails the stop with ETIMEDOUT (ERROR from the agent), every other thread runs on', async () => {
+    const path = socketPath();
+    const server = listen(path);
+    const app = await startApp('agentapp', path, ['--stubborn']);
+    const member = await joinOne(server);
+    const attacher = member.attacher(binding, app.pid, -1);
+    const started = Date.now();
+    let caught: unknown;
+    try {
+      attacher.stop();
+    } catch (error) {
+      caught = error;
+    }
+    expect(caught).toBeInstanceOf(WpsnapError);
+    expect((caught as WpsnapError).code).toBe('ETIMEDOUT');
+    expect((caught as WpsnapError).message).toMatch(new RegExp(`agent of pid ${app.pid} could not stop its threads: hold every thread`));
+    expect(Date.now() - started).toBeLessThan(AGENT_FREEZE_TIMEOUT_MS + 1_000);
+    const c = liveCounters(app);
+    await until('every writer runs after the failed freeze', () => liveCounters(app).every((x, i) => x > c[i]!), 1_000);
+    expect(userfaultfds(app.pid)).toBe(0);
+  });
+
+  it('an agent that never answers FREEZE fails the stop within its timeout, never hangs', async () => {
+    const path = socketPath();
+    const server = listen(path);
+    // A fake agent: HELLO with its own pid, then silence.
+    const fake = spawn(
+      process.execPath,
+      [
+        '-e',
+        `const h = Buffer.alloc(40); h.writeUInt32LE(0x47415057, 0); h.writeUInt16LE(1, 4); h.writeUInt16LE(1, 6); h.writeUInt32LE(24, 8);
+         h.writeUInt32LE(process.pid, 16); h.write('silent', 24);
+         const s = require('net').connect(process.argv[1], () => s.write(h)); s.on('error', () => {}); setInterval(() => {}, 1000);`,
+        path,
+      ],
+      { stdio: 'ignore' },
+    );
+    try {
+      const member = await joinOne(server);
+      expect(member.pid).toBe(fake.pid);
+      expect(member.comm).toBe('silent');
+      const attacher = member.attacher(binding, fake.pid!, -1);
+      const started = Date.now();
+      expect(() => attacher.stop()).toThrow(expect.objectContaining({ code: 'ETIMEDOUT', message: expect.stringMatching(new RegExp(`agent of pid ${fake.pid}: FREEZE`)) }));
+      const took = Date.now() - started;
+      expect(took).toBeGreaterThanOrEqual(AGENT_FREEZE_TIMEOUT_MS);
+      expect(took).toBeLessThan(AGENT_FREEZE_TIMEOUT_MS + 1_500);
+      // The connection was closed: a second stop fails at once.
+      expect(() => attacher.stop()).toThrow(/its connection failed earlier/);
+    } finally {
+      fake.kill('SIGKILL');
+    }
   });
 
   it('after DONE the agent waits for another server, not the same one', async () => {
