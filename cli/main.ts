@@ -18,6 +18,7 @@ import { rollbackCommand } from './commands/rollback.js';
 import { restoreCommand } from './commands/restore.js';
 import { showCommand } from './commands/show.js';
 import { snapshotCommand } from './commands/snapshot.js';
+import { serveCommand } from './commands/serve.js';
 import { precopyCommand } from './commands/precopy.js';
 import { trackCommand } from './commands/track.js';
 import { statusCommand } from './commands/status.js';
@@ -31,6 +32,7 @@ import { usageMessage } from './args.js';
 // list erases it, and yargs hands each handler what its builder defined.
 const COMMANDS: Array<CommandSpec<any>> = [
   snapshotCommand,
+  serveCommand,
   trackCommand,
   untrackCommand,
   statusCommand,
