@@ -271,8 +271,9 @@ async function run(mode: Mode, name: string, options: RunOptions): Promise<Run> 
         members.map((m, k) => `member ${k}: ${m.exact} exact, lost ${JSON.stringify(m.lost)}`).join('; '),
     );
     for (const m of members) expect(m.wrong.slice(0, 8)).toEqual([]);
-    // The pages were still protected when the members wrote them: the writes faulted.
-    expect(faults).toBeGreaterThan(0);
+    // Many pages were still unsaved (protected) when the members wrote them: the writes faulted.
+    // Fewer means "go" came after most was saved, and the run proved little.
+    expect(faults, 'the members wrote pages already saved: the run tested little').toBeGreaterThanOrEqual(100);
     // result.lostPages agrees with the store, member by member.
     for (const l of result.lostPages) expect(ready.pids).toContain(l.pid);
     return { result, members, actions };
@@ -314,7 +315,7 @@ describe('a group snapshot while the kernel moves the shared memory', () => {
   it.each([
     // Small objects are saved whole right after the pause; big ones page by page while the members act.
     ['small', 512, 4, true, 4 << 20],
-    ['big', BIG_SHARED_PAGES, BIG_HUGE_PAGES, false, 48 << 20],
+    ['big', BIG_SHARED_PAGES, BIG_HUGE_PAGES, false, 8 << 20],
   ] as const)('%s shared objects: zap, swap (before and during), MADV_REMOVE, hole punch and pwrite through an fd, THP splits, mprotect RO->RW, then writes: exact at T or listed for the content gone', async (size, sharedPages, hugePages, thpPunch, rateBytesPerSec) => {
     const r = await run('kernel', `kernel-${size}`, { sharedPages, hugePages, thpPunch, rateBytesPerSec, before: (ready, f) => {
       // At T: the huge file PMD-mapped in the parent, one slice of each shared region on swap.
@@ -348,7 +349,7 @@ describe('a group snapshot while the kernel moves the shared memory', () => {
   // zeros stored as the content of T.
   it.each([
     ['small', 512, 2 << 20],
-    ['big', BIG_SHARED_PAGES, 48 << 20],
+    ['big', BIG_SHARED_PAGES, 8 << 20],
   ] as const)('%s shared objects: a member forks (its child writes private and shared memory), threads come and go, mremap/munmap/MADV_REMOVE of unsaved shared pages', async (size, sharedPages, rateBytesPerSec) => {
     const r = await run('fork', `fork-${size}`, { sharedPages, rateBytesPerSec });
     const forks = actionsNamed(r.actions, 'fork-child-wrote');
