@@ -2,50 +2,18 @@
 // whose writers overwrite private and shared memory (memfd, SysV, shared
 // anonymous) at full speed, snapshotted at one instant, every page of every
 // member checked by fixtures/group-oracle.ts from the counters in the snapshot.
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import * as api from '../core/api.js';
-import { loadBinding, type NativeBinding } from '../core/binding.js';
+import { loadBinding } from '../core/binding.js';
 import { FAULT_POINTS } from '../core/fault.js';
+import { snapshotGroup, type GroupSnapshotResult } from '../core/group.js';
 import { checkGroup, formatMismatches, parseGroupLayout, procMemSource, rawExportSource, regionsOf, storeSource, withForkedChild, type GroupLayout, type GroupReport } from '../fixtures/group-oracle.js';
 import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { Store } from '../store/store.js';
 import { runCli, runCliProcess } from './support/cli.js';
 import { sleep, uffdWpPages, untraced } from './support/proc.js';
-
-// ---------------------------------------------------------------- the lead's contract (core/group.ts)
-
-interface GroupSnapshotResult {
-  id: number;
-  name?: string | null;
-  pauseMicros: number;
-  pauseBreakdownMicros: Record<string, number>;
-  durationMillis: number;
-  protectWindowMillis: number;
-  pagesSaved: number;
-  zeroPages: number;
-  pagesNew: number;
-  bytesRaw: number;
-  bytesStored: number;
-  shared: { objects: number; pagesAliased: number };
-  lostPages: Array<{ pid: number; address: string; pages: number; reason: string }>;
-  warnings: string[];
-  processes: Array<{ pid: number; threads: number; pagesSaved: number; faults: number; lostPages: Array<{ address: string; pages: number; reason: string }>; exited: boolean; uffdMethod: string }>;
-}
-type SnapshotGroup = (
-  binding: NativeBinding,
-  store: Store,
-  members: Array<{ pid: number }>,
-  options: { name?: string; rateBytesPerSec?: number },
-) => Promise<GroupSnapshotResult>;
-
-function snapshotGroup(): SnapshotGroup {
-  const fn = (api as unknown as { snapshotGroup?: SnapshotGroup }).snapshotGroup;
-  if (typeof fn !== 'function') throw new Error('core/api.ts does not export snapshotGroup (the group engine has not landed)');
-  return fn;
-}
 
 // ---------------------------------------------------------------- the tree
 
@@ -96,6 +64,17 @@ function liveCounters(layout: GroupLayout): bigint[] {
   });
 }
 
+/** Until every writer has gone round all its pages once (no page of the tree is still zero). */
+async function writtenOnce(layout: GroupLayout, pids = layout.processes.map((p) => p.pid)): Promise<void> {
+  const writers = layout.writers.filter((w) => pids.includes(layout.processes.find((p) => p.slot === w.slot)?.pid ?? -1));
+  for (let waited = 0; ; waited += 20) {
+    const counters = liveCounters({ ...layout, writers });
+    if (writers.every((w, i) => counters[i]! > BigInt(w.pages))) return;
+    if (waited > 20_000) throw new Error(`writers still short of one round after 20 s: ${counters.join(', ')}`);
+    await sleep(20);
+  }
+}
+
 function threadStates(pid: number): string[] {
   return readdirSync(`/proc/${pid}/task`).map((tid) => {
     const stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
@@ -131,6 +110,8 @@ async function readStore(path: string, id: number, layout: GroupLayout): Promise
   }
 }
 
+/** 5000 steps a second per writer: every page rewritten about every 0.3 s, with CPU left for wpsnap. */
+const PACED = ['--rate', '5000'];
 const SMALL = ['--workers', '3', '--threads', '2', '--private-pages', '1024', '--memfd-pages', '2048', '--sysv-pages', '256', '--shanon-pages', '512'];
 
 // ---------------------------------------------------------------- the fixture and its oracle, without wpsnap
@@ -139,7 +120,7 @@ describe('grouptree and its oracle', () => {
   it.each(['keep', 'close'])('the live tree, stopped, matches the oracle exactly (memfd fd %s)', async (mode) => {
     const tree = await startTree([...SMALL, '--memfd-fd', mode, '--self-check']);
     expect(tree.pids).toHaveLength(4);
-    await sleep(300);
+    await writtenOnce(tree.layout);
     for (const pid of tree.pids) process.kill(pid, 'SIGSTOP');
     try {
       for (const pid of tree.pids) {
@@ -180,20 +161,80 @@ describe('grouptree and its oracle', () => {
   });
 });
 
+/** SIGSTOP every pid (one instant for all), check the live memory against the oracle, SIGCONT. */
+async function checkStopped(layout: GroupLayout, pids: number[]): Promise<GroupReport> {
+  for (const pid of pids) process.kill(pid, 'SIGSTOP');
+  try {
+    for (const pid of pids) {
+      for (let waited = 0; !threadStates(pid).every((s) => s === 'T'); waited += 5) {
+        if (waited > 5000) throw new Error(`pid ${pid} not stopped: ${threadStates(pid).join('')}`);
+        await sleep(5);
+      }
+    }
+    const live = procMemSource(pids);
+    try {
+      return checkGroup(layout, live);
+    } finally {
+      live.close();
+    }
+  } finally {
+    for (const pid of pids) process.kill(pid, 'SIGCONT');
+  }
+}
+
+describe('grouptree options', () => {
+  it('a forked child writing its own share and threads that come and go: the live tree exact', async () => {
+    const tree = await startTree([...SMALL, '--fork-after', '50', '--churn-worker', '2', '--churn-steps', '100', '--self-check']);
+    const forked = JSON.parse((await tree.fixture.nextLine())!) as Record<string, unknown>;
+    const layout = withForkedChild(tree.layout, forked);
+    expect(layout.processes.map((p) => p.role)).toEqual(['parent', 'worker', 'worker', 'worker', 'forked']);
+    await writtenOnce(layout);
+    const report = await checkStopped(layout, layout.processes.map((p) => p.pid));
+    expectExact(report, layout, 5);
+    // Without the child, its writer cannot be checked, and says so.
+    const without = await checkStopped(layout, tree.pids);
+    expect(formatMismatches(without)).toEqual([]);
+    expect(without.unverifiedWriters).toEqual([{ writer: layout.writers.length - 1, pid: forked['forked'], reason: 'its process is not in the snapshot' }]);
+    expect(await stopTree(tree)).toMatchObject({ errors: 0 });
+  });
+
+  it('--exit-after: the last worker exits, the others go on exact', async () => {
+    const tree = await startTree([...SMALL, '--exit-after', '100', '--self-check']);
+    const exiting = tree.layout.processes.find((p) => p.slot === tree.layout.exitSlot)!;
+    expect(exiting.slot).toBe(3);
+    // It writes no shared memory: the others' pages never depend on it.
+    for (const w of tree.layout.writers.filter((x) => x.slot === 3)) expect(w.segments.map((s) => s.region)).toEqual(['private']);
+    for (let waited = 0; existsSync(`/proc/${exiting.pid}`); waited += 10) {
+      if (waited > 5000) throw new Error('the --exit-after worker did not exit');
+      await sleep(10);
+    }
+    const rest = tree.pids.filter((pid) => pid !== exiting.pid);
+    const report = await checkStopped(tree.layout, rest);
+    expect(formatMismatches(report)).toEqual([]);
+    expect(report.unverifiedWriters.map((u) => u.pid)).toEqual([exiting.pid, exiting.pid]);
+    const done = await stopTree(tree);
+    expect(done.errors).toBe(0);
+    expect(done.workers.map((w) => [w.pid, w.exitCode, w.signal])).toContainEqual([exiting.pid, 0, 0]);
+  });
+});
+
 // ---------------------------------------------------------------- (a) and (b): exact, one instant, shared stored once
 
 describe('a group snapshot of a tree of 1+3 processes', () => {
+  // Writers at full speed (8 busy threads on this machine's 2 cores), and paced.
   it.each([
-    ['a pid list', 'keep'],
-    ['--tree', 'close'],
-  ])('by %s (memfd fd %s): every page of every member exact at one T, shared memory stored once', async (how, mode) => {
-    const tree = await startTree([...SMALL, '--memfd-fd', mode]);
-    await sleep(300);
+    ['a pid list', 'keep', []],
+    ['--tree', 'close', PACED],
+  ])('by %s (memfd fd %s): every page of every member exact at one T, shared memory stored once', async (how, mode, pace) => {
+    const tree = await startTree([...SMALL, '--memfd-fd', mode, '--self-check', ...pace]);
+    await writtenOnce(tree.layout);
     const path = join(dir, `exact-${mode}.db`);
     const before = liveCounters(tree.layout);
     const targets = how === '--tree' ? ['--tree', String(tree.layout.pid)] : tree.pids.map(String);
     const run = await runCli(['snapshot', ...targets, '--store', path, '--name', `tree-${mode}`, '--json']);
     const after = liveCounters(tree.layout);
+    // Stopped now (the oracle needs the CPU): every writer checked its pages before each overwrite.
+    expect(await stopTree(tree)).toMatchObject({ errors: 0 });
     expect(run.code, run.stderr).toBe(0);
     const result = JSON.parse(run.stdout) as GroupSnapshotResult;
     expect(result.processes.map((p) => p.pid).sort()).toEqual([...tree.pids].sort());
@@ -254,18 +295,17 @@ describe('a group snapshot of a tree of 1+3 processes', () => {
     } finally {
       raw.close();
     }
-    const done = await stopTree(tree);
-    expect(done).toMatchObject({ errors: 0 });
   });
 
   it('a child forked by a member and writer threads that come and go: the whole tree exact (--tree after the fork)', async () => {
-    const tree = await startTree([...SMALL, '--fork-after', '100', '--fork-worker', '1', '--churn-worker', '2', '--churn-steps', '300']);
+    const tree = await startTree([...SMALL, ...PACED, '--self-check', '--fork-after', '100', '--fork-worker', '1', '--churn-worker', '2', '--churn-steps', '300']);
     const forked = JSON.parse((await tree.fixture.nextLine())!) as Record<string, unknown>;
     expect(forked).toMatchObject({ worker: tree.pids[1] });
     const layout = withForkedChild(tree.layout, forked);
-    await sleep(200);
+    await writtenOnce(layout);
     const path = join(dir, 'forked.db');
     const run = await runCli(['snapshot', '--tree', String(layout.pid), '--store', path, '--json']);
+    expect(await stopTree(tree)).toMatchObject({ errors: 0 });
     expect(run.code, run.stderr).toBe(0);
     const result = JSON.parse(run.stdout) as GroupSnapshotResult;
     expect(result.processes.map((p) => p.pid).sort()).toEqual(layout.processes.map((p) => p.pid).sort());
@@ -276,24 +316,29 @@ describe('a group snapshot of a tree of 1+3 processes', () => {
     expect(report.unverifiedWriters).toEqual([]);
     const { privatePages, sharedPages } = treePages(layout);
     expect(report.pagesChecked).toBe(privatePages + sharedPages * 5);
-    expect(await stopTree(tree)).toMatchObject({ errors: 0 });
   });
 });
 
 // ---------------------------------------------------------------- (c) a member that exits mid-snapshot
 
 describe('failure isolation', () => {
-  it('a member that exits during the background save is recorded exited, its unsaved pages lost target-exited, the others exact', async () => {
+  it.each(['close', 'keep'])('a member that exits during the background save is recorded exited, its unsaved pages lost target-exited, the others exact (memfd fd %s)', async (mode) => {
     const tree = await startTree([
       '--workers', '3', '--threads', '2', '--private-pages', '1024', '--memfd-pages', '1024', '--sysv-pages', '256', '--shanon-pages', '512',
-      '--rate', '2000', '--exit-after', '700',
+      '--memfd-fd', mode, '--rate', '2000', '--exit-after', '600000',
     ]);
     const exiting = tree.layout.processes.find((p) => p.slot === tree.layout.exitSlot)!;
-    const store = Store.open(join(dir, 'exit.db'));
+    const store = Store.open(join(dir, `exit-${mode}.db`));
     try {
-      // About 12 MiB at 2 MB/s: the save lasts ~6 s; the worker exits 0.7 s after its ready line.
-      const result = await snapshotGroup()(binding, store, tree.pids.map((pid) => ({ pid })), { name: 'exit', rateBytesPerSec: 2e6 });
-      expect(result.durationMillis).toBeGreaterThan(1000);
+      // About 12 MiB at 2 MB/s: the save lasts ~6 s. The worker exits (SIGUSR1) at
+      // the first progress report, when every member runs again after T.
+      let signalled = false;
+      const onProgress = (): void => {
+        if (!signalled) process.kill(exiting.pid, 'SIGUSR1');
+        signalled = true;
+      };
+      const result = await snapshotGroup(binding, store, tree.pids.map((pid) => ({ pid })), { name: 'exit', rateBytesPerSec: 2e6, onProgress });
+      expect(signalled).toBe(true);
       const gone = result.processes.find((p) => p.pid === exiting.pid)!;
       expect(gone.exited).toBe(true);
       expect(gone.lostPages.length).toBeGreaterThan(0);
@@ -332,7 +377,7 @@ describe('failure isolation', () => {
 describe('wpsnap snapshot <pids...> killed at every point', () => {
   let tree: Tree;
   beforeAll(async () => {
-    tree = await startTree([...SMALL, '--self-check'], false);
+    tree = await startTree([...SMALL, ...PACED, '--self-check'], false);
   });
   afterAll(async () => {
     try {
