@@ -28,7 +28,8 @@ import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import type * as ZstdBinding from 'zstd-napi/binding.js';
-import { loadBinding, type NativeBinding } from '../core/binding.js';
+import { loadBinding } from '../core/binding.js';
+import { snapshotGroup, type GroupSnapshotResult } from '../core/group.js';
 import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
 import { exportRaw, type RawManifest } from '../snapshot-format/export-raw.js';
 import { BLOB_PAGES, ZSTD_LEVEL } from '../store/worker-pool.js';
@@ -52,46 +53,6 @@ const USAGE = `usage: node dist/bench/run.js group [options]
   --no-reference      skip the store-size reference (the raw export and its compression)
   --out FILE          result JSON (default bench/results/group-<UTC timestamp>.json)
   --no-write          write no result file`;
-
-/** What the bench reads of snapshotGroup's result (the contract of core/group.ts, issue 12). */
-export interface GroupSnapshotResult {
-  id: number;
-  pauseMicros: number;
-  pauseBreakdownMicros: Record<string, number>;
-  durationMillis: number;
-  protectWindowMillis: number;
-  pagesSaved: number;
-  zeroPages: number;
-  pagesNew: number;
-  bytesRaw: number;
-  bytesStored: number;
-  shared: { objects: number; pagesAliased: number };
-  lostPages: Array<{ pid: number; address: string; pages: number; reason: string }>;
-  warnings: string[];
-  processes: Array<{
-    pid: number;
-    threads: number;
-    pagesSaved: number;
-    faults: number;
-    exited: boolean;
-    uffdMethod: string;
-    /** Its own stop before the group's pause, to pre-protect its memory (null without). */
-    attachStopMicros?: number | null;
-  }>;
-}
-
-type SnapshotGroup = (binding: NativeBinding, store: Store, members: Array<{ pid: number }>, options: { name?: string }) => Promise<GroupSnapshotResult>;
-
-/**
- * core/group.ts is being written alongside this bench: it is loaded when the
- * bench runs, so that the bench builds before it lands.
- */
-async function loadSnapshotGroup(): Promise<SnapshotGroup> {
-  const specifier = '../core/group.js';
-  const mod = (await import(specifier)) as { snapshotGroup?: SnapshotGroup };
-  if (typeof mod.snapshotGroup !== 'function') throw new Error('core/group.js exports no snapshotGroup');
-  return mod.snapshotGroup;
-}
 
 /** A member's window report (fixtures/groupbench.c, SIGUSR2). */
 export interface WriterReport {
@@ -318,7 +279,7 @@ const fileSize = (path: string): number => {
   }
 };
 
-async function measureWpsnap(snapshotGroup: SnapshotGroup, target: GroupTarget, name: string, withReference: boolean): Promise<GroupRun['wpsnap']> {
+async function measureWpsnap(target: GroupTarget, name: string, withReference: boolean): Promise<GroupRun['wpsnap']> {
   const dir = mkdtempSync(join(tmpdir(), 'wpsnap-bench-group-'));
   const storePath = join(dir, 'store.db');
   const store = Store.open(storePath);
@@ -359,7 +320,7 @@ export function summarizeGroup(runs: GroupRun[]) {
   const w = runs.map((r) => r.wpsnap);
   const f = runs.map((r) => r.fork);
   const phases = [...new Set(w.flatMap((x) => Object.keys(x.result.pauseBreakdownMicros)))];
-  const breakdown = Object.fromEntries(phases.map((p) => [p, stat(w.map((x) => (x.result.pauseBreakdownMicros as Record<string, number>)[p] ?? NaN))]));
+  const breakdown = Object.fromEntries(phases.map((p) => [p, stat(w.map((x) => (x.result.pauseBreakdownMicros as unknown as Record<string, number>)[p] ?? NaN))]));
   const pause = stat(w.map((x) => x.result.pauseMicros));
   const forkSum = stat(f.map((x) => x.sumMicros));
   const forkMax = stat(f.map((x) => x.maxMicros));
@@ -501,7 +462,6 @@ export async function groupMain(argv: string[]): Promise<number> {
     process.stderr.write(`${USAGE}\n`);
     return 2;
   }
-  const snapshotGroup = await loadSnapshotGroup();
   const startedAt = new Date().toISOString();
   const tree = await treeState();
   const dir = mkdtempSync(join(tmpdir(), 'wpsnap-bench-group-run-'));
@@ -516,7 +476,7 @@ export async function groupMain(argv: string[]): Promise<number> {
   const runs: GroupRun[] = [];
   try {
     for (let i = 0; i < o.warmup; i++) {
-      const warm = await measureWpsnap(snapshotGroup, target, `warmup-${i}`, false);
+      const warm = await measureWpsnap(target, `warmup-${i}`, false);
       log(`warm-up ${i + 1}/${o.warmup}: pause ${(warm.result.pauseMicros / 1000).toFixed(2)} ms`);
       await sleep(o.settleMs);
     }
@@ -527,7 +487,7 @@ export async function groupMain(argv: string[]): Promise<number> {
       let fork: GroupRun['fork'] | undefined;
       for (const which of order) {
         if (which === 'fork') fork = await measureFork(target, o.forkHoldMs);
-        else wpsnap = await measureWpsnap(snapshotGroup, target, `run-${i}`, !values['no-reference']);
+        else wpsnap = await measureWpsnap(target, `run-${i}`, !values['no-reference']);
         await sleep(o.settleMs);
       }
       const run: GroupRun = { index: i, loadavg: startLoad, order, wpsnap: wpsnap!, fork: fork! };
