@@ -42,6 +42,7 @@ typedef struct {
   pid_t tid;
   _Atomic int held;
   bool self; /* the service thread: records and returns at once */
+  bool gone; /* exited before its handler ran */
   uint32_t xstate_len;
   uint64_t sigmask;
   uint64_t regs[27];
@@ -191,7 +192,8 @@ static int send_error(int fd, int err, const char *what) {
     struct wpsnap_agent_error e;
     char text[200];
   } m = {.e = {.err = err}};
-  size_t n = strnlen(what, sizeof m.text);
+  size_t n = strlen(what);
+  if (n > sizeof m.text) n = sizeof m.text;
   memcpy(m.text, what, n);
   return send_message(fd, WPSNAP_AGENT_ERROR, &m, (uint32_t)(sizeof m.e + n), -1);
 }
@@ -250,6 +252,7 @@ static round_t *round_map(size_t cap) {
 static void round_begin(round_t *r) {
   for (size_t i = 0; i < r->count; i++) {
     r->slots[i].tid = 0;
+    r->slots[i].gone = false;
     atomic_store(&r->slots[i].held, 0);
   }
   r->count = 0;
@@ -304,6 +307,8 @@ static long signal_new_threads(round_t *r) {
       slot_t *s = &r->slots[r->count++];
       s->tid = tid;
       s->self = tid == gettid_raw();
+      s->gone = false;
+      atomic_store(&s->held, 0);
       /* SAFETY: tgkill to a thread of this process; the handler only records and waits. */
       if (syscall(SYS_tgkill, own_pid, tid, freeze_signal) != 0) {
         r->count--; /* it exited meanwhile */
@@ -329,23 +334,19 @@ static bool thread_alive(pid_t tid) {
   return access(path, F_OK) == 0;
 }
 
-/* Wait until every slot is held (drop the ones whose thread exited); 0 or ETIMEDOUT. */
+/* Wait until every slot's thread is held or gone; 0 or ETIMEDOUT. */
 static int wait_held(round_t *r, uint64_t deadline) {
   for (;;) {
     uint32_t seen = atomic_load(&r->held_count);
-    size_t held = 0;
-    for (size_t i = 0; i < r->count; i++) held += atomic_load(&r->slots[i].held) != 0;
-    if (held == r->count) return 0;
-    uint64_t now = now_ms();
-    if (now >= deadline) {
-      /* A thread that exited after its tgkill never arrives: forget it. */
-      size_t kept = 0;
-      for (size_t i = 0; i < r->count; i++)
-        if (atomic_load(&r->slots[i].held) != 0 || thread_alive(r->slots[i].tid)) kept++;
-      return kept == held ? 0 : ETIMEDOUT;
-    }
-    struct timespec ts = {0, 5 * 1000000L};
-    futex(&r->held_count, FUTEX_WAIT, seen, &ts);
+    size_t settled = 0;
+    for (size_t i = 0; i < r->count; i++) settled += atomic_load(&r->slots[i].held) != 0 || r->slots[i].gone;
+    if (settled == r->count) return 0;
+    if (now_ms() >= deadline) return ETIMEDOUT;
+    struct timespec ts = {0, 2 * 1000000L};
+    if (futex(&r->held_count, FUTEX_WAIT, seen, &ts) == 0 || errno != ETIMEDOUT) continue;
+    /* Nothing arrived for a while: a thread that exited after its tgkill never will. */
+    for (size_t i = 0; i < r->count; i++)
+      if (atomic_load(&r->slots[i].held) == 0 && !r->slots[i].gone && !thread_alive(r->slots[i].tid)) r->slots[i].gone = true;
   }
 }
 

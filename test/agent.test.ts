@@ -3,7 +3,7 @@
 // the registers, the userfaultfd, THAW, a killed controller, a refused
 // stranger, and snapshots whose pages are checked word by word.
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chownSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -196,11 +196,12 @@ describe('the agent socket', () => {
 
     const open = join(dir, 'open');
     mkdirSync(open, { mode: 0o755 });
-    expect(() => AgentServer.listen(binding, join(open, 'agent.sock'))).toThrow(/must be private/);
-    try {
-      AgentServer.listen(binding, join(open, 'agent.sock'));
-    } catch (error) {
-      expect((error as { code: string }).code).toBe('EACCES');
+    const others = join(dir, 'others');
+    mkdirSync(others, { mode: 0o700 });
+    chownSync(others, 65534, 65534);
+    for (const d of [open, others]) {
+      expect(() => AgentServer.listen(binding, join(d, 'agent.sock'))).toThrow(expect.objectContaining({ code: 'EACCES', message: expect.stringMatching(/must be private to uid 0/) }));
+      expect(readdirSync(d)).toEqual([]);
     }
   });
 
@@ -245,7 +246,11 @@ describe('FREEZE and THAW', () => {
       const service = all.filter((tid) => taskComm(app.pid, tid) === 'wpsnap-agent');
       expect(service).toHaveLength(1);
       // Every other thread waits on the agent's futex (syscall 202), and nothing advances.
-      for (const tid of all) if (tid !== service[0]) expect(taskSyscall(app.pid, tid)).toBe('202');
+      for (const tid of all) {
+        if (tid === service[0]) continue;
+        expect(taskSyscall(app.pid, tid)).toBe('202');
+        expect(readFileSync(`/proc/${app.pid}/task/${tid}/stat`, 'utf8').split(') ')[1]![0]).toBe('S');
+      }
       const held = liveCounters(app);
       await sleep(200);
       expect(liveCounters(app)).toEqual(held);
@@ -351,6 +356,28 @@ setInterval(() => {}, 1000);
     const server = listen(path);
     const member = await joinOne(server);
     expect(member.pid).toBe(app.pid);
+  });
+
+  it('threads created and exiting all the time: the freeze holds exactly the threads that exist, none is created while held', async () => {
+    const path = socketPath();
+    const server = listen(path);
+    const app = await startApp('agentapp', path, ['--churn']);
+    const member = await joinOne(server);
+    const attacher = member.attacher(binding, app.pid, -1);
+    const churned = (): bigint => binding.processVmRead(app.pid, app.counters + 64n * 63n, 8).readBigUInt64LE(0);
+    for (let round = 0; round < 20; round++) {
+      const stopped = attacher.stop();
+      try {
+        expect(stopped.threads.map((t) => t.tid).sort((a, b) => a - b)).toEqual(tasks(app.pid));
+        const n = churned();
+        await sleep(20);
+        expect(churned()).toBe(n);
+      } finally {
+        stopped.resume();
+      }
+      await sleep(10);
+    }
+    expect(churned() > 0n).toBe(true);
   });
 
   it('a thread that blocks the agent signal fails the stop with ETIMEDOUT (ERROR from the agent), every other thread runs on', async () => {
