@@ -1,6 +1,8 @@
 // Everything that happens while the target is stopped: obtain its
 // userfaultfd, plan its mappings again, register and write-protect them, copy
 // what uffd-wp cannot protect, resume. T is this whole pause.
+import { fstatSync } from 'node:fs';
+import { REGION_KIND } from './constants.js';
 import type { FdRecord, LostRange, PageBatch, SignalAction, ThreadRecord } from '../snapshot-format/model.js';
 import { nonDefaultSignalSets, refreshFds, selfPipeReadEnds } from './process-state.js';
 import type { UffdMethod } from './attach.js';
@@ -184,6 +186,7 @@ export class TargetPause {
     const forRestore = inputs.forRestore === undefined ? undefined : readForRestore(binding, pid, stopped, inputs.forRestore);
     breakdown.restoreState = lap();
     const plans = planner.plan(planner.readMaps());
+    fileTimesAtInstant(plans);
     breakdown.plan = lap();
     const registered = registerRegions(binding, this.uffd, plans, inputs.maxSharedCopyBytes);
     const protection = protectionRanges(binding, pid, registered, inputs.sparse);
@@ -258,6 +261,22 @@ export class TargetPause {
     // Closing the only reference releases every registration and protection.
     if (this.uffd >= 0 && this.inputs.pre === undefined) closeQuietly(this.binding, this.uffd);
     this.stopped?.resume();
+  }
+}
+
+/**
+ * A shared file's times are what every copy of it is proven against: they must
+ * be T's. A plan made ahead read them while the target (and, in a group, every
+ * member) still wrote the file through its mappings, each such write setting
+ * them: read again now, everyone stopped (an fstat per shared mapping).
+ */
+function fileTimesAtInstant(plans: RegionPlan[]): void {
+  for (const plan of plans) {
+    const engine = plan.engine;
+    if (engine?.kind !== REGION_KIND.file || engine.fd === undefined) continue;
+    const { ctimeNs, mtimeNs } = fstatSync(engine.fd, { bigint: true });
+    engine.ctimeNs = ctimeNs;
+    engine.mtimeNs = mtimeNs;
   }
 }
 

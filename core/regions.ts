@@ -92,7 +92,7 @@ export function planRegion(pid: number, m: MapsEntry, fsCache: Map<string, { typ
       // Read the shared file itself: no faults in the target, holes skipped for free.
       const fd = openSync(mapFilesPath(pid, m), 'r');
       // The file's times at T: the engine proves every page it copies against
-      // them (a write through an fd does not fault). Read in the pause.
+      // them (a write through an fd does not fault). Read again in the pause (core/pause.ts).
       const { ctimeNs, mtimeNs } = fstatSync(fd, { bigint: true });
       return {
         record,
