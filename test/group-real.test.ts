@@ -160,6 +160,43 @@ function scanRegionFile(file: string, needles: Buffer[]): { sha256: string; offs
   return { sha256: hash.digest('hex'), offsets };
 }
 
+function sha256File(file: string): string {
+  const hash = createHash('sha256');
+  const chunk = Buffer.alloc(16 << 20);
+  const fd = openSync(file, 'r');
+  try {
+    for (let position = 0, n = 0; (n = readSync(fd, chunk, 0, chunk.length, position)) > 0; position += n) hash.update(chunk.subarray(0, n));
+  } finally {
+    closeSync(fd);
+  }
+  return hash.digest('hex');
+}
+
+/**
+ * Every shared mapping (rw-s: shared anonymous memory, SysV, POSIX shm) of
+ * the first member is in every member at the same address, and reads back
+ * byte-identical in each: one content at T, whichever member's view is read.
+ */
+function expectSharedMappingsAgree(out: string, manifest: RawManifest, pids: number[], label: string): void {
+  const views = pids.map((pid) => {
+    const shared = manifestRegions(manifest, pid).filter((r) => r.perms[3] === 's' && r.perms.startsWith('rw'));
+    return { pid, byKey: new Map(shared.map((r) => [`${r.start}-${r.end} ${r.path}`, r])) };
+  });
+  const keys = [...views[0]!.byKey.keys()];
+  console.log(`[${label}] shared mappings of every member: ${keys.join('; ')}`);
+  expect(keys.length).toBeGreaterThan(0);
+  for (const key of keys) {
+    const hashes = views.map(({ pid, byKey }) => {
+      const region = byKey.get(key);
+      expect(region, `member ${pid} maps ${key}`).toBeDefined();
+      expect(region!.file, `${key} of member ${pid} was not exported: ${region!.skipReason ?? region!.capture}`).not.toBeNull();
+      return `${pid} ${sha256File(join(out, region!.file!))}`;
+    });
+    const first = hashes[0]!.split(' ')[1]!;
+    expect(hashes, `${key}: each member's content at T`).toEqual(views.map(({ pid }) => `${pid} ${first}`));
+  }
+}
+
 /** Mean tps of pgbench's progress lines wholly before `t`, overlapping [t, u], and wholly after `u`. */
 function tpsAround(bench: PgbenchRun, t: number, u: number): { before: number; during: number; after: number; duringLines: number[] } {
   const mean = (xs: number[]): number => (xs.length === 0 ? Number.NaN : xs.reduce((a, b) => a + b, 0) / xs.length);
@@ -244,6 +281,8 @@ describe('PostgreSQL under pgbench: the postmaster tree at one instant', () => {
         expect(s.sha256, `${s.pid}'s shared memory differs from ${first.pid}'s`).toBe(first.sha256);
       }
 
+      expectSharedMappingsAgree(out, manifest, treeBefore, 'postgres');
+
       // Stored once: aliased for every member, the store holding far less than a copy per member.
       expect(snap.shared.objects).toBeGreaterThan(0);
       expect(snap.shared.pagesAliased).toBeGreaterThan(0);
@@ -316,6 +355,7 @@ describe('nginx prefork (a master and 4 workers) under HTTP load', () => {
       expectServed(served, began, ended, 'nginx --tree');
       expect(snap.shared.pagesAliased).toBeGreaterThan(0);
       expectSharedZoneAliased(out, manifest, treeBefore);
+      expectSharedMappingsAgree(out, manifest, treeBefore, 'nginx --tree');
       expect((await fetch(server.url)).status).toBe(200);
     } finally {
       load.kill();
@@ -341,6 +381,7 @@ describe('nginx prefork (a master and 4 workers) under HTTP load', () => {
       await expectComplete(snap.id, store());
       expectServed(served, began, ended, 'nginx --cgroup');
       expectSharedZoneAliased(out, manifest, pids);
+      expectSharedMappingsAgree(out, manifest, pids, 'nginx --cgroup');
     } finally {
       load.kill();
     }
