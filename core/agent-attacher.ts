@@ -3,6 +3,7 @@
 // their registers and a userfaultfd the agent made (and no longer holds); THAW
 // lets them go. No ptrace, no injected call. The wire format is
 // snapshot-format/AGENT-PROTOCOL.md.
+import { readFileSync } from 'node:fs';
 import { constants } from 'node:os';
 import { WpsnapError, fromNative, type ErrorCode } from '../common/errors.js';
 import type { Attacher, StoppedTarget, StoppedThread } from './attacher.js';
@@ -72,6 +73,17 @@ function describeError(payload: Buffer): { code: ErrorCode; text: string } {
   return { code: name === undefined ? `UNKNOWN_ERRNO_${errno}` : (name as ErrorCode), text: payload.subarray(8).toString('utf8') };
 }
 
+/** Whether pid has exited (no /proc entry, or a zombie). */
+function processGone(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state === 'Z' || state === 'X';
+  } catch {
+    return true;
+  }
+}
+
 /** The connection an attacher speaks on; abort() closes it, which makes the agent let its threads go. */
 export interface AgentConnectionHandle {
   fd: number;
@@ -97,6 +109,8 @@ export function agentAttacher(
       // The conversation is out of step: no later message could be trusted. Closing it releases the threads.
       broken = step;
       connection.abort();
+      // A connection that ended with its process is a target gone (ESRCH), as a ptrace attach would say.
+      if (processGone(pid)) throw new WpsnapError('ESRCH', `agent of pid ${pid}: ${step}: the process has exited`, { cause: error });
       throw fromNative(error, `agent of pid ${pid}: ${step}`);
     };
     return {

@@ -434,6 +434,16 @@ setInterval(() => {}, 1000);
     }
   });
 
+  it('an agent whose process died fails the stop as a target gone (ESRCH)', async () => {
+    const path = socketPath();
+    const server = listen(path);
+    const app = await startApp('agentapp', path);
+    const member = await joinOne(server);
+    app.launched.signal('SIGKILL');
+    await app.launched.exited;
+    expect(() => member.attacher(binding, app.pid, -1).stop()).toThrow(expect.objectContaining({ code: 'ESRCH', kind: 'targetGone' }));
+  });
+
   it('after DONE the agent waits for another server, not the same one', async () => {
     const path = socketPath();
     const first = listen(path);
