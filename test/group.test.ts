@@ -333,12 +333,20 @@ describe('failure isolation', () => {
       // About 12 MiB at 2 MB/s: the save lasts ~6 s. The worker exits (SIGUSR1) at
       // the first progress report, when every member runs again after T.
       let signalled = false;
+      const protectedDuring: Record<string, number> = {};
       const onProgress = (): void => {
-        if (!signalled) process.kill(exiting.pid, 'SIGUSR1');
+        if (signalled) return;
+        process.kill(exiting.pid, 'SIGUSR1');
         signalled = true;
+        // What the kill tests look for is there while a snapshot runs: their "none left" can fail.
+        for (const pid of tree.pids.filter((x) => x !== exiting.pid)) {
+          for (const r of regionsOf(tree.layout, pid)) protectedDuring[r.what] = (protectedDuring[r.what] ?? 0) + uffdWpPages(pid, r.start, r.pages);
+        }
       };
       const result = await snapshotGroup(binding, store, tree.pids.map((pid) => ({ pid })), { name: 'exit', rateBytesPerSec: 2e6, onProgress });
       expect(signalled).toBe(true);
+      expect(protectedDuring['private']).toBeGreaterThan(0);
+      expect(protectedDuring['memfd']).toBeGreaterThan(0);
       const gone = result.processes.find((p) => p.pid === exiting.pid)!;
       expect(gone.exited).toBe(true);
       expect(gone.lostPages.length).toBeGreaterThan(0);
