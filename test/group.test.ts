@@ -319,6 +319,33 @@ describe('a group snapshot of a tree of 1+3 processes', () => {
   });
 });
 
+describe('memory shared with a process outside the group', () => {
+  it('a pid list without the forked child: its shared regions lost shared-with-other-process, everything else exact', async () => {
+    const tree = await startTree([...SMALL, ...PACED, '--fork-after', '50', '--fork-worker', '1']);
+    const forked = JSON.parse((await tree.fixture.nextLine())!) as Record<string, unknown>;
+    const layout = withForkedChild(tree.layout, forked);
+    await writtenOnce(layout);
+    const path = join(dir, 'outsider.db');
+    const run = await runCli(['snapshot', ...tree.pids.map(String), '--store', path, '--json']);
+    expect(await stopTree(tree)).toMatchObject({ errors: 0 });
+    expect(run.code, run.stderr).toBe(0);
+    const result = JSON.parse(run.stdout) as GroupSnapshotResult;
+    expect(result.processes.map((p) => p.pid).sort()).toEqual([...tree.pids].sort());
+    expect(result.lostPages.length).toBeGreaterThan(0);
+    expect(new Set(result.lostPages.map((l) => l.reason))).toEqual(new Set(['shared-with-other-process']));
+    const report = await readStore(path, result.id, layout);
+    expect(formatMismatches(report)).toEqual([]);
+    // Only the outsider's writer is unchecked; only shared pages are lost, and only for that reason.
+    expect(report.unverifiedWriters.map((u) => u.pid)).toEqual([forked['forked']]);
+    expect(new Set(report.lost.map((l) => l.reason))).toEqual(new Set(['shared-with-other-process']));
+    for (const l of report.lost) {
+      const proc = layout.processes.find((p) => p.pid === l.pid)!;
+      const inShared = (['memfd', 'sysv', 'shanon'] as const).some((r) => l.address >= proc.shared[r] && l.address < proc.shared[r] + BigInt(layout.shared[r].pages * 4096));
+      expect(inShared, `lost page 0x${l.address.toString(16)} of ${l.pid} is shared`).toBe(true);
+    }
+  });
+});
+
 // ---------------------------------------------------------------- (c) a member that exits mid-snapshot
 
 describe('failure isolation', () => {
