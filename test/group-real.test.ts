@@ -1,7 +1,7 @@
 // Group snapshots (issue 12) of real multi-process programs nobody here wrote,
 // through the real CLI: a PostgreSQL server under pgbench (the postmaster, its
 // auxiliary processes and one backend per client, all mapping the same big
-// MAP_SHARED shared memory) and a prefork nginx (a master and 4 workers), by
+// MAP_SHARED or SysV shared memory) and a prefork nginx (a master and 4 workers), by
 // `--tree PID` and by `--cgroup DIR`.
 //
 // What a user must be able to rely on: every process of the tree is in the
@@ -207,12 +207,18 @@ function tpsAround(bench: PgbenchRun, t: number, u: number): { before: number; d
   return { before: mean(before), during: mean(during), after: mean(after), duringLines: during };
 }
 
-describe('PostgreSQL under pgbench: the postmaster tree at one instant', () => {
+// PostgreSQL's main shared memory is MAP_SHARED|MAP_ANONYMOUS by default ("/dev/zero (deleted)"); with
+// shared_memory_type=sysv it is one big SysV segment, which a single-process snapshot can only list lost.
+const PG_VARIANTS: Array<{ label: string; memory: string; settings: Record<string, string> }> = [
+  { label: 'postgres', memory: 'mmap', settings: {} },
+  { label: 'postgres-sysv', memory: 'sysv', settings: { shared_memory_type: 'sysv' } },
+];
+describe.each(PG_VARIANTS)('PostgreSQL under pgbench, shared memory $memory: the postmaster tree at one instant', ({ label, settings }) => {
   let pg: PgCluster | undefined;
-  const store = (): string => join(root, 'postgres.db');
+  const store = (): string => join(root, `${label}.db`);
 
   beforeAll(async () => {
-    pg = PgCluster.start({ sharedBuffers: '128MB' });
+    pg = PgCluster.start({ sharedBuffers: '128MB', settings });
     // Scale 5 (~75 MB) fits in 128 MB of shared buffers whole: no page the test inserts into is evicted before T.
     await pg.initPgbench(5);
     pg.psql('CREATE TABLE wpsnap_markers (id serial PRIMARY KEY, note text NOT NULL)');
@@ -238,8 +244,8 @@ describe('PostgreSQL under pgbench: the postmaster tree at one instant', () => {
       const { snap, began, ended } = await snapshotGroup(['--tree', String(server.pid)], store());
       await server.psqlAndWaitBackendGone(`INSERT INTO wpsnap_markers (note) VALUES ('${markerB}')`);
       const treeAfter = server.tree();
-      figures('postgres', snap);
-      const out = join(root, 'postgres-export');
+      figures(label, snap);
+      const out = join(root, `${label}-export`);
       const manifest = await exportRaw(snap.id, store(), out);
 
       expectWholeGroup(snap, treeBefore, manifest);
@@ -252,7 +258,7 @@ describe('PostgreSQL under pgbench: the postmaster tree at one instant', () => {
       const run = await bench.stop();
       const tps = tpsAround(bench, began, ended);
       console.log(
-        `[postgres] pgbench -c 4 -j 2 -P 1 (scale 5): tps before ${tps.before.toFixed(0)}, during the snapshot's ${ended - began} ms ` +
+        `[${label}] pgbench -c 4 -j 2 -P 1 (scale 5): tps before ${tps.before.toFixed(0)}, during the snapshot's ${ended - began} ms ` +
           `${tps.during.toFixed(0)} (lines ${tps.duringLines.map((t) => t.toFixed(0)).join(', ')}), after ${tps.after.toFixed(0)}; ` +
           `per second (the second's start, s from the snapshot's start: tps): ${run.progress.map((p) => `${((bench.lineStart(p) - began) / 1000).toFixed(0)}:${p.tps.toFixed(0)}`).join(' ')}`,
       );
@@ -270,7 +276,7 @@ describe('PostgreSQL under pgbench: the postmaster tree at one instant', () => {
       const first = scans[0]!;
       const sharedBytes = Number(BigInt(first.region.end) - BigInt(first.region.start));
       console.log(
-        `[postgres] shared memory ${first.region.start}-${first.region.end} ${first.region.path} (${(sharedBytes / 2 ** 20).toFixed(0)} MiB): ` +
+        `[${label}] shared memory ${first.region.start}-${first.region.end} ${first.region.path} (${(sharedBytes / 2 ** 20).toFixed(0)} MiB): ` +
           `row A at offsets ${first.offsets[0]!.map((o) => '0x' + o.toString(16)).join(' ')}`,
       );
       for (const s of scans) {
@@ -281,7 +287,7 @@ describe('PostgreSQL under pgbench: the postmaster tree at one instant', () => {
         expect(s.sha256, `${s.pid}'s shared memory differs from ${first.pid}'s`).toBe(first.sha256);
       }
 
-      expectSharedMappingsAgree(out, manifest, treeBefore, 'postgres');
+      expectSharedMappingsAgree(out, manifest, treeBefore, label);
 
       // Stored once: aliased for every member, the store holding far less than a copy per member.
       expect(snap.shared.objects).toBeGreaterThan(0);
