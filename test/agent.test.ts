@@ -73,9 +73,9 @@ function listen(path: string): AgentServer {
   return server;
 }
 
-async function startApp(kind: 'agentapp' | 'agentlinked', socket: string, args: string[] = []): Promise<App> {
+async function startApp(kind: 'agentapp' | 'agentlinked', socket: string, args: string[] = [], extraEnv: string[] = []): Promise<App> {
   // Through env(1): the launcher's shell must not load the agent itself.
-  const env = ['env', `WPSNAP_SOCKET=${socket}`, ...(kind === 'agentapp' ? [`LD_PRELOAD=${AGENT_SO}`] : [])];
+  const env = ['env', `WPSNAP_SOCKET=${socket}`, ...(kind === 'agentapp' ? [`LD_PRELOAD=${AGENT_SO}`] : []), ...extraEnv];
   const l = await launch([...env, join(FIXTURES_BUILD_DIR, kind), ...args], { name: kind });
   launched.push(l);
   const r = l.ready.json as Record<string, unknown>;
@@ -157,6 +157,10 @@ function taskSyscall(pid: number, tid: number): string {
 }
 function taskComm(pid: number, tid: number): string {
   return readFileSync(`/proc/${pid}/task/${tid}/comm`, 'utf8').trim();
+}
+/** The signals the process has a handler for (/proc's SigCgt): bit n-1 for signal n. */
+function caughtSignals(pid: number): bigint {
+  return BigInt(`0x${/SigCgt:\s*([0-9a-f]+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]!}`);
 }
 function userfaultfds(pid: number): number {
   return readdirSync(`/proc/${pid}/fd`).filter((fd) => {
@@ -269,6 +273,8 @@ describe('FREEZE and THAW', () => {
       // fs_base is the thread's TLS: distinct per thread, inside the process.
       expect(new Set(stopped.threads.map((t) => decodeUserRegs(t.regs)!.fs_base)).size).toBe(all.length);
 
+      // The default signal, SIGRTMAX-3 (61), has the agent's handler.
+      expect((caughtSignals(app.pid) >> 60n) & 1n).toBe(1n);
       const { fd: uffd, method } = stopped.obtainUffd();
       expect(method).toBe('agent');
       expect(readlinkSync(`/proc/self/fd/${uffd}`)).toBe('anon_inode:[userfaultfd]');
@@ -447,10 +453,16 @@ setInterval(() => {}, 1000);
   it('after DONE the agent waits for another server, not the same one', async () => {
     const path = socketPath();
     const first = listen(path);
-    const app = await startApp('agentlinked', path);
+    const app = await startApp('agentlinked', path, [], ['WPSNAP_AGENT_SIGNAL=40']);
     const member = await joinOne(first);
     expect(member.linked).toBe(true);
     expect(member.comm).toBe('agentlinked');
+    // The signal WPSNAP_AGENT_SIGNAL names holds the threads, not the default SIGRTMAX-3 (61).
+    const stopped = member.attacher(binding, app.pid, -1).stop();
+    stopped.resume();
+    expect(stopped.threads.map((t) => t.tid).sort((a, b) => a - b)).toEqual(tasks(app.pid));
+    expect((caughtSignals(app.pid) >> 39n) & 1n).toBe(1n);
+    expect((caughtSignals(app.pid) >> 60n) & 1n).toBe(0n);
     member.close();
     await expect(first.waitForAgents(1, 800)).rejects.toThrow(/0 of 1 agent joined/);
     first.close();

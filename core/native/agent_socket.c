@@ -71,7 +71,7 @@ static napi_value js_agent_listen(napi_env env, napi_callback_info info) {
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   struct sockaddr_un addr = {.sun_family = AF_UNIX};
   if (argc < 1 || !arg_string(env, argv[0], addr.sun_path, sizeof addr.sun_path) || addr.sun_path[0] == '\0')
-    return throw_type(env, "agentListen(path): a socket path shorter than 108 bytes");
+    return throw_type(env, "agentListen(path): a socket path of 1 to 106 bytes");
   const char *path = addr.sun_path;
   if (!check_directory(env, path)) return NULL;
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
