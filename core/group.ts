@@ -297,6 +297,7 @@ export async function snapshotGroup(binding: NativeBinding, store: SnapshotTarge
     binding.prepareFreeze(members.length);
     faultPoint('before-freeze');
     let groupState: NativeHandle | undefined;
+    const copiedFiles = new Set<string>();
     const pauses = prepared.map(
       (p) =>
         new TargetPause(binding, {
@@ -304,6 +305,7 @@ export async function snapshotGroup(binding: NativeBinding, store: SnapshotTarge
         attacher: p.attacher,
         planner: p.planner,
         maxSharedCopyBytes: options.maxSharedCopyBytes ?? DEFAULT_MAX_SHARED_COPY,
+        copiedFiles,
         sparse: p.sparse,
         copyBuffer: p.copyBuffer,
         pinSources: p.pinSources,

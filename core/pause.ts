@@ -47,6 +47,12 @@ export interface PauseInputs {
   pinSources: PinSources;
   /** Pinned pages copied in the pause, at most this many bytes (beyond: listed lost). */
   maxPinnedCopyBytes: number | undefined;
+  /**
+   * A group's shared files already copied in this pause by another member ("dev inode" as in maps):
+   * a SysV segment every member maps is copied once (the store indexes it for the others); this
+   * member adds the ones it copies.
+   */
+  copiedFiles?: Set<string> | undefined;
   /** Called last before the resume, once every page is protected or settled: give the engine its regions. */
   beforeResume?: ((uffd: number, plans: RegionPlan[]) => void) | undefined;
   /** Called first after the resume: start the engine (the target's first writes wait for it). */
@@ -189,6 +195,13 @@ export class TargetPause {
     fileTimesAtInstant(plans);
     breakdown.plan = lap();
     const registered = registerRegions(binding, this.uffd, plans, inputs.maxSharedCopyBytes);
+    const copiedFiles = inputs.copiedFiles;
+    for (const plan of copiedFiles === undefined ? [] : plans) {
+      if (plan.pausedCopy !== 'file') continue;
+      const key = `${plan.record.dev} ${plan.record.inode}`;
+      if (copiedFiles!.has(key)) plan.pausedCopy = 'none';
+      else copiedFiles!.add(key);
+    }
     const protection = protectionRanges(binding, pid, registered, inputs.sparse);
     let writtenAtInstant: number | null = null;
     if (pre !== undefined) {
