@@ -31,13 +31,14 @@ import type * as ZstdBinding from 'zstd-napi/binding.js';
 import { loadBinding } from '../core/binding.js';
 import { snapshotGroup, type GroupSnapshotResult } from '../core/group.js';
 import { launchFixture, type LaunchedFixture } from '../fixtures/launch.js';
-import { exportRaw, type RawManifest } from '../snapshot-format/export-raw.js';
+import { exportRaw } from '../snapshot-format/export-raw.js';
 import { BLOB_PAGES, ZSTD_LEVEL } from '../store/worker-pool.js';
 import { Store } from '../store/store.js';
 import { log, machineInfo, median, minMax, repoRoot, round, sleep, treeState } from './lib.js';
 
 const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as typeof ZstdBinding;
 const PAGE = 4096;
+const ZERO_PAGE = Buffer.alloc(PAGE);
 
 export const GROUP_DEFAULTS = { runs: 5, mib: 256, members: 4, ratePagesPerSec: 20000, forkHoldMs: 1000, settleMs: 1500, warmup: 1 };
 
@@ -241,7 +242,7 @@ async function referenceSize(store: Store, name: string, dir: string): Promise<O
   let sharedRegions = 0;
   let lostPages = 0;
   let sharedCounted = false;
-  for (const proc of (manifest as RawManifest).processes) {
+  for (const proc of manifest.processes) {
     for (const region of proc.regions) {
       lostPages += region.lost.reduce((n, l) => n + l.pages, 0);
       if (region.file === null || (region.capture !== 'protected' && region.capture !== 'copied')) continue;
@@ -252,7 +253,7 @@ async function referenceSize(store: Store, name: string, dir: string): Promise<O
       const fd = openSync(join(out, region.file), 'r');
       try {
         for (let at = 0; readSync(fd, page, 0, PAGE, at) === PAGE; at += PAGE) {
-          if (page.every((b) => b === 0)) continue;
+          if (page.equals(ZERO_PAGE)) continue; // the store keeps no zero page
           all.add(page);
           if (sharedRegion) shared.add(page);
           const hash = createHash('sha1').update(page).digest('base64');
