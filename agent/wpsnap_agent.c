@@ -54,7 +54,8 @@ typedef struct {
 typedef struct {
   _Atomic uint32_t gate; /* 0 closed, 1 open */
   _Atomic uint32_t held_count;
-  size_t count, cap;
+  _Atomic size_t count; /* slots in use; the handlers read it while the service thread appends */
+  size_t cap;
   slot_t *slots;
   uint8_t *reply; /* the FROZEN message, reply_cap bytes */
   size_t reply_cap;
@@ -304,11 +305,12 @@ static long signal_new_threads(round_t *r) {
         close(dir);
         return -EOVERFLOW;
       }
-      slot_t *s = &r->slots[r->count++];
+      slot_t *s = &r->slots[r->count];
       s->tid = tid;
       s->self = tid == gettid_raw();
       s->gone = false;
       atomic_store(&s->held, 0);
+      r->count++; /* published before the signal: its handler must find the slot */
       /* SAFETY: tgkill to a thread of this process; the handler only records and waits. */
       if (syscall(SYS_tgkill, own_pid, tid, freeze_signal) != 0) {
         r->count--; /* it exited meanwhile */
