@@ -259,7 +259,8 @@ describe.each(PG_VARIANTS)('PostgreSQL under pgbench, shared memory $memory: the
       const tps = tpsAround(bench, began, ended);
       console.log(
         `[${label}] pgbench -c 4 -j 2 -P 1 (scale 5): tps before ${tps.before.toFixed(0)}, during the snapshot's ${ended - began} ms ` +
-          `${tps.during.toFixed(0)} (lines ${tps.duringLines.map((t) => t.toFixed(0)).join(', ')}), after ${tps.after.toFixed(0)}; ` +
+          `${tps.during.toFixed(0)} (worst second ${Math.min(...tps.duringLines).toFixed(0)}, ${tps.duringLines.filter((t) => t < tps.before / 10).length} seconds under a tenth of before), ` +
+          `after ${tps.after.toFixed(0)}; ` +
           `per second (the second's start, s from the snapshot's start: tps): ${run.progress.map((p) => `${((bench.lineStart(p) - began) / 1000).toFixed(0)}:${p.tps.toFixed(0)}`).join(' ')}`,
       );
       expect(run.stderr.split('\n').filter((l) => l.length > 0 && !l.startsWith('progress: ') && l !== 'starting vacuum...end.'), 'pgbench errors').toEqual([]);
