@@ -7,6 +7,7 @@ import { println, type CommandContext } from '../context.js';
 import { numberOption, positiveInteger } from '../args.js';
 import { defineCommand } from './types.js';
 import { runGroupSnapshot } from './snapshot-group.js';
+import { defaultPriority } from './snapshot.js';
 
 export const serveCommand = defineCommand({
   command: 'serve',
@@ -29,6 +30,8 @@ export const serveCommand = defineCommand({
         },
       }),
   async handler(args, ctx: CommandContext) {
+    // As `wpsnap snapshot`: $WPSNAP_PRIORITY, else idle; checked before any agent waits on us.
+    const priority = defaultPriority(ctx.env['WPSNAP_PRIORITY']);
     const binding = ctx.binding();
     const store = await ctx.openStore(args.store);
     let server: AgentServer | undefined;
@@ -44,7 +47,12 @@ export const serveCommand = defineCommand({
         binding,
         store,
         members.map((m) => ({ pid: m.pid, attacher: m.attacher })),
-        { ...(args.name === undefined ? {} : { name: args.name }), signal: ctx.signal, json: args.json },
+        {
+          ...(args.name === undefined ? {} : { name: args.name }),
+          priority,
+          signal: ctx.signal,
+          json: args.json,
+        },
         null,
       );
     } finally {
