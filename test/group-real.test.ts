@@ -108,9 +108,15 @@ function expectWholeGroup(snap: GroupJson, pids: number[], manifest: RawManifest
   expect(snap.lostPages, 'lost pages (pid, address, pages, reason)').toEqual([]);
 }
 
-async function expectComplete(id: number, store: string): Promise<void> {
+/** `show` lists every member of a complete snapshot, and `verify` checks every stored page of it. */
+async function expectComplete(id: number, store: string, pids: number[]): Promise<void> {
   const shown = await cli<{ state: string; processes: Array<{ pid: number }> }>(['show', String(id), '--store', store]);
   expect(shown.state).toBe('complete');
+  expect(sorted(shown.processes.map((p) => p.pid))).toEqual(sorted(pids));
+  const verified = await cli<{ ok: boolean; state: string; pagesChecked: number; problems: string[] }>(['verify', String(id), '--store', store]);
+  expect(verified.problems).toEqual([]);
+  expect(verified).toMatchObject({ ok: true, state: 'complete' });
+  expect(verified.pagesChecked).toBeGreaterThan(0);
 }
 
 /** The raw export's manifest (lost pages are checked by expectWholeGroup, with their regions). */
@@ -250,7 +256,7 @@ describe.each(PG_VARIANTS)('PostgreSQL under pgbench, shared memory $memory: the
 
       expectWholeGroup(snap, treeBefore, manifest);
       expect(sorted(treeAfter), 'the server kept every process').toEqual(sorted(treeBefore));
-      await expectComplete(snap.id, store());
+      await expectComplete(snap.id, store(), treeBefore);
 
       // The server answers, with both rows, and pgbench ran on through the snapshot and after it without a failure.
       expect(server.psql('SELECT note FROM wpsnap_markers ORDER BY id').split('\n')).toEqual([markerA, markerB]);
@@ -358,7 +364,7 @@ describe('nginx prefork (a master and 4 workers) under HTTP load', () => {
       const manifest = await exportRaw(snap.id, store(), out);
       expectWholeGroup(snap, treeBefore, manifest);
       expect(sorted(server.tree())).toEqual(sorted(treeBefore));
-      await expectComplete(snap.id, store());
+      await expectComplete(snap.id, store(), treeBefore);
       expectServed(served, began, ended, 'nginx --tree');
       expect(snap.shared.pagesAliased).toBeGreaterThan(0);
       expectSharedZoneAliased(out, manifest, treeBefore);
@@ -385,7 +391,7 @@ describe('nginx prefork (a master and 4 workers) under HTTP load', () => {
       const out = join(root, 'nginx-cgroup-export');
       const manifest = await exportRaw(snap.id, store(), out);
       expectWholeGroup(snap, pids, manifest);
-      await expectComplete(snap.id, store());
+      await expectComplete(snap.id, store(), pids);
       expectServed(served, began, ended, 'nginx --cgroup');
       expectSharedZoneAliased(out, manifest, pids);
       expectSharedMappingsAgree(out, manifest, pids, 'nginx --cgroup');
