@@ -177,6 +177,17 @@ function mapsDev(dev: bigint): string {
 }
 
 /**
+ * A file anyone may open by its path at any time (a file on a tmpfs or hugetlbfs
+ * mount): an fd seen on it before the snapshot says nothing of one opened
+ * during it. A memfd, anonymous shared memory and a deleted file have no path:
+ * an fd on them comes only from their holders (inherited, passed, or through
+ * /proc/PID/fd with ptrace rights over a holder).
+ */
+function openableByPath(path: string): boolean {
+  return !(path.startsWith('/memfd:') || path.endsWith(' (deleted)'));
+}
+
+/**
  * Of these files ("dev inode" as in maps), those some process (any, the
  * target included) holds an fd on that may write it: a write through an fd
  * does not fault, so only such a file needs its times proven. A file opened
@@ -248,7 +259,7 @@ export class RegionPlanner {
       const key = `${plan.record.dev} ${plan.record.inode}`;
       const pids = others.get(key);
       if (pids) plan.sharedWith = pids;
-      if (plan.engine !== undefined && !fdWritten.has(key)) plan.engine.noFdWriters = true;
+      if (plan.engine !== undefined && !fdWritten.has(key) && !openableByPath(plan.record.path)) plan.engine.noFdWriters = true;
     }
   }
 

@@ -64,6 +64,12 @@ void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
       lose_file(e, s); /* the page is unprotected and its thread woken: it was lost anyway */
       return;
     }
+    if (s->kind == KIND_FILE && s->no_fd_writers && file_has_hole(s, off, unit)) {
+      /* Data at T (its holes at T are saved already), a hole now: punched through another mapping. */
+      for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_LOST;
+      add_lost(e, s->t_start + off, npg, LOST_DISCARDED);
+      return;
+    }
     for (uint32_t i = 0; i < npg; i++) s->state[idx + i] = PAGE_SAVED;
     commit(e, s->t_start + off, npg, true);
     if (e->keep) track_log_written(&e->track, s->cur_start + off, unit);

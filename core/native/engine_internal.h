@@ -119,6 +119,9 @@ enum {
 extern const char *const zero_reason_names[ZERO_REASON_COUNT];
 /* pages_with_data(): an unsaved page gone without an event (listed lost, not zero). */
 #define WHY_VANISHED 0xff
+/* pages_with_data(): a hole now in a shared file whose holes at T are known (no_fd_writers): punched
+ * after T (MADV_REMOVE through some mapping), so listed lost (discarded-before-saved), not zero. */
+#define WHY_PUNCHED 0xfe
 
 typedef struct engine_group engine_group_t;
 
@@ -341,6 +344,8 @@ void group_enter(engine_t *e); /* the group's lock, around anything that reads o
 void group_leave(engine_t *e);
 uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages);
 engine_group_t *group_of(napi_env env, napi_value v);
+/* A shared file whose holes at T are known (no_fd_writers): is any page of [off, off+len) of s a hole now? */
+bool file_has_hole(segment_t *s, uint64_t off, uint64_t len);
 /* Every unsaved page of a shared-file segment, copied (pread) and proven now, in batch-sized runs (engine_segments.c). */
 void save_file_now(engine_t *e, segment_t *s);
 void keep_prepare(engine_t *e);

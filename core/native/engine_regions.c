@@ -22,6 +22,24 @@ static void mark_parent_pages(uint8_t *state, uint64_t start, uint64_t end, cons
   }
 }
 
+/* Mark the holes of [file_off, file_off + npages pages) of a file saved; how many were unsaved. */
+static uint64_t mark_holes(int fd, uint64_t file_off, uint8_t *state, uint64_t npages) {
+  uint64_t marked = 0, end = file_off + npages * PG;
+  for (off_t p = (off_t)file_off; p < (off_t)end;) {
+    off_t data = lseek(fd, p, SEEK_DATA);
+    off_t hole_end = data < 0 || data > (off_t)end ? (off_t)end : data & ~(off_t)(PG - 1);
+    for (off_t h = p; h < hole_end; h += (off_t)PG) {
+      uint8_t *st = &state[(h - (off_t)file_off) / (off_t)PG];
+      if (*st == PAGE_UNSAVED) marked++;
+      *st = PAGE_SAVED;
+    }
+    if (hole_end >= (off_t)end) break;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    p = hole < 0 ? (off_t)end : (hole + (off_t)PG - 1) / (off_t)PG * (off_t)PG;
+  }
+  return marked;
+}
+
 /* The regions to save, as segments with their page states. */
 napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const parent_pages_t *pp) {
   uint32_t nregions = 0;
@@ -100,6 +118,9 @@ napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const pa
       }
     }
     if (pp->nunwritten > 0) mark_parent_pages(state, start, end, pp);
+    /* A shared file only mappings write: its holes at T are zero, marked now (in the pause), so that a hole
+     * found later is known to be punched since (MADV_REMOVE through some mapping), never taken for zero. */
+    if (no_fd_writers && kind == KIND_FILE) count_zero(e, ZERO_FILE_HOLE, mark_holes(fd, file_off, state, npages));
     segment_t *s = seg_append(e);
     if (s == NULL) return throw_errno(env, ENOMEM, "realloc", "engine segments");
     *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,

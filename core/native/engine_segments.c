@@ -186,20 +186,31 @@ void save_file_whole(engine_t *e, segment_t *first) {
   free(buf);
 }
 
+bool file_has_hole(segment_t *s, uint64_t off, uint64_t len) {
+  off_t from = (off_t)(s->file_off + off);
+  off_t hole = lseek(s->fd, from, SEEK_HOLE);
+  return hole >= 0 && hole < from + (off_t)len;
+}
+
 void save_file_now(engine_t *e, segment_t *s) {
+  /* A file whose holes at T are known goes page by page: a page punched since is lost, not copied as zero. */
+  uint64_t run = s->no_fd_writers ? PG : 64 * PG;
   for (uint64_t o = 0; o < s->len && !e->fatal_err;) {
     if (s->state[o / PG] != PAGE_UNSAVED) {
       o += PG;
       continue;
     }
     uint64_t end = o;
-    while (end < s->len && end - o < 64 * PG && s->state[end / PG] == PAGE_UNSAVED) end += PG;
+    while (end < s->len && end - o < run && s->state[end / PG] == PAGE_UNSAVED) end += PG;
     uint32_t npg = (uint32_t)((end - o) / PG);
     uint8_t *dst = reserve(e, npg, true);
     if (dst == NULL) return; /* the engine has failed (no batch memory) */
     if (seg_copy(e, s, o, end - o, dst) != 0) {
       memset(s->state + o / PG, PAGE_LOST, npg);
       add_lost(e, s->t_start + o, npg, LOST_READ_FAILED);
+    } else if (s->no_fd_writers && file_has_hole(s, o, end - o)) {
+      memset(s->state + o / PG, PAGE_LOST, npg);
+      add_lost(e, s->t_start + o, npg, LOST_DISCARDED);
     } else if (!file_unchanged_since_t(s)) {
       lose_file(e, s);
       return;

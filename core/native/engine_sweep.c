@@ -66,6 +66,10 @@ uint32_t pages_with_data(engine_t *e, segment_t *s, uint64_t off, uint32_t npg, 
         p += (off_t)PG;
       } while (i < npg && p < hole);
     }
+    /* Its holes at T were marked saved when the run began: a hole among unsaved pages was punched since. */
+    if (s->no_fd_writers)
+      for (uint32_t k = 0; k < npg; k++)
+        if (!need[k]) why[k] = WHY_PUNCHED;
   } else {
     for (uint32_t i = 0; i < npg; i++) need[i] = 1;
   }
@@ -216,6 +220,12 @@ int sweep_step(engine_t *e, int *wait_ms) {
   /* Valid: commit. */
   uint32_t k = 0;
   for (uint32_t i = 0; i < npg;) {
+    if (!need[i] && why[i] == WHY_PUNCHED) {
+      s->state[off / PG + i] = PAGE_LOST;
+      add_lost(e, s->t_start + off + (uint64_t)i * PG, 1, LOST_DISCARDED);
+      i++;
+      continue;
+    }
     if (!need[i] && why[i] == WHY_VANISHED) {
       /* Decided only now: the unprotect succeeded, so no event was pending
        * (a move in progress empties the old range before its REMAP is read,
