@@ -518,6 +518,10 @@ describe('snapshots through the agent', () => {
       for (const app of apps) {
         const processId = processes.find((p) => p.pid === app.pid)!.processId;
         expect(checkApp(app, (a) => store.readPage(processId, a)).mismatches).toEqual([]);
+        // The registers the agent sent are the ones stored.
+        const marker = decodeUserRegs(store.threads(processId).find((t) => t.tid === app.markerTid)!.regs)!;
+        expect({ r12: marker.r12, r13: marker.r13, r14: marker.r14, r15: marker.r15 }).toEqual(MARKER);
+        expect(marker.rip >= app.markerLoop && marker.rip <= app.markerEnd).toBe(true);
       }
     } finally {
       await store.close();
