@@ -51,6 +51,7 @@ const USAGE = `usage: node dist/bench/run.js group [options]
   --fork-hold-ms MS   how long each fork child holds its image (default ${GROUP_DEFAULTS.forkHoldMs})
   --settle-ms MS      pause between two measurements (default ${GROUP_DEFAULTS.settleMs})
   --warmup N          unmeasured group snapshots first (default ${GROUP_DEFAULTS.warmup})
+  --no-pre-protect    snapshotGroup's preProtect: false (every member's memory protected in the pause)
   --no-reference      skip the store-size reference (the raw export and its compression)
   --out FILE          result JSON (default bench/results/group-<UTC timestamp>.json)
   --no-write          write no result file`;
@@ -280,14 +281,14 @@ const fileSize = (path: string): number => {
   }
 };
 
-async function measureWpsnap(target: GroupTarget, name: string, withReference: boolean): Promise<GroupRun['wpsnap']> {
+async function measureWpsnap(target: GroupTarget, name: string, withReference: boolean, preProtect: boolean): Promise<GroupRun['wpsnap']> {
   const dir = mkdtempSync(join(tmpdir(), 'wpsnap-bench-group-'));
   const storePath = join(dir, 'store.db');
   const store = Store.open(storePath);
   try {
     await target.openWindows();
     const t0 = performance.now();
-    const result = await snapshotGroup(loadBinding(), store, target.pids.map((pid) => ({ pid })), { name });
+    const result = await snapshotGroup(loadBinding(), store, target.pids.map((pid) => ({ pid })), { name, preProtect });
     const wallMillis = performance.now() - t0;
     const writers = await target.reports();
     if (!withReference) return { wallMillis, result, writers, size: null };
@@ -432,6 +433,7 @@ export async function groupMain(argv: string[]): Promise<number> {
       'settle-ms': { type: 'string' },
       warmup: { type: 'string' },
       'no-reference': { type: 'boolean' },
+      'no-pre-protect': { type: 'boolean' },
       out: { type: 'string' },
       'no-write': { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
@@ -463,6 +465,7 @@ export async function groupMain(argv: string[]): Promise<number> {
     process.stderr.write(`${USAGE}\n`);
     return 2;
   }
+  const preProtect = values['no-pre-protect'] !== true;
   const startedAt = new Date().toISOString();
   const tree = await treeState();
   const dir = mkdtempSync(join(tmpdir(), 'wpsnap-bench-group-run-'));
@@ -477,7 +480,7 @@ export async function groupMain(argv: string[]): Promise<number> {
   const runs: GroupRun[] = [];
   try {
     for (let i = 0; i < o.warmup; i++) {
-      const warm = await measureWpsnap(target, `warmup-${i}`, false);
+      const warm = await measureWpsnap(target, `warmup-${i}`, false, preProtect);
       log(`warm-up ${i + 1}/${o.warmup}: pause ${(warm.result.pauseMicros / 1000).toFixed(2)} ms`);
       await sleep(o.settleMs);
     }
@@ -488,7 +491,7 @@ export async function groupMain(argv: string[]): Promise<number> {
       let fork: GroupRun['fork'] | undefined;
       for (const which of order) {
         if (which === 'fork') fork = await measureFork(target, o.forkHoldMs);
-        else wpsnap = await measureWpsnap(target, `run-${i}`, !values['no-reference']);
+        else wpsnap = await measureWpsnap(target, `run-${i}`, !values['no-reference'], preProtect);
         await sleep(o.settleMs);
       }
       const run: GroupRun = { index: i, loadavg: startLoad, order, wpsnap: wpsnap!, fork: fork! };
@@ -503,7 +506,7 @@ export async function groupMain(argv: string[]): Promise<number> {
     rmSync(dir, { recursive: true, force: true });
   }
   const summary = summarizeGroup(runs);
-  const doc = { scenario: 'group', startedAt, options: o, machine: machineInfo(), tree, ready: target.ready, summary, runs };
+  const doc = { scenario: 'group', startedAt, options: { ...o, preProtect }, machine: machineInfo(), tree, ready: target.ready, summary, runs };
   let file: string | null = null;
   if (!values['no-write']) {
     const stamp = startedAt.replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
