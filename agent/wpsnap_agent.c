@@ -1,4 +1,4 @@
-/* The cooperative agent (protocol: snapshot-format/AGENT-PROTOCOL.md).
+/* The cooperative agent (protocol: snapshot-format/FORMAT.md, "The agent protocol").
  *
  * One service thread connects to the controller's socket and serves it. On
  * FREEZE it holds every other thread of the process in a signal handler that

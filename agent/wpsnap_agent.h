@@ -1,7 +1,7 @@
 /* The wpsnap cooperative agent: link it into a program (or LD_PRELOAD
  * libwpsnap-agent.so with WPSNAP_SOCKET=PATH) and `wpsnap serve --socket PATH`
  * can snapshot the program without ptrace. The wire protocol below is
- * specified in snapshot-format/AGENT-PROTOCOL.md; the controller's end
+ * specified in snapshot-format/FORMAT.md, "The agent protocol"; the controller's end
  * (core/native/agent_socket.c) includes this header, so both sides share one
  * definition of every constant. */
 #ifndef WPSNAP_AGENT_H

@@ -2,7 +2,7 @@
 // its socket holds every thread in the agent's signal handler and brings back
 // their registers and a userfaultfd the agent made (and no longer holds); THAW
 // lets them go. No ptrace, no injected call. The wire format is
-// snapshot-format/AGENT-PROTOCOL.md.
+// snapshot-format/FORMAT.md, "The agent protocol".
 import { readFileSync } from 'node:fs';
 import { constants } from 'node:os';
 import { WpsnapError, fromNative, type ErrorCode } from '../common/errors.js';
@@ -36,7 +36,7 @@ export function parseHello(binding: NativeBinding, message: AgentMessage): Agent
   };
 }
 
-/** FROZEN's thread records (layout in AGENT-PROTOCOL.md); throws if they do not add up. */
+/** FROZEN's thread records (layout in FORMAT.md, "The agent protocol"); throws if they do not add up. */
 export function parseFrozen(binding: NativeBinding, payload: Buffer): StoppedThread[] {
   const { regsBytes, fpregsBytes } = binding.agentProtocol;
   const bad = (why: string): never => {

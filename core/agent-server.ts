@@ -1,4 +1,4 @@
-// The controller's side of the agent socket (snapshot-format/AGENT-PROTOCOL.md):
+// The controller's side of the agent socket (snapshot-format/FORMAT.md, "The agent protocol"):
 // listen, take agents as they connect (only this user's processes and root's),
 // and hand each one out as a member a snapshot can stop through its attacher.
 import { rmSync } from 'node:fs';

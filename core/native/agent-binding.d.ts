@@ -1,5 +1,5 @@
 // Types of the agent socket's native exports (core/native/agent_socket.c); the
-// wire format is snapshot-format/AGENT-PROTOCOL.md. NativeBinding (binding.d.ts)
+// wire format is snapshot-format/FORMAT.md, "The agent protocol". NativeBinding (binding.d.ts)
 // extends AgentSocketBinding. Each throws an Error with `code` (errno name),
 // `errno` and `syscall` on failure; ETIMEDOUT when a deadline passed.
 

@@ -1,4 +1,4 @@
-/* The controller's end of the agent socket (snapshot-format/AGENT-PROTOCOL.md;
+/* The controller's end of the agent socket (snapshot-format/FORMAT.md, "The agent protocol";
  * the agent is agent/wpsnap_agent.c, whose header defines the wire format).
  *
  * agentListen   a unix socket 0600 in a private directory (0700, ours)
