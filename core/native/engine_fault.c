@@ -85,6 +85,11 @@ void handle_fault(engine_t *e, uint64_t addr, uint64_t read_ns) {
 
 /* MADV_DONTNEED/MADV_REMOVE of [start,end): the zap follows as soon as we read
  * this event. Save what is still unsaved now and check it against the pagemap. */
+static bool page_is_zero(const uint8_t *page) {
+  static const uint8_t zero[PG];
+  return memcmp(page, zero, PG) == 0;
+}
+
 void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
   for (size_t si = 0; si < e->nsegs; si++) {
     segment_t *s = &e->segs[si];
@@ -124,6 +129,12 @@ void handle_remove(engine_t *e, uint64_t start, uint64_t end) {
           lose_file(e, s);
           continue;
         }
+        /* Without fd writers: a MADV_REMOVE (not told from a DONTNEED by its event) punches this range
+         * once its event is read, and the remover's next write refills the hole with a zero page before
+         * its fault reaches us (that write, like any other, then waits for us). So a page read as zero
+         * may be such a refill: unless the times are still T's, it alone is lost. Content that is not
+         * zero was there at T (nothing else can write it meanwhile). */
+        if (ok && s->no_fd_writers && page_is_zero(dst) && !file_times_at_t(s)) ok = false;
       } else if (ok) {
         /* The copy pinned the page first: if it is still the same page, or gone
          * (zapped after the pin), the copy is the content at T. */

@@ -288,6 +288,8 @@ segment_t *seg_append(engine_t *e);
 void seg_split(engine_t *e, size_t i, uint64_t off);
 uint64_t ts_ns(struct timespec t);
 bool file_unchanged_since_t(segment_t *s);
+/* The file's times are still T's: nothing wrote or punched it since (through an fd or a mapping). */
+bool file_times_at_t(segment_t *s);
 void lose_file(engine_t *e, const segment_t *changed);
 void count_zero(engine_t *e, int why, uint64_t n);
 bool mm_gone(engine_t *e);

@@ -57,14 +57,17 @@ void seg_split(engine_t *e, size_t i, uint64_t off) {
  * read the ctime, the next change gets a distinct one, even within one tick. */
 uint64_t ts_ns(struct timespec t) { return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec; }
 
-bool file_unchanged_since_t(segment_t *s) {
-  /* Only an fd writes a file without a fault (a write through a mapping after
-   * its unprotect sets the times too, and would fail the proof for nothing). */
-  if (s->no_fd_writers) return true;
+bool file_times_at_t(segment_t *s) {
   (void)lseek(s->fd, 0, SEEK_DATA); /* a barrier only: waits for a change holding the inode lock */
   struct stat st;
   if (fstat(s->fd, &st) != 0) return false;
   return ts_ns(st.st_ctim) == s->ctime_ns_at_t && ts_ns(st.st_mtim) == s->mtime_ns_at_t;
+}
+
+bool file_unchanged_since_t(segment_t *s) {
+  /* Only an fd writes a file without a fault (a write through a mapping after
+   * its unprotect sets the times too, and would fail the proof for nothing). */
+  return s->no_fd_writers || file_times_at_t(s);
 }
 
 /* The file changed since T: no unsaved page of any region of it can be proven
@@ -193,31 +196,40 @@ bool file_has_hole(segment_t *s, uint64_t off, uint64_t len) {
 }
 
 void save_file_now(engine_t *e, segment_t *s) {
-  /* A file whose holes at T are known goes page by page: a page punched since is lost, not copied as zero. */
-  uint64_t run = s->no_fd_writers ? PG : 64 * PG;
   for (uint64_t o = 0; o < s->len && !e->fatal_err;) {
     if (s->state[o / PG] != PAGE_UNSAVED) {
       o += PG;
       continue;
     }
     uint64_t end = o;
-    while (end < s->len && end - o < run && s->state[end / PG] == PAGE_UNSAVED) end += PG;
+    while (end < s->len && end - o < 64 * PG && s->state[end / PG] == PAGE_UNSAVED) end += PG;
     uint32_t npg = (uint32_t)((end - o) / PG);
     uint8_t *dst = reserve(e, npg, true);
     if (dst == NULL) return; /* the engine has failed (no batch memory) */
     if (seg_copy(e, s, o, end - o, dst) != 0) {
       memset(s->state + o / PG, PAGE_LOST, npg);
       add_lost(e, s->t_start + o, npg, LOST_READ_FAILED);
-    } else if (s->no_fd_writers && file_has_hole(s, o, end - o)) {
-      memset(s->state + o / PG, PAGE_LOST, npg);
-      add_lost(e, s->t_start + o, npg, LOST_DISCARDED);
     } else if (!file_unchanged_since_t(s)) {
       lose_file(e, s);
       return;
     } else {
-      memset(s->state + o / PG, PAGE_SAVED, npg);
-      commit(e, s->t_start + o, npg, true);
-      atomic_fetch_add(&e->pages_fault, npg);
+      /* A file whose holes at T are known: a page that is a hole now was punched since, lost, never
+       * stored as zero; the others are committed in order, their data moved up over the lost ones. */
+      bool holes = s->no_fd_writers && file_has_hole(s, o, end - o);
+      uint32_t kept = 0;
+      for (uint32_t i = 0; i < npg; i++) {
+        uint64_t at = o + (uint64_t)i * PG;
+        if (holes && file_has_hole(s, at, PG)) {
+          s->state[at / PG] = PAGE_LOST;
+          add_lost(e, s->t_start + at, 1, LOST_DISCARDED);
+          continue;
+        }
+        if (kept != i) memmove(dst + (size_t)kept * PG, dst + (size_t)i * PG, PG);
+        s->state[at / PG] = PAGE_SAVED;
+        commit(e, s->t_start + at, 1, true);
+        kept++;
+      }
+      atomic_fetch_add(&e->pages_fault, kept);
     }
     o = end;
   }

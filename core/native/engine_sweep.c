@@ -273,6 +273,8 @@ static void on_event(void *owner, unsigned source, const struct uffd_msg *m) { h
 static void on_target_exited(void *owner) { target_gone(owner); }
 static void on_fail(void *owner, int err, const char *what) { set_fatal(owner, err, what); }
 static bool has_failed(void *owner) { return ((engine_t *)owner)->fatal_err != 0; }
+static void lock_group(void *owner) { group_enter(owner); }
+static void unlock_group(void *owner) { group_leave(owner); }
 
 /* The sweep, between faults. Partly filled batches are posted only before a
  * long rate-limit wait: posting them at every wait would hand the store many
@@ -317,6 +319,8 @@ static const fault_loop_ops_t engine_loop_ops = {
     .target_exited = on_target_exited,
     .fail = on_fail,
     .failed = has_failed,
+    .lock = lock_group,
+    .unlock = unlock_group,
 };
 
 void engine_loop_init(engine_t *e) {
@@ -343,6 +347,8 @@ static const fault_loop_ops_t staging_loop_ops = {
     .target_exited = ignore_exit,
     .fail = on_fail,
     .failed = has_failed,
+    .lock = lock_group,
+    .unlock = unlock_group,
 };
 
 /* End the protection at once: drop the registration of every range the engine

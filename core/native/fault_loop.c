@@ -29,7 +29,16 @@ static bool queue_fault(fault_loop_t *l, unsigned source, const struct uffd_msg 
 }
 
 /* One read() of one userfaultfd. -1 when it had nothing (EAGAIN). */
+static int read_one_locked(fault_loop_t *l, unsigned source);
+
 static int read_one(fault_loop_t *l, unsigned source) {
+  if (l->ops->lock != NULL) l->ops->lock(l->owner);
+  int n = read_one_locked(l, source);
+  if (l->ops->unlock != NULL) l->ops->unlock(l->owner);
+  return n;
+}
+
+static int read_one_locked(fault_loop_t *l, unsigned source) {
   struct uffd_msg msgs[MSG_BATCH];
   ssize_t r = read(l->uffds[source], msgs, sizeof msgs);
   if (r < 0) {

@@ -42,6 +42,11 @@ typedef struct {
   void (*fail)(void *owner, int err, const char *what);
   /* Has the owner failed? The loop stops then. */
   bool (*failed)(void *owner);
+  /* Optional: held around each read() and the events it returns. A process group's engines
+   * (engine_group.c) take their lock: the read completes an event (a MADV_REMOVE then punches
+   * its hole), so no other engine may be copying meanwhile. */
+  void (*lock)(void *owner);
+  void (*unlock)(void *owner);
 } fault_loop_ops_t;
 
 typedef struct {
