@@ -21,8 +21,16 @@ function which(name: string): string | null {
 
 /** The directory holding postgres, initdb, pg_ctl, psql and pgbench, or why there is none. */
 export function postgresBinDir(): { dir: string } | { missing: string } {
-  const postgres = which('postgres');
-  if (postgres === null) return { missing: 'postgres is not on PATH' };
+  // Debian keeps postgres off PATH, in /usr/lib/postgresql/<major>/bin (the newest wins).
+  const installed = existsSync('/usr/lib/postgresql')
+    ? readdirSync('/usr/lib/postgresql')
+        .filter((v) => /^\d+$/.test(v))
+        .sort((a, b) => Number(b) - Number(a))
+        .map((v) => join('/usr/lib/postgresql', v, 'bin', 'postgres'))
+        .find((p) => existsSync(p))
+    : undefined;
+  const postgres = which('postgres') ?? installed ?? null;
+  if (postgres === null) return { missing: 'postgres is neither on PATH nor in /usr/lib/postgresql/*/bin' };
   const dir = dirname(realpathSync(postgres));
   for (const tool of ['initdb', 'pg_ctl', 'psql', 'pgbench']) {
     if (!existsSync(join(dir, tool))) return { missing: `${tool} is not in ${dir}` };
