@@ -24,7 +24,7 @@ import { preProtect, type PreProtection } from './preprotect.js';
 import { assertProcessExists, readProcessRecord } from './procfs.js';
 import { readProcessState, withSocketOptions } from './process-state.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
-import { RegionPlanner, type RegionPlan } from './regions.js';
+import { RegionPlanner, sharedToPreProtect, type RegionPlan } from './regions.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
 import { DEFAULT_MAX_SHARED_COPY, saveInBackground, type LostPagesEntry } from './snapshot.js';
 import { findSparse, type SparseIntervals } from './sparse.js';
@@ -210,7 +210,8 @@ async function prepareMember(
   });
   Object.assign(partial, { sparse, copyBuffer, pinSources, processId, state, progress: undefined, done: false });
   if (options.preProtect ?? true) {
-    partial.pre = await preProtect(binding, { pid, attacher, sparse, session: partial.session, holdMillis: options.preProtectHoldMillis, forRestore: state !== undefined });
+    const shared = sharedToPreProtect(planner.prepared());
+    partial.pre = await preProtect(binding, { pid, attacher, sparse, session: partial.session, holdMillis: options.preProtectHoldMillis, forRestore: state !== undefined, shared });
   }
   return partial;
 }

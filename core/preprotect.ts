@@ -129,6 +129,12 @@ export interface PreProtectInputs {
   holdMillis?: number | undefined;
   /** Read what a restore needs at the attach stop (EarlyRestoreState). */
   forRestore?: boolean;
+  /**
+   * Shared memory to protect as well ([start, end): shmem and memfd mappings in 4 KiB pages, planned
+   * ahead, that no process outside the snapshot maps writable): in a group it is most of what the pause
+   * would protect (each member's mapping of it is its own to protect).
+   */
+  shared?: Intervals | undefined;
 }
 
 /**
@@ -185,10 +191,11 @@ export async function preProtect(binding: NativeBinding, inputs: PreProtectInput
   attacher.rearm();
   try {
     const covered: Intervals = [];
-    for (const m of candidates(readMaps(pid), inputs.sparse)) {
+    const ranges: Intervals = [...candidates(readMaps(pid), inputs.sparse).map((m): [bigint, bigint] => [m.start, m.end]), ...(inputs.shared ?? [])];
+    for (const [start, end] of ranges) {
       try {
-        binding.uffdRegister(uffd, m.start, m.end - m.start, UFFDIO_REGISTER_MODE_WP);
-        covered.push([m.start, m.end]);
+        binding.uffdRegister(uffd, start, end - start, UFFDIO_REGISTER_MODE_WP);
+        covered.push([start, end]);
       } catch {
         // Not registrable (or changed meanwhile): the pause protects it as before.
       }

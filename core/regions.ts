@@ -286,6 +286,18 @@ export class RegionPlanner {
   }
 }
 
+/**
+ * Shared memory planned ahead that pre-protection may protect while the target runs: shmem and memfd
+ * mappings in 4 KiB pages that no process outside the snapshot maps writable (those are lost anyway).
+ */
+export function sharedToPreProtect(plans: Iterable<RegionPlan>): Array<[bigint, bigint]> {
+  const ranges: Array<[bigint, bigint]> = [];
+  for (const p of plans) {
+    if (p.engine?.kind === REGION_KIND.file && p.engine.hugetlb !== true && p.engine.pageSize === 4096 && p.sharedWith === undefined) ranges.push([p.record.start, p.record.end]);
+  }
+  return ranges;
+}
+
 /** Plan every mapping now (no planning ahead). */
 export function planRegions(pid: number, maps: MapsEntry[]): RegionPlan[] {
   return new RegionPlanner(pid).plan(maps);

@@ -19,7 +19,7 @@ import { assertProcessExists, cpuClock, readProcessRecord } from './procfs.js';
 import { readProcessState, withSocketOptions } from './process-state.js';
 import { setStorePriority, type StorePriority } from '../store/priority.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
-import { RegionPlanner } from './regions.js';
+import { RegionPlanner, sharedToPreProtect } from './regions.js';
 import { openStaging, residentBytes, type Staging, type StagingOptions } from './staging.js';
 import { preProtect, type PreProtection, type TrackLog } from './preprotect.js';
 import { encodeTracking, keeperStatus, logIntervals, startKeeper, takeOverTracking, type TakenTracking, type TrackingState } from './keeper.js';
@@ -251,7 +251,15 @@ export async function snapshotProcess(
       pre = adopted.protection;
       unwrittenSoFar = adopted.unwrittenSoFar;
     } else if (options.preProtect ?? true) {
-      pre = await preProtect(binding, { pid, attacher, sparse, session, holdMillis: options.preProtectHoldMillis, forRestore: state !== undefined });
+      pre = await preProtect(binding, {
+        pid,
+        attacher,
+        sparse,
+        session,
+        holdMillis: options.preProtectHoldMillis,
+        forRestore: state !== undefined,
+        shared: sharedToPreProtect(planner.prepared()),
+      });
     }
     let atInstant: TrackLog | undefined;
     // Ready before the pause: in it, only the final log's few ranges are taken away (natively).
