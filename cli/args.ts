@@ -65,3 +65,9 @@ export function durationOption(option: string): (raw: unknown) => number {
     return ms;
   };
 }
+
+/** --name of a new snapshot: any string but a number (numbers are snapshot ids). */
+export function snapshotName(name: string): string {
+  if (/^\d+$/.test(name)) throw usageError(`--name must not be a number (numbers are snapshot ids): "${name}"`);
+  return name;
+}

@@ -21,12 +21,11 @@ import { closeQuietly, stopwatch, TargetPause, type PauseBreakdown, type PauseOu
 import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
 import { preProtect, type PreProtection } from './preprotect.js';
-import { assertProcessExists, readProcessRecord } from './procfs.js';
-import { readProcessState, withSocketOptions } from './process-state.js';
+import { assertProcessExists } from './procfs.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner, sharedToPreProtect, type RegionPlan } from './regions.js';
 import type { SnapshotSink, SnapshotTarget } from './sink.js';
-import { DEFAULT_MAX_SHARED_COPY, saveInBackground, type LostPagesEntry } from './snapshot.js';
+import { DEFAULT_MAX_SHARED_COPY, openTarget, saveInBackground, type LostPagesEntry } from './snapshot.js';
 import { findSparse, type SparseIntervals } from './sparse.js';
 import { openStaging, residentBytes, type Staging, type StagingOptions } from './staging.js';
 import { refuseSelfFreeze } from './target-guard.js';
@@ -113,6 +112,8 @@ interface Prepared {
   session: EngineSession;
   processId: number;
   state: ProcessState | undefined;
+  /** Why the state was not recorded (a warning of the snapshot), if it was not. */
+  stateWarning: string | undefined;
   pre: PreProtection | undefined;
   progress: EngineProgress | undefined;
   done: boolean;
@@ -170,20 +171,7 @@ async function prepareMember(
   opened: Prepared[],
 ): Promise<Prepared> {
   const { pid } = member;
-  let state: ProcessState | undefined;
-  try {
-    state = readProcessState(pid);
-  } catch (error) {
-    if (error instanceof WpsnapError && error.code === 'TARGET_NOT_FOUND') throw error;
-  }
-  const record = { ...readProcessRecord(pid), ...(state === undefined ? {} : { state }) };
-  let pidfd: number;
-  try {
-    pidfd = binding.pidfdOpen(pid);
-  } catch (error) {
-    throw fromNative(error, `pidfd_open(${pid})`);
-  }
-  if (state !== undefined) state = { ...state, fds: withSocketOptions(state.fds, (fd) => binding.socketOptions(pidfd, fd)) };
+  const { processRecord: record, state, stateWarning, pidfd } = openTarget(binding, pid);
   const attacher = (member.attacher ?? ptraceAttacher)(binding, pid, pidfd);
   const planner = new RegionPlanner(pid, group);
   // Registered as soon as it holds anything to release: the caller's finally releases what was opened.
@@ -208,7 +196,7 @@ async function prepareMember(
     signals,
     staging: { ...partial.staging, warmBatches: partial.staging.poolBatches },
   });
-  Object.assign(partial, { sparse, copyBuffer, pinSources, processId, state, progress: undefined, done: false });
+  Object.assign(partial, { sparse, copyBuffer, pinSources, processId, state, stateWarning, progress: undefined, done: false });
   if (options.preProtect ?? true) {
     const shared = sharedToPreProtect(planner.prepared());
     partial.pre = await preProtect(binding, { pid, attacher, sparse, session: partial.session, holdMillis: options.preProtectHoldMillis, forRestore: state !== undefined, shared });
@@ -369,7 +357,11 @@ export async function snapshotGroup(binding: NativeBinding, store: SnapshotTarge
     const stats = results.map((r) => r.stats);
     writer.countZeroPages(stats.reduce((a, s) => a + s.pagesZero, 0));
     const protectWindowMillis = Math.max(0, ...prepared.map((p, i) => Math.round(p.session.ranAt + stats[i]!.windowMicros / 1000 - resumedAt)));
-    const warnings = [...outcomes.flatMap((o) => o.warnings), ...prepared.filter((_, i) => results[i]!.exited).map((p) => `pid ${p.pid} exited during the snapshot: its unsaved private pages are listed lost`)];
+    const warnings = [
+      ...outcomes.flatMap((o) => o.warnings),
+      ...prepared.flatMap((p) => (p.stateWarning === undefined ? [] : [`pid ${p.pid}: ${p.stateWarning}`])),
+      ...outcomes.flatMap((o, i) => (o.forRestore?.warning === undefined ? [] : [`pid ${prepared[i]!.pid}: ${o.forRestore.warning}`])),
+      ...prepared.filter((_, i) => results[i]!.exited).map((p) => `pid ${p.pid} exited during the snapshot: its unsaved private pages are listed lost`)];
     const durationMillis = Date.now() - startedAt;
     const faults = stats.reduce((a, s) => a + s.faults, 0);
     const final = await writer.complete({

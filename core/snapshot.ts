@@ -148,6 +148,35 @@ export interface SnapshotResult {
   tookOverFrom?: { keeperPid: number; base: number; since: string };
 }
 
+/**
+ * Before anything else: the process's record, the state a restore will need (fds, cwd, limits, …;
+ * read now, before the pause, never in it: readProcessState says why), and a pidfd. What cannot be
+ * read (an fd on a filesystem that fails a stat…) costs the state, with a warning, never the snapshot.
+ */
+export function openTarget(
+  binding: NativeBinding,
+  pid: number,
+): { processRecord: ReturnType<typeof readProcessRecord> & { state?: ProcessState }; state: ProcessState | undefined; stateWarning: string | undefined; pidfd: number } {
+  let stateWarning: string | undefined;
+  let state: ProcessState | undefined;
+  try {
+    state = readProcessState(pid);
+  } catch (error) {
+    if (error instanceof WpsnapError && error.code === 'TARGET_NOT_FOUND') throw error;
+    stateWarning = `the process state (fds, cwd, limits…) was not recorded: ${(error as Error).message}`;
+  }
+  const processRecord = { ...readProcessRecord(pid), ...(state === undefined ? {} : { state }) };
+  let pidfd: number;
+  try {
+    pidfd = binding.pidfdOpen(pid);
+  } catch (error) {
+    throw fromNative(error, `pidfd_open(${pid})`);
+  }
+  // Socket options (a restore sets them again): through a copy of each socket's fd, before the pause.
+  if (state !== undefined) state = { ...state, fds: withSocketOptions(state.fds, (fd) => binding.socketOptions(pidfd, fd)) };
+  return { processRecord, state, stateWarning, pidfd };
+}
+
 export async function snapshotProcess(
   binding: NativeBinding,
   store: SnapshotTarget,
@@ -158,29 +187,13 @@ export async function snapshotProcess(
   refuseSelfFreeze(pid);
   requireFeatures(binding);
   const startedAt = Date.now();
-  // The state a restore will need (fds, cwd, limits, …): read now, before the pause, never in it (readProcessState says why).
-  // What cannot be read (an fd on a filesystem that fails a stat…) costs the record, never the snapshot.
-  let stateWarning: string | undefined;
-  let state: ProcessState | undefined;
-  try {
-    state = readProcessState(pid);
-  } catch (error) {
-    if (error instanceof WpsnapError && error.code === 'TARGET_NOT_FOUND') throw error;
-    stateWarning = `the process state (fds, cwd, limits…) was not recorded: ${(error as Error).message}`;
-  }
-  const processRecord = { ...readProcessRecord(pid), ...(state === undefined ? {} : { state }) };
+  const opened = openTarget(binding, pid);
+  const { processRecord, stateWarning, pidfd } = opened;
+  let state = opened.state;
   const targetClock = cpuClock(pid);
   const targetCpu = { before: 0, window: 0, compressing: 0 };
   const priority = options.priority ?? 'normal';
   let storeRaised = false;
-  let pidfd: number;
-  try {
-    pidfd = binding.pidfdOpen(pid);
-  } catch (error) {
-    throw fromNative(error, `pidfd_open(${pid})`);
-  }
-  // Socket options (a restore sets them again): through a copy of each socket's fd, before the pause.
-  if (state !== undefined) state = { ...state, fds: withSocketOptions(state.fds, (fd) => binding.socketOptions(pidfd, fd)) };
   const attacher: Attacher = (options.attacher ?? ptraceAttacher)(binding, pid, pidfd);
   let writer: SnapshotSink | undefined;
   let paused: PauseOutcome | undefined;

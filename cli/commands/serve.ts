@@ -2,9 +2,8 @@
 // (LD_PRELOAD=libwpsnap-agent.so WPSNAP_SOCKET=PATH, or linked in) to connect,
 // then snapshot them together at one instant (core/group.ts), and exit.
 import { AgentServer } from '../../core/agent-server.js';
-import { usageError } from '../../common/errors.js';
 import { println, type CommandContext } from '../context.js';
-import { numberOption, positiveInteger } from '../args.js';
+import { numberOption, positiveInteger, snapshotName } from '../args.js';
 import { defineCommand } from './types.js';
 import { runGroupSnapshot } from './snapshot-group.js';
 import { defaultPriority } from './snapshot.js';
@@ -21,14 +20,7 @@ export const serveCommand = defineCommand({
       })
       .option('expect', { type: 'string', demandOption: true, describe: 'how many agents to wait for', coerce: positiveInteger('a number of agents') })
       .option('timeout', { type: 'string', default: '60', describe: 'seconds to wait for them (then: an error, and the agents that came are let go)', coerce: numberOption('timeout', 'seconds') })
-      .option('name', {
-        type: 'string',
-        describe: 'a unique name to refer to the snapshot by',
-        coerce: (name: string) => {
-          if (/^\d+$/.test(name)) throw usageError(`--name must not be a number (numbers are snapshot ids): "${name}"`);
-          return name;
-        },
-      }),
+      .option('name', { type: 'string', describe: 'a unique name to refer to the snapshot by', coerce: snapshotName }),
   async handler(args, ctx: CommandContext) {
     // As `wpsnap snapshot`: $WPSNAP_PRIORITY, else idle; checked before any agent waits on us.
     const priority = defaultPriority(ctx.env['WPSNAP_PRIORITY']);

@@ -4,7 +4,7 @@ import { usageError } from '../../common/errors.js';
 import { printJson, println, type CommandContext } from '../context.js';
 import { bytes, micros, millis } from '../format.js';
 import { defineCommand } from './types.js';
-import { numberOption, positiveInteger } from '../args.js';
+import { numberOption, positiveInteger, snapshotName } from '../args.js';
 import { STORE_PRIORITIES, type StorePriority } from '../../store/priority.js';
 import { resolveGroup } from '../../core/group-members.js';
 import { runGroupSnapshot } from './snapshot-group.js';
@@ -80,14 +80,7 @@ export const snapshotCommand = defineCommand({
       })
       .option('tree', { type: 'boolean', default: false, describe: 'also every descendant of the named processes (one instant for all)' })
       .option('cgroup', { type: 'string', describe: 'every process of this cgroup v2 directory (e.g. /sys/fs/cgroup/app), one instant for all' })
-      .option('name', {
-        type: 'string',
-        describe: 'a unique name to refer to the snapshot by',
-        coerce: (name: string) => {
-          if (/^\d+$/.test(name)) throw usageError(`--name must not be a number (numbers are snapshot ids): "${name}"`);
-          return name;
-        },
-      })
+      .option('name', { type: 'string', describe: 'a unique name to refer to the snapshot by', coerce: snapshotName })
       .option('parent', {
         type: 'string',
         describe: 'an earlier snapshot of this process (id or name): take the next generation, storing only the pages that changed since',
@@ -142,38 +135,29 @@ export const snapshotCommand = defineCommand({
     const pid = members[0]!;
     const spinner = !args.json && ctx.stderr.isTTY ? ora({ stream: ctx.stderr, text: asGroup ? `stopping ${members.length} processes (the pause)` : `protecting pid ${pid} (the pause)` }).start() : null;
     let lastLine = 0;
+    // What a snapshot of one process and of a group take alike.
+    const common = {
+      ...(args.name === undefined ? {} : { name: args.name }),
+      ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6 }),
+      ...(args.maxSharedCopy === undefined ? {} : { maxSharedCopyBytes: args.maxSharedCopy * 1024 * 1024 }),
+      preProtect: args.preProtect,
+      priority: args.priority ?? defaultPriority(process.env['WPSNAP_PRIORITY']),
+      staging: {
+        dir: args.stagingDir,
+        maxBytes: args.stagingMax === undefined ? undefined : args.stagingMax * 1024 * 1024,
+        memoryBytes: args.stagingMemory === undefined ? undefined : args.stagingMemory * 1024 * 1024,
+      },
+      signal: ctx.signal,
+    };
     try {
       if (asGroup) {
-        await runGroupSnapshot(ctx, binding, store, members.map((m) => ({ pid: m })), {
-          ...(args.name === undefined ? {} : { name: args.name }),
-          ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6, rateMBps: args.rate }),
-          ...(args.maxSharedCopy === undefined ? {} : { maxSharedCopyBytes: args.maxSharedCopy * 1024 * 1024 }),
-          preProtect: args.preProtect,
-          priority: args.priority ?? defaultPriority(process.env['WPSNAP_PRIORITY']),
-          staging: {
-            dir: args.stagingDir,
-            maxBytes: args.stagingMax === undefined ? undefined : args.stagingMax * 1024 * 1024,
-            memoryBytes: args.stagingMemory === undefined ? undefined : args.stagingMemory * 1024 * 1024,
-          },
-          signal: ctx.signal,
-          json: args.json,
-        }, spinner);
+        await runGroupSnapshot(ctx, binding, store, members.map((m) => ({ pid: m })), { ...common, rateMBps: args.rate, json: args.json }, spinner);
         return;
       }
       const result = await snapshotProcess(binding, store, pid, {
-        ...(args.name === undefined ? {} : { name: args.name }),
+        ...common,
         ...(args.parent === undefined ? {} : { parent: args.parent }),
-        ...(args.rate === undefined ? {} : { rateBytesPerSec: args.rate * 1e6 }),
-        ...(args.maxSharedCopy === undefined ? {} : { maxSharedCopyBytes: args.maxSharedCopy * 1024 * 1024 }),
-        preProtect: args.preProtect,
         track: args.track,
-        priority: args.priority ?? defaultPriority(process.env['WPSNAP_PRIORITY']),
-        staging: {
-          dir: args.stagingDir,
-          maxBytes: args.stagingMax === undefined ? undefined : args.stagingMax * 1024 * 1024,
-          memoryBytes: args.stagingMemory === undefined ? undefined : args.stagingMemory * 1024 * 1024,
-        },
-        signal: ctx.signal,
         onProgress: (p) => {
           if (spinner) {
             spinner.text = `pid ${pid}: ${progressLine(p, args.rate)}`;
