@@ -20,7 +20,7 @@ import type { EngineFinalStats, NativeBinding, NativeHandle } from './native/bin
 import { closeQuietly, stopwatch, TargetPause, type PauseBreakdown, type PauseOutcome } from './pause.js';
 import { privateCopyBuffer } from './paused-copy.js';
 import { scanPinSources } from './pinned.js';
-import { preProtect, type PreProtection } from './preprotect.js';
+import { preProtect, protectAgainInRounds, type PreProtection } from './preprotect.js';
 import { assertProcessExists } from './procfs.js';
 import { ptraceAttacher } from './ptrace-attacher.js';
 import { RegionPlanner, sharedToPreProtect, type RegionPlan } from './regions.js';
@@ -284,6 +284,14 @@ export async function snapshotGroup(binding: NativeBinding, store: SnapshotTarge
       }, opened));
     }
     binding.prepareFreeze(members.length);
+    // The first members were pre-protected while the others attached: what they wrote since would all be
+    // protected in the pause. A last round for every member, right before it, leaves only what each
+    // writes in the milliseconds between.
+    for (const p of prepared) {
+      if (p.pre === undefined) continue;
+      const again = protectAgainInRounds(binding, p.pre.uffd, p.session, p.pre.covered);
+      p.pre = { ...p.pre, covered: again.covered, rounds: [...p.pre.rounds, ...again.rounds] };
+    }
     faultPoint('before-freeze');
     let groupState: NativeHandle | undefined;
     const copiedFiles = new Set<string>();
@@ -320,8 +328,9 @@ export async function snapshotGroup(binding: NativeBinding, store: SnapshotTarge
       for (const target of stopped) target.abandon();
       throw error;
     }
-    outcomes = pauses.map((t) => t.resume());
+    for (const target of pauses) target.thaw();
     const pauseMicros = Math.round(clock.total());
+    outcomes = pauses.map((t) => t.outcome());
     // Every engine starts once every member runs: started earlier, an engine thread took the CPU the next thaws needed.
     for (const p of prepared) p.session.go();
     const resumedAt = performance.now();

@@ -235,16 +235,28 @@ export class TargetPause {
 
   /** Let the target run and start its engine; what the pause found. */
   resume(): PauseOutcome {
-    const { inputs, breakdown } = this;
-    const stopped = this.stopped!;
-    const done = this.protectedState!;
+    this.thaw();
+    return this.outcome();
+  }
+
+  /** Let the target run and start its engine (a group thaws every member before it reads any outcome). */
+  thaw(): void {
     this.clock.lap();
-    stopped.resume();
-    breakdown.thaw = this.clock.lap();
-    const pauseMicros = this.clock.total();
+    this.stopped!.resume();
+    this.breakdown.thaw = this.clock.lap();
+    this.pauseMicros = this.clock.total();
     // Woken after the resume, not before: woken in the pause, the engine
     // thread preempted the pause's own thread for milliseconds.
-    inputs.afterResume?.();
+    this.inputs.afterResume?.();
+  }
+
+  private pauseMicros = 0;
+
+  /** What the pause found, once thawed. */
+  outcome(): PauseOutcome {
+    const { inputs, breakdown, pauseMicros } = this;
+    const stopped = this.stopped!;
+    const done = this.protectedState!;
     // Thread names are read after the resume: they are for recognising the
     // snapshot, and reading /proc per thread would lengthen the pause.
     const known = done.forRestore?.tidAddresses;

@@ -15,6 +15,7 @@
 typedef struct {
   uint64_t dev, ino, pages;
   uint8_t *state;
+  bool holes_marked; /* its holes at T are marked (engine_regions.c): the first member's engine did it */
 } group_object_t;
 
 struct engine_group {
@@ -42,12 +43,25 @@ void group_leave(engine_t *e) {
   if (e->group != NULL) pthread_mutex_unlock(&e->group->lock);
 }
 
-uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages) {
+uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages, bool will_mark, bool *holes_marked) {
   for (size_t i = 0; i < g->nobjects; i++) {
     group_object_t *o = &g->objects[i];
     if (o->dev != dev || o->ino != ino) continue;
-    return first_page + npages <= o->pages ? o->state + first_page : NULL;
+    if (first_page + npages > o->pages) return NULL;
+    /* One walk of the whole object (the members' mappings lie within it), by the first engine to ask. */
+    *holes_marked = o->holes_marked;
+    if (will_mark) o->holes_marked = true;
+    return o->state + first_page;
   }
+  return NULL;
+}
+
+uint8_t *group_object_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t *pages) {
+  for (size_t i = 0; i < g->nobjects; i++)
+    if (g->objects[i].dev == dev && g->objects[i].ino == ino) {
+      *pages = g->objects[i].pages;
+      return g->objects[i].state;
+    }
   return NULL;
 }
 

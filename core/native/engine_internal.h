@@ -344,7 +344,11 @@ void group_ref(engine_group_t *g);
 void group_unref(engine_group_t *g);
 void group_enter(engine_t *e); /* the group's lock, around anything that reads or changes page states; no-op outside a group */
 void group_leave(engine_t *e);
-uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages);
+/* The states of pages [first_page, +npages) of a group's file, NULL if it is not one; *holes_marked: another
+ * engine marked the whole file's holes at T already (the caller does, for the whole file, if not). */
+uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages, bool will_mark, bool *holes_marked);
+/* The whole file's states and its page count. */
+uint8_t *group_object_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t *pages);
 engine_group_t *group_of(napi_env env, napi_value v);
 /* A shared file whose holes at T are known (no_fd_writers): is any page of [off, off+len) of s a hole now? */
 bool file_has_hole(segment_t *s, uint64_t off, uint64_t len);

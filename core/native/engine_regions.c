@@ -75,10 +75,11 @@ napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const pa
       return throw_type(env, "engineRun: pageSize must be 4096..2097152, a power of two");
     uint64_t npages = (end - start) / PG;
     uint8_t *state;
+    bool holes_marked = false;
     shared = shared && kind == KIND_FILE;
     if (shared) { /* the group's states of this object, shared with the other members' engines */
       if (e->group == NULL || (file_off & (PG - 1)) ||
-          (state = group_states(e->group, (uint64_t)fst.st_dev, (uint64_t)fst.st_ino, file_off / PG, npages)) == NULL)
+          (state = group_states(e->group, (uint64_t)fst.st_dev, (uint64_t)fst.st_ino, file_off / PG, npages, no_fd_writers, &holes_marked)) == NULL)
         return throw_type(env, "engineRun: a groupShared region needs the run's group, holding its file and every page it maps");
     } else {
       state = calloc(npages, 1);
@@ -120,7 +121,11 @@ napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const pa
     if (pp->nunwritten > 0) mark_parent_pages(state, start, end, pp);
     /* A shared file only mappings write: its holes at T are zero, marked now (in the pause), so that a hole
      * found later is known to be punched since (MADV_REMOVE through some mapping), never taken for zero. */
-    if (no_fd_writers && kind == KIND_FILE) count_zero(e, ZERO_FILE_HOLE, mark_holes(fd, file_off, state, npages));
+    if (no_fd_writers && kind == KIND_FILE && !holes_marked) {
+      uint64_t object_pages = 0;
+      uint8_t *whole = shared ? group_object_states(e->group, (uint64_t)fst.st_dev, (uint64_t)fst.st_ino, &object_pages) : NULL;
+      count_zero(e, ZERO_FILE_HOLE, whole != NULL ? mark_holes(fd, 0, whole, object_pages) : mark_holes(fd, file_off, state, npages));
+    }
     segment_t *s = seg_append(e);
     if (s == NULL) return throw_errno(env, ENOMEM, "realloc", "engine segments");
     *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,
