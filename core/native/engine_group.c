@@ -43,25 +43,24 @@ void group_leave(engine_t *e) {
   if (e->group != NULL) pthread_mutex_unlock(&e->group->lock);
 }
 
-uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages, bool will_mark, bool *holes_marked) {
+uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages) {
   for (size_t i = 0; i < g->nobjects; i++) {
     group_object_t *o = &g->objects[i];
     if (o->dev != dev || o->ino != ino) continue;
-    if (first_page + npages > o->pages) return NULL;
-    /* One walk of the whole object (the members' mappings lie within it), by the first engine to ask. */
-    *holes_marked = o->holes_marked;
-    if (will_mark) o->holes_marked = true;
-    return o->state + first_page;
+    return first_page + npages <= o->pages ? o->state + first_page : NULL;
   }
   return NULL;
 }
 
-uint8_t *group_object_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t *pages) {
-  for (size_t i = 0; i < g->nobjects; i++)
-    if (g->objects[i].dev == dev && g->objects[i].ino == ino) {
-      *pages = g->objects[i].pages;
-      return g->objects[i].state;
-    }
+/* One walk of the whole object (every member's mapping lies within it), by the first engine to start. */
+uint8_t *group_claim_holes(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t *pages) {
+  for (size_t i = 0; i < g->nobjects; i++) {
+    group_object_t *o = &g->objects[i];
+    if (o->dev != dev || o->ino != ino || o->holes_marked) continue;
+    o->holes_marked = true;
+    *pages = o->pages;
+    return o->state;
+  }
   return NULL;
 }
 

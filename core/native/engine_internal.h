@@ -66,6 +66,7 @@ typedef struct {
   bool whole_tried;   /* KIND_FILE: save_file_whole ran for this file */
   bool no_fd_writers; /* KIND_FILE: no process held a writable fd on it at T: only mappings write it, and they fault */
   bool group_shared;  /* KIND_FILE: state points into the group's object (engine_group.c), shared with other members' engines */
+  bool holes_pending; /* KIND_FILE, no_fd_writers: its holes at T are still to be marked (engine_main, before any message is read) */
   uint8_t *state;     /* one byte per 4 KiB page of this piece */
 } segment_t;
 
@@ -346,9 +347,11 @@ void group_enter(engine_t *e); /* the group's lock, around anything that reads o
 void group_leave(engine_t *e);
 /* The states of pages [first_page, +npages) of a group's file, NULL if it is not one; *holes_marked: another
  * engine marked the whole file's holes at T already (the caller does, for the whole file, if not). */
-uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages, bool will_mark, bool *holes_marked);
-/* The whole file's states and its page count. */
-uint8_t *group_object_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t *pages);
+uint8_t *group_states(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t first_page, uint64_t npages);
+/* The whole file's states and page count, for the one engine that marks its holes at T (NULL: another did). */
+uint8_t *group_claim_holes(engine_group_t *g, uint64_t dev, uint64_t ino, uint64_t *pages);
+/* Mark the holes of [file_off, file_off + npages pages) of a file saved; how many were unsaved (engine_regions.c). */
+uint64_t mark_holes(int fd, uint64_t file_off, uint8_t *state, uint64_t npages);
 engine_group_t *group_of(napi_env env, napi_value v);
 /* A shared file whose holes at T are known (no_fd_writers): is any page of [off, off+len) of s a hole now? */
 bool file_has_hole(segment_t *s, uint64_t off, uint64_t len);

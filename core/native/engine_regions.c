@@ -23,7 +23,7 @@ static void mark_parent_pages(uint8_t *state, uint64_t start, uint64_t end, cons
 }
 
 /* Mark the holes of [file_off, file_off + npages pages) of a file saved; how many were unsaved. */
-static uint64_t mark_holes(int fd, uint64_t file_off, uint8_t *state, uint64_t npages) {
+uint64_t mark_holes(int fd, uint64_t file_off, uint8_t *state, uint64_t npages) {
   uint64_t marked = 0, end = file_off + npages * PG;
   for (off_t p = (off_t)file_off; p < (off_t)end;) {
     off_t data = lseek(fd, p, SEEK_DATA);
@@ -75,11 +75,10 @@ napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const pa
       return throw_type(env, "engineRun: pageSize must be 4096..2097152, a power of two");
     uint64_t npages = (end - start) / PG;
     uint8_t *state;
-    bool holes_marked = false;
     shared = shared && kind == KIND_FILE;
     if (shared) { /* the group's states of this object, shared with the other members' engines */
       if (e->group == NULL || (file_off & (PG - 1)) ||
-          (state = group_states(e->group, (uint64_t)fst.st_dev, (uint64_t)fst.st_ino, file_off / PG, npages, no_fd_writers, &holes_marked)) == NULL)
+          (state = group_states(e->group, (uint64_t)fst.st_dev, (uint64_t)fst.st_ino, file_off / PG, npages)) == NULL)
         return throw_type(env, "engineRun: a groupShared region needs the run's group, holding its file and every page it maps");
     } else {
       state = calloc(npages, 1);
@@ -121,19 +120,15 @@ napi_value parse_regions(napi_env env, engine_t *e, napi_value regions, const pa
     if (pp->nunwritten > 0) mark_parent_pages(state, start, end, pp);
     /* A shared file only mappings write: its holes at T are zero, marked now (in the pause), so that a hole
      * found later is known to be punched since (MADV_REMOVE through some mapping), never taken for zero. */
-    if (no_fd_writers && kind == KIND_FILE && !holes_marked) {
-      uint64_t object_pages = 0;
-      uint8_t *whole = shared ? group_object_states(e->group, (uint64_t)fst.st_dev, (uint64_t)fst.st_ino, &object_pages) : NULL;
-      count_zero(e, ZERO_FILE_HOLE, whole != NULL ? mark_holes(fd, 0, whole, object_pages) : mark_holes(fd, file_off, state, npages));
-    }
     segment_t *s = seg_append(e);
     if (s == NULL) return throw_errno(env, ENOMEM, "realloc", "engine segments");
     *s = (segment_t){.t_start = start, .cur_start = start, .len = end - start, .page_size = (uint32_t)page_size, .kind = kind,
                      .fd = fd, .file_off = file_off, .file_dev = (uint64_t)fst.st_dev, .file_ino = (uint64_t)fst.st_ino,
                      .ctime_ns_at_t = ctime_ns, .mtime_ns_at_t = mtime_ns, .hugetlb = hugetlb, .state = state,
                      .no_fd_writers = no_fd_writers && kind == KIND_FILE, .group_shared = shared,
-                     /* without fd writers no proof is needed, so neither is the whole-file copy made for one */
-                     .whole_tried = no_fd_writers && kind == KIND_FILE};
+                     /* without fd writers no proof is needed, so neither is the whole-file copy made for one;
+                      * its holes at T are marked when the run starts (mark_holes_at_t) */
+                     .whole_tried = no_fd_writers && kind == KIND_FILE, .holes_pending = no_fd_writers && kind == KIND_FILE};
     e->total_pages += npages;
   }
   return NULL;

@@ -378,6 +378,25 @@ static void unregister_all(engine_t *e) {
   }
 }
 
+/* A shared file only mappings write (no_fd_writers): its holes at T are zero, marked saved now, after the
+ * resume but before any message is read. Only a REMOVE event's read lets a MADV_REMOVE punch a hole, and
+ * no fd may, so every hole now was a hole at T; a page a write filled since holds zeros until that write's
+ * fault reaches us, the same as at T. A hole found later, in an unsaved page, was punched since: lost,
+ * never taken for zero. Done here, not in the pause: a walk of a large file took milliseconds. In a group
+ * the first engine to start walks each file, holding the lock every other engine needs to read. */
+static void mark_holes_at_t(engine_t *e) {
+  for (size_t i = 0; i < e->nsegs; i++) {
+    segment_t *s = &e->segs[i];
+    if (!s->holes_pending) continue;
+    s->holes_pending = false;
+    struct stat st;
+    uint64_t pages = 0;
+    uint8_t *whole = s->group_shared && fstat(s->fd, &st) == 0 ? group_claim_holes(e->group, (uint64_t)st.st_dev, (uint64_t)st.st_ino, &pages) : NULL;
+    if (s->group_shared && whole == NULL) continue; /* another member's engine walked it */
+    count_zero(e, ZERO_FILE_HOLE, whole != NULL ? mark_holes(s->fd, 0, whole, pages) : mark_holes(s->fd, s->file_off, s->state, s->len / PG));
+  }
+}
+
 /* The snapshot itself: from the resume until every page is saved or lost and
  * every staged batch handed to the store. */
 void engine_main(engine_t *e) {
@@ -391,6 +410,7 @@ void engine_main(engine_t *e) {
    * through an fd does: the sooner the whole file is proven, the fewer such
    * writes can make it unprovable. */
   group_enter(e);
+  mark_holes_at_t(e);
   for (size_t i = 0; i < e->nsegs && !e->fatal_err; i++)
     if (e->segs[i].kind == KIND_FILE && !e->segs[i].whole_tried) save_file_whole(e, &e->segs[i]);
   group_leave(e);
