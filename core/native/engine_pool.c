@@ -90,9 +90,11 @@ slot_t *slot_find_free(engine_t *e, bool overflow) {
  * then a new one. The sweep only ever gets pool batches. */
 slot_t *slot_take(engine_t *e, bool allow_overflow) {
   /* WPSNAP_FAULT=engine-alloc: once two batches are posted, getting a batch
-   * for a write fault fails as an allocation does under memory pressure
-   * (slot_new NULL), with a target thread waiting on that fault. */
-  if (e->fault_alloc && allow_overflow && atomic_load(&e->batches_posted) >= 2) {
+   * fails as an allocation does under memory pressure (slot_new NULL): for a
+   * write fault (a target thread waits on it) or for the sweep, whichever
+   * asks first (a target whose shared memory is no longer copied whole at
+   * the start may fill no second fault batch). */
+  if (e->fault_alloc && atomic_load(&e->batches_posted) >= 2) {
     set_fatal(e, ENOMEM, "allocate a page batch (WPSNAP_FAULT=engine-alloc)");
     return NULL;
   }
