@@ -330,9 +330,10 @@ export async function snapshotGroup(binding: NativeBinding, store: SnapshotTarge
     }
     for (const target of pauses) target.thaw();
     const pauseMicros = Math.round(clock.total());
-    outcomes = pauses.map((t) => t.outcome());
-    // Every engine starts once every member runs: started earlier, an engine thread took the CPU the next thaws needed.
+    // Every engine starts once every member runs (started earlier, an engine thread took the CPU the next
+    // thaws needed), and before anything else: the members' first writes wait for them.
     for (const p of prepared) p.session.go();
+    outcomes = pauses.map((t) => t.outcome());
     const resumedAt = performance.now();
     const breakdown = sumBreakdowns(outcomes.map((o) => o.breakdown));
     writer.recordPause(pauseMicros, breakdown);
