@@ -23,6 +23,8 @@ typedef struct {
   uint64_t *pairs;
   size_t n, cap;
 } page_runs_t;
+/* Append [start, end) to runs, growing them: 0 or ENOMEM (the runs kept as they were). */
+int page_runs_push(page_runs_t *runs, uint64_t start, uint64_t end);
 struct wpsnap_pm_scan_arg;
 /* Every run of [start, end) that PAGEMAP_SCAN reports for `query` (its flags
  * and masks; the rest is filled in), appended to runs, adjacent ones merged,

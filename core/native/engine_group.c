@@ -135,16 +135,7 @@ static napi_value js_group_unsaved(napi_env env, napi_callback_info info) {
       }
       uint64_t q = p;
       while (q < o->pages && o->state[q] == PAGE_UNSAVED) q++;
-      if (runs.n == runs.cap) {
-        size_t cap = runs.cap ? 2 * runs.cap : 16;
-        uint64_t *grown = realloc(runs.pairs, cap * 2 * sizeof(uint64_t));
-        if (grown == NULL) break;
-        runs.pairs = grown;
-        runs.cap = cap;
-      }
-      runs.pairs[2 * runs.n] = p;
-      runs.pairs[2 * runs.n + 1] = q;
-      runs.n++;
+      if (page_runs_push(&runs, p, q) != 0) break;
       p = q;
     }
     if (runs.n > 0) {

@@ -353,16 +353,7 @@ static void target_vmas(lz_server_t *s, page_runs_t *runs) {
     if (sscanf(line, "%llx-%llx", &a, &b) != 2) continue;
     for (size_t i = 0; i < c->nsegs; i++) {
       if (c->segs[i].cur < b && c->segs[i].cur + c->segs[i].len > a) {
-        if (runs->n == runs->cap) {
-          size_t cap = runs->cap ? 2 * runs->cap : 32;
-          uint64_t *grown = realloc(runs->pairs, cap * 2 * sizeof *grown);
-          if (grown == NULL) break;
-          runs->pairs = grown;
-          runs->cap = cap;
-        }
-        runs->pairs[2 * runs->n] = a;
-        runs->pairs[2 * runs->n + 1] = b;
-        runs->n++;
+        (void)page_runs_push(runs, a, b); /* no memory: this vma is left out, as before */
         break;
       }
     }

@@ -360,6 +360,20 @@ static napi_value js_probe_pagemap_scan(napi_env env, napi_callback_info info) {
  * found (seen on 6.18), and walking them again would report them twice. */
 #define SCAN_VEC 1024
 
+int page_runs_push(page_runs_t *runs, uint64_t start, uint64_t end) {
+  if (runs->n == runs->cap) {
+    size_t cap = runs->cap ? runs->cap * 2 : 64;
+    uint64_t *grown = realloc(runs->pairs, cap * 2 * sizeof(uint64_t));
+    if (grown == NULL) return ENOMEM;
+    runs->pairs = grown;
+    runs->cap = cap;
+  }
+  runs->pairs[2 * runs->n] = start;
+  runs->pairs[2 * runs->n + 1] = end;
+  runs->n++;
+  return 0;
+}
+
 int pagemap_scan_runs(int fd, uint64_t start, uint64_t end, const struct wpsnap_pm_scan_arg *query, page_runs_t *runs) {
   struct wpsnap_page_region vec[SCAN_VEC];
   size_t first = runs->n;
@@ -380,16 +394,7 @@ int pagemap_scan_runs(int fd, uint64_t start, uint64_t end, const struct wpsnap_
         runs->pairs[2 * runs->n - 1] = vec[i].end;
         continue;
       }
-      if (runs->n == runs->cap) {
-        size_t cap = runs->cap ? runs->cap * 2 : 256;
-        uint64_t *grown = realloc(runs->pairs, cap * 2 * sizeof(uint64_t));
-        if (grown == NULL) return ENOMEM;
-        runs->pairs = grown;
-        runs->cap = cap;
-      }
-      runs->pairs[2 * runs->n] = vec[i].start;
-      runs->pairs[2 * runs->n + 1] = vec[i].end;
-      runs->n++;
+      if (page_runs_push(runs, vec[i].start, vec[i].end) != 0) return ENOMEM;
     }
     if ((uint64_t)got < SCAN_VEC) break;
     uint64_t next = arg.walk_end > vec[got - 1].end ? arg.walk_end : vec[got - 1].end;
